@@ -1,0 +1,36 @@
+"""User-facing errors of the HyperLoRA core.
+
+Every error raised for bad input is a :class:`HyperLoRAError` whose message is
+a complete sentence a ComfyUI user can act on: it names the file, image or
+setting at fault and says what to do.  ComfyUI shows the message as is.
+"""
+
+from __future__ import annotations
+
+
+class HyperLoRAError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ModelFileError(HyperLoRAError):
+    """A model file or folder is missing, unreadable or not in the released format."""
+
+
+class DependencyError(HyperLoRAError):
+    """An optional dependency (insightface, onnxruntime, transformers) is missing or broken."""
+
+
+class FaceNotFoundError(HyperLoRAError):
+    """No usable face was found in the images given."""
+
+
+class ImageInputError(HyperLoRAError):
+    """An input image cannot be used (wrong shape, empty batch, ...)."""
+
+
+class IdentityFileError(HyperLoRAError):
+    """An identity file is unreadable or was made for another model."""
+
+
+class LoraError(HyperLoRAError):
+    """A LoRA does not fit what it is combined with or applied to."""
