@@ -1,0 +1,33 @@
+"""Shared pytest set-up for both test tiers.
+
+* ``cache_dir``: where expensive generated fixtures (full-size random
+  checkpoints) are kept between runs; ``HYPERLORA_TEST_CACHE`` or
+  ``~/.cache/hyperlora/test-models``.  Builders key their files by a version
+  string, so a stale cache is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def test_cache_root() -> Path:
+    root = Path(os.environ.get("HYPERLORA_TEST_CACHE", Path.home() / ".cache" / "hyperlora" / "test-models"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+test_cache_root.__test__ = False  # not a test
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return test_cache_root()
