@@ -34,3 +34,11 @@ class IdentityFileError(HyperLoRAError):
 
 class LoraError(HyperLoRAError):
     """A LoRA does not fit what it is combined with or applied to."""
+
+
+class QueueError(HyperLoRAError):
+    """Queuing a workflow on a ComfyUI server failed (server down, node missing, prompt rejected, run failed)."""
+
+
+class DownloadError(HyperLoRAError):
+    """Downloading or verifying a released model file failed."""
