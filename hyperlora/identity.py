@@ -1,0 +1,295 @@
+"""Identities: the per-token coefficients of one person, and identity files.
+
+An :class:`Identity` holds what the resampler made of a person's photos: the
+normalised tokens ``[Q, K]`` (``Q`` = 8 x modules, ``K`` = basis size), and
+optionally the Base-LoRA tokens.  Together with the model that made them they
+rebuild the LoRA bit for bit, so an identity file (about 0.57 MB for the
+released models, ``1120 x 128`` float32) replaces a 23 MB LoRA.
+
+Identity files are ``.safetensors`` with tensors ``tokens`` (and
+``base_tokens``) and string metadata: ``format`` = :data:`IDENTITY_FORMAT`,
+``format_version``, ``model_name``, ``model_fingerprint``, ``num_queries``,
+``hyper_dim``, ``num_images``, ``settings`` (JSON).  Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .errors import IdentityFileError
+
+if TYPE_CHECKING:
+    from .generate import HyperLoRAModel
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FORMAT = "hyperlora.identity"
+IDENTITY_FORMAT_VERSION = 1
+
+
+@dataclass
+class Identity:
+    """One person as seen by one HyperLoRA model.
+
+    ``tokens``: ``[Q, K]`` float32, per-token L2-normalised ID coefficients.
+    ``base_tokens``: ``[Qb, K]`` float32 Base-LoRA coefficients, or None.
+    ``model_name`` / ``model_fingerprint``: the model that made them
+    (``HyperLoRAModel.name`` / ``.fingerprint``).  ``num_images``: photos used.
+    ``settings``: how the photos were processed (face choice, background, ...).
+    """
+
+    tokens: Tensor
+    base_tokens: Tensor | None
+    model_name: str
+    model_fingerprint: str
+    num_images: int
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _check_tokens(t: Tensor, what: str, where: str) -> None:
+    if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
+        got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+        raise IdentityFileError(f"{where}: {what} must be a 2-D float matrix [Q, K], got {got}.")
+    if t.numel() == 0:
+        raise IdentityFileError(f"{where}: {what} is empty ({_shape(t)}).")
+    if not bool(torch.isfinite(t).all()):
+        raise IdentityFileError(f"{where}: {what} contain NaN or infinite values; re-create the identity from the photos.")
+
+
+def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
+    """Write ``identity`` to ``path`` (``.safetensors``), tokens as float32 ``[Q, K]``.
+
+    The file is written under a temporary name and renamed, so an existing file
+    is never left half-written.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise IdentityFileError(f"Identity files are written as .safetensors; '{path}' has another extension.")
+    where = f"Cannot save the identity to '{path}'"
+    _check_tokens(identity.tokens, "its tokens", where)
+    tensors = {"tokens": identity.tokens.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()}
+    if identity.base_tokens is not None:
+        _check_tokens(identity.base_tokens, "its Base-LoRA tokens", where)
+        if identity.base_tokens.shape[1] != identity.tokens.shape[1]:
+            raise IdentityFileError(
+                f"{where}: its Base-LoRA tokens {_shape(identity.base_tokens)} and ID tokens "
+                f"{_shape(identity.tokens)} have different sizes K."
+            )
+        tensors["base_tokens"] = identity.base_tokens.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+    q, k = identity.tokens.shape
+    meta = {
+        "format": IDENTITY_FORMAT,
+        "format_version": str(IDENTITY_FORMAT_VERSION),
+        "model_name": str(identity.model_name),
+        "model_fingerprint": str(identity.model_fingerprint),
+        "num_queries": str(q),
+        "hyper_dim": str(k),
+        "num_images": str(int(identity.num_images)),
+        "settings": json.dumps(dict(identity.settings), sort_keys=True),
+    }
+    if identity.base_tokens is not None:
+        meta["base_num_queries"] = str(identity.base_tokens.shape[0])
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("Saved identity (%d images, model %s) to %s", identity.num_images, identity.model_name, path)
+
+
+def load_identity(path: str | os.PathLike[str]) -> Identity:
+    """Read an identity file written by :func:`save_identity`; tokens come back float32 on the CPU.
+
+    Raises :class:`IdentityFileError` for a missing file, a file that is not
+    safetensors (pickles are never opened), a safetensors file that is not an
+    identity (e.g. a LoRA), a newer format version, missing tensors, tokens
+    whose shape differs from the metadata, and NaN/inf values.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdentityFileError(f"The identity file '{path}' does not exist; check the file name and folder.")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        raise IdentityFileError(
+            f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
+            "Save the identity again with the HyperLoRA Save Identity node."
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens") if k in keys}
+    except (SafetensorError, OSError) as exc:
+        raise IdentityFileError(f"'{path}' is not a readable .safetensors identity file ({exc}).") from exc
+
+    if meta.get("format") != IDENTITY_FORMAT:
+        what = "a LoRA" if any(k.endswith(".lora_down.weight") for k in keys) else "some other .safetensors file"
+        raise IdentityFileError(
+            f"'{path}' is not a HyperLoRA identity file (it looks like {what}); choose a file saved by the "
+            "HyperLoRA Save Identity node."
+        )
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise IdentityFileError(f"'{path}' has an unreadable identity format version; save the identity again.") from None
+    if version > IDENTITY_FORMAT_VERSION:
+        raise IdentityFileError(
+            f"'{path}' was written by a newer ComfyUI-HyperLoRA (identity format {version}, this one reads "
+            f"up to {IDENTITY_FORMAT_VERSION}); update ComfyUI-HyperLoRA."
+        )
+    if "tokens" not in tensors:
+        raise IdentityFileError(f"'{path}' is damaged: it has no 'tokens' tensor; re-create the identity from the photos.")
+    where = f"The identity file '{path}' is damaged"
+    tokens = tensors["tokens"]
+    _check_tokens(tokens, "its tokens", where)
+    expected = (meta.get("num_queries"), meta.get("hyper_dim"))
+    if expected != (str(tokens.shape[0]), str(tokens.shape[1])):
+        raise IdentityFileError(
+            f"{where}: its tokens are {_shape(tokens)} but its metadata says [{expected[0]}, {expected[1]}]; "
+            "re-create the identity from the photos."
+        )
+    base = tensors.get("base_tokens")
+    if base is not None:
+        _check_tokens(base, "its Base-LoRA tokens", where)
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+        num_images = int(meta.get("num_images", "0"))
+    except ValueError:
+        raise IdentityFileError(f"{where}: its settings or image count cannot be read; save the identity again.") from None
+    if not isinstance(settings, dict):
+        raise IdentityFileError(f"{where}: its settings are not a JSON object; save the identity again.")
+    return Identity(
+        tokens=tokens.to(torch.float32),
+        base_tokens=None if base is None else base.to(torch.float32),
+        model_name=meta.get("model_name", ""),
+        model_fingerprint=meta.get("model_fingerprint", ""),
+        num_images=num_images,
+        settings=settings,
+    )
+
+
+def _describe(identity: Identity) -> str:
+    name = identity.model_name or "an unnamed model"
+    return f"'{name}'"
+
+
+def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base: bool = False, strict: bool = True) -> None:
+    """Refuse an identity that was made with another model than ``model``.
+
+    Checks the token shapes (``[Q, K]`` of ``model.arch``, and the Base-LoRA
+    tokens when both have them) and the model fingerprint.  A fingerprint
+    mismatch with fitting shapes is refused too (the tokens of another model
+    mean something else); ``strict=False`` turns that one case into a warning.
+    ``need_base``: also require Base-LoRA tokens (to build a Base-LoRA).
+    Raises :class:`IdentityFileError` with a message naming both models and
+    the fix.
+    """
+    arch = model.arch
+    fix_same = (
+        f"Re-create the identity from the photos with the model '{model.name}', "
+        f"or load the model {_describe(identity)} it was made with."
+    )
+    q, k = arch.resampler.num_queries, arch.hyper_dim
+    if tuple(identity.tokens.shape) != (q, k):
+        raise IdentityFileError(
+            f"This identity was made with the HyperLoRA model {_describe(identity)} and has "
+            f"{_shape(identity.tokens)} tokens, but the loaded model '{model.name}' needs [{q}, {k}]. {fix_same}"
+        )
+    base_cfg = arch.base_resampler
+    if identity.base_tokens is not None and base_cfg is not None:
+        qb = base_cfg.num_queries
+        if tuple(identity.base_tokens.shape) != (qb, k):
+            raise IdentityFileError(
+                f"This identity's Base-LoRA tokens {_shape(identity.base_tokens)} do not fit the model "
+                f"'{model.name}' ([{qb}, {k}]). {fix_same}"
+            )
+    if need_base:
+        if base_cfg is None:
+            raise IdentityFileError(
+                f"The model '{model.name}' has no Base-LoRA (no base_resampler.safetensors); build the ID LoRA "
+                "instead, or load a model that has a Base-LoRA."
+            )
+        if identity.base_tokens is None:
+            raise IdentityFileError(
+                f"This identity has no Base-LoRA tokens; re-create it from the photos with the model "
+                f"'{model.name}' (which has a Base-LoRA), or build the ID LoRA instead."
+            )
+    if identity.model_fingerprint != model.fingerprint:
+        if identity.model_name == model.name:
+            msg = (
+                f"This identity was made with a different version of the HyperLoRA model '{model.name}' "
+                f"(the model files differ: fingerprint {identity.model_fingerprint[:12] or 'none'} vs "
+                f"{model.fingerprint[:12]}). {fix_same}"
+            )
+        else:
+            msg = (
+                f"This identity was made with the HyperLoRA model {_describe(identity)}, but the loaded model is "
+                f"'{model.name}'; its tokens mean something else in another model. {fix_same}"
+            )
+        if strict:
+            raise IdentityFileError(msg)
+        logger.warning("%s (used anyway because strict=False)", msg)
+
+
+def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> Identity:
+    """Interpolate identities of the same model in coefficient space (:func:`hyperlora.lora.mix_tokens`).
+
+    Base-LoRA tokens are mixed too when every identity has them, else dropped.
+    All identities must come from the same model (same fingerprint).  The
+    result's ``num_images`` is the sum; ``settings`` records the weights.
+    """
+    from .lora import mix_tokens
+
+    identities = list(identities)
+    if not identities:
+        raise IdentityFileError("Cannot mix an empty list of identities; give at least one.")
+    first = identities[0]
+    for j, ident in enumerate(identities[1:], start=2):
+        if ident.model_fingerprint != first.model_fingerprint:
+            raise IdentityFileError(
+                f"Identity {j} was made with the model '{ident.model_name}' and identity 1 with "
+                f"'{first.model_name}' (different model files); re-create them with one model before mixing."
+            )
+    tokens = mix_tokens([i.tokens for i in identities], weights)
+    bases = [i.base_tokens for i in identities]
+    base = mix_tokens(bases, weights) if all(b is not None for b in bases) else None  # type: ignore[arg-type]
+    return Identity(
+        tokens=tokens,
+        base_tokens=base,
+        model_name=first.model_name,
+        model_fingerprint=first.model_fingerprint,
+        num_images=sum(i.num_images for i in identities),
+        settings={"mix_weights": json.dumps([float(w) for w in weights]), "mixed": str(len(identities))},
+    )
+
+
+__all__ = [
+    "IDENTITY_FORMAT",
+    "IDENTITY_FORMAT_VERSION",
+    "Identity",
+    "check_identity_fits",
+    "load_identity",
+    "mix_identities",
+    "save_identity",
+]
