@@ -1,0 +1,499 @@
+"""Queue a shipped HyperLoRA API workflow on a running ComfyUI server.
+
+``python -m hyperlora.queue --workflow t2i_one_photo --image face.jpg --prompt "..."``
+uploads the photo(s), fills the workflow (found by node ``class_type`` and
+``_meta.title``, never by fixed node ids), queues it with ``POST /prompt``,
+follows the run on the ``/ws`` websocket (falls back to polling ``/history``
+when no websocket client is available) and downloads the produced images.
+
+Only the standard library is needed for HTTP; the websocket uses ``aiohttp``,
+which every ComfyUI install already has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import mimetypes
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import QueueError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+TRIGGER_WORDS = "fcsks fxhks fhyks, "
+WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
+API_SUFFIX = ".api.json"
+PACK_NAME = "ComfyUI-HyperLoRA"
+
+# Nodes whose widget input receives --strength.
+STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
+    "HyperLoRAApply": ("strength",),
+    "HyperLoRAApplyFromImages": ("strength",),
+    "LoraLoaderModelOnly": ("strength_model",),
+}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+
+ApiGraph = dict[str, dict[str, Any]]
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- workflow files
+
+def resolve_workflow(name_or_path: str | Path) -> Path:
+    """Path of an API workflow: an existing file, or the name of a shipped one (``t2i_one_photo``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    name = str(name_or_path)
+    for cand in (WORKFLOW_DIR / f"{name}{API_SUFFIX}", WORKFLOW_DIR / name,
+                 WORKFLOW_DIR / f"{name.removesuffix('.json')}{API_SUFFIX}"):
+        if cand.is_file() and cand.name.endswith(API_SUFFIX):
+            return cand
+    shipped = sorted(f.name.removesuffix(API_SUFFIX) for f in WORKFLOW_DIR.glob(f"*{API_SUFFIX}"))
+    raise QueueError(f"No workflow file '{name_or_path}' and no shipped API workflow of that name; "
+                     f"shipped ones: {', '.join(shipped) or '(none found in ' + str(WORKFLOW_DIR) + ')'}.")
+
+
+def load_api_workflow(path: str | Path) -> ApiGraph:
+    """Read an API-format workflow (``{node_id: {class_type, inputs, _meta}}``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise QueueError(f"Cannot read the workflow {path}: {e}.") from e
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise QueueError(f"{path} is a UI workflow (for dragging onto the canvas); queue its API twin "
+                         f"'{path.name.removesuffix('.json')}{API_SUFFIX}' instead.")
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data = data["prompt"]
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise QueueError(f"{path} is not an API workflow: expected an object of nodes with 'class_type'.")
+    return data
+
+
+def _title(node: dict[str, Any]) -> str:
+    return str(node.get("_meta", {}).get("title", ""))
+
+
+def find_nodes(graph: ApiGraph, class_type: str | Sequence[str] | None = None,
+               title: str | None = None) -> list[str]:
+    """Node ids matching a class type (or several) and/or a title (case-insensitive substring), sorted by title then id."""
+    types = (class_type,) if isinstance(class_type, str) else class_type
+    out = [nid for nid, n in graph.items()
+           if (types is None or n["class_type"] in types)
+           and (title is None or title.lower() in _title(n).lower())]
+    return sorted(out, key=lambda nid: (_title(graph[nid]).lower(), int(nid) if nid.isdigit() else nid))
+
+
+def photo_slots(graph: ApiGraph) -> list[str]:
+    """LoadImage nodes that take a face photo: their title contains 'photo'."""
+    return find_nodes(graph, "LoadImage", "photo")
+
+
+def _set_widget(graph: ApiGraph, nid: str, key: str, value: Any) -> None:
+    inputs = graph[nid].setdefault("inputs", {})
+    if isinstance(inputs.get(key), list):
+        raise QueueError(f"Node {nid} ('{_title(graph[nid])}') gets '{key}' from a link; it cannot be set.")
+    inputs[key] = value
+
+
+def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: str | None = None,
+                  prompt: str | None = None, negative: str | None = None, seed: int | None = None,
+                  strength: float | None = None, model: str | None = None, checkpoint: str | None = None,
+                  steps: int | None = None, width: int | None = None, height: int | None = None,
+                  overrides: Sequence[str] = (), add_trigger: bool = True) -> ApiGraph:
+    """A filled copy of ``graph``. ``images`` are server-side names (already uploaded), one per photo slot."""
+    g = copy.deepcopy(graph)
+    if images:
+        slots = photo_slots(g)
+        if len(images) != len(slots):
+            names = ", ".join(f"'{_title(g[s])}'" for s in slots) or "none"
+            raise QueueError(f"This workflow takes {len(slots)} face photo(s) ({names}) but {len(images)} "
+                             f"were given; pass --image once per slot or pick another workflow "
+                             f"(t2i_one_photo takes 1, t2i_several_photos takes 3).")
+        for nid, name in zip(slots, images):
+            _set_widget(g, nid, "image", name)
+    if pose_image is not None:
+        pose = find_nodes(g, "LoadImage", "pose")
+        if not pose:
+            raise QueueError("--pose was given but this workflow has no 'Pose image' LoadImage node; "
+                             "use the controlnet_pose workflow.")
+        for nid in pose:
+            _set_widget(g, nid, "image", pose_image)
+    if prompt is not None:
+        if add_trigger and not prompt.startswith(TRIGGER_WORDS.strip()):
+            logger.info("prompt does not start with the trigger words; prepending %r", TRIGGER_WORDS)
+            prompt = TRIGGER_WORDS + prompt
+        targets = find_nodes(g, "CLIPTextEncode", "positive")
+        if not targets:
+            raise QueueError("No CLIPTextEncode node titled 'Positive prompt' in this workflow; use --set.")
+        for nid in targets:
+            _set_widget(g, nid, "text", prompt)
+    if negative is not None:
+        for nid in find_nodes(g, "CLIPTextEncode", "negative"):
+            _set_widget(g, nid, "text", negative)
+    for nid in find_nodes(g, SAMPLERS):
+        key = "noise_seed" if g[nid]["class_type"] == "KSamplerAdvanced" else "seed"
+        if seed is not None:
+            _set_widget(g, nid, key, int(seed))
+        if steps is not None:
+            _set_widget(g, nid, "steps", int(steps))
+    if width is not None or height is not None:
+        for nid in find_nodes(g, LATENTS):
+            if width is not None:
+                _set_widget(g, nid, "width", int(width))
+            if height is not None:
+                _set_widget(g, nid, "height", int(height))
+    if strength is not None:
+        for nid, node in g.items():
+            for key in STRENGTH_INPUTS.get(node["class_type"], ()):
+                _set_widget(g, nid, key, float(strength))
+    if model is not None:
+        for nid in find_nodes(g, "HyperLoRALoader"):
+            _set_widget(g, nid, "model", model)
+    if checkpoint is not None:
+        for nid in find_nodes(g, "CheckpointLoaderSimple"):
+            _set_widget(g, nid, "ckpt_name", checkpoint)
+    for item in overrides:
+        apply_override(g, item)
+    return g
+
+
+def apply_override(graph: ApiGraph, item: str) -> None:
+    """``"Title or id.input=value"``; value parsed as JSON when it parses, else kept as a string."""
+    target, sep, raw = item.partition("=")
+    node_ref, dot, key = target.rpartition(".")
+    if not sep or not dot or not node_ref or not key:
+        raise QueueError(f"--set '{item}' is not of the form 'Node title.input=value' (or 'node_id.input=value').")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    ids = [node_ref] if node_ref in graph else [n for n in graph if _title(graph[n]).lower() == node_ref.lower()]
+    if not ids:
+        titles = ", ".join(sorted({repr(_title(n)) for n in graph.values()}))
+        raise QueueError(f"--set '{item}': no node with id or title '{node_ref}'; titles are {titles}.")
+    for nid in ids:
+        _set_widget(graph, nid, key, value)
+
+
+# --------------------------------------------------------------------------- server client
+
+class ComfyClient:
+    """Minimal blocking client of ComfyUI's HTTP API (urllib only)."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, *, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        if "://" not in self.server:
+            self.server = "http://" + self.server
+        self.timeout = timeout
+
+    def _down(self, reason: object) -> QueueError:
+        return QueueError(f"Cannot reach ComfyUI at {self.server} ({reason}). Start ComfyUI first "
+                          f"(python main.py --listen 127.0.0.1 --port 8188 in your ComfyUI folder) "
+                          f"or pass --server with the address it prints.")
+
+    def request(self, method: str, path: str, *, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """Status and body; HTTP error statuses are returned, connection failures raise QueueError."""
+        req = urllib.request.Request(self.server + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            raise self._down(getattr(e, "reason", e)) from e
+
+    def get_json(self, path: str) -> Any:
+        status, data = self.request("GET", path)
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} answered {status} to GET {path}: {data[:300]!r}.")
+        return json.loads(data)
+
+    def object_info(self) -> dict[str, Any]:
+        return self.get_json("/object_info")
+
+    def check_nodes(self, graph: ApiGraph, object_info: dict[str, Any] | None = None) -> None:
+        """Raise QueueError naming every node type of ``graph`` the server does not have."""
+        info = self.object_info() if object_info is None else object_info
+        missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
+        if not missing:
+            return
+        ours = [m for m in missing if m.startswith("HyperLoRA")]
+        core = [m for m in missing if not m.startswith("HyperLoRA")]
+        parts = []
+        if ours:
+            parts.append(f"{', '.join(ours)} from {PACK_NAME} (this workflow needs version {__version__} or newer): "
+                         f"put the pack in ComfyUI/custom_nodes/{PACK_NAME}, install its requirements.txt "
+                         f"and restart ComfyUI; if it is installed, the console shows why it failed to import")
+        if core:
+            parts.append(f"{', '.join(core)}: ComfyUI core node(s), update ComfyUI to 0.3.64 or newer")
+        raise QueueError(f"The ComfyUI server at {self.server} lacks node type(s) used by this workflow: "
+                         + "; ".join(parts) + ".")
+
+    def upload_image(self, path: str | Path) -> str:
+        """Upload a photo into ComfyUI's input folder; returns the name LoadImage takes."""
+        path = Path(path)
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise QueueError(f"Cannot read the image {path}: {e}.") from e
+        boundary = uuid.uuid4().hex
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: {ctype}\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        status, data = self.request("POST", "/upload/image", body=body,
+                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} refused the upload of {path} (HTTP {status}).")
+        info = json.loads(data)
+        name = info["name"]
+        return f"{info['subfolder']}/{name}" if info.get("subfolder") else name
+
+    def submit(self, graph: ApiGraph, *, client_id: str) -> str:
+        """POST /prompt; returns the prompt id or raises QueueError with ComfyUI's validation messages."""
+        body = json.dumps({"prompt": graph, "client_id": client_id}).encode()
+        status, data = self.request("POST", "/prompt", body=body, headers={"Content-Type": "application/json"})
+        try:
+            answer = json.loads(data)
+        except json.JSONDecodeError:
+            answer = {}
+        if status == 200 and "prompt_id" in answer:
+            return str(answer["prompt_id"])
+        raise QueueError(format_rejection(graph, answer, status))
+
+    def history(self, prompt_id: str) -> dict[str, Any] | None:
+        entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
+        return entry.get(prompt_id)
+
+    def download(self, image: dict[str, str], out_dir: Path) -> Path:
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                        "type": image.get("type", "output")})
+        status, data = self.request("GET", f"/view?{query}")
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} could not send the image {image['filename']} (HTTP {status}).")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / Path(image["filename"]).name
+        target.write_bytes(data)
+        return target
+
+
+def format_rejection(graph: ApiGraph, answer: dict[str, Any], status: int) -> str:
+    """One readable message from ComfyUI's ``{"error": ..., "node_errors": ...}`` answer."""
+    err = answer.get("error") or {}
+    if isinstance(err, str):
+        err = {"message": err}
+    lines = [f"ComfyUI rejected the workflow (HTTP {status}): {err.get('message', 'no message')}"
+             + (f" - {err['details']}" if err.get("details") else "")]
+    for nid, ne in (answer.get("node_errors") or {}).items():
+        node = graph.get(nid, {})
+        label = f"node {nid} ({ne.get('class_type', node.get('class_type', '?'))} '{_title(node)}')"
+        for e in ne.get("errors", []):
+            lines.append(f"  {label}: {e.get('message', '')}: {e.get('details', '')}".rstrip(": "))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- waiting
+
+def _log_progress(event: dict[str, Any]) -> None:
+    kind = event["type"]
+    data = event.get("data", {})
+    if kind == "progress":
+        logger.info("node %s: step %s/%s", data.get("node"), data.get("value"), data.get("max"))
+    elif kind == "executing" and data.get("node") is not None:
+        logger.info("running node %s", data.get("node"))
+    elif kind == "execution_cached" and data.get("nodes"):
+        logger.info("cached nodes: %s", ", ".join(map(str, data["nodes"])))
+
+
+def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float,
+             progress: ProgressFn) -> str:
+    """Connect the websocket first, then submit, then follow events until our prompt ends."""
+    import asyncio
+
+    import aiohttp
+
+    ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+
+    async def run() -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(ws_url, heartbeat=30) as ws:
+                prompt_id = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: client.submit(graph, client_id=client_id))
+                logger.info("queued prompt %s on %s", prompt_id, client.server)
+                deadline = time.monotonic() + timeout
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise QueueError(f"Prompt {prompt_id} did not finish within {timeout:.0f} s on "
+                                         f"{client.server}; it may still be running (see the ComfyUI console).")
+                    try:
+                        msg = await ws.receive(timeout=min(remaining, 5.0))
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING):
+                        raise QueueError(f"The websocket to {client.server} closed while prompt {prompt_id} ran; "
+                                         f"did ComfyUI stop?")
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue  # binary previews
+                    event = json.loads(msg.data)
+                    data = event.get("data") or {}
+                    if data.get("prompt_id") not in (None, prompt_id):
+                        continue
+                    progress(event)
+                    kind = event.get("type")
+                    if kind in ("execution_error", "execution_interrupted", "execution_success"):
+                        return prompt_id
+                    if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                        return prompt_id
+
+    return asyncio.run(run())
+
+
+def _wait_poll(client: ComfyClient, prompt_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = -1.0
+    while time.monotonic() < deadline:
+        if client.history(prompt_id) is not None:
+            return
+        if time.monotonic() - last > 10:
+            logger.info("waiting for prompt %s ...", prompt_id)
+            last = time.monotonic()
+        time.sleep(0.5)
+    raise QueueError(f"Prompt {prompt_id} did not finish within {timeout:.0f} s on {client.server}.")
+
+
+def _history_when_ready(client: ComfyClient, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = client.history(prompt_id)
+        if entry is not None:
+            return entry
+        if time.monotonic() > deadline:
+            raise QueueError(f"Prompt {prompt_id} ended but ComfyUI at {client.server} has no history for it.")
+        time.sleep(0.2)
+
+
+def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
+    """QueueError with ComfyUI's exception message and the failing node, if the run failed."""
+    status = entry.get("status") or {}
+    if status.get("status_str", "success") == "success":
+        return
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            nid = str(data.get("node_id"))
+            raise QueueError(f"ComfyUI failed in node {nid} ({data.get('node_type')} '{_title(graph.get(nid, {}))}'): "
+                             f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
+        if kind == "execution_interrupted":
+            raise QueueError("The run was interrupted on the ComfyUI server (someone pressed Cancel or the queue was cleared).")
+    raise QueueError(f"The run ended with status '{status.get('status_str')}' and no error message.")
+
+
+# --------------------------------------------------------------------------- public API
+
+def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SERVER, images: Sequence[str | Path] = (),
+                   pose_image: str | Path | None = None, prompt: str | None = None, negative: str | None = None,
+                   seed: int | None = None, strength: float | None = None, model: str | None = None,
+                   checkpoint: str | None = None, steps: int | None = None, width: int | None = None,
+                   height: int | None = None, overrides: Sequence[str] = (), out_dir: str | Path = ".",
+                   timeout: float = 3600.0, client_id: str | None = None, add_trigger: bool = True,
+                   progress: ProgressFn | None = None, use_websocket: bool = True) -> list[Path]:
+    """Upload photos, fill and queue an API workflow, wait, and download its output images.
+
+    Returns the paths of the downloaded images (those of output nodes such as SaveImage;
+    preview images only when the workflow saves none).
+    """
+    graph = load_api_workflow(resolve_workflow(workflow)) if isinstance(workflow, (str, Path)) else workflow
+    client = ComfyClient(server)
+    client.check_nodes(graph)
+    uploaded = [client.upload_image(p) for p in images]
+    pose = client.upload_image(pose_image) if pose_image is not None else None
+    filled = fill_workflow(graph, images=uploaded, pose_image=pose, prompt=prompt, negative=negative, seed=seed,
+                           strength=strength, model=model, checkpoint=checkpoint, steps=steps, width=width,
+                           height=height, overrides=overrides, add_trigger=add_trigger)
+    cid = client_id or uuid.uuid4().hex
+    report = progress or _log_progress
+    prompt_id: str | None = None
+    if use_websocket:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            logger.info("aiohttp not installed: polling /history instead of following the websocket")
+        else:
+            try:
+                prompt_id = _wait_ws(client, filled, cid, timeout, report)
+            except (OSError, aiohttp.ClientError) as e:
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    raise client._down(e) from e
+                logger.info("websocket unavailable (%s): polling /history", e)
+    if prompt_id is None:
+        prompt_id = client.submit(filled, client_id=cid)
+        logger.info("queued prompt %s on %s", prompt_id, client.server)
+        _wait_poll(client, prompt_id, timeout)
+    entry = _history_when_ready(client, prompt_id)
+    raise_for_failure(filled, entry)
+    images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+    saved = [img for img in images_out if img.get("type") == "output"] or images_out
+    paths = [client.download(img, Path(out_dir)) for img in saved]
+    logger.info("downloaded %d image(s) into %s", len(paths), out_dir)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hyperlora.queue", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default=DEFAULT_SERVER, help="ComfyUI address (default %(default)s)")
+    p.add_argument("--workflow", required=True, help="name of a shipped API workflow (see workflows/README.md) or a path")
+    p.add_argument("--image", action="append", default=[], help="face photo; once per photo slot of the workflow")
+    p.add_argument("--pose", help="pose image for the ControlNet workflow")
+    p.add_argument("--prompt", help="positive prompt; the trigger words are prepended when missing")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--strength", type=float, help="LoRA strength (0.75-0.85 typical)")
+    p.add_argument("--model", help="HyperLoRA model folder name, e.g. sdxl_hyper_id_lora_v1_fidelity")
+    p.add_argument("--checkpoint", help="SDXL checkpoint file name as ComfyUI lists it")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TITLE.INPUT=VALUE",
+                   help="set any widget, e.g. --set 'Sampler.cfg=4.5'")
+    p.add_argument("--no-trigger", action="store_true", help="do not prepend the trigger words")
+    p.add_argument("--out", default=".", help="folder for the downloaded images")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        paths = queue_workflow(args.workflow, server=args.server, images=args.image, pose_image=args.pose,
+                               prompt=args.prompt, negative=args.negative, seed=args.seed, strength=args.strength,
+                               model=args.model, checkpoint=args.checkpoint, steps=args.steps, width=args.width,
+                               height=args.height, overrides=args.overrides, out_dir=args.out,
+                               timeout=args.timeout, add_trigger=not args.no_trigger)
+    except QueueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
