@@ -1,0 +1,212 @@
+"""What the ComfyUI nodes ask of the core, as plain functions (no comfy imports).
+
+The nodes only map ComfyUI types onto these calls:
+
+* :func:`identity_from_images`: face photos -> :class:`~hyperlora.identity.Identity` (+ the crops used)
+* :func:`lora_from_identity`:  identity -> kohya LoRA dict (ID, Base or both)
+* :func:`mix_identities`:      several identities -> one LoRA (coefficient or weight-delta space)
+* :func:`concept_slider`:      edited minus original identity -> signed LoRA
+* :func:`lora_target_shapes`:  the ``[out, in]`` weight shape every LoRA module expects
+
+Everything runs on the device the :class:`~hyperlora.generate.HyperLoRAModel` is on;
+returned identities are float32 on the CPU, returned LoRAs on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import FaceNotFoundError, LoraError
+
+if TYPE_CHECKING:  # imported lazily at run time: keeps `import hyperlora.bundle` cheap
+    from .encoders import ClipVisionEncoder
+    from .faces import FaceAnalyzer
+    from .generate import HyperLoRAModel
+    from .identity import Identity
+    from .pipeline import FaceConditions
+
+log = logging.getLogger(__name__)
+
+LORA_KINDS = ("id", "base", "id+base")
+MIX_MODES = ("coefficients", "weight_delta")
+NO_FACE_POLICIES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class FaceOptions:
+    """How faces are found and prepared (facts §6); defaults are the released behaviour."""
+
+    face_choice: str = "largest"
+    face_index: int = 0
+    remove_background: bool = True
+    grayscale: bool = False
+    no_face: str = "skip"
+    det_size: int = 640
+
+    def settings(self) -> dict[str, str]:
+        """The options as strings, stored in identity files."""
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+
+def model_device(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the first parameter or buffer of ``module``."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def conditions_needed(model: HyperLoRAModel) -> tuple[bool, bool, bool]:
+    """``(need_id, need_clip, need_base)``: which encoders this model's resamplers read.
+
+    Two-condition models (released) need ArcFace and CLIP; a one-condition model with an
+    id_projector needs ArcFace only; one without needs CLIP only; a base resampler needs the
+    CLIP features of the base-condition crops.
+    """
+    arch = model.arch
+    has_id = model.id_projector is not None
+    two = len(arch.resampler.embed_dims) == 2
+    need_clip = two or not has_id
+    return has_id, need_clip, model.base_resampler is not None
+
+
+def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str]) -> Identity:
+    """Resampler tokens of one person from the extracted conditions (mean over the used images)."""
+    from .identity import Identity
+
+    device, dtype = model_device(model)
+
+    def put(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    with torch.inference_mode():
+        tokens = model.id_tokens(id_embeds=put(cond.id_embeds), clip_features=put(cond.clip_features))
+        base = None
+        if model.base_resampler is not None and cond.base_clip_features is not None:
+            base = model.base_tokens(put(cond.base_clip_features))
+    return Identity(
+        tokens=tokens.detach().float().cpu(),
+        base_tokens=None if base is None else base.detach().float().cpu(),
+        model_name=model.name,
+        model_fingerprint=model.fingerprint,
+        num_images=len(cond.used),
+        settings=dict(settings),
+    )
+
+
+def identity_from_images(
+    model: HyperLoRAModel,
+    images: list[np.ndarray],
+    *,
+    analyzer: FaceAnalyzer,
+    clip: ClipVisionEncoder,
+    options: FaceOptions = FaceOptions(),
+    check_interrupt: Callable[[], None] | None = None,
+) -> tuple[Identity, FaceConditions]:
+    """Face photos (uint8 RGB ``[H, W, 3]`` each) -> identity and the conditions used.
+
+    Raises :class:`FaceNotFoundError` when no image holds a usable face (whatever the
+    no-face policy: with "skip" only the faceless images are dropped).
+    """
+    from .pipeline import extract_conditions
+
+    if options.no_face not in NO_FACE_POLICIES:
+        raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {options.no_face!r}")
+    need_id, need_clip, need_base = conditions_needed(model)
+    cond = extract_conditions(
+        images, analyzer=analyzer, clip=clip, need_id=need_id, need_clip=need_clip, need_base=need_base,
+        face_choice=options.face_choice, face_index=options.face_index,
+        remove_background=options.remove_background, grayscale=options.grayscale,
+        no_face=options.no_face, det_size=options.det_size,
+    )
+    if not cond.used:
+        raise FaceNotFoundError(
+            f"No face was found in any of the {len(images)} image(s); use a photo where the face is clearly "
+            f"visible, or try a smaller detection size for close-ups.")
+    if cond.skipped:
+        log.warning("HyperLoRA: no face in image(s) %s, skipped", ", ".join(str(i + 1) for i in cond.skipped))
+    if check_interrupt is not None:
+        check_interrupt()
+    settings = options.settings()
+    settings["skipped_images"] = ",".join(str(i) for i in cond.skipped)
+    return identity_from_conditions(model, cond, settings=settings), cond
+
+
+def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor]:
+    device, _dtype = model_device(model)
+    with torch.inference_mode():
+        lora = model.build_lora(tokens.to(device), kind=kind)
+    return {k: v.detach().cpu() for k, v in lora.items()}
+
+
+def lora_from_identity(model: HyperLoRAModel, identity: Identity, *, kind: str = "id") -> dict[str, Tensor]:
+    """Identity -> kohya LoRA. ``kind``: "id" (released use), "base" or "id+base" (sum of both)."""
+    from .identity import check_identity_fits
+    from .lora import weighted_sum
+
+    if kind not in LORA_KINDS:
+        raise ValueError(f"kind must be one of {LORA_KINDS}, got {kind!r}")
+    if kind == "id":
+        check_identity_fits(identity, model)
+        return _build(model, identity.tokens, "id")
+    if model.base_resampler is None:
+        raise LoraError(
+            f"HyperLoRA model '{model.name}' has no Base-LoRA (no base_resampler.safetensors); the released "
+            f"models already hold it inside the ID-LoRA. Set kind to 'id'.")
+    check_identity_fits(identity, model, need_base=True)
+    base = _build(model, identity.base_tokens, "base")
+    if kind == "base":
+        return base
+    return weighted_sum([_build(model, identity.tokens, "id"), base], [1.0, 1.0])
+
+
+def mix_identities(
+    model: HyperLoRAModel, identities: Sequence[Identity], weights: Sequence[float], *, mode: str = "coefficients",
+) -> dict[str, Tensor]:
+    """Several identities -> one LoRA.
+
+    ``coefficients``: interpolate the normalised tokens, renormalise, build one rank-r LoRA
+    (the authors' ID interpolation).  ``weight_delta``: the exact weighted sum of the LoRAs'
+    weight updates (rank grows with the number of identities).
+    """
+    from .identity import check_identity_fits
+    from .lora import mix_tokens, weighted_sum
+
+    if mode not in MIX_MODES:
+        raise ValueError(f"mode must be one of {MIX_MODES}, got {mode!r}")
+    if len(identities) != len(weights) or not identities:
+        raise ValueError("mix_identities needs as many weights as identities, and at least one")
+    for ident in identities:
+        check_identity_fits(ident, model)
+    if mode == "coefficients":
+        return _build(model, mix_tokens([i.tokens for i in identities], list(weights)), "id")
+    return weighted_sum([_build(model, i.tokens, "id") for i in identities], list(weights))
+
+
+def concept_slider(model: HyperLoRAModel, edited: Identity, original: Identity, *, strength: float = 1.0) -> dict[str, Tensor]:
+    """``strength * (LoRA(edited) - LoRA(original))``: a signed slider for what the edit changed."""
+    from .identity import check_identity_fits
+    from .lora import difference
+
+    check_identity_fits(edited, model)
+    check_identity_fits(original, model)
+    return difference(_build(model, edited.tokens, "id"), _build(model, original.tokens, "id"), strength)
+
+
+def lora_target_shapes(lora: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
+    """``{prefix: (out, in)}``: the weight shape each LoRA module updates (``up [out, r] @ down [r, in]``)."""
+    from .lora import DOWN_SUFFIX, UP_SUFFIX, lora_prefixes
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for prefix in lora_prefixes(lora):
+        up, down = lora[prefix + UP_SUFFIX], lora[prefix + DOWN_SUFFIX]
+        shapes[prefix] = (int(up.shape[0]), int(down.shape[-1]) if down.dim() == 2 else int(np.prod(down.shape[1:])))
+    return shapes

@@ -1,0 +1,21 @@
+"""ComfyUI nodes of the pack: thin glue over ``hyperlora/`` (one module per node family).
+
+Imported only inside ComfyUI (it imports ``comfy`` and ``folder_paths``); the pack's
+root ``__init__.py`` guards that.
+"""
+
+from __future__ import annotations
+
+from . import paths
+
+paths.register_folders()
+
+from . import identity, io, loader, lora, mix  # noqa: E402  (folders first: dropdowns read them)
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _family in (loader, identity, lora, mix, io):
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,101 @@
+"""HyperLoRALoader: model folder + CLIP vision + AntelopeV2 -> HYPER_LORA."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management as mm
+
+from . import paths
+from .common import CATEGORY, HYPER_LORA, HyperLoRAHandle, check_interrupt, progress
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+PROVIDERS = ("auto", "CUDA", "ROCm", "CoreML", "CPU")   # == hyperlora.faces.PROVIDERS
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """``auto``: fp16 where ComfyUI would run fp16 on its device, else bf16, else fp32 (CPU)."""
+    if name != "auto":
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    device = mm.get_torch_device()
+    if mm.should_use_fp16(device):
+        return torch.float16
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
+class HyperLoRALoader:
+    DESCRIPTION = (
+        "Loads a HyperLoRA model (for example sdxl_hyper_id_lora_v1_fidelity or _edit), the CLIP ViT-L/14 "
+        "image encoder and the AntelopeV2 face-analysis pack. The architecture is read from the weights; "
+        "nothing to type. ComfyUI moves the models to the GPU when used and may offload them for SDXL.")
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (HYPER_LORA,)
+    RETURN_NAMES = ("hyper_lora",)
+    OUTPUT_TOOLTIPS = ("The loaded HyperLoRA generator: feed it to the identity and LoRA nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": (paths.list_models(), {
+                "tooltip": "HyperLoRA model folder under models/hyper_lora/hyper_lora/ (holding "
+                           "hyper_lora_modules.json). 'fidelity' keeps more likeness, 'edit' follows prompts more."}),
+            "clip_vision": (paths.list_clip_vision(), {
+                "tooltip": "The OpenAI CLIP ViT-L/14 vision encoder: a Hugging Face folder under "
+                           "models/hyper_lora/clip_vit/ or a ViT-L/14 file from models/clip_vision/."}),
+            "insightface": (paths.list_insightface(), {
+                "tooltip": "The AntelopeV2 face-analysis folder under models/insightface/models/ (also found "
+                           "when the zip unpacked one folder too deep)."}),
+            "dtype": (list(DTYPES), {
+                "default": "auto",
+                "tooltip": "Precision of the HyperLoRA and CLIP weights: auto = fp16 on GPUs that run it well, "
+                           "fp32 on the CPU."}),
+            "provider": (list(PROVIDERS), {
+                "default": "auto",
+                "tooltip": "Where face analysis (onnxruntime) runs: auto picks CUDA, ROCm or CoreML when "
+                           "available, else the CPU."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model: str, clip_vision: str, insightface: str) -> bool | str:
+        if model not in paths.list_models():
+            return f"HyperLoRA model '{model}' is not available. {paths.model_help()}"
+        if clip_vision not in paths.list_clip_vision():
+            return f"CLIP vision model '{clip_vision}' is not available. {paths.clip_help()}"
+        if insightface not in paths.list_insightface():
+            return f"Face-analysis folder '{insightface}' is not available. {paths.insightface_help()}"
+        return True
+
+    def load(self, model: str, clip_vision: str, insightface: str, dtype: str, provider: str) -> tuple[HyperLoRAHandle]:
+        from ..hyperlora.checkpoint import load_hyper_lora
+        from ..hyperlora.encoders import ClipVisionEncoder
+
+        folder = paths.resolve_model(model)
+        clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
+        antelope = paths.resolve_insightface(insightface)
+        torch_dtype = pick_dtype(dtype)
+        offload = mm.unet_offload_device()
+        bar = progress(2)
+        hl_model = load_hyper_lora(folder, dtype=torch_dtype, device=offload)
+        bar.update(1)
+        check_interrupt()
+        if clip_kind == "file":
+            clip = ClipVisionEncoder.from_single_file(clip_path, dtype=torch_dtype)
+        else:
+            clip = ClipVisionEncoder.from_pretrained(clip_path, processor, dtype=torch_dtype)
+        clip = clip.to(offload)
+        bar.update(1)
+        log.info("HyperLoRA: loaded %s (%s) with CLIP %s", model, torch_dtype, clip_vision)
+        handle = HyperLoRAHandle(model=hl_model, clip=clip, antelope_dir=antelope, provider=provider,
+                                 names={"model": model, "clip_vision": clip_vision, "insightface": insightface})
+        return (handle,)
+
+
+NODE_CLASS_MAPPINGS = {"HyperLoRALoader": HyperLoRALoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRALoader": "HyperLoRA Loader"}

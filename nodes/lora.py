@@ -1,0 +1,176 @@
+"""LoRA nodes: Build LoRA, Apply (with a landing check), one-node Apply from images."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+import comfy.lora
+
+from ..hyperlora.errors import FaceNotFoundError, LoraError
+from .common import (CATEGORY, HYPER_LORA, HYPER_LORA_ID, LORA_MODEL, HyperLoRAHandle, check_interrupt,
+                     face_inputs, images_to_comfy, make_identity)
+
+log = logging.getLogger(__name__)
+
+STRENGTH = ("FLOAT", {
+    "default": 0.85, "min": -4.0, "max": 4.0, "step": 0.01,
+    "tooltip": "How strongly the identity LoRA changes the model. 0.75-0.85 is typical; lower keeps the prompt "
+               "editable, higher gives more likeness. Prompts need the trigger words 'fcsks fxhks fhyks, '."})
+
+
+def model_kind(model: Any) -> str:
+    """A readable name of the diffusion model type behind a ComfyUI MODEL (e.g. ``SDXL``, ``SD15``, ``Flux``)."""
+    inner = model.model
+    config = getattr(inner, "model_config", None)
+    config_name = type(config).__name__ if config is not None else "unknown"
+    return f"{config_name} ({type(inner).__name__})"
+
+
+def check_lora_lands(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Map every LoRA module onto a model weight of matching shape, or raise :class:`LoraError`.
+
+    Returns ComfyUI's key map ``{lora prefix: model weight key}`` restricted to the LoRA's modules.
+    """
+    from ..hyperlora.bundle import lora_target_shapes
+
+    if not lora:
+        raise LoraError("The LoRA is empty; connect the output of HyperLoRA Build LoRA (or Mix / Slider).")
+    shapes = lora_target_shapes(lora)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    state = model.model.state_dict()
+    missing = [p for p in shapes if p not in key_map or key_map[p] not in state]
+    wrong = [(p, shapes[p], tuple(state[key_map[p]].shape)) for p in shapes
+             if p not in missing and tuple(state[key_map[p]].shape[:2]) != shapes[p]]
+    if missing or wrong:
+        kind = model_kind(model)
+        bad = len(missing) + len(wrong)
+        examples = missing[:2] + [f"{p} (LoRA {list(s)} vs model {list(m)})" for p, s, m in wrong[:2]]
+        if "SDXL" in kind and not missing:
+            hint = ("The LoRA was made by a HyperLoRA model whose module sizes differ from this SDXL UNet; "
+                    "use a HyperLoRA model made for SDXL.")
+        else:
+            hint = ("HyperLoRA LoRAs are made for SDXL (SDXL 1.0 and its fine-tunes such as RealVisXL); "
+                    "load an SDXL checkpoint instead.")
+        raise LoraError(
+            f"This HyperLoRA LoRA does not fit the connected model, which is {kind}: {bad} of {len(shapes)} "
+            f"LoRA modules do not land on a weight of matching shape (e.g. {'; '.join(examples)}). {hint}")
+    return {p: key_map[p] for p in shapes}
+
+
+def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float) -> Any:
+    """Check, then patch a clone of ``model``: ``W + strength * (alpha/rank) * up @ down`` per module."""
+    targets = check_lora_lands(model, lora)
+    if strength == 0:
+        return model
+    patches = comfy.lora.load_lora(lora, targets, log_missing=False)
+    if len(patches) != len(targets):
+        raise LoraError(f"Only {len(patches)} of {len(targets)} LoRA modules could be read; the LoRA is not in "
+                        f"kohya format (lora_up / lora_down / alpha).")
+    patched = model.clone()
+    added = patched.add_patches(patches, strength)
+    if len(added) != len(patches):
+        raise LoraError(f"Only {len(added)} of {len(patches)} LoRA modules were applied to {model_kind(model)}.")
+    return patched
+
+
+class HyperLoRABuildLoRA:
+    DESCRIPTION = (
+        "Turns an identity into a LoRA (the core LORA_MODEL type): connect it to HyperLoRA Apply, the core "
+        "'Load LoRA Model' node, 'Save LoRA Weights' or HyperLoRA Export LoRA.")
+    CATEGORY = f"{CATEGORY}/lora"
+    RETURN_TYPES = (LORA_MODEL,)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("The generated LoRA: kohya-keyed tensors for the SDXL UNet attention layers.",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader that made the identity."}),
+            "identity": (HYPER_LORA_ID, {"tooltip": "The identity from Identity from Images or Load Identity."}),
+            "kind": (["id", "base", "id+base"], {
+                "default": "id",
+                "tooltip": "'id' is the released use. 'base' / 'id+base' need a model trained with a Base-LoRA "
+                           "(base_resampler.safetensors); the released models already hold it inside the ID-LoRA, "
+                           "and an extra Base-LoRA copies clothes and background."}),
+        }}
+
+    def run(self, hyper_lora: HyperLoRAHandle, identity: Any, kind: str) -> tuple[dict[str, torch.Tensor]]:
+        from ..hyperlora.bundle import lora_from_identity
+
+        check_interrupt()
+        hyper_lora.load()
+        return (lora_from_identity(hyper_lora.model, identity, kind=kind),)
+
+
+class HyperLoRAApply:
+    DESCRIPTION = (
+        "Merges a HyperLoRA LoRA into an SDXL model. It first checks that every LoRA module lands on a weight "
+        "of the model and stops with a clear message for SD1.5, SD3, Flux and other models. Merged LoRAs cost "
+        "nothing extra while sampling.")
+    CATEGORY = f"{CATEGORY}/lora"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The SDXL model with the identity merged in.",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SDXL model (e.g. from Load Checkpoint)."}),
+            "lora": (LORA_MODEL, {"tooltip": "The LoRA from Build LoRA, Mix Identities or Concept Slider."}),
+            "strength": STRENGTH,
+        }}
+
+    def run(self, model: Any, lora: dict[str, torch.Tensor], strength: float) -> tuple[Any]:
+        return (apply_lora(model, lora, strength),)
+
+
+class HyperLoRAApplyFromImages:
+    DESCRIPTION = (
+        "One node for the common case: face photos -> identity -> LoRA -> merged into the SDXL model. With "
+        "no_face 'skip' and no face in any photo, the model passes through unchanged.")
+    CATEGORY = f"{CATEGORY}/lora"
+    RETURN_TYPES = ("MODEL", "IMAGE")
+    RETURN_NAMES = ("model", "crops")
+    OUTPUT_TOOLTIPS = ("The SDXL model with the identity merged in.", "The face crops the model saw.")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SDXL model (e.g. from Load Checkpoint)."}),
+            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader."}),
+            "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch)."}),
+            "strength": STRENGTH,
+            **face_inputs(),
+        }}
+
+    def run(self, model: Any, hyper_lora: HyperLoRAHandle, images: torch.Tensor, strength: float,
+            **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        from ..hyperlora.bundle import lora_from_identity
+
+        try:
+            identity, crops = make_identity(hyper_lora, images, kwargs)
+        except FaceNotFoundError as e:
+            if kwargs.get("no_face", "skip") != "skip":
+                raise
+            log.warning("HyperLoRA: %s The model is passed on unchanged (no_face = skip).", e)
+            return (model, images_to_comfy([]))
+        hyper_lora.load()
+        lora = lora_from_identity(hyper_lora.model, identity, kind="id")
+        return (apply_lora(model, lora, strength), crops)
+
+
+NODE_CLASS_MAPPINGS = {
+    "HyperLoRABuildLoRA": HyperLoRABuildLoRA,
+    "HyperLoRAApply": HyperLoRAApply,
+    "HyperLoRAApplyFromImages": HyperLoRAApplyFromImages,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "HyperLoRABuildLoRA": "HyperLoRA Build LoRA",
+    "HyperLoRAApply": "HyperLoRA Apply",
+    "HyperLoRAApplyFromImages": "HyperLoRA Apply from Images",
+}
