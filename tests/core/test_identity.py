@@ -1,0 +1,161 @@
+"""Identity files (hyperlora/identity.py): round trip, refusals, fitting the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hyperlora.errors import IdentityFileError, LoraError
+from hyperlora.identity import (
+    IDENTITY_FORMAT,
+    Identity,
+    check_identity_fits,
+    load_identity,
+    mix_identities,
+    save_identity,
+)
+from hyperlora.lora import mix_tokens, save_lora_file
+from tests.fixtures.hyperlora_models import TINY
+from tests.fixtures.loras import random_lora, random_tokens
+
+SETTINGS = {"face_choice": "largest", "remove_background": "true", "det_size": "640"}
+
+
+def make_identity(q: int = 40, k: int = 6, *, seed: int = 0, base_q: int | None = None, **kw) -> Identity:
+    fields = dict(model_name="tiny_model", model_fingerprint="f" * 64, num_images=3, settings=dict(SETTINGS))
+    fields.update(kw)
+    base = random_tokens(base_q, k, seed=seed + 100) if base_q else None
+    return Identity(tokens=random_tokens(q, k, seed=seed), base_tokens=base, **fields)
+
+
+def write_raw(path, tensors, **meta) -> None:
+    """An identity-like file written directly (to make the damaged files save_identity refuses to write)."""
+    full = {"format": IDENTITY_FORMAT, "format_version": "1", "model_name": "m", "model_fingerprint": "x",
+            "num_queries": "8", "hyper_dim": "6", "num_images": "1", "settings": "{}"}
+    full.update(meta)
+    save_file(tensors, str(path), metadata=full)
+
+
+# ----------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("base_q", [None, 24])
+def test_round_trip_is_bit_exact(tmp_path, base_q):
+    ident = make_identity(base_q=base_q)
+    path = tmp_path / "sub" / "anna.safetensors"  # the folder is created
+    save_identity(ident, path)
+    back = load_identity(path)
+    assert back.tokens.dtype == torch.float32 and torch.equal(back.tokens, ident.tokens)
+    if base_q is None:
+        assert back.base_tokens is None
+    else:
+        assert torch.equal(back.base_tokens, ident.base_tokens)
+    assert (back.model_name, back.model_fingerprint, back.num_images) == ("tiny_model", "f" * 64, 3)
+    assert back.settings == SETTINGS
+    assert [p.name for p in path.parent.iterdir()] == ["anna.safetensors"]
+
+
+def test_metadata_fields(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "id.safetensors"
+    save_identity(make_identity(), path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == ["tokens"]
+    assert meta["format"] == "hyperlora.identity" and meta["format_version"] == "1"
+    assert (meta["num_queries"], meta["hyper_dim"], meta["num_images"]) == ("40", "6", "3")
+    assert json.loads(meta["settings"]) == SETTINGS
+    assert meta["model_name"] == "tiny_model" and meta["model_fingerprint"] == "f" * 64
+
+
+def test_released_size_identity_is_about_0_57_mb(tmp_path):
+    """Q = 1120 tokens x K = 128 coefficients in float32 (facts §2, §4): 573,440 bytes of data."""
+    ident = make_identity(1120, 128)
+    path = tmp_path / "released.safetensors"
+    save_identity(ident, path)
+    size = path.stat().st_size
+    assert 573_440 < size < 575_000, size
+    assert torch.equal(load_identity(path).tokens, ident.tokens)
+
+
+def test_save_converts_to_float32_and_refuses_bad_identities(tmp_path):
+    ident = make_identity()
+    half = Identity(ident.tokens.half(), None, "m", "x", 1, {})
+    save_identity(half, tmp_path / "half.safetensors")
+    assert torch.equal(load_identity(tmp_path / "half.safetensors").tokens, ident.tokens.half().float())
+    with pytest.raises(IdentityFileError, match=r"'.*id\.pt' has another extension"):
+        save_identity(ident, tmp_path / "id.pt")
+    nan = Identity(torch.full((8, 6), float("nan")), None, "m", "x", 1, {})
+    with pytest.raises(IdentityFileError, match="Cannot save the identity to .*NaN"):
+        save_identity(nan, tmp_path / "nan.safetensors")
+    flat = Identity(torch.ones(6), None, "m", "x", 1, {})
+    with pytest.raises(IdentityFileError, match=r"2-D float matrix \[Q, K\], got \[6\]"):
+        save_identity(flat, tmp_path / "flat.safetensors")
+    odd_base = Identity(ident.tokens, torch.ones(4, 5), "m", "x", 1, {})
+    with pytest.raises(IdentityFileError, match="different sizes K"):
+        save_identity(odd_base, tmp_path / "odd.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.safetensors"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(IdentityFileError, match="identity file '.*nope.safetensors' does not exist"):
+        load_identity(tmp_path / "nope.safetensors")
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(IdentityFileError, match="not a readable .safetensors identity file"):
+        load_identity(junk)
+
+    pickled = tmp_path / "id.pt"
+    torch.save({"tokens": torch.zeros(2, 2)}, pickled)
+    with pytest.raises(IdentityFileError, match="pickled PyTorch file.*never unpickles"):
+        load_identity(pickled)
+
+    lora = tmp_path / "lora.safetensors"
+    save_lora_file(random_lora(TINY.modules[:1], rank=2), lora)
+    with pytest.raises(IdentityFileError, match="not a HyperLoRA identity file \\(it looks like a LoRA\\)"):
+        load_identity(lora)
+
+    no_tokens = tmp_path / "no_tokens.safetensors"
+    write_raw(no_tokens, {"other": torch.zeros(8, 6)})
+    with pytest.raises(IdentityFileError, match="damaged: it has no 'tokens' tensor"):
+        load_identity(no_tokens)
+
+    nan = tmp_path / "nan.safetensors"
+    write_raw(nan, {"tokens": torch.full((8, 6), float("nan"))})
+    with pytest.raises(IdentityFileError, match="damaged: its tokens contain NaN"):
+        load_identity(nan)
+
+    shape = tmp_path / "shape.safetensors"
+    write_raw(shape, {"tokens": torch.zeros(8, 6)}, num_queries="16")
+    with pytest.raises(IdentityFileError, match=r"tokens are \[8, 6\] but its metadata says \[16, 6\]"):
+        load_identity(shape)
+
+    newer = tmp_path / "newer.safetensors"
+    write_raw(newer, {"tokens": torch.zeros(8, 6)}, format_version="2")
+    with pytest.raises(IdentityFileError, match="newer ComfyUI-HyperLoRA .*update ComfyUI-HyperLoRA"):
+        load_identity(newer)
+
+
+# ----------------------------------------------------------------- mixing identities
+
+
+def test_mix_identities():
+    a = make_identity(seed=1, base_q=16, num_images=2)
+    b = make_identity(seed=2, base_q=16, num_images=5)
+    mixed = mix_identities([a, b], [0.25, 0.75])
+    torch.testing.assert_close(mixed.tokens, mix_tokens([a.tokens, b.tokens], [0.25, 0.75]), rtol=0, atol=0)
+    torch.testing.assert_close(mixed.base_tokens, mix_tokens([a.base_tokens, b.base_tokens], [0.25, 0.75]),
+                               rtol=0, atol=0)
+    assert mixed.num_images == 7 and mixed.model_fingerprint == a.model_fingerprint
+    torch.testing.assert_close(mix_identities([a, b], [1, 0]).tokens, a.tokens, rtol=0, atol=1e-6)
+    assert mix_identities([a, make_identity(seed=3)], [0.5, 0.5]).base_tokens is None
+    other = make_identity(seed=4, model_name="other", model_fingerprint="0" * 64)
+    with pytest.raises(IdentityFileError, match="Identity 2 was made with the model 'other' and identity 1 with 'tiny_model'"):
+        mix_identities([a, other], [0.5, 0.5])
+    with pytest.raises(LoraError, match="add up to 0"):
+        mix_identities([a, b], [1, -1])
