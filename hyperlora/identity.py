@@ -128,19 +128,19 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     path = Path(path)
     if not path.is_file():
         raise IdentityFileError(f"The identity file '{path}' does not exist; check the file name and folder.")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise IdentityFileError(
-            f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
-            "Save the identity again with the HyperLoRA Save Identity node."
-        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             keys = set(f.keys())
             tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens") if k in keys}
     except (SafetensorError, OSError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise IdentityFileError(
+                f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
+                "Save the identity again with the HyperLoRA Save Identity node."
+            ) from exc
         raise IdentityFileError(f"'{path}' is not a readable .safetensors identity file ({exc}).") from exc
 
     if meta.get("format") != IDENTITY_FORMAT:

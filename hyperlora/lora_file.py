@@ -148,17 +148,22 @@ def _open_safetensors(path: Path, what: str):
 
     if not path.is_file():
         raise LoraError(f"The {what} '{path}' does not exist; check the file name and folder.")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise LoraError(
-            f"'{path}' is a pickled PyTorch file (.ckpt/.pt/.bin). This pack never unpickles files, "
-            "because they can run code; convert it to .safetensors first."
-        )
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError) as exc:
+        if _looks_pickled(path):
+            raise LoraError(
+                f"'{path}' is a pickled PyTorch file (.ckpt/.pt/.bin). This pack never unpickles files, "
+                "because they can run code; convert it to .safetensors first."
+            ) from exc
         raise LoraError(f"'{path}' is not a readable .safetensors file ({exc}); re-download or re-export it.") from exc
+
+
+def _looks_pickled(path: Path) -> bool:
+    """True for a torch zip archive or a raw pickle (checked only after safetensors refused the file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -178,3 +178,16 @@ def test_load_refuses_damaged_or_exotic_loras(tmp_path):
     save_file(locon, str(tmp_path / "locon.safetensors"))
     with pytest.raises(LoraError, match=rf"'{prefix}\.lora_mid\.weight', which is not part of a plain kohya LoRA"):
         load_lora_file(tmp_path / "locon.safetensors")
+
+
+def test_safetensors_whose_header_size_starts_with_0x80_loads(tmp_path):
+    """Regression (found by hypothesis): a header length whose low byte is 0x80, the pickle opcode, is still safetensors."""
+    lora = random_lora(TINY.modules[:1], rank=2, seed=5)
+    path = tmp_path / "x.safetensors"
+    for n in range(256):
+        save_lora_file(lora, path, metadata={"pad": "x" * n})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    back = load_lora_file(path)
+    assert all(torch.equal(back[k], lora[k].half() if not k.endswith(".alpha") else lora[k]) for k in lora)

@@ -159,3 +159,14 @@ def test_mix_identities():
         mix_identities([a, other], [0.5, 0.5])
     with pytest.raises(LoraError, match="add up to 0"):
         mix_identities([a, b], [1, -1])
+
+
+def test_identity_whose_header_size_starts_with_0x80_loads(tmp_path):
+    """A safetensors header length whose low byte is 0x80 (the pickle opcode) must not look like a pickle."""
+    path = tmp_path / "id.safetensors"
+    for n in range(256):
+        save_identity(make_identity(model_name="m" * n), path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert load_identity(path).model_name == "m" * n
