@@ -35,13 +35,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 TRIGGER_WORDS = "fcsks fxhks fhyks, "
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
-API_SUFFIX = ".api.json"
+API_DIR = WORKFLOW_DIR / "api"          # API twins; workflows/*.json are the UI format (ComfyUI's template browser)
 PACK_NAME = "ComfyUI-HyperLoRA"
 
-# Nodes whose widget input receives --strength.
+# Nodes whose widget input receives --strength (except nodes titled '... slider ...').
 STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
     "HyperLoRAApply": ("strength",),
     "HyperLoRAApplyFromImages": ("strength",),
+    "LoraLoader": ("strength_model",),
     "LoraLoaderModelOnly": ("strength_model",),
 }
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
@@ -58,14 +59,12 @@ def resolve_workflow(name_or_path: str | Path) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
-    name = str(name_or_path)
-    for cand in (WORKFLOW_DIR / f"{name}{API_SUFFIX}", WORKFLOW_DIR / name,
-                 WORKFLOW_DIR / f"{name.removesuffix('.json')}{API_SUFFIX}"):
-        if cand.is_file() and cand.name.endswith(API_SUFFIX):
-            return cand
-    shipped = sorted(f.name.removesuffix(API_SUFFIX) for f in WORKFLOW_DIR.glob(f"*{API_SUFFIX}"))
+    cand = API_DIR / f"{Path(str(name_or_path)).name.removesuffix('.json')}.json"
+    if cand.is_file():
+        return cand
+    shipped = sorted(f.stem for f in API_DIR.glob("*.json"))
     raise QueueError(f"No workflow file '{name_or_path}' and no shipped API workflow of that name; "
-                     f"shipped ones: {', '.join(shipped) or '(none found in ' + str(WORKFLOW_DIR) + ')'}.")
+                     f"shipped ones: {', '.join(shipped) or '(none found in ' + str(API_DIR) + ')'}.")
 
 
 def load_api_workflow(path: str | Path) -> ApiGraph:
@@ -77,7 +76,7 @@ def load_api_workflow(path: str | Path) -> ApiGraph:
         raise QueueError(f"Cannot read the workflow {path}: {e}.") from e
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise QueueError(f"{path} is a UI workflow (for dragging onto the canvas); queue its API twin "
-                         f"'{path.name.removesuffix('.json')}{API_SUFFIX}' instead.")
+                         f"(workflows/api/{path.name} for a shipped one, or export it with 'Export (API)') instead.")
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
@@ -91,12 +90,12 @@ def _title(node: dict[str, Any]) -> str:
 
 def find_nodes(graph: ApiGraph, class_type: str | Sequence[str] | None = None,
                title: str | None = None) -> list[str]:
-    """Node ids matching a class type (or several) and/or a title (case-insensitive substring), sorted by title then id."""
+    """Node ids matching a class type (or several) and/or a title (case-insensitive substring), in id order."""
     types = (class_type,) if isinstance(class_type, str) else class_type
     out = [nid for nid, n in graph.items()
            if (types is None or n["class_type"] in types)
            and (title is None or title.lower() in _title(n).lower())]
-    return sorted(out, key=lambda nid: (_title(graph[nid]).lower(), int(nid) if nid.isdigit() else nid))
+    return sorted(out, key=lambda nid: (0, int(nid), "") if nid.isdigit() else (1, 0, nid))
 
 
 def photo_slots(graph: ApiGraph) -> list[str]:
@@ -160,6 +159,8 @@ def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: st
                 _set_widget(g, nid, "height", int(height))
     if strength is not None:
         for nid, node in g.items():
+            if "slider" in _title(node).lower():
+                continue
             for key in STRENGTH_INPUTS.get(node["class_type"], ()):
                 _set_widget(g, nid, key, float(strength))
     if model is not None:

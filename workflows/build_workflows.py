@@ -1,0 +1,568 @@
+"""Source of truth of the shipped workflows: writes each one in both ComfyUI formats.
+
+    python workflows/build_workflows.py --server http://127.0.0.1:8188
+
+reads ``/object_info`` from a running ComfyUI that has this pack installed (for
+widget order, socket types and defaults) and writes ``workflows/<name>.json``
+(UI format: drag onto the canvas; ComfyUI also lists them in its template
+browser) and ``workflows/api/<name>.json`` (API format: what ``POST /prompt``
+and ``python -m hyperlora.queue`` take).
+``--object-info FILE`` uses a saved ``/object_info`` answer instead.
+Only ComfyUI core nodes and this pack's nodes are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TRIGGER = "fcsks fxhks fhyks, "
+PROMPT = TRIGGER + "portrait photo of a person, upper body, natural window light, 85mm lens, detailed skin"
+NEGATIVE = "blurry, lowres, deformed face, bad anatomy, cartoon, watermark, text"
+CHECKPOINT = "RealVisXL_V4.0.safetensors"
+HYPER_MODEL = "sdxl_hyper_id_lora_v1_fidelity"
+CLIP_VISION = "clip_vit_large_14"
+INSIGHTFACE = "antelopev2"
+CONTROLNET = "OpenPoseXL2.safetensors"
+SEED = 42
+VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")   # front-end only, not in /object_info
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+NOTE_COLOR = ("#432", "#653")
+NOTE_WIDTH = 740.0
+
+RELEASE_NOTE = (
+    "HyperLoRA turns face photos into an SDXL LoRA in about a second, no training.\n\n"
+    "As the released weights expect (authors' defaults):\n"
+    "- the positive prompt starts with the trigger words 'fcsks fxhks fhyks, '\n"
+    "- CLIP Set Last Layer -2 (CLIP skip 2), as in training\n"
+    "- LoRA strength 0.85 (0.75-0.85 typical; lower = more editable, higher for long prompts)\n"
+    "- 1024x1024, 20 steps, dpmpp_2m + karras, CFG 5 (3-7 works)\n"
+    "- base model: RealVisXL v4.0 works best (LEOSAM HelloWorld XL 3.0 and CyberRealistic XL 1.1 work too; "
+    "ArienMixXL v4.0 does not)\n"
+    "Models: python -m hyperlora.download --models-dir ComfyUI/models (see the README tree).")
+
+
+# --------------------------------------------------------------------------- graph description
+
+@dataclass
+class Out:
+    node: "Node"
+    index: int
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    title: str
+    pos: tuple[float, float]
+    values: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, Out] = field(default_factory=dict)
+    width: float = 320.0
+
+    def __getitem__(self, index: int) -> Out:
+        return Out(self, index)
+
+
+@dataclass
+class Workflow:
+    name: str
+    title: str
+    summary: str           # one line for workflows/README.md
+    usage: str             # how to use it, goes into the Note
+    nodes: list[Node] = field(default_factory=list)
+    groups: list[tuple[str, list[Node], str]] = field(default_factory=list)
+
+    def add(self, type_: str, title: str, pos: tuple[float, float], *, node_width: float = 320.0,
+            **inputs: Any) -> Node:
+        node = Node(len(self.nodes) + 1, type_, title, pos, width=node_width)
+        for key, value in inputs.items():
+            if isinstance(value, Node):
+                value = value[0]
+            (node.links if isinstance(value, Out) else node.values)[key] = value
+        self.nodes.append(node)
+        return node
+
+    def group(self, title: str, nodes: list[Node], color: str = "#3f789e") -> None:
+        self.groups.append((title, nodes, color))
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def base_model(wf: Workflow, *, x: float = 0, y: float = 0) -> tuple[Node, Node]:
+    """Checkpoint + CLIP skip -2. Returns (checkpoint node, clip-skip node)."""
+    ckpt = wf.add("CheckpointLoaderSimple", "Load SDXL checkpoint", (x, y), ckpt_name=CHECKPOINT)
+    skip = wf.add("CLIPSetLastLayer", "CLIP skip -2 (as trained)", (x, y + 140), clip=ckpt[1], stop_at_clip_layer=-2)
+    wf.group("SDXL model", [ckpt, skip], "#b58b2a")
+    return ckpt, skip
+
+
+def hyper_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
+    return wf.add("HyperLoRALoader", "Load HyperLoRA", (x, y), model=HYPER_MODEL, clip_vision=CLIP_VISION,
+                  insightface=INSIGHTFACE, dtype="auto", provider="auto")
+
+
+def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float, y: float = 0, prefix: str,
+             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None) -> list[Node]:
+    """Prompts, empty latent, KSampler (authors' settings), decode, save. Returns the created nodes."""
+    pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (x, y), node_width=400,
+                 clip=clip, text=PROMPT)
+    neg = wf.add("CLIPTextEncode", "Negative prompt", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
+    latent = wf.add("EmptyLatentImage", "Image size", (x, y + 440), node_width=400, width=1024, height=1024,
+                    batch_size=1)
+    p, n = conditioning(pos, neg) if conditioning else (pos[0], neg[0])
+    sampler = wf.add("KSampler", "Sampler (authors' settings)", (x + 440, y), model=model, positive=p, negative=n,
+                     latent_image=latent, seed=SEED, steps=20, cfg=5.0, sampler_name="dpmpp_2m",
+                     scheduler="karras", denoise=1.0)
+    decode = wf.add("VAEDecode", "Decode", (x + 440, y + 330), samples=sampler, vae=vae)
+    save = wf.add("SaveImage", "Save image", (x + 800, y), node_width=420, images=decode, filename_prefix=prefix)
+    wf.group("Generate", [pos, neg, latent, sampler, decode, save], "#3f789e")
+    return [pos, neg, latent, sampler, decode, save]
+
+
+def note(wf: Workflow, *, x: float = 0, y: float = -90) -> None:
+    """The 'Read me' note, placed so that its bottom edge is at ``y``."""
+    text = f"{wf.title}\n\n{wf.usage}\n\n{RELEASE_NOTE}"
+    wf.add("Note", "Read me", (x, y - _note_height(text)), node_width=NOTE_WIDTH, text=text)
+
+
+def _note_height(text: str) -> float:
+    return 40 + 18 * sum(max(1, -(-len(line) // 95)) for line in text.split("\n"))
+
+
+def face_photo(wf: Workflow, title: str, pos: tuple[float, float], image: str) -> Node:
+    return wf.add("LoadImage", title, pos, image=image)
+
+
+def identity(wf: Workflow, hl: Node, images: Out | Node, title: str, pos: tuple[float, float]) -> Node:
+    return wf.add("HyperLoRAIdentityFromImages", title, pos, hyper_lora=hl, images=images, face_choice="largest",
+                  face_index=0, remove_background=True, grayscale=False, no_face="skip", det_size="640")
+
+
+# --------------------------------------------------------------------------- the workflows
+
+def t2i_one_photo() -> Workflow:
+    wf = Workflow("t2i_one_photo", "HyperLoRA: text to image from one face photo",
+                  "one face photo -> identity LoRA -> SDXL text to image (single node: Apply from Images)",
+                  "Load a clear, front-facing photo of one person in 'Face photo'. HyperLoRA Apply from Images "
+                  "builds the LoRA and applies it to the model. 'Face crops' shows what the model saw.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    apply = wf.add("HyperLoRAApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=ckpt[0],
+                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
+                   remove_background=True, grayscale=False, no_face="skip", det_size="640")
+    crops = wf.add("PreviewImage", "Face crops the model saw", (380, 620), images=apply[1])
+    wf.group("Identity", [hl, photo, apply, crops], "#8A8")
+    sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/t2i")
+    return wf
+
+
+def _identity_lora_chain(wf: Workflow, hl: Node, images: Out | Node, model: Out, *, x: float, y: float,
+                         title: str = "Identity from photos") -> tuple[Node, Node, Node, Node]:
+    ident = identity(wf, hl, images, title, (x, y))
+    build = wf.add("HyperLoRABuildLoRA", "Build identity LoRA", (x, y + 270), hyper_lora=hl, identity=ident,
+                   kind="id")
+    apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (x, y + 400), model=model, lora=build, strength=0.85)
+    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 540), images=ident[1])
+    return ident, build, apply, crops
+
+
+def t2i_several_photos() -> Workflow:
+    wf = Workflow("t2i_several_photos", "HyperLoRA: several photos of one person",
+                  "three photos of one person -> one identity (mean over photos) -> text to image",
+                  "Load three photos of the SAME person in 'Face photo 1-3'. Image Batch joins them (it resizes "
+                  "photos 2 and 3 to the size of photo 1, keeping the aspect ratio by centre crop); the identity "
+                  "is the mean over all photos, which gives a steadier likeness. Photos without a detected face "
+                  "are skipped (no_face = skip).")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    p1 = face_photo(wf, "Face photo 1", (0, 480), "face_1.png")
+    p2 = face_photo(wf, "Face photo 2", (0, 840), "face_2.png")
+    p3 = face_photo(wf, "Face photo 3", (0, 1200), "face_3.png")
+    b1 = wf.add("ImageBatch", "Batch photos 1+2", (380, 480), image1=p1, image2=p2)
+    b2 = wf.add("ImageBatch", "Batch photos 1+2+3", (380, 620), image1=b1, image2=p3)
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, b2, ckpt[0], x=760, y=300)
+    wf.group("Identity from three photos", [p1, p2, p3, b1, b2, hl, ident, build, apply, crops], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=1140, y=0, prefix="HyperLoRA/several_photos")
+    return wf
+
+
+def interpolate_two_people() -> Workflow:
+    wf = Workflow("interpolate_two_people", "HyperLoRA: interpolation between two people",
+                  "two people -> weighted mix of their identities -> text to image",
+                  "Load person A and person B. Mix Identities blends them: weight_1 0.5 / weight_2 0.5 is half "
+                  "way; 1.0 / 0.0 is person A alone. mode 'coefficients' mixes the HyperLoRA coefficients "
+                  "(renormalised, like the authors' interpolation); 'weight_delta' mixes the finished LoRA "
+                  "weights exactly.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa = face_photo(wf, "Face photo A", (0, 480), "person_a.png")
+    pb = face_photo(wf, "Face photo B", (0, 840), "person_b.png")
+    ia = identity(wf, hl, pa, "Identity A", (380, 480))
+    ib = identity(wf, hl, pb, "Identity B", (380, 840))
+    mix = wf.add("HyperLoRAMixIdentities", "Mix A and B", (760, 480), hyper_lora=hl, identity_1=ia, weight_1=0.5,
+                 identity_2=ib, weight_2=0.5, mode="coefficients", weight_3=0.0, weight_4=0.0)
+    apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (760, 800), model=ckpt[0], lora=mix, strength=0.85)
+    wf.group("Two identities, mixed", [pa, pb, hl, ia, ib, mix, apply], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=1140, prefix="HyperLoRA/interpolation")
+    return wf
+
+
+def concept_slider() -> Workflow:
+    wf = Workflow("concept_slider", "HyperLoRA: concept slider from a photo pair",
+                  "original + edited photo of one person -> slider LoRA (edited minus original) on top of the identity",
+                  "Load the same person twice: 'Original photo' and 'Edited photo' (for example the same photo "
+                  "edited to smile, or to look older). The slider is the LoRA of the edited photo minus the LoRA "
+                  "of the original; its strength is signed (negative goes the other way). The identity itself "
+                  "comes from the original photo.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    po = face_photo(wf, "Original photo", (0, 480), "original.png")
+    pe = face_photo(wf, "Edited photo", (0, 840), "edited.png")
+    io_ = identity(wf, hl, po, "Identity (original)", (380, 480))
+    ie = identity(wf, hl, pe, "Identity (edited)", (380, 840))
+    build = wf.add("HyperLoRABuildLoRA", "Build identity LoRA", (760, 480), hyper_lora=hl, identity=io_, kind="id")
+    apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (760, 610), model=ckpt[0], lora=build, strength=0.85)
+    slider = wf.add("HyperLoRAConceptSlider", "Concept slider (edited - original)", (760, 760), hyper_lora=hl,
+                    edited=ie, original=io_, strength=1.0)
+    apply2 = wf.add("HyperLoRAApply", "Apply slider LoRA", (760, 920), model=apply, lora=slider, strength=1.0)
+    wf.group("Identity and slider", [po, pe, hl, io_, ie, build, apply, slider, apply2], "#8A8")
+    sampling(wf, apply2, skip, ckpt[2], x=1140, prefix="HyperLoRA/slider")
+    return wf
+
+
+def controlnet_pose() -> Workflow:
+    wf = Workflow("controlnet_pose", "HyperLoRA with a pose ControlNet",
+                  "one face photo + an OpenPose image -> identity LoRA + SDXL ControlNet (core nodes)",
+                  "Load the face in 'Face photo' and a ready OpenPose skeleton image in 'Pose image' (core "
+                  "ComfyUI has no pose detector; use an OpenPose render). Put an SDXL OpenPose ControlNet in "
+                  "models/controlnet and select it. A ControlNet also steadies small faces.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
+    wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
+    cn = wf.add("ControlNetLoader", "Load pose ControlNet (SDXL)", (760, 680), control_net_name=CONTROLNET)
+    pose = wf.add("LoadImage", "Pose image", (760, 800), image="pose.png")
+    holder: dict[str, Node] = {}
+
+    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
+        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply pose ControlNet", (1200, 680), positive=pos,
+                          negative=neg[0], control_net=cn, image=pose, vae=ckpt[2], strength=0.8,
+                          start_percent=0.0, end_percent=0.8)
+        holder["cn"] = apply_cn
+        return apply_cn[0], apply_cn[1]
+
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/controlnet", conditioning=conditioning)
+    wf.group("Pose ControlNet", [cn, pose, holder["cn"]], "#a1309b")
+    return wf
+
+
+def export_lora() -> Workflow:
+    wf = Workflow("export_lora", "HyperLoRA: export the generated LoRA",
+                  "face photo -> identity LoRA -> models/loras/hyperlora/my_face_00001_.safetensors (kohya format)",
+                  "Queue it once: Export LoRA writes a standard kohya LoRA into models/loras/hyperlora/ "
+                  "(my_face_00001_.safetensors, then _00002_, ...). Press R to refresh, then use it with the "
+                  "core Load LoRA node (workflow reuse_exported_lora), in any UI or trainer: it is also a good "
+                  "start for a short (about 50 steps) LoRA fine-tune.")
+    note(wf)
+    hl = hyper_loader(wf, y=0)
+    photo = face_photo(wf, "Face photo", (0, 220), "face.png")
+    ident = identity(wf, hl, photo, "Identity from photos", (380, 0))
+    build = wf.add("HyperLoRABuildLoRA", "Build identity LoRA", (760, 0), hyper_lora=hl, identity=ident, kind="id")
+    export = wf.add("HyperLoRAExportLoRA", "Export LoRA to models/loras", (760, 140), lora=build,
+                    filename_prefix="hyperlora/my_face", dtype="fp16")
+    crops = wf.add("PreviewImage", "Face crops the model saw", (760, 340), images=ident[1])
+    wf.group("Export", [hl, photo, ident, build, export, crops], "#8A8")
+    return wf
+
+
+def reuse_exported_lora() -> Workflow:
+    wf = Workflow("reuse_exported_lora", "HyperLoRA: reuse an exported LoRA with the core Load LoRA node",
+                  "exported LoRA file -> core LoraLoader -> text to image (no HyperLoRA model needed)",
+                  "Pick the file written by export_lora (hyperlora/my_face_00001_.safetensors) in Load LoRA. "
+                  "Only the UNet is changed (the LoRA has no text-encoder weights), so strength_clip has no "
+                  "effect. This workflow needs neither the HyperLoRA model nor the face models.")
+    note(wf)
+    ckpt = wf.add("CheckpointLoaderSimple", "Load SDXL checkpoint", (0, 0), ckpt_name=CHECKPOINT)
+    lora = wf.add("LoraLoader", "Load exported HyperLoRA LoRA", (0, 140), model=ckpt[0], clip=ckpt[1],
+                  lora_name="hyperlora/my_face_00001_.safetensors", strength_model=0.85, strength_clip=1.0)
+    skip = wf.add("CLIPSetLastLayer", "CLIP skip -2 (as trained)", (0, 360), clip=lora[1], stop_at_clip_layer=-2)
+    wf.group("SDXL model with the exported LoRA", [ckpt, lora, skip], "#b58b2a")
+    sampling(wf, lora[0], skip, ckpt[2], x=380, prefix="HyperLoRA/reused_lora")
+    return wf
+
+
+def identity_save() -> Workflow:
+    wf = Workflow("identity_save", "HyperLoRA: save an identity file",
+                  "face photo(s) -> identity file in output/hyper_lora_identities/ (+ an image with it)",
+                  "Save Identity writes the identity (the HyperLoRA coefficients, a few KB) to "
+                  "output/hyper_lora_identities/my_face_00001_.safetensors. Reload it later with identity_load: "
+                  "no photo and no face analysis needed. An identity only fits the HyperLoRA model it was made "
+                  "with.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
+    save = wf.add("HyperLoRASaveIdentity", "Save identity file", (760, 700), identity=ident,
+                  filename_prefix="my_face")
+    wf.group("Identity, saved", [hl, photo, ident, build, apply, crops, save], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/identity_save")
+    return wf
+
+
+def identity_load() -> Workflow:
+    wf = Workflow("identity_load", "HyperLoRA: reload a saved identity file",
+                  "identity file -> identity LoRA -> text to image (no photo, no face analysis)",
+                  "Pick a file saved by identity_save (my_face_00001_.safetensors) in Load Identity; press R "
+                  "after saving to refresh the list. Use the same HyperLoRA model as when it was saved.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    load = wf.add("HyperLoRALoadIdentity", "Load identity file", (380, 300),
+                  identity_file="my_face_00001_.safetensors")
+    build = wf.add("HyperLoRABuildLoRA", "Build identity LoRA", (380, 420), hyper_lora=hl, identity=load, kind="id")
+    apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (380, 560), model=ckpt[0], lora=build, strength=0.85)
+    wf.group("Identity from file", [hl, load, build, apply], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/identity_load")
+    return wf
+
+
+ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
+                                          controlnet_pose, export_lora, reuse_exported_lora, identity_save,
+                                          identity_load)
+
+
+# --------------------------------------------------------------------------- object_info helpers
+
+def input_specs(info: dict[str, Any]) -> list[tuple[str, Any, dict[str, Any], bool]]:
+    """(name, type, options, optional) of a node's inputs in the order the front end shows them."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    out = []
+    for section in ("required", "optional"):
+        defs = info["input"].get(section, {})
+        for name in order.get(section, []):
+            spec = defs[name]
+            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}, section == "optional"))
+    return out
+
+
+def is_widget(type_: Any, opts: dict[str, Any]) -> bool:
+    return (isinstance(type_, list) or type_ in WIDGET_TYPES) and not opts.get("forceInput")
+
+
+def widget_extras(name: str, opts: dict[str, Any]) -> list[Any]:
+    """Extra serialised widget values the front end adds after a widget (seed control, upload button)."""
+    if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
+        return ["fixed"]
+    if opts.get("image_upload"):
+        return ["image"]
+    return []
+
+
+def expected_widget_count(info: dict[str, Any]) -> int:
+    return sum(1 + len(widget_extras(n, o)) for n, t, o, _ in input_specs(info) if is_widget(t, o))
+
+
+def _default(type_: Any, opts: dict[str, Any]) -> Any:
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(type_, list):
+        return type_[0] if type_ else ""
+    if type_ == "COMBO":
+        return (opts.get("options") or [""])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(type_)
+
+
+def _size(node: Node, n_sockets: int, n_outputs: int, n_widgets: int, multiline: int) -> list[float]:
+    return [node.width, 30 + 22 * max(n_sockets, n_outputs) + 26 * n_widgets + 100 * multiline + 10]
+
+
+# --------------------------------------------------------------------------- builders
+
+def build(wf: Workflow, object_info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(UI workflow, API workflow) of ``wf``; KeyError/ValueError on an input /object_info does not know."""
+    ui_nodes: list[dict[str, Any]] = []
+    links: list[list[Any]] = []
+    api: dict[str, Any] = {}
+    out_links: dict[tuple[int, int], list[int]] = {}
+    socket_index: dict[tuple[int, str], int] = {}
+    order = _topological(wf)
+
+    # pass 1: link ids
+    for node in wf.nodes:
+        if node.type in VIRTUAL_NODES:
+            continue
+        info = object_info[node.type]
+        sockets = [n for n, t, o, _ in input_specs(info) if not is_widget(t, o)]
+        for i, name in enumerate(sockets):
+            socket_index[(node.id, name)] = i
+        unknown = set(node.links) - set(sockets)
+        if unknown:
+            raise ValueError(f"{wf.name}: {node.type} has no socket input {sorted(unknown)}")
+        for name in sockets:
+            if name in node.links:
+                src = node.links[name]
+                src_type = object_info[src.node.type]["output"][src.index]
+                link_id = len(links) + 1
+                links.append([link_id, src.node.id, src.index, node.id, socket_index[(node.id, name)], src_type])
+                out_links.setdefault((src.node.id, src.index), []).append(link_id)
+
+    for node in wf.nodes:
+        base = {"id": node.id, "type": node.type, "pos": list(node.pos), "flags": {}, "order": order[node.id],
+                "mode": 0, "title": node.title}
+        if node.type == "Note":
+            text = node.values["text"]
+            ui_nodes.append({**base, "size": [node.width, _note_height(text)],
+                             "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
+                             "color": NOTE_COLOR[0], "bgcolor": NOTE_COLOR[1]})
+            continue
+        info = object_info[node.type]
+        specs = input_specs(info)
+        widgets: list[Any] = []
+        api_inputs: dict[str, Any] = {}
+        inputs_ui = []
+        multiline = 0
+        known = {n for n, *_ in specs}
+        unknown = set(node.values) - known
+        if unknown:
+            raise ValueError(f"{wf.name}: {node.type} has no input {sorted(unknown)}")
+        for name, type_, opts, optional in specs:
+            if is_widget(type_, opts):
+                value = node.values.get(name, _default(type_, opts))
+                widgets += [value, *widget_extras(name, opts)]
+                api_inputs[name] = value
+                multiline += bool(opts.get("multiline"))
+            else:
+                link = node.links.get(name)
+                link_id = None
+                if link is not None:
+                    link_id = next(lk[0] for lk in links if lk[3] == node.id and lk[4] == socket_index[(node.id, name)])
+                    api_inputs[name] = [str(link.node.id), link.index]
+                elif not optional:
+                    raise ValueError(f"{wf.name}: required input '{name}' of {node.type} '{node.title}' is not linked")
+                inputs_ui.append({"name": name, "type": type_, "link": link_id})
+        outputs_ui = [{"name": oname, "type": otype, "links": out_links.get((node.id, i), []), "slot_index": i}
+                      for i, (otype, oname) in enumerate(zip(info["output"], info["output_name"]))]
+        n_widgets = len(widgets)
+        ui_nodes.append({**base, "size": _size(node, len(inputs_ui), len(outputs_ui), n_widgets, multiline),
+                         "inputs": inputs_ui, "outputs": outputs_ui,
+                         "properties": {"Node name for S&R": node.type}, "widgets_values": widgets})
+        api[str(node.id)] = {"inputs": api_inputs, "class_type": node.type, "_meta": {"title": node.title}}
+
+    by_id = {n["id"]: n for n in ui_nodes}
+    groups = []
+    for title, members, color in wf.groups:
+        xs = [by_id[m.id]["pos"][0] for m in members]
+        ys = [by_id[m.id]["pos"][1] for m in members]
+        x2 = [by_id[m.id]["pos"][0] + by_id[m.id]["size"][0] for m in members]
+        y2 = [by_id[m.id]["pos"][1] + by_id[m.id]["size"][1] for m in members]
+        groups.append({"title": title, "bounding": [min(xs) - 20, min(ys) - 60, max(x2) - min(xs) + 40,
+                                                   max(y2) - min(ys) + 80],
+                       "color": color, "font_size": 24, "flags": {}})
+    ui = {"last_node_id": max(n.id for n in wf.nodes), "last_link_id": len(links), "nodes": ui_nodes,
+          "links": links, "groups": groups, "config": {},
+          "extra": {"ds": _fit_view(ui_nodes, groups), "hyperlora_workflow": wf.name}, "version": 0.4}
+    return ui, api
+
+
+def _fit_view(nodes: list[dict[str, Any]], groups: list[dict[str, Any]], *, view: tuple[int, int] = (1600, 950),
+              margin: float = 40) -> dict[str, Any]:
+    """Canvas scale/offset that shows the whole graph in a ``view``-sized canvas."""
+    boxes = [(*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+               g["bounding"][1] + g["bounding"][3]) for g in groups]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    scale = min(1.0, (view[0] - 2 * margin) / (x1 - x0), (view[1] - 2 * margin) / (y1 - y0))
+    return {"scale": round(scale, 4),
+            "offset": [round(margin / scale - x0, 1), round(margin / scale - y0, 1)]}
+
+
+def _topological(wf: Workflow) -> dict[int, int]:
+    order: dict[int, int] = {}
+
+    def visit(node: Node) -> None:
+        if node.id in order:
+            return
+        for link in node.links.values():
+            visit(link.node)
+        order[node.id] = len(order)
+
+    for node in wf.nodes:
+        visit(node)
+    return order
+
+
+def readme(workflows: list[Workflow]) -> str:
+    lines = ["# Workflows", "",
+             "Each workflow comes twice: `<name>.json` is the UI format (drag it onto the ComfyUI canvas; ComfyUI",
+             "also lists these under Templates > ComfyUI-HyperLoRA) and `api/<name>.json` the API format",
+             "(`POST /prompt`, or `python -m hyperlora.queue --workflow <name>`).",
+             "They use only ComfyUI core nodes and this pack's nodes. Every one has a note with the settings the",
+             "released weights expect: prompt starting with `fcsks fxhks fhyks, `, CLIP Set Last Layer -2,",
+             "LoRA strength 0.85, 1024x1024, 20 steps, dpmpp_2m karras, CFG 5.",
+             "Generated by `python workflows/build_workflows.py --server http://127.0.0.1:8188` (edit that file,",
+             "not the JSON). Screenshots: `assets/screenshots/<name>.png`.", "",
+             "| name | what it does | photo slots (`--image` order) |", "|---|---|---|"]
+    for wf in workflows:
+        slots = [n.title for n in wf.nodes if n.type == "LoadImage" and "photo" in n.title.lower()]
+        lines.append(f"| `{wf.name}` | {wf.summary} | {', '.join(slots) or '-'} |")
+    lines += ["", "Queue one from a shell while ComfyUI runs:", "", "```",
+              "python -m hyperlora.queue --workflow t2i_one_photo --image me.jpg \\",
+              "    --prompt \"fcsks fxhks fhyks, a man in a space suit\" --seed 7 --strength 0.85 \\",
+              "    --model sdxl_hyper_id_lora_v1_fidelity --checkpoint RealVisXL_V4.0.safetensors --out out/",
+              "```", "",
+              "`--pose pose.png` fills 'Pose image' of `controlnet_pose`; `--set 'Title.input=value'` sets any widget.",
+              ""]
+    return "\n".join(lines)
+
+
+def fetch_object_info(server: str) -> dict[str, Any]:
+    with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def build_all(object_info: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    return {wf.name: build(wf, object_info) for wf in (f() for f in ALL)}
+
+
+def write_all(object_info: dict[str, Any], out_dir: Path = HERE) -> list[Path]:
+    written = []
+    (out_dir / "api").mkdir(exist_ok=True)
+    for name, (ui, api) in build_all(object_info).items():
+        for path, data in ((out_dir / f"{name}.json", ui), (out_dir / "api" / f"{name}.json", api)):
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+    (out_dir / "README.md").write_text(readme([f() for f in ALL]), encoding="utf-8")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", help="running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
+    src.add_argument("--object-info", type=Path, help="saved /object_info JSON")
+    args = p.parse_args(argv)
+    info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
+    for path in write_all(info):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
