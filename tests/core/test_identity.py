@@ -170,3 +170,114 @@ def test_identity_whose_header_size_starts_with_0x80_loads(tmp_path):
             break
     assert path.read_bytes()[:1] == b"\x80"
     assert load_identity(path).model_name == "m" * n
+
+
+# ----------------------------------------------------------------- with a real (tiny, random) HyperLoRA model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random models: 'a' (with Base-LoRA), 'b' (other weights, same shapes), 'a' again with other
+    weights under the same folder name, one with another K, one without Base-LoRA."""
+    from dataclasses import replace
+
+    from hyperlora.checkpoint import load_hyper_lora
+    from tests.fixtures.hyperlora_models import write_hyperlora_folder
+
+    root = tmp_path_factory.mktemp("identity_models")
+    specs = {
+        "a": (root / "tiny_a", dict(base=True, seed=0)),
+        "b": (root / "tiny_b", dict(base=True, seed=1)),
+        "a_v2": (root / "v2" / "tiny_a", dict(base=True, seed=2)),
+        "k5": (root / "tiny_k5", dict(preset=replace(TINY, hyper_dim=5))),
+        "no_base": (root / "tiny_no_base", dict(base=False, seed=0)),
+    }
+    return {key: load_hyper_lora(write_hyperlora_folder(folder, **kw), dtype=torch.float32)
+            for key, (folder, kw) in specs.items()}
+
+
+def identity_of(model, *, seed: int = 0, n: int = 2) -> Identity:
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=-1)
+    clip = torch.randn(n, 257, 1024, generator=g)
+    with torch.inference_mode():
+        tokens = model.id_tokens(id_embeds=embeds, clip_features=clip)
+        base = model.base_tokens(clip) if model.base_resampler is not None else None
+    return Identity(tokens=tokens.clone(), base_tokens=None if base is None else base.clone(), model_name=model.name,
+                    model_fingerprint=model.fingerprint, num_images=n, settings=dict(SETTINGS))
+
+
+def test_rebuilt_lora_from_file_is_bit_exact(tmp_path, models):
+    model = models["a"]
+    ident = identity_of(model)
+    path = tmp_path / "person.safetensors"
+    save_identity(ident, path)
+    back = load_identity(path)
+    check_identity_fits(back, model, need_base=True)
+    for kind, tokens, loaded in (("id", ident.tokens, back.tokens), ("base", ident.base_tokens, back.base_tokens)):
+        with torch.inference_mode():
+            want, got = model.build_lora(tokens, kind=kind), model.build_lora(loaded, kind=kind)
+        assert list(got) == list(want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), (kind, key)
+    assert back.model_name == "tiny_a" and back.model_fingerprint == model.fingerprint
+
+
+def test_identity_for_another_model_is_refused(models):
+    ident = identity_of(models["a"])
+    check_identity_fits(ident, models["a"])
+    with pytest.raises(IdentityFileError) as err:
+        check_identity_fits(ident, models["b"])
+    msg = str(err.value)
+    assert "made with the HyperLoRA model 'tiny_a'" in msg and "the loaded model is 'tiny_b'" in msg
+    assert "Re-create the identity from the photos with the model 'tiny_b', or load the model 'tiny_a'" in msg
+    with pytest.raises(IdentityFileError, match="different version of the HyperLoRA model 'tiny_a'"):
+        check_identity_fits(ident, models["a_v2"])
+    with pytest.raises(IdentityFileError, match=r"has \[40, 6\] tokens, but the loaded model 'tiny_k5' needs \[40, 5\]"):
+        check_identity_fits(ident, models["k5"])
+
+
+def test_fingerprint_only_mismatch_can_be_allowed(models, caplog):
+    ident = identity_of(models["a"])
+    with caplog.at_level("WARNING", logger="hyperlora.identity"):
+        check_identity_fits(ident, models["b"], strict=False)
+    assert any("used anyway because strict=False" in r.getMessage() for r in caplog.records)
+    with pytest.raises(IdentityFileError, match="needs"):  # shapes are never waived
+        check_identity_fits(ident, models["k5"], strict=False)
+
+
+def test_base_lora_requirements(models):
+    with_base = identity_of(models["a"])
+    check_identity_fits(with_base, models["a"], need_base=True)
+    no_base = identity_of(models["no_base"])
+    assert no_base.base_tokens is None
+    with pytest.raises(IdentityFileError, match="has no Base-LoRA tokens; re-create it .* 'tiny_a'"):
+        check_identity_fits(Identity(with_base.tokens, None, "tiny_a", models["a"].fingerprint, 1, {}),
+                            models["a"], need_base=True)
+    with pytest.raises(IdentityFileError, match="model 'tiny_no_base' has no Base-LoRA"):
+        check_identity_fits(Identity(no_base.tokens, with_base.base_tokens, "tiny_no_base",
+                                     models["no_base"].fingerprint, 1, {}), models["no_base"], need_base=True)
+    wrong = Identity(with_base.tokens, with_base.base_tokens[:8], "tiny_a", models["a"].fingerprint, 1, {})
+    with pytest.raises(IdentityFileError, match=r"Base-LoRA tokens \[8, 6\] do not fit the model 'tiny_a' \(\[40, 6\]\)"):
+        check_identity_fits(wrong, models["a"])
+
+
+def test_algebra_on_generated_loras(models):
+    """Coefficient mixing and weight-space sums on real generated LoRAs (ranks 4 and 2)."""
+    from hyperlora.lora import lora_rank, weighted_sum
+    from tests.fixtures.loras import reference_deltas
+
+    model = models["a"]
+    a, b = identity_of(model, seed=1), identity_of(model, seed=2)
+    with torch.inference_mode():
+        lora_a = model.build_lora(a.tokens)
+        lora_base = model.build_lora(a.base_tokens, kind="base")
+        mixed_end = model.build_lora(mix_tokens([a.tokens, b.tokens], [1.0, 0.0]))
+    for key in lora_a:
+        torch.testing.assert_close(mixed_end[key], lora_a[key], rtol=1e-5, atol=1e-6)
+    both = weighted_sum([lora_a, lora_base], [0.85, 0.85])
+    assert lora_rank(lora_a) == 4 and lora_rank(lora_base) == 2 and lora_rank(both) == 6
+    ra, rb, got = reference_deltas(lora_a), reference_deltas(lora_base), reference_deltas(both)
+    for prefix, dw in got.items():
+        want = 0.85 * (ra[prefix] + rb[prefix])
+        assert (dw - want).abs().max() <= 1e-5 * want.abs().max()
