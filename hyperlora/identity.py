@@ -98,7 +98,7 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
         "num_queries": str(q),
         "hyper_dim": str(k),
         "num_images": str(int(identity.num_images)),
-        "settings": json.dumps(dict(identity.settings), sort_keys=True),
+        "settings": json.dumps(dict(identity.settings), sort_keys=True, default=str),
     }
     if identity.base_tokens is not None:
         meta["base_num_queries"] = str(identity.base_tokens.shape[0])

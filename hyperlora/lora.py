@@ -60,7 +60,7 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def _split(lora: Mapping[str, Tensor], label: str = "the LoRA") -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+def _split(lora: Mapping[str, Tensor], label: str = "The LoRA") -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
     """Group a kohya LoRA by module prefix: ``{prefix: (down [r, in], up [out, r], alpha [] or None)}``.
 
     Prefix order is the insertion order of the ``lora_down`` keys.  Raises
@@ -148,10 +148,15 @@ def lora_delta(lora: Mapping[str, Tensor], prefix: str) -> Tensor:
     Returns a float32 ``[out, in]`` tensor on the LoRA's device (float64 in,
     float64 out).
     """
-    parts = _split(lora)
-    if prefix not in parts:
-        raise LoraError(f"The LoRA has no module '{prefix}' (it has {len(parts)} modules, e.g. '{next(iter(parts))}').")
-    down, up, alpha = parts[prefix]
+    if not isinstance(lora, Mapping) or prefix + DOWN_SUFFIX not in lora:
+        names = [k[: -len(DOWN_SUFFIX)] for k in lora if isinstance(k, str) and k.endswith(DOWN_SUFFIX)]
+        example = f" (it has {len(names)} modules, e.g. '{names[0]}')" if names else ""
+        raise LoraError(f"The LoRA has no module '{prefix}'{example}.")
+    # validate only this module: a loop over all prefixes stays linear
+    sub = {k: lora[k] for k in (prefix + DOWN_SUFFIX, prefix + UP_SUFFIX, prefix + ALPHA_SUFFIX) if k in lora}
+    if prefix + UP_SUFFIX not in sub:
+        raise LoraError(f"The LoRA has '{prefix}{DOWN_SUFFIX}' but no '{prefix}{UP_SUFFIX}'.")
+    down, up, alpha = _split(sub)[prefix]
     ctype = torch.promote_types(torch.promote_types(down.dtype, up.dtype), torch.float32)
     return (up.to(ctype) @ down.to(ctype)) * _scale_of(down, alpha)
 

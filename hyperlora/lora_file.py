@@ -117,11 +117,13 @@ def save_lora_file(
     tensors: dict[str, Tensor] = {}
     for prefix, (down, up, alpha) in parts.items():
         for key, t in ((prefix + DOWN_SUFFIX, down), (prefix + UP_SUFFIX, up)):
+            if not bool(torch.isfinite(t).all()):
+                raise LoraError(f"Cannot save the LoRA to '{path}': '{key}' has NaN or infinite values.")
             t = t.detach().to(device="cpu", dtype=dtype or t.dtype)
             if not bool(torch.isfinite(t).all()):
                 raise LoraError(
-                    f"Cannot save the LoRA to '{path}': '{key}' has NaN or infinite values"
-                    + (f" in {dtype}; the weights are too large for it, save with a wider dtype." if dtype else ".")
+                    f"Cannot save the LoRA to '{path}': '{key}' has NaN or infinite values in {t.dtype}; "
+                    "its weights are too large for that dtype, save with a wider one (fp32)."
                 )
             tensors[key] = t.contiguous().clone()
         if alpha is not None:

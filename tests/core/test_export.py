@@ -130,6 +130,11 @@ def test_save_errors_keep_existing_file(tmp_path):
     with pytest.raises(LoraError, match=rf"'{re.escape(key)}' has NaN or infinite values in torch.float16"):
         save_lora_file(huge, path)
     assert path.read_bytes() == before
+    nan = dict(lora)
+    nan[key] = torch.full_like(lora[key], float("nan"))
+    with pytest.raises(LoraError, match=rf"'{re.escape(key)}' has NaN or infinite values\.$"):
+        save_lora_file(nan, path)
+    assert path.read_bytes() == before
     save_lora_file(huge, path, dtype=torch.float32)  # a wider dtype works
     assert torch.equal(load_lora_file(path)[key], huge[key])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["me.safetensors"]

@@ -74,11 +74,16 @@ def test_lora_delta_matches_reference_and_default_alpha():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     no_alpha = random_lora(MODULES, rank=4, seed=1, with_alpha=False)
     prefix = lora_prefixes(no_alpha)[0]
+    assert prefix == lora_prefixes(lora)[0]
     up = no_alpha[prefix + ".lora_up.weight"].double()
     down = no_alpha[prefix + ".lora_down.weight"].double()
     torch.testing.assert_close(lora_delta(no_alpha, prefix).double(), up @ down, rtol=1e-5, atol=1e-6)
-    with pytest.raises(LoraError, match="no module 'nope'"):
+    with pytest.raises(LoraError, match=rf"no module 'nope' \(it has 20 modules, e.g. '{prefix}'\)"):
         lora_delta(lora, "nope")
+    broken = dict(lora)
+    del broken[prefix + ".lora_up.weight"]
+    with pytest.raises(LoraError, match=rf"no '{prefix}\.lora_up\.weight'"):
+        lora_delta(broken, prefix)
 
 
 # ----------------------------------------------------------------- scale / sum / difference
