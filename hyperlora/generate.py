@@ -1,0 +1,328 @@
+"""HyperLoRAModel: encoder features -> coefficient tokens -> kohya LoRA (facts §5).
+
+Token mapping (facts §5.5): module ``i`` (JSON order) owns tokens ``8i .. 8i+7``; layers in the
+order to_q, to_k, to_v, to_out, two tokens each: the first holds the down coefficients ``a``,
+the second the up coefficients ``b``::
+
+    lora_down = (sum_k a_k * down_basis[k])^T   [rank, in]
+    lora_up   = (sum_k b_k * up_basis[k])^T     [out, rank]
+    alpha     = rank / 2
+
+Fast path: matrices with equal (in, out) share a *group*; a group's basis is one buffer
+``[M, in*rank, K]`` (down) / ``[M, rank*out, K]`` (up), i.e. each basis tensor transposed so
+that K is contiguous.  Building a group is then a batched matrix-vector product over one
+contiguous block (memory-bandwidth bound) on the model's device and dtype, followed by one
+transposing copy of the small result.  Two kernels are available: ``"bmm"`` (one batched
+matmul per group; the right choice on GPUs) and ``"mv"`` (``torch.mv`` per matrix into a
+preallocated group output: no allocation and no host round trip; on CPU, ATen's fp16/bf16
+``bmm`` has no batched mat-vec kernel and is 4-30x slower than its ``mv``).  ``"auto"`` picks
+``"mv"`` on CPU and ``"bmm"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, KOHYA_LAYER, LORA_LAYERS,
+                         RESAMPLER_FILE, TOKENS_PER_MODULE, HyperLoRAArchitecture, ResamplerConfig)
+from .errors import ImageInputError, LoraError, ModelFileError
+from .resampler import IDProjector, Resampler
+from .safetensors_io import TensorReader, read_header
+
+log = logging.getLogger(__name__)
+
+NORM_EPS = 1e-8
+STRATEGIES = ("auto", "mv", "bmm")
+
+
+def normalize_tokens(t: Tensor) -> Tensor:
+    """Per-token L2 normalisation ``t / sqrt(sum(t^2, -1) + 1e-8)`` in float32 (facts §5.4)."""
+    t = t.float()
+    return t / torch.sqrt(t.square().sum(-1, keepdim=True) + NORM_EPS)
+
+
+@dataclass(frozen=True)
+class BasisGroup:
+    """Matrices of one kind ("id"/"base") sharing (in, out); buffers live on the model."""
+
+    kind: str
+    index: int
+    in_features: int
+    out_features: int
+    rank: int
+    entries: tuple[tuple[int, str], ...]  # (module index, layer) in JSON order
+
+    @property
+    def down_buffer(self) -> str:
+        return f"{self.kind}_down_{self.index}"  # [M, in*rank, K]
+
+    @property
+    def up_buffer(self) -> str:
+        return f"{self.kind}_up_{self.index}"  # [M, rank*out, K]
+
+    @property
+    def token_buffer(self) -> str:
+        return f"{self.kind}_tok_{self.index}"  # [M] long: index of the down token; up = +1
+
+
+def make_groups(arch: HyperLoRAArchitecture, kind: str) -> list[BasisGroup]:
+    """Group the (module, layer) matrices by (in, out), first appearance in JSON order."""
+    rank = arch.rank if kind == "id" else arch.base_rank
+    if rank is None:
+        return []
+    order: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    for i, m in enumerate(arch.modules):
+        for layer in LORA_LAYERS:
+            order.setdefault((m.in_features(layer), m.out_features(layer)), []).append((i, layer))
+    return [BasisGroup(kind, j, fin, fout, rank, tuple(entries))
+            for j, ((fin, fout), entries) in enumerate(order.items())]
+
+
+def token_index(module: int, layer: str) -> int:
+    """Index of the down-coefficient token of ``layer`` of module ``module`` (up is the next one)."""
+    return TOKENS_PER_MODULE * module + 2 * LORA_LAYERS.index(layer)
+
+
+def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out: Tensor | None = None) -> Tensor:
+    """``out[m] = basis[m] @ coeffs[m]``: basis ``[M, N, K]``, coeffs ``[M, K]`` -> ``[M, N]`` (basis dtype)."""
+    if strategy == "auto":
+        strategy = "mv" if basis.device.type == "cpu" else "bmm"
+    if strategy == "bmm":
+        res = torch.bmm(basis, coeffs.unsqueeze(-1)).squeeze(-1)
+        return res if out is None else out.copy_(res)
+    if strategy != "mv":
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if out is None:
+        out = torch.empty(basis.shape[:2], dtype=basis.dtype, device=basis.device)
+    for b, c, o in zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)):
+        torch.mv(b, c, out=o)
+    return out
+
+
+class HyperLoRAModel(nn.Module):
+    """A loaded HyperLoRA model.  Build it with :func:`hyperlora.checkpoint.load_hyper_lora`.
+
+    Constructed directly, the resampler / projector parameters live on the meta device and the
+    basis buffers are uninitialised (useful to inspect keys and shapes for free).
+    """
+
+    def __init__(self, arch: HyperLoRAArchitecture, *, name: str = "", fingerprint: str = "",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
+                 operations: Any = None) -> None:
+        super().__init__()
+        ops = nn if operations is None else operations
+        self.arch = arch
+        self.name = name
+        self.fingerprint = fingerprint
+        self.resampler = Resampler(arch.resampler, operations=ops, device="meta", dtype=dtype)
+        self.id_projector: IDProjector | None = None
+        if arch.id_embed_dim is not None and arch.num_id_tokens is not None:
+            self.id_projector = IDProjector(id_embed_dim=arch.id_embed_dim, embed_dim=arch.resampler.embed_dims[0],
+                                            num_tokens=arch.num_id_tokens, operations=ops, device="meta", dtype=dtype)
+        self.base_resampler: Resampler | None = None
+        if arch.base_resampler is not None:
+            self.base_resampler = Resampler(arch.base_resampler, operations=ops, device="meta", dtype=dtype)
+        self.groups: dict[str, list[BasisGroup]] = {"id": make_groups(arch, "id"), "base": make_groups(arch, "base")}
+        K = arch.hyper_dim
+        for groups in self.groups.values():
+            for g in groups:
+                M = len(g.entries)
+                self.register_buffer(g.down_buffer, torch.empty(M, g.in_features * g.rank, K, device=device,
+                                                                dtype=dtype), persistent=False)
+                self.register_buffer(g.up_buffer, torch.empty(M, g.rank * g.out_features, K, device=device,
+                                                              dtype=dtype), persistent=False)
+                tok = torch.tensor([token_index(i, layer) for i, layer in g.entries], dtype=torch.long)
+                self.register_buffer(g.token_buffer, tok.to(device), persistent=False)
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def basis_dtype(self) -> torch.dtype:
+        return getattr(self, self.groups["id"][0].down_buffer).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.groups["id"][0].down_buffer).device
+
+    @property
+    def module_dtype(self) -> torch.dtype:
+        return self.resampler.latents.dtype
+
+    def basis_groups(self, kind: str = "id") -> list[tuple[BasisGroup, Tensor, Tensor]]:
+        """``(group, down [M, in*rank, K], up [M, rank*out, K])`` for each group of ``kind``."""
+        return [(g, getattr(self, g.down_buffer), getattr(self, g.up_buffer)) for g in self.groups[kind]]
+
+    # ----------------------------------------------------------------------------- tokens
+
+    def _mean_tokens(self, resampler: Resampler, x: Tensor, y: Tensor | None, weights: Tensor | None,
+                     chunk: int) -> Tensor:
+        n = x.shape[0]
+        if weights is None:
+            w = torch.full((n,), 1.0 / n, dtype=torch.float32)
+        else:
+            w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+            if w.numel() != n or bool((w < 0).any()) or not float(w.sum()) > 0:
+                raise ImageInputError(f"image weights must be {n} non-negative numbers with a positive sum, "
+                                      f"got {w.tolist()}; give one weight per image.")
+            w = w / w.sum()
+        w = w.to(self.device)
+        acc = None
+        with torch.inference_mode():
+            for s in range(0, n, chunk):
+                out = resampler(x[s:s + chunk], None if y is None else y[s:s + chunk]).float()  # [n, Q, K]
+                part = torch.einsum("n,nqk->qk", w[s:s + chunk], out)
+                acc = part if acc is None else acc + part
+        return normalize_tokens(acc)
+
+    def _prep(self, t: Tensor, what: str, shape_tail: tuple[int, ...]) -> Tensor:
+        if t.dim() != 1 + len(shape_tail) or tuple(t.shape[1:]) != shape_tail or t.shape[0] == 0:
+            raise ImageInputError(f"{what} must have shape [N, {', '.join(map(str, shape_tail))}] with N >= 1, "
+                                  f"got {list(t.shape)}; check that the encoder matches this HyperLoRA model.")
+        return t.to(device=self.device, dtype=self.module_dtype)
+
+    def id_tokens(self, *, id_embeds: Tensor | None, clip_features: Tensor | None,
+                  weights: Tensor | None = None, chunk: int = 4) -> Tensor:
+        """id_embeds ``[N, 512]`` (L2-normalised ArcFace), clip_features ``[N, 257, E]`` -> ``[Q, K]`` float32.
+
+        Mean (or ``weights``-weighted mean) of the resampler outputs over the N images, then
+        per-token L2 normalisation.  Two-condition models need both inputs; a one-condition
+        model uses the ID embedding when it has an id_projector, else the CLIP features.
+        """
+        cfg = self.arch.resampler
+        x = y = None
+        if self.id_projector is not None:
+            if id_embeds is None:
+                raise ImageInputError("this HyperLoRA model needs the ArcFace face embedding (id_embeds); "
+                                      "run face analysis on the images first.")
+            e = self._prep(id_embeds, "id_embeds", (self.arch.id_embed_dim,))
+            with torch.inference_mode():
+                x = self.id_projector(e)
+        need_clip = len(cfg.embed_dims) == 2 or self.id_projector is None
+        if need_clip:
+            if clip_features is None:
+                raise ImageInputError("this HyperLoRA model needs CLIP image features (clip_features); "
+                                      "encode the face crops with the CLIP vision model first.")
+            c = self._prep(clip_features, "clip_features", (clip_features.shape[1], cfg.embed_dims[-1]))
+            if x is None:
+                x = c
+            else:
+                y = c
+                if c.shape[0] != x.shape[0]:
+                    raise ImageInputError(f"got {x.shape[0]} face embeddings but {c.shape[0]} CLIP feature sets; "
+                                          "give both for the same images.")
+        return self._mean_tokens(self.resampler, x, y, weights, chunk)
+
+    def base_tokens(self, clip_features: Tensor, weights: Tensor | None = None, *, chunk: int = 4) -> Tensor:
+        """clip_features of the base-condition crops ``[N, 257, E]`` -> ``[Qb, K]`` float32."""
+        if self.base_resampler is None:
+            raise LoraError(f"HyperLoRA model '{self.name}' has no Base-LoRA (no base_resampler.safetensors); "
+                            f"use kind 'id' or a model trained with a Base-LoRA.")
+        c = self._prep(clip_features, "clip_features", (clip_features.shape[1], self.arch.base_resampler.embed_dims[0]))
+        return self._mean_tokens(self.base_resampler, c, None, weights, chunk)
+
+    # ----------------------------------------------------------------------------- LoRA
+
+    def build_lora(self, tokens: Tensor, *, kind: str = "id", dtype: torch.dtype | None = None,
+                   strategy: str = "auto") -> dict[str, Tensor]:
+        """tokens ``[Q, K]`` -> kohya LoRA dict in JSON module order.
+
+        ``{module}_{to_q|to_k|to_v|to_out_0}.lora_down.weight [rank, in]``, ``.lora_up.weight
+        [out, rank]``, ``.alpha`` (scalar, rank/2).  Built in the basis dtype on the model's device
+        (fp16/bf16 kernels accumulate in fp32); ``dtype`` sets the output dtype (default: basis dtype).
+        The matrices of one group are views of one tensor (clone them before
+        ``safetensors.torch.save_file``, which refuses shared storage).
+        """
+        if kind not in ("id", "base"):
+            raise LoraError(f"LoRA kind must be 'id' or 'base', got {kind!r}.")
+        groups = self.groups[kind]
+        if not groups:
+            raise LoraError(f"HyperLoRA model '{self.name}' has no Base-LoRA basis; use kind 'id'.")
+        q, k = self.arch.num_tokens, self.arch.hyper_dim
+        if tokens.dim() != 2 or tuple(tokens.shape) != (q, k):
+            raise LoraError(f"coefficient tokens have shape {list(tokens.shape)} but HyperLoRA model '{self.name}' "
+                            f"needs [{q}, {k}]; the identity was made with another model - make it again with this one.")
+        out_dtype = dtype or self.basis_dtype
+        t = tokens.to(device=self.device, dtype=self.basis_dtype)
+        slots: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        with torch.inference_mode():
+            for g, down_b, up_b in self.basis_groups(kind):
+                tok = getattr(self, g.token_buffer)
+                m, r = len(g.entries), g.rank
+                down = batched_matvec(down_b, t.index_select(0, tok), strategy=strategy)      # [M, in*rank]
+                up = batched_matvec(up_b, t.index_select(0, tok + 1), strategy=strategy)      # [M, rank*out]
+                down_t = torch.empty(m, r, g.in_features, dtype=out_dtype, device=self.device)
+                down_t.copy_(down.view(m, g.in_features, r).transpose(1, 2))
+                up_t = torch.empty(m, g.out_features, r, dtype=out_dtype, device=self.device)
+                up_t.copy_(up.view(m, r, g.out_features).transpose(1, 2))
+                for (i, layer), d, u in zip(g.entries, down_t.unbind(0), up_t.unbind(0)):
+                    slots[(i, layer)] = (d, u)
+        rank = groups[0].rank
+        lora: dict[str, Tensor] = {}
+        for i, mod in enumerate(self.arch.modules):
+            for layer in LORA_LAYERS:
+                d, u = slots[(i, layer)]
+                prefix = f"{mod.name}_{KOHYA_LAYER[layer]}"
+                lora[f"{prefix}.lora_down.weight"] = d
+                lora[f"{prefix}.lora_up.weight"] = u
+                lora[f"{prefix}.alpha"] = torch.tensor(rank / 2, dtype=out_dtype)
+        return lora
+
+
+def resampler_config_of(model: HyperLoRAModel, kind: str = "id") -> ResamplerConfig:
+    """The resampler config used for ``kind`` tokens."""
+    cfg = model.arch.resampler if kind == "id" else model.arch.base_resampler
+    if cfg is None:
+        raise LoraError(f"HyperLoRA model '{model.name}' has no Base-LoRA.")
+    return cfg
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype | None, device: torch.device,
+               fingerprint: str, operations: Any = None) -> HyperLoRAModel:
+    """Stream a validated folder into a new :class:`HyperLoRAModel` (see ``load_hyper_lora``).
+
+    Modules are created on the meta device and receive the loaded tensors with strict
+    ``load_state_dict(assign=True)``; the basis is read tensor by tensor (one staging buffer)
+    and copied, transposed, straight into the preallocated group buffers.  No fp32 copy of
+    the basis is ever made unless ``dtype`` is fp32.
+    """
+    basis_hdr = read_header(folder / BASIS_FILE)
+    file_dtype = next(iter(basis_hdr.tensors.values())).torch_dtype
+    dtype = dtype or file_dtype
+    model = HyperLoRAModel(arch, name=folder.name, fingerprint=fingerprint, device=device, dtype=dtype,
+                           operations=operations)
+    parts: list[tuple[str, nn.Module | None]] = [(RESAMPLER_FILE, model.resampler),
+                                                 (ID_PROJECTOR_FILE, model.id_projector),
+                                                 (BASE_RESAMPLER_FILE, model.base_resampler)]
+    for filename, module in parts:
+        if module is None:
+            continue
+        with TensorReader(read_header(folder / filename)) as reader:
+            sd = {key: reader.read(key, copy=True).to(device=device, dtype=dtype) for key in reader.header.tensors}
+        try:
+            module.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as exc:  # read_architecture checked the keys already; keep the user-facing type
+            raise ModelFileError(f"'{folder / filename}' does not fit the model: {exc}") from exc
+        module.requires_grad_(False).eval()
+        del sd
+    K = arch.hyper_dim
+    with TensorReader(basis_hdr) as reader, torch.no_grad():
+        for kind in ("id", "base"):
+            for g, down_b, up_b in model.basis_groups(kind):
+                for m, (i, layer) in enumerate(g.entries):
+                    src = reader.read(f"{i}.{layer}.{kind}_down_basis")            # [K, in, rank]
+                    down_b[m].copy_(src.view(K, -1).t())                            # [in*rank, K]
+                    src = reader.read(f"{i}.{layer}.{kind}_up_basis")              # [K, rank, out]
+                    up_b[m].copy_(src.view(K, -1).t())                              # [rank*out, K]
+    model.requires_grad_(False).eval()
+    log.info("loaded HyperLoRA '%s' (%d modules, K=%d, rank %d, %s on %s)", folder.name, len(arch.modules), K,
+             arch.rank, dtype, device)
+    return model

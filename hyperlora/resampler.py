@@ -1,0 +1,203 @@
+"""Perceiver resampler and ID projector of the released HyperLoRA models.
+
+The modules are laid out so that ``state_dict()`` keys equal the released tensor names
+(facts §4) and the forward pass follows facts §5.3: per layer
+
+* ``latents += attn1(q = LN(latents), context = LN(latents))``   (same LN output)
+* ``latents += attn2(q = LN(latents), context = LN(x'))``
+* ``latents += attn3(q = LN(latents), context = LN(y'))``       (two conditions only)
+* ``latents += ff(LN(latents))``, ff = Linear -> exact (erf) GELU -> Linear
+
+with every LN its own LayerNorm (eps 1e-5), attention without biases and SDPA with scale
+``1/sqrt(dim_head)``.  ``operations`` is a namespace providing ``Linear`` and ``LayerNorm``
+(default :mod:`torch.nn`), so a host application can pass its own layer classes (e.g.
+ComfyUI's ``comfy.ops``) without this module importing it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import ResamplerConfig
+
+log = logging.getLogger(__name__)
+
+LN_EPS = 1e-5
+
+
+def _factory(device: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+    return {"device": device, "dtype": dtype}
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases.
+
+    Keys: ``to_q.weight``, ``to_k.weight``, ``to_v.weight`` ``[heads*dim_head, dim]``,
+    ``to_out.0.weight`` ``[dim, heads*dim_head]``.
+    """
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        fk = _factory(device, dtype)
+        self.heads = heads
+        self.dim_head = dim_head
+        self.to_q = operations.Linear(dim, inner, bias=False, **fk)
+        self.to_k = operations.Linear(dim, inner, bias=False, **fk)
+        self.to_v = operations.Linear(dim, inner, bias=False, **fk)
+        self.to_out = nn.ModuleList([operations.Linear(inner, dim, bias=False, **fk)])
+
+    def forward(self, query: Tensor, context: Tensor) -> Tensor:
+        """query ``[N, Lq, dim]``, context ``[N, Lc, dim]`` -> ``[N, Lq, dim]``."""
+        n, lq, _ = query.shape
+        lc = context.shape[1]
+        h, d = self.heads, self.dim_head
+        q = self.to_q(query).view(n, lq, h, d).transpose(1, 2)
+        k = self.to_k(context).view(n, lc, h, d).transpose(1, 2)
+        v = self.to_v(context).view(n, lc, h, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+        out = out.transpose(1, 2).reshape(n, lq, h * d)
+        return self.to_out[0](out)
+
+
+class GELUProj(nn.Module):
+    """``proj`` Linear followed by the exact (erf) GELU; key ``proj.{weight,bias}``."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.proj = operations.Linear(dim_in, dim_out, bias=True, **_factory(device, dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="none")
+
+
+class FeedForward(nn.Module):
+    """``net.0.proj`` ``[dim*mult, dim]`` -> GELU -> (``net.1`` no weights) -> ``net.2`` ``[dim, dim*mult]``."""
+
+    def __init__(self, dim: int, *, mult: int, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        fk = _factory(device, dtype)
+        self.net = nn.Sequential(
+            GELUProj(dim, dim * mult, operations=operations, **fk),
+            nn.Identity(),
+            operations.Linear(dim * mult, dim, bias=True, **fk),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ResamplerLayer(nn.Module):
+    """One resampler layer (see the module docstring for the update order)."""
+
+    def __init__(self, config: ResamplerConfig, *, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dim = config.dim
+        fk = _factory(device, dtype)
+        two = len(config.embed_dims) == 2
+        attn = dict(heads=config.heads, dim_head=config.dim_head, operations=operations, **fk)
+
+        def ln() -> nn.Module:
+            return operations.LayerNorm(dim, eps=LN_EPS, **fk)
+
+        self.two_conditions = two
+        self.norm_attn1 = ln()
+        self.norm_attn2_l = ln()
+        self.norm_attn2_x = ln()
+        self.attn1 = Attention(dim, **attn)
+        self.attn2 = Attention(dim, **attn)
+        if two:
+            self.norm_attn3_l = ln()
+            self.norm_attn3_y = ln()
+            self.attn3 = Attention(dim, **attn)
+        self.norm_ff = ln()
+        self.ff = FeedForward(dim, mult=config.ff_mult, operations=operations, **fk)
+
+    def forward(self, latents: Tensor, x: Tensor, y: Tensor | None) -> Tensor:
+        """latents ``[N, Q, dim]``, x ``[N, Lx, dim]``, y ``[N, Ly, dim]`` or None."""
+        h = self.norm_attn1(latents)
+        latents = latents + self.attn1(h, h)
+        latents = latents + self.attn2(self.norm_attn2_l(latents), self.norm_attn2_x(x))
+        if self.two_conditions:
+            latents = latents + self.attn3(self.norm_attn3_l(latents), self.norm_attn3_y(y))
+        latents = latents + self.ff(self.norm_ff(latents))
+        return latents
+
+
+class Resampler(nn.Module):
+    """Perceiver resampler: conditions -> ``[N, Q, K]`` LoRA coefficient tokens.
+
+    Keys (facts §4): ``latents [1, Q, dim]``, ``proj_in.{weight,bias} [dim, E_x]``,
+    ``proj_in_2.* [dim, E_y]`` (two conditions), ``proj_out.* [K, dim]``, ``layers.j.*``.
+    """
+
+    def __init__(self, config: ResamplerConfig, *, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        fk = _factory(device, dtype)
+        self.config = config
+        self.latents = nn.Parameter(torch.empty(1, config.num_queries, config.dim, **fk))
+        self.proj_in = operations.Linear(config.embed_dims[0], config.dim, bias=True, **fk)
+        if len(config.embed_dims) == 2:
+            self.proj_in_2 = operations.Linear(config.embed_dims[1], config.dim, bias=True, **fk)
+        self.proj_out = operations.Linear(config.dim, config.output_dim, bias=True, **fk)
+        self.layers = nn.ModuleList(
+            ResamplerLayer(config, operations=operations, **fk) for _ in range(config.depth)
+        )
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.config.embed_dims)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """x ``[N, Lx, E_x]``, y ``[N, Ly, E_y]`` (two conditions) -> ``[N, Q, K]``."""
+        x = self.proj_in(x)
+        if self.num_conditions == 2:
+            if y is None:
+                raise ValueError("this resampler has two conditions: pass y (the CLIP features)")
+            y = self.proj_in_2(y)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, x, y)
+        return self.proj_out(latents)
+
+
+class IDProjector(nn.Module):
+    """ArcFace embedding ``[N, id_embed_dim]`` -> ID tokens ``[N, num_tokens, embed_dim]``.
+
+    Keys: ``0.{weight,bias}`` (Linear ``id_embed_dim -> embed_dim*num_tokens``), reshape,
+    ``2.{weight,bias}`` (LayerNorm over ``embed_dim``, eps 1e-5).  Index 1 holds no weights.
+    """
+
+    def __init__(self, *, id_embed_dim: int, embed_dim: int, num_tokens: int, operations: Any = nn,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        fk = _factory(device, dtype)
+        self.embed_dim = embed_dim
+        self.num_tokens = num_tokens
+        self.add_module("0", operations.Linear(id_embed_dim, embed_dim * num_tokens, bias=True, **fk))
+        self.add_module("1", nn.Identity())
+        self.add_module("2", operations.LayerNorm(embed_dim, eps=LN_EPS, **fk))
+
+    def forward(self, id_embeds: Tensor) -> Tensor:
+        """``[N, 512]`` -> ``[N, num_tokens, embed_dim]``."""
+        out = getattr(self, "0")(id_embeds)
+        out = out.reshape(-1, self.num_tokens, self.embed_dim)
+        return getattr(self, "2")(out)
+
+
+def module_namespace(operations: Any | None) -> Any:
+    """``operations`` or :mod:`torch.nn` when None (helper for callers)."""
+    return nn if operations is None else operations
+
+
+__all__ = ["Attention", "FeedForward", "IDProjector", "Resampler", "ResamplerLayer", "LN_EPS"]

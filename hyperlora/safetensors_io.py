@@ -1,0 +1,160 @@
+"""Minimal, strict safetensors reading without memory maps or pickles.
+
+* :func:`read_header` parses only the JSON header (8-byte little-endian length + JSON) and checks
+  that every tensor's byte range fits its dtype/shape and the file (catches truncated downloads
+  and files that are not safetensors at all, e.g. a pickle renamed or an HTML error page).
+* :class:`TensorReader` reads one tensor at a time with ``readinto`` into a reusable staging
+  buffer, so reading a 3 GB file costs one tensor of extra RAM and the page cache is never
+  mapped into the process (it does not count against its RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype code, e.g. "F16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the start of the data section
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]  # file order of the header
+    metadata: dict[str, str]
+    data_start: int  # absolute byte offset of the data section
+    file_size: int
+
+
+def _not_safetensors(path: Path, why: str) -> ModelFileError:
+    return ModelFileError(
+        f"'{path}' is not a valid safetensors file ({why}). The released model files are .safetensors; "
+        f"an interrupted download or a saved error page causes this: download the file again.")
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file (reads no tensor data)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _not_safetensors(path, f"only {len(head)} bytes long")
+            n = int.from_bytes(head, "little")
+            if n <= 1 or n > min(MAX_HEADER, size - 8):
+                raise _not_safetensors(path, f"header length field {n} does not fit a {size}-byte file")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read '{path}' ({exc}); check that the file exists and is readable.") from exc
+    if not raw.lstrip().startswith(b"{"):
+        raise _not_safetensors(path, "no JSON header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _not_safetensors(path, f"broken JSON header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for key, info in header.items():
+        try:
+            code = info["dtype"]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise _not_safetensors(path, f"entry '{key}' is malformed") from exc
+        if code not in DTYPES:
+            raise ModelFileError(
+                f"'{path}': tensor '{key}' has dtype {code}; HyperLoRA weights must be floating point "
+                f"(F16, BF16 or F32). The file is not a HyperLoRA model file: download the model again.")
+        if end - begin != math.prod(shape) * _ITEMSIZE[code] or begin < 0:
+            raise _not_safetensors(path, f"tensor '{key}' byte range does not match its shape {list(shape)}")
+        if end > data_size:
+            raise ModelFileError(
+                f"'{path}' is truncated: tensor '{key}' ends at byte {end} of the data but the file holds only "
+                f"{data_size}. The download was interrupted: download the file again.")
+        tensors[key] = TensorInfo(code, shape, begin, end)
+    return SafetensorsHeader(path, tensors, dict(metadata), 8 + n, size)
+
+
+class TensorReader:
+    """Reads tensors of one file one at a time into a reused staging buffer.
+
+    ``read(key)`` returns a tensor *view of the staging buffer* (valid until the next call);
+    ``read(key, copy=True)`` returns a fresh tensor.  Each tensor is checked for NaN/inf on
+    the way (one cheap reduction over data that is read anyway).
+    """
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._file = open(header.path, "rb")
+        biggest = max((t.end - t.begin for t in header.tensors.values()), default=0)
+        self._staging = torch.empty(max(biggest, 1), dtype=torch.uint8)
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, key: str, *, copy: bool = False) -> torch.Tensor:
+        info = self.header.tensors[key]
+        nbytes = info.end - info.begin
+        buf = torch.empty(nbytes, dtype=torch.uint8) if copy else self._staging[:nbytes]
+        self._file.seek(self.header.data_start + info.begin)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < nbytes:
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise ModelFileError(f"'{self.header.path}' ended while reading tensor '{key}'; download it again.")
+            got += n
+        t = buf.view(info.torch_dtype).view(info.shape)
+        check_finite(t, path=self.header.path, key=key)
+        return t
+
+
+def check_finite(t: torch.Tensor, *, path: Path, key: str) -> None:
+    """Raise when ``t`` holds NaN or inf (``max |t|`` is non-finite iff an element is: max propagates NaN)."""
+    if t.numel() and not bool(torch.isfinite(t.abs().amax())):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ModelFileError(
+            f"'{path}': tensor '{key}' contains {bad} NaN/inf value(s); the file is damaged (or was saved from a "
+            f"diverged training run). Download the model again.")
