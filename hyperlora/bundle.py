@@ -78,6 +78,26 @@ def conditions_needed(model: HyperLoRAModel) -> tuple[bool, bool, bool]:
     return has_id, need_clip, model.base_resampler is not None
 
 
+VIT_L14_WIDTH = 1024   # hidden size of OpenAI CLIP ViT-L/14, what the released models read (facts §1)
+
+
+def clip_width_needed(model: HyperLoRAModel) -> int | None:
+    """Width of the CLIP features this model's resamplers read (None when it reads none).
+
+    1024 for the released models: only then must the encoder be ViT-L/14 itself.
+    """
+    need_id, need_clip, need_base = conditions_needed(model)
+    widths = set()
+    if need_clip:
+        widths.add(model.arch.resampler.embed_dims[-1])
+    if need_base and model.arch.base_resampler is not None:
+        widths.add(model.arch.base_resampler.embed_dims[0])
+    if len(widths) > 1:
+        raise LoraError(f"HyperLoRA model '{model.name}' reads CLIP features of widths {sorted(widths)}; "
+                        f"its resampler files do not belong together.")
+    return widths.pop() if widths else None
+
+
 def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str]) -> Identity:
     """Resampler tokens of one person from the extracted conditions (mean over the used images)."""
     from .identity import Identity

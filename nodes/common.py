@@ -29,6 +29,15 @@ FACE_CHOICES = ("largest", "left_to_right", "index")
 DET_SIZES = (640, 512, 384, 256)
 
 
+class ManagedModule(torch.nn.Module):
+    """Holder given to ``ModelPatcher``: ComfyUI sets its bookkeeping attributes (``device``,
+    ``model_loaded_weight_memory``, ...) on this holder, not on the core module inside."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
 class HyperLoRAHandle:
     """A loaded HyperLoRA model with its CLIP encoder and face analyser (the ``HYPER_LORA`` type).
 
@@ -41,9 +50,9 @@ class HyperLoRAHandle:
                  names: dict[str, str]) -> None:
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()
-        self.model_patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+        self.model_patcher = comfy.model_patcher.ModelPatcher(ManagedModule(model), load_device=load_device,
                                                               offload_device=offload_device)
-        self.clip_patcher = comfy.model_patcher.ModelPatcher(clip, load_device=load_device,
+        self.clip_patcher = comfy.model_patcher.ModelPatcher(ManagedModule(clip), load_device=load_device,
                                                              offload_device=offload_device)
         self.antelope_dir = antelope_dir
         self.provider = provider
@@ -53,12 +62,12 @@ class HyperLoRAHandle:
     @property
     def model(self) -> Any:
         """The core ``HyperLoRAModel``."""
-        return self.model_patcher.model
+        return self.model_patcher.model.inner
 
     @property
     def clip(self) -> Any:
         """The core ``ClipVisionEncoder``."""
-        return self.clip_patcher.model
+        return self.clip_patcher.model.inner
 
     def load(self, *, clip: bool = False) -> None:
         """Let ComfyUI put the model (and CLIP) on its compute device, offloading others if needed."""

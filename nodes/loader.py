@@ -73,8 +73,10 @@ class HyperLoRALoader:
         return True
 
     def load(self, model: str, clip_vision: str, insightface: str, dtype: str, provider: str) -> tuple[HyperLoRAHandle]:
+        from ..hyperlora.bundle import VIT_L14_WIDTH, clip_width_needed
         from ..hyperlora.checkpoint import load_hyper_lora
         from ..hyperlora.encoders import ClipVisionEncoder
+        from ..hyperlora.errors import ModelFileError
 
         folder = paths.resolve_model(model)
         clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
@@ -85,10 +87,18 @@ class HyperLoRALoader:
         hl_model = load_hyper_lora(folder, dtype=torch_dtype, device=offload)
         bar.update(1)
         check_interrupt()
+        width = clip_width_needed(hl_model)
+        strict = width in (None, VIT_L14_WIDTH)   # released models: the encoder must be ViT-L/14 itself
         if clip_kind == "file":
-            clip = ClipVisionEncoder.from_single_file(clip_path, dtype=torch_dtype)
+            clip = ClipVisionEncoder.from_single_file(clip_path, dtype=torch_dtype, require_vit_l14=strict,
+                                                      processor_folder=paths.default_processor_dir())
         else:
-            clip = ClipVisionEncoder.from_pretrained(clip_path, processor, dtype=torch_dtype)
+            clip = ClipVisionEncoder.from_pretrained(clip_path, processor, dtype=torch_dtype, require_vit_l14=strict)
+        if width is not None and clip.shape.hidden_size != width:
+            raise ModelFileError(
+                f"The CLIP vision model '{clip_vision}' gives features {clip.shape.hidden_size} wide, but the HyperLoRA "
+                f"model '{model}' reads {width}-wide CLIP features; pick the CLIP model it was trained with "
+                f"(OpenAI CLIP ViT-L/14 for the released models).")
         clip = clip.to(offload)
         bar.update(1)
         log.info("HyperLoRA: loaded %s (%s) with CLIP %s", model, torch_dtype, clip_vision)

@@ -155,6 +155,11 @@ def _processor_dir(clip_name: str) -> Path | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
+def default_processor_dir() -> Path | None:
+    """The released ``clip_processor/clip_vit_large_14_processor`` (or the only processor folder), if any."""
+    return _processor_dir("clip_vit_large_14")
+
+
 # --------------------------------------------------------------------------- AntelopeV2
 
 

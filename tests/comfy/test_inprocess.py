@@ -1,0 +1,164 @@
+"""The pack inside ComfyUI in this process: loaded by ComfyUI's own custom-node loader, nodes
+called directly on ComfyUI's real SDXL / SD1.5 model classes (weights on the meta device,
+a sample of them made real), patched weights read back from the ModelPatcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL, TINY_MODEL, astronaut
+from tests.fixtures.sdxl import meta_model
+
+pytestmark = pytest.mark.comfy
+
+NODE_IDS = {
+    "HyperLoRALoader", "HyperLoRAIdentityFromImages", "HyperLoRABuildLoRA", "HyperLoRAApply",
+    "HyperLoRAApplyFromImages", "HyperLoRASaveIdentity", "HyperLoRALoadIdentity", "HyperLoRAExportLoRA",
+    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider",
+}
+FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
+            det_size="640")
+# LoRA module -> SDXL (ldm) weight, written out by hand from the SDXL UNet layout (diffusers down_blocks.1/2
+# = input_blocks 4-5 / 7-8, up_blocks.0/1 = output_blocks 0-2 / 3-5, mid_block = middle_block.1), an
+# independent check of the key map ComfyUI builds.
+KNOWN_TARGETS = {
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q":
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+    "lora_unet_down_blocks_2_attentions_1_transformer_blocks_5_attn2_to_v":
+        "diffusion_model.input_blocks.8.1.transformer_blocks.5.attn2.to_v.weight",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_3_attn2_to_k":
+        "diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight",
+    "lora_unet_up_blocks_0_attentions_2_transformer_blocks_9_attn2_to_out_0":
+        "diffusion_model.output_blocks.2.1.transformer_blocks.9.attn2.to_out.0.weight",
+    "lora_unet_up_blocks_1_attentions_1_transformer_blocks_1_attn1_to_v":
+        "diffusion_model.output_blocks.4.1.transformer_blocks.1.attn1.to_v.weight",
+}
+
+
+def _patcher(comfy: Any, kind: str) -> Any:
+    import comfy.model_patcher
+
+    model = meta_model(comfy, kind)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def small(pack) -> Any:
+    (handle,) = pack.nodes["HyperLoRALoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE,
+                                                     dtype="fp32", provider="CPU")
+    return handle
+
+
+@pytest.fixture(scope="module")
+def photo() -> torch.Tensor:
+    return torch.from_numpy(astronaut()).float().div(255.0)[None]
+
+
+@pytest.fixture(scope="module")
+def identity_and_lora(pack, small, photo) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+    identity, crops = pack.nodes["HyperLoRAIdentityFromImages"]().run(small, photo, **FACE)
+    (lora,) = pack.nodes["HyperLoRABuildLoRA"]().run(small, identity, "id")
+    return identity, lora, crops
+
+
+def test_loader_registers_every_node_with_comfyui(pack):
+    assert set(pack.nodes) == NODE_IDS
+    assert set(pack.module.NODE_DISPLAY_NAME_MAPPINGS) == NODE_IDS
+    for node_id, cls in pack.nodes.items():
+        assert pack.comfy_nodes.NODE_CLASS_MAPPINGS[node_id] is cls
+        assert cls.CATEGORY.startswith("HyperLoRA/"), node_id
+
+
+def test_identity_from_a_real_photo(identity_and_lora, small):
+    identity, lora, crops = identity_and_lora
+    q = 8 * 140
+    assert tuple(identity.tokens.shape) == (q, 4) and identity.tokens.dtype == torch.float32
+    norms = identity.tokens.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)   # per-token L2 normalisation (facts §5.4)
+    assert identity.num_images == 1 and identity.model_name == SMALL_MODEL
+    assert crops.ndim == 4 and crops.shape[0] == 1 and crops.shape[-1] == 3
+    assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0 and float(crops.std()) > 0.01
+    assert len(lora) == 140 * 4 * 3
+    assert small.model_patcher.model.inner is small.model   # the HyperLoRA model is managed by a ModelPatcher
+
+
+def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, identity_and_lora):
+    import comfy.utils
+
+    _identity, lora, _ = identity_and_lora
+    base = _patcher(comfy, "SDXL")
+    strength = 0.8
+    (patched,) = pack.nodes["HyperLoRAApply"]().run(base, lora, strength)
+    assert patched is not base and not base.patches          # the input model is untouched
+    assert len(patched.patches) == 560
+    for prefix, key in KNOWN_TARGETS.items():
+        assert key in patched.patches, key
+        up = lora[f"{prefix}.lora_up.weight"].double()
+        down = lora[f"{prefix}.lora_down.weight"].double()
+        alpha = float(lora[f"{prefix}.alpha"])
+        assert alpha / down.shape[0] == 0.5                    # alpha = rank / 2 (facts §5.6)
+        shape = tuple(up.shape[:1]) + tuple(down.shape[1:])
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(len(key)), dtype=torch.float32)
+        comfy.utils.set_attr_param(patched.model, key, w.clone())
+        patched.patch_weight_to_device(key, device_to=torch.device("cpu"))
+        got = comfy.utils.get_attr(patched.model, key).double()
+        expected = w.double() + strength * 0.5 * up @ down
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), key
+        assert float((got - w.double()).abs().max()) > 1e-6  # the LoRA did change the weight
+        assert torch.equal(patched.backup[key].weight, w)      # ComfyUI keeps W to unpatch
+
+
+def test_core_load_lora_model_node_takes_our_lora(pack, comfy, identity_and_lora):
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    _identity, lora, _ = identity_and_lora
+    base = _patcher(comfy, "SDXL")
+    (ours,) = pack.nodes["HyperLoRAApply"]().run(base, lora, 0.7)
+    (core,) = LoraModelLoader().load_lora_model(base, lora, 0.7)
+    assert set(core.patches) == set(ours.patches) and len(core.patches) == 560
+    key = KNOWN_TARGETS["lora_unet_mid_block_attentions_0_transformer_blocks_3_attn2_to_k"]
+    (s1, a1, *_), (s2, a2, *_) = ours.patches[key][0], core.patches[key][0]
+    assert s1 == s2 == 0.7
+    assert all(torch.equal(x, y) for x, y in zip(a1.weights[:2], a2.weights[:2]))
+
+
+def test_apply_on_sd15_stops_with_a_clear_error(pack, comfy, identity_and_lora):
+    _identity, lora, _ = identity_and_lora
+    sd15 = _patcher(comfy, "SD15")
+    with pytest.raises(Exception) as info:
+        pack.nodes["HyperLoRAApply"]().run(sd15, lora, 0.8)
+    msg = str(info.value)
+    assert type(info.value).__name__ == "LoraError"
+    assert "SD15" in msg and "SDXL" in msg and "load an SDXL checkpoint" in msg
+    assert "of 560 LoRA modules do not land" in msg
+    assert not sd15.patches
+
+
+def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
+    (tiny,) = pack.nodes["HyperLoRALoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+                                                   insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    q, k = tiny.model.arch.resampler.num_queries, tiny.model.arch.hyper_dim
+    tokens = torch.nn.functional.normalize(torch.randn(q, k), dim=-1)
+    lora = tiny.model.build_lora(tokens)
+    with pytest.raises(Exception) as info:
+        pack.nodes["HyperLoRAApply"]().run(_patcher(comfy, "SDXL"), lora, 1.0)
+    msg = str(info.value)
+    assert "SDXL" in msg and "module sizes differ" in msg and "(LoRA [" in msg
+
+
+def test_loader_names_the_folder_to_fill(pack):
+    loader = pack.nodes["HyperLoRALoader"]
+    msg = loader.VALIDATE_INPUTS(model="sdxl_hyper_id_lora_v1_fidelity", clip_vision=CLIP_FOLDER, insightface=ANTELOPE)
+    assert isinstance(msg, str) and "hyper_lora_modules.json" in msg
+    assert str(pack.base.models / "hyper_lora" / "hyper_lora") in msg
+    assert loader.VALIDATE_INPUTS(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE) is True
+    with pytest.raises(Exception) as info:
+        loader().load(model="nope", clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="auto")
+    assert type(info.value).__name__ == "ModelFileError" and "Put a HyperLoRA model folder" in str(info.value)
+    listed = loader.INPUT_TYPES()["required"]
+    assert SMALL_MODEL in listed["model"][0] and CLIP_FOLDER in listed["clip_vision"][0]
+    assert "clip_vision/vit_l14_random.safetensors" in listed["clip_vision"][0]
+    assert listed["insightface"][0] == [ANTELOPE]
