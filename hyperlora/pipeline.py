@@ -1,0 +1,384 @@
+"""IMAGE batch -> encoder conditions of one identity (facts §6), with skip/error policy and a cache.
+
+:func:`images_from_comfy` turns what ComfyUI hands over into uint8 RGB arrays;
+:func:`extract_conditions` finds the face of every photo, builds the crops of
+:mod:`hyperlora.preprocess`, runs ArcFace on the 4l crop and CLIP (one batched
+forward for all photos and both conditions) and returns a :class:`FaceConditions`.
+
+Results are cached per (image bytes, settings, model objects) in a small LRU, so
+re-queuing the same photos with the same settings runs no model at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import preprocess as pp
+from .errors import FaceNotFoundError, ImageInputError
+
+if TYPE_CHECKING:  # faces.py imports insightface lazily itself; keep this module import cheap
+    from .encoders import ClipVisionEncoder
+    from .faces import DetectedFace, FaceAnalyzer
+
+logger = logging.getLogger(__name__)
+
+NO_FACE_POLICIES = ("skip", "error")
+MAX_DETECT_SIDE = 2048      # larger photos are downscaled for detection only; crops use full resolution
+CACHE_SIZE = 64             # images kept in the result cache
+FIX_HINTS = ("a smaller detection size (e.g. 384 or 256) for close-ups, a photo with more room around the face "
+             "(a less tight crop), or a frontal, well-lit photo of one person")
+
+
+@dataclass
+class FaceConditions:
+    """Encoder inputs of one identity, from the images that had a usable face."""
+
+    id_embeds: Tensor | None            # [N, 512] float32, L2-normalised ArcFace embeddings
+    clip_features: Tensor | None        # [N, 257, E] CLIP of the ID-condition crops (encoder device/dtype)
+    base_clip_features: Tensor | None   # [N, 257, E] CLIP of the base-condition crops
+    crops: list[np.ndarray]             # what the model saw, one [512, 512, 3] preview per used image
+    used: list[int]                     # 0-based input indices that gave a face
+    skipped: list[int]                  # 0-based input indices without a usable face
+    base_crops: list[np.ndarray] = field(default_factory=list)   # base-condition crops (native size)
+    notes: list[str] = field(default_factory=list)               # per used image: which face was taken
+
+
+# ----------------------------------------------------------------------------- ComfyUI images
+
+
+def _describe(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+def _one_image(arr: np.ndarray, label: str) -> np.ndarray:
+    """``[H, W, C]`` float 0..1 (or uint8) -> uint8 RGB ``[H, W, 3]``."""
+    if arr.ndim != 3:
+        raise ImageInputError(f"{label} has shape {tuple(arr.shape)}; expected [height, width, channels].")
+    h, w, c = arr.shape
+    if h < 1 or w < 1:
+        raise ImageInputError(f"{label} is empty (shape {tuple(arr.shape)}); connect a real image.")
+    if c not in (1, 3, 4):
+        hint = " It looks channels-first ([C, H, W]); ComfyUI images are [H, W, C]." if h in (1, 3, 4) else ""
+        raise ImageInputError(
+            f"{label} has {c} channels (shape {tuple(arr.shape)}); expected 1 (grayscale), 3 (RGB) or 4 (RGBA).{hint}")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        values = arr.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise ImageInputError(f"{label} contains NaN or infinite values; check the node that made it.")
+        # clip, *255, truncate: what ComfyUI and the released pipeline do when they make a PIL image
+        out = (np.clip(values, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    else:
+        raise ImageInputError(f"{label} has dtype {arr.dtype}; expected float values in 0..1 (a ComfyUI IMAGE).")
+    if c == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif c == 4:
+        # RGBA: alpha is dropped (the colour under it is kept), as PIL's RGBA->RGB conversion
+        # in the released pipeline does; ComfyUI's own loaders hand alpha over as a separate MASK.
+        out = out[:, :, :3]
+    return np.ascontiguousarray(out)
+
+
+def _as_array(x: Any, label: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise ImageInputError(f"{label} is a {_describe(x)}, not an image tensor; connect an IMAGE output.")
+
+
+def images_from_comfy(images: Tensor | np.ndarray | Sequence[Tensor | np.ndarray]) -> list[np.ndarray]:
+    """ComfyUI IMAGE -> list of uint8 RGB ``[H, W, 3]``.
+
+    Accepts a batch ``[B, H, W, C]`` (float 0..1, C = 1, 3 or 4) or a list of such batches /
+    single ``[H, W, C]`` images of different sizes.  Raises :class:`ImageInputError` naming the
+    image and its shape for anything else (empty batch, wrong dims, NaN, channels-first).
+    """
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ImageInputError("The image list is empty; connect at least one photo of the person.")
+        out: list[np.ndarray] = []
+        for i, item in enumerate(images):
+            arr = _as_array(item, f"Image {i + 1} of the list")
+            if arr.ndim == 4:
+                if arr.shape[0] == 0:
+                    raise ImageInputError(f"Image {i + 1} of the list is an empty batch (shape {tuple(arr.shape)}).")
+                out.extend(_one_image(a, f"Image {i + 1} of the list (batch item {j + 1})") for j, a in enumerate(arr))
+            else:
+                out.append(_one_image(arr, f"Image {i + 1} of the list"))
+        return out
+    arr = _as_array(images, "The image input")
+    if arr.ndim != 4:
+        raise ImageInputError(
+            f"The image input has shape {tuple(arr.shape)}; expected a ComfyUI IMAGE batch [batch, height, width, channels].")
+    if arr.shape[0] == 0:
+        raise ImageInputError(f"The image batch is empty (shape {tuple(arr.shape)}); connect at least one photo.")
+    return [_one_image(a, f"Image {i + 1} of {arr.shape[0]}") for i, a in enumerate(arr)]
+
+
+# ----------------------------------------------------------------------------- face finding
+
+
+def detection_sizes(det_size: int) -> tuple[int, ...]:
+    """The user's detector size first, then the released retry sizes below it (facts §6);
+    ``(640, 512, 384, 256)`` for the default 640.  See :func:`hyperlora.faces.retry_sizes`."""
+    from .faces import retry_sizes
+
+    return tuple(retry_sizes(det_size))
+
+
+def find_faces_scaled(analyzer: FaceAnalyzer, image: np.ndarray, *, det_size: int) -> list[DetectedFace]:
+    """Faces of ``image`` in its own pixel coordinates.  Photos larger than MAX_DETECT_SIDE are
+    downscaled (area interpolation) for detection and landmarks only; coordinates are mapped back."""
+    h, w = image.shape[:2]
+    scale = min(1.0, MAX_DETECT_SIDE / max(h, w))
+    if scale == 1.0:
+        return list(analyzer.find_faces(image, det_sizes=detection_sizes(det_size)))
+    import cv2
+
+    small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    sx, sy = w / small.shape[1], h / small.shape[0]
+    faces = analyzer.find_faces(small, det_sizes=detection_sizes(det_size))
+    factor = np.array([sx, sy], dtype=np.float64)
+    return [dataclasses.replace(
+        f, bbox=(np.asarray(f.bbox, np.float64).reshape(2, 2) * factor).reshape(4).astype(np.float32),
+        kps=(np.asarray(f.kps, np.float64) * factor).astype(np.float32),
+        landmarks_106=(np.asarray(f.landmarks_106, np.float64) * factor).astype(np.float32)) for f in faces]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class _Result:
+    """Everything extracted from one image (cached)."""
+
+    reason: str | None = None                 # why the image has no usable face; None when it has one
+    note: str = ""
+    id_embed: np.ndarray | None = None        # [512]
+    clip_crop: np.ndarray | None = None
+    base_crop: np.ndarray | None = None
+    preview: np.ndarray | None = None
+    clip_feature: Tensor | None = None        # [257, E] CPU
+    base_feature: Tensor | None = None
+
+
+class _Cache:
+    """Small thread-safe LRU; entries remember (weakly) the model objects they were made with."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], _Result]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, models: tuple[Any, ...]) -> _Result | None:
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            refs, result = entry
+            if any(r() is not m for r, m in zip(refs, models)):
+                del self._data[key]   # an id() was reused by another object
+                return None
+            self._data.move_to_end(key)
+            return result
+
+    def put(self, key: tuple, models: tuple[Any, ...], result: _Result) -> None:
+        refs = tuple(weakref.ref(m) if m is not None else (lambda: None) for m in models)
+        with self._lock:
+            self._data[key] = (refs, result)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+RESULT_CACHE = _Cache(CACHE_SIZE)
+
+
+def clear_cache() -> None:
+    """Forget every cached result (e.g. after the models were reloaded in place)."""
+    RESULT_CACHE.clear()
+
+
+def _image_digest(image: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((image.shape, image.dtype.str)).encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _check_images(images: Sequence[np.ndarray]) -> None:
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ImageInputError("No images were given; connect at least one photo of the person.")
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 \
+                or min(img.shape[:2]) < 1:
+            raise ImageInputError(
+                f"Image {i + 1} of {len(images)} is a {_describe(img)}"
+                f"{'' if not isinstance(img, np.ndarray) else f' ({img.dtype})'}; expected uint8 RGB [H, W, 3] "
+                "(use images_from_comfy for ComfyUI IMAGE tensors).")
+
+
+def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_clip: bool,
+             need_base: bool, face_choice: str, face_index: int, remove_background: bool, grayscale: bool,
+             det_size: int, base_scales: tuple[float, float, float, float]) -> _Result:
+    from .faces import choose_face
+
+    faces = find_faces_scaled(analyzer, image, det_size=det_size)
+    if not faces:
+        return _Result(reason=f"no face found at detector sizes {detection_sizes(det_size)}")
+    try:
+        face = choose_face(faces, face_choice, face_index)
+    except FaceNotFoundError as exc:          # face_index beyond the faces of this photo
+        return _Result(reason=str(exc))
+    note = f"took 1 of {len(faces)} face(s) ({face_choice}{f' {face_index}' if face_choice != 'largest' else ''}): {face.describe()}"
+    lm = np.asarray(face.landmarks_106, dtype=np.float64)
+    res = _Result(note=note)
+    if need_id:
+        arc = pp.arcface_crop(image, lm)
+        emb = analyzer.embedding(arc)
+        if emb is None:
+            return _Result(reason="the face was not found again in its ArcFace crop (4x the face box, detector 640)")
+        emb = np.asarray(emb, dtype=np.float32).reshape(-1)
+        res.id_embed = emb / max(float(np.linalg.norm(emb)), 1e-12)
+        res.preview = pp.preview(arc)
+    if need_clip:
+        res.clip_crop = pp.clip_crop(image, lm, remove_bg=remove_background, grayscale=grayscale)
+        res.preview = pp.preview(res.clip_crop)   # what CLIP saw, before its own 224 px resize
+    if need_base:
+        res.base_crop = pp.base_crop(image, lm, base_scales)
+    return res
+
+
+def extract_conditions(
+    images: Sequence[np.ndarray],
+    *,
+    analyzer: FaceAnalyzer,
+    clip: ClipVisionEncoder | None,
+    need_id: bool,
+    need_clip: bool,
+    need_base: bool,
+    face_choice: str = "largest",
+    face_index: int = 0,
+    remove_background: bool = True,
+    grayscale: bool = False,
+    no_face: str = "skip",
+    det_size: int = 640,
+    base_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    use_cache: bool = True,
+) -> FaceConditions:
+    """Face photos (uint8 RGB ``[H, W, 3]``, any sizes) -> :class:`FaceConditions` of one person.
+
+    ``no_face``: "skip" drops faceless photos with a warning naming them, "error" raises
+    :class:`FaceNotFoundError` naming them.  No face in any photo always raises.
+    """
+    _check_images(images)
+    if no_face not in NO_FACE_POLICIES:
+        raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {no_face!r}")
+    if not (need_id or need_clip or need_base):
+        raise ValueError("extract_conditions needs at least one of need_id, need_clip, need_base")
+    if (need_clip or need_base) and clip is None:
+        raise ValueError("a CLIP encoder is needed for the CLIP / base conditions")
+    detection_sizes(det_size)    # validates det_size (HyperLoRAError naming the setting)
+    scales = pp.check_base_scales(base_scales)
+    total = len(images)
+    models = (analyzer, clip if (need_clip or need_base) else None)
+    clip_key = (str(clip.device), str(clip.dtype)) if models[1] is not None else None
+    settings = (need_id, need_clip, need_base, face_choice, int(face_index), bool(remove_background),
+                bool(grayscale), int(det_size), scales if need_base else None,
+                id(models[0]), id(models[1]), clip_key)
+
+    results: list[_Result | None] = [None] * total
+    keys: list[tuple] = []
+    for i, img in enumerate(images):
+        keys.append((_image_digest(img),) + settings)
+        if use_cache:
+            results[i] = RESULT_CACHE.get(keys[i], models)
+    fresh = [i for i in range(total) if results[i] is None]
+    for i in fresh:
+        results[i] = _analyse(images[i], analyzer=analyzer, need_id=need_id, need_clip=need_clip,
+                              need_base=need_base, face_choice=face_choice, face_index=face_index,
+                              remove_background=remove_background, grayscale=grayscale, det_size=det_size,
+                              base_scales=scales)
+    done: list[_Result] = [r for r in results if r is not None]   # every entry is filled by now
+    skipped = [i for i, r in enumerate(done) if r.reason is not None]
+    used = [i for i, r in enumerate(done) if r.reason is None]
+    if use_cache:   # faceless results are final already
+        for i in fresh:
+            if done[i].reason is not None:
+                RESULT_CACHE.put(keys[i], models, done[i])
+    _apply_policy(done, skipped, used, total, no_face=no_face, det_size=det_size)
+
+    todo = [i for i in fresh if done[i].reason is None]
+    if todo and (need_clip or need_base):
+        batch = [done[i].clip_crop for i in todo if need_clip] + [done[i].base_crop for i in todo if need_base]
+        feats = clip.encode(batch).detach()  # type: ignore[union-attr]  # one forward for all
+        n_clip = len(todo) if need_clip else 0
+        for k, i in enumerate(todo):
+            if need_clip:
+                done[i].clip_feature = feats[k].cpu()
+            if need_base:
+                done[i].base_feature = feats[n_clip + k].cpu()
+    if use_cache:
+        for i in todo:
+            RESULT_CACHE.put(keys[i], models, done[i])
+
+    for i in used:
+        logger.info("HyperLoRA: image %d of %d: %s", i + 1, total, done[i].note)
+    device = clip.device if clip is not None else torch.device("cpu")
+
+    def stack(name: str) -> Tensor | None:
+        items = [getattr(done[i], name) for i in used]
+        return torch.stack(items).to(device) if items and items[0] is not None else None
+
+    return FaceConditions(
+        id_embeds=torch.from_numpy(np.stack([done[i].id_embed for i in used])) if need_id else None,
+        clip_features=stack("clip_feature") if need_clip else None,
+        base_clip_features=stack("base_feature") if need_base else None,
+        crops=[done[i].preview for i in used],
+        used=used, skipped=skipped,
+        base_crops=[done[i].base_crop for i in used] if need_base else [],
+        notes=[f"image {i + 1} of {total}: {done[i].note}" for i in used],
+    )
+
+
+def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], total: int, *, no_face: str,
+                  det_size: int) -> None:
+    names = ", ".join(str(i + 1) for i in skipped)
+    reasons = "; ".join(f"image {i + 1}: {done[i].reason}" for i in skipped)
+    if not used:
+        raise FaceNotFoundError(
+            f"No usable face was found in any of the {total} image(s) checked ({reasons if total <= 4 else 'none had one'}; "
+            f"detector sizes {', '.join(map(str, detection_sizes(det_size)))}, with padding). Try {FIX_HINTS}.")
+    if not skipped:
+        return
+    if no_face == "error":
+        raise FaceNotFoundError(
+            f"No usable face in image(s) {names} of {total} ({reasons}). Remove them, set no_face to 'skip', "
+            f"or try {FIX_HINTS}.")
+    logger.warning("HyperLoRA: skipped image(s) %s of %s without a usable face (%s); using %d image(s).",
+                   names, total, reasons, len(used))
