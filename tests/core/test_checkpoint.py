@@ -1,0 +1,251 @@
+"""checkpoint.py: architecture from headers, fingerprint, strict validation messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperlora.checkpoint import (DEFAULT_HEADS, is_model_folder, load_hyper_lora, model_fingerprint,
+                                  read_architecture)
+from hyperlora.errors import ModelFileError
+from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> Path:
+    return write_hyperlora_folder(tmp_path / "sdxl_tiny", base=True)
+
+
+def _edit(path: Path, fn) -> None:
+    sd = load_file(str(path))
+    fn(sd)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def _raises(folder: Path, *fragments: str, load: bool = False, **kw) -> str:
+    with pytest.raises(ModelFileError) as info:
+        (load_hyper_lora if load else read_architecture)(folder, **kw)
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in: {msg}"
+    return msg
+
+
+def test_tiny_architecture(tiny: Path) -> None:
+    arch = read_architecture(tiny)
+    assert [(m.name, m.hidden_size, m.cross_attention_dim) for m in arch.modules] == list(TINY.modules)
+    assert (arch.hyper_dim, arch.rank, arch.base_rank) == (6, 4, 2)
+    assert (arch.id_embed_dim, arch.num_id_tokens) == (512, 4)
+    r = arch.resampler
+    assert (r.dim, r.depth, r.heads, r.dim_head, r.ff_mult, r.num_queries, r.output_dim, r.embed_dims) == \
+        (32, 2, DEFAULT_HEADS, 4, 2, 40, 6, (48, 1024))
+    assert arch.base_resampler is not None and arch.base_resampler.embed_dims == (1024,)
+    assert arch.num_tokens == 40
+    m0 = arch.modules[0]
+    assert (m0.in_features("to_k"), m0.in_features("to_q"), m0.out_features("to_v")) == (40, 24, 24)
+    assert is_model_folder(tiny) and not is_model_folder(tiny.parent)
+    assert read_architecture(tiny, heads=6).resampler.dim_head == 8
+
+
+def test_full_architecture_from_headers(tmp_path: Path) -> None:
+    folder = write_hyperlora_folder(tmp_path / "full", preset="full", sparse=True)
+    t0 = time.perf_counter()
+    arch = read_architecture(folder)
+    assert time.perf_counter() - t0 < 5  # headers only; data is a sparse hole
+    assert len(arch.modules) == 140 and arch.hyper_dim == 128 and arch.rank == 8 and arch.base_rank is None
+    r = arch.resampler
+    assert (r.dim, r.depth, r.heads, r.dim_head, r.ff_mult, r.num_queries, r.embed_dims) == \
+        (1024, 4, 12, 64, 4, 1120, (1024, 1024))
+    assert (arch.id_embed_dim, arch.num_id_tokens) == (512, 16)
+    assert sum(m.cross_attention_dim == 2048 for m in arch.modules) == 70
+    assert sorted({m.hidden_size for m in arch.modules}) == [640, 1280]
+    assert arch.lora_numbers() == 11_612_160  # facts: ~11.6 million
+
+
+def test_fingerprint_is_cheap_and_content_sensitive(tiny: Path, tmp_path: Path) -> None:
+    fp = model_fingerprint(tiny)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    copy = tmp_path / "renamed"
+    shutil.copytree(tiny, copy)
+    assert model_fingerprint(copy) == fp  # folder name is not content
+    data = bytearray((copy / "hyper_lora_modules.safetensors").read_bytes())
+    data[-1] ^= 0x01  # the last bytes of the data are always sampled
+    (copy / "hyper_lora_modules.safetensors").write_bytes(bytes(data))
+    assert model_fingerprint(copy) != fp
+    other = write_hyperlora_folder(tmp_path / "other", base=True, seed=9)
+    assert model_fingerprint(other) != fp
+    big = write_hyperlora_folder(tmp_path / "full", preset="full", sparse=True)
+    t0 = time.perf_counter()
+    model_fingerprint(big)
+    assert time.perf_counter() - t0 < 2
+
+
+# ----------------------------------------------------------------------------- folder-level errors
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    _raises(tmp_path / "nope", "does not exist", "download")
+
+
+def test_missing_file(tiny: Path) -> None:
+    (tiny / "resampler.safetensors").unlink()
+    _raises(tiny, "has no 'resampler.safetensors'", str(tiny))
+
+
+def test_missing_id_projector_for_two_conditions(tiny: Path) -> None:
+    (tiny / "id_projector.safetensors").unlink()
+    _raises(tiny, "id_projector.safetensors", "two conditions")
+
+
+def test_plain_lora_file_chosen(tmp_path: Path) -> None:
+    lora = tmp_path / "my_face.safetensors"
+    save_file({"lora_unet_x_to_q.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    _raises(lora, "plain LoRA", "LoraLoader")
+    _raises(tmp_path, "plain LoRA files (my_face.safetensors)", "LoraLoader")
+
+
+def test_parent_folder_chosen(tiny: Path) -> None:
+    _raises(tiny.parent, "choose one of sdxl_tiny")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    _raises(tmp_path, "has no hyper_lora_modules.json")
+
+
+def test_pickle_instead_of_safetensors(tiny: Path) -> None:
+    (tiny / "resampler.safetensors").unlink()
+    torch.save({"latents": torch.zeros(1)}, tiny / "resampler.bin")
+    _raises(tiny, "resampler.bin' is a pickle file", "never unpickles")
+
+
+def test_not_a_safetensors_file(tiny: Path) -> None:
+    torch.save({"latents": torch.zeros(1)}, tiny / "resampler.safetensors")  # a pickle under the right name
+    _raises(tiny, "resampler.safetensors' is not a valid safetensors file", "download the file again")
+    (tiny / "resampler.safetensors").write_text("<html>404 Not Found</html>")
+    _raises(tiny, "not a valid safetensors file")
+
+
+def test_truncated_file(tiny: Path) -> None:
+    path = tiny / "hyper_lora_modules.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    _raises(tiny, "is truncated", "download the file again")
+
+
+def test_bad_json(tiny: Path) -> None:
+    (tiny / "hyper_lora_modules.json").write_text("{not json")
+    _raises(tiny, "hyper_lora_modules.json' is not valid JSON")
+    (tiny / "hyper_lora_modules.json").write_text(json.dumps({"m": {"hidden_size": "big"}}))
+    _raises(tiny, "entry 'm'", "hidden_size")
+
+
+# ----------------------------------------------------------------------------- key / shape errors
+
+
+def test_missing_basis_key(tiny: Path) -> None:
+    _edit(tiny / "hyper_lora_modules.safetensors", lambda sd: sd.pop("3.to_v.id_up_basis"))
+    _raises(tiny, "hyper_lora_modules.safetensors' lacks 1 tensor(s)", "'3.to_v.id_up_basis'")
+
+
+def test_unexpected_resampler_key(tiny: Path) -> None:
+    _edit(tiny / "resampler.safetensors", lambda sd: sd.update({"layers.0.attn1.to_q.bias": torch.zeros(48)}))
+    _raises(tiny, "resampler.safetensors' has 1 unexpected tensor(s)", "'layers.0.attn1.to_q.bias'")
+
+
+def test_missing_resampler_layer_key(tiny: Path) -> None:
+    _edit(tiny / "resampler.safetensors", lambda sd: sd.pop("layers.1.norm_attn3_y.bias"))
+    _raises(tiny, "lacks 1 tensor(s)", "'layers.1.norm_attn3_y.bias'")
+
+
+def test_json_vs_tensor_shape_mismatch(tiny: Path) -> None:
+    path = tiny / "hyper_lora_modules.json"
+    modules = json.loads(path.read_text())
+    name = TINY.modules[0][0]
+    modules[name]["cross_attention_dim"] = 64
+    path.write_text(json.dumps(modules))
+    msg = _raises(tiny, "tensor '0.to_k.id_down_basis' has shape [6, 40, 4] but [6, 64, 4] was expected",
+                  "hyper_lora_modules.safetensors", "same model")
+    assert str(tiny / "hyper_lora_modules.safetensors") in msg
+
+
+def test_json_module_count_mismatch(tiny: Path) -> None:
+    path = tiny / "hyper_lora_modules.json"
+    modules = json.loads(path.read_text())
+    modules.pop(TINY.modules[-1][0])
+    path.write_text(json.dumps(modules))
+    _raises(tiny, "lists 4 modules", "holds a basis for 5")
+
+
+def test_token_count_mismatch(tiny: Path) -> None:
+    _edit(tiny / "resampler.safetensors", lambda sd: sd.update({"latents": torch.zeros(1, 48, 32, dtype=torch.float16)}))
+    _raises(tiny, "tensor 'latents' has shape [1, 48, 32] but [1, 40, 32] was expected", "8 tokens for each of the 5")
+
+
+def test_hyper_dim_mismatch(tiny: Path) -> None:
+    def fn(sd):
+        sd["proj_out.weight"] = torch.zeros(7, 32, dtype=torch.float16)
+        sd["proj_out.bias"] = torch.zeros(7, dtype=torch.float16)
+    _edit(tiny / "resampler.safetensors", fn)
+    _raises(tiny, "'proj_out.weight' has shape [7, 32] but [6, 32] was expected", "K=6")
+
+
+def test_id_projector_width_mismatch(tiny: Path) -> None:
+    _edit(tiny / "id_projector.safetensors", lambda sd: sd.update({"2.weight": torch.ones(50, dtype=torch.float16)}))
+    _raises(tiny, "id_projector.safetensors': tensor '2.weight' has shape [50] but [48] was expected")
+
+
+def test_heads_not_dividing(tiny: Path) -> None:
+    _raises(tiny, "cannot be split into 5 heads", "'heads' option", heads=5)
+
+
+def test_base_basis_without_base_resampler(tiny: Path) -> None:
+    (tiny / "base_resampler.safetensors").unlink()
+    _raises(tiny, "has no 'base_resampler.safetensors' although", "Base-LoRA basis")
+
+
+def test_base_resampler_without_base_basis(tmp_path: Path) -> None:
+    folder = write_hyperlora_folder(tmp_path / "nobase")
+    other = write_hyperlora_folder(tmp_path / "withbase", base=True)
+    shutil.copy(other / "base_resampler.safetensors", folder)
+    _raises(folder, "holds no base basis", "Remove 'base_resampler.safetensors'")
+
+
+def test_non_float_dtype(tiny: Path) -> None:
+    _edit(tiny / "id_projector.safetensors", lambda sd: sd.update({"2.bias": torch.zeros(48, dtype=torch.int64)}))
+    _raises(tiny, "tensor '2.bias' has dtype I64", "floating point")
+
+
+@pytest.mark.parametrize("filename,key", [("hyper_lora_modules.safetensors", "2.to_out.id_down_basis"),
+                                          ("resampler.safetensors", "layers.1.ff.net.2.weight"),
+                                          ("id_projector.safetensors", "0.bias"),
+                                          ("base_resampler.safetensors", "latents")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf_weights_rejected_at_load(tiny: Path, filename: str, key: str, bad: float) -> None:
+    def fn(sd):
+        t = sd[key].clone()
+        t.view(-1)[t.numel() // 2] = bad
+        sd[key] = t
+    _edit(tiny / filename, fn)
+    read_architecture(tiny)  # headers are fine
+    _raises(tiny, f"{filename}': tensor '{key}' contains 1 NaN/inf", "Download the model again", load=True)
+
+
+def test_load_is_strict_and_in_requested_dtype(tiny: Path) -> None:
+    m = load_hyper_lora(tiny, dtype=torch.float32)
+    assert m.module_dtype == torch.float32 and m.basis_dtype == torch.float32
+    assert all(not p.requires_grad and p.device.type == "cpu" for p in m.parameters())
+    sd = load_file(str(tiny / "resampler.safetensors"))
+    for k, v in sd.items():
+        assert torch.equal(m.resampler.state_dict()[k], v.float()), k
+    assert m.name == "sdxl_tiny" and m.fingerprint == model_fingerprint(tiny)
+    basis = load_file(str(tiny / "hyper_lora_modules.safetensors"))
+    for g, down, up in m.basis_groups("id"):  # buffers hold the transposed basis, exact
+        for j, (i, layer) in enumerate(g.entries):
+            assert torch.equal(down[j], basis[f"{i}.{layer}.id_down_basis"].float().reshape(6, -1).T)
+            assert torch.equal(up[j], basis[f"{i}.{layer}.id_up_basis"].float().reshape(6, -1).T)
