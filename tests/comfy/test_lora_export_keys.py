@@ -1,17 +1,17 @@
 """An exported HyperLoRA LoRA is understood by ComfyUI's own LoRA loader, key for key.
 
-Builds ComfyUI's real SDXL model class on the ``meta`` device (no weights, no
-memory), asks ``comfy.lora.model_lora_keys_unet`` for its key map, and feeds the
-exported file through ``comfy.lora.load_lora`` as the core LoraLoader does.
-Skipped when COMFYUI_PATH does not point at a ComfyUI checkout.
+Takes ComfyUI's real SDXL model class as ComfyUI detects it, on the ``meta``
+device (no weights, no memory; ``tests/fixtures/sdxl.py``), asks
+``comfy.lora.model_lora_keys_unet`` for its key map, and feeds the exported file
+through ``comfy.lora.load_lora`` as the core LoraLoader does.  Skipped by
+tests/comfy/conftest.py when COMFYUI_PATH is not a ComfyUI checkout.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,42 +20,17 @@ from hyperlora.lora import lora_metadata, save_lora_file, weighted_sum
 from tests.fixtures.hyperlora_models import sdxl_lora_module_specs
 from tests.fixtures.loras import random_lora
 
-COMFY = os.environ.get("COMFYUI_PATH", "")
-if not COMFY or not (Path(COMFY) / "comfy" / "lora.py").is_file():
-    pytest.skip(
-        "COMFYUI_PATH is not set to a ComfyUI checkout (needs comfy/lora.py); the ComfyUI tier is skipped",
-        allow_module_level=True,
-    )
-
 pytestmark = pytest.mark.comfy
-
-# ComfyUI's detected unet_config of an SDXL base checkpoint.
-SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
 
 
 @pytest.fixture(scope="module")
-def comfy_sdxl():
-    """(comfy module namespace, SDXL model on meta, its LoRA key map)."""
-    root = str(Path(COMFY).resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from comfy.cli_args import args
-
-    args.cpu = True  # this machine has no GPU; must be set before comfy.model_management is imported
+def comfy_sdxl(comfy: Any) -> tuple[Any, Any, dict[str, str]]:
+    """(comfy package, ComfyUI's SDXL model on meta, its LoRA key map)."""
     import comfy.lora
-    import comfy.supported_models
-    import comfy.utils
 
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
-    with torch.device("meta"):
-        model = config.get_model({}, device="meta")
+    from tests.fixtures.sdxl import meta_model
+
+    model = meta_model(comfy, "SDXL")
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     return comfy, model, key_map
 
@@ -95,3 +70,14 @@ def test_combined_lora_maps_too(tmp_path, comfy_sdxl, caplog):
     assert len(patches) == 560
     first = next(iter(patches.values()))
     assert first.weights[1].shape[0] == 12 and first.weights[2] == 12.0
+
+
+def test_a_misnamed_module_would_be_caught(tmp_path, comfy_sdxl, caplog):
+    """The check above can fail: ComfyUI reports a key it cannot map, and so does this test."""
+    comfy, _, key_map = comfy_sdxl
+    lora = random_lora(sdxl_lora_module_specs()[:1], rank=2, seed=6)
+    bad = {k.replace("transformer_blocks_0", "transformer_blocks_99"): v for k, v in lora.items()}
+    path = tmp_path / "bad.safetensors"
+    save_lora_file(bad, path)
+    with pytest.raises(AssertionError, match="lora key not loaded: .*transformer_blocks_99"):
+        _load_through_comfy(comfy, key_map, path, caplog)
