@@ -411,7 +411,7 @@ class ClipVisionEncoder(nn.Module):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         return self.model(pixel_values=pixel_values).last_hidden_state
 
-    @torch.inference_mode()
+    @torch.no_grad()   # not inference_mode: its tensors are slow to use (and to stack) outside it
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocess and run in one batch: ``[N, 257, 1024]``."""
         return self.forward(self.preprocess(images))

@@ -222,7 +222,7 @@ def clear_cache() -> None:
 
 
 def _image_digest(image: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()   # hardware-accelerated on current CPUs: ~2x faster than blake2b here
     h.update(repr((image.shape, image.dtype.str)).encode())
     h.update(np.ascontiguousarray(image).data)
     return h.hexdigest()
@@ -307,7 +307,8 @@ def extract_conditions(
     scales = pp.check_base_scales(base_scales)
     total = len(images)
     models = (analyzer, clip if (need_clip or need_base) else None)
-    clip_key = (str(clip.device), str(clip.dtype)) if models[1] is not None else None
+    # dtype changes the features, the device (ComfyUI moves models on and off the GPU) does not
+    clip_key = str(clip.dtype) if models[1] is not None else None
     settings = (need_id, need_clip, need_base, face_choice, int(face_index), bool(remove_background),
                 bool(grayscale), int(det_size), scales if need_base else None,
                 id(models[0]), id(models[1]), clip_key)
@@ -340,9 +341,9 @@ def extract_conditions(
         n_clip = len(todo) if need_clip else 0
         for k, i in enumerate(todo):
             if need_clip:
-                done[i].clip_feature = feats[k].cpu()
+                done[i].clip_feature = feats[k].cpu().clone()   # own storage: the batch is freed
             if need_base:
-                done[i].base_feature = feats[n_clip + k].cpu()
+                done[i].base_feature = feats[n_clip + k].cpu().clone()
     if use_cache:
         for i in todo:
             RESULT_CACHE.put(keys[i], models, done[i])
