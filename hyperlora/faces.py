@@ -72,6 +72,7 @@ PAD_FRACTION = 0.5
 PAD_MAX_SIDE = 1280
 """Images are shrunk to this longer side before padding (the detector sees <= 640 px anyway)."""
 MIN_DET_SIZE, MAX_DET_SIZE, DET_SIZE_STEP = 128, 2048, 32
+STATS_MAX_SIZES = 1024
 
 
 @dataclass
@@ -109,7 +110,7 @@ class FaceStats:
     landmark_runs: int = 0
     recognition_runs: int = 0
     padded_runs: int = 0  # detector runs on a padded image (included in detector_runs)
-    det_sizes: list[int] = field(default_factory=list)  # detector input size of every run, in order
+    det_sizes: list[int] = field(default_factory=list)  # detector input size of every run, in order (last 1024)
 
     @property
     def model_runs(self) -> int:
@@ -204,17 +205,20 @@ def _bgr(image_rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image_rgb[..., ::-1])
 
 
-def _pad(image_bgr: np.ndarray) -> tuple[np.ndarray, int, float]:
-    """Shrink to <= PAD_MAX_SIDE, add a black border; returns (padded, border, scale)."""
+def _pad(image_bgr: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Shrink to <= PAD_MAX_SIDE, add a black border.
+
+    Returns (padded, border, scale [2] = (sx, sy) of the shrink); original = (padded - border) / scale.
+    """
     import cv2
 
     h, w = image_bgr.shape[:2]
-    scale = min(1.0, PAD_MAX_SIDE / max(h, w))
     small = image_bgr
-    if scale < 1.0:
-        size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-        small = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
-        scale = small.shape[0] / h  # the exact factor used vertically (horizontal within a pixel)
+    if max(h, w) > PAD_MAX_SIDE:
+        f = PAD_MAX_SIDE / max(h, w)
+        small = cv2.resize(image_bgr, (max(1, int(round(w * f))), max(1, int(round(h * f)))),
+                           interpolation=cv2.INTER_AREA)
+    scale = np.array([small.shape[1] / w, small.shape[0] / h], dtype=np.float32)
     border = int(round(PAD_FRACTION * max(small.shape[:2])))
     padded = cv2.copyMakeBorder(small, border, border, border, border, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     return padded, border, scale
@@ -299,6 +303,8 @@ class FaceAnalyzer:
             bboxes, kpss = self._det.detect(image_bgr, input_size=(size, size), max_num=0, metric="default")
             self.stats.detector_runs += 1
             self.stats.det_sizes.append(int(size))
+            if len(self.stats.det_sizes) > STATS_MAX_SIZES:  # bounded in a long-running ComfyUI
+                del self.stats.det_sizes[:-STATS_MAX_SIZES]
             if padded:
                 self.stats.padded_runs += 1
         bboxes = np.asarray(bboxes, dtype=np.float32).reshape(-1, 5)
@@ -377,7 +383,7 @@ class FaceAnalyzer:
             bboxes, kpss = self._detect_raw(padded, size, padded=True)
             if len(bboxes):
                 bboxes = bboxes.copy()
-                bboxes[:, :4] = (bboxes[:, :4] - border) / scale
+                bboxes[:, :4] = (bboxes[:, :4] - border) / np.tile(scale, 2)
                 kpss = (kpss - border) / scale
                 logger.debug("face found after padding by %d px at det size %d", border, size)
                 return self._build(bgr, bboxes, kpss, det_size=size, padded=True, with_embedding=with_embedding)
