@@ -112,7 +112,10 @@ class ComfyServer:
         """Poll /history until the prompt finished; returns its history entry (success or error)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            hist = self.get_json(f"/history/{prompt_id}")
+            try:
+                hist = self.get_json(f"/history/{prompt_id}", timeout=60)
+            except (TimeoutError, socket.timeout, urllib.error.URLError):
+                continue  # the server can be slow to answer while it loads a big model
             entry = hist.get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None and (
                     entry["status"].get("status_str") in ("success", "error")):
