@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from hyperlora import pipeline as pl  # noqa: E402
 from hyperlora import preprocess as pp  # noqa: E402
 from hyperlora.encoders import ClipVisionEncoder  # noqa: E402
-from hyperlora.faces import FaceAnalyzer, choose_face  # noqa: E402
+from hyperlora.faces import FaceAnalyzer  # noqa: E402
 from tests.conftest import test_cache_root  # noqa: E402
 from tests.fixtures.antelope import cached_antelopev2  # noqa: E402
 from tests.fixtures.clip import full_vit_l14_file, make_clip_folder  # noqa: E402

@@ -271,6 +271,9 @@ def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_c
         res.preview = pp.preview(res.clip_crop)   # what CLIP saw, before its own 224 px resize
     if need_base:
         res.base_crop = pp.base_crop(image, lm, base_scales)
+    for arr in (res.id_embed, res.clip_crop, res.base_crop, res.preview):
+        if arr is not None:
+            arr.flags.writeable = False    # shared with the cache: callers get read-only views
     return res
 
 

@@ -310,12 +310,18 @@ def test_4k_photo_detects_downscaled_crops_full_res(analyzer, clip, monkeypatch)
 
 
 def test_mixed_size_list_from_comfy(analyzer, clip):
-    imgs = [one_face(size=(400, 300), centre=(150, 200), height=150, seed=7), one_face(size=(600, 800), seed=8)]
+    imgs = [one_face(size=(401, 299), centre=(150, 200), height=150, seed=7), one_face(size=(600, 803), seed=8)]
     tensors = [torch.from_numpy(im.astype(np.float32) / 255)[None] for im in imgs]
-    tensors.append(torch.from_numpy(np.dstack([imgs[0], np.full(imgs[0].shape[:2], 255, np.uint8)]).astype(np.float32) / 255)[None])
-    cond = pl.extract_conditions(pl.images_from_comfy(tensors), analyzer=analyzer, clip=clip, **ALL)
-    assert cond.used == [0, 1, 2]
+    rgba = np.dstack([imgs[0], np.full(imgs[0].shape[:2], 255, np.uint8)])
+    tensors.append(torch.from_numpy(rgba.astype(np.float32) / 255)[None])
+    gray = imgs[1].mean(axis=2, keepdims=True).astype(np.float32) / 255       # [H, W, 1], no skin colour left
+    tensors.append(torch.from_numpy(gray))
+    arrays = pl.images_from_comfy(tensors)
+    assert [a.shape for a in arrays] == [(401, 299, 3), (600, 803, 3), (401, 299, 3), (600, 803, 3)]
+    cond = pl.extract_conditions(arrays, analyzer=analyzer, clip=clip, **ALL)
+    assert cond.used == [0, 1, 2] and cond.skipped == [3]    # the fake detector needs skin colour
     torch.testing.assert_close(cond.clip_features[0], cond.clip_features[2])     # RGBA = its RGB
+    assert all(c.shape == (512, 512, 3) for c in cond.crops)
 
 
 def test_bad_images_for_extract(analyzer, clip):
