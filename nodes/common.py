@@ -84,6 +84,8 @@ class HyperLoRAHandle:
             try:
                 self._analyzer = FaceAnalyzer(self.antelope_dir, provider=self.provider)
             except DependencyError as e:
+                if "pip install" in str(e):
+                    raise
                 raise DependencyError(f"{e} {INSTALL_INSIGHTFACE}") from e
             except ImportError as e:
                 raise DependencyError(f"{INSTALL_INSIGHTFACE} ({e})") from e

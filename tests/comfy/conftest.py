@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -89,32 +87,9 @@ def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace) -> Iterator[Comf
 
 @pytest.fixture(scope="session")
 def pack(comfy: Any, comfy_root: Path, comfy_base: SimpleNamespace) -> SimpleNamespace:
-    """This pack loaded in-process through ComfyUI's ``nodes.load_custom_node``.
+    """This pack loaded in-process through ComfyUI's ``nodes.load_custom_node`` (folders -> ``comfy_base``)."""
+    from tests.comfy.inprocess import load_pack
 
-    ComfyUI's folders point at ``comfy_base`` (models) and a private output directory.
-    """
-    import comfy.cli_args
-
-    comfy.cli_args.args.base_directory = str(comfy_base.base)
-    import folder_paths
-
-    models = comfy_base.base / "models"
-    folder_paths.models_dir = str(models)
-    for key in ("checkpoints", "clip_vision", "loras"):
-        folder_paths.add_model_folder_path(key, str(models / key), is_default=True)
-    out = comfy_base.base / "output_inprocess"
-    out.mkdir(exist_ok=True)
-    folder_paths.set_output_directory(str(out))
-    folder_paths.set_input_directory(str(comfy_base.base / "input"))
-    comfy_nodes = sys.modules.get("nodes")
-    if comfy_nodes is None:
-        import nodes as comfy_nodes  # ComfyUI's nodes.py: its root is first on sys.path
-    if Path(comfy_nodes.__file__).resolve().parent != comfy_root:
-        raise RuntimeError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
-    pack_path = comfy_base.base / "custom_nodes" / PACK_DIR_NAME
-    ok = asyncio.run(comfy_nodes.load_custom_node(str(pack_path)))
-    if not ok:
-        raise RuntimeError("ComfyUI's loader could not import the pack (see the log above)")
-    module = sys.modules[str(pack_path).replace(".", "_x_")]
-    registered = {k: comfy_nodes.NODE_CLASS_MAPPINGS[k] for k in module.NODE_CLASS_MAPPINGS}
-    return SimpleNamespace(nodes=registered, module=module, comfy_nodes=comfy_nodes, base=comfy_base)
+    ns = load_pack(comfy_root, comfy_base.base)
+    ns.base = comfy_base
+    return ns

@@ -1,0 +1,100 @@
+"""Sampling cost with a merged HyperLoRA vs without: KSampler steps in one process, ratio printed.
+
+HyperLoRA merges its LoRA into the SDXL weights (W + s * 0.5 * up @ down), so a sampling step
+must cost the same as without it (target ratio 1.00 +/- 0.03): no extra attention, no hooks.
+The one-time merge happens when ComfyUI loads the patched model; it is timed separately.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_sampling.py [--size 64] [--steps 2] [--repeat 5]
+
+Uses the random SDXL checkpoint and HyperLoRA fixtures of the test suite (cached; built on first
+use, about 7 GB) unless --checkpoint / --hyper-lora point at real files.  CPU only here; needs
+about 10 GB of RAM for SDXL in fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout")
+    ap.add_argument("--size", type=int, default=64, help="image size in pixels (latent = size / 8)")
+    ap.add_argument("--steps", type=int, default=2, help="KSampler steps per timed run")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per block")
+    ap.add_argument("--strength", type=float, default=0.85)
+    ap.add_argument("--checkpoint", default="", help="an SDXL .safetensors (default: the random test checkpoint)")
+    ap.add_argument("--unet-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    args = ap.parse_args()
+    if not args.comfyui or not (Path(args.comfyui) / "nodes.py").is_file():
+        sys.exit("Set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout.")
+
+    from tests.fixtures.sdxl import import_comfy
+
+    comfy = import_comfy(args.comfyui)
+    import comfy.cli_args
+
+    setattr(comfy.cli_args.args, f"{args.unet_dtype}_unet", args.unet_dtype != "fp32")
+    import torch
+
+    from tests.comfy import graphs
+    from tests.comfy.inprocess import load_pack
+    from tests.comfy.models import CHECKPOINT, astronaut, build_base
+    from tests.conftest import test_cache_root
+
+    tmp = Path(tempfile.mkdtemp(prefix="hyperlora_bench_"))
+    try:
+        build_base(tmp, cache_dir=test_cache_root(), comfy=comfy, repo=REPO)
+        if args.checkpoint:
+            link = tmp / "models" / "checkpoints" / CHECKPOINT
+            link.unlink()
+            link.symlink_to(Path(args.checkpoint).resolve())
+        pack = load_pack(Path(args.comfyui), tmp)
+        cn = pack.comfy_nodes
+        t0 = time.perf_counter()
+        model, clip, _vae = cn.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
+        print(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s ({type(model.model).__name__})")
+        loader = graphs.loader()["inputs"]
+        (handle,) = pack.nodes["HyperLoRALoader"]().load(**loader)
+        photo = torch.from_numpy(astronaut()).float().div(255.0)[None]
+        identity, _ = pack.nodes["HyperLoRAIdentityFromImages"]().run(handle, photo, **graphs.FACE)
+        (lora,) = pack.nodes["HyperLoRABuildLoRA"]().run(handle, identity, "id")
+        (patched,) = pack.nodes["HyperLoRAApply"]().run(model, lora, args.strength)
+        pos = cn.CLIPTextEncode().encode(clip, graphs.PROMPT)[0]
+        neg = cn.CLIPTextEncode().encode(clip, "")[0]
+        latent = cn.EmptyLatentImage().generate(args.size, args.size, 1)[0]
+
+        def run(m) -> float:
+            t = time.perf_counter()
+            cn.common_ksampler(m, 1, args.steps, 5.0, "euler", "normal", pos, neg, latent)
+            return (time.perf_counter() - t) / args.steps
+
+        run(model)                                   # warm-up (loads the plain model)
+        plain = [run(model) for _ in range(args.repeat)]
+        first_patched = run(patched)                 # includes merging the LoRA into the weights
+        with_lora = [run(patched) for _ in range(args.repeat)]
+        run(model)                                   # un-merge back to the plain weights
+        plain += [run(model) for _ in range(args.repeat)]
+        p, h = statistics.median(plain), statistics.median(with_lora)
+        print(f"UNet {args.unet_dtype}, {args.size}x{args.size}, {args.steps} steps x {args.repeat} runs per block")
+        print(f"per step without HyperLoRA: {p * 1000:.0f} ms (median of {len(plain)})")
+        print(f"per step with HyperLoRA:    {h * 1000:.0f} ms (median of {len(with_lora)})")
+        print(f"first run with HyperLoRA (merge included): {first_patched * args.steps * 1000:.0f} ms")
+        print(f"ratio with / without: {h / p:.3f}  (target 1.00 +/- 0.03)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
