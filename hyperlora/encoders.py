@@ -280,14 +280,34 @@ def _check_shape(shape: VisionShape, source: str, *, require_vit_l14: bool) -> N
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _vision_keys(keys: list[str]) -> list[str]:
+    """The keys of the vision tower only (a whole CLIP checkpoint also holds a text tower)."""
+    if "vision_model.embeddings.patch_embedding.weight" in keys:
+        return [k for k in keys if k.startswith("vision_model.")]
+    if "visual.transformer.resblocks.0.attn.in_proj_weight" in keys:
+        return [k for k in keys if k.startswith("visual.")]
+    return keys
+
+
+def _load_vision_file(path: Path, *, source: str, check_name: str, num_heads: int | None,
+                      require_vit_l14: bool) -> tuple[dict[str, torch.Tensor], VisionShape]:
+    """Read the header, check the architecture from shapes alone, then load the vision tensors only.
+
+    A wrong file (e.g. a 2.5 GB ViT-bigG) is refused before any tensor data is read.
+    """
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            keys = _vision_keys(list(f.keys()))
+            meta = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys}
+            shape = read_vision_shape(canonical_vision_state_dict(meta, source=source), source=source,
+                                      num_heads=num_heads)
+            _check_shape(shape, check_name, require_vit_l14=require_vit_l14)
+            state = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path} is not a readable .safetensors file ({exc}); download it again.") from exc
+    return canonical_vision_state_dict(state, source=source), shape
 
 
 def _build_model(shape: VisionShape, config_overrides: dict[str, Any], state: dict[str, torch.Tensor],
@@ -364,9 +384,8 @@ class ClipVisionEncoder(nn.Module):
         except (OSError, ValueError) as exc:
             raise ModelFileError(f"{config_file} is not readable JSON ({exc}); download it again.") from exc
         config = config.get("vision_config", config)   # a full CLIPModel config holds the vision part
-        state = canonical_vision_state_dict(_read_safetensors(weights), source=str(weights))
-        shape = read_vision_shape(state, source=str(weights), num_heads=config.get("num_attention_heads"))
-        _check_shape(shape, str(folder), require_vit_l14=require_vit_l14)
+        state, shape = _load_vision_file(weights, source=str(weights), check_name=str(folder),
+                                         num_heads=config.get("num_attention_heads"), require_vit_l14=require_vit_l14)
         overrides = {k: config[k] for k in ("hidden_act", "layer_norm_eps") if k in config}
         model = _build_model(shape, overrides, state, str(weights), dtype)
         processor = ClipProcessorConfig.from_folder(processor_folder)
@@ -385,9 +404,8 @@ class ClipVisionEncoder(nn.Module):
             raise ModelFileError(f"CLIP vision file {path} does not exist; put a ViT-L/14 file into models/clip_vision.")
         if path.suffix.lower() not in (".safetensors", ".sft"):
             raise ModelFileError(f"{path.name} is not a .safetensors file; HyperLoRA reads CLIP vision models only from .safetensors.")
-        state = canonical_vision_state_dict(_read_safetensors(path), source=path.name)
-        shape = read_vision_shape(state, source=path.name, num_heads=num_heads)
-        _check_shape(shape, path.name, require_vit_l14=require_vit_l14)
+        state, shape = _load_vision_file(path, source=path.name, check_name=path.name, num_heads=num_heads,
+                                         require_vit_l14=require_vit_l14)
         model = _build_model(shape, {}, state, path.name, dtype)
         return cls(model, shape=shape, processor=ClipProcessorConfig.from_folder(processor_folder),
                    model_id=_file_id(path)).to(device)
