@@ -1,6 +1,6 @@
 """Benchmark: whole preprocessing of one 1024x1024 photo on this CPU (fake AntelopeV2 + random CLIP).
 
-    python bench/bench_preprocess.py [--tiny-clip] [--repeats 3]
+    python bench/bench_preprocess.py [--tiny-clip] [--repeats 2]
 
 Prints, measured in this one process:
 
@@ -96,7 +96,7 @@ class StageTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP instead of full-size ViT-L/14")
-    parser.add_argument("--repeats", type=int, default=3, help="uncached runs to average")
+    parser.add_argument("--repeats", type=int, default=2, help="uncached runs (median)")
     args = parser.parse_args()
 
     cache = test_cache_root()
