@@ -1,0 +1,210 @@
+"""Benchmark of the HyperLoRA core on the full-size random fp16 checkpoint (issue 2).
+
+    python bench/bench_core.py [--cache DIR] [--threads N] [--repeat R] [--tokens]
+
+Everything is measured in this one process (except the load peak, see (c)):
+
+(a) LoRA build time, fast path (``build_lora``, strategy "auto" = "mv" on CPU, and "bmm")
+    vs a straightforward per-matrix loop (one ``coeffs @ basis`` per matrix on the file layout
+    ``[K, in*rank]``, then transpose/copy, one matrix at a time).
+(b) fast path vs the memory-bandwidth floor: one fp16 ``torch.mv`` over each contiguous group
+    buffer of the basis (one streaming pass over exactly the basis' bytes, 8 calls).
+    Target: fast <= 1.5x floor.  Peak extra memory of the build: Linux's peak-RSS counter
+    (VmHWM) is reset through ``/proc/self/clear_refs`` ("5") right before the build and read
+    right after; extra = VmHWM - VmRSS before (includes the returned LoRA itself).
+    Target: <= 10% of the basis size.  (tracemalloc cannot see torch's allocations.)
+(c) peak RAM of ``load_hyper_lora`` on the fp16 folder: a fresh subprocess reports
+    ``ru_maxrss`` after ``import torch, hyperlora`` and after loading; target peak <= 1.3x
+    the folder's file size.
+
+The machine's load average is printed: on a shared box OpenMP threads that get descheduled
+make every parallel region wait, so ``--threads 1`` can be faster than the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from hyperlora.checkpoint import load_hyper_lora, model_files  # noqa: E402
+from hyperlora.generate import normalize_tokens  # noqa: E402
+from tests.conftest import test_cache_root  # noqa: E402
+from tests.fixtures.hyperlora_models import full_model_folder  # noqa: E402
+
+GB = 1e9
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM of this process in bytes."""
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+LOAD_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from hyperlora.checkpoint import load_hyper_lora
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t0 = time.perf_counter()
+model = load_hyper_lora(sys.argv[1])
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "seconds": dt}))
+"""
+
+
+def measure_load(folder: Path, threads: int) -> dict[str, float]:
+    res = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(folder), str(REPO), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def naive_loop_seconds(model, tokens: torch.Tensor) -> float:
+    """Per-matrix build on the file layout, one matrix at a time (re-laid out per group, untimed)."""
+    t = tokens.to(model.basis_dtype)
+    total = 0.0
+    K = model.arch.hyper_dim
+    for g, down_b, up_b in model.basis_groups("id"):
+        tok = getattr(model, g.token_buffer)
+        for buf, shift, shape in ((down_b, 0, (g.in_features, g.rank)), (up_b, 1, (g.rank, g.out_features))):
+            orig = buf.transpose(1, 2).contiguous()  # [M, K, in*rank]: the file's [K, in, rank] layout
+            coeffs = t.index_select(0, tok + shift)
+            t0 = time.perf_counter()
+            for m in range(orig.shape[0]):
+                flat = coeffs[m] @ orig[m]  # [K] @ [K, N]
+                flat.view(shape).t().contiguous()
+            total += time.perf_counter() - t0
+            del orig
+    return total
+
+
+def floor_seconds(model, repeat: int) -> dict[str, list[float]]:
+    """One streaming pass over every group buffer (the basis' exact bytes) for a few kernels.
+
+    ``mv{c}``: a single fp16 ``torch.mv`` per contiguous buffer viewed as ``[-1, c]``
+    (c = K is the shape of the LoRA math; wider rows suit the gemv kernel better);
+    ``sum``: a plain reduction.  The floor is the fastest mv.
+    """
+    bufs = [b for _, d, u in model.basis_groups("id") for b in (d, u)]
+    K = model.arch.hyper_dim
+    out: dict[str, list[float]] = {}
+    for cols in (K, 1024, 8192):
+        if any(b.numel() % cols for b in bufs):
+            continue
+        views = [b.view(-1, cols) for b in bufs]
+        vec = torch.randn(cols, dtype=bufs[0].dtype)
+
+        def one_pass(views=views, vec=vec) -> None:
+            for v in views:
+                torch.mv(v, vec)
+
+        one_pass()
+        out[f"mv{cols}"] = timed(one_pass, repeat)
+    out["sum"] = timed(lambda: [b.sum() for b in bufs], repeat)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=None, help="test-model cache dir (default: the tests' cache)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--tokens", action="store_true", help="also time id_tokens for one image (fp16 resampler)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    folder = full_model_folder(args.cache or test_cache_root())
+    file_bytes = sum(p.stat().st_size for p in model_files(folder))
+    print(f"model: {folder}  files {file_bytes / GB:.2f} GB  threads {args.threads}  "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    load = measure_load(folder, args.threads)  # (c) in a fresh process, before this one holds a copy
+    load_ratio = load["peak"] / file_bytes
+    print(f"(c) load: {load['seconds']:.1f} s, peak RSS {load['peak'] / GB:.2f} GB "
+          f"(after imports {load['before'] / GB:.2f} GB) = {load_ratio:.2f}x the files")
+
+    model = load_hyper_lora(folder)
+    basis_bytes = sum(d.numel() * d.element_size() + u.numel() * u.element_size()
+                      for _, d, u in model.basis_groups("id"))
+    tokens = normalize_tokens(torch.randn(model.arch.num_tokens, model.arch.hyper_dim,
+                                          generator=torch.Generator().manual_seed(0)))
+
+    # (b) peak extra memory of the build, first big allocation after the load
+    peak_ok = reset_peak_rss()
+    rss0 = proc_status()["VmRSS"]
+    lora = model.build_lora(tokens)
+    extra = proc_status()["VmHWM"] - rss0 if peak_ok else float("nan")
+    lora_bytes = sum(v.numel() * v.element_size() for v in lora.values())
+    del lora
+
+    fast = timed(lambda: model.build_lora(tokens), args.repeat)
+    bmm = timed(lambda: model.build_lora(tokens, strategy="bmm"), max(2, args.repeat // 2))
+    floors = floor_seconds(model, args.repeat)
+    naive = naive_loop_seconds(model, tokens)
+
+    f_med, b_med = statistics.median(fast), statistics.median(bmm)
+    mv_keys = [k for k in floors if k.startswith("mv")]
+    best_key = min(mv_keys, key=lambda k: statistics.median(floors[k]))
+    floor, fl_med = floors[best_key], statistics.median(floors[best_key])
+    rows = [
+        ("fast path (auto = per-matrix mv into group buffers)", f_med, min(fast)),
+        ("fast path, strategy bmm (one bmm per group)", b_med, min(bmm)),
+        ("per-matrix loop on the file layout", naive, naive),
+    ]
+    rows += [(f"floor: 1 {k} per contiguous group buffer" if k != "sum" else "reference: 1 sum() per buffer",
+              statistics.median(v), min(v)) for k, v in floors.items()]
+    print(f"(a) fast / per-matrix loop: {f_med / naive:.3f}  (loop is {naive / f_med:.1f}x slower)")
+    print(f"(b) fast / floor ({best_key}): {f_med / fl_med:.2f} (median), {min(fast) / min(floor):.2f} (best)  "
+          f"target <= 1.5; bmm / floor: {b_med / fl_med:.2f}")
+    print(f"(b) peak extra memory during build: {extra / 1e6:.1f} MB = {100 * extra / basis_bytes:.2f}% of the "
+          f"basis ({basis_bytes / GB:.2f} GB)  target <= 10%; the LoRA itself is {lora_bytes / 1e6:.1f} MB")
+    if args.tokens:
+        g = torch.Generator().manual_seed(1)
+        e = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
+        c = torch.randn(1, 257, 1024, generator=g)
+        tok_s = min(timed(lambda: model.id_tokens(id_embeds=e, clip_features=c), 2))
+        rows.append(("id_tokens, 1 image (fp16 resampler)", tok_s, tok_s))
+
+    print("\n| measurement | median | best | ratio |")
+    print("|---|---|---|---|")
+    for name, med, best in rows:
+        print(f"| {name} | {med * 1000:.0f} ms | {best * 1000:.0f} ms | {med / fl_med:.2f}x floor |")
+    print(f"| basis streamed by the floor | {basis_bytes / GB:.2f} GB | {basis_bytes / min(floor) / GB:.1f} GB/s | |")
+    print(f"| peak extra RAM during build | {extra / 1e6:.0f} MB | | {100 * extra / basis_bytes:.2f}% of basis |")
+    print(f"| load_hyper_lora peak RSS (fresh process) | {load['peak'] / GB:.2f} GB | {load['seconds']:.1f} s | "
+          f"{load_ratio:.2f}x files ({file_bytes / GB:.2f} GB) |")
+
+
+if __name__ == "__main__":
+    main()
