@@ -264,7 +264,7 @@ def _basis_layout(hdr: SafetensorsHeader, modules: tuple[LoraModuleSpec, ...], j
                 expected[f"{i}.{layer}.base_down_basis"] = (k, fin, base_rank)
                 expected[f"{i}.{layer}.base_up_basis"] = (k, base_rank, fout)
     n_json = len(modules)
-    n_file = len({key.split(".")[0] for key in hdr.tensors})
+    n_file = len({key.split(".")[0] for key in hdr.tensors if key.split(".")[0].isdigit()})
     if n_file != n_json:
         raise ModelFileError(
             f"'{json_path}' lists {n_json} modules but '{hdr.path}' holds a basis for {n_file}: the two files come "

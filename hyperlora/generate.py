@@ -105,6 +105,10 @@ def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out
     return out
 
 
+def _seq_len(t: Tensor) -> int:
+    return t.shape[1] if t.dim() == 3 else 257
+
+
 class HyperLoRAModel(nn.Module):
     """A loaded HyperLoRA model.  Build it with :func:`hyperlora.checkpoint.load_hyper_lora`.
 
@@ -173,7 +177,7 @@ class HyperLoRAModel(nn.Module):
             w = w / w.sum()
         w = w.to(self.device)
         acc = None
-        with torch.inference_mode():
+        with torch.no_grad():
             for s in range(0, n, chunk):
                 out = resampler(x[s:s + chunk], None if y is None else y[s:s + chunk]).float()  # [n, Q, K]
                 part = torch.einsum("n,nqk->qk", w[s:s + chunk], out)
@@ -201,14 +205,14 @@ class HyperLoRAModel(nn.Module):
                 raise ImageInputError("this HyperLoRA model needs the ArcFace face embedding (id_embeds); "
                                       "run face analysis on the images first.")
             e = self._prep(id_embeds, "id_embeds", (self.arch.id_embed_dim,))
-            with torch.inference_mode():
+            with torch.no_grad():
                 x = self.id_projector(e)
         need_clip = len(cfg.embed_dims) == 2 or self.id_projector is None
         if need_clip:
             if clip_features is None:
                 raise ImageInputError("this HyperLoRA model needs CLIP image features (clip_features); "
                                       "encode the face crops with the CLIP vision model first.")
-            c = self._prep(clip_features, "clip_features", (clip_features.shape[1], cfg.embed_dims[-1]))
+            c = self._prep(clip_features, "clip_features", (_seq_len(clip_features), cfg.embed_dims[-1]))
             if x is None:
                 x = c
             else:
@@ -223,7 +227,7 @@ class HyperLoRAModel(nn.Module):
         if self.base_resampler is None:
             raise LoraError(f"HyperLoRA model '{self.name}' has no Base-LoRA (no base_resampler.safetensors); "
                             f"use kind 'id' or a model trained with a Base-LoRA.")
-        c = self._prep(clip_features, "clip_features", (clip_features.shape[1], self.arch.base_resampler.embed_dims[0]))
+        c = self._prep(clip_features, "clip_features", (_seq_len(clip_features), self.arch.base_resampler.embed_dims[0]))
         return self._mean_tokens(self.base_resampler, c, None, weights, chunk)
 
     # ----------------------------------------------------------------------------- LoRA
@@ -250,7 +254,7 @@ class HyperLoRAModel(nn.Module):
         out_dtype = dtype or self.basis_dtype
         t = tokens.to(device=self.device, dtype=self.basis_dtype)
         slots: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
-        with torch.inference_mode():
+        with torch.no_grad():
             for g, down_b, up_b in self.basis_groups(kind):
                 tok = getattr(self, g.token_buffer)
                 m, r = len(g.entries), g.rank

@@ -205,3 +205,16 @@ def test_no_base_model_refuses_base_kind(tmp_path: Path) -> None:
         model.base_tokens(torch.randn(1, 257, 1024))
     with pytest.raises(LoraError, match="no Base-LoRA"):
         model.build_lora(torch.zeros(40, 6), kind="base")
+
+
+def test_outputs_are_plain_tensors_and_dtypes_follow_load(tiny: Path) -> None:
+    model = load_hyper_lora(tiny, dtype=torch.bfloat16)
+    assert model.basis_dtype == torch.bfloat16 and model.module_dtype == torch.bfloat16
+    e, c = _inputs(1, seed=8)
+    toks = model.id_tokens(id_embeds=e, clip_features=c)
+    lora = model.build_lora(toks, dtype=torch.float32)
+    assert not toks.is_inference() and toks.dtype == torch.float32
+    key = next(iter(lora))
+    lora[key].add_(0.0)  # usable outside inference mode (e.g. as the start of a fine-tune)
+    slow = ref.lora(tiny, toks)
+    assert all(ref.max_rel_diff(lora[k], slow[k]) < 3e-2 for k in slow if not k.endswith("alpha"))
