@@ -217,7 +217,10 @@ class ComfyClient:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        except TimeoutError as e:
+            raise QueueError(f"ComfyUI at {self.server} did not answer {method} {path} within {self.timeout:.0f} s; "
+                             f"it may be busy loading a model. Try again.") from e
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
             raise self._down(getattr(e, "reason", e)) from e
 
     def get_json(self, path: str) -> Any:
@@ -279,9 +282,20 @@ class ComfyClient:
             return str(answer["prompt_id"])
         raise QueueError(format_rejection(graph, answer, status))
 
-    def history(self, prompt_id: str) -> dict[str, Any] | None:
-        entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
-        return entry.get(prompt_id)
+    def history(self, prompt_id: str, *, attempts: int = 5) -> dict[str, Any] | None:
+        """The finished prompt's history entry, or None while it runs.
+
+        A busy server (loading a checkpoint) can miss a read timeout: retried ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            try:
+                entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
+                return entry.get(prompt_id)
+            except QueueError as e:
+                if attempt == attempts - 1 or not isinstance(e.__cause__, (TimeoutError, urllib.error.URLError)):
+                    raise
+                logger.info("ComfyUI at %s is busy (%s); asking again", self.server, e.__cause__)
+        return None
 
     def download(self, image: dict[str, str], out_dir: Path) -> Path:
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
@@ -324,17 +338,21 @@ def _log_progress(event: dict[str, Any]) -> None:
 
 
 def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float,
-             progress: ProgressFn) -> str:
-    """Connect the websocket first, then submit, then follow events until our prompt ends."""
+             progress: ProgressFn) -> tuple[str, bool]:
+    """Connect the websocket first, then submit, then follow events until our prompt ends.
+
+    Returns (prompt id, finished); finished is False when the socket closed early (then poll).
+    """
     import asyncio
 
     import aiohttp
 
     ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
 
-    async def run() -> str:
+    async def run() -> tuple[str, bool]:
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(ws_url, heartbeat=30) as ws:
+            # no heartbeat: a server busy loading a checkpoint may answer pings late
+            async with session.ws_connect(ws_url, heartbeat=None, max_msg_size=0) as ws:
                 prompt_id = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: client.submit(graph, client_id=client_id))
                 logger.info("queued prompt %s on %s", prompt_id, client.server)
@@ -349,8 +367,8 @@ def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: floa
                     except asyncio.TimeoutError:
                         continue
                     if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING):
-                        raise QueueError(f"The websocket to {client.server} closed while prompt {prompt_id} ran; "
-                                         f"did ComfyUI stop?")
+                        logger.info("the websocket closed while prompt %s ran; polling /history", prompt_id)
+                        return prompt_id, False
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         continue  # binary previews
                     event = json.loads(msg.data)
@@ -360,9 +378,9 @@ def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: floa
                     progress(event)
                     kind = event.get("type")
                     if kind in ("execution_error", "execution_interrupted", "execution_success"):
-                        return prompt_id
+                        return prompt_id, True
                     if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                        return prompt_id
+                        return prompt_id, True
 
     return asyncio.run(run())
 
@@ -408,6 +426,35 @@ def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- public API
 
+def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0, client_id: str | None = None,
+               progress: ProgressFn | None = None, use_websocket: bool = True) -> tuple[str, dict[str, Any]]:
+    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure."""
+    cid = client_id or uuid.uuid4().hex
+    report = progress or _log_progress
+    prompt_id: str | None = None
+    finished = False
+    if use_websocket:
+        try:
+            import aiohttp
+        except ImportError:
+            logger.info("aiohttp not installed: polling /history instead of following the websocket")
+        else:
+            try:
+                prompt_id, finished = _wait_ws(client, graph, cid, timeout, report)
+            except (OSError, aiohttp.ClientError) as e:
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    raise client._down(e) from e
+                logger.info("websocket unavailable (%s): polling /history", e)
+    if prompt_id is None:
+        prompt_id = client.submit(graph, client_id=cid)
+        logger.info("queued prompt %s on %s", prompt_id, client.server)
+    if not finished:
+        _wait_poll(client, prompt_id, timeout)
+    entry = _history_when_ready(client, prompt_id)
+    raise_for_failure(graph, entry)
+    return prompt_id, entry
+
+
 def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SERVER, images: Sequence[str | Path] = (),
                    pose_image: str | Path | None = None, prompt: str | None = None, negative: str | None = None,
                    seed: int | None = None, strength: float | None = None, model: str | None = None,
@@ -417,6 +464,8 @@ def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SER
                    progress: ProgressFn | None = None, use_websocket: bool = True) -> list[Path]:
     """Upload photos, fill and queue an API workflow, wait, and download its output images.
 
+    ``workflow``: a shipped workflow name (``t2i_one_photo``), a path, or an API graph dict.
+    ``images``: local photo files, one per photo slot (LoadImage nodes titled '... photo ...', in node-id order).
     Returns the paths of the downloaded images (those of output nodes such as SaveImage;
     preview images only when the workflow saves none).
     """
@@ -428,27 +477,8 @@ def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SER
     filled = fill_workflow(graph, images=uploaded, pose_image=pose, prompt=prompt, negative=negative, seed=seed,
                            strength=strength, model=model, checkpoint=checkpoint, steps=steps, width=width,
                            height=height, overrides=overrides, add_trigger=add_trigger)
-    cid = client_id or uuid.uuid4().hex
-    report = progress or _log_progress
-    prompt_id: str | None = None
-    if use_websocket:
-        try:
-            import aiohttp  # noqa: F401
-        except ImportError:
-            logger.info("aiohttp not installed: polling /history instead of following the websocket")
-        else:
-            try:
-                prompt_id = _wait_ws(client, filled, cid, timeout, report)
-            except (OSError, aiohttp.ClientError) as e:
-                if isinstance(e, aiohttp.ClientConnectorError):
-                    raise client._down(e) from e
-                logger.info("websocket unavailable (%s): polling /history", e)
-    if prompt_id is None:
-        prompt_id = client.submit(filled, client_id=cid)
-        logger.info("queued prompt %s on %s", prompt_id, client.server)
-        _wait_poll(client, prompt_id, timeout)
-    entry = _history_when_ready(client, prompt_id)
-    raise_for_failure(filled, entry)
+    _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, progress=progress,
+                          use_websocket=use_websocket)
     images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
     saved = [img for img in images_out if img.get("type") == "output"] or images_out
     paths = [client.download(img, Path(out_dir)) for img in saved]

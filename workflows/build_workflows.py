@@ -472,7 +472,7 @@ def build(wf: Workflow, object_info: dict[str, Any]) -> tuple[dict[str, Any], di
         x2 = [by_id[m.id]["pos"][0] + by_id[m.id]["size"][0] for m in members]
         y2 = [by_id[m.id]["pos"][1] + by_id[m.id]["size"][1] for m in members]
         groups.append({"title": title, "bounding": [min(xs) - 20, min(ys) - 60, max(x2) - min(xs) + 40,
-                                                   max(y2) - min(ys) + 80],
+                                                   max(y2) - min(ys) + 70],
                        "color": color, "font_size": 24, "flags": {}})
     ui = {"last_node_id": max(n.id for n in wf.nodes), "last_link_id": len(links), "nodes": ui_nodes,
           "links": links, "groups": groups, "config": {},

@@ -1,0 +1,255 @@
+"""The shipped workflows against a real ComfyUI (the session server of tests/comfy/conftest.py).
+
+* every UI workflow: node types, widget counts, socket names/types and links agree with /object_info;
+* the committed JSON is exactly what workflows/build_workflows.py generates from this /object_info;
+* every API workflow is accepted by ComfyUI's prompt validation and RUNS to the end with the fixture
+  models substituted (64x64 px, 1 step), chained ones (save -> load identity, export -> LoraLoader)
+  with the files the first run wrote. The ControlNet workflow runs with a random-weight SDXL
+  T2I-Adapter (which the core ControlNetLoader / ControlNetApplyAdvanced take like a ControlNet).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+
+from hyperlora import queue as q
+from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "workflows"
+UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+API_NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+T2I_ADAPTER_VERSION = "t2i-adapter-sdxl-random-v1"
+FACE = "astronaut.png"
+POSE = "pose_64.png"
+
+
+def _load_builder() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("hyperlora_build_workflows", WORKFLOWS / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bw = _load_builder()
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict[str, Any]:
+    return comfy_server.get_json("/object_info", timeout=120)
+
+
+def t2i_adapter_file(cache_dir: Path, comfy_root: Path) -> Path:
+    """A random-weight SDXL T2I-Adapter (ComfyUI's own Adapter class, 79 M parameters, fp16), cached."""
+    path = cache_dir / f"{T2I_ADAPTER_VERSION}.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    if str(comfy_root) not in sys.path:
+        sys.path.insert(0, str(comfy_root))
+    from comfy.t2i_adapter.adapter import Adapter
+
+    torch.manual_seed(0)
+    adapter = Adapter(cin=768, channels=[320, 640, 1280, 1280], nums_rb=2, ksize=1, sk=True, use_conv=False, xl=True)
+    sd = {k: (v * 0.1).half().contiguous() for k, v in adapter.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_files(comfy_base, cache_dir, comfy_root) -> dict[str, str]:
+    """Puts the ControlNet stand-in and a pose image where the server finds them."""
+    cn_dir = comfy_base.models / "controlnet"
+    cn_dir.mkdir(parents=True, exist_ok=True)
+    link = cn_dir / "t2i_adapter_random.safetensors"
+    if not link.exists():
+        os.symlink(t2i_adapter_file(cache_dir, comfy_root), link)
+    pose = Image.new("RGB", (64, 64), "black")
+    d = ImageDraw.Draw(pose)
+    for a, b in (((32, 8), (32, 40)), ((16, 20), (48, 20)), ((32, 40), (20, 60)), ((32, 40), (44, 60))):
+        d.line([a, b], fill=(255, 128, 0), width=3)
+    pose.save(comfy_base.input / POSE)
+    return {"controlnet": link.name, "pose": POSE}
+
+
+def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    """A shipped API workflow with the fixture models and images, at 64x64 px and 1 step."""
+    n_photos = len(q.photo_slots(graph))
+    overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
+    overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
+    overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")]
+    pose = files["pose"] if q.find_nodes(graph, "LoadImage", "pose") else None
+    return q.fill_workflow(graph, images=[FACE] * n_photos, pose_image=pose, model=SMALL_MODEL,
+                           checkpoint=CHECKPOINT, steps=1, width=64, height=64, seed=3, overrides=overrides)
+
+
+def _ids(graph: dict[str, Any], class_type: str) -> list[str]:
+    return q.find_nodes(graph, class_type)
+
+
+def _saved_images(comfy_server, entry: dict[str, Any], graph: dict[str, Any]) -> list[Image.Image]:
+    images = []
+    for nid in _ids(graph, "SaveImage"):
+        for img in entry["outputs"][nid]["images"]:
+            images.append(Image.open(io.BytesIO(comfy_server.view(img))))
+    return images
+
+
+def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
+    """Queue and wait with the pack's own client (websocket progress, tolerant of a busy server)."""
+    try:
+        _, entry = q.run_prompt(q.ComfyClient(comfy_server.url, timeout=120), graph, timeout=1200)
+    except q.QueueError as e:
+        raise AssertionError(f"{e}\n{comfy_server.log_tail(40)}") from e
+    assert entry["status"]["status_str"] == "success"
+    return entry
+
+
+# --------------------------------------------------------------------------- UI format
+
+def test_every_workflow_exists_in_both_formats():
+    assert UI_NAMES == API_NAMES
+    assert len(UI_NAMES) == 9
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_ui_workflow_agrees_with_object_info(name, object_info):
+    wf = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"])
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    note = notes[0]["widgets_values"][0]
+    for needle in ("fcsks fxhks fhyks, ", "CLIP Set Last Layer -2", "0.85", "1024x1024", "20 steps",
+                   "dpmpp_2m + karras", "CFG 5"):
+        assert needle in note, (name, needle)
+    for node in wf["nodes"]:
+        if node["type"] in bw.VIRTUAL_NODES:
+            continue
+        assert node["type"] in object_info, f"{name}: node type {node['type']} unknown to the server"
+        info = object_info[node["type"]]
+        assert len(node["widgets_values"]) == bw.expected_widget_count(info), (name, node["type"])
+        specs = {n: t for n, t, o, _ in bw.input_specs(info)}
+        for inp in node["inputs"]:
+            assert specs[inp["name"]] == inp["type"], (name, node["type"], inp)
+        sockets = [n for n, t, o, opt in bw.input_specs(info) if not bw.is_widget(t, o) and not opt]
+        linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
+        assert set(sockets) <= linked, f"{name}: {node['type']} has unlinked required inputs"
+        assert [o["type"] for o in node["outputs"]] == info["output"]
+        assert [o["name"] for o in node["outputs"]] == info["output_name"]
+    seen_links = set()
+    for link_id, origin, o_slot, target, t_slot, type_ in wf["links"]:
+        seen_links.add(link_id)
+        out = nodes[origin]["outputs"][o_slot]
+        inp = nodes[target]["inputs"][t_slot]
+        assert out["type"] == type_ == inp["type"] == object_info[nodes[origin]["type"]]["output"][o_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+    for node in wf["nodes"]:
+        for inp in node["inputs"]:
+            assert inp["link"] is None or inp["link"] in seen_links
+        for out in node["outputs"]:
+            assert set(out["links"]) <= seen_links
+    assert wf["last_link_id"] == max(seen_links)
+    assert wf["last_node_id"] == max(nodes)
+
+
+def test_committed_workflows_are_what_the_builder_makes(object_info):
+    built = bw.build_all(object_info)
+    assert sorted(built) == UI_NAMES
+    for name, (ui, api) in built.items():
+        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == ui, f"{name}.json is stale: rebuild it"
+        assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == api, f"api/{name}.json is stale"
+    assert (WORKFLOWS / "README.md").read_text() == bw.readme([f() for f in bw.ALL])
+
+
+@pytest.mark.parametrize("name", API_NAMES)
+def test_api_workflow_matches_its_ui_twin(name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    real = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in bw.VIRTUAL_NODES}
+    assert set(api) == set(real)
+    for nid, node in api.items():
+        assert node["class_type"] == real[nid]["type"]
+        assert node["_meta"]["title"] == real[nid]["title"]
+    links = {(str(t), real[str(t)]["inputs"][ts]["name"]): [str(o), os_] for _, o, os_, t, ts, _ in ui["links"]}
+    api_links = {(nid, k): v for nid, n in api.items() for k, v in n["inputs"].items() if isinstance(v, list)}
+    assert api_links == links
+
+
+# --------------------------------------------------------------------------- API format, run for real
+
+RUN_ALONE = ("t2i_one_photo", "t2i_several_photos", "interpolate_two_people", "concept_slider", "controlnet_pose")
+
+
+@pytest.mark.parametrize("name", RUN_ALONE)
+def test_api_workflow_runs(name, comfy_server, fixture_files):
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
+    entry = _run(comfy_server, graph)
+    images = _saved_images(comfy_server, entry, graph)
+    assert [im.size for im in images] == [(64, 64)]
+    crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
+    assert crops and all(len(o["images"]) >= 1 for o in crops)
+
+
+def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, fixture_files):
+    export = for_fixtures(q.load_api_workflow(q.resolve_workflow("export_lora")), fixture_files)
+    entry = _run(comfy_server, export)
+    (nid,) = _ids(export, "HyperLoRAExportLoRA")
+    (written,) = entry["outputs"][nid]["hyper_lora_files"]
+    rel = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
+    assert rel.startswith("hyperlora/my_face_") and rel.endswith("_.safetensors")
+    assert (comfy_base.models / "loras" / rel).is_file()
+
+    reuse = q.load_api_workflow(q.resolve_workflow("reuse_exported_lora"))
+    (lora_node,) = _ids(reuse, "LoraLoader")
+    assert reuse[lora_node]["inputs"]["lora_name"] == "hyperlora/my_face_00001_.safetensors"   # what a first export writes
+    reuse = for_fixtures(reuse, fixture_files)
+    reuse[lora_node]["inputs"]["lora_name"] = rel
+    entry = _run(comfy_server, reuse)
+    assert [im.size for im in _saved_images(comfy_server, entry, reuse)] == [(64, 64)]
+    assert "lora key not loaded" not in comfy_server.log_text()
+
+
+def test_identity_save_then_load(comfy_server, fixture_files):
+    save = for_fixtures(q.load_api_workflow(q.resolve_workflow("identity_save")), fixture_files)
+    entry = _run(comfy_server, save)
+    (nid,) = _ids(save, "HyperLoRASaveIdentity")
+    (written,) = entry["outputs"][nid]["hyper_lora_files"]
+    name = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
+    assert name.startswith("my_face_")
+    saved = _saved_images(comfy_server, entry, save)
+
+    load = q.load_api_workflow(q.resolve_workflow("identity_load"))
+    (load_node,) = _ids(load, "HyperLoRALoadIdentity")
+    load = for_fixtures(load, fixture_files)
+    load[load_node]["inputs"]["identity_file"] = name
+    entry = _run(comfy_server, load)
+    loaded = _saved_images(comfy_server, entry, load)
+    assert [im.size for im in loaded] == [(64, 64)]
+    # same identity, seed, prompt and model: the reloaded identity gives the very same image
+    assert list(loaded[0].getdata()) == list(saved[0].getdata())
+
+
+def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):
+    graph = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
+    with pytest.raises(Exception) as ei:
+        comfy_server.post_prompt(graph)
+    body = ei.value.body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    failing = {graph[nid]["class_type"] for nid in body["node_errors"]}
+    assert {"CheckpointLoaderSimple", "HyperLoRALoader", "LoadImage"} <= failing
