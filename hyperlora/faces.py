@@ -64,7 +64,7 @@ __all__ = [
     "retry_sizes",
 ]
 
-FACE_CHOICES = ("largest", "left_to_right", "index")
+FACE_CHOICES = ("largest", "left_to_right", "index", "highest_score")
 DETECTION_SIZES = (640, 512, 384, 256)
 EMBEDDING_DET_SIZE = 640
 PAD_FRACTION = 0.5
@@ -171,26 +171,31 @@ def retry_sizes(det_size: int = 640) -> tuple[int, ...]:
 
 
 def order_faces(faces: Sequence[DetectedFace], choice: str = "largest") -> list[DetectedFace]:
-    """Faces in the order ``choice`` counts them: largest first (``largest``, ``index``) or by
-    the centre's x coordinate (``left_to_right``).  Stable for ties."""
+    """Faces in the order ``choice`` counts them: largest first (``largest``, ``index``), by
+    the centre's x coordinate (``left_to_right``) or by detection score, highest first
+    (``highest_score``: insightface's own order, what the released plugin takes).  Stable for ties."""
     if choice not in FACE_CHOICES:
         raise HyperLoRAError(f"Unknown face choice {choice!r}: choose one of {', '.join(FACE_CHOICES)}.")
     if choice == "left_to_right":
         return sorted(faces, key=lambda f: f.center_x)
+    if choice == "highest_score":
+        return sorted(faces, key=lambda f: -f.score)
     return sorted(faces, key=lambda f: -f.area)
 
 
 def choose_face(faces: Sequence[DetectedFace], choice: str = "largest", index: int = 0) -> DetectedFace:
     """Pick one face.
 
-    * ``largest``: the face with the largest box (``index`` ignored; the released default).
+    * ``largest``: the face with the largest box (``index`` ignored; our default, as InstantID/PuLID).
+    * ``highest_score``: the face the detector is surest of (``index`` ignored); the released
+      plugin takes this one (the first face insightface returns).
     * ``index``: the ``index``-th largest (0 = largest).
     * ``left_to_right``: the ``index``-th face from the left (0 = leftmost).
     """
     ordered = order_faces(faces, choice)
     if not ordered:
         raise FaceNotFoundError("No face was found, so none can be chosen.")
-    if choice == "largest":
+    if choice in ("largest", "highest_score"):
         return ordered[0]
     if not isinstance(index, (int, np.integer)) or index < 0 or index >= len(ordered):
         counted = "largest first" if choice == "index" else "from the left"
@@ -389,9 +394,11 @@ class FaceAnalyzer:
                 return self._build(bgr, bboxes, kpss, det_size=size, padded=True, with_embedding=with_embedding)
         return []
 
-    def embedding(self, image_rgb: np.ndarray, *, fallback: bool = False) -> np.ndarray | None:
+    def embedding(self, image_rgb: np.ndarray, *, fallback: bool = False,
+                  choice: str = "largest") -> np.ndarray | None:
         """Released ArcFace step (facts §6): detect again at 640 on ``image_rgb`` (the 4l crop),
-        take the largest face, return its L2-normalised embedding [512] float32, or None.
+        take the largest face (``choice="highest_score"``: the surest one, as the released plugin
+        does), return its L2-normalised embedding [512] float32, or None.
 
         ``fallback=True`` (not the released behaviour): when 640 finds nothing, retry the smaller
         sizes and padding as :meth:`find_faces` does.
@@ -405,8 +412,11 @@ class FaceAnalyzer:
             faces = self.find_faces(image, det_sizes=DETECTION_SIZES[1:])
             if not faces:
                 return None
-            best = choose_face(faces, "largest")
+            best = choose_face(faces, choice)
             return self._embed(bgr, best.bbox, best.kps, best.score)
-        areas = (bboxes[:, 2] - bboxes[:, 0]).clip(min=0) * (bboxes[:, 3] - bboxes[:, 1]).clip(min=0)
-        i = int(np.argmax(areas))
+        if choice == "highest_score":
+            i = int(np.argmax(bboxes[:, 4]))
+        else:
+            areas = (bboxes[:, 2] - bboxes[:, 0]).clip(min=0) * (bboxes[:, 3] - bboxes[:, 1]).clip(min=0)
+            i = int(np.argmax(areas))
         return self._embed(bgr, bboxes[i, :4], kpss[i], float(bboxes[i, 4]))

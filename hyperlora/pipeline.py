@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # faces.py imports insightface lazily itself; keep this modul
 logger = logging.getLogger(__name__)
 
 NO_FACE_POLICIES = ("skip", "error")
-MAX_DETECT_SIDE = 2048      # larger photos are downscaled for detection only; crops use full resolution
+MAX_DETECT_SIDE: int | None = None   # None = released: detect on the full photo; an int downscales larger
+                                     # photos for detection only (faster, NOT bit-exact with the release)
 CACHE_SIZE = 64             # images kept in the result cache
 FIX_HINTS = ("a smaller detection size (e.g. 384 or 256) for close-ups, a photo with more room around the face "
              "(a less tight crop), or a frontal, well-lit photo of one person")
@@ -143,11 +144,13 @@ def detection_sizes(det_size: int) -> tuple[int, ...]:
 
 def find_faces_scaled(analyzer: FaceAnalyzer, image: np.ndarray, *, det_size: int) -> list[DetectedFace]:
     """Faces of ``image`` in its own pixel coordinates.  Photos larger than MAX_DETECT_SIDE are
-    downscaled (area interpolation) for detection and landmarks only; coordinates are mapped back."""
+    downscaled (area interpolation) for detection and landmarks only; coordinates are mapped back.
+    The default (None) detects on the full photo, as the release does: insightface resizes to the
+    detector size itself and the landmark / ArcFace steps are affine warps of the full image."""
     h, w = image.shape[:2]
-    scale = min(1.0, MAX_DETECT_SIDE / max(h, w))
-    if scale == 1.0:
+    if MAX_DETECT_SIDE is None or max(h, w) <= MAX_DETECT_SIDE:
         return list(analyzer.find_faces(image, det_sizes=detection_sizes(det_size)))
+    scale = MAX_DETECT_SIDE / max(h, w)
     import cv2
 
     small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
@@ -255,12 +258,12 @@ def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_c
         face = choose_face(faces, face_choice, face_index)
     except FaceNotFoundError as exc:          # face_index beyond the faces of this photo
         return _Result(reason=str(exc))
-    note = f"took 1 of {len(faces)} face(s) ({face_choice}{f' {face_index}' if face_choice != 'largest' else ''}): {face.describe()}"
+    note = f"took 1 of {len(faces)} face(s) ({face_choice}{f' {face_index}' if face_choice in ('index', 'left_to_right') else ''}): {face.describe()}"
     lm = np.asarray(face.landmarks_106, dtype=np.float64)
     res = _Result(note=note)
     if need_id:
         arc = pp.arcface_crop(image, lm)
-        emb = analyzer.embedding(arc)
+        emb = analyzer.embedding(arc, choice="highest_score" if face_choice == "highest_score" else "largest")
         if emb is None:
             return _Result(reason="the face was not found again in its ArcFace crop (4x the face box, detector 640)")
         emb = np.asarray(emb, dtype=np.float32).reshape(-1)

@@ -25,7 +25,7 @@ INSTALL_INSIGHTFACE = (
     "Face analysis needs the insightface and onnxruntime packages: run `python -m pip install insightface "
     "onnxruntime` (onnxruntime-gpu for CUDA) with ComfyUI's Python, then restart ComfyUI.")
 
-FACE_CHOICES = ("largest", "left_to_right", "index")
+FACE_CHOICES = ("largest", "left_to_right", "index", "highest_score")
 DET_SIZES = (640, 512, 384, 256)
 
 
@@ -128,7 +128,8 @@ def face_inputs() -> dict[str, tuple]:
         "face_choice": (list(FACE_CHOICES), {
             "default": "largest",
             "tooltip": "Which face to use when a photo shows several: the largest, or (with 'index') "
-                       "the face_index-th largest; 'left_to_right' takes the face_index-th from the left."}),
+                       "the face_index-th largest; 'left_to_right' takes the face_index-th from the left; "
+                       "'highest_score' takes the face the detector is surest of, as the authors' plugin does."}),
         "face_index": ("INT", {"default": 0, "min": 0, "max": 64, "step": 1,
                                "tooltip": "0-based face number for 'index' and 'left_to_right'."}),
         "remove_background": ("BOOLEAN", {

@@ -269,6 +269,32 @@ def test_choose_left_to_right(two_faces):
     assert [f.center_x for f in order_faces(faces, "left_to_right")] == sorted(f.center_x for f in faces)
 
 
+def test_choose_highest_score_follows_detector_order(two_faces):
+    """'highest_score' = the released plugin's pick (insightface's first face), whatever its size."""
+    import dataclasses
+
+    _, faces = two_faces
+    small, big = sorted(faces, key=lambda f: f.area)
+    # make the smaller face the surer one: highest_score must follow the score, largest the area
+    rescored = [dataclasses.replace(small, score=0.99), dataclasses.replace(big, score=0.60)]
+    assert choose_face(rescored, "highest_score") is rescored[0]
+    assert choose_face(rescored, "largest") is rescored[1]
+    assert [f.score for f in order_faces(rescored, "highest_score")] == [0.99, 0.60]
+    assert choose_face(rescored, "highest_score", 5) is rescored[0]  # index ignored
+
+
+def test_embedding_choice_in_a_two_face_crop(analyzer, two_faces):
+    """embedding(choice=...) embeds the largest face by default, the surest one with 'highest_score'."""
+    img, _ = two_faces
+    faces = analyzer.detect(img, det_size=640, with_embedding=True)
+    assert len(faces) == 2
+    largest = max(faces, key=lambda f: f.area)
+    surest = max(faces, key=lambda f: f.score)
+    assert surest is not largest  # the fixture's small face is the surer one, so the two choices differ
+    np.testing.assert_allclose(analyzer.embedding(img), largest.embedding, atol=1e-5)
+    np.testing.assert_allclose(analyzer.embedding(img, choice="highest_score"), surest.embedding, atol=1e-5)
+
+
 def test_index_out_of_range(two_faces):
     _, faces = two_faces
     with pytest.raises(FaceNotFoundError, match=r"face_index 2 is out of range: 2 face\(s\) were found \(valid: 0 to 1"):

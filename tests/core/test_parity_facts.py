@@ -455,8 +455,6 @@ def test_detection_retry_sizes_then_arcface_at_640(analyzer, clip):
     assert analyzer.stats.det_sizes == [640, 512, 384, 640]
 
 
-@pytest.mark.xfail(strict=True, reason="parity bug: photos > 2048 px are downscaled for detection and landmarks "
-                                        "(pipeline.MAX_DETECT_SIDE); the release detects on the full image")
 def test_large_photo_uses_full_resolution_landmarks(released, analyzer, clip):
     _check_routing(face_image((2100, 2300), [(1100, 1000, 260)], seeds=[2]), released, analyzer, clip)
 
