@@ -362,12 +362,14 @@ def model_fingerprint(folder: str | os.PathLike[str]) -> str:
 
 def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", heads: int | None = None,
-                    operations: Any = None) -> "HyperLoRAModel":
+                    resampler_dtype: torch.dtype | None = None, operations: Any = None) -> "HyperLoRAModel":
     """Validate and load a model folder into a :class:`~hyperlora.generate.HyperLoRAModel`.
 
     ``dtype`` None keeps the files' dtype (fp16 for the release).  Strict: every tensor is
     checked against the architecture and for NaN/inf; nothing is unpickled.  Peak RAM is about
-    the loaded size (basis streamed tensor by tensor into grouped buffers).  ``operations``:
+    the loaded size (basis streamed tensor by tensor into grouped buffers).  ``resampler_dtype``
+    overrides ``dtype`` for the resampler / projectors only (on CPU, fp16 matmuls are ~3x slower
+    than fp32; the fp32 resampler costs ~150 MB more).  ``operations``:
     optional namespace with ``Linear`` / ``LayerNorm`` classes for the resampler (e.g. comfy.ops).
     """
     from .generate import load_model  # generate.py imports this module
@@ -375,7 +377,8 @@ def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None
     folder = Path(folder)
     arch = read_architecture(folder, heads=heads)
     return load_model(folder, arch, dtype=dtype, device=torch.device(device),
-                      fingerprint=model_fingerprint(folder), operations=operations)
+                      fingerprint=model_fingerprint(folder), resampler_dtype=resampler_dtype,
+                      operations=operations)
 
 
 __all__ = [

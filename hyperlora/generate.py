@@ -118,9 +118,10 @@ class HyperLoRAModel(nn.Module):
 
     def __init__(self, arch: HyperLoRAArchitecture, *, name: str = "", fingerprint: str = "",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
-                 operations: Any = None) -> None:
+                 resampler_dtype: torch.dtype | None = None, operations: Any = None) -> None:
         super().__init__()
         ops = nn if operations is None else operations
+        basis_dtype, dtype = dtype, resampler_dtype or dtype
         self.arch = arch
         self.name = name
         self.fingerprint = fingerprint
@@ -138,9 +139,9 @@ class HyperLoRAModel(nn.Module):
             for g in groups:
                 M = len(g.entries)
                 self.register_buffer(g.down_buffer, torch.empty(M, g.in_features * g.rank, K, device=device,
-                                                                dtype=dtype), persistent=False)
+                                                                dtype=basis_dtype), persistent=False)
                 self.register_buffer(g.up_buffer, torch.empty(M, g.rank * g.out_features, K, device=device,
-                                                              dtype=dtype), persistent=False)
+                                                              dtype=basis_dtype), persistent=False)
                 tok = torch.tensor([token_index(i, layer) for i, layer in g.entries], dtype=torch.long)
                 self.register_buffer(g.token_buffer, tok.to(device), persistent=False)
 
@@ -290,7 +291,8 @@ def resampler_config_of(model: HyperLoRAModel, kind: str = "id") -> ResamplerCon
 
 
 def load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype | None, device: torch.device,
-               fingerprint: str, operations: Any = None) -> HyperLoRAModel:
+               fingerprint: str, resampler_dtype: torch.dtype | None = None,
+               operations: Any = None) -> HyperLoRAModel:
     """Stream a validated folder into a new :class:`HyperLoRAModel` (see ``load_hyper_lora``).
 
     Modules are created on the meta device and receive the loaded tensors with strict
@@ -301,8 +303,9 @@ def load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype 
     basis_hdr = read_header(folder / BASIS_FILE)
     file_dtype = next(iter(basis_hdr.tensors.values())).torch_dtype
     dtype = dtype or file_dtype
+    module_dtype = resampler_dtype or dtype
     model = HyperLoRAModel(arch, name=folder.name, fingerprint=fingerprint, device=device, dtype=dtype,
-                           operations=operations)
+                           resampler_dtype=module_dtype, operations=operations)
     parts: list[tuple[str, nn.Module | None]] = [(RESAMPLER_FILE, model.resampler),
                                                  (ID_PROJECTOR_FILE, model.id_projector),
                                                  (BASE_RESAMPLER_FILE, model.base_resampler)]
@@ -310,7 +313,8 @@ def load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype 
         if module is None:
             continue
         with TensorReader(read_header(folder / filename)) as reader:
-            sd = {key: reader.read(key, copy=True).to(device=device, dtype=dtype) for key in reader.header.tensors}
+            sd = {key: reader.read(key, copy=True).to(device=device, dtype=module_dtype)
+                  for key in reader.header.tensors}
         try:
             module.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as exc:  # read_architecture checked the keys already; keep the user-facing type

@@ -218,3 +218,15 @@ def test_outputs_are_plain_tensors_and_dtypes_follow_load(tiny: Path) -> None:
     lora[key].add_(0.0)  # usable outside inference mode (e.g. as the start of a fine-tune)
     slow = ref.lora(tiny, toks)
     assert all(ref.max_rel_diff(lora[k], slow[k]) < 3e-2 for k in slow if not k.endswith("alpha"))
+
+
+def test_resampler_dtype_override(tiny: Path) -> None:
+    model = load_hyper_lora(tiny, resampler_dtype=torch.float32)
+    assert model.basis_dtype == torch.float16 and model.module_dtype == torch.float32
+    assert model.id_projector is not None and model.id_projector.state_dict()["0.weight"].dtype == torch.float32
+    e, c = _inputs(1, seed=9)
+    toks = model.id_tokens(id_embeds=e, clip_features=c)
+    # fp32 math on the fp16 file weights: as exact as the fp32 model
+    assert float((toks.double() - ref.tokens(tiny, id_embeds=e, clip=c)).abs().max()) <= 1e-5
+    lora = model.build_lora(toks)
+    assert all(v.dtype == torch.float16 for v in lora.values())
