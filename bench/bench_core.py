@@ -195,8 +195,13 @@ def main() -> None:
         c = torch.randn(1, 257, 1024, generator=g)
         tok_s = min(timed(lambda: model.id_tokens(id_embeds=e, clip_features=c), 2))
         rows.append(("id_tokens, 1 image (fp16 resampler)", tok_s, tok_s))
+        model.resampler.float()  # what load_hyper_lora(resampler_dtype=torch.float32) gives
+        model.id_projector.float()
+        tok32 = min(timed(lambda: model.id_tokens(id_embeds=e, clip_features=c), 2))
+        rows.append(("id_tokens, 1 image (fp32 resampler)", tok32, tok32))
 
-    print("\n| measurement | median | best | ratio |")
+    print(f"\n{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}\n")
+    print("| measurement | median | best | ratio |")
     print("|---|---|---|---|")
     for name, med, best in rows:
         print(f"| {name} | {med * 1000:.0f} ms | {best * 1000:.0f} ms | {med / fl_med:.2f}x floor |")
