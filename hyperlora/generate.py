@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, KOHYA_LAYER, LORA_LAYERS,
-                         RESAMPLER_FILE, TOKENS_PER_MODULE, HyperLoRAArchitecture, ResamplerConfig)
+                         RESAMPLER_FILE, TOKENS_PER_MODULE, HyperLoRAArchitecture)
 from .errors import ImageInputError, LoraError, ModelFileError
 from .resampler import IDProjector, Resampler
 from .safetensors_io import TensorReader, read_header
@@ -277,14 +277,6 @@ class HyperLoRAModel(nn.Module):
                 lora[f"{prefix}.lora_up.weight"] = u
                 lora[f"{prefix}.alpha"] = torch.tensor(rank / 2, dtype=out_dtype)
         return lora
-
-
-def resampler_config_of(model: HyperLoRAModel, kind: str = "id") -> ResamplerConfig:
-    """The resampler config used for ``kind`` tokens."""
-    cfg = model.arch.resampler if kind == "id" else model.arch.base_resampler
-    if cfg is None:
-        raise LoraError(f"HyperLoRA model '{model.name}' has no Base-LoRA.")
-    return cfg
 
 
 # --------------------------------------------------------------------------------- loading

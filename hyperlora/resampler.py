@@ -195,9 +195,4 @@ class IDProjector(nn.Module):
         return getattr(self, "2")(out)
 
 
-def module_namespace(operations: Any | None) -> Any:
-    """``operations`` or :mod:`torch.nn` when None (helper for callers)."""
-    return nn if operations is None else operations
-
-
 __all__ = ["Attention", "FeedForward", "IDProjector", "Resampler", "ResamplerLayer", "LN_EPS"]
