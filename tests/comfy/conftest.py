@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -75,14 +77,24 @@ def comfy_base(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, comfy:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace) -> Iterator[ComfyServer]:
+def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path) -> Iterator[ComfyServer]:
+    """The SDXL-capable server.  A lock file in the test cache makes concurrent test sessions
+    on one machine take turns (two SDXL servers need about 2 x 10 GB of RAM)."""
     server = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(),
                          log_path=comfy_base.base / "server.log", extra_args=SERVER_ARGS)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    with open(cache_dir / ".comfy_sdxl_server.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("\n[tests/comfy] another test session runs an SDXL ComfyUI server; waiting for it to finish",
+                  file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

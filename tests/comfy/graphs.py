@@ -27,15 +27,18 @@ def identity(hyper_lora: str, images: list, **face: Any) -> dict[str, Any]:
 
 
 def sampling(prompt: dict[str, Any], *, model: list, ckpt: str, prefix: str, seed: int = 1, size: int = 64,
-             steps: int = 1, tag: str = "") -> dict[str, Any]:
-    """Add text encoding, an empty latent, KSampler, VAEDecode and SaveImage for ``model``."""
+             steps: int = 1, cfg: float = 1.0, tag: str = "") -> dict[str, Any]:
+    """Add text encoding, an empty latent, KSampler, VAEDecode and SaveImage for ``model``.
+
+    cfg 1.0 lets ComfyUI skip the negative pass: half the CPU time of a test step.
+    """
     t = tag
     prompt.update({
         f"pos{t}": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": [ckpt, 1]}},
         f"neg{t}": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [ckpt, 1]}},
         f"latent{t}": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         f"sampler{t}": {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "model": model, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
             "positive": [f"pos{t}", 0], "negative": [f"neg{t}", 0], "latent_image": [f"latent{t}", 0], "denoise": 1.0}},
         f"decode{t}": {"class_type": "VAEDecode", "inputs": {"samples": [f"sampler{t}", 0], "vae": [ckpt, 2]}},
         f"save{t}": {"class_type": "SaveImage", "inputs": {"images": [f"decode{t}", 0], "filename_prefix": prefix}},
