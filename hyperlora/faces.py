@@ -302,7 +302,8 @@ class FaceAnalyzer:
         """One detector pass at ``size``: boxes [n, 5] (x1 y1 x2 y2 score), keypoints [n, 5, 2]."""
         h, w = image_bgr.shape[:2]
         # insightface resizes the longer side to `size`; a side that rounds to 0 px cannot hold a face
-        if (h > w and int(size * w / h) < 1) or (h <= w and int(size * h / w) < 1):
+        ratio = float(h) / w  # the same float arithmetic as insightface's detect()
+        if int(size / ratio if ratio > 1.0 else size * ratio) < 1:
             return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
         with self._lock:
             bboxes, kpss = self._det.detect(image_bgr, input_size=(size, size), max_num=0, metric="default")

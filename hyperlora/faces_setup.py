@@ -13,6 +13,7 @@ used (detector, 106-point landmarks, recognition).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,21 @@ def import_backend() -> Backend:
             f"needs it: install it with {_pip('onnxruntime')} (or onnxruntime-gpu for CUDA, not both) "
             "in the Python environment that runs ComfyUI, then restart ComfyUI."
         ) from exc
+    # insightface 0.7.3 imports albumentations, which contacts pypi.org on import (an update
+    # check): offline users would wait and get a warning.  The user's own setting still wins.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         import insightface
         from insightface.app.common import Face
         from insightface.model_zoo import get_model
     except Exception as exc:
+        if "numpy" in str(exc) or "binary incompatibility" in str(exc):
+            raise DependencyError(
+                f"insightface could not be imported ({type(exc).__name__}: {exc}): its compiled part was built "
+                f"for another numpy version. Fix: {_pip('-U insightface')} (2.x wheels need no compiler) or "
+                f"rebuild 0.7.3 with {_pip('--force-reinstall --no-cache-dir --no-deps --no-binary insightface insightface==0.7.3')}"
+                ", then restart ComfyUI."
+            ) from exc
         raise DependencyError(
             f"insightface could not be imported ({type(exc).__name__}: {exc}). HyperLoRA's face analysis "
             f"needs it (versions 0.7.3 and 2.x work): install it with {_pip('insightface')} in the Python "

@@ -295,6 +295,12 @@ def test_embedding_choice_in_a_two_face_crop(analyzer, two_faces):
     np.testing.assert_allclose(analyzer.embedding(img, choice="highest_score"), surest.embedding, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,size", [((1, 1568, 3), 1568), ((1568, 1, 3), 1568), ((1, 3000, 3), 640)])
+def test_extremely_thin_image_finds_nothing_instead_of_crashing(analyzer, shape, size):
+    """insightface rejects a resized side of 0 px; our pre-check must use its exact arithmetic."""
+    assert analyzer.detect(np.zeros(shape, np.uint8), det_size=size) == []
+
+
 def test_index_out_of_range(two_faces):
     _, faces = two_faces
     with pytest.raises(FaceNotFoundError, match=r"face_index 2 is out of range: 2 face\(s\) were found \(valid: 0 to 1"):

@@ -194,6 +194,40 @@ def test_missing_insightface_gives_dependency_error(tmp_path):
     assert "0.7.3 and 2.x" in res.stdout
 
 
+def test_insightface_built_for_another_numpy_says_so(tmp_path):
+    """A compiled insightface that does not match numpy must not be told to 'install insightface'."""
+    pkg = tmp_path / "fakepkgs" / "insightface"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "raise ValueError('numpy.dtype size changed, may indicate binary incompatibility. Expected 96')\n")
+    res = _run(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path / "fakepkgs")!r})
+        from hyperlora.errors import DependencyError
+        from hyperlora.faces_setup import import_backend
+        try:
+            import_backend()
+        except DependencyError as exc:
+            print("DEPERR", exc)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "built for another numpy version" in res.stdout
+    assert "-U insightface" in res.stdout
+
+
+def test_import_backend_turns_off_the_albumentations_update_check():
+    """insightface 0.7.3 imports albumentations, which would contact pypi.org at import time."""
+    res = _run("""
+        import os
+        os.environ.pop("NO_ALBUMENTATIONS_UPDATE", None)
+        from hyperlora.faces_setup import import_backend
+        import_backend()
+        print("FLAG", os.environ.get("NO_ALBUMENTATIONS_UPDATE"))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "FLAG 1" in res.stdout
+
+
 def test_missing_onnxruntime_gives_dependency_error(tmp_path):
     folder = make_antelopev2(tmp_path / "antelopev2", extras=False)
     res = _run(f"""
