@@ -162,3 +162,31 @@ def test_loader_names_the_folder_to_fill(pack):
     assert SMALL_MODEL in listed["model"][0] and CLIP_FOLDER in listed["clip_vision"][0]
     assert "clip_vision/vit_l14_random.safetensors" in listed["clip_vision"][0]
     assert listed["insightface"][0] == [ANTELOPE]
+
+
+def test_base_lora_kinds(pack, small, identity_and_lora):
+    identity, lora_id, _ = identity_and_lora
+    assert identity.base_tokens is not None and tuple(identity.base_tokens.shape) == (1120, 4)
+    build = pack.nodes["HyperLoRABuildLoRA"]()
+    (base,) = build.run(small, identity, "base")
+    (both,) = build.run(small, identity, "id+base")
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
+    assert base[f"{key}.lora_down.weight"].shape == (1, 2048)      # Base-LoRA rank = rank / 2
+    assert both[f"{key}.lora_down.weight"].shape == (3, 2048)      # ranks concatenated
+    ref = (0.5 * lora_id[f"{key}.lora_up.weight"].double() @ lora_id[f"{key}.lora_down.weight"].double()
+           + float(base[f"{key}.alpha"]) * base[f"{key}.lora_up.weight"].double() @ base[f"{key}.lora_down.weight"].double())
+    got = (float(both[f"{key}.alpha"]) / 3) * both[f"{key}.lora_up.weight"].double() @ both[f"{key}.lora_down.weight"].double()
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_base_lora_of_a_model_without_one_says_so(pack):
+    (tiny,) = pack.nodes["HyperLoRALoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+                                                   insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    from types import SimpleNamespace
+
+    arch = tiny.model.arch
+    fake = SimpleNamespace(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim), base_tokens=None,
+                           model_name=TINY_MODEL, model_fingerprint=tiny.model.fingerprint, num_images=1, settings={})
+    with pytest.raises(Exception) as info:
+        pack.nodes["HyperLoRABuildLoRA"]().run(tiny, fake, "base")
+    assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)

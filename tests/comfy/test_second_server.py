@@ -1,7 +1,10 @@
-"""Without insightface the pack still loads and lists every node; face nodes say how to install it.
+"""A second ComfyUI (no SDXL is loaded in it), started the way users break and extend things:
 
-A second ComfyUI (no SDXL is loaded in it) runs with ``PYTHONPATH`` pointing at a directory
-whose ``insightface/__init__.py`` raises ImportError, as a missing or broken wheel does.
+* ``PYTHONPATH`` points at a directory whose ``insightface/__init__.py`` raises ImportError, as a
+  missing or broken wheel does: the pack still loads and lists every node, and a face node says
+  how to install insightface;
+* ``--extra-model-paths-config`` adds a ``hyper_lora`` and a ``hyper_lora_identities`` folder
+  elsewhere: the dropdowns list what is there, beside the default folders.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import pytest
 from tests.comfy import graphs as g
 from tests.comfy.client import ComfyServer, execution_error, free_port
 from tests.comfy.test_http import EXPECTED
+from tests.fixtures.hyperlora_models import write_hyperlora_folder
 
 pytestmark = pytest.mark.comfy
 
+EXTRA_MODEL = "model_from_extra_paths"
+EXTRA_IDENTITY = "someone_from_extra_paths.safetensors"
 BLOCKER = 'raise ImportError("insightface is blocked for this test (simulating a missing or broken wheel)")\n'
 
 
@@ -26,8 +32,17 @@ def server(comfy_root: Path, comfy_base: SimpleNamespace, tmp_path_factory: pyte
     blocked = tmp_path_factory.mktemp("no_insightface")
     (blocked / "insightface").mkdir()
     (blocked / "insightface" / "__init__.py").write_text(BLOCKER, encoding="utf-8")
+    extra = blocked / "elsewhere"
+    write_hyperlora_folder(extra / "my_models" / EXTRA_MODEL, preset="tiny", seed=5)   # no hyper_lora/ level
+    (extra / "my_identities").mkdir(parents=True)
+    (extra / "my_identities" / EXTRA_IDENTITY).write_bytes(
+        (comfy_base.base / "models" / "hyper_lora" / "hyper_lora" / "tiny" / "id_projector.safetensors").read_bytes())
+    yaml = blocked / "extra_model_paths.yaml"
+    yaml.write_text(f"elsewhere:\n    base_path: {extra}\n    hyper_lora: my_models/\n"
+                    f"    hyper_lora_identities: my_identities/\n", encoding="utf-8")
     s = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(), log_path=blocked / "server.log",
-                    extra_env={"PYTHONPATH": str(blocked)})
+                    extra_env={"PYTHONPATH": str(blocked)},
+                    extra_args=("--extra-model-paths-config", str(yaml)))
     s.start()
     try:
         yield s
@@ -52,3 +67,12 @@ def test_face_node_says_how_to_install_insightface(server: ComfyServer):
     assert err["exception_type"].endswith("DependencyError")
     assert "pip install insightface" in err["exception_message"]
     assert "blocked for this test" in err["exception_message"] or "insightface" in err["exception_message"]
+
+
+def test_extra_model_paths_entries_are_listed(server: ComfyServer):
+    info = server.get_json("/object_info")
+    models = info["HyperLoRALoader"]["input"]["required"]["model"][0]
+    assert EXTRA_MODEL in models and {"sdxl_small", "tiny"} <= set(models)
+    assert models.index(EXTRA_MODEL) < models.index("sdxl_small")   # the user's folders come first
+    identities = info["HyperLoRALoadIdentity"]["input"]["required"]["identity_file"][0]
+    assert EXTRA_IDENTITY in identities
