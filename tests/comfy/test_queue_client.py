@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,7 +59,7 @@ def test_polling_fallback_gives_the_same_image(comfy_server, photos, tmp_path):
     a = q.queue_workflow("t2i_one_photo", out_dir=tmp_path / "ws", **common)
     b = q.queue_workflow("t2i_one_photo", out_dir=tmp_path / "poll", use_websocket=False, **common)
     with Image.open(a[0]) as ia, Image.open(b[0]) as ib:
-        assert list(ia.getdata()) == list(ib.getdata())
+        assert np.array_equal(np.asarray(ia), np.asarray(ib))
 
 
 def test_missing_node_type_names_the_pack(comfy_server):

@@ -1,15 +1,19 @@
-"""The shipped workflows against a real ComfyUI (the session server of tests/comfy/conftest.py).
+"""The shipped workflows against a real ComfyUI.
 
-* every UI workflow: node types, widget counts, socket names/types and links agree with /object_info;
-* the committed JSON is exactly what workflows/build_workflows.py generates from this /object_info;
-* every API workflow is accepted by ComfyUI's prompt validation and RUNS to the end with the fixture
-  models substituted (64x64 px, 1 step), chained ones (save -> load identity, export -> LoraLoader)
-  with the files the first run wrote. The ControlNet workflow runs with a random-weight SDXL
-  T2I-Adapter (which the core ControlNetLoader / ControlNetApplyAdvanced take like a ControlNet).
+* every UI workflow: node types, widget counts, socket names/types and links agree with the
+  /object_info of the session server (tests/comfy/conftest.py);
+* the committed JSON is exactly what workflows/build_workflows.py generates from that /object_info;
+* every API workflow, with the fixture models substituted, passes ComfyUI's own prompt validation
+  (``execution.validate_prompt``, in this process with the pack loaded by ComfyUI's loader);
+* slow: several RUN to the end on the server (64x64 px, 1 step): the ControlNet one with a
+  random-weight SDXL T2I-Adapter (taken by the core ControlNetLoader / ControlNetApplyAdvanced like a
+  ControlNet), the concept slider, and the chains save -> load identity and export -> core LoraLoader
+  with the files the first run wrote.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import json
@@ -19,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -193,9 +198,52 @@ def test_api_workflow_matches_its_ui_twin(name):
 
 # --------------------------------------------------------------------------- API format, run for real
 
-RUN_ALONE = ("t2i_one_photo", "t2i_several_photos", "interpolate_two_people", "concept_slider", "controlnet_pose")
+@pytest.fixture(scope="module")
+def validate(pack, comfy_base, fixture_files):
+    """ComfyUI's own ``execution.validate_prompt`` in this process (no execution)."""
+    import asyncio
+
+    import execution
+    import folder_paths
+
+    folder_paths.add_model_folder_path("controlnet", str(comfy_base.models / "controlnet"), is_default=True)
+    placeholders = [comfy_base.models / "loras" / "hyperlora" / "validation_only_00001_.safetensors",
+                    comfy_base.models / "hyper_lora" / "identities" / "validation_only_00001_.safetensors"]
+    for path in placeholders:        # list entries for LoraLoader / Load Identity (validation reads names only)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"placeholder")
+
+    def run(graph: dict[str, Any]) -> tuple[bool, Any, Any]:
+        ok, error, _outputs, node_errors = asyncio.run(execution.validate_prompt("validation", graph, None))
+        return ok, error, node_errors
+
+    yield run
+    for path in placeholders:
+        path.unlink()
 
 
+@pytest.mark.parametrize("name", API_NAMES)
+def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
+    for nid in _ids(graph, "LoraLoader"):
+        graph[nid]["inputs"]["lora_name"] = "hyperlora/validation_only_00001_.safetensors"
+    for nid in _ids(graph, "HyperLoRALoadIdentity"):
+        graph[nid]["inputs"]["identity_file"] = "validation_only_00001_.safetensors"
+    ok, error, node_errors = validate(graph)
+    assert ok, (error, node_errors)
+    # and the check can fail: a shipped name the fixture server lacks is refused
+    broken = copy.deepcopy(graph)
+    (first_loader,) = _ids(broken, "CheckpointLoaderSimple")[:1] or _ids(broken, "HyperLoRALoader")[:1]
+    key = "ckpt_name" if broken[first_loader]["class_type"] == "CheckpointLoaderSimple" else "model"
+    broken[first_loader]["inputs"][key] = "not_there.safetensors"
+    _, _, node_errors = validate(broken)
+    assert "not_there.safetensors" in json.dumps(node_errors[first_loader]["errors"])
+
+
+RUN_ALONE = ("concept_slider", "controlnet_pose")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUN_ALONE)
 def test_api_workflow_runs(name, comfy_server, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
@@ -203,9 +251,10 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     images = _saved_images(comfy_server, entry, graph)
     assert [im.size for im in images] == [(64, 64)]
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
-    assert crops and all(len(o["images"]) >= 1 for o in crops)
+    assert len(crops) == len(_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
 
 
+@pytest.mark.slow
 def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, fixture_files):
     export = for_fixtures(q.load_api_workflow(q.resolve_workflow("export_lora")), fixture_files)
     entry = _run(comfy_server, export)
@@ -225,6 +274,7 @@ def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, 
     assert "lora key not loaded" not in comfy_server.log_text()
 
 
+@pytest.mark.slow
 def test_identity_save_then_load(comfy_server, fixture_files):
     save = for_fixtures(q.load_api_workflow(q.resolve_workflow("identity_save")), fixture_files)
     entry = _run(comfy_server, save)
@@ -242,7 +292,7 @@ def test_identity_save_then_load(comfy_server, fixture_files):
     loaded = _saved_images(comfy_server, entry, load)
     assert [im.size for im in loaded] == [(64, 64)]
     # same identity, seed, prompt and model: the reloaded identity gives the very same image
-    assert list(loaded[0].getdata()) == list(saved[0].getdata())
+    assert np.array_equal(np.asarray(loaded[0]), np.asarray(saved[0]))
 
 
 def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):
