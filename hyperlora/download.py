@@ -10,9 +10,9 @@ puts every file where the released layout expects it (see the README tree):
 
 Downloads resume (``.part`` files and HTTP ``Range``), retry a cut connection,
 log a line about every 5 %, and are verified before they get their final
-name: the byte count against the server's length, the SHA-256 when the server
-announces one (Hugging Face's ETag of LFS files is the file's SHA-256) or the
-table below has one, and the content itself (safetensors header and data
+name: the byte count against the server's length (and the size Hugging Face
+lists), the SHA-256 when the server announces one (Hugging Face's X-Linked-Etag
+of an LFS file is its SHA-256) or the table below has one, and the content itself (safetensors header and data
 extent, JSON parse, zip CRCs). ``--base-url`` / ``HYPERLORA_DOWNLOAD_BASE``
 send every request to a mirror that keeps the same paths.
 """
@@ -153,6 +153,32 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def probe(url: str, *, timeout: float = 30.0) -> tuple[str | None, int | None]:
+    """(sha256, size) the server announces for ``url`` without downloading it, else (None, None).
+
+    Hugging Face answers a HEAD on ``resolve/`` with a redirect carrying ``X-Linked-Etag`` (the
+    SHA-256 of an LFS file) and ``X-Linked-Size``; redirects are not followed to keep them.
+    """
+    opener = urllib.request.build_opener(_NoRedirect)
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "ComfyUI-HyperLoRA-download"})
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            headers = resp.headers
+    except urllib.error.HTTPError as e:
+        headers = e.headers
+        if headers is None or e.code >= 400:
+            return None, None
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return None, None
+    size = headers.get("X-Linked-Size")
+    return _announced_sha256(headers), int(size) if size and size.isdigit() else None
+
+
 def _announced_sha256(headers: http.client.HTTPMessage) -> str | None:
     for key in ("X-Linked-Etag", "ETag"):
         value = (headers.get(key) or "").strip().removeprefix("W/").strip('"').lower()
@@ -232,6 +258,7 @@ def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, re
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    linked_sha, linked_size = probe(url, timeout=timeout)
     attempt = 0
     while True:
         try:
@@ -249,10 +276,12 @@ def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, re
             logger.warning("%s: %s; retry %d of %d", file.dest, reason, attempt, retries)
             time.sleep(backoff * attempt)
     size = part.stat().st_size
-    expected_sha = KNOWN_SHA256.get(file.dest) or sha
+    expected_sha = KNOWN_SHA256.get(file.dest) or linked_sha or sha
     problem = None
     if size != total:
         problem = f"has {size} bytes, the server announced {total}"
+    elif linked_size is not None and size != linked_size:
+        problem = f"has {size} bytes, the repository lists {linked_size}"
     elif expected_sha is not None and sha256_of(part) != expected_sha:
         problem = f"does not have the SHA-256 {expected_sha}"
     if problem is None:

@@ -44,12 +44,27 @@ class FakeHub:
         self.files = files
         self.cut_once: set[str] = set()      # paths whose first full answer stops at half
         self.etags: dict[str, str] = {}
+        self.linked: dict[str, tuple[str, int]] = {}   # HEAD -> 302 with X-Linked-Etag / X-Linked-Size
         self.requests: list[tuple[str, str | None]] = []
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *a: object) -> None:
                 pass
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                path = self.path.lstrip("/")
+                hub.requests.append((path, "HEAD"))
+                if path not in hub.linked:
+                    self.send_error(405)
+                    return
+                sha, size = hub.linked[path]
+                self.send_response(302)
+                self.send_header("Location", "/" + path)
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(size))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.lstrip("/")
@@ -151,6 +166,7 @@ def test_full_download_builds_the_released_layout(tmp_path, caplog):
     with FakeHub(files) as hub2:
         dl.download_all(tmp_path, model="all", base_url=hub2.url, backoff=0)
     assert hub2.requests == []
+    assert ("HEAD" in {r for _, r in hub.requests})       # the first run asked for the announced hash
 
 
 def test_resume_after_cut_connection_uses_range(tmp_path):
@@ -159,7 +175,7 @@ def test_resume_after_cut_connection_uses_range(tmp_path):
     with FakeHub(files) as hub:
         hub.cut_once.add(target.path)
         out = dl.fetch(target, tmp_path, base_url=hub.url, backoff=0)
-    reqs = [r for p, r in hub.requests if p == target.path]
+    reqs = [r for p, r in hub.requests if p == target.path and r != "HEAD"]
     assert reqs[0] is None and reqs[1] is not None
     half = len(files[target.path]) // 2
     assert reqs[1] == f"bytes={half}-"
@@ -178,7 +194,7 @@ def test_resume_across_runs_keeps_the_part_file(tmp_path):
         assert part.stat().st_size == len(files[target.path]) // 2
         out = dl.fetch(target, tmp_path, base_url=hub.url, retries=0, backoff=0)
     assert out.read_bytes() == files[target.path]
-    assert hub.requests[-1] == (target.path, f"bytes={len(files[target.path]) // 2}-")
+    assert [r for r in hub.requests if r[1] != "HEAD"][-1] == (target.path, f"bytes={len(files[target.path]) // 2}-")
 
 
 def test_corrupt_safetensors_is_detected_and_kept_aside(tmp_path):
@@ -275,3 +291,22 @@ def test_cli_list_and_env_base(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("HYPERLORA_DOWNLOAD_BASE", hub.url)
         assert dl.main(["--models-dir", str(tmp_path), "--model", "edit", "--skip-clip"]) == 0
     assert _tree(tmp_path) == {e for e in EXPECTED_TREE if "_edit" in e or "antelopev2" in e}
+
+
+def test_hugging_face_linked_sha256_and_size_are_checked(tmp_path):
+    files = _release()
+    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[1]
+    data = files[target.path]
+    with FakeHub(files) as hub:
+        assert dl.probe(f"{hub.url}/{target.path}") == (None, None)        # no announcement: nothing claimed
+        hub.linked[target.path] = (hashlib.sha256(data).hexdigest(), len(data))
+        assert dl.probe(f"{hub.url}/{target.path}") == (hashlib.sha256(data).hexdigest(), len(data))
+        assert dl.fetch(target, tmp_path, base_url=hub.url, backoff=0).read_bytes() == data
+        (tmp_path / target.dest).unlink()
+        hub.linked[target.path] = (hashlib.sha256(b"other").hexdigest(), len(data))
+        with pytest.raises(DownloadError, match="does not have the SHA-256"):
+            dl.fetch(target, tmp_path, base_url=hub.url, backoff=0)
+        (tmp_path / (target.dest + ".corrupt")).unlink()
+        hub.linked[target.path] = (hashlib.sha256(data).hexdigest(), len(data) + 10)   # a proxy cut the file
+        with pytest.raises(DownloadError, match=f"has {len(data)} bytes, the repository lists {len(data) + 10}"):
+            dl.fetch(target, tmp_path, base_url=hub.url, backoff=0)
