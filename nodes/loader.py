@@ -80,7 +80,9 @@ class HyperLoRALoader:
 
         folder = paths.resolve_model(model)
         clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
-        antelope = paths.resolve_insightface(insightface)
+        from ..hyperlora.faces_setup import find_antelopev2
+
+        antelope = find_antelopev2(paths.resolve_insightface(insightface))   # all files there? (no insightface import)
         torch_dtype = pick_dtype(dtype)
         offload = mm.unet_offload_device()
         bar = progress(2)

@@ -72,7 +72,9 @@ def test_loader_registers_every_node_with_comfyui(pack):
         assert cls.CATEGORY.startswith("HyperLoRA/"), node_id
 
 
-def test_identity_from_a_real_photo(identity_and_lora, small):
+def test_identity_from_a_real_photo(identity_and_lora, small, comfy):
+    import comfy.model_management as mm
+
     identity, lora, crops = identity_and_lora
     q = 8 * 140
     assert tuple(identity.tokens.shape) == (q, 4) and identity.tokens.dtype == torch.float32
@@ -83,6 +85,19 @@ def test_identity_from_a_real_photo(identity_and_lora, small):
     assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0 and float(crops.std()) > 0.01
     assert len(lora) == 140 * 4 * 3
     assert small.model_patcher.model.inner is small.model   # the HyperLoRA model is managed by a ModelPatcher
+    loaded = [lm.model for lm in mm.current_loaded_models]
+    assert small.model_patcher in loaded and small.clip_patcher in loaded   # ...and loaded by ComfyUI for use
+
+
+def test_identity_node_honours_interrupt(pack, small, photo, comfy):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack.nodes["HyperLoRAIdentityFromImages"]().run(small, photo, **FACE)
+    finally:
+        mm.interrupt_current_processing(False)
 
 
 def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, identity_and_lora):
