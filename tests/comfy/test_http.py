@@ -131,7 +131,9 @@ def test_end_to_end_graph_saves_an_image(comfy_server: ComfyServer, sdxl_run):
     assert image["type"] == "output" and image["filename"].endswith(".png")
     assert (comfy_server.base / "output" / image["subfolder"] / image["filename"]).is_file()
     pixels = _pixels(comfy_server, image)
-    assert pixels.shape == (64, 64, 3)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 5          # a real (random-model) picture, not blank
+    plain = _pixels(comfy_server, _images(entry, "save_plain")[0])
+    assert not np.array_equal(pixels, plain)                          # the merged LoRA changed the result
     [crop] = _images(entry, "crops")
     assert _pixels(comfy_server, crop).shape[2] == 3
 
