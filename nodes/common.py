@@ -38,6 +38,20 @@ class ManagedModule(torch.nn.Module):
         self.inner = inner
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters *and* buffers (the HyperLoRA basis lives in non-persistent buffers,
+    which ComfyUI's state_dict-based size estimate would miss)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def managed(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
+    """``module`` in a ModelPatcher that knows its true size, so ComfyUI frees enough memory for it."""
+    holder = ManagedModule(module)
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device,
+                                            size=module_bytes(holder))
+
+
 class HyperLoRAHandle:
     """A loaded HyperLoRA model with its CLIP encoder and face analyser (the ``HYPER_LORA`` type).
 
@@ -50,10 +64,8 @@ class HyperLoRAHandle:
                  names: dict[str, str]) -> None:
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()
-        self.model_patcher = comfy.model_patcher.ModelPatcher(ManagedModule(model), load_device=load_device,
-                                                              offload_device=offload_device)
-        self.clip_patcher = comfy.model_patcher.ModelPatcher(ManagedModule(clip), load_device=load_device,
-                                                             offload_device=offload_device)
+        self.model_patcher = managed(model, load_device, offload_device)
+        self.clip_patcher = managed(clip, load_device, offload_device)
         self.antelope_dir = antelope_dir
         self.provider = provider
         self.names = dict(names)

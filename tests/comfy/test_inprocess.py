@@ -85,6 +85,8 @@ def test_identity_from_a_real_photo(identity_and_lora, small, comfy):
     assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0 and float(crops.std()) > 0.01
     assert len(lora) == 140 * 4 * 3
     assert small.model_patcher.model.inner is small.model   # the HyperLoRA model is managed by a ModelPatcher
+    basis = sum(b.numel() * b.element_size() for b in small.model.buffers())
+    assert small.model_patcher.model_size() >= basis > 0   # ComfyUI's memory accounting sees the basis
     loaded = [lm.model for lm in mm.current_loaded_models]
     assert small.model_patcher in loaded and small.clip_patcher in loaded   # ...and loaded by ComfyUI for use
 
