@@ -103,6 +103,7 @@ def test_identity_node_honours_interrupt(pack, small, photo, comfy):
 
 
 def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, identity_and_lora):
+    import comfy.lora
     import comfy.utils
 
     _identity, lora, _ = identity_and_lora
@@ -111,21 +112,25 @@ def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, i
     (patched,) = pack.nodes["HyperLoRAApply"]().run(base, lora, strength)
     assert patched is not base and not base.patches          # the input model is untouched
     assert len(patched.patches) == 560
-    for prefix, key in KNOWN_TARGETS.items():
-        assert key in patched.patches, key
+    key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
+    targets = {p: key_map[p] for p in {k.split(".")[0] for k in lora}}
+    assert all(targets[p] == key for p, key in KNOWN_TARGETS.items())   # the hand-written mapping agrees
+    assert set(targets.values()) == set(patched.patches)
+    for n, (prefix, key) in enumerate(sorted(targets.items())):         # every patched weight, one at a time
         up = lora[f"{prefix}.lora_up.weight"].double()
         down = lora[f"{prefix}.lora_down.weight"].double()
         alpha = float(lora[f"{prefix}.alpha"])
         assert alpha / down.shape[0] == 0.5                    # alpha = rank / 2 (facts §5.6)
         shape = tuple(up.shape[:1]) + tuple(down.shape[1:])
-        w = torch.randn(shape, generator=torch.Generator().manual_seed(len(key)), dtype=torch.float32)
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(n), dtype=torch.float32)
         comfy.utils.set_attr_param(patched.model, key, w.clone())
         patched.patch_weight_to_device(key, device_to=torch.device("cpu"))
         got = comfy.utils.get_attr(patched.model, key).double()
         expected = w.double() + strength * 0.5 * up @ down
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), key
         assert float((got - w.double()).abs().max()) > 1e-6  # the LoRA did change the weight
-        assert torch.equal(patched.backup[key].weight, w)      # ComfyUI keeps W to unpatch
+        assert torch.equal(patched.backup.pop(key).weight, w)  # ComfyUI keeps W to unpatch
+        comfy.utils.set_attr_param(patched.model, key, torch.empty(shape, device="meta"))   # free it again
 
 
 def test_core_load_lora_model_node_takes_our_lora(pack, comfy, identity_and_lora):
