@@ -112,9 +112,9 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
         base = None
         if model.base_resampler is not None and cond.base_clip_features is not None:
             base = model.base_tokens(put(cond.base_clip_features))
-    return Identity(
-        tokens=tokens.detach().float().cpu(),
-        base_tokens=None if base is None else base.detach().float().cpu(),
+    return Identity(   # clone outside inference mode: plain tensors
+        tokens=tokens.detach().float().cpu().clone(),
+        base_tokens=None if base is None else base.detach().float().cpu().clone(),
         model_name=model.name,
         model_fingerprint=model.fingerprint,
         num_images=len(cond.used),
@@ -164,7 +164,9 @@ def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor
     device, _dtype = model_device(model)
     with torch.inference_mode():
         lora = model.build_lora(tokens.to(device), kind=kind)
-    return {k: v.detach().cpu() for k, v in lora.items()}
+    # clone outside inference mode: plain tensors (usable by any later node, also in-place or with
+    # autograd, e.g. as the start of a LoRA fine-tune) that no longer share one group buffer
+    return {k: v.detach().cpu().clone() for k, v in lora.items()}
 
 
 def lora_from_identity(model: HyperLoRAModel, identity: Identity, *, kind: str = "id") -> dict[str, Tensor]:

@@ -131,3 +131,12 @@ def test_model_without_base(tmp_path):
     with pytest.raises(LoraError, match="has no Base-LoRA"):
         lora_from_identity(m, ident, kind="base")
     assert conditions_needed(m) == (True, True, False)
+
+
+def test_outputs_are_plain_tensors(model):
+    ident = _identity(model, 13)
+    lora = lora_from_identity(model, ident)
+    assert not any(t.is_inference() for t in lora.values())
+    down = next(t for k, t in lora.items() if k.endswith("lora_down.weight"))
+    down.mul_(1.0)                        # in-place use outside inference mode works
+    assert len({t.untyped_storage().data_ptr() for t in lora.values()}) == len(lora)
