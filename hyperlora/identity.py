@@ -102,16 +102,9 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
     }
     if identity.base_tokens is not None:
         meta["base_num_queries"] = str(identity.base_tokens.shape[0])
-    from safetensors.torch import save_file
+    from .safetensors_io import save_file_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_file_atomic(tensors, path, metadata=meta)
     logger.info("Saved identity (%d images, model %s) to %s", identity.num_images, identity.model_name, path)
 
 

@@ -131,16 +131,9 @@ def save_lora_file(
     meta = _standard_metadata(parts)
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    from safetensors.torch import save_file
+    from .safetensors_io import save_file_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_file_atomic(tensors, path, metadata=meta)
     logger.info("Saved LoRA with %d modules to %s", len(parts), path)
 
 

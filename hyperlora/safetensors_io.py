@@ -178,3 +178,26 @@ def check_finite(raw: np.ndarray, code: str, *, path: Path, key: str, scratch: n
         raise ModelFileError(
             f"'{path}': tensor '{key}' contains {bad} NaN/inf value(s); the file is damaged (or was saved from a "
             f"diverged training run). Download the model again.")
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], *,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` as a .safetensors file at ``path`` atomically.
+
+    The file is written next to its destination under a temporary name and renamed into
+    place, so an interrupted save never leaves a half-written file under the real name
+    (the previous file, if any, survives).  Tensors must be contiguous, on the CPU, and
+    must not share storage (``safetensors`` refuses that).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
