@@ -78,15 +78,16 @@ def test_object_info_documents_every_node(comfy_server: ComfyServer):
     assert apply["lora"][0] == "LORA_MODEL" and apply["model"][0] == "MODEL"
 
 
-def test_missing_model_is_refused_with_the_fix(comfy_server: ComfyServer):
-    prompt = {"hl": g.loader(model="sdxl_hyper_id_lora_v1_fidelity"), "img": g.load_image("astronaut.png"),
+@pytest.mark.parametrize("value", ["sdxl_hyper_id_lora_v1_fidelity", None], ids=["stale", "empty_dropdown"])
+def test_missing_model_is_refused_with_the_fix(comfy_server: ComfyServer, value):
+    prompt = {"hl": g.loader(model=value), "img": g.load_image("astronaut.png"),
               "id": g.identity("hl", ["img", 0]),
               "save": {"class_type": "HyperLoRASaveIdentity", "inputs": {"identity": ["id", 0], "filename_prefix": "x"}}}
     with pytest.raises(PromptError) as info:
         comfy_server.post_prompt(prompt)
     errors = info.value.body["node_errors"]["hl"]["errors"]
     text = " ".join(e["details"] for e in errors)
-    assert "sdxl_hyper_id_lora_v1_fidelity" in text and "hyper_lora_modules.json" in text
+    assert str(value) in text and "hyper_lora_modules.json" in text
     assert str(comfy_server.base / "models" / "hyper_lora" / "hyper_lora") in text
 
 
