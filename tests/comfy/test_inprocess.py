@@ -171,6 +171,16 @@ def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
     assert "SDXL" in msg and "module sizes differ" in msg and "(LoRA [" in msg
 
 
+def test_node_choices_match_the_core(pack):
+    from hyperlora.faces import DETECTION_SIZES, FACE_CHOICES
+    from hyperlora.faces_setup import PROVIDERS
+
+    face = pack.nodes["HyperLoRAIdentityFromImages"].INPUT_TYPES()["required"]
+    assert tuple(face["face_choice"][0]) == FACE_CHOICES
+    assert tuple(int(x) for x in face["det_size"][0]) == DETECTION_SIZES
+    assert tuple(pack.nodes["HyperLoRALoader"].INPUT_TYPES()["required"]["provider"][0]) == PROVIDERS
+
+
 def test_loader_names_the_folder_to_fill(pack):
     loader = pack.nodes["HyperLoRALoader"]
     msg = loader.VALIDATE_INPUTS(model="sdxl_hyper_id_lora_v1_fidelity", clip_vision=CLIP_FOLDER, insightface=ANTELOPE)
