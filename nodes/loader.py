@@ -54,8 +54,9 @@ class HyperLoRALoader:
                            "when the zip unpacked one folder too deep)."}),
             "dtype": (list(DTYPES), {
                 "default": "auto",
-                "tooltip": "Precision of the HyperLoRA and CLIP weights: auto = fp16 on GPUs that run it well, "
-                           "fp32 on the CPU."}),
+                "tooltip": "Precision of the HyperLoRA and CLIP weights: auto keeps the LoRA basis as stored "
+                           "(fp16) and runs the resampler and CLIP in fp16 on GPUs that handle it well, fp32 on the "
+                           "CPU; fp16/bf16/fp32 force one precision for everything."}),
             "provider": (list(PROVIDERS), {
                 "default": "auto",
                 "tooltip": "Where face analysis (onnxruntime) runs: auto picks CUDA, ROCm or CoreML when "
@@ -86,7 +87,11 @@ class HyperLoRALoader:
         torch_dtype = pick_dtype(dtype)
         offload = mm.unet_offload_device()
         bar = progress(2)
-        hl_model = load_hyper_lora(folder, dtype=torch_dtype, device=offload)
+        # The 3 GB basis is only summed (memory-bound): with 'auto' it keeps the file's precision
+        # (fp16 for the release) instead of doubling to fp32 on the CPU; the resampler and CLIP
+        # run in the chosen compute precision.
+        basis_dtype = None if dtype == "auto" else torch_dtype
+        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload)
         bar.update(1)
         check_interrupt()
         width = clip_width_needed(hl_model)

@@ -222,3 +222,15 @@ def test_base_lora_of_a_model_without_one_says_so(pack):
     with pytest.raises(Exception) as info:
         pack.nodes["HyperLoRABuildLoRA"]().run(tiny, fake, "base")
     assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)
+
+
+def test_auto_dtype_keeps_the_fp16_basis_and_computes_in_fp32_on_the_cpu(pack):
+    """'auto' on the CPU: the fp16 basis is not doubled to fp32 (3 GB -> 6 GB for the release);
+    the resampler and CLIP compute in fp32.  'fp32' forces fp32 everywhere."""
+    loader = pack.nodes["HyperLoRALoader"]()
+    (auto,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="CPU")
+    assert auto.model.basis_dtype == torch.float16          # the fixture files are fp16, as released
+    assert auto.model.module_dtype == torch.float32
+    assert next(auto.clip.parameters()).dtype == torch.float32
+    (fp32,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    assert fp32.model.basis_dtype == torch.float32
