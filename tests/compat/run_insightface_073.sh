@@ -8,7 +8,8 @@
 # (HYPERLORA_IF073_VENV overrides), installs CPU onnxruntime, torch and insightface==0.7.3
 # (needs gcc and the Python headers: the wheel is built from the sdist), checks that 0.7.3 is
 # really what imports, then runs tests/core/test_faces.py, test_faces_setup.py, test_pipeline.py.
-# Exit status: pytest's (non-zero on any failure; "no tests collected" is a failure too).
+# Exit status: pytest's (non-zero on any failure; "no tests collected" is a failure too);
+# 3 when the environment could not be set up (no compiler, a registry not answering).
 # Reinstalls only when the package list below changes (stamp file in the venv).
 set -euo pipefail
 
@@ -29,9 +30,10 @@ stamp_text="${packages[*]} ${insightface_pin}"
 stamp="$venv/.hyperlora-if073-stamp"
 
 t_start=$SECONDS
+setup_failed() { log "could not set up the insightface 0.7.3 environment: $*"; exit 3; }
 if [ ! -x "$venv/bin/python" ]; then
   log "creating venv $venv"
-  python3 -m venv "$venv"
+  python3 -m venv "$venv" || setup_failed "python3 -m venv"
 fi
 py="$venv/bin/python"
 
@@ -41,14 +43,14 @@ else
   rm -f "$stamp"
   t=$SECONDS
   log "installing ${packages[*]}"
-  "$py" -m pip install -q "${packages[@]}"
+  "$py" -m pip install -q "${packages[@]}" || setup_failed "pip install ${packages[*]}"
   log "  took $((SECONDS - t)) s"
   t=$SECONDS
   command -v gcc >/dev/null 2>&1 || log "warning: no gcc on PATH; building insightface 0.7.3 from its sdist needs one"
   log "installing $insightface_pin (builds a Cython extension)"
   if ! "$py" -m pip install -q "$insightface_pin"; then
     log "build with isolation failed; retrying with --no-build-isolation (numpy and Cython from the venv)"
-    "$py" -m pip install -q --no-build-isolation "$insightface_pin"
+    "$py" -m pip install -q --no-build-isolation "$insightface_pin" || setup_failed "building $insightface_pin"
   fi
   log "  took $((SECONDS - t)) s"
   echo "$stamp_text" > "$stamp"
