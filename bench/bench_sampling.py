@@ -94,6 +94,13 @@ def main() -> None:
             if name == "merged":
                 merge_times.append(first[0])
             times[name] += [run(m) for _ in range(args.repeat)]
+            if name == "merged":
+                # deterministic proof of "merged, no extra work per step": right after sampling the
+                # patched model is loaded; no module may carry an on-the-fly (lowvram) weight patch
+                on_the_fly = sum(1 for mod in patched.model.modules() if getattr(mod, "weight_function", None))
+                lowvram = bool(getattr(patched.model, "model_lowvram", False))
+                print(f"merged model loaded: lowvram={lowvram}, modules patched per step: {on_the_fly} "
+                      f"(0 = the LoRA is merged into the weights)")
         print(f"UNet {args.unet_dtype}, {args.size}x{args.size}, cfg 5, {args.steps} step(s) per run, "
               f"{len(times['plain'])} plain / {len(times['merged'])} merged runs, {torch.get_num_threads()} thread(s), "
               f"load average {os.getloadavg()[0]:.1f}")
