@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -200,6 +201,17 @@ def _check_number(value: float, what: str) -> float:
         raise LoraError(f"{what} must be a finite number, got {value!r}.")
     return v
 
+def _paired_weights(items: Iterable[Any], weights: Iterable[float], *, noun: str, nouns: str,
+                    verb: str) -> tuple[list[Any], list[float]]:
+    """``(items, weights)`` as lists, one finite weight per item; LoraError naming the mismatch."""
+    items, weights = list(items), list(weights)
+    if not items:
+        raise LoraError(f"Cannot {verb} an empty list of {nouns}; give at least one.")
+    if len(weights) != len(items):
+        raise LoraError(f"Got {len(items)} {nouns} but {len(weights)} weights; give exactly one weight per {noun}.")
+    return items, [_check_number(w, f"The weight of {noun} {j}") for j, w in enumerate(weights, start=1)]
+
+
 
 def _check_compatible(
     parts: Sequence[dict[str, tuple[Tensor, Tensor, Tensor | None]]],
@@ -251,13 +263,7 @@ def weighted_sum(loras: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
     """
     if isinstance(loras, Mapping):
         raise LoraError("weighted_sum takes a list of LoRAs, not a single LoRA.")
-    loras = list(loras)
-    weights = list(weights)
-    if not loras:
-        raise LoraError("Cannot combine an empty list of LoRAs; give at least one.")
-    if len(weights) != len(loras):
-        raise LoraError(f"Got {len(loras)} LoRAs but {len(weights)} weights; give exactly one weight per LoRA.")
-    ws = [_check_number(w, f"The weight of LoRA {j}") for j, w in enumerate(weights, start=1)]
+    loras, ws = _paired_weights(loras, weights, noun="LoRA", nouns="LoRAs", verb="combine")
     parts = [_split(lora, f"LoRA {j}") for j, lora in enumerate(loras, start=1)]
     _check_compatible(parts)
 
@@ -311,13 +317,7 @@ def mix_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """
     if isinstance(tokens, Tensor):
         raise LoraError("mix_tokens takes a list of token matrices, not a single tensor.")
-    tokens = list(tokens)
-    weights = list(weights)
-    if not tokens:
-        raise LoraError("Cannot mix an empty list of identities; give at least one.")
-    if len(weights) != len(tokens):
-        raise LoraError(f"Got {len(tokens)} identities but {len(weights)} weights; give exactly one weight per identity.")
-    ws = [_check_number(w, f"The weight of identity {j}") for j, w in enumerate(weights, start=1)]
+    tokens, ws = _paired_weights(tokens, weights, noun="identity", nouns="identities", verb="mix")
     total = math.fsum(ws)
     if abs(total) < 1e-6:
         raise LoraError(
