@@ -22,6 +22,8 @@ preallocated group output: no allocation and no host round trip; on CPU, ATen's 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,34 @@ def token_index(module: int, layer: str) -> int:
     return TOKENS_PER_MODULE * module + 2 * LORA_LAYERS.index(layer)
 
 
-def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out: Tensor | None = None) -> Tensor:
-    """``out[m] = basis[m] @ coeffs[m]``: basis ``[M, N, K]``, coeffs ``[M, K]`` -> ``[M, N]`` (basis dtype)."""
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _mv_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads for the CPU mat-vec kernel (made on first use)."""
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperlora-mv")
+        return _POOLS[workers]
+
+
+def _mv_rows(triples: list[tuple[Tensor, Tensor, Tensor]], inference: bool = False) -> None:
+    # grad / inference mode are thread-local: a worker thread takes the caller's explicitly
+    with torch.inference_mode(inference), torch.no_grad():
+        for b, c, o in triples:
+            torch.mv(b, c, out=o)
+
+
+def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out: Tensor | None = None,
+                   workers: int | None = None) -> Tensor:
+    """``out[m] = basis[m] @ coeffs[m]``: basis ``[M, N, K]``, coeffs ``[M, K]`` -> ``[M, N]`` (basis dtype).
+
+    ``"mv"`` runs one ``torch.mv`` per matrix; on the CPU the matrices are spread over ``workers``
+    threads (default: torch's intra-op thread count), because ATen's fp16 mat-vec kernel with
+    K-wide rows hardly uses a second core by itself.  Each output row is written by exactly one
+    call, so the result is bit-identical for any number of workers.
+    """
     if strategy == "auto":
         strategy = "mv" if basis.device.type == "cpu" else "bmm"
     if strategy == "bmm":
@@ -100,8 +128,14 @@ def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if out is None:
         out = torch.empty(basis.shape[:2], dtype=basis.dtype, device=basis.device)
-    for b, c, o in zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)):
-        torch.mv(b, c, out=o)
+    triples = list(zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)))
+    n = workers if workers is not None else (torch.get_num_threads() if basis.device.type == "cpu" else 1)
+    n = max(1, min(int(n), 8, len(triples)))
+    if n == 1:
+        _mv_rows(triples)
+    else:
+        inference = torch.is_inference_mode_enabled()
+        list(_mv_pool(n).map(_mv_rows, [triples[i::n] for i in range(n)], [inference] * n))
     return out
 
 

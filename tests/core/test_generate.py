@@ -173,6 +173,18 @@ def test_batched_matvec_strategies_agree() -> None:
         batched_matvec(basis, coeffs, strategy="loop")
 
 
+def test_threaded_matvec_is_bit_identical_to_one_thread() -> None:
+    """The CPU kernel spreads matrices over threads; each row is still one torch.mv call."""
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(9, 64, 16, generator=g).half()
+    coeffs = torch.randn(9, 16, generator=g).half()
+    one = batched_matvec(basis, coeffs, strategy="mv", workers=1)
+    for n in (2, 3, 8):
+        assert torch.equal(batched_matvec(basis, coeffs, strategy="mv", workers=n), one)
+    want = torch.stack([torch.mv(basis[m], coeffs[m]) for m in range(9)])
+    assert torch.equal(one, want)
+
+
 def test_groups_cover_every_matrix_once(tiny: Path) -> None:
     arch = read_architecture(tiny)
     groups = make_groups(arch, "id")
