@@ -373,15 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.list:
         for f in plan(model=args.model, clip=not args.skip_clip, antelopev2=not args.skip_antelopev2):
-            print(f"{f.url(args.base_url)} -> {Path(args.models_dir) / f.dest}")
+            sys.stdout.write(f"{f.url(args.base_url)} -> {Path(args.models_dir) / f.dest}\n")
         return 0
     try:
         paths = download_all(args.models_dir, model=args.model, clip=not args.skip_clip,
                              antelopev2=not args.skip_antelopev2, base_url=args.base_url, retries=args.retries)
     except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 1
-    print(f"{len(paths)} files in place under {args.models_dir}")
+    sys.stdout.write(f"{len(paths)} files in place under {args.models_dir}\n")
     return 0
 
 

@@ -367,10 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                height=args.height, overrides=args.overrides, out_dir=args.out,
                                timeout=args.timeout, add_trigger=not args.no_trigger)
     except QueueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError)
         return 1
-    for path in paths:
-        print(path)
+    sys.stdout.write("".join(f"{path}\n" for path in paths))   # the result: one image path a line
     return 0
 
 
