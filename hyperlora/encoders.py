@@ -62,6 +62,14 @@ def _import_transformers() -> Any:
 # ----------------------------------------------------------------------------- key layouts
 
 
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON file of a CLIP folder; ModelFileError saying to download it again when unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"{what} {path} is not readable JSON ({exc}); download it again.") from exc
+
 @dataclass(frozen=True)
 class VisionShape:
     """Architecture numbers of a CLIP vision tower, read off tensor shapes."""
@@ -195,10 +203,7 @@ class ClipProcessorConfig:
                 f"CLIP processor config {path} does not exist; put preprocessor_config.json of "
                 "openai/clip-vit-large-patch14 there, or leave the processor unset to use the standard ViT-L/14 values."
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"CLIP processor config {path} is not readable JSON ({exc}); download it again.") from exc
+        data = _read_json(path, "CLIP processor config")
         size = data.get("size", 224)
         shortest = size.get("shortest_edge", 224) if isinstance(size, dict) else int(size)
         crop = data.get("crop_size", 224)
@@ -379,10 +384,7 @@ class ClipVisionEncoder(nn.Module):
                     f"{needed} is missing; the CLIP folder needs config.json and model.safetensors of "
                     "openai/clip-vit-large-patch14 (models/hyper_lora/clip_vit/clip_vit_large_14/)."
                 )
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{config_file} is not readable JSON ({exc}); download it again.") from exc
+        config = _read_json(config_file, "CLIP config")
         config = config.get("vision_config", config)   # a full CLIPModel config holds the vision part
         state, shape = _load_vision_file(weights, source=str(weights), check_name=str(folder),
                                          num_heads=config.get("num_attention_heads"), require_vit_l14=require_vit_l14)
