@@ -12,11 +12,14 @@ Fast path: matrices with equal (in, out) share a *group*; a group's basis is one
 ``[M, in*rank, K]`` (down) / ``[M, rank*out, K]`` (up), i.e. each basis tensor transposed so
 that K is contiguous.  Building a group is then a batched matrix-vector product over one
 contiguous block (memory-bandwidth bound) on the model's device and dtype, followed by one
-transposing copy of the small result.  Two kernels are available: ``"bmm"`` (one batched
-matmul per group; the right choice on GPUs) and ``"mv"`` (``torch.mv`` per matrix into a
+transposing copy of the small result.  Three kernels are available: ``"bmm"`` (one batched
+matmul per group; the right choice on GPUs), ``"mv"`` (``torch.mv`` per matrix into a
 preallocated group output: no allocation and no host round trip; on CPU, ATen's fp16/bf16
-``bmm`` has no batched mat-vec kernel and is 4-30x slower than its ``mv``).  ``"auto"`` picks
-``"mv"`` on CPU and ``"bmm"`` elsewhere.
+``bmm`` has no batched mat-vec kernel and is 4-30x slower than its ``mv``) and ``"native"``
+(fp16 on x86-64 CPUs: the AVX2 row-dot kernel of ``cpu_kernel``, which streams the basis at the
+memory-bandwidth floor where ATen's fp16 mat-vec with 128-wide rows reaches about half of it).
+``"auto"`` picks ``"native"`` for fp16 on a CPU where that kernel is available, else ``"mv"`` on
+CPU and ``"bmm"`` elsewhere.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import cpu_kernel
 from .checkpoint import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, KOHYA_LAYER, LORA_LAYERS,
                          RESAMPLER_FILE, TOKENS_PER_MODULE, HyperLoRAArchitecture)
 from .errors import ImageInputError, LoraError, ModelFileError
@@ -40,7 +44,7 @@ from .safetensors_io import TensorReader, read_header
 log = logging.getLogger(__name__)
 
 NORM_EPS = 1e-8
-STRATEGIES = ("auto", "mv", "bmm")
+STRATEGIES = ("auto", "mv", "bmm", "native")
 
 
 def normalize_tokens(t: Tensor) -> Tensor:
@@ -110,27 +114,69 @@ def _mv_rows(triples: list[tuple[Tensor, Tensor, Tensor]], inference: bool = Fal
             torch.mv(b, c, out=o)
 
 
+def _workers(basis: Tensor, workers: int | None, units: int) -> int:
+    n = workers if workers is not None else (torch.get_num_threads() if basis.device.type == "cpu" else 1)
+    return max(1, min(int(n), 8, units))
+
+
+def _resolve(strategy: str, basis: Tensor, coeffs: Tensor) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if strategy != "auto":
+        return strategy
+    if basis.device.type != "cpu":
+        return "bmm"
+    if basis.dtype == torch.float16 and cpu_kernel.supports(basis, coeffs):
+        return "native"
+    return "mv"
+
+
+def batched_matvecs(pairs: list[tuple[Tensor, Tensor]], *, strategy: str = "auto",
+                    workers: int | None = None) -> list[Tensor]:
+    """``[batched_matvec(b, c) for b, c in pairs]`` with one thread dispatch for all native pairs."""
+    outs: list[Tensor | None] = [None] * len(pairs)
+    native: list[tuple[Tensor, Tensor, Tensor]] = []
+    for i, (basis, coeffs) in enumerate(pairs):
+        if _resolve(strategy, basis, coeffs) != "native":
+            outs[i] = batched_matvec(basis, coeffs, strategy=strategy, workers=workers)
+            continue
+        if not cpu_kernel.supports(basis, coeffs):
+            raise LoraError("the native CPU kernel needs a contiguous fp16 CPU basis [M, N, K] with K a multiple of "
+                            f"{cpu_kernel.K_MULTIPLE}, coeffs [M, K] and no autograd (got basis {list(basis.shape)} "
+                            f"{basis.dtype} on {basis.device}; kernel: {cpu_kernel.status().reason}); "
+                            "use strategy 'auto' or 'mv'.")
+        out = torch.empty(basis.shape[:2], dtype=basis.dtype)
+        native.append((basis, coeffs.to(torch.float32).contiguous(), out))
+        outs[i] = out
+    if native:
+        rows = sum(b.shape[0] * b.shape[1] for b, _, _ in native)
+        w = _workers(native[0][0], workers, max(1, rows // cpu_kernel.CHUNK_ROWS))
+        cpu_kernel.rowdot_f16(native, workers=w, pool=_mv_pool(w - 1) if w > 1 else None)
+    return [o for o in outs if o is not None]
+
+
 def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out: Tensor | None = None,
                    workers: int | None = None) -> Tensor:
     """``out[m] = basis[m] @ coeffs[m]``: basis ``[M, N, K]``, coeffs ``[M, K]`` -> ``[M, N]`` (basis dtype).
 
     ``"mv"`` runs one ``torch.mv`` per matrix; on the CPU the matrices are spread over ``workers``
     threads (default: torch's intra-op thread count), because ATen's fp16 mat-vec kernel with
-    K-wide rows hardly uses a second core by itself.  Each output row is written by exactly one
-    call, so the result is bit-identical for any number of workers.
+    K-wide rows hardly uses a second core by itself.  ``"native"`` (fp16, CPU, K % 8 == 0) runs
+    ``cpu_kernel.rowdot_f16`` on the same number of threads and raises ``LoraError`` when that
+    kernel is unavailable or cannot take these tensors.  Each output value is computed by exactly
+    one call in a fixed order, so both are bit-identical for any number of workers.
     """
-    if strategy == "auto":
-        strategy = "mv" if basis.device.type == "cpu" else "bmm"
+    strategy = _resolve(strategy, basis, coeffs)
+    if strategy == "native":
+        res = batched_matvecs([(basis, coeffs)], strategy="native", workers=workers)[0]
+        return res if out is None else out.copy_(res)
     if strategy == "bmm":
         res = torch.bmm(basis, coeffs.unsqueeze(-1)).squeeze(-1)
         return res if out is None else out.copy_(res)
-    if strategy != "mv":
-        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
     if out is None:
         out = torch.empty(basis.shape[:2], dtype=basis.dtype, device=basis.device)
     triples = list(zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)))
-    n = workers if workers is not None else (torch.get_num_threads() if basis.device.type == "cpu" else 1)
-    n = max(1, min(int(n), 8, len(triples)))
+    n = _workers(basis, workers, len(triples))
     if n == 1:
         _mv_rows(triples)
     else:
@@ -290,11 +336,14 @@ class HyperLoRAModel(nn.Module):
         t = tokens.to(device=self.device, dtype=self.basis_dtype)
         slots: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         with torch.no_grad():
-            for g, down_b, up_b in self.basis_groups(kind):
+            parts = self.basis_groups(kind)
+            pairs = []
+            for g, down_b, up_b in parts:
                 tok = getattr(self, g.token_buffer)
+                pairs += [(down_b, t.index_select(0, tok)), (up_b, t.index_select(0, tok + 1))]
+            results = batched_matvecs(pairs, strategy=strategy)       # [M, in*rank], [M, rank*out] per group
+            for (g, _, _), down, up in zip(parts, results[0::2], results[1::2]):
                 m, r = len(g.entries), g.rank
-                down = batched_matvec(down_b, t.index_select(0, tok), strategy=strategy)      # [M, in*rank]
-                up = batched_matvec(up_b, t.index_select(0, tok + 1), strategy=strategy)      # [M, rank*out]
                 down_t = torch.empty(m, r, g.in_features, dtype=out_dtype, device=self.device)
                 down_t.copy_(down.view(m, g.in_features, r).transpose(1, 2))
                 up_t = torch.empty(m, g.out_features, r, dtype=out_dtype, device=self.device)
