@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -64,11 +65,23 @@ def reset_peak_rss() -> bool:
 
 
 def timed(fn, repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    return interleaved({"fn": fn}, repeat)["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Time every function ``repeat`` times, round-robin (one warm-up call each first).
+
+    On a shared machine a burst of load from a neighbour then hits every function alike
+    instead of skewing the one that happened to be measured at that moment.
+    """
+    for fn in fns.values():
         fn()
-        out.append(time.perf_counter() - t0)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
     return out
 
 
@@ -126,7 +139,7 @@ def loop_same_layout_seconds(model, tokens: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def floor_seconds(model, repeat: int) -> dict[str, list[float]]:
+def floor_passes(model) -> dict[str, Callable[[], object]]:
     """One streaming pass over every group buffer (the basis' exact bytes) for a few kernels.
 
     ``mv{c}``: a single fp16 ``torch.mv`` per contiguous buffer viewed as ``[-1, c]``
@@ -135,20 +148,14 @@ def floor_seconds(model, repeat: int) -> dict[str, list[float]]:
     """
     bufs = [b for _, d, u in model.basis_groups("id") for b in (d, u)]
     K = model.arch.hyper_dim
-    out: dict[str, list[float]] = {}
+    out: dict[str, Callable[[], object]] = {}
     for cols in (K, 1024, 8192):
         if any(b.numel() % cols for b in bufs):
             continue
         views = [b.view(-1, cols) for b in bufs]
         vec = torch.randn(cols, dtype=bufs[0].dtype)
-
-        def one_pass(views=views, vec=vec) -> None:
-            for v in views:
-                torch.mv(v, vec)
-
-        one_pass()
-        out[f"mv{cols}"] = timed(one_pass, repeat)
-    out["sum"] = timed(lambda: [b.sum() for b in bufs], repeat)
+        out[f"mv{cols}"] = lambda views=views, vec=vec: [torch.mv(v, vec) for v in views]
+    out["sum"] = lambda: [b.sum() for b in bufs]
     return out
 
 
@@ -187,10 +194,12 @@ def main() -> None:
     lora_bytes = sum(v.numel() * v.element_size() for v in lora.values())
     del lora
 
-    fast = timed(lambda: model.build_lora(tokens), args.repeat)
-    mv = timed(lambda: model.build_lora(tokens, strategy="mv"), args.repeat)
+    # the fast path, the mv kernel and every streaming pass, round-robin in one loop
+    runs = interleaved({"fast": lambda: model.build_lora(tokens), "mv": lambda: model.build_lora(tokens, strategy="mv"),
+                        **floor_passes(model)}, args.repeat)
+    fast, mv = runs.pop("fast"), runs.pop("mv")
+    floors = runs
     bmm = timed(lambda: model.build_lora(tokens, strategy="bmm"), max(2, args.repeat // 2))
-    floors = floor_seconds(model, args.repeat)
     naive = naive_loop_seconds(model, tokens)
     same = min(loop_same_layout_seconds(model, tokens) for _ in range(3))
 
