@@ -47,10 +47,15 @@ K_MULTIPLE = 8                          # the kernel needs K % 8 == 0 (released 
 
 @dataclass(frozen=True)
 class KernelStatus:
-    """Whether the native kernel is in use; ``reason`` is a sentence for logs and the README."""
+    """Whether the native kernel is in use; ``reason`` is a sentence for logs and the README.
+
+    ``unexpected``: a compiler was there but the build or the self-test failed (logged as a warning;
+    the expected cases - switched off, no compiler, other CPU - are logged at INFO).
+    """
     available: bool
     reason: str
     library: Path | None = None
+    unexpected: bool = False
 
 
 _lock = threading.Lock()
@@ -163,13 +168,14 @@ def _load() -> tuple[KernelStatus, ctypes.CDLL | None]:
             compile_library(cc, path)
             lib = _open(path)
         except (RuntimeError, OSError) as e:
-            return KernelStatus(False, f"the native CPU kernel did not build: {e}", path), None
+            return KernelStatus(False, f"the native CPU kernel did not build: {e}", path, unexpected=True), None
         log.info("HyperLoRA: built the native CPU kernel %s in %.1f s", path, time.perf_counter() - t0)
     if lib.hl_cpu_supported() != 1:
         return KernelStatus(False, "this CPU lacks AVX2/FMA/F16C (or the OS does not enable AVX)", path), None
     failure = _self_test(lib)
     if failure:
-        return KernelStatus(False, f"the native CPU kernel {path} failed its self-test: {failure}", path), None
+        return KernelStatus(False, f"the native CPU kernel {path} failed its self-test: {failure}", path,
+                            unexpected=True), None
     return KernelStatus(True, f"native AVX2 kernel {path}", path), lib
 
 
@@ -180,9 +186,8 @@ def _get() -> tuple[KernelStatus, ctypes.CDLL | None]:
             _state = _load()
             st = _state[0]
             if not st.available:
-                level = logging.WARNING if "did not build" in st.reason or "self-test" in st.reason else logging.INFO
-                log.log(level, "HyperLoRA: fp16 LoRA builds on CPU use PyTorch's mat-vec (about 1.6x slower): %s",
-                        st.reason)
+                log.log(logging.WARNING if st.unexpected else logging.INFO,
+                        "HyperLoRA: fp16 LoRA builds on CPU use PyTorch's mat-vec (about 1.6x slower): %s", st.reason)
         return _state
 
 
