@@ -7,9 +7,10 @@
  *
  *     out[r] = fp16( sum_k basis[r, k] * coeffs[m, k] )        (fp32 arithmetic)
  *
- * The sum of one row is always evaluated in the same order, whichever rows a call covers: eight
- * fp32 lanes j (lane j sums k = j, j + 8, j + 16, ... with fused multiply-adds, in increasing k),
- * then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then one round-to-nearest-even to fp16.
+ * The sum of one row is always evaluated in the same order, whichever rows a call covers: the row
+ * is read in chunks q of 8 values (k = 8q .. 8q + 7); chunk q is multiplied into accumulator
+ * q % 2 (eight fp32 lanes each, fused multiply-add, increasing q); the lanes l = even + odd are
+ * summed as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); one round-to-nearest-even to fp16.
  * So splitting the rows over threads never changes a bit of the result.
  *
  * Built at run time by cpu_kernel.py with the system C compiler (no -march flags: the AVX2 code
@@ -50,37 +51,61 @@ int hl_cpu_supported(void) {
     return cpu_ok;
 }
 
-/* fp32 lanes of one row: lane j = fma chain over k = j, j + 8, ... */
+#define HL_LOAD(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+
+/* fp32 lanes of one row: chunk q (elements 8q .. 8q+7) goes into accumulator q % 2 by FMA in
+   increasing q; the lanes are even + odd */
 HL_TARGET static inline __m256 row_lanes(const uint16_t *row, const float *c, int64_t k) {
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t j = 0; j < k; j += 8)
-        s = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + j))), _mm256_loadu_ps(c + j), s);
-    return s;
+    __m256 e = _mm256_setzero_ps(), o = e;
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        e = _mm256_fmadd_ps(HL_LOAD(row + j), _mm256_loadu_ps(c + j), e);
+        o = _mm256_fmadd_ps(HL_LOAD(row + j + 8), _mm256_loadu_ps(c + j + 8), o);
+    }
+    if (j < k) e = _mm256_fmadd_ps(HL_LOAD(row + j), _mm256_loadu_ps(c + j), e);
+    return _mm256_add_ps(e, o);
+}
+
+/* four rows at once: eight independent FMA chains, and each iteration reads 32 contiguous bytes of
+   every row (measured: 1.05-1.16x a plain streaming read on two cores, where eight rows with one
+   chain each reached 1.2-1.5x; software prefetch made this layout slower) */
+HL_TARGET static inline void four_rows(const uint16_t *row, const float *c, int64_t k, __m256 *s) {
+    __m256 e0 = _mm256_setzero_ps(), o0 = e0, e1 = e0, o1 = e0, e2 = e0, o2 = e0, e3 = e0, o3 = e0;
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16) {
+        const __m256 ce = _mm256_loadu_ps(c + j), co = _mm256_loadu_ps(c + j + 8);
+        e0 = _mm256_fmadd_ps(HL_LOAD(row + j), ce, e0);
+        o0 = _mm256_fmadd_ps(HL_LOAD(row + j + 8), co, o0);
+        e1 = _mm256_fmadd_ps(HL_LOAD(row + k + j), ce, e1);
+        o1 = _mm256_fmadd_ps(HL_LOAD(row + k + j + 8), co, o1);
+        e2 = _mm256_fmadd_ps(HL_LOAD(row + 2 * k + j), ce, e2);
+        o2 = _mm256_fmadd_ps(HL_LOAD(row + 2 * k + j + 8), co, o2);
+        e3 = _mm256_fmadd_ps(HL_LOAD(row + 3 * k + j), ce, e3);
+        o3 = _mm256_fmadd_ps(HL_LOAD(row + 3 * k + j + 8), co, o3);
+    }
+    if (j < k) {
+        const __m256 ce = _mm256_loadu_ps(c + j);
+        e0 = _mm256_fmadd_ps(HL_LOAD(row + j), ce, e0);
+        e1 = _mm256_fmadd_ps(HL_LOAD(row + k + j), ce, e1);
+        e2 = _mm256_fmadd_ps(HL_LOAD(row + 2 * k + j), ce, e2);
+        e3 = _mm256_fmadd_ps(HL_LOAD(row + 3 * k + j), ce, e3);
+    }
+    s[0] = _mm256_add_ps(e0, o0);
+    s[1] = _mm256_add_ps(e1, o1);
+    s[2] = _mm256_add_ps(e2, o2);
+    s[3] = _mm256_add_ps(e3, o3);
 }
 
 /* rows [0, n) of one matrix: a [n, k] fp16, c [k] fp32, y [n] fp16; k % 8 == 0 */
 HL_TARGET static void rows_f16(const uint16_t *a, const float *c, uint16_t *y, int64_t n, int64_t k) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        /* eight named accumulators (an array would live on the stack with some compilers) */
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
-        const uint16_t *row = a + i * k;
-        /* software prefetch into L2 of the block four blocks ahead: hardware prefetch alone leaves
-           one core at about 2/3 of a plain streaming read (T1 measured better than T0 and NTA);
-           prefetching past the end of the buffer cannot fault */
-        const char *ahead = (const char *)(row + 32 * k);
-        for (int64_t j = 0; j < k; j += 8) {
-            _mm_prefetch(ahead + 16 * j, _MM_HINT_T1);
-            _mm_prefetch(ahead + 16 * j + 64, _MM_HINT_T1);
-            const __m256 cj = _mm256_loadu_ps(c + j);
-#define HL_ACC(s, r) s = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + (r) * k + j))), cj, s)
-            HL_ACC(s0, 0); HL_ACC(s1, 1); HL_ACC(s2, 2); HL_ACC(s3, 3);
-            HL_ACC(s4, 4); HL_ACC(s5, 5); HL_ACC(s6, 6); HL_ACC(s7, 7);
-#undef HL_ACC
-        }
+        __m256 s[8];
+        four_rows(a + i * k, c, k, s);
+        four_rows(a + (i + 4) * k, c, k, s + 4);
         /* per row: [(l0+l1)+(l2+l3) in the low 128-bit half, (l4+l5)+(l6+l7) in the high half] */
-        const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
-        const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(s4, s5), _mm256_hadd_ps(s6, s7));
+        const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+        const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
         const __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
         _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_add_ps(lo, hi), _MM_FROUND_TO_NEAREST_INT));
     }

@@ -65,17 +65,18 @@ def rand_case(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def documented_order(basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """Slow emulation of the order stated in cpu_kernel.c, in numpy fp32 with exact products.
 
-    lane j = fma chain over k = j, j+8, ... (fp16 x fp32 products are exact in float64, one
-    rounding to fp32 per step); then ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) in fp32; then fp16.
+    Chunk q (values 8q .. 8q+7) goes into accumulator q % 2 by FMA in increasing q (fp16 x fp32
+    products are exact in float64, one rounding to fp32 per step); lanes l = even + odd; then
+    ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) in fp32; then one rounding to fp16.
     """
     b = basis.double().numpy()
     c = coeffs.float().double().numpy()
     m, n, k = b.shape
-    lanes = np.zeros((m, n, 8), dtype=np.float32)
-    for j0 in range(0, k, 8):
-        prod = b[:, :, j0:j0 + 8] * c[:, None, j0:j0 + 8]                  # exact
-        lanes = (prod + lanes.astype(np.float64)).astype(np.float32)      # fma: one rounding
-    l = lanes
+    acc = [np.zeros((m, n, 8), dtype=np.float32) for _ in range(2)]
+    for q in range(k // 8):
+        prod = b[:, :, 8 * q:8 * q + 8] * c[:, None, 8 * q:8 * q + 8]           # exact
+        acc[q % 2] = (prod + acc[q % 2].astype(np.float64)).astype(np.float32)  # fma: one rounding
+    l = acc[0] + acc[1]
     s = ((l[..., 0] + l[..., 1]) + (l[..., 2] + l[..., 3])) + ((l[..., 4] + l[..., 5]) + (l[..., 6] + l[..., 7]))
     return torch.from_numpy(s.astype(np.float32)).half()
 
@@ -88,7 +89,8 @@ def test_kernel_is_available_where_it_can_build(fresh: Path) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 21, 24), (5, 1003, 128), (2, 8, 128), (4, 17, 136)])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 21, 24), (5, 1003, 128), (2, 8, 128), (4, 17, 136),
+                                   (2, 13, 16), (3, 9, 40)])
 def test_kernel_follows_its_documented_summation_order_bit_for_bit(fresh: Path, shape) -> None:
     basis, coeffs = rand_case(*shape, seed=sum(shape))
     got = batched_matvec(basis, coeffs, strategy="native")
