@@ -163,7 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=None, help="test-model cache dir (default: the tests' cache)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--tokens", action="store_true", help="also time id_tokens for one image (fp16 resampler)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
