@@ -380,4 +380,28 @@ __all__ = [
     "save_lora_file",
     "scale_lora",
     "weighted_sum",
+    "step_window",
 ]
+
+
+def step_window(start_percent: float, end_percent: float) -> list[tuple[float, float]]:
+    """Strength keyframes ``[(strength multiplier, start percent), ...]`` that switch a LoRA on for
+    the sampling steps in ``[start_percent, end_percent)`` and off elsewhere (empty = always on).
+
+    Percent 0 is the first (noisiest) step, 1 the end of sampling, as in ComfyUI's timestep
+    ranges.  Raises :class:`LoraError` for a window outside 0..1 or one that ends before it starts.
+    """
+    for value, name in ((start_percent, "start_percent"), (end_percent, "end_percent")):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise LoraError(f"{name} is {value!r}; it must be between 0 and 1 (0 = first step, 1 = end).")
+    if end_percent <= start_percent:
+        raise LoraError(f"end_percent ({end_percent}) must be larger than start_percent ({start_percent}); "
+                        "the identity would apply to no step. Use 0 and 1 for all steps.")
+    keys: list[tuple[float, float]] = []
+    if start_percent > 0:
+        keys.append((0.0, 0.0))
+    if start_percent > 0 or end_percent < 1:
+        keys.append((1.0, float(start_percent)))
+    if end_percent < 1:
+        keys.append((0.0, float(end_percent)))
+    return keys

@@ -23,6 +23,7 @@ EXPECTED = {  # node id -> (category, output types)
     "HyperLoRABuildLoRA": ("HyperLoRA/lora", ["LORA_MODEL"]),
     "HyperLoRAApply": ("HyperLoRA/lora", ["MODEL"]),
     "HyperLoRAApplyFromImages": ("HyperLoRA/lora", ["MODEL", "IMAGE"]),
+    "HyperLoRAConditioning": ("HyperLoRA/lora", ["CONDITIONING", "CONDITIONING", "HOOKS"]),
     "HyperLoRASaveIdentity": ("HyperLoRA/io", []),
     "HyperLoRALoadIdentity": ("HyperLoRA/io", ["HYPER_LORA_ID"]),
     "HyperLoRAExportLoRA": ("HyperLoRA/io", []),

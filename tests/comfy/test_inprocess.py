@@ -17,7 +17,7 @@ pytestmark = pytest.mark.comfy
 NODE_IDS = {
     "HyperLoRALoader", "HyperLoRAIdentityFromImages", "HyperLoRABuildLoRA", "HyperLoRAApply",
     "HyperLoRAApplyFromImages", "HyperLoRASaveIdentity", "HyperLoRALoadIdentity", "HyperLoRAExportLoRA",
-    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider",
+    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider", "HyperLoRAConditioning",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")
@@ -157,6 +157,76 @@ def test_apply_on_sd15_stops_with_a_clear_error(pack, comfy, identity_and_lora):
     assert "SD15" in msg and "SDXL" in msg and "load an SDXL checkpoint" in msg
     assert "of 560 LoRA modules do not land" in msg
     assert not sd15.patches
+
+
+def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack, comfy, identity_and_lora):
+    import comfy.hooks
+
+    _identity, lora, _ = identity_and_lora
+    cond = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    neg = [[torch.ones(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    mask = torch.zeros(64, 64)
+    mask[:, :32] = 1
+    pos_out, neg_out, hooks = pack.nodes["HyperLoRAConditioning"]().run(
+        cond, neg, lora, 0.85, 0.2, 0.8, mask=mask, mask_strength=0.7, set_cond_area="mask bounds")
+    [hook] = hooks.hooks
+    assert type(hook).__name__ == "CheckedLoraHook" and isinstance(hook, comfy.hooks.WeightHook)
+    assert hook.weights is lora and hook._strength_model == 0.85 and hook._strength_clip == 0.0
+    frames = [(k.strength, k.start_percent) for k in hook.hook_keyframe.keyframes]
+    assert frames == [(0.0, 0.0), (1.0, 0.2), (0.0, 0.8)]
+    for out, src in ((pos_out, cond), (neg_out, neg)):
+        [[tensor, meta]] = out
+        assert tensor is src[0][0]                                    # the prompt itself is untouched
+        assert meta["hooks"].contains(hook) and "hooks" not in src[0][1]
+        assert meta["mask"].shape == (1, 64, 64) and meta["set_area_to_bounds"] is True
+        assert meta["mask_strength"] == 0.7
+    _, _, always = pack.nodes["HyperLoRAConditioning"]().run(cond, neg, lora, 1.0, 0.0, 1.0)
+    assert always.hooks[0].hook_keyframe.keyframes == []               # no schedule: on for every step
+
+
+def test_step_window_switches_the_identity_on_the_right_steps(pack, comfy, identity_and_lora):
+    """ComfyUI's own keyframe code, driven over a 10-step 'normal' SDXL schedule: step i starts at
+    i/9 of sampling (the schedule ends on sigma_min), so the window 0.25-0.65 must cover steps 3, 4
+    and 5 (0.33, 0.44, 0.56) only."""
+    from types import SimpleNamespace
+
+    import comfy.model_base
+    import comfy.samplers
+    from tests.fixtures.sdxl import model_config
+
+    _identity, lora, _ = identity_and_lora
+    sampling = comfy.model_base.model_sampling(model_config(comfy, "SDXL"), comfy.model_base.ModelType.EPS)
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 10)
+    percents = [1 - float(sampling.timestep(s)) / 999 for s in sigmas[:-1]]
+    assert percents == pytest.approx([i / 9 for i in range(10)], abs=1e-3)
+    for (start, end), want in (((0.25, 0.65), [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]),
+                               ((0.0, 0.35), [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]),
+                               ((0.55, 1.0), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]),
+                               ((0.0, 1.0), [1] * 10)):
+        (_, _, hooks) = pack.nodes["HyperLoRAConditioning"]().run([], [], lora, 0.5, start, end)
+        [hook] = hooks.hooks
+        hook.initialize_timesteps(SimpleNamespace(model_sampling=sampling))
+        got = []
+        for sigma in sigmas[:-1]:
+            hook.hook_keyframe.prepare_current_keyframe(curr_t=sigma, transformer_options={"sample_sigmas": sigmas})
+            got.append(hook.strength_model)
+        assert got == [0.5 * w for w in want], (start, end)
+
+
+def test_identity_hook_lands_on_sdxl_and_refuses_sd15(pack, comfy, identity_and_lora):
+    import comfy.hooks
+
+    _identity, lora, _ = identity_and_lora
+    (_, _, hooks) = pack.nodes["HyperLoRAConditioning"]().run([], [], lora, 0.85, 0.0, 1.0)
+    [hook] = hooks.hooks
+    sdxl = _patcher(comfy, "SDXL")
+    assert hook.add_hook_patches(sdxl, {}, {}, comfy.hooks.HookGroup()) is True
+    assert len(sdxl.hook_patches[hook.hook_ref]) == 560
+    sd15 = _patcher(comfy, "SD15")
+    with pytest.raises(Exception) as info:
+        hook.add_hook_patches(sd15, {}, {}, comfy.hooks.HookGroup())
+    assert type(info.value).__name__ == "LoraError" and "SD15" in str(info.value)
+    assert not sd15.hook_patches
 
 
 def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):

@@ -1,0 +1,96 @@
+"""Identity on a prompt instead of the whole model: ComfyUI weight hooks with a step window and
+an optional mask, so two identities on two masked prompts put two people into one image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import comfy.hooks
+
+from ..hyperlora.lora import step_window
+from .common import CATEGORY, LORA_MODEL
+from .lora import STRENGTH, check_lora_lands
+
+
+class CheckedLoraHook(comfy.hooks.WeightHook):
+    """ComfyUI's LoRA weight hook, plus our landing check on the model it is registered on (an SD1.5
+    or Flux model gets the same clear error as HyperLoRA Apply, instead of a silent no-op)."""
+
+    def add_hook_patches(self, model: Any, model_options: dict, target_dict: dict, registered: Any) -> bool:
+        if target_dict.get("target") != comfy.hooks.EnumWeightTarget.Clip and self.need_weight_init:
+            check_lora_lands(model, self.weights)
+        return super().add_hook_patches(model, model_options, target_dict, registered)
+
+
+def identity_hooks(lora: dict[str, torch.Tensor], strength: float, start_percent: float,
+                   end_percent: float) -> comfy.hooks.HookGroup:
+    """A HOOKS group holding one checked LoRA hook (UNet only) active in the given step window."""
+    keys = step_window(start_percent, end_percent)
+    hook = CheckedLoraHook(strength_model=strength, strength_clip=0.0)
+    hook.weights = lora
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    if keys:
+        frames = comfy.hooks.HookKeyframeGroup()
+        for mult, start in keys:
+            frames.add(comfy.hooks.HookKeyframe(strength=mult, start_percent=start))
+        group.set_keyframes_on_hooks(hook_kf=frames)
+    return group
+
+
+class HyperLoRAConditioning:
+    DESCRIPTION = (
+        "Puts the identity on a prompt instead of merging it into the model: only for the sampling steps "
+        "between start_percent and end_percent, and with a mask only in that region of the image. Two of these "
+        "on two masked prompts, joined with Conditioning (Combine), give two different people in one image. "
+        "Connect the plain SDXL model to the KSampler (not one that already has the LoRA merged).")
+    CATEGORY = f"{CATEGORY}/lora"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "HOOKS")
+    RETURN_NAMES = ("positive", "negative", "hooks")
+    OUTPUT_TOOLTIPS = (
+        "The positive prompt carrying the identity (and the mask, if given).",
+        "The negative prompt carrying the same identity and mask, so guidance compares like with like.",
+        "The identity as ComfyUI hooks, for the core hook nodes (Cond Set Props, Combine Hooks, ...).")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "The prompt for this person (with the trigger words)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
+                "lora": (LORA_MODEL, {"tooltip": "The LoRA from Build LoRA, Mix Identities or Concept Slider."}),
+                "strength": STRENGTH,
+                "start_percent": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                    "tooltip": "First part of sampling where the identity applies (0 = from the first step). "
+                               "Starting later (e.g. 0.2) leaves the composition to the prompt."}),
+                "end_percent": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                    "tooltip": "Where the identity stops (1 = until the last step)."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Where in the image this person is (white = here). Without a mask "
+                                             "the identity applies to the whole image."}),
+                "mask_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                            "tooltip": "Weight of this masked prompt against the others."}),
+                "set_cond_area": (["default", "mask bounds"], {
+                    "default": "default",
+                    "tooltip": "'mask bounds' samples this prompt only inside the mask's bounding box "
+                               "(sharper regions, a little slower)."}),
+            },
+        }
+
+    def run(self, positive: list, negative: list, lora: dict[str, torch.Tensor], strength: float,
+            start_percent: float, end_percent: float, mask: torch.Tensor | None = None, mask_strength: float = 1.0,
+            set_cond_area: str = "default") -> tuple[list, list, comfy.hooks.HookGroup]:
+        hooks = identity_hooks(lora, strength, start_percent, end_percent)
+        pos, neg = comfy.hooks.set_conds_props(conds=[positive, negative], strength=mask_strength,
+                                               set_cond_area=set_cond_area, mask=mask, hooks=hooks)
+        return (pos, neg, hooks)
+
+
+NODE_CLASS_MAPPINGS = {"HyperLoRAConditioning": HyperLoRAConditioning}
+NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRAConditioning": "HyperLoRA Identity on Prompt (regions, steps)"}
