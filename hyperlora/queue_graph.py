@@ -25,6 +25,7 @@ API_DIR = WORKFLOW_DIR / "api"          # API twins; workflows/*.json are the UI
 STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
     "HyperLoRAApply": ("strength",),
     "HyperLoRAApplyFromImages": ("strength",),
+    "HyperLoRAConditioning": ("strength",),
     "LoraLoader": ("strength_model",),
     "LoraLoaderModelOnly": ("strength_model",),
 }

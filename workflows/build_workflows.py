@@ -68,10 +68,10 @@ def hyper_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
 
 
 def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float, y: float = 0, prefix: str,
-             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None) -> list[Node]:
+             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None, text: str = PROMPT) -> list[Node]:
     """Prompts, empty latent, KSampler (authors' settings), decode, save. Returns the created nodes."""
     pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (x, y), node_width=400,
-                 clip=clip, text=PROMPT)
+                 clip=clip, text=text)
     neg = wf.add("CLIPTextEncode", "Negative prompt", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
     latent = wf.add("EmptyLatentImage", "Image size", (x, y + 440), node_width=400, width=1024, height=1024,
                     batch_size=1)
@@ -296,9 +296,62 @@ def identity_load() -> Workflow:
     return wf
 
 
+def two_people() -> Workflow:
+    wf = Workflow("two_people", "HyperLoRA: two different people in one image",
+                  "two face photos -> two identities, each on its own half of the image (Identity on Prompt + masks)",
+                  "Load person A (shown on the left) and person B (on the right). Each identity is put on its own "
+                  "prompt with a mask (Identity on Prompt), so ComfyUI applies A's LoRA only to the left half and "
+                  "B's only to the right half; the scene prompt covers the whole picture. The KSampler takes the "
+                  "plain SDXL model. start_percent 0.0 / end_percent 1.0 apply the identities to every step; a "
+                  "later start leaves more of the composition to the prompt. Move the masks for other layouts.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa = face_photo(wf, "Face photo A (left)", (0, 480), "person_a.png")
+    pb = face_photo(wf, "Face photo B (right)", (0, 840), "person_b.png")
+    ia = identity(wf, hl, pa, "Identity A", (380, 480))
+    ib = identity(wf, hl, pb, "Identity B", (380, 840))
+    la = wf.add("HyperLoRABuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
+    lb = wf.add("HyperLoRABuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb], "#8A8")
+    empty = wf.add("SolidMask", "Empty mask", (760, 1120), value=0.0, width=1024, height=1024)
+    half = wf.add("SolidMask", "Half-width mask", (760, 1270), value=1.0, width=512, height=1024)
+    left = wf.add("MaskComposite", "Left half (person A)", (760, 1420), destination=empty, source=half, x=0, y=0,
+                  operation="add")
+    right = wf.add("MaskComposite", "Right half (person B)", (760, 1620), destination=empty, source=half, x=512,
+                   y=0, operation="add")
+    wf.group("Where each person is", [empty, half, left, right], "#a1309b")
+    holder: dict[str, Node] = {}
+
+    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
+        text_a = wf.add("CLIPTextEncode", "Prompt for person A (left)", (1200, 700), node_width=400, clip=skip,
+                        text=TRIGGER + "a person on the left, natural light")
+        text_b = wf.add("CLIPTextEncode", "Prompt for person B (right)", (1200, 930), node_width=400, clip=skip,
+                        text=TRIGGER + "a person on the right, natural light")
+        on_a = wf.add("HyperLoRAConditioning", "Identity A on the left", (1640, 700), positive=text_a, negative=neg,
+                      lora=la, strength=0.85, start_percent=0.0, end_percent=1.0, mask=left, mask_strength=1.0,
+                      set_cond_area="default")
+        on_b = wf.add("HyperLoRAConditioning", "Identity B on the right", (1640, 1000), positive=text_b,
+                      negative=neg, lora=lb, strength=0.85, start_percent=0.0, end_percent=1.0, mask=right,
+                      mask_strength=1.0, set_cond_area="default")
+        scene_a = wf.add("ConditioningCombine", "Scene + person A", (2000, 700), conditioning_1=pos,
+                         conditioning_2=on_a[0])
+        both = wf.add("ConditioningCombine", "Scene + both people", (2000, 820), conditioning_1=scene_a,
+                      conditioning_2=on_b[0])
+        negs = wf.add("ConditioningCombine", "Negative for both people", (2000, 940), conditioning_1=on_a[1],
+                      conditioning_2=on_b[1])
+        holder["nodes"] = [text_a, text_b, on_a, on_b, scene_a, both, negs]
+        return both[0], negs[0]
+
+    sampling(wf, ckpt[0], skip, ckpt[2], x=760, prefix="HyperLoRA/two_people", conditioning=conditioning,
+             text=TRIGGER + "photo of two people side by side, upper body, natural window light, detailed skin")
+    wf.group("Identities on their regions", holder["nodes"], "#8A8")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
-                                          identity_load)
+                                          identity_load, two_people)
 
 
 def readme(workflows: list[Workflow]) -> str:

@@ -129,7 +129,7 @@ def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_workflow_exists_in_both_formats():
     assert UI_NAMES == API_NAMES
-    assert len(UI_NAMES) == 9
+    assert len(UI_NAMES) == 10
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -240,7 +240,7 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     assert "not_there.safetensors" in json.dumps(node_errors[first_loader]["errors"])
 
 
-RUN_ALONE = ("concept_slider", "controlnet_pose")
+RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people")
 
 
 @pytest.mark.slow
