@@ -205,7 +205,13 @@ def validate(pack, comfy_base, fixture_files):
 
     import execution
     import folder_paths
+    import nodes as comfy_nodes
 
+    # core nodes that live in comfy_extras (the server loads them all; this process only what the workflows use)
+    extras = Path(comfy_nodes.__file__).resolve().parent / "comfy_extras"
+    for extra in ("nodes_mask.py",):
+        if not asyncio.run(comfy_nodes.load_custom_node(str(extras / extra), module_parent="comfy_extras")):
+            raise RuntimeError(f"ComfyUI could not load comfy_extras/{extra}")
     folder_paths.add_model_folder_path("controlnet", str(comfy_base.models / "controlnet"), is_default=True)
     placeholders = [comfy_base.models / "loras" / "hyperlora" / "validation_only_00001_.safetensors",
                     comfy_base.models / "hyper_lora" / "identities" / "validation_only_00001_.safetensors"]

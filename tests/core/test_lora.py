@@ -298,3 +298,18 @@ def test_mix_errors(tokens, weights, message):
     }
     with pytest.raises(LoraError, match=message):
         mix_tokens([pool[t] for t in tokens], weights)
+
+
+def test_step_window_keyframes() -> None:
+    from hyperlora.lora import step_window
+
+    assert step_window(0.0, 1.0) == []                                   # always on: no schedule at all
+    assert step_window(0.2, 1.0) == [(0.0, 0.0), (1.0, 0.2)]
+    assert step_window(0.0, 0.6) == [(1.0, 0.0), (0.0, 0.6)]
+    assert step_window(0.25, 0.65) == [(0.0, 0.0), (1.0, 0.25), (0.0, 0.65)]
+    for start, end in ((0.5, 0.5), (0.7, 0.3)):
+        with pytest.raises(LoraError, match=r"end_percent .* must be larger than start_percent"):
+            step_window(start, end)
+    for start, end, name in ((-0.1, 1.0, "start_percent"), (0.0, 1.5, "end_percent"), (float("nan"), 1.0, "start_percent")):
+        with pytest.raises(LoraError, match=f"{name} is .* between 0 and 1"):
+            step_window(start, end)
