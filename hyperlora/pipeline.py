@@ -389,3 +389,52 @@ def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], tota
             f"or try {FIX_HINTS}.")
     logger.warning("HyperLoRA: skipped image(s) %s of %s without a usable face (%s); using %d image(s).",
                    names, total, reasons, len(used))
+
+
+# ----------------------------------------------------------------------------- inpainting masks
+
+
+def face_masks(
+    images: Sequence[np.ndarray],
+    *,
+    analyzer: FaceAnalyzer,
+    face_choice: str = "largest",
+    face_index: int = 0,
+    det_size: int = 640,
+    grow: float = 1.3,
+    feather: float = 8.0,
+    no_face: str = "skip",
+) -> tuple[np.ndarray, list[DetectedFace | None]]:
+    """One inpainting mask per photo: float32 ``[N, H, W]`` (photos of one size) and the face used
+    in each (None where a photo has none; its mask is all zeros with ``no_face='skip'``).
+
+    Faces are found and chosen exactly as for identities (sizes, padding, face_choice); the mask
+    is :func:`hyperlora.preprocess.face_mask` of the chosen face.
+    """
+    from .faces import choose_face
+
+    if no_face not in ("skip", "error"):
+        raise ImageInputError(f"no_face must be 'skip' or 'error', got {no_face!r}.")
+    _check_images(images)
+    shapes = {im.shape[:2] for im in images}
+    if len(shapes) != 1:
+        raise ImageInputError(f"The photos have different sizes {sorted(shapes)}; a MASK batch needs one size. "
+                              "Mask them one at a time or resize them first.")
+    (h, w), = shapes
+    masks = np.zeros((len(images), h, w), dtype=np.float32)
+    chosen: list[DetectedFace | None] = []
+    for i, image in enumerate(images):
+        faces = find_faces_scaled(analyzer, image, det_size=det_size)
+        if not faces:
+            if no_face == "error":
+                raise FaceNotFoundError(
+                    f"No face was found in image {i + 1} of {len(images)} (detector sizes "
+                    f"{', '.join(map(str, detection_sizes(det_size)))}, with padding), so it cannot be masked. "
+                    f"Set no_face to 'skip' to pass it on with an empty mask, or try {FIX_HINTS}.")
+            logger.warning("HyperLoRA: no face in image %d of %d; its mask is empty.", i + 1, len(images))
+            chosen.append(None)
+            continue
+        face = choose_face(faces, face_choice, face_index)
+        masks[i] = pp.face_mask((w, h), face.landmarks_106, grow=grow, feather=feather)
+        chosen.append(face)
+    return masks, chosen

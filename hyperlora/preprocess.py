@@ -143,6 +143,25 @@ def soft_outline_mask(image_size: tuple[int, int], landmarks_106: np.ndarray, *,
     return _blur_at_work_size(mask, MASK_BLUR_RADIUS), region
 
 
+def face_mask(image_size: tuple[int, int], landmarks_106: np.ndarray, *, grow: float = 1.3,
+              feather: float = 8.0) -> np.ndarray:
+    """Inpainting mask of one face: float32 ``[H, W]`` in 0..1 for ``image_size`` = PIL's ``(W, H)``.
+
+    The face outline polygon (jaw line and brows, OUTLINE_INDICES) scaled by ``grow`` about its
+    mean point (1.3 also covers the forehead and the cheeks' edge), filled with 1, then blurred
+    with a Gaussian of ``feather`` pixels (0 = hard edge).  Not part of the released recipe: it is
+    for re-painting a face in a photo, nothing the model sees.
+    """
+    if not (isinstance(grow, (int, float)) and 0.5 <= grow <= 4.0):
+        raise ImageInputError(f"grow is {grow!r}; use 0.5-4.0 (1.0 = the face outline, 1.3 = with forehead).")
+    if not (isinstance(feather, (int, float)) and 0.0 <= feather <= 256.0):
+        raise ImageInputError(f"feather is {feather!r}; use 0-256 pixels.")
+    mask = _outline_mask(image_size, outline_polygon(landmarks_106, grow))
+    if feather > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(radius=float(feather)))
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
 def remove_background(image_rgb: np.ndarray, landmarks_106: np.ndarray, *, scale: float = ID_MASK_SCALE) -> np.ndarray:
     """Face cut out on a uniform gray (127, 127, 127) image of the original size ``[H, W, 3]``."""
     image = _as_rgb(image_rgb)

@@ -10,11 +10,11 @@ from . import paths
 
 paths.register_folders()
 
-from . import hooks, identity, io, loader, lora, mix  # noqa: E402  (folders first: dropdowns read them)
+from . import hooks, identity, io, loader, lora, masks, mix  # noqa: E402  (folders first: dropdowns read them)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _family in (loader, identity, lora, hooks, mix, io):
+for _family in (loader, identity, masks, lora, hooks, mix, io):
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -349,9 +349,49 @@ def two_people() -> Workflow:
     return wf
 
 
+def face_inpaint() -> Workflow:
+    wf = Workflow("face_inpaint", "HyperLoRA: re-paint the face in a photo with an identity",
+                  "face photo + target photo -> only the target's face is re-painted with the identity, the rest "
+                  "keeps its pixels",
+                  "Load the person in 'Face photo' and the picture to change in 'Target photo'. Face Mask finds the "
+                  "face in the target (grow 1.3 includes the forehead, feather softens the edge); "
+                  "InpaintModelConditioning samples only inside the mask with the identity LoRA merged in, and "
+                  "ImageCompositeMasked pastes the new face back so everything outside the mask keeps its original "
+                  "pixels. denoise 0.75 keeps the pose and lighting; raise it towards 1.0 for a stronger change.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    apply = wf.add("HyperLoRAApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=ckpt[0],
+                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
+                   remove_background=True, grayscale=False, no_face="error", det_size="640")
+    wf.group("Identity", [hl, photo, apply], "#8A8")
+    target = face_photo(wf, "Target photo (face to re-paint)", (0, 840), "target.png")
+    scaled = wf.add("ImageScaleToTotalPixels", "Scale target to about 1 megapixel", (380, 840), image=target,
+                    upscale_method="lanczos", megapixels=1.0)
+    mask = wf.add("HyperLoRAFaceMask", "Face mask of the target", (380, 990), hyper_lora=hl, images=scaled,
+                  face_choice="largest", face_index=0, grow=1.3, feather=8, no_face="error", det_size="640")
+    wf.group("Target and its face", [target, scaled, mask], "#a1309b")
+    pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (760, 0), node_width=400,
+                 clip=skip, text=TRIGGER + "photo of a person, detailed skin, natural light")
+    neg = wf.add("CLIPTextEncode", "Negative prompt", (760, 230), node_width=400, clip=skip, text=NEGATIVE)
+    inpaint = wf.add("InpaintModelConditioning", "Sample only inside the mask", (760, 460), positive=pos,
+                     negative=neg, vae=ckpt[2], pixels=scaled, mask=mask, noise_mask=True)
+    sampler = wf.add("KSampler", "Sampler (authors' settings, denoise 0.75)", (1200, 0), model=apply, positive=inpaint[0],
+                     negative=inpaint[1], latent_image=inpaint[2], seed=SEED, steps=20, cfg=5.0,
+                     sampler_name="dpmpp_2m", scheduler="karras", denoise=0.75)
+    decode = wf.add("VAEDecode", "Decode", (1200, 330), samples=sampler, vae=ckpt[2])
+    paste = wf.add("ImageCompositeMasked", "Paste the new face into the target", (1200, 460), destination=scaled,
+                   source=decode, x=0, y=0, resize_source=False, mask=mask)
+    save = wf.add("SaveImage", "Save image", (1560, 0), node_width=420, images=paste,
+                  filename_prefix="HyperLoRA/face_inpaint")
+    wf.group("Re-paint the face", [pos, neg, inpaint, sampler, decode, paste, save], "#3f789e")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
-                                          identity_load, two_people)
+                                          identity_load, two_people, face_inpaint)
 
 
 def readme(workflows: list[Workflow]) -> str:

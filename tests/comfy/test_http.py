@@ -20,6 +20,7 @@ pytestmark = pytest.mark.comfy
 EXPECTED = {  # node id -> (category, output types)
     "HyperLoRALoader": ("HyperLoRA/loaders", ["HYPER_LORA"]),
     "HyperLoRAIdentityFromImages": ("HyperLoRA/identity", ["HYPER_LORA_ID", "IMAGE"]),
+    "HyperLoRAFaceMask": ("HyperLoRA/identity", ["MASK"]),
     "HyperLoRABuildLoRA": ("HyperLoRA/lora", ["LORA_MODEL"]),
     "HyperLoRAApply": ("HyperLoRA/lora", ["MODEL"]),
     "HyperLoRAApplyFromImages": ("HyperLoRA/lora", ["MODEL", "IMAGE"]),

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.comfy
 NODE_IDS = {
     "HyperLoRALoader", "HyperLoRAIdentityFromImages", "HyperLoRABuildLoRA", "HyperLoRAApply",
     "HyperLoRAApplyFromImages", "HyperLoRASaveIdentity", "HyperLoRALoadIdentity", "HyperLoRAExportLoRA",
-    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider", "HyperLoRAConditioning",
+    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider", "HyperLoRAConditioning", "HyperLoRAFaceMask",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")
@@ -157,6 +157,21 @@ def test_apply_on_sd15_stops_with_a_clear_error(pack, comfy, identity_and_lora):
     assert "SD15" in msg and "SDXL" in msg and "load an SDXL checkpoint" in msg
     assert "of 560 LoRA modules do not land" in msg
     assert not sd15.patches
+
+
+def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
+    (mask,) = pack.nodes["HyperLoRAFaceMask"]().run(small, photo, "largest", 0, 1.3, 8, "skip", "640")
+    assert mask.shape == photo.shape[:3] and mask.dtype == torch.float32
+    assert float(mask.max()) == 1.0 and float(mask.min()) == 0.0
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    # astronaut(): Eileen Collins' face is around x 180-270, y 60-190 of the 512x512 photo
+    assert 160 < float(xs.float().mean()) < 290 and 50 < float(ys.float().mean()) < 200
+    assert 0.03 < float((mask[0] > 0.5).float().mean()) < 0.3
+    blank = torch.full((1, 128, 128, 3), 0.5)
+    (empty,) = pack.nodes["HyperLoRAFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
+    assert empty.shape == (1, 128, 128) and not bool(empty.any())
+    with pytest.raises(Exception, match="No face was found in image 1 of 1"):
+        pack.nodes["HyperLoRAFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "error", "640")
 
 
 def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack, comfy, identity_and_lora):

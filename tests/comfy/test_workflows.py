@@ -98,6 +98,7 @@ def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]
     overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
     overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
     overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")]
+    overrides += [f"{nid}.megapixels=0.04" for nid in q.find_nodes(graph, "ImageScaleToTotalPixels")]   # 200x200
     pose = files["pose"] if q.find_nodes(graph, "LoadImage", "pose") else None
     return q.fill_workflow(graph, images=[FACE] * n_photos, pose_image=pose, model=SMALL_MODEL,
                            checkpoint=CHECKPOINT, steps=1, width=64, height=64, seed=3, overrides=overrides)
@@ -129,7 +130,7 @@ def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_workflow_exists_in_both_formats():
     assert UI_NAMES == API_NAMES
-    assert len(UI_NAMES) == 10
+    assert len(UI_NAMES) == 11
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -209,7 +210,7 @@ def validate(pack, comfy_base, fixture_files):
 
     # core nodes that live in comfy_extras (the server loads them all; this process only what the workflows use)
     extras = Path(comfy_nodes.__file__).resolve().parent / "comfy_extras"
-    for extra in ("nodes_mask.py",):
+    for extra in ("nodes_mask.py", "nodes_post_processing.py"):
         if not asyncio.run(comfy_nodes.load_custom_node(str(extras / extra), module_parent="comfy_extras")):
             raise RuntimeError(f"ComfyUI could not load comfy_extras/{extra}")
     folder_paths.add_model_folder_path("controlnet", str(comfy_base.models / "controlnet"), is_default=True)
@@ -246,7 +247,7 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     assert "not_there.safetensors" in json.dumps(node_errors[first_loader]["errors"])
 
 
-RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people")
+RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint")
 
 
 @pytest.mark.slow
@@ -255,7 +256,11 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
     entry = _run(comfy_server, graph)
     images = _saved_images(comfy_server, entry, graph)
-    assert [im.size for im in images] == [(64, 64)]
+    if name == "face_inpaint":          # the target photo's size after Scale to Total Pixels (0.04 MP)
+        [(w, h)] = [im.size for im in images]
+        assert w == h and 180 <= w <= 230
+    else:
+        assert [im.size for im in images] == [(64, 64)]
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
     assert len(crops) == len(_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
 

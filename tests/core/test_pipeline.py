@@ -334,3 +334,26 @@ def test_bad_images_for_extract(analyzer, clip):
         pl.extract_conditions([np.zeros((10, 10), np.uint8)], analyzer=analyzer, clip=clip, **ALL)
     with pytest.raises(HyperLoRAError, match="detector size 100"):
         pl.extract_conditions([one_face()], analyzer=analyzer, clip=clip, det_size=100, **ALL)
+
+
+def test_face_masks_follow_the_chosen_face(analyzer, caplog):
+    img = face_image((400, 720), [(170, 200, 110), (520, 210, 170)], seeds=[11, 12])
+
+    def centre_x(mask):
+        return float((mask.sum(axis=0) * np.arange(mask.shape[1])).sum() / mask.sum())
+
+    masks, chosen = pl.face_masks([img, img], analyzer=analyzer)
+    assert masks.shape == (2, 400, 720) and masks.dtype == np.float32 and len(chosen) == 2
+    assert abs(centre_x(masks[0]) - 520) < 30 and masks.max() == 1.0 and masks[0, 5, 5] == 0
+    left, _ = pl.face_masks([img], analyzer=analyzer, face_choice="left_to_right", face_index=0, grow=1.0, feather=0)
+    assert abs(centre_x(left[0]) - 170) < 30
+    assert left[0].sum() < masks[0].sum()                        # smaller face, no growth
+    with caplog.at_level(logging.WARNING, logger="hyperlora.pipeline"):
+        mixed, chosen = pl.face_masks([img, blank_image(400, 720)], analyzer=analyzer)
+    assert chosen[1] is None and not mixed[1].any() and mixed[0].any() and "no face in image 2 of 2" in caplog.text
+    with pytest.raises(FaceNotFoundError, match="No face was found in image 2 of 2.*no_face"):
+        pl.face_masks([img, blank_image(400, 720)], analyzer=analyzer, no_face="error")
+    with pytest.raises(ImageInputError, match="different sizes"):
+        pl.face_masks([img, blank_image(300, 300)], analyzer=analyzer)
+    with pytest.raises(FaceNotFoundError, match="face_index 5 is out of range"):
+        pl.face_masks([img], analyzer=analyzer, face_choice="index", face_index=5)

@@ -267,3 +267,23 @@ def test_bad_landmarks_rejected():
 def test_preview_size():
     crop = pp.clip_crop(photo(200, 200), synthetic_landmarks(100, 100, 80))
     assert pp.preview(crop).shape == (512, 512, 3)
+
+
+def test_face_mask_covers_the_outline_grown_and_feathered():
+    lm = synthetic_landmarks(200.0, 180.0, 160.0, seed=3)
+    hard = pp.face_mask((400, 360), lm, grow=1.0, feather=0)
+    assert hard.shape == (360, 400) and hard.dtype == np.float32
+    assert set(np.unique(hard)) <= {0.0, 1.0}
+    # the outline is (close to) an ellipse with half-axes 80 and 99.2 px around (200, 180)
+    ellipse = math.pi * 0.5 * 160 * 0.62 * 160
+    assert abs(hard.sum() / ellipse - 1) < 0.05
+    assert hard[180, 200] == 1 and hard[180, 200 + 70] == 1 and hard[180, 200 + 95] == 0 and hard[5, 5] == 0
+    grown = pp.face_mask((400, 360), lm, grow=1.3, feather=0)
+    assert abs(grown.sum() / hard.sum() - 1.3 ** 2) < 0.05 and bool((grown >= hard).all())
+    soft = pp.face_mask((400, 360), lm, grow=1.0, feather=8)
+    edge = (soft > 0.05) & (soft < 0.95)
+    assert edge.sum() > 0.1 * hard.sum() and soft[180, 200] > 0.99 and soft[5, 5] == 0
+    assert abs(soft.sum() / hard.sum() - 1) < 0.02        # a blur moves mass, it does not add any
+    for kwargs, match in (({"grow": 0.1}, "grow is 0.1"), ({"feather": -1}, "feather is -1")):
+        with pytest.raises(ImageInputError, match=match):
+            pp.face_mask((400, 360), lm, **kwargs)

@@ -1,0 +1,68 @@
+"""Face mask for re-painting a face in a photo (inpainting with the identity)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .common import CATEGORY, FACE_CHOICES, HYPER_LORA, DET_SIZES, HyperLoRAHandle, check_interrupt
+
+log = logging.getLogger(__name__)
+
+
+class HyperLoRAFaceMask:
+    DESCRIPTION = (
+        "Finds the face in each photo (as the identity nodes do) and returns a soft mask over it, for "
+        "re-painting just the face with an identity: connect it to InpaintModelConditioning (or Set Latent "
+        "Noise Mask) and to ImageCompositeMasked, so everything outside the face keeps its original pixels.")
+    CATEGORY = f"{CATEGORY}/identity"
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("1 over the face, 0 elsewhere, soft edges; one mask per photo (empty for a faceless photo "
+                       "with no_face 'skip').",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "hyper_lora": (HYPER_LORA, {"tooltip": "HyperLoRA Loader (its face analyser finds the faces)."}),
+            "images": ("IMAGE", {"tooltip": "The photo(s) whose face is to be re-painted (one size per batch)."}),
+            "face_choice": (list(FACE_CHOICES), {
+                "default": "largest",
+                "tooltip": "Which face to mask when a photo shows several (as in Identity from Images)."}),
+            "face_index": ("INT", {"default": 0, "min": 0, "max": 64, "step": 1,
+                                   "tooltip": "0-based face number for 'index' and 'left_to_right'."}),
+            "grow": ("FLOAT", {"default": 1.3, "min": 0.5, "max": 4.0, "step": 0.05,
+                               "tooltip": "Size of the mask around the face outline (jaw and brows): 1.0 is the "
+                                          "outline itself, 1.3 also covers the forehead, more takes hair and "
+                                          "neck too."}),
+            "feather": ("INT", {"default": 8, "min": 0, "max": 256, "step": 1,
+                                "tooltip": "Blur of the mask edge in pixels, so the new face blends in."}),
+            "no_face": (["skip", "error"], {
+                "default": "skip",
+                "tooltip": "A photo without a face: 'skip' gives it an empty mask (nothing is re-painted), "
+                           "'error' stops the queue naming the photo."}),
+            "det_size": ([str(s) for s in DET_SIZES], {
+                "default": "640",
+                "tooltip": "Face-detector input size; smaller sizes are tried too when nothing is found."}),
+        }}
+
+    def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, face_choice: str, face_index: int,
+            grow: float, feather: int, no_face: str, det_size: str) -> tuple[torch.Tensor]:
+        from ..hyperlora.pipeline import face_masks, images_from_comfy
+
+        check_interrupt()
+        arrays = images_from_comfy(images)
+        masks, chosen = face_masks(arrays, analyzer=hyper_lora.analyzer(), face_choice=face_choice,
+                                   face_index=int(face_index), det_size=int(det_size), grow=float(grow),
+                                   feather=float(feather), no_face=no_face)
+        for i, face in enumerate(chosen):
+            if face is not None:
+                log.info("HyperLoRA Face Mask: image %d: %s", i + 1, face.describe())
+        return (torch.from_numpy(masks),)
+
+
+NODE_CLASS_MAPPINGS = {"HyperLoRAFaceMask": HyperLoRAFaceMask}
+NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRAFaceMask": "HyperLoRA Face Mask (for inpainting)"}
