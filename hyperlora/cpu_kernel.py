@@ -187,7 +187,7 @@ def _get() -> tuple[KernelStatus, ctypes.CDLL | None]:
             st = _state[0]
             if not st.available:
                 log.log(logging.WARNING if st.unexpected else logging.INFO,
-                        "HyperLoRA: fp16 LoRA builds on CPU use PyTorch's mat-vec (about 1.6x slower): %s", st.reason)
+                        "HyperLoRA: fp16 LoRA builds on CPU use PyTorch's mat-vec (about 1.7x slower): %s", st.reason)
         return _state
 
 
