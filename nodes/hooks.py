@@ -87,9 +87,11 @@ class HyperLoRAConditioning:
             start_percent: float, end_percent: float, mask: torch.Tensor | None = None, mask_strength: float = 1.0,
             set_cond_area: str = "default") -> tuple[list, list, comfy.hooks.HookGroup]:
         hooks = identity_hooks(lora, strength, start_percent, end_percent)
+        # strength 0: no hook at all (nothing to patch per step); the mask still applies to the prompt
+        attach = hooks if strength != 0 else None
         pos, neg = comfy.hooks.set_conds_props(conds=[positive, negative], strength=mask_strength,
-                                               set_cond_area=set_cond_area, mask=mask, hooks=hooks)
-        return (pos, neg, hooks)
+                                               set_cond_area=set_cond_area, mask=mask, hooks=attach)
+        return (pos, neg, hooks if attach is not None else comfy.hooks.HookGroup())
 
 
 NODE_CLASS_MAPPINGS = {"HyperLoRAConditioning": HyperLoRAConditioning}

@@ -197,6 +197,8 @@ def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack,
         assert meta["mask_strength"] == 0.7
     _, _, always = pack.nodes["HyperLoRAConditioning"]().run(cond, neg, lora, 1.0, 0.0, 1.0)
     assert always.hooks[0].hook_keyframe.keyframes == []               # no schedule: on for every step
+    off_pos, _, off = pack.nodes["HyperLoRAConditioning"]().run(cond, neg, lora, 0.0, 0.0, 1.0, mask=mask)
+    assert len(off) == 0 and "hooks" not in off_pos[0][1] and off_pos[0][1]["mask"].shape == (1, 64, 64)
 
 
 def test_step_window_switches_the_identity_on_the_right_steps(pack, comfy, identity_and_lora):
