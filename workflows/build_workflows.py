@@ -100,6 +100,17 @@ def identity(wf: Workflow, hl: Node, images: Out | Node, title: str, pos: tuple[
                   face_index=0, remove_background=True, grayscale=False, no_face="skip", det_size="640")
 
 
+def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
+                   second: tuple[str, str, str]) -> tuple[Node, Node, Node, Node]:
+    """Two photos, at (0, 480) and (0, 840), each with its identity beside it; ``first`` / ``second``
+    are (photo title, image file, identity title). Returns (photo 1, photo 2, identity 1, identity 2)."""
+    p1 = face_photo(wf, first[0], (0, 480), first[1])
+    p2 = face_photo(wf, second[0], (0, 840), second[1])
+    i1 = identity(wf, hl, p1, first[2], (380, 480))
+    i2 = identity(wf, hl, p2, second[2], (380, 840))
+    return p1, p2, i1, i2
+
+
 # --------------------------------------------------------------------------- the workflows
 
 def t2i_one_photo() -> Workflow:
@@ -161,10 +172,8 @@ def interpolate_two_people() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    pa = face_photo(wf, "Face photo A", (0, 480), "person_a.png")
-    pb = face_photo(wf, "Face photo B", (0, 840), "person_b.png")
-    ia = identity(wf, hl, pa, "Identity A", (380, 480))
-    ib = identity(wf, hl, pb, "Identity B", (380, 840))
+    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A", "person_a.png", "Identity A"),
+                                    ("Face photo B", "person_b.png", "Identity B"))
     mix = wf.add("HyperLoRAMixIdentities", "Mix A and B", (760, 480), hyper_lora=hl, identity_1=ia, weight_1=0.5,
                  identity_2=ib, weight_2=0.5, mode="coefficients", weight_3=0.0, weight_4=0.0)
     apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (760, 800), model=ckpt[0], lora=mix, strength=0.85)
@@ -183,10 +192,8 @@ def concept_slider() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    po = face_photo(wf, "Original photo", (0, 480), "original.png")
-    pe = face_photo(wf, "Edited photo", (0, 840), "edited.png")
-    io_ = identity(wf, hl, po, "Identity (original)", (380, 480))
-    ie = identity(wf, hl, pe, "Identity (edited)", (380, 840))
+    po, pe, io_, ie = two_identities(wf, hl, ("Original photo", "original.png", "Identity (original)"),
+                                     ("Edited photo", "edited.png", "Identity (edited)"))
     build = wf.add("HyperLoRABuildLoRA", "Build identity LoRA", (760, 480), hyper_lora=hl, identity=io_, kind="id")
     apply = wf.add("HyperLoRAApply", "Apply identity LoRA", (760, 610), model=ckpt[0], lora=build, strength=0.85)
     slider = wf.add("HyperLoRAConceptSlider", "Concept slider (edited - original)", (760, 760), hyper_lora=hl,
@@ -307,10 +314,8 @@ def two_people() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    pa = face_photo(wf, "Face photo A (left)", (0, 480), "person_a.png")
-    pb = face_photo(wf, "Face photo B (right)", (0, 840), "person_b.png")
-    ia = identity(wf, hl, pa, "Identity A", (380, 480))
-    ib = identity(wf, hl, pb, "Identity B", (380, 840))
+    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
+                                    ("Face photo B (right)", "person_b.png", "Identity B"))
     la = wf.add("HyperLoRABuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
     lb = wf.add("HyperLoRABuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
     wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb], "#8A8")
