@@ -134,25 +134,26 @@ def _resolve(strategy: str, basis: Tensor, coeffs: Tensor) -> str:
 def batched_matvecs(pairs: list[tuple[Tensor, Tensor]], *, strategy: str = "auto",
                     workers: int | None = None) -> list[Tensor]:
     """``[batched_matvec(b, c) for b, c in pairs]`` with one thread dispatch for all native pairs."""
-    outs: list[Tensor | None] = [None] * len(pairs)
+    outs: list[Tensor] = []
     native: list[tuple[Tensor, Tensor, Tensor]] = []
-    for i, (basis, coeffs) in enumerate(pairs):
-        if _resolve(strategy, basis, coeffs) != "native":
-            outs[i] = batched_matvec(basis, coeffs, strategy=strategy, workers=workers)
+    for basis, coeffs in pairs:
+        chosen = _resolve(strategy, basis, coeffs)
+        if chosen != "native":
+            outs.append(batched_matvec(basis, coeffs, strategy=chosen, workers=workers))
             continue
-        if not cpu_kernel.supports(basis, coeffs):
+        if strategy == "native" and not cpu_kernel.supports(basis, coeffs):    # "auto" checked it already
             raise LoraError("the native CPU kernel needs a contiguous fp16 CPU basis [M, N, K] with K a multiple of "
                             f"{cpu_kernel.K_MULTIPLE}, coeffs [M, K] and no autograd (got basis {list(basis.shape)} "
                             f"{basis.dtype} on {basis.device}; kernel: {cpu_kernel.status().reason}); "
                             "use strategy 'auto' or 'mv'.")
         out = torch.empty(basis.shape[:2], dtype=basis.dtype)
         native.append((basis, coeffs.to(torch.float32).contiguous(), out))
-        outs[i] = out
+        outs.append(out)
     if native:
         rows = sum(b.shape[0] * b.shape[1] for b, _, _ in native)
         w = _workers(native[0][0], workers, max(1, rows // cpu_kernel.CHUNK_ROWS))
         cpu_kernel.rowdot_f16(native, workers=w, pool=_mv_pool(w - 1) if w > 1 else None)
-    return [o for o in outs if o is not None]
+    return outs
 
 
 def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out: Tensor | None = None,

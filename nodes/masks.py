@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
-from .common import CATEGORY, FACE_CHOICES, HYPER_LORA, DET_SIZES, HyperLoRAHandle, check_interrupt
+from .common import CATEGORY, HYPER_LORA, HyperLoRAHandle, check_interrupt, face_inputs
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +25,12 @@ class HyperLoRAFaceMask:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        shared = face_inputs()
         return {"required": {
             "hyper_lora": (HYPER_LORA, {"tooltip": "HyperLoRA Loader (its face analyser finds the faces)."}),
             "images": ("IMAGE", {"tooltip": "The photo(s) whose face is to be re-painted (one size per batch)."}),
-            "face_choice": (list(FACE_CHOICES), {
-                "default": "largest",
-                "tooltip": "Which face to mask when a photo shows several (as in Identity from Images)."}),
-            "face_index": ("INT", {"default": 0, "min": 0, "max": 64, "step": 1,
-                                   "tooltip": "0-based face number for 'index' and 'left_to_right'."}),
+            "face_choice": shared["face_choice"],          # faces are found and chosen as for identities
+            "face_index": shared["face_index"],
             "grow": ("FLOAT", {"default": 1.3, "min": 0.5, "max": 4.0, "step": 0.05,
                                "tooltip": "Size of the mask around the face outline (jaw and brows): 1.0 is the "
                                           "outline itself, 1.3 also covers the forehead, more takes hair and "
@@ -44,9 +41,7 @@ class HyperLoRAFaceMask:
                 "default": "skip",
                 "tooltip": "A photo without a face: 'skip' gives it an empty mask (nothing is re-painted), "
                            "'error' stops the queue naming the photo."}),
-            "det_size": ([str(s) for s in DET_SIZES], {
-                "default": "640",
-                "tooltip": "Face-detector input size; smaller sizes are tried too when nothing is found."}),
+            "det_size": shared["det_size"],
         }}
 
     def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, face_choice: str, face_index: int,

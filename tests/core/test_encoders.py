@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from hyperlora.encoders import ClipProcessorConfig, ClipVisionEncoder, clip_preprocess
 from hyperlora.errors import DependencyError, ModelFileError
-from tests.fixtures.clip import TINY, full_vit_l14_file, make_clip_folder, make_clip_vision_file
+from tests.fixtures.clip import TINY, full_vit_l14_file, make_clip_vision_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,13 +29,8 @@ def images(seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def clip_dirs(tmp_path_factory):
-    return make_clip_folder(tmp_path_factory.mktemp("hyper_lora"))
-
-
-@pytest.fixture(scope="module")
-def encoder(clip_dirs):
-    return ClipVisionEncoder.from_pretrained(clip_dirs.model, clip_dirs.processor, require_vit_l14=False)
+def encoder(clip):
+    return clip          # tests/core/conftest.py
 
 
 # ------------------------------------------------------------------ preprocessing

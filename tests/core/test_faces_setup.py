@@ -176,11 +176,15 @@ def test_importing_faces_imports_no_insightface():
     assert "LOADED []" in res.stdout
 
 
-def test_missing_insightface_gives_dependency_error(tmp_path):
+@pytest.mark.parametrize("package, advice", [
+    ("insightface", ("-m pip install insightface", "0.7.3 and 2.x")),
+    ("onnxruntime", ("-m pip install onnxruntime",)),
+])
+def test_missing_package_gives_dependency_error(tmp_path, package, advice):
     folder = make_antelopev2(tmp_path / "antelopev2", extras=False)
     res = _run(f"""
         import sys
-        sys.modules["insightface"] = None  # what a missing package looks like to `import`
+        sys.modules[{package!r}] = None  # what a missing package looks like to `import`
         from hyperlora.errors import DependencyError
         from hyperlora.faces import FaceAnalyzer
         try:
@@ -189,9 +193,9 @@ def test_missing_insightface_gives_dependency_error(tmp_path):
             print("DEPERR", exc)
     """)
     assert res.returncode == 0, res.stderr
-    assert "DEPERR insightface could not be imported" in res.stdout
-    assert "-m pip install insightface" in res.stdout
-    assert "0.7.3 and 2.x" in res.stdout
+    assert f"DEPERR {package} could not be imported" in res.stdout
+    for text in advice:
+        assert text in res.stdout
 
 
 def test_insightface_built_for_another_numpy_says_so(tmp_path):
@@ -226,23 +230,6 @@ def test_import_backend_turns_off_the_albumentations_update_check():
     """)
     assert res.returncode == 0, res.stderr
     assert "FLAG 1" in res.stdout
-
-
-def test_missing_onnxruntime_gives_dependency_error(tmp_path):
-    folder = make_antelopev2(tmp_path / "antelopev2", extras=False)
-    res = _run(f"""
-        import sys
-        sys.modules["onnxruntime"] = None
-        from hyperlora.errors import DependencyError
-        from hyperlora.faces import FaceAnalyzer
-        try:
-            FaceAnalyzer({str(folder)!r})
-        except DependencyError as exc:
-            print("DEPERR", exc)
-    """)
-    assert res.returncode == 0, res.stderr
-    assert "DEPERR onnxruntime could not be imported" in res.stdout
-    assert "-m pip install onnxruntime" in res.stdout
 
 
 def test_missing_folder_is_reported_before_any_import_or_download(tmp_path):

@@ -12,7 +12,7 @@ from hyperlora import pipeline as pl
 from hyperlora import preprocess as pp
 from hyperlora.errors import FaceNotFoundError, HyperLoRAError, ImageInputError
 from tests.fixtures.antelope import blank_image, cached_antelopev2, face_image, paint_face
-from tests.fixtures.clip import TINY, make_clip_folder
+from tests.fixtures.clip import TINY
 
 # ------------------------------------------------------------------ images_from_comfy (no models)
 
@@ -110,18 +110,6 @@ class Counter:
 @pytest.fixture(scope="module")
 def analyzer(cache_dir, faces_mod):
     return faces_mod.FaceAnalyzer(cached_antelopev2(cache_dir), provider="CPU")
-
-
-@pytest.fixture(scope="module")
-def clip_dirs(tmp_path_factory):
-    return make_clip_folder(tmp_path_factory.mktemp("hl"))
-
-
-@pytest.fixture(scope="module")
-def clip(clip_dirs):
-    from hyperlora.encoders import ClipVisionEncoder
-
-    return ClipVisionEncoder.from_pretrained(clip_dirs.model, clip_dirs.processor, require_vit_l14=False)
 
 
 @pytest.fixture(autouse=True)
