@@ -111,6 +111,15 @@ def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
     return p1, p2, i1, i2
 
 
+def apply_from_photo(wf: Workflow, model: Out, hl: Node, *, no_face: str = "skip") -> tuple[Node, Node]:
+    """'Face photo' at (0, 480) and Apply from Images beside it (released face options). Returns both."""
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    apply = wf.add("HyperLoRAApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=model,
+                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
+                   remove_background=True, grayscale=False, no_face=no_face, det_size="640")
+    return photo, apply
+
+
 # --------------------------------------------------------------------------- the workflows
 
 def t2i_one_photo() -> Workflow:
@@ -121,10 +130,7 @@ def t2i_one_photo() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
-    apply = wf.add("HyperLoRAApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=ckpt[0],
-                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
-                   remove_background=True, grayscale=False, no_face="skip", det_size="640")
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
     crops = wf.add("PreviewImage", "Face crops the model saw", (380, 620), images=apply[1])
     wf.group("Identity", [hl, photo, apply, crops], "#8A8")
     sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/t2i")
@@ -366,10 +372,7 @@ def face_inpaint() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
-    apply = wf.add("HyperLoRAApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=ckpt[0],
-                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
-                   remove_background=True, grayscale=False, no_face="error", det_size="640")
+    photo, apply = apply_from_photo(wf, ckpt[0], hl, no_face="error")
     wf.group("Identity", [hl, photo, apply], "#8A8")
     target = face_photo(wf, "Target photo (face to re-paint)", (0, 840), "target.png")
     scaled = wf.add("ImageScaleToTotalPixels", "Scale target to about 1 megapixel", (380, 840), image=target,
