@@ -6,7 +6,7 @@ Without ``--antelope`` it uses the hand-weighted test pack (tests/fixtures/antel
 counts are exact, times only show the overhead shape (the fake models are far cheaper than the
 real SCRFD-10G / glintr100).  With a real antelopev2 folder, times are real too.
 
-Released recipe (facts §6), emulated with insightface's own FaceAnalysis and all five models of
+Released recipe (format §6), emulated with insightface's own FaceAnalysis and all five models of
 the pack loaded (what ``FaceAnalysis(name="antelopev2")`` does): detect at 640, 512, 384, 256
 until a face is found (every model runs on every face found), then detect again at 640 on the
 4l crop (again every model).  Each retry size is made effective (``prepare(det_size=...)`` for
@@ -31,11 +31,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hyperlora.faces import DETECTION_SIZES, FaceAnalyzer, choose_face  # noqa: E402
+from hyperlora.faces.analysis import FaceAnalyzer, choose_face
+from hyperlora.faces.options import DETECTION_SIZES  # noqa: E402
 
 
 def arcface_crop(img: np.ndarray, lmk: np.ndarray) -> np.ndarray:
-    """Facts §6: square [c - 2l, c + 2l] around the landmark face box, black outside."""
+    """Format §6: square [c - 2l, c + 2l] around the landmark face box, black outside."""
     (x0, y0), (x1, y1) = lmk.min(0), lmk.max(0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     half = 0.75 * max(x1 - x0, y1 - y0)

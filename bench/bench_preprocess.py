@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hyperlora import pipeline as pl  # noqa: E402
-from hyperlora import preprocess as pp  # noqa: E402
+from hyperlora.faces import preprocess as pp  # noqa: E402
 from hyperlora.encoders import ClipVisionEncoder  # noqa: E402
-from hyperlora.faces import FaceAnalyzer  # noqa: E402
+from hyperlora.faces.analysis import FaceAnalyzer  # noqa: E402
 from tests.conftest import test_cache_root  # noqa: E402
 from tests.fixtures.antelope import cached_antelopev2  # noqa: E402
 from tests.fixtures.clip import full_vit_l14_file, make_clip_folder  # noqa: E402
 
-# Released recipe, one photo with one face (facts §6 and the authors' node graph):
+# Released recipe, one photo with one face (format §6 and the authors' node graph):
 RELEASED_MODELS_PER_FACE = 4     # FaceAnalysis.get runs landmark_2d_106, landmark_3d_68, genderage, recognition
 RELEASED_WORST = {
     "detector_passes": 4 + 1,                                 # 640, 512, 384, 256, then 640 on the 4l crop
@@ -154,7 +154,7 @@ def main() -> None:
     print("  (the ArcFace step's re-detection at 640 on the 4l crop is counted under 'detect')")
 
     ours = {"detector_passes": stats["detector_runs"], "model_runs": stats["model_runs"], "clip_forwards": clip_forwards}
-    print(f"\nmodel runs per photo: ours vs released recipe (best case / worst case, one face)")
+    print("\nmodel runs per photo: ours vs released recipe (best case / worst case, one face)")
     print(f"{'':<18}{'ours':>6}{'best':>7}{'worst':>7}{'ours/worst':>12}")
     for key in ("detector_passes", "model_runs", "clip_forwards"):
         print(f"{key:<18}{ours[key]:>6}{RELEASED_BEST[key]:>7}{RELEASED_WORST[key]:>7}{ours[key] / RELEASED_WORST[key]:>12.2f}")

@@ -69,11 +69,11 @@ def main() -> None:
         model, clip, _vae = cn.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
         print(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s ({type(model.model).__name__})")
         loader = graphs.loader()["inputs"]
-        (handle,) = pack.nodes["HyperLoRALoader"]().load(**loader)
+        (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(**loader)
         photo = torch.from_numpy(astronaut()).float().div(255.0)[None]
-        identity, _ = pack.nodes["HyperLoRAIdentityFromImages"]().run(handle, photo, **graphs.FACE)
-        (lora,) = pack.nodes["HyperLoRABuildLoRA"]().run(handle, identity, "id")
-        (patched,) = pack.nodes["HyperLoRAApply"]().run(model, lora, args.strength)
+        identity, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **graphs.FACE)
+        (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, identity, "id")
+        (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(model, lora, args.strength)
         pos = cn.CLIPTextEncode().encode(clip, graphs.PROMPT)[0]
         neg = cn.CLIPTextEncode().encode(clip, "")[0]
         latent = cn.EmptyLatentImage().generate(args.size, args.size, 1)[0]

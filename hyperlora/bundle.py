@@ -17,43 +17,24 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import FaceNotFoundError, LoraError
-
-if TYPE_CHECKING:  # imported lazily at run time: keeps `import hyperlora.bundle` cheap
-    from .encoders import ClipVisionEncoder
-    from .faces import FaceAnalyzer
-    from .generate import HyperLoRAModel
-    from .identity import Identity
-    from .pipeline import FaceConditions
+from .encoders import ClipVisionEncoder
+from .errors import FaceNotFoundError, LoraError, SettingError, check_choice
+from .faces.analysis import FaceAnalyzer
+from .faces.options import DEFAULTS, FaceOptions
+from .generate import HyperLoRAModel
+from .identity import Identity, check_identity_fits
+from .lora import DOWN_SUFFIX, UP_SUFFIX, GeneratedLora, difference, lora_prefixes, mix_tokens, weighted_sum
+from .pipeline import FaceConditions, extract_conditions
 
 log = logging.getLogger(__name__)
 
 LORA_KINDS = ("id", "base", "id+base")
 MIX_MODES = ("coefficients", "weight_delta")
-NO_FACE_POLICIES = ("skip", "error")
-
-
-@dataclass(frozen=True)
-class FaceOptions:
-    """How faces are found and prepared (facts §6); defaults are the released behaviour."""
-
-    face_choice: str = "largest"
-    face_index: int = 0
-    remove_background: bool = True
-    grayscale: bool = False
-    no_face: str = "skip"
-    det_size: int = 640
-
-    def settings(self) -> dict[str, str]:
-        """The options as strings, stored in identity files."""
-        return {k: str(v) for k, v in self.__dict__.items()}
 
 
 def model_device(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -78,9 +59,6 @@ def conditions_needed(model: HyperLoRAModel) -> tuple[bool, bool, bool]:
     return has_id, need_clip, model.base_resampler is not None
 
 
-VIT_L14_WIDTH = 1024   # hidden size of OpenAI CLIP ViT-L/14, what the released models read (facts §1)
-
-
 def clip_width_needed(model: HyperLoRAModel) -> int | None:
     """Width of the CLIP features this model's resamplers read (None when it reads none).
 
@@ -100,8 +78,6 @@ def clip_width_needed(model: HyperLoRAModel) -> int | None:
 
 def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str]) -> Identity:
     """Resampler tokens of one person from the extracted conditions (mean over the used images)."""
-    from .identity import Identity
-
     device, dtype = model_device(model)
 
     def put(t: Tensor | None) -> Tensor | None:
@@ -128,7 +104,7 @@ def identity_from_images(
     *,
     analyzer: FaceAnalyzer,
     clip: ClipVisionEncoder,
-    options: FaceOptions = FaceOptions(),
+    options: FaceOptions = DEFAULTS,
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[Identity, FaceConditions]:
     """Face photos (uint8 RGB ``[H, W, 3]`` each) -> identity and the conditions used.
@@ -136,10 +112,6 @@ def identity_from_images(
     Raises :class:`FaceNotFoundError` when no image holds a usable face (whatever the
     no-face policy: with "skip" only the faceless images are dropped).
     """
-    from .pipeline import extract_conditions
-
-    if options.no_face not in NO_FACE_POLICIES:
-        raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {options.no_face!r}")
     need_id, need_clip, need_base = conditions_needed(model)
     cond = extract_conditions(
         images, analyzer=analyzer, clip=clip, need_id=need_id, need_clip=need_clip, need_base=need_base,
@@ -169,16 +141,18 @@ def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor
     return {k: v.detach().cpu().clone() for k, v in lora.items()}
 
 
-def lora_from_identity(model: HyperLoRAModel, identity: Identity, *, kind: str = "id") -> dict[str, Tensor]:
-    """Identity -> kohya LoRA. ``kind``: "id" (released use), "base" or "id+base" (sum of both)."""
-    from .identity import check_identity_fits
-    from .lora import weighted_sum
+def _provenance(model: HyperLoRAModel, how: str, identities: Sequence[Identity]) -> dict[str, str]:
+    return {"model_name": model.name, "model_fingerprint": model.fingerprint, "how": how,
+            "num_images": str(sum(int(i.num_images) for i in identities))}
 
-    if kind not in LORA_KINDS:
-        raise ValueError(f"kind must be one of {LORA_KINDS}, got {kind!r}")
+
+def lora_from_identity(model: HyperLoRAModel, identity: Identity, *, kind: str = "id") -> GeneratedLora:
+    """Identity -> kohya LoRA. ``kind``: "id" (released use), "base" or "id+base" (sum of both)."""
+    check_choice(kind, LORA_KINDS, "kind")
+    info = _provenance(model, f"{kind} LoRA of one identity", [identity])
     if kind == "id":
         check_identity_fits(identity, model)
-        return _build(model, identity.tokens, "id")
+        return GeneratedLora(_build(model, identity.tokens, "id"), info)
     if model.base_resampler is None:
         raise LoraError(
             f"HyperLoRA model '{model.name}' has no Base-LoRA (no base_resampler.safetensors); the released "
@@ -186,47 +160,45 @@ def lora_from_identity(model: HyperLoRAModel, identity: Identity, *, kind: str =
     check_identity_fits(identity, model, need_base=True)
     base = _build(model, identity.base_tokens, "base")
     if kind == "base":
-        return base
-    return weighted_sum([_build(model, identity.tokens, "id"), base], [1.0, 1.0])
+        return GeneratedLora(base, info)
+    return GeneratedLora(weighted_sum([_build(model, identity.tokens, "id"), base], [1.0, 1.0]), info)
 
 
 def mix_identities(
     model: HyperLoRAModel, identities: Sequence[Identity], weights: Sequence[float], *, mode: str = "coefficients",
-) -> dict[str, Tensor]:
+) -> GeneratedLora:
     """Several identities -> one LoRA.
 
     ``coefficients``: interpolate the normalised tokens, renormalise, build one rank-r LoRA
     (the authors' ID interpolation).  ``weight_delta``: the exact weighted sum of the LoRAs'
     weight updates (rank grows with the number of identities).
     """
-    from .identity import check_identity_fits
-    from .lora import mix_tokens, weighted_sum
-
-    if mode not in MIX_MODES:
-        raise ValueError(f"mode must be one of {MIX_MODES}, got {mode!r}")
+    check_choice(mode, MIX_MODES, "mode")
     if len(identities) != len(weights) or not identities:
-        raise ValueError("mix_identities needs as many weights as identities, and at least one")
+        raise SettingError(f"Got {len(identities)} identities and {len(weights)} weights; connect at least one "
+                           "identity and give one weight per identity.")
     for ident in identities:
         check_identity_fits(ident, model)
+    info = _provenance(model, f"mix of {len(identities)} identities ({mode}, weights "
+                              f"{', '.join(f'{float(w):g}' for w in weights)})", identities)
     if mode == "coefficients":
-        return _build(model, mix_tokens([i.tokens for i in identities], list(weights)), "id")
-    return weighted_sum([_build(model, i.tokens, "id") for i in identities], list(weights))
+        return GeneratedLora(_build(model, mix_tokens([i.tokens for i in identities], list(weights)), "id"), info)
+    return GeneratedLora(weighted_sum([_build(model, i.tokens, "id") for i in identities], list(weights)), info)
 
 
-def concept_slider(model: HyperLoRAModel, edited: Identity, original: Identity, *, strength: float = 1.0) -> dict[str, Tensor]:
+def concept_slider(model: HyperLoRAModel, edited: Identity, original: Identity, *,
+                   strength: float = 1.0) -> GeneratedLora:
     """``strength * (LoRA(edited) - LoRA(original))``: a signed slider for what the edit changed."""
-    from .identity import check_identity_fits
-    from .lora import difference
-
     check_identity_fits(edited, model)
     check_identity_fits(original, model)
-    return difference(_build(model, edited.tokens, "id"), _build(model, original.tokens, "id"), strength)
+    info = _provenance(model, f"concept slider (edited minus original, strength {float(strength):g})",
+                       [edited, original])
+    return GeneratedLora(difference(_build(model, edited.tokens, "id"), _build(model, original.tokens, "id"),
+                                    strength), info)
 
 
 def lora_target_shapes(lora: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
     """``{prefix: (out, in)}``: the weight shape each LoRA module updates (``up [out, r] @ down [r, in]``)."""
-    from .lora import DOWN_SUFFIX, UP_SUFFIX, lora_prefixes
-
     shapes: dict[str, tuple[int, int]] = {}
     for prefix in lora_prefixes(lora):
         up, down = lora[prefix + UP_SUFFIX], lora[prefix + DOWN_SUFFIX]

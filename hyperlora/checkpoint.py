@@ -1,6 +1,6 @@
 """HyperLoRA model folders: files, strict validation, architecture from shapes, loading.
 
-A model folder holds the released files (facts §1, §3-4)::
+A model folder holds the released files (format §1, §3-4)::
 
     hyper_lora_modules.json          ordered {module: {"hidden_size", "cross_attention_dim"}}
     hyper_lora_modules.safetensors   {i}.{to_q|to_k|to_v|to_out}.id_down_basis [K, in, rank], id_up_basis [K, rank, out]
@@ -21,83 +21,24 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import ModelFileError
-from .safetensors_io import SafetensorsHeader, TensorInfo, read_header
-
-if TYPE_CHECKING:
-    from .generate import HyperLoRAModel
+from .generate import HyperLoRAModel
+from .resampler import Resampler
+from .safetensors_io import SafetensorsHeader, TensorReader, read_header
+from .spec import (BASE_RESAMPLER_FILE, BASIS_FILE, DEFAULT_HEADS, ID_PROJECTOR_FILE, LORA_LAYERS, MARKER_FILE,
+                   MODEL_FILES, PICKLE_SUFFIXES, RESAMPLER_FILE, RESAMPLER_HEADS_META, TOKENS_PER_MODULE,
+                   HyperLoRAArchitecture, LoraModuleSpec, ResamplerConfig)
 
 log = logging.getLogger(__name__)
 
-MARKER_FILE = "hyper_lora_modules.json"
-BASIS_FILE = "hyper_lora_modules.safetensors"
-RESAMPLER_FILE = "resampler.safetensors"
-ID_PROJECTOR_FILE = "id_projector.safetensors"
-BASE_RESAMPLER_FILE = "base_resampler.safetensors"
-LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out")  # order of tokens inside a module (facts §5)
-KOHYA_LAYER = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out_0"}
-TOKENS_PER_MODULE = 8
-DEFAULT_HEADS = 12  # released models: 12 heads x 64 (facts §2)
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_REDOWNLOAD = ("download the released model folder again (Hugging Face bytedance-research/HyperLoRA, "
-               "e.g. sdxl_hyper_id_lora_v1_fidelity) into models/hyper_lora/hyper_lora/")
-
-
-@dataclass(frozen=True)
-class LoraModuleSpec:
-    """One attention module of the UNet that gets a LoRA (kohya prefix, sizes from the JSON)."""
-
-    name: str
-    hidden_size: int
-    cross_attention_dim: int | None
-
-    def in_features(self, layer: str) -> int:
-        """to_k / to_v read the context (cross_attention_dim or hidden_size); to_q / to_out hidden_size."""
-        if layer in ("to_k", "to_v"):
-            return self.cross_attention_dim or self.hidden_size
-        return self.hidden_size
-
-    def out_features(self, layer: str) -> int:
-        return self.hidden_size
-
-
-@dataclass(frozen=True)
-class ResamplerConfig:
-    dim: int
-    depth: int
-    heads: int
-    dim_head: int
-    ff_mult: int
-    num_queries: int  # Q = 8 * number of modules
-    output_dim: int  # K
-    embed_dims: tuple[int, ...]  # (E,) one condition, (E_x, E_y) two conditions
-
-
-@dataclass(frozen=True)
-class HyperLoRAArchitecture:
-    modules: tuple[LoraModuleSpec, ...]  # JSON order, never sorted
-    hyper_dim: int  # K
-    rank: int  # ID-LoRA rank
-    base_rank: int | None  # None when no base basis
-    resampler: ResamplerConfig
-    base_resampler: ResamplerConfig | None
-    id_embed_dim: int | None  # 512, None without id_projector
-    num_id_tokens: int | None  # 16
-
-    @property
-    def num_tokens(self) -> int:
-        return TOKENS_PER_MODULE * len(self.modules)
-
-    def lora_numbers(self, kind: str = "id") -> int:
-        """Number of values of the generated LoRA (down + up matrices), ~11.6 million for the release."""
-        r = self.rank if kind == "id" else (self.base_rank or 0)
-        return sum(r * (m.in_features(L) + m.out_features(L)) for m in self.modules for L in LORA_LAYERS)
+REDOWNLOAD = ("download the released model folder again (Hugging Face bytedance-research/HyperLoRA, "
+              "e.g. sdxl_hyper_id_lora_v1_fidelity) into models/hyper_lora/hyper_lora/")
 
 
 # --------------------------------------------------------------------------- folder checks
@@ -127,7 +68,7 @@ def _check_folder(folder: Path) -> None:
             f"'{folder}' is a file; a HyperLoRA model is a folder holding {MARKER_FILE}, {BASIS_FILE}, "
             f"{RESAMPLER_FILE} and {ID_PROJECTOR_FILE}. Choose that folder instead.")
     if not folder.is_dir():
-        raise ModelFileError(f"HyperLoRA model folder '{folder}' does not exist; {_REDOWNLOAD}.")
+        raise ModelFileError(f"HyperLoRA model folder '{folder}' does not exist; {REDOWNLOAD}.")
     if (folder / MARKER_FILE).is_file():
         return
     subs = sorted(p.name for p in folder.iterdir() if is_model_folder(p))
@@ -139,7 +80,7 @@ def _check_folder(folder: Path) -> None:
         raise ModelFileError(
             f"'{folder}' holds plain LoRA files ({', '.join(loras[:3])}), not a HyperLoRA model (no {MARKER_FILE}). "
             f"Load plain LoRAs with ComfyUI's LoraLoader; for HyperLoRA choose the released model folder.")
-    raise ModelFileError(f"'{folder}' has no {MARKER_FILE}, so it is not a HyperLoRA model folder; {_REDOWNLOAD}.")
+    raise ModelFileError(f"'{folder}' has no {MARKER_FILE}, so it is not a HyperLoRA model folder; {REDOWNLOAD}.")
 
 
 def _file(folder: Path, name: str, *, required: bool, why: str = "") -> Path | None:
@@ -147,13 +88,13 @@ def _file(folder: Path, name: str, *, required: bool, why: str = "") -> Path | N
     if path.is_file():
         return path
     stem = name[: -len(".safetensors")]
-    pickled = [p.name for p in folder.iterdir() if p.stem == stem and p.suffix in _PICKLE_SUFFIXES]
+    pickled = [p.name for p in folder.iterdir() if p.stem == stem and p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise ModelFileError(
             f"'{folder / pickled[0]}' is a pickle file; this pack only reads .safetensors and never unpickles "
-            f"(pickles can run code). Get '{name}' instead: {_REDOWNLOAD}.")
+            f"(pickles can run code). Get '{name}' instead: {REDOWNLOAD}.")
     if required:
-        raise ModelFileError(f"HyperLoRA model folder '{folder}' has no '{name}'{why}; {_REDOWNLOAD}.")
+        raise ModelFileError(f"HyperLoRA model folder '{folder}' has no '{name}'{why}; {REDOWNLOAD}.")
     return None
 
 
@@ -161,12 +102,12 @@ def _read_modules_json(path: Path) -> tuple[LoraModuleSpec, ...]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=list)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"'{path}' is not valid JSON ({exc}); {_REDOWNLOAD}.") from exc
+        raise ModelFileError(f"'{path}' is not valid JSON ({exc}); {REDOWNLOAD}.") from exc
     if not isinstance(raw, list) or not raw:
-        raise ModelFileError(f"'{path}' must be a non-empty JSON object of module names; {_REDOWNLOAD}.")
+        raise ModelFileError(f"'{path}' must be a non-empty JSON object of module names; {REDOWNLOAD}.")
     specs: list[LoraModuleSpec] = []
     seen: set[str] = set()
-    for name, value in raw:  # keeps the file's order: it maps tokens to modules (facts §3)
+    for name, value in raw:  # keeps the file's order: it maps tokens to modules (format §3)
         info = dict(value) if isinstance(value, list) else None
         hidden = info.get("hidden_size") if info else None
         cross = info.get("cross_attention_dim") if info else None
@@ -174,7 +115,7 @@ def _read_modules_json(path: Path) -> tuple[LoraModuleSpec, ...]:
                 not (cross is None or (isinstance(cross, int) and cross > 0)) or name in seen):
             raise ModelFileError(
                 f"'{path}': entry '{name}' must be unique and look like "
-                f"{{\"hidden_size\": int, \"cross_attention_dim\": int or null}}, found {value!r}; {_REDOWNLOAD}.")
+                f"{{\"hidden_size\": int, \"cross_attention_dim\": int or null}}, found {value!r}; {REDOWNLOAD}.")
         seen.add(name)
         specs.append(LoraModuleSpec(name, hidden, cross))
     return tuple(specs)
@@ -210,16 +151,29 @@ def _need(hdr: SafetensorsHeader, key: str, ndim: int, what: str) -> tuple[int, 
     info = hdr.tensors.get(key)
     if info is None:
         raise ModelFileError(f"'{hdr.path}' has no tensor '{key}', so it is not a HyperLoRA {what} file; "
-                             f"{_REDOWNLOAD}.")
+                             f"{REDOWNLOAD}.")
     if len(info.shape) != ndim:
         raise ModelFileError(f"'{hdr.path}': tensor '{key}' has shape {list(info.shape)}, expected {ndim} "
-                             f"dimensions; {_REDOWNLOAD}.")
+                             f"dimensions; {REDOWNLOAD}.")
     return info.shape
 
 
-def _resampler_config(hdr: SafetensorsHeader, *, heads: int | None, what: str) -> ResamplerConfig:
-    from .resampler import Resampler  # local: resampler.py imports the configs from here
+def _heads(hdr: SafetensorsHeader, heads: int | None) -> tuple[int, str]:
+    """Resampler heads and where the number came from: the caller, the file's metadata
+    (models trained by this pack record it), else the released default 12."""
+    if heads is not None:
+        return int(heads), "as requested"
+    raw = hdr.metadata.get(RESAMPLER_HEADS_META)
+    if raw is None:
+        return DEFAULT_HEADS, f"the released default; the file has no '{RESAMPLER_HEADS_META}' metadata"
+    try:
+        return int(raw), f"from the file's metadata '{RESAMPLER_HEADS_META}'"
+    except ValueError:
+        raise ModelFileError(f"'{hdr.path}': the metadata '{RESAMPLER_HEADS_META}' is {raw!r}, not a whole number; "
+                             f"the file is damaged or was written by a broken exporter; {REDOWNLOAD}.") from None
 
+
+def _resampler_config(hdr: SafetensorsHeader, *, heads: int | None, what: str) -> ResamplerConfig:
     _, q, dim = _need(hdr, "latents", 3, what)
     e_x = _need(hdr, "proj_in.weight", 2, what)[1]
     embed = (e_x,)
@@ -230,20 +184,20 @@ def _resampler_config(hdr: SafetensorsHeader, *, heads: int | None, what: str) -
     ff = _need(hdr, "layers.0.ff.net.0.proj.weight", 2, what)[0]
     depth = 1 + max(int(key.split(".")[1]) for key in hdr.tensors
                     if key.startswith("layers.") and key.split(".")[1].isdigit())
-    n_heads = DEFAULT_HEADS if heads is None else int(heads)
+    n_heads, source = _heads(hdr, heads)
     if n_heads <= 0 or inner % n_heads:
         raise ModelFileError(
             f"'{hdr.path}': the attention width {inner} (tensor 'layers.0.attn1.to_q.weight') cannot be split into "
-            f"{n_heads} heads. Set the 'heads' option to a divisor of {inner} (released models: 12).")
+            f"{n_heads} heads ({source}). The file is damaged or was written by a broken exporter; {REDOWNLOAD}.")
     if ff % dim:
         raise _shape_error(hdr.path, "layers.0.ff.net.0.proj.weight", [dim * max(1, round(ff / dim)), dim],
-                           [ff, dim], "the feed-forward width must be a multiple of the resampler width", _REDOWNLOAD)
+                           [ff, dim], "the feed-forward width must be a multiple of the resampler width", REDOWNLOAD)
     cfg = ResamplerConfig(dim=dim, depth=depth, heads=n_heads, dim_head=inner // n_heads, ff_mult=ff // dim,
                           num_queries=q, output_dim=k, embed_dims=embed)
     ref = Resampler(cfg, device="meta")
     expected = {key: tuple(t.shape) for key, t in ref.state_dict().items()}
     _compare_keys(hdr, expected, why=f"a {len(embed)}-condition resampler of width {dim}, depth {depth}",
-                  fix=f"The file is damaged or from another model; {_REDOWNLOAD}.")
+                  fix=f"The file is damaged or from another model; {REDOWNLOAD}.")
     return cfg
 
 
@@ -268,9 +222,9 @@ def _basis_layout(hdr: SafetensorsHeader, modules: tuple[LoraModuleSpec, ...], j
     if n_file != n_json:
         raise ModelFileError(
             f"'{json_path}' lists {n_json} modules but '{hdr.path}' holds a basis for {n_file}: the two files come "
-            f"from different models. Use the JSON and safetensors of the same model; {_REDOWNLOAD}.")
+            f"from different models. Use the JSON and safetensors of the same model; {REDOWNLOAD}.")
     _compare_keys(hdr, expected, why=f"module sizes from '{json_path.name}', K={k}, rank={rank}",
-                  fix=f"'{json_path.name}' and '{hdr.path.name}' must come from the same model; {_REDOWNLOAD}.")
+                  fix=f"'{json_path.name}' and '{hdr.path.name}' must come from the same model; {REDOWNLOAD}.")
     return k, rank, base_rank
 
 
@@ -288,7 +242,7 @@ def read_architecture(folder: str | os.PathLike[str], *, heads: int | None = Non
     res_hdr = read_header(_file(folder, RESAMPLER_FILE, required=True))
     res = _resampler_config(res_hdr, heads=heads, what="resampler")
     q = TOKENS_PER_MODULE * len(modules)
-    fix = f"'{RESAMPLER_FILE}' and '{BASIS_FILE}' must come from the same model; {_REDOWNLOAD}."
+    fix = f"'{RESAMPLER_FILE}' and '{BASIS_FILE}' must come from the same model; {REDOWNLOAD}."
     if res.num_queries != q:
         raise _shape_error(res_hdr.path, "latents", [1, q, res.dim], [1, res.num_queries, res.dim],
                            f"{TOKENS_PER_MODULE} tokens for each of the {len(modules)} modules in {MARKER_FILE}", fix)
@@ -308,10 +262,10 @@ def read_architecture(folder: str | os.PathLike[str], *, heads: int | None = Non
         _compare_keys(idp, {"0.weight": (e_x * num_id_tokens, id_embed_dim), "0.bias": (e_x * num_id_tokens,),
                             "2.weight": (e_x,), "2.bias": (e_x,)},
                       why=f"ID tokens of width {e_x} = the input width of the resampler's proj_in",
-                      fix=f"'{ID_PROJECTOR_FILE}' and '{RESAMPLER_FILE}' must come from the same model; {_REDOWNLOAD}.")
+                      fix=f"'{ID_PROJECTOR_FILE}' and '{RESAMPLER_FILE}' must come from the same model; {REDOWNLOAD}.")
         if out_f % e_x:
             raise _shape_error(idp.path, "0.weight", [e_x * max(1, num_id_tokens), id_embed_dim],
-                               [out_f, id_embed_dim], f"a multiple of the ID token width {e_x}", _REDOWNLOAD)
+                               [out_f, id_embed_dim], f"a multiple of the ID token width {e_x}", REDOWNLOAD)
 
     base_path = _file(folder, BASE_RESAMPLER_FILE, required=base_rank is not None,
                       why=f" although '{BASIS_FILE}' holds a Base-LoRA basis")
@@ -321,7 +275,7 @@ def read_architecture(folder: str | os.PathLike[str], *, heads: int | None = Non
         if base_rank is None:
             raise ModelFileError(
                 f"'{base_path}' exists but '{basis.path}' holds no base basis ('0.to_q.base_down_basis'): the files "
-                f"come from different models. Remove '{BASE_RESAMPLER_FILE}' or {_REDOWNLOAD}.")
+                f"come from different models. Remove '{BASE_RESAMPLER_FILE}' or {REDOWNLOAD}.")
         base_res = _resampler_config(base_hdr, heads=heads, what="base resampler")
         if base_res.num_queries != q or base_res.output_dim != k or len(base_res.embed_dims) != 1:
             raise _shape_error(base_hdr.path, "latents / proj_out.weight", [q, k, 1],
@@ -334,8 +288,7 @@ def read_architecture(folder: str | os.PathLike[str], *, heads: int | None = Non
 def model_files(folder: str | os.PathLike[str]) -> list[Path]:
     """The model's files that exist, in a fixed order (JSON first)."""
     folder = Path(folder)
-    names = (MARKER_FILE, BASIS_FILE, RESAMPLER_FILE, ID_PROJECTOR_FILE, BASE_RESAMPLER_FILE)
-    return [folder / n for n in names if (folder / n).is_file()]
+    return [folder / n for n in MODEL_FILES if (folder / n).is_file()]
 
 
 def model_fingerprint(folder: str | os.PathLike[str]) -> str:
@@ -360,29 +313,69 @@ def model_fingerprint(folder: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype | None, device: torch.device,
+               fingerprint: str, resampler_dtype: torch.dtype | None = None) -> HyperLoRAModel:
+    """Stream a validated folder into a new :class:`HyperLoRAModel` (see ``load_hyper_lora``).
+
+    Modules are created on the meta device and receive the loaded tensors with strict
+    ``load_state_dict(assign=True)``; the basis is read tensor by tensor (one staging buffer)
+    and copied, transposed, straight into the preallocated group buffers.  No fp32 copy of
+    the basis is ever made unless ``dtype`` is fp32.
+    """
+    basis_hdr = read_header(folder / BASIS_FILE)
+    file_dtype = next(iter(basis_hdr.tensors.values())).torch_dtype
+    dtype = dtype or file_dtype
+    module_dtype = resampler_dtype or dtype
+    model = HyperLoRAModel(arch, name=folder.name, fingerprint=fingerprint, device=device, dtype=dtype,
+                           resampler_dtype=module_dtype)
+    parts: list[tuple[str, nn.Module | None]] = [(RESAMPLER_FILE, model.resampler),
+                                                 (ID_PROJECTOR_FILE, model.id_projector),
+                                                 (BASE_RESAMPLER_FILE, model.base_resampler)]
+    for filename, module in parts:
+        if module is None:
+            continue
+        with TensorReader(read_header(folder / filename)) as reader:
+            sd = {key: reader.read(key, copy=True).to(device=device, dtype=module_dtype)
+                  for key in reader.header.tensors}
+        try:
+            module.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as exc:  # read_architecture checked the keys already; keep the user-facing type
+            raise ModelFileError(f"'{folder / filename}' does not fit the model: {exc}") from exc
+        module.requires_grad_(False).eval()
+        del sd
+    K = arch.hyper_dim
+    with TensorReader(basis_hdr) as reader, torch.no_grad():
+        for kind in ("id", "base"):
+            for g, down_b, up_b in model.basis_groups(kind):
+                for m, (i, layer) in enumerate(g.entries):
+                    src = reader.read(f"{i}.{layer}.{kind}_down_basis")            # [K, in, rank]
+                    down_b[m].copy_(src.view(K, -1).t())                            # [in*rank, K]
+                    src = reader.read(f"{i}.{layer}.{kind}_up_basis")              # [K, rank, out]
+                    up_b[m].copy_(src.view(K, -1).t())                              # [rank*out, K]
+    model.requires_grad_(False).eval()
+    log.info("loaded HyperLoRA '%s' (%d modules, K=%d, rank %d, %s on %s)", folder.name, len(arch.modules), K,
+             arch.rank, dtype, device)
+    return model
+
+
 def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", heads: int | None = None,
-                    resampler_dtype: torch.dtype | None = None, operations: Any = None) -> "HyperLoRAModel":
+                    resampler_dtype: torch.dtype | None = None) -> HyperLoRAModel:
     """Validate and load a model folder into a :class:`~hyperlora.generate.HyperLoRAModel`.
 
     ``dtype`` None keeps the files' dtype (fp16 for the release).  Strict: every tensor is
     checked against the architecture and for NaN/inf; nothing is unpickled.  Peak RAM is about
     the loaded size (basis streamed tensor by tensor into grouped buffers).  ``resampler_dtype``
     overrides ``dtype`` for the resampler / projectors only (on CPU, fp16 matmuls are ~3x slower
-    than fp32; the fp32 resampler costs ~150 MB more).  ``operations``:
-    optional namespace with ``Linear`` / ``LayerNorm`` classes for the resampler (e.g. comfy.ops).
+    than fp32; the fp32 resampler costs ~150 MB more).  ``heads`` overrides the resampler heads
+    (default: the file's ``hyperlora_resampler_heads`` metadata, else the released 12).
     """
-    from .generate import load_model  # generate.py imports this module
-
     folder = Path(folder)
     arch = read_architecture(folder, heads=heads)
-    return load_model(folder, arch, dtype=dtype, device=torch.device(device),
-                      fingerprint=model_fingerprint(folder), resampler_dtype=resampler_dtype,
-                      operations=operations)
+    return _load_model(folder, arch, dtype=dtype, device=torch.device(device),
+                       fingerprint=model_fingerprint(folder), resampler_dtype=resampler_dtype)
 
 
 __all__ = [
-    "BASE_RESAMPLER_FILE", "BASIS_FILE", "DEFAULT_HEADS", "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "KOHYA_LAYER",
-    "LORA_LAYERS", "LoraModuleSpec", "MARKER_FILE", "RESAMPLER_FILE", "ResamplerConfig", "TOKENS_PER_MODULE",
-    "TensorInfo", "is_model_folder", "load_hyper_lora", "model_files", "model_fingerprint", "read_architecture",
+    "REDOWNLOAD", "is_model_folder", "load_hyper_lora", "model_files", "model_fingerprint", "read_architecture",
 ]

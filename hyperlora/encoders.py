@@ -1,4 +1,4 @@
-"""CLIP ViT-L/14 vision encoder and its image preprocessing (facts §1, §5.1, §6).
+"""CLIP ViT-L/14 vision encoder and its image preprocessing (format §1, §5.1, §6).
 
 Two sources of weights, one module:
 
@@ -355,7 +355,7 @@ def _build_model(shape: VisionShape, config_overrides: dict[str, Any], state: di
 
 
 class ClipVisionEncoder(nn.Module):
-    """CLIP vision tower returning penultimate hidden states ``[N, 257, 1024]`` (facts §5.1)."""
+    """CLIP vision tower returning penultimate hidden states ``[N, 257, 1024]`` (format §5.1)."""
 
     def __init__(self, model: nn.Module, *, shape: VisionShape, processor: ClipProcessorConfig, model_id: str) -> None:
         super().__init__()

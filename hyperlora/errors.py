@@ -7,6 +7,8 @@ setting at fault and says what to do.  ComfyUI shows the message as is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class HyperLoRAError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -30,6 +32,17 @@ class ImageInputError(HyperLoRAError):
 
 class IdentityFileError(HyperLoRAError):
     """An identity file is unreadable or was made for another model."""
+
+
+class SettingError(HyperLoRAError):
+    """A setting (a node input or an option) has a value that cannot be used."""
+
+
+def check_choice(value: str, allowed: Sequence[str], setting: str) -> str:
+    """``value`` if it is one of ``allowed``, else :class:`SettingError` naming the setting and the choices."""
+    if value not in allowed:
+        raise SettingError(f"{setting} is {value!r}; choose one of {', '.join(map(repr, allowed))}.")
+    return value
 
 
 class LoraError(HyperLoRAError):

@@ -1,6 +1,6 @@
-"""HyperLoRAModel: encoder features -> coefficient tokens -> kohya LoRA (facts §5).
+"""HyperLoRAModel: encoder features -> coefficient tokens -> kohya LoRA (format §5).
 
-Token mapping (facts §5.5): module ``i`` (JSON order) owns tokens ``8i .. 8i+7``; layers in the
+Token mapping (format §5.5): module ``i`` (JSON order) owns tokens ``8i .. 8i+7``; layers in the
 order to_q, to_k, to_v, to_out, two tokens each: the first holds the down coefficients ``a``,
 the second the up coefficients ``b``::
 
@@ -28,29 +28,19 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import cpu_kernel
-from .checkpoint import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, KOHYA_LAYER, LORA_LAYERS,
-                         RESAMPLER_FILE, TOKENS_PER_MODULE, HyperLoRAArchitecture)
-from .errors import ImageInputError, LoraError, ModelFileError
+from .errors import ImageInputError, LoraError
+from .lora import normalize_tokens
 from .resampler import IDProjector, Resampler
-from .safetensors_io import TensorReader, read_header
+from .spec import LORA_LAYERS, HyperLoRAArchitecture, kohya_prefix, token_index
 
 log = logging.getLogger(__name__)
 
-NORM_EPS = 1e-8
 STRATEGIES = ("auto", "mv", "bmm", "native")
-
-
-def normalize_tokens(t: Tensor) -> Tensor:
-    """Per-token L2 normalisation ``t / sqrt(sum(t^2, -1) + 1e-8)`` in float32 (facts §5.4)."""
-    t = t.float()
-    return t / torch.sqrt(t.square().sum(-1, keepdim=True) + NORM_EPS)
 
 
 @dataclass(frozen=True)
@@ -88,11 +78,6 @@ def make_groups(arch: HyperLoRAArchitecture, kind: str) -> list[BasisGroup]:
             order.setdefault((m.in_features(layer), m.out_features(layer)), []).append((i, layer))
     return [BasisGroup(kind, j, fin, fout, rank, tuple(entries))
             for j, ((fin, fout), entries) in enumerate(order.items())]
-
-
-def token_index(module: int, layer: str) -> int:
-    """Index of the down-coefficient token of ``layer`` of module ``module`` (up is the next one)."""
-    return TOKENS_PER_MODULE * module + 2 * LORA_LAYERS.index(layer)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -199,21 +184,20 @@ class HyperLoRAModel(nn.Module):
 
     def __init__(self, arch: HyperLoRAArchitecture, *, name: str = "", fingerprint: str = "",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
-                 resampler_dtype: torch.dtype | None = None, operations: Any = None) -> None:
+                 resampler_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        ops = nn if operations is None else operations
         basis_dtype, dtype = dtype, resampler_dtype or dtype
         self.arch = arch
         self.name = name
         self.fingerprint = fingerprint
-        self.resampler = Resampler(arch.resampler, operations=ops, device="meta", dtype=dtype)
+        self.resampler = Resampler(arch.resampler, device="meta", dtype=dtype)
         self.id_projector: IDProjector | None = None
         if arch.id_embed_dim is not None and arch.num_id_tokens is not None:
             self.id_projector = IDProjector(id_embed_dim=arch.id_embed_dim, embed_dim=arch.resampler.embed_dims[0],
-                                            num_tokens=arch.num_id_tokens, operations=ops, device="meta", dtype=dtype)
+                                            num_tokens=arch.num_id_tokens, device="meta", dtype=dtype)
         self.base_resampler: Resampler | None = None
         if arch.base_resampler is not None:
-            self.base_resampler = Resampler(arch.base_resampler, operations=ops, device="meta", dtype=dtype)
+            self.base_resampler = Resampler(arch.base_resampler, device="meta", dtype=dtype)
         self.groups: dict[str, list[BasisGroup]] = {"id": make_groups(arch, "id"), "base": make_groups(arch, "base")}
         K = arch.hyper_dim
         for groups in self.groups.values():
@@ -356,57 +340,8 @@ class HyperLoRAModel(nn.Module):
         for i, mod in enumerate(self.arch.modules):
             for layer in LORA_LAYERS:
                 d, u = slots[(i, layer)]
-                prefix = f"{mod.name}_{KOHYA_LAYER[layer]}"
+                prefix = kohya_prefix(mod, layer)
                 lora[f"{prefix}.lora_down.weight"] = d
                 lora[f"{prefix}.lora_up.weight"] = u
                 lora[f"{prefix}.alpha"] = torch.tensor(rank / 2, dtype=out_dtype)
         return lora
-
-
-# --------------------------------------------------------------------------------- loading
-
-
-def load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype | None, device: torch.device,
-               fingerprint: str, resampler_dtype: torch.dtype | None = None,
-               operations: Any = None) -> HyperLoRAModel:
-    """Stream a validated folder into a new :class:`HyperLoRAModel` (see ``load_hyper_lora``).
-
-    Modules are created on the meta device and receive the loaded tensors with strict
-    ``load_state_dict(assign=True)``; the basis is read tensor by tensor (one staging buffer)
-    and copied, transposed, straight into the preallocated group buffers.  No fp32 copy of
-    the basis is ever made unless ``dtype`` is fp32.
-    """
-    basis_hdr = read_header(folder / BASIS_FILE)
-    file_dtype = next(iter(basis_hdr.tensors.values())).torch_dtype
-    dtype = dtype or file_dtype
-    module_dtype = resampler_dtype or dtype
-    model = HyperLoRAModel(arch, name=folder.name, fingerprint=fingerprint, device=device, dtype=dtype,
-                           resampler_dtype=module_dtype, operations=operations)
-    parts: list[tuple[str, nn.Module | None]] = [(RESAMPLER_FILE, model.resampler),
-                                                 (ID_PROJECTOR_FILE, model.id_projector),
-                                                 (BASE_RESAMPLER_FILE, model.base_resampler)]
-    for filename, module in parts:
-        if module is None:
-            continue
-        with TensorReader(read_header(folder / filename)) as reader:
-            sd = {key: reader.read(key, copy=True).to(device=device, dtype=module_dtype)
-                  for key in reader.header.tensors}
-        try:
-            module.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as exc:  # read_architecture checked the keys already; keep the user-facing type
-            raise ModelFileError(f"'{folder / filename}' does not fit the model: {exc}") from exc
-        module.requires_grad_(False).eval()
-        del sd
-    K = arch.hyper_dim
-    with TensorReader(basis_hdr) as reader, torch.no_grad():
-        for kind in ("id", "base"):
-            for g, down_b, up_b in model.basis_groups(kind):
-                for m, (i, layer) in enumerate(g.entries):
-                    src = reader.read(f"{i}.{layer}.{kind}_down_basis")            # [K, in, rank]
-                    down_b[m].copy_(src.view(K, -1).t())                            # [in*rank, K]
-                    src = reader.read(f"{i}.{layer}.{kind}_up_basis")              # [K, rank, out]
-                    up_b[m].copy_(src.view(K, -1).t())                              # [rank*out, K]
-    model.requires_grad_(False).eval()
-    log.info("loaded HyperLoRA '%s' (%d modules, K=%d, rank %d, %s on %s)", folder.name, len(arch.modules), K,
-             arch.rank, dtype, device)
-    return model

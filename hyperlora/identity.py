@@ -20,20 +20,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import IdentityFileError
-
-if TYPE_CHECKING:
-    from .generate import HyperLoRAModel
+from .generate import HyperLoRAModel
+from .lora import mix_tokens
+from .safetensors_io import looks_pickled, save_file_atomic
+from .spec import IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FORMAT = "hyperlora.identity"
-IDENTITY_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -102,8 +100,6 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
     }
     if identity.base_tokens is not None:
         meta["base_num_queries"] = str(identity.base_tokens.shape[0])
-    from .safetensors_io import save_file_atomic
-
     save_file_atomic(tensors, path, metadata=meta)
     logger.info("Saved identity (%d images, model %s) to %s", identity.num_images, identity.model_name, path)
 
@@ -127,12 +123,10 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
             keys = set(f.keys())
             tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens") if k in keys}
     except (SafetensorError, OSError) as exc:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-        if head == b"PK\x03\x04" or head[:1] == b"\x80":
+        if looks_pickled(path):
             raise IdentityFileError(
                 f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
-                "Save the identity again with the HyperLoRA Save Identity node."
+                "Save the identity again with the HyperLoRA Studio Save Identity node."
             ) from exc
         raise IdentityFileError(f"'{path}' is not a readable .safetensors identity file ({exc}).") from exc
 
@@ -140,7 +134,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         what = "a LoRA" if any(k.endswith(".lora_down.weight") for k in keys) else "some other .safetensors file"
         raise IdentityFileError(
             f"'{path}' is not a HyperLoRA identity file (it looks like {what}); choose a file saved by the "
-            "HyperLoRA Save Identity node."
+            "HyperLoRA Studio Save Identity node."
         )
     try:
         version = int(meta.get("format_version", ""))
@@ -148,8 +142,8 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         raise IdentityFileError(f"'{path}' has an unreadable identity format version; save the identity again.") from None
     if version > IDENTITY_FORMAT_VERSION:
         raise IdentityFileError(
-            f"'{path}' was written by a newer ComfyUI-HyperLoRA (identity format {version}, this one reads "
-            f"up to {IDENTITY_FORMAT_VERSION}); update ComfyUI-HyperLoRA."
+            f"'{path}' was written by a newer HyperLoRA Studio (identity format {version}, this one reads "
+            f"up to {IDENTITY_FORMAT_VERSION}); update HyperLoRA Studio."
         )
     if "tokens" not in tensors:
         raise IdentityFileError(f"'{path}' is damaged: it has no 'tokens' tensor; re-create the identity from the photos.")
@@ -252,8 +246,6 @@ def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> 
     All identities must come from the same model (same fingerprint).  The
     result's ``num_images`` is the sum; ``settings`` records the weights.
     """
-    from .lora import mix_tokens
-
     identities = list(identities)
     if not identities:
         raise IdentityFileError("Cannot mix an empty list of identities; give at least one.")

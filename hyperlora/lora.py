@@ -1,7 +1,7 @@
 """LoRA algebra on generated LoRAs and the kohya ``.safetensors`` format.
 
 A LoRA here is a :data:`LoraDict`: a flat ``dict`` of tensors with kohya keys,
-three per module prefix (facts §5.6)::
+three per module prefix (format §5.6)::
 
     f"{prefix}.lora_down.weight"   [rank, in]
     f"{prefix}.lora_up.weight"     [out, rank]
@@ -21,8 +21,7 @@ Two ways of combining identities exist, and they are different on purpose:
 
 Every function here is pure (inputs are never modified; unchanged tensors may
 be shared between input and output) and keeps the device and dtype of its
-inputs.  Files are written with :func:`save_lora_file` and read back with
-:func:`load_lora_file`; neither ever unpickles anything.
+inputs.  Files are written and read by :mod:`hyperlora.lora_file`.
 """
 
 from __future__ import annotations
@@ -36,22 +35,37 @@ import torch
 from torch import Tensor
 
 from .errors import LoraError
+from .spec import NORM_EPS
 
 logger = logging.getLogger(__name__)
 
 LoraDict = dict[str, Tensor]
 
+
+class GeneratedLora(dict):
+    """A kohya LoRA dict (``LoraDict``) that also remembers where it came from.
+
+    To ComfyUI and its core LoRA nodes it is a plain dict of tensors (the ``LORA_MODEL`` type);
+    ``provenance`` carries the HyperLoRA model name and fingerprint, the number of photos and
+    how it was made, so an exported file can say so in its metadata.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], provenance: Mapping[str, str] | None = None) -> None:
+        super().__init__(tensors)
+        self.provenance: dict[str, str] = dict(provenance or {})
+
+
+def provenance_of(lora: Mapping[str, Tensor]) -> dict[str, str]:
+    """The provenance of a :class:`GeneratedLora` (``{}`` for any other LoRA dict)."""
+    return dict(getattr(lora, "provenance", {}) or {})
+
 DOWN_SUFFIX = ".lora_down.weight"
 UP_SUFFIX = ".lora_up.weight"
 ALPHA_SUFFIX = ".alpha"
 
-TRIGGER_WORDS = "fcsks fxhks fhyks"
-"""The trigger words the released models were trained with (facts §7)."""
-
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 
-_TOKEN_EPS = 1e-8  # facts §5.4: t / sqrt(sum(t^2) + 1e-8)
 
 
 # --------------------------------------------------------------------------- structure
@@ -297,9 +311,13 @@ def difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor], strength: float
     return weighted_sum([a, b], [s, -s])
 
 
-def _normalize(t: Tensor) -> Tensor:
-    """Per-token L2 normalisation over the last axis (facts §5.4), ``[..., K]``."""
-    return t / torch.sqrt(torch.sum(t * t, dim=-1, keepdim=True) + _TOKEN_EPS)
+def normalize_tokens(t: Tensor) -> Tensor:
+    """Per-token L2 normalisation over the last axis, ``t / sqrt(sum(t^2) + 1e-8)`` (format §5.4).
+
+    ``[..., K]`` -> the same shape, computed and returned in at least float32.
+    """
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    return t / torch.sqrt(t.square().sum(-1, keepdim=True) + NORM_EPS)
 
 
 def mix_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -340,44 +358,26 @@ def mix_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     acc = torch.zeros(first.shape, dtype=ctype, device=first.device)
     for t, w in zip(tokens, ws):
         if w != 0.0:
-            acc = acc + _normalize(t.to(device=first.device, dtype=ctype)) * (w / total)
-    return _normalize(acc).to(first.dtype)
-
-
-# --------------------------------------------------------------------------- files
-# The file functions live in lora_file.py (size rule); they are re-exported here
-# lazily (PEP 562), so ``from hyperlora.lora import save_lora_file`` works and
-# neither module imports the other at import time in a cycle.
-
-_FILE_API = ("load_lora_file", "lora_metadata", "read_lora_metadata", "save_lora_file")
-
-
-def __getattr__(name: str):
-    if name in _FILE_API:
-        from . import lora_file
-
-        return getattr(lora_file, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            acc = acc + normalize_tokens(t.to(device=first.device, dtype=ctype)) * (w / total)
+    return normalize_tokens(acc).to(first.dtype)
 
 
 __all__ = [
     "ALPHA_SUFFIX",
     "DOWN_SUFFIX",
+    "GeneratedLora",
     "LoraDict",
     "SDXL_ARCHITECTURE",
     "SDXL_BASE_VERSION",
-    "TRIGGER_WORDS",
     "UP_SUFFIX",
     "difference",
-    "load_lora_file",
     "lora_delta",
-    "lora_metadata",
     "lora_num_params",
     "lora_prefixes",
     "lora_rank",
     "mix_tokens",
-    "read_lora_metadata",
-    "save_lora_file",
+    "normalize_tokens",
+    "provenance_of",
     "scale_lora",
     "weighted_sum",
     "step_window",

@@ -1,8 +1,8 @@
-"""IMAGE batch -> encoder conditions of one identity (facts §6), with skip/error policy and a cache.
+"""IMAGE batch -> encoder conditions of one identity (format §6), with skip/error policy and a cache.
 
 :func:`images_from_comfy` turns what ComfyUI hands over into uint8 RGB arrays;
 :func:`extract_conditions` finds the face of every photo, builds the crops of
-:mod:`hyperlora.preprocess`, runs ArcFace on the 4l crop and CLIP (one batched
+:mod:`hyperlora.faces.preprocess`, runs ArcFace on the 4l crop and CLIP (one batched
 forward for all photos and both conditions) and returns a :class:`FaceConditions`.
 
 Results are cached per (image bytes, settings, model objects) in a small LRU, so
@@ -19,22 +19,20 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import preprocess as pp
-from .errors import FaceNotFoundError, ImageInputError
-
-if TYPE_CHECKING:  # faces.py imports insightface lazily itself; keep this module import cheap
-    from .encoders import ClipVisionEncoder
-    from .faces import DetectedFace, FaceAnalyzer
+from .encoders import ClipVisionEncoder
+from .errors import FaceNotFoundError, ImageInputError, check_choice
+from .faces import preprocess as pp
+from .faces.analysis import DetectedFace, FaceAnalyzer, choose_face
+from .faces.options import DEFAULTS, NO_FACE_POLICIES, retry_sizes
 
 logger = logging.getLogger(__name__)
 
-NO_FACE_POLICIES = ("skip", "error")
 MAX_DETECT_SIDE: int | None = None   # None = released: detect on the full photo; an int downscales larger
                                      # photos for detection only (faster, NOT bit-exact with the release)
 CACHE_SIZE = 64             # images kept in the result cache
@@ -134,14 +132,6 @@ def images_from_comfy(images: Tensor | np.ndarray | Sequence[Tensor | np.ndarray
 # ----------------------------------------------------------------------------- face finding
 
 
-def detection_sizes(det_size: int) -> tuple[int, ...]:
-    """The user's detector size first, then the released retry sizes below it (facts §6);
-    ``(640, 512, 384, 256)`` for the default 640.  See :func:`hyperlora.faces.retry_sizes`."""
-    from .faces import retry_sizes
-
-    return tuple(retry_sizes(det_size))
-
-
 def find_faces_scaled(analyzer: FaceAnalyzer, image: np.ndarray, *, det_size: int) -> list[DetectedFace]:
     """Faces of ``image`` in its own pixel coordinates.  Photos larger than MAX_DETECT_SIDE are
     downscaled (area interpolation) for detection and landmarks only; coordinates are mapped back.
@@ -149,13 +139,13 @@ def find_faces_scaled(analyzer: FaceAnalyzer, image: np.ndarray, *, det_size: in
     detector size itself and the landmark / ArcFace steps are affine warps of the full image."""
     h, w = image.shape[:2]
     if MAX_DETECT_SIDE is None or max(h, w) <= MAX_DETECT_SIDE:
-        return list(analyzer.find_faces(image, det_sizes=detection_sizes(det_size)))
+        return list(analyzer.find_faces(image, det_sizes=retry_sizes(det_size)))
     scale = MAX_DETECT_SIDE / max(h, w)
     import cv2
 
     small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     sx, sy = w / small.shape[1], h / small.shape[0]
-    faces = analyzer.find_faces(small, det_sizes=detection_sizes(det_size))
+    faces = analyzer.find_faces(small, det_sizes=retry_sizes(det_size))
     factor = np.array([sx, sy], dtype=np.float64)
     return [dataclasses.replace(
         f, bbox=(np.asarray(f.bbox, np.float64).reshape(2, 2) * factor).reshape(4).astype(np.float32),
@@ -249,11 +239,9 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
 def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_clip: bool,
              need_base: bool, face_choice: str, face_index: int, remove_background: bool, grayscale: bool,
              det_size: int, base_scales: tuple[float, float, float, float]) -> _Result:
-    from .faces import choose_face
-
     faces = find_faces_scaled(analyzer, image, det_size=det_size)
     if not faces:
-        return _Result(reason=f"no face found at detector sizes {detection_sizes(det_size)}")
+        return _Result(reason=f"no face found at detector sizes {retry_sizes(det_size)}")
     try:
         face = choose_face(faces, face_choice, face_index)
     except FaceNotFoundError as exc:          # face_index beyond the faces of this photo
@@ -288,12 +276,12 @@ def extract_conditions(
     need_id: bool,
     need_clip: bool,
     need_base: bool,
-    face_choice: str = "largest",
-    face_index: int = 0,
-    remove_background: bool = True,
-    grayscale: bool = False,
-    no_face: str = "skip",
-    det_size: int = 640,
+    face_choice: str = DEFAULTS.face_choice,
+    face_index: int = DEFAULTS.face_index,
+    remove_background: bool = DEFAULTS.remove_background,
+    grayscale: bool = DEFAULTS.grayscale,
+    no_face: str = DEFAULTS.no_face,
+    det_size: int = DEFAULTS.det_size,
     base_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     use_cache: bool = True,
 ) -> FaceConditions:
@@ -303,13 +291,12 @@ def extract_conditions(
     :class:`FaceNotFoundError` naming them.  No face in any photo always raises.
     """
     _check_images(images)
-    if no_face not in NO_FACE_POLICIES:
-        raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, got {no_face!r}")
+    check_choice(no_face, NO_FACE_POLICIES, "no_face")
     if not (need_id or need_clip or need_base):
         raise ValueError("extract_conditions needs at least one of need_id, need_clip, need_base")
     if (need_clip or need_base) and clip is None:
         raise ValueError("a CLIP encoder is needed for the CLIP / base conditions")
-    detection_sizes(det_size)    # validates det_size (HyperLoRAError naming the setting)
+    retry_sizes(det_size)    # validates det_size (HyperLoRAError naming the setting)
     scales = pp.check_base_scales(base_scales)
     total = len(images)
     models = (analyzer, clip if (need_clip or need_base) else None)
@@ -380,7 +367,7 @@ def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], tota
     if not used:
         raise FaceNotFoundError(
             f"No usable face was found in any of the {total} image(s) checked ({reasons if total <= 4 else 'none had one'}; "
-            f"detector sizes {', '.join(map(str, detection_sizes(det_size)))}, with padding). Try {FIX_HINTS}.")
+            f"detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with padding). Try {FIX_HINTS}.")
     if not skipped:
         return
     if no_face == "error":
@@ -398,23 +385,20 @@ def face_masks(
     images: Sequence[np.ndarray],
     *,
     analyzer: FaceAnalyzer,
-    face_choice: str = "largest",
-    face_index: int = 0,
-    det_size: int = 640,
+    face_choice: str = DEFAULTS.face_choice,
+    face_index: int = DEFAULTS.face_index,
+    det_size: int = DEFAULTS.det_size,
     grow: float = 1.3,
     feather: float = 8.0,
-    no_face: str = "skip",
+    no_face: str = DEFAULTS.no_face,
 ) -> tuple[np.ndarray, list[DetectedFace | None]]:
     """One inpainting mask per photo: float32 ``[N, H, W]`` (photos of one size) and the face used
     in each (None where a photo has none; its mask is all zeros with ``no_face='skip'``).
 
     Faces are found and chosen exactly as for identities (sizes, padding, face_choice); the mask
-    is :func:`hyperlora.preprocess.face_mask` of the chosen face.
+    is :func:`hyperlora.faces.preprocess.face_mask` of the chosen face.
     """
-    from .faces import choose_face
-
-    if no_face not in ("skip", "error"):
-        raise ImageInputError(f"no_face must be 'skip' or 'error', got {no_face!r}.")
+    check_choice(no_face, NO_FACE_POLICIES, "no_face")
     _check_images(images)
     shapes = {im.shape[:2] for im in images}
     if len(shapes) != 1:
@@ -429,7 +413,7 @@ def face_masks(
             if no_face == "error":
                 raise FaceNotFoundError(
                     f"No face was found in image {i + 1} of {len(images)} (detector sizes "
-                    f"{', '.join(map(str, detection_sizes(det_size)))}, with padding), so it cannot be masked. "
+                    f"{', '.join(map(str, retry_sizes(det_size)))}, with padding), so it cannot be masked. "
                     f"Set no_face to 'skip' to pass it on with an empty mask, or try {FIX_HINTS}.")
             logger.warning("HyperLoRA: no face in image %d of %d; its mask is empty.", i + 1, len(images))
             chosen.append(None)

@@ -1,7 +1,7 @@
 """Perceiver resampler and ID projector of the released HyperLoRA models.
 
 The modules are laid out so that ``state_dict()`` keys equal the released tensor names
-(facts §4) and the forward pass follows facts §5.3: per layer
+(format §4) and the forward pass follows format §5.3: per layer
 
 * ``latents += attn1(q = LN(latents), context = LN(latents))``   (same LN output)
 * ``latents += attn2(q = LN(latents), context = LN(x'))``
@@ -9,9 +9,7 @@ The modules are laid out so that ``state_dict()`` keys equal the released tensor
 * ``latents += ff(LN(latents))``, ff = Linear -> exact (erf) GELU -> Linear
 
 with every LN its own LayerNorm (eps 1e-5), attention without biases and SDPA with scale
-``1/sqrt(dim_head)``.  ``operations`` is a namespace providing ``Linear`` and ``LayerNorm``
-(default :mod:`torch.nn`), so a host application can pass its own layer classes (e.g.
-ComfyUI's ``comfy.ops``) without this module importing it.
+``1/sqrt(dim_head)``.
 """
 
 from __future__ import annotations
@@ -23,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import ResamplerConfig
+from .spec import LN_EPS, ResamplerConfig
 
 log = logging.getLogger(__name__)
-
-LN_EPS = 1e-5
 
 
 def _factory(device: Any, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -41,17 +37,17 @@ class Attention(nn.Module):
     ``to_out.0.weight`` ``[dim, heads*dim_head]``.
     """
 
-    def __init__(self, dim: int, *, heads: int, dim_head: int, operations: Any = nn,
+    def __init__(self, dim: int, *, heads: int, dim_head: int,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         inner = heads * dim_head
         fk = _factory(device, dtype)
         self.heads = heads
         self.dim_head = dim_head
-        self.to_q = operations.Linear(dim, inner, bias=False, **fk)
-        self.to_k = operations.Linear(dim, inner, bias=False, **fk)
-        self.to_v = operations.Linear(dim, inner, bias=False, **fk)
-        self.to_out = nn.ModuleList([operations.Linear(inner, dim, bias=False, **fk)])
+        self.to_q = nn.Linear(dim, inner, bias=False, **fk)
+        self.to_k = nn.Linear(dim, inner, bias=False, **fk)
+        self.to_v = nn.Linear(dim, inner, bias=False, **fk)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=False, **fk)])
 
     def forward(self, query: Tensor, context: Tensor) -> Tensor:
         """query ``[N, Lq, dim]``, context ``[N, Lc, dim]`` -> ``[N, Lq, dim]``."""
@@ -69,10 +65,10 @@ class Attention(nn.Module):
 class GELUProj(nn.Module):
     """``proj`` Linear followed by the exact (erf) GELU; key ``proj.{weight,bias}``."""
 
-    def __init__(self, dim_in: int, dim_out: int, *, operations: Any = nn,
+    def __init__(self, dim_in: int, dim_out: int, *,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.proj = operations.Linear(dim_in, dim_out, bias=True, **_factory(device, dtype))
+        self.proj = nn.Linear(dim_in, dim_out, bias=True, **_factory(device, dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.proj(x), approximate="none")
@@ -81,14 +77,14 @@ class GELUProj(nn.Module):
 class FeedForward(nn.Module):
     """``net.0.proj`` ``[dim*mult, dim]`` -> GELU -> (``net.1`` no weights) -> ``net.2`` ``[dim, dim*mult]``."""
 
-    def __init__(self, dim: int, *, mult: int, operations: Any = nn,
+    def __init__(self, dim: int, *, mult: int,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         fk = _factory(device, dtype)
         self.net = nn.Sequential(
-            GELUProj(dim, dim * mult, operations=operations, **fk),
+            GELUProj(dim, dim * mult, **fk),
             nn.Identity(),
-            operations.Linear(dim * mult, dim, bias=True, **fk),
+            nn.Linear(dim * mult, dim, bias=True, **fk),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,16 +94,16 @@ class FeedForward(nn.Module):
 class ResamplerLayer(nn.Module):
     """One resampler layer (see the module docstring for the update order)."""
 
-    def __init__(self, config: ResamplerConfig, *, operations: Any = nn,
+    def __init__(self, config: ResamplerConfig, *,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dim = config.dim
         fk = _factory(device, dtype)
         two = len(config.embed_dims) == 2
-        attn = dict(heads=config.heads, dim_head=config.dim_head, operations=operations, **fk)
+        attn = dict(heads=config.heads, dim_head=config.dim_head, **fk)
 
         def ln() -> nn.Module:
-            return operations.LayerNorm(dim, eps=LN_EPS, **fk)
+            return nn.LayerNorm(dim, eps=LN_EPS, **fk)
 
         self.two_conditions = two
         self.norm_attn1 = ln()
@@ -120,7 +116,7 @@ class ResamplerLayer(nn.Module):
             self.norm_attn3_y = ln()
             self.attn3 = Attention(dim, **attn)
         self.norm_ff = ln()
-        self.ff = FeedForward(dim, mult=config.ff_mult, operations=operations, **fk)
+        self.ff = FeedForward(dim, mult=config.ff_mult, **fk)
 
     def forward(self, latents: Tensor, x: Tensor, y: Tensor | None) -> Tensor:
         """latents ``[N, Q, dim]``, x ``[N, Lx, dim]``, y ``[N, Ly, dim]`` or None."""
@@ -136,22 +132,22 @@ class ResamplerLayer(nn.Module):
 class Resampler(nn.Module):
     """Perceiver resampler: conditions -> ``[N, Q, K]`` LoRA coefficient tokens.
 
-    Keys (facts §4): ``latents [1, Q, dim]``, ``proj_in.{weight,bias} [dim, E_x]``,
+    Keys (format §4): ``latents [1, Q, dim]``, ``proj_in.{weight,bias} [dim, E_x]``,
     ``proj_in_2.* [dim, E_y]`` (two conditions), ``proj_out.* [K, dim]``, ``layers.j.*``.
     """
 
-    def __init__(self, config: ResamplerConfig, *, operations: Any = nn,
+    def __init__(self, config: ResamplerConfig, *,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         fk = _factory(device, dtype)
         self.config = config
         self.latents = nn.Parameter(torch.empty(1, config.num_queries, config.dim, **fk))
-        self.proj_in = operations.Linear(config.embed_dims[0], config.dim, bias=True, **fk)
+        self.proj_in = nn.Linear(config.embed_dims[0], config.dim, bias=True, **fk)
         if len(config.embed_dims) == 2:
-            self.proj_in_2 = operations.Linear(config.embed_dims[1], config.dim, bias=True, **fk)
-        self.proj_out = operations.Linear(config.dim, config.output_dim, bias=True, **fk)
+            self.proj_in_2 = nn.Linear(config.embed_dims[1], config.dim, bias=True, **fk)
+        self.proj_out = nn.Linear(config.dim, config.output_dim, bias=True, **fk)
         self.layers = nn.ModuleList(
-            ResamplerLayer(config, operations=operations, **fk) for _ in range(config.depth)
+            ResamplerLayer(config, **fk) for _ in range(config.depth)
         )
 
     @property
@@ -178,15 +174,15 @@ class IDProjector(nn.Module):
     ``2.{weight,bias}`` (LayerNorm over ``embed_dim``, eps 1e-5).  Index 1 holds no weights.
     """
 
-    def __init__(self, *, id_embed_dim: int, embed_dim: int, num_tokens: int, operations: Any = nn,
+    def __init__(self, *, id_embed_dim: int, embed_dim: int, num_tokens: int,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         fk = _factory(device, dtype)
         self.embed_dim = embed_dim
         self.num_tokens = num_tokens
-        self.add_module("0", operations.Linear(id_embed_dim, embed_dim * num_tokens, bias=True, **fk))
+        self.add_module("0", nn.Linear(id_embed_dim, embed_dim * num_tokens, bias=True, **fk))
         self.add_module("1", nn.Identity())
-        self.add_module("2", operations.LayerNorm(embed_dim, eps=LN_EPS, **fk))
+        self.add_module("2", nn.LayerNorm(embed_dim, eps=LN_EPS, **fk))
 
     def forward(self, id_embeds: Tensor) -> Tensor:
         """``[N, 512]`` -> ``[N, num_tokens, embed_dim]``."""
@@ -195,4 +191,4 @@ class IDProjector(nn.Module):
         return getattr(self, "2")(out)
 
 
-__all__ = ["Attention", "FeedForward", "IDProjector", "Resampler", "ResamplerLayer", "LN_EPS"]
+__all__ = ["Attention", "FeedForward", "IDProjector", "Resampler", "ResamplerLayer"]

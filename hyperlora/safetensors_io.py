@@ -180,6 +180,18 @@ def check_finite(raw: np.ndarray, code: str, *, path: Path, key: str, scratch: n
             f"diverged training run). Download the model again.")
 
 
+def looks_pickled(path: str | os.PathLike[str]) -> bool:
+    """True for a torch zip archive or a raw pickle, judged by the first bytes (never unpickled).
+
+    Meant for a file that safetensors refused, to tell the user what it is instead."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], *,
                      metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` as a .safetensors file at ``path`` atomically.

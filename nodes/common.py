@@ -1,4 +1,4 @@
-"""Glue shared by the node families: the HYPER_LORA handle, type names, image conversion."""
+"""Glue shared by the node families: the loaded-model handle, type names, shared inputs, image conversion."""
 
 from __future__ import annotations
 
@@ -12,21 +12,37 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 
-from ..hyperlora.errors import DependencyError
+from ..hyperlora.bundle import identity_from_images
+from ..hyperlora.errors import LoraError
+from ..hyperlora.faces.analysis import FaceAnalyzer
+from ..hyperlora.identity import Identity
+from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
+from ..hyperlora.pipeline import images_from_comfy
+from ..hyperlora.spec import IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "HyperLoRA"
-HYPER_LORA = "HYPER_LORA"
-HYPER_LORA_ID = "HYPER_LORA_ID"
+CATEGORY = PACK_NAME
+STUDIO_MODEL = MODEL_TYPE          # the loaded generator (HyperLoRAHandle)
+STUDIO_IDENTITY = IDENTITY_TYPE    # an identity (hyperlora.identity.Identity)
 LORA_MODEL = "LORA_MODEL"          # core type (comfy_extras/nodes_train.py): dict of kohya-keyed tensors
 
-INSTALL_INSIGHTFACE = (
-    "Face analysis needs the insightface and onnxruntime packages: run `python -m pip install insightface "
-    "onnxruntime` (onnxruntime-gpu for CUDA) with ComfyUI's Python, then restart ComfyUI.")
 
-FACE_CHOICES = ("largest", "left_to_right", "index", "highest_score")
-DET_SIZES = (640, 512, 384, 256)
+
+def node_id(name: str) -> str:
+    """``Loader`` -> ``HyperLoRAStudioLoader``: the id this pack registers a node under."""
+    return NODE_PREFIX + name
+
+
+def display_name(name: str) -> str:
+    """``Loader`` -> ``HyperLoRA Studio Loader`` (found when searching for "HyperLoRA")."""
+    return f"{PACK_NAME} {name}"
+
+
+def mappings(*nodes: tuple[str, str, type]) -> tuple[dict[str, type], dict[str, str]]:
+    """``(short id, display suffix, class)`` triples -> ``NODE_CLASS_MAPPINGS``, ``NODE_DISPLAY_NAME_MAPPINGS``."""
+    return ({node_id(short): cls for short, _, cls in nodes},
+            {node_id(short): display_name(title) for short, title, _ in nodes})
 
 
 class ManagedModule(torch.nn.Module):
@@ -53,7 +69,7 @@ def managed(module: torch.nn.Module, load_device: torch.device, offload_device: 
 
 
 class HyperLoRAHandle:
-    """A loaded HyperLoRA model with its CLIP encoder and face analyser (the ``HYPER_LORA`` type).
+    """A loaded HyperLoRA model with its CLIP encoder and face analyser (the ``STUDIO_MODEL`` type).
 
     The torch parts are wrapped in ``ModelPatcher`` objects so ComfyUI moves them to the GPU
     for use (:meth:`load`) and can offload them when the diffusion model needs the memory.
@@ -86,25 +102,44 @@ class HyperLoRAHandle:
         patchers = [self.model_patcher] + ([self.clip_patcher] if clip else [])
         mm.load_models_gpu(patchers, force_full_load=True)
 
-    def analyzer(self) -> Any:
-        """The insightface AntelopeV2 analyser; :class:`DependencyError` with install steps when missing."""
+    def analyzer(self) -> FaceAnalyzer:
+        """The insightface AntelopeV2 analyser, made on first use.  A missing or broken insightface /
+        onnxruntime raises the core's DependencyError, whose message already holds the fix."""
         if self._analyzer is None:
-            try:
-                from ..hyperlora.faces import FaceAnalyzer
-            except ImportError as e:
-                raise DependencyError(f"{INSTALL_INSIGHTFACE} ({e})") from e
-            try:
-                self._analyzer = FaceAnalyzer(self.antelope_dir, provider=self.provider)
-            except DependencyError as e:
-                if "pip install" in str(e):
-                    raise
-                raise DependencyError(f"{e} {INSTALL_INSIGHTFACE}") from e
-            except ImportError as e:
-                raise DependencyError(f"{INSTALL_INSIGHTFACE} ({e})") from e
+            self._analyzer = FaceAnalyzer(self.antelope_dir, provider=self.provider)
         return self._analyzer
 
     def __repr__(self) -> str:
         return f"HyperLoRAHandle({self.names})"
+
+
+def _what_is(value: Any) -> str:
+    """A reader's name for an object that arrived on one of our sockets."""
+    cls = type(value)
+    if cls.__name__ == "HyperLoRA" and hasattr(value, "hyper_lora_modules"):
+        return "the authors' ComfyUI-HyperLoRA plugin's HYPER_LORA object (from its 'HyperLoRA Loader' node)"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
+        return "what looks like the authors' ComfyUI-HyperLoRA plugin's ID_COND (from its 'HyperLoRA ID Cond' node)"
+    return f"a {cls.__module__}.{cls.__name__}"
+
+
+def expect_handle(value: Any, input_name: str = "hyper_lora") -> HyperLoRAHandle:
+    """``value`` if it is this pack's loaded model; else LoraError naming what arrived and what to connect."""
+    if isinstance(value, HyperLoRAHandle):
+        return value
+    raise LoraError(
+        f"The input '{input_name}' got {_what_is(value)}, not a model of this pack. Connect the "
+        f"'{display_name('Loader')}' node ({node_id('Loader')}) to it instead; the two HyperLoRA packs' objects "
+        "do not mix.")
+
+
+def expect_identity(value: Any, input_name: str = "identity") -> Identity:
+    """``value`` if it is an identity of this pack; else LoraError naming what arrived and what to connect."""
+    if isinstance(value, Identity):
+        return value
+    raise LoraError(
+        f"The input '{input_name}' got {_what_is(value)}, not an identity of this pack. Connect "
+        f"'{display_name('Identity from Images')}' or '{display_name('Load Identity')}' to it instead.")
 
 
 def check_interrupt() -> None:
@@ -135,52 +170,49 @@ def images_to_comfy(images: list[Any], *, size: int = 512) -> torch.Tensor:
 
 
 def face_inputs() -> dict[str, tuple]:
-    """The face options shared by the identity nodes (inputs of ``FaceOptions``)."""
+    """The face options shared by the identity nodes (the fields of ``FaceOptions``, its defaults)."""
     return {
         "face_choice": (list(FACE_CHOICES), {
-            "default": "largest",
+            "default": DEFAULTS.face_choice,
             "tooltip": "Which face to use when a photo shows several: the largest, or (with 'index') "
                        "the face_index-th largest; 'left_to_right' takes the face_index-th from the left; "
                        "'highest_score' takes the face the detector is surest of, as the authors' plugin does."}),
-        "face_index": ("INT", {"default": 0, "min": 0, "max": 64, "step": 1,
+        "face_index": ("INT", {"default": DEFAULTS.face_index, "min": 0, "max": MAX_FACE_INDEX, "step": 1,
                                "tooltip": "0-based face number for 'index' and 'left_to_right'."}),
         "remove_background": ("BOOLEAN", {
-            "default": True,
+            "default": DEFAULTS.remove_background,
             "tooltip": "Replace everything outside the face outline by gray before CLIP sees it, as the "
                        "released models were trained (recommended)."}),
         "grayscale": ("BOOLEAN", {
-            "default": False,
+            "default": DEFAULTS.grayscale,
             "tooltip": "Give CLIP a grayscale face, so the colours of the photo (lighting, make-up) carry "
                        "over less."}),
-        "no_face": (["skip", "error"], {
-            "default": "skip",
+        "no_face": (list(NO_FACE_POLICIES), {
+            "default": DEFAULTS.no_face,
             "tooltip": "A photo without a detectable face: 'skip' drops it and uses the others, 'error' stops "
                        "the queue naming the photo."}),
-        "det_size": ([str(s) for s in DET_SIZES], {
-            "default": "640",
+        "det_size": ([str(s) for s in DETECTION_SIZES], {
+            "default": str(DEFAULTS.det_size),
             "tooltip": "Face-detector input size. 640 as released; if nothing is found the smaller sizes "
                        "are tried too. Pick a smaller size first for tight close-ups."}),
     }
 
 
-def face_options(kwargs: dict[str, Any]) -> Any:
-    from ..hyperlora.bundle import FaceOptions
-
+def face_options(kwargs: dict[str, Any]) -> FaceOptions:
+    """The node's face inputs as ``FaceOptions`` (inputs a node does not have keep their defaults)."""
     return FaceOptions(
-        face_choice=kwargs.get("face_choice", "largest"),
-        face_index=int(kwargs.get("face_index", 0)),
-        remove_background=bool(kwargs.get("remove_background", True)),
-        grayscale=bool(kwargs.get("grayscale", False)),
-        no_face=kwargs.get("no_face", "skip"),
-        det_size=int(kwargs.get("det_size", 640)),
+        face_choice=kwargs.get("face_choice", DEFAULTS.face_choice),
+        face_index=int(kwargs.get("face_index", DEFAULTS.face_index)),
+        remove_background=bool(kwargs.get("remove_background", DEFAULTS.remove_background)),
+        grayscale=bool(kwargs.get("grayscale", DEFAULTS.grayscale)),
+        no_face=kwargs.get("no_face", DEFAULTS.no_face),
+        det_size=int(kwargs.get("det_size", DEFAULTS.det_size)),
     )
 
 
 def make_identity(hyper_lora: HyperLoRAHandle, images: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
     """IMAGE batch -> (Identity, crops IMAGE); progress: analyser, CLIP + resampler, done."""
-    from ..hyperlora.bundle import identity_from_images
-    from ..hyperlora.pipeline import images_from_comfy
-
+    hyper_lora = expect_handle(hyper_lora)
     bar = progress(3)
     check_interrupt()
     analyzer = hyper_lora.analyzer()

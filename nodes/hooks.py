@@ -10,13 +10,13 @@ import torch
 import comfy.hooks
 
 from ..hyperlora.lora import step_window
-from .common import CATEGORY, LORA_MODEL
+from .common import CATEGORY, LORA_MODEL, mappings
 from .lora import STRENGTH, check_lora_lands
 
 
 class CheckedLoraHook(comfy.hooks.WeightHook):
     """ComfyUI's LoRA weight hook, plus our landing check on the model it is registered on (an SD1.5
-    or Flux model gets the same clear error as HyperLoRA Apply, instead of a silent no-op)."""
+    or Flux model gets the same clear error as HyperLoRA Studio Apply, instead of a silent no-op)."""
 
     def add_hook_patches(self, model: Any, model_options: dict, target_dict: dict, registered: Any) -> bool:
         if target_dict.get("target") != comfy.hooks.EnumWeightTarget.Clip and self.need_weight_init:
@@ -40,7 +40,7 @@ def identity_hooks(lora: dict[str, torch.Tensor], strength: float, start_percent
     return group
 
 
-class HyperLoRAConditioning:
+class HyperLoRAStudioConditioning:
     DESCRIPTION = (
         "Puts the identity on a prompt instead of merging it into the model: only for the sampling steps "
         "between start_percent and end_percent, and with a mask only in that region of the image. Two of these "
@@ -94,5 +94,5 @@ class HyperLoRAConditioning:
         return (pos, neg, hooks if attach is not None else comfy.hooks.HookGroup())
 
 
-NODE_CLASS_MAPPINGS = {"HyperLoRAConditioning": HyperLoRAConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRAConditioning": "HyperLoRA Identity on Prompt (regions, steps)"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ("Conditioning", "Identity on Prompt (regions, steps)", HyperLoRAStudioConditioning))

@@ -1,4 +1,4 @@
-"""HyperLoRAIdentityFromImages: face photos -> HYPER_LORA_ID (+ the crops the model saw)."""
+"""Identity from Images: face photos -> an identity (+ the crops the model saw)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ from typing import Any
 
 import torch
 
-from .common import CATEGORY, HYPER_LORA, HYPER_LORA_ID, HyperLoRAHandle, face_inputs, make_identity
+from .common import CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, HyperLoRAHandle, face_inputs, make_identity, mappings
 
 
-class HyperLoRAIdentityFromImages:
+class HyperLoRAStudioIdentityFromImages:
     DESCRIPTION = (
         "Finds the face in each photo and turns them into one identity (the HyperLoRA coefficients, the mean "
         "over all photos). Several photos of one person give a steadier likeness. Connect it to Build LoRA, "
         "Save Identity or Mix Identities.")
     CATEGORY = f"{CATEGORY}/identity"
-    RETURN_TYPES = (HYPER_LORA_ID, "IMAGE")
+    RETURN_TYPES = (STUDIO_IDENTITY, "IMAGE")
     RETURN_NAMES = ("identity", "crops")
     OUTPUT_TOOLTIPS = (
         "The identity: HyperLoRA coefficients of this person for the loaded model.",
@@ -26,7 +26,7 @@ class HyperLoRAIdentityFromImages:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader."}),
             "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch)."}),
             **face_inputs(),
         }}
@@ -36,5 +36,5 @@ class HyperLoRAIdentityFromImages:
         return (identity, crops)
 
 
-NODE_CLASS_MAPPINGS = {"HyperLoRAIdentityFromImages": HyperLoRAIdentityFromImages}
-NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRAIdentityFromImages": "HyperLoRA Identity from Images"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ("IdentityFromImages", "Identity from Images", HyperLoRAStudioIdentityFromImages))

@@ -1,4 +1,4 @@
-"""HyperLoRALoader: model folder + CLIP vision + AntelopeV2 -> HYPER_LORA."""
+"""Loader: model folder + CLIP vision + AntelopeV2 -> the pack's loaded model (HYPERLORA_STUDIO_MODEL)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import torch
 
 import comfy.model_management as mm
 
+from ..hyperlora.bundle import clip_width_needed
+from ..hyperlora.checkpoint import load_hyper_lora
+from ..hyperlora.encoders import ClipVisionEncoder
+from ..hyperlora.errors import ModelFileError
+from ..hyperlora.faces.setup import PROVIDERS, find_antelopev2
+from ..hyperlora.spec import VIT_L14_WIDTH
 from . import paths
-from .common import CATEGORY, HYPER_LORA, HyperLoRAHandle, check_interrupt, progress
+from .common import CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, mappings, progress
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-PROVIDERS = ("auto", "CUDA", "ROCm", "CoreML", "CPU")   # == hyperlora.faces.PROVIDERS
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -29,13 +34,13 @@ def pick_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
-class HyperLoRALoader:
+class HyperLoRAStudioLoader:
     DESCRIPTION = (
         "Loads a HyperLoRA model (for example sdxl_hyper_id_lora_v1_fidelity or _edit), the CLIP ViT-L/14 "
         "image encoder and the AntelopeV2 face-analysis pack. The architecture is read from the weights; "
         "nothing to type. ComfyUI moves the models to the GPU when used and may offload them for SDXL.")
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (HYPER_LORA,)
+    RETURN_TYPES = (STUDIO_MODEL,)
     RETURN_NAMES = ("hyper_lora",)
     OUTPUT_TOOLTIPS = ("The loaded HyperLoRA generator: feed it to the identity and LoRA nodes.",)
     FUNCTION = "load"
@@ -74,15 +79,8 @@ class HyperLoRALoader:
         return True
 
     def load(self, model: str, clip_vision: str, insightface: str, dtype: str, provider: str) -> tuple[HyperLoRAHandle]:
-        from ..hyperlora.bundle import VIT_L14_WIDTH, clip_width_needed
-        from ..hyperlora.checkpoint import load_hyper_lora
-        from ..hyperlora.encoders import ClipVisionEncoder
-        from ..hyperlora.errors import ModelFileError
-
         folder = paths.resolve_model(model)
         clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
-        from ..hyperlora.faces_setup import find_antelopev2
-
         antelope = find_antelopev2(paths.resolve_insightface(insightface))   # all files there? (no insightface import)
         torch_dtype = pick_dtype(dtype)
         offload = mm.unet_offload_device()
@@ -114,5 +112,4 @@ class HyperLoRALoader:
         return (handle,)
 
 
-NODE_CLASS_MAPPINGS = {"HyperLoRALoader": HyperLoRALoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRALoader": "HyperLoRA Loader"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(("Loader", "Loader", HyperLoRAStudioLoader))

@@ -9,16 +9,18 @@ import torch
 
 import comfy.lora
 
+from ..hyperlora.bundle import lora_from_identity, lora_target_shapes
 from ..hyperlora.errors import FaceNotFoundError, LoraError
-from .common import (CATEGORY, HYPER_LORA, HYPER_LORA_ID, LORA_MODEL, HyperLoRAHandle, check_interrupt,
-                     face_inputs, images_to_comfy, make_identity)
+from ..hyperlora.spec import TRIGGER_PREFIX
+from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
+                     expect_handle, expect_identity, face_inputs, images_to_comfy, make_identity, mappings)
 
 log = logging.getLogger(__name__)
 
 STRENGTH = ("FLOAT", {
     "default": 0.85, "min": -4.0, "max": 4.0, "step": 0.01,
     "tooltip": "How strongly the identity LoRA changes the model. 0.75-0.85 is typical; lower keeps the prompt "
-               "editable, higher gives more likeness. Prompts need the trigger words 'fcsks fxhks fhyks, '."})
+               f"editable, higher gives more likeness. Prompts need the trigger words '{TRIGGER_PREFIX}'."})
 
 
 def model_kind(model: Any) -> str:
@@ -34,10 +36,8 @@ def check_lora_lands(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, str
 
     Returns ComfyUI's key map ``{lora prefix: model weight key}`` restricted to the LoRA's modules.
     """
-    from ..hyperlora.bundle import lora_target_shapes
-
     if not lora:
-        raise LoraError("The LoRA is empty; connect the output of HyperLoRA Build LoRA (or Mix / Slider).")
+        raise LoraError("The LoRA is empty; connect the output of HyperLoRA Studio Build LoRA (or Mix / Slider).")
     shapes = lora_target_shapes(lora)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     state = model.model.state_dict()
@@ -76,10 +76,10 @@ def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float) -> An
     return patched
 
 
-class HyperLoRABuildLoRA:
+class HyperLoRAStudioBuildLoRA:
     DESCRIPTION = (
-        "Turns an identity into a LoRA (the core LORA_MODEL type): connect it to HyperLoRA Apply, the core "
-        "'Load LoRA Model' node, 'Save LoRA Weights' or HyperLoRA Export LoRA.")
+        "Turns an identity into a LoRA (the core LORA_MODEL type): connect it to HyperLoRA Studio Apply, the core "
+        "'Load LoRA Model' node, 'Save LoRA Weights' or HyperLoRA Studio Export LoRA.")
     CATEGORY = f"{CATEGORY}/lora"
     RETURN_TYPES = (LORA_MODEL,)
     RETURN_NAMES = ("lora",)
@@ -89,8 +89,8 @@ class HyperLoRABuildLoRA:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader that made the identity."}),
-            "identity": (HYPER_LORA_ID, {"tooltip": "The identity from Identity from Images or Load Identity."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader that made the identity."}),
+            "identity": (STUDIO_IDENTITY, {"tooltip": "The identity from Identity from Images or Load Identity."}),
             "kind": (["id", "base", "id+base"], {
                 "default": "id",
                 "tooltip": "'id' is the released use. 'base' / 'id+base' need a model trained with a Base-LoRA "
@@ -99,14 +99,14 @@ class HyperLoRABuildLoRA:
         }}
 
     def run(self, hyper_lora: HyperLoRAHandle, identity: Any, kind: str) -> tuple[dict[str, torch.Tensor]]:
-        from ..hyperlora.bundle import lora_from_identity
-
+        hyper_lora = expect_handle(hyper_lora)
+        identity = expect_identity(identity)
         check_interrupt()
         hyper_lora.load()
         return (lora_from_identity(hyper_lora.model, identity, kind=kind),)
 
 
-class HyperLoRAApply:
+class HyperLoRAStudioApply:
     DESCRIPTION = (
         "Merges a HyperLoRA LoRA into an SDXL model. It first checks that every LoRA module lands on a weight "
         "of the model and stops with a clear message for SD1.5, SD3, Flux and other models. Merged LoRAs cost "
@@ -128,7 +128,7 @@ class HyperLoRAApply:
         return (apply_lora(model, lora, strength),)
 
 
-class HyperLoRAApplyFromImages:
+class HyperLoRAStudioApplyFromImages:
     DESCRIPTION = (
         "One node for the common case: face photos -> identity -> LoRA -> merged into the SDXL model. With "
         "no_face 'skip' and no face in any photo, the model passes through unchanged.")
@@ -142,7 +142,7 @@ class HyperLoRAApplyFromImages:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SDXL model (e.g. from Load Checkpoint)."}),
-            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader."}),
             "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch)."}),
             "strength": STRENGTH,
             **face_inputs(),
@@ -150,8 +150,6 @@ class HyperLoRAApplyFromImages:
 
     def run(self, model: Any, hyper_lora: HyperLoRAHandle, images: torch.Tensor, strength: float,
             **kwargs: Any) -> tuple[Any, torch.Tensor]:
-        from ..hyperlora.bundle import lora_from_identity
-
         try:
             identity, crops = make_identity(hyper_lora, images, kwargs)
         except FaceNotFoundError as e:
@@ -164,13 +162,8 @@ class HyperLoRAApplyFromImages:
         return (apply_lora(model, lora, strength), crops)
 
 
-NODE_CLASS_MAPPINGS = {
-    "HyperLoRABuildLoRA": HyperLoRABuildLoRA,
-    "HyperLoRAApply": HyperLoRAApply,
-    "HyperLoRAApplyFromImages": HyperLoRAApplyFromImages,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "HyperLoRABuildLoRA": "HyperLoRA Build LoRA",
-    "HyperLoRAApply": "HyperLoRA Apply",
-    "HyperLoRAApplyFromImages": "HyperLoRA Apply from Images",
-}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ("BuildLoRA", "Build LoRA", HyperLoRAStudioBuildLoRA),
+    ("Apply", "Apply", HyperLoRAStudioApply),
+    ("ApplyFromImages", "Apply from Images", HyperLoRAStudioApplyFromImages),
+)

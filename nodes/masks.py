@@ -6,12 +6,13 @@ import logging
 
 import torch
 
-from .common import CATEGORY, HYPER_LORA, HyperLoRAHandle, check_interrupt, face_inputs
+from ..hyperlora.pipeline import face_masks, images_from_comfy
+from .common import CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, expect_handle, face_inputs, mappings
 
 log = logging.getLogger(__name__)
 
 
-class HyperLoRAFaceMask:
+class HyperLoRAStudioFaceMask:
     DESCRIPTION = (
         "Finds the face in each photo (as the identity nodes do) and returns a soft mask over it, for "
         "re-painting just the face with an identity: connect it to InpaintModelConditioning (or Set Latent "
@@ -27,7 +28,7 @@ class HyperLoRAFaceMask:
     def INPUT_TYPES(cls) -> dict:
         shared = face_inputs()
         return {"required": {
-            "hyper_lora": (HYPER_LORA, {"tooltip": "HyperLoRA Loader (its face analyser finds the faces)."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "HyperLoRA Studio Loader (its face analyser finds the faces)."}),
             "images": ("IMAGE", {"tooltip": "The photo(s) whose face is to be re-painted (one size per batch)."}),
             "face_choice": shared["face_choice"],          # faces are found and chosen as for identities
             "face_index": shared["face_index"],
@@ -46,8 +47,7 @@ class HyperLoRAFaceMask:
 
     def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, face_choice: str, face_index: int,
             grow: float, feather: int, no_face: str, det_size: str) -> tuple[torch.Tensor]:
-        from ..hyperlora.pipeline import face_masks, images_from_comfy
-
+        hyper_lora = expect_handle(hyper_lora)
         check_interrupt()
         arrays = images_from_comfy(images)
         masks, chosen = face_masks(arrays, analyzer=hyper_lora.analyzer(), face_choice=face_choice,
@@ -55,9 +55,8 @@ class HyperLoRAFaceMask:
                                    feather=float(feather), no_face=no_face)
         for i, face in enumerate(chosen):
             if face is not None:
-                log.info("HyperLoRA Face Mask: image %d: %s", i + 1, face.describe())
+                log.info("HyperLoRA Studio Face Mask: image %d: %s", i + 1, face.describe())
         return (torch.from_numpy(masks),)
 
 
-NODE_CLASS_MAPPINGS = {"HyperLoRAFaceMask": HyperLoRAFaceMask}
-NODE_DISPLAY_NAME_MAPPINGS = {"HyperLoRAFaceMask": "HyperLoRA Face Mask (for inpainting)"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(("FaceMask", "Face Mask (for inpainting)", HyperLoRAStudioFaceMask))

@@ -6,13 +6,15 @@ from typing import Any
 
 import torch
 
-from .common import CATEGORY, HYPER_LORA, HYPER_LORA_ID, LORA_MODEL, HyperLoRAHandle, check_interrupt
+from ..hyperlora.bundle import concept_slider, mix_identities
+from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt, expect_handle,
+                     expect_identity, mappings)
 
 MAX_IDENTITIES = 4
 WEIGHT_TOOLTIP = "Share of this identity. Weights need not sum to 1; negative values push away from it."
 
 
-class HyperLoRAMixIdentities:
+class HyperLoRAStudioMixIdentities:
     DESCRIPTION = (
         "Blends two to four identities into one LoRA: 'coefficients' interpolates the HyperLoRA coefficients and "
         "builds one LoRA (the authors' ID interpolation, a believable in-between face); 'weight_delta' adds the "
@@ -20,7 +22,7 @@ class HyperLoRAMixIdentities:
     CATEGORY = f"{CATEGORY}/mix"
     RETURN_TYPES = (LORA_MODEL,)
     RETURN_NAMES = ("lora",)
-    OUTPUT_TOOLTIPS = ("The mixed LoRA, for HyperLoRA Apply.",)
+    OUTPUT_TOOLTIPS = ("The mixed LoRA, for HyperLoRA Studio Apply.",)
     FUNCTION = "run"
 
     @classmethod
@@ -29,10 +31,10 @@ class HyperLoRAMixIdentities:
             return ("FLOAT", {"default": default, "min": -2.0, "max": 2.0, "step": 0.01, "tooltip": WEIGHT_TOOLTIP})
 
         required: dict[str, tuple] = {
-            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader that made the identities."}),
-            "identity_1": (HYPER_LORA_ID, {"tooltip": "First identity."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader that made the identities."}),
+            "identity_1": (STUDIO_IDENTITY, {"tooltip": "First identity."}),
             "weight_1": weight(0.5),
-            "identity_2": (HYPER_LORA_ID, {"tooltip": "Second identity."}),
+            "identity_2": (STUDIO_IDENTITY, {"tooltip": "Second identity."}),
             "weight_2": weight(0.5),
             "mode": (["coefficients", "weight_delta"], {
                 "default": "coefficients",
@@ -41,57 +43,52 @@ class HyperLoRAMixIdentities:
         }
         optional: dict[str, tuple] = {}
         for i in range(3, MAX_IDENTITIES + 1):
-            optional[f"identity_{i}"] = (HYPER_LORA_ID, {"tooltip": f"Optional identity {i}."})
+            optional[f"identity_{i}"] = (STUDIO_IDENTITY, {"tooltip": f"Optional identity {i}."})
             optional[f"weight_{i}"] = weight(0.0)
         return {"required": required, "optional": optional}
 
     def run(self, hyper_lora: HyperLoRAHandle, mode: str, **kwargs: Any) -> tuple[dict[str, torch.Tensor]]:
-        from ..hyperlora.bundle import mix_identities
-
+        hyper_lora = expect_handle(hyper_lora)
         identities, weights = [], []
         for i in range(1, MAX_IDENTITIES + 1):
             ident = kwargs.get(f"identity_{i}")
             if ident is not None:
-                identities.append(ident)
+                identities.append(expect_identity(ident, f"identity_{i}"))
                 weights.append(float(kwargs.get(f"weight_{i}", 0.0)))
         check_interrupt()
         hyper_lora.load()
         return (mix_identities(hyper_lora.model, identities, weights, mode=mode),)
 
 
-class HyperLoRAConceptSlider:
+class HyperLoRAStudioConceptSlider:
     DESCRIPTION = (
         "A slider LoRA from two identities of one person: the photo with a change (older, smiling, glasses...) "
         "minus the original. Apply it with a signed strength to add or remove that change.")
     CATEGORY = f"{CATEGORY}/mix"
     RETURN_TYPES = (LORA_MODEL,)
     RETURN_NAMES = ("lora",)
-    OUTPUT_TOOLTIPS = ("strength x (LoRA of edited - LoRA of original), for HyperLoRA Apply.",)
+    OUTPUT_TOOLTIPS = ("strength x (LoRA of edited - LoRA of original), for HyperLoRA Studio Apply.",)
     FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "hyper_lora": (HYPER_LORA, {"tooltip": "The model from HyperLoRA Loader that made both identities."}),
-            "edited": (HYPER_LORA_ID, {"tooltip": "Identity of the edited photo (with the concept)."}),
-            "original": (HYPER_LORA_ID, {"tooltip": "Identity of the original photo (without it)."}),
+            "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader that made both identities."}),
+            "edited": (STUDIO_IDENTITY, {"tooltip": "Identity of the edited photo (with the concept)."}),
+            "original": (STUDIO_IDENTITY, {"tooltip": "Identity of the original photo (without it)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
                                    "tooltip": "Signed strength: positive adds the concept, negative removes it."}),
         }}
 
     def run(self, hyper_lora: HyperLoRAHandle, edited: Any, original: Any, strength: float) -> tuple[dict[str, torch.Tensor]]:
-        from ..hyperlora.bundle import concept_slider
-
+        hyper_lora = expect_handle(hyper_lora)
+        edited, original = expect_identity(edited, "edited"), expect_identity(original, "original")
         check_interrupt()
         hyper_lora.load()
         return (concept_slider(hyper_lora.model, edited, original, strength=strength),)
 
 
-NODE_CLASS_MAPPINGS = {
-    "HyperLoRAMixIdentities": HyperLoRAMixIdentities,
-    "HyperLoRAConceptSlider": HyperLoRAConceptSlider,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "HyperLoRAMixIdentities": "HyperLoRA Mix Identities",
-    "HyperLoRAConceptSlider": "HyperLoRA Concept Slider",
-}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
+    ("MixIdentities", "Mix Identities", HyperLoRAStudioMixIdentities),
+    ("ConceptSlider", "Concept Slider", HyperLoRAStudioConceptSlider),
+)

@@ -11,7 +11,7 @@ and listed first):
   ``output/hyper_lora_identities`` (where the Save node writes).
 
 CLIP vision files of ComfyUI's own ``models/clip_vision`` are listed too, as
-``clip_vision/<file>``.  Nothing here imports torch or the core.
+``clip_vision/<file>``.  Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 import folder_paths
 
 from ..hyperlora.errors import ModelFileError
+from ..hyperlora.faces.setup import antelopev2_dir
+from ..hyperlora.spec import ANTELOPE_FILES, MARKER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,7 @@ HYPER_LORA_KEY = "hyper_lora"
 INSIGHTFACE_KEY = "insightface"
 IDENTITY_KEY = "hyper_lora_identities"
 IDENTITY_SUBFOLDER = "hyper_lora_identities"
-MARKER_FILE = "hyper_lora_modules.json"   # same as hyperlora.checkpoint.MARKER_FILE (kept import-free)
 CLIP_VISION_PREFIX = "clip_vision/"
-ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 
 
 def register_folders() -> None:
@@ -86,7 +86,7 @@ def model_help() -> str:
     where = " or ".join(str(r / "hyper_lora") for r in _roots(HYPER_LORA_KEY)) or "models/hyper_lora/hyper_lora"
     return (f"Put a HyperLoRA model folder (for example sdxl_hyper_id_lora_v1_fidelity, holding "
             f"{MARKER_FILE} and the .safetensors files) into {where}, then press R in ComfyUI to refresh "
-            f"(python -m hyperlora.download can fetch the released models).")
+            f"(python -m hyperlora.tools.download can fetch the released models).")
 
 
 def resolve_model(name: str) -> Path:
@@ -163,16 +163,12 @@ def default_processor_dir() -> Path | None:
 # --------------------------------------------------------------------------- AntelopeV2
 
 
-def _is_antelope(d: Path) -> bool:
-    return any((d / f).is_file() or (d / d.name / f).is_file() for f in ANTELOPE_FILES)
-
-
 def _antelope_dirs() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in _roots(INSIGHTFACE_KEY):
         for parent in (root / "models", root):
             for d in _subdirs(parent):
-                if _is_antelope(d) and d.name not in found:
+                if d.name not in found and antelopev2_dir(d) is not None:   # what the Loader accepts
                     found[d.name] = d
     return found
 
@@ -185,8 +181,8 @@ def list_insightface() -> list[str]:
 def insightface_help() -> str:
     where = " or ".join(str(r / "models" / "antelopev2") for r in _roots(INSIGHTFACE_KEY)) \
         or "models/insightface/models/antelopev2"
-    return (f"Unzip the insightface antelopev2 pack (scrfd_10g_bnkps.onnx, 2d106det.onnx, 1k3d68.onnx, "
-            f"genderage.onnx, glintr100.onnx) so that the .onnx files are in {where}, then press R to refresh.")
+    return (f"Unzip the insightface antelopev2 pack ({', '.join(ANTELOPE_FILES)}) so that the .onnx files are in "
+            f"{where}, then press R to refresh.")
 
 
 def resolve_insightface(name: str) -> Path:
@@ -206,7 +202,7 @@ def list_identities() -> list[str]:
 
 def identity_help() -> str:
     where = " or ".join(str(r) for r in _roots(IDENTITY_KEY))
-    return f"Save an identity with the HyperLoRA Save Identity node, or put identity .safetensors files into {where}."
+    return f"Save an identity with the HyperLoRA Studio Save Identity node, or put identity .safetensors files into {where}."
 
 
 def resolve_identity(name: str) -> Path:

@@ -4,6 +4,9 @@
   checkpoints) are kept between runs; ``HYPERLORA_TEST_CACHE`` or
   ``~/.cache/hyperlora/test-models``.  Builders key their files by a version
   string, so a stale cache is never used.
+* ``skip_or_fail``: a test that needs a piece of the environment (a ComfyUI checkout,
+  Chromium, a C compiler) skips without it on a developer's machine, but under ``CI=true``
+  the same absence fails the run: CI must not pass by skipping its real tiers.
 """
 
 from __future__ import annotations
@@ -12,11 +15,23 @@ import os
 import sys
 from pathlib import Path
 
+from typing import NoReturn
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+ON_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """``pytest.skip(reason)``, or a failure under ``CI=true``."""
+    if ON_CI:
+        pytest.fail(f"CI=true, so this is a failure, not a skip: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def test_cache_root() -> Path:

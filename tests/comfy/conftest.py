@@ -1,7 +1,8 @@
-"""The ComfyUI tier: a real ComfyUI checkout (``COMFYUI_PATH``), started once for the session.
+"""The ComfyUI tier: a real ComfyUI checkout, started once for the session.
 
-* Without ``COMFYUI_PATH`` (or when it is not a ComfyUI checkout) every test here is skipped
-  with the reason, at collection.
+* The checkout is ``COMFYUI_PATH``, else the ComfyUI this pack sits in (``ComfyUI/custom_nodes/<pack>``,
+  so a user's ``python -m pytest`` tests against their own ComfyUI).  Without one every test here
+  is skipped with the reason at collection; under ``CI=true`` the run stops with that reason instead.
 * ``comfy_base``: a temporary ComfyUI base directory with this pack linked into
   ``custom_nodes/`` and random-weight models in the released layouts (see ``models.py``).
 * ``comfy_server``: ComfyUI started once on 127.0.0.1 (CPU, fp16 UNet/text encoders to halve
@@ -22,21 +23,29 @@ from typing import Any, Iterator
 import pytest
 
 from tests.comfy.client import ComfyServer, free_port
+from tests.conftest import ON_CI
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-PACK_DIR_NAME = "ComfyUI-HyperLoRA"
 # fp16 weights halve the RAM of the random SDXL checkpoint on the CPU (about 5 GB instead of 10 GB)
 SERVER_ARGS = ("--fp16-unet", "--fp16-text-enc")
 
 
+COMFY_FILES = ("main.py", "nodes.py", "folder_paths.py", "comfy/model_patcher.py")
+
+
 def comfy_checkout() -> tuple[Path | None, str]:
-    """``(root, "")`` when COMFYUI_PATH is a ComfyUI checkout, else ``(None, reason)``."""
+    """``(root, "")`` for COMFYUI_PATH or the ComfyUI holding this pack, else ``(None, reason)``."""
     value = os.environ.get("COMFYUI_PATH", "")
     if not value:
-        return None, "COMFYUI_PATH is not set: the ComfyUI tier needs a ComfyUI checkout (0.3.64 or newer)"
+        for pack in (Path(__file__).absolute().parents[2], REPO_ROOT):   # as linked, and as resolved
+            host = pack.parent.parent                                     # <ComfyUI>/custom_nodes/<this pack>
+            if pack.parent.name == "custom_nodes" and all((host / f).is_file() for f in COMFY_FILES):
+                return host.resolve(), ""
+        return None, ("COMFYUI_PATH is not set and this checkout is not inside ComfyUI/custom_nodes/: the ComfyUI "
+                      "tier needs a ComfyUI checkout (0.3.64 or newer)")
     root = Path(value).expanduser().resolve()
-    missing = [f for f in ("main.py", "nodes.py", "folder_paths.py", "comfy/model_patcher.py") if not (root / f).is_file()]
+    missing = [f for f in COMFY_FILES if not (root / f).is_file()]
     if missing:
         return None, f"COMFYUI_PATH={value} is not a ComfyUI checkout (missing {', '.join(missing)})"
     return root, ""
@@ -46,10 +55,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     root, reason = comfy_checkout()
     if root is not None:
         return
+    ours = [item for item in items if HERE in Path(str(item.fspath)).resolve().parents]
+    if ours and ON_CI:
+        raise pytest.UsageError(f"CI=true and the ComfyUI tier cannot run ({len(ours)} tests): {reason}")
     skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+    for item in ours:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ PROMPT = "fcsks fxhks fhyks, a photo of a person"
 
 
 def loader(model: str = SMALL_MODEL, clip_vision: str = CLIP_FOLDER, dtype: str = "fp32") -> dict[str, Any]:
-    return {"class_type": "HyperLoRALoader",
+    return {"class_type": "HyperLoRAStudioLoader",
             "inputs": {"model": model, "clip_vision": clip_vision, "insightface": ANTELOPE, "dtype": dtype,
                        "provider": "CPU"}}
 
@@ -22,7 +22,7 @@ def load_image(name: str) -> dict[str, Any]:
 
 
 def identity(hyper_lora: str, images: list, **face: Any) -> dict[str, Any]:
-    return {"class_type": "HyperLoRAIdentityFromImages",
+    return {"class_type": "HyperLoRAStudioIdentityFromImages",
             "inputs": {"hyper_lora": [hyper_lora, 0], "images": images, **{**FACE, **face}}}
 
 

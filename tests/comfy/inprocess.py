@@ -11,11 +11,12 @@ from tests.comfy.models import PACK_DIR_NAME
 
 
 def load_pack(comfy_root: Path, base: Path) -> SimpleNamespace:
-    """Point ComfyUI's folders at ``base`` and load ``base/custom_nodes/ComfyUI-HyperLoRA``.
+    """Point ComfyUI's folders at ``base`` and load ``base/custom_nodes/ComfyUI-HyperLoRA-Studio``.
 
     ComfyUI's root must already be first on ``sys.path`` (``tests.fixtures.sdxl.import_comfy``),
     so ``import nodes`` finds ComfyUI's ``nodes.py``, not this repository's ``nodes/``.
-    Returns ``nodes`` (our node classes as registered), ``module`` (the pack), ``comfy_nodes``.
+    Returns ``nodes`` (our node classes as registered), ``module`` (the pack), ``comfy_nodes`` and
+    ``errors`` (the pack's own ``hyperlora.errors`` module, to compare raised errors by class).
     """
     import comfy.cli_args
 
@@ -42,4 +43,5 @@ def load_pack(comfy_root: Path, base: Path) -> SimpleNamespace:
             raise RuntimeError("ComfyUI's loader could not import the pack (see the log above)")
     module = sys.modules[module_name]
     registered = {k: comfy_nodes.NODE_CLASS_MAPPINGS[k] for k in module.NODE_CLASS_MAPPINGS}
-    return SimpleNamespace(nodes=registered, module=module, comfy_nodes=comfy_nodes, base=base)
+    errors = sys.modules[f"{module_name}.hyperlora.errors"]
+    return SimpleNamespace(nodes=registered, module=module, comfy_nodes=comfy_nodes, base=base, errors=errors)

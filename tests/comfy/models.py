@@ -1,7 +1,7 @@
 """The ComfyUI base directory of the tests: this pack in custom_nodes/ and fixture models.
 
 ```
-custom_nodes/ComfyUI-HyperLoRA -> the repository
+custom_nodes/ComfyUI-HyperLoRA-Studio -> the repository
 models/hyper_lora/hyper_lora/sdxl_small/       SDXL's 140 modules at their real sizes, K=4, rank 2, with Base-LoRA;
                                                small resampler reading the tiny CLIP (128 wide)
 models/hyper_lora/hyper_lora/tiny/             5 small modules (do NOT fit SDXL) - for the size-mismatch error
@@ -35,7 +35,7 @@ SDXL_SMALL = Preset(
     hyper_dim=4, rank=2, dim=32, depth=1, heads=12, dim_head=4, ff_mult=2,
     id_embed_dim=512, num_id_tokens=4, id_token_dim=48, clip_dim=128,
 )
-PACK_DIR_NAME = "ComfyUI-HyperLoRA"
+from hyperlora.spec import PACK_FOLDER as PACK_DIR_NAME  # noqa: E402
 SMALL_MODEL = "sdxl_small"
 TINY_MODEL = "tiny"
 FULL_MODEL = "sdxl_random_full"

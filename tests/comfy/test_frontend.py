@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -34,10 +36,13 @@ def _chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def page(comfy_server, tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's chromium)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_or_fail("pip install playwright (the browser is Debian's chromium)")
     exe = _chromium()
     if exe is None:
-        pytest.skip("no Chromium: apt-get install -y chromium (or set CHROMIUM)")
+        skip_or_fail("no Chromium: apt-get install -y chromium (or set CHROMIUM)")
     # first start of the front end opens the template browser; a user who finished it never sees it again
     req = urllib.request.Request(comfy_server.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
     urllib.request.urlopen(req, timeout=30).close()

@@ -41,7 +41,7 @@ def _sample(p: dict[str, Any], tag: str, model: list, positive: list, negative: 
 
 
 def _on_prompt(lora: str, start: float = 0.0, end: float = 1.0, **extra: Any) -> dict[str, Any]:
-    return {"class_type": "HyperLoRAConditioning", "inputs": {
+    return {"class_type": "HyperLoRAStudioConditioning", "inputs": {
         "positive": ["pos", 0], "negative": ["neg", 0], "lora": [lora, 0], "strength": STRENGTH,
         "start_percent": start, "end_percent": end, **extra}}
 
@@ -59,11 +59,11 @@ def hooks_run(comfy_server: ComfyServer) -> dict[str, Any]:
     p: dict[str, Any] = {
         "ckpt": g.checkpoint(), "hl": g.loader(), "img": g.load_image("astronaut.png"),
         "id_a": g.identity("hl", ["img", 0]), "id_b": g.identity("hl", ["img", 0], grayscale=True),
-        "lora_a": {"class_type": "HyperLoRABuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id_a", 0],
+        "lora_a": {"class_type": "HyperLoRAStudioBuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id_a", 0],
                                                                    "kind": "id"}},
-        "lora_b": {"class_type": "HyperLoRABuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id_b", 0],
+        "lora_b": {"class_type": "HyperLoRAStudioBuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id_b", 0],
                                                                    "kind": "id"}},
-        "merged": {"class_type": "HyperLoRAApply", "inputs": {"model": ["ckpt", 0], "lora": ["lora_a", 0],
+        "merged": {"class_type": "HyperLoRAStudioApply", "inputs": {"model": ["ckpt", 0], "lora": ["lora_a", 0],
                                                               "strength": STRENGTH}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": g.PROMPT, "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
@@ -111,7 +111,7 @@ def test_two_identities_on_two_masks_in_one_sampler(hooks_run) -> None:
 def test_a_window_that_ends_before_it_starts_is_refused(comfy_server: ComfyServer) -> None:
     p = {"ckpt": g.checkpoint(), "hl": g.loader(), "img": g.load_image("astronaut.png"),
          "id": g.identity("hl", ["img", 0]),
-         "lora": {"class_type": "HyperLoRABuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id", 0],
+         "lora": {"class_type": "HyperLoRAStudioBuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id", 0],
                                                                  "kind": "id"}},
          "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": g.PROMPT, "clip": ["ckpt", 1]}},
          "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},

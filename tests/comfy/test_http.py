@@ -18,18 +18,18 @@ from tests.comfy.models import CLIP_FILE, FULL_MODEL, PACK_DIR_NAME
 pytestmark = pytest.mark.comfy
 
 EXPECTED = {  # node id -> (category, output types)
-    "HyperLoRALoader": ("HyperLoRA/loaders", ["HYPER_LORA"]),
-    "HyperLoRAIdentityFromImages": ("HyperLoRA/identity", ["HYPER_LORA_ID", "IMAGE"]),
-    "HyperLoRAFaceMask": ("HyperLoRA/identity", ["MASK"]),
-    "HyperLoRABuildLoRA": ("HyperLoRA/lora", ["LORA_MODEL"]),
-    "HyperLoRAApply": ("HyperLoRA/lora", ["MODEL"]),
-    "HyperLoRAApplyFromImages": ("HyperLoRA/lora", ["MODEL", "IMAGE"]),
-    "HyperLoRAConditioning": ("HyperLoRA/lora", ["CONDITIONING", "CONDITIONING", "HOOKS"]),
-    "HyperLoRASaveIdentity": ("HyperLoRA/io", []),
-    "HyperLoRALoadIdentity": ("HyperLoRA/io", ["HYPER_LORA_ID"]),
-    "HyperLoRAExportLoRA": ("HyperLoRA/io", []),
-    "HyperLoRAMixIdentities": ("HyperLoRA/mix", ["LORA_MODEL"]),
-    "HyperLoRAConceptSlider": ("HyperLoRA/mix", ["LORA_MODEL"]),
+    "HyperLoRAStudioLoader": ("HyperLoRA/loaders", ["HYPERLORA_STUDIO_MODEL"]),
+    "HyperLoRAStudioIdentityFromImages": ("HyperLoRA/identity", ["HYPERLORA_STUDIO_IDENTITY", "IMAGE"]),
+    "HyperLoRAStudioFaceMask": ("HyperLoRA/identity", ["MASK"]),
+    "HyperLoRAStudioBuildLoRA": ("HyperLoRA/lora", ["LORA_MODEL"]),
+    "HyperLoRAStudioApply": ("HyperLoRA/lora", ["MODEL"]),
+    "HyperLoRAStudioApplyFromImages": ("HyperLoRA/lora", ["MODEL", "IMAGE"]),
+    "HyperLoRAStudioConditioning": ("HyperLoRA/lora", ["CONDITIONING", "CONDITIONING", "HOOKS"]),
+    "HyperLoRAStudioSaveIdentity": ("HyperLoRA/io", []),
+    "HyperLoRAStudioLoadIdentity": ("HyperLoRA/io", ["HYPERLORA_STUDIO_IDENTITY"]),
+    "HyperLoRAStudioExportLoRA": ("HyperLoRA/io", []),
+    "HyperLoRAStudioMixIdentities": ("HyperLoRA/mix", ["LORA_MODEL"]),
+    "HyperLoRAStudioConceptSlider": ("HyperLoRA/mix", ["LORA_MODEL"]),
 }
 
 
@@ -71,12 +71,12 @@ def test_object_info_documents_every_node(comfy_server: ComfyServer):
             assert all(len(t) > 10 for t in node["output_tooltips"]), node_id
         else:
             assert node["output_node"] is True, node_id
-    loader = info["HyperLoRALoader"]["input"]["required"]
+    loader = info["HyperLoRAStudioLoader"]["input"]["required"]
     assert loader["dtype"][0] == ["auto", "fp16", "bf16", "fp32"]
     assert loader["provider"][0] == ["auto", "CUDA", "ROCm", "CoreML", "CPU"]
     assert {"sdxl_small", "tiny", FULL_MODEL} <= set(loader["model"][0])
     assert {"clip_vit_large_14", CLIP_FILE} <= set(loader["clip_vision"][0])
-    apply = info["HyperLoRAApply"]["input"]["required"]
+    apply = info["HyperLoRAStudioApply"]["input"]["required"]
     assert apply["lora"][0] == "LORA_MODEL" and apply["model"][0] == "MODEL"
 
 
@@ -84,7 +84,7 @@ def test_object_info_documents_every_node(comfy_server: ComfyServer):
 def test_missing_model_is_refused_with_the_fix(comfy_server: ComfyServer, value):
     prompt = {"hl": g.loader(model=value), "img": g.load_image("astronaut.png"),
               "id": g.identity("hl", ["img", 0]),
-              "save": {"class_type": "HyperLoRASaveIdentity", "inputs": {"identity": ["id", 0], "filename_prefix": "x"}}}
+              "save": {"class_type": "HyperLoRAStudioSaveIdentity", "inputs": {"identity": ["id", 0], "filename_prefix": "x"}}}
     with pytest.raises(PromptError) as info:
         comfy_server.post_prompt(prompt)
     errors = info.value.body["node_errors"]["hl"]["errors"]
@@ -105,17 +105,17 @@ def sdxl_run(comfy_server: ComfyServer) -> dict[str, Any]:
         "ckpt": g.checkpoint(), "hl": g.loader(), "img": g.load_image("astronaut.png"),
         "noface": g.load_image("noface.png"),
         "id": g.identity("hl", ["img", 0]),
-        "lora": {"class_type": "HyperLoRABuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id", 0],
+        "lora": {"class_type": "HyperLoRAStudioBuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["id", 0],
                                                                  "kind": "id"}},
-        "apply": {"class_type": "HyperLoRAApply", "inputs": {"model": ["ckpt", 0], "lora": ["lora", 0],
+        "apply": {"class_type": "HyperLoRAStudioApply", "inputs": {"model": ["ckpt", 0], "lora": ["lora", 0],
                                                              "strength": 0.85}},
         "core": {"class_type": "LoraModelLoader", "inputs": {"model": ["ckpt", 0], "lora": ["lora", 0],
                                                              "strength_model": 0.85}},
-        "apply_noface": {"class_type": "HyperLoRAApplyFromImages", "inputs": {
+        "apply_noface": {"class_type": "HyperLoRAStudioApplyFromImages", "inputs": {
             "model": ["ckpt", 0], "hyper_lora": ["hl", 0], "images": ["noface", 0], "strength": 0.85, **g.FACE}},
-        "save_id": {"class_type": "HyperLoRASaveIdentity", "inputs": {"identity": ["id", 0],
+        "save_id": {"class_type": "HyperLoRAStudioSaveIdentity", "inputs": {"identity": ["id", 0],
                                                                       "filename_prefix": "e2e/astronaut"}},
-        "export": {"class_type": "HyperLoRAExportLoRA", "inputs": {"lora": ["lora", 0], "filename_prefix": "e2e/astronaut",
+        "export": {"class_type": "HyperLoRAStudioExportLoRA", "inputs": {"lora": ["lora", 0], "filename_prefix": "e2e/astronaut",
                                                                    "dtype": "fp32"}},
         "crops": {"class_type": "SaveImage", "inputs": {"images": ["id", 1], "filename_prefix": "e2e/crops"}},
     }
@@ -174,13 +174,13 @@ def test_saved_identity_and_exported_lora_files(comfy_server: ComfyServer, sdxl_
     names = comfy_server.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
     assert lora_file["load_name"] in names
     # Load Identity lists the saved one and rebuilds the very same LoRA
-    ids = comfy_server.get_json("/object_info/HyperLoRALoadIdentity")["HyperLoRALoadIdentity"]["input"]["required"]
+    ids = comfy_server.get_json("/object_info/HyperLoRAStudioLoadIdentity")["HyperLoRAStudioLoadIdentity"]["input"]["required"]
     assert ident["load_name"] in ids["identity_file"][0]
     p = {"hl": g.loader(),
-         "load": {"class_type": "HyperLoRALoadIdentity", "inputs": {"identity_file": ident["load_name"]}},
-         "lora": {"class_type": "HyperLoRABuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["load", 0],
+         "load": {"class_type": "HyperLoRAStudioLoadIdentity", "inputs": {"identity_file": ident["load_name"]}},
+         "lora": {"class_type": "HyperLoRAStudioBuildLoRA", "inputs": {"hyper_lora": ["hl", 0], "identity": ["load", 0],
                                                                  "kind": "id"}},
-         "export": {"class_type": "HyperLoRAExportLoRA", "inputs": {"lora": ["lora", 0], "filename_prefix": "e2e/again",
+         "export": {"class_type": "HyperLoRAStudioExportLoRA", "inputs": {"lora": ["lora", 0], "filename_prefix": "e2e/again",
                                                                     "dtype": "fp32"}}}
     again = comfy_server.run(p)
     [f2] = _files(again, "export")
@@ -192,7 +192,7 @@ def _batch_prompt(no_face: str) -> dict[str, Any]:
     return {"hl": g.loader(), "a": g.load_image("astronaut.png"), "b": g.load_image("noface.png"),
             "batch": {"class_type": "ImageBatch", "inputs": {"image1": ["a", 0], "image2": ["b", 0]}},
             "id": g.identity("hl", ["batch", 0], no_face=no_face),
-            "save": {"class_type": "HyperLoRASaveIdentity", "inputs": {"identity": ["id", 0],
+            "save": {"class_type": "HyperLoRAStudioSaveIdentity", "inputs": {"identity": ["id", 0],
                                                                        "filename_prefix": f"policy_{no_face}"}},
             "crops": {"class_type": "PreviewImage", "inputs": {"images": ["id", 1]}}}
 
@@ -211,7 +211,7 @@ def test_no_face_policy_error_names_the_photo(comfy_server: ComfyServer):
     entry = comfy_server.wait(comfy_server.post_prompt(_batch_prompt("error")))
     assert entry["status"]["status_str"] == "error"
     err = execution_error(entry)
-    assert err is not None and err["node_type"] == "HyperLoRAIdentityFromImages"
+    assert err is not None and err["node_type"] == "HyperLoRAStudioIdentityFromImages"
     assert err["exception_type"].endswith("FaceNotFoundError")
     assert "image(s) 2 of 2" in err["exception_message"] and "skip" in err["exception_message"]
 
@@ -219,17 +219,17 @@ def test_no_face_policy_error_names_the_photo(comfy_server: ComfyServer):
 def test_mix_and_slider_graph(comfy_server: ComfyServer):
     p = {"hl": g.loader(), "a": g.load_image("astronaut.png"),
          "id1": g.identity("hl", ["a", 0]), "id2": g.identity("hl", ["a", 0], grayscale=True),
-         "mix": {"class_type": "HyperLoRAMixIdentities", "inputs": {
+         "mix": {"class_type": "HyperLoRAStudioMixIdentities", "inputs": {
              "hyper_lora": ["hl", 0], "identity_1": ["id1", 0], "weight_1": 0.5, "identity_2": ["id2", 0],
              "weight_2": 0.5, "mode": "coefficients"}},
-         "delta": {"class_type": "HyperLoRAMixIdentities", "inputs": {
+         "delta": {"class_type": "HyperLoRAStudioMixIdentities", "inputs": {
              "hyper_lora": ["hl", 0], "identity_1": ["id1", 0], "weight_1": 0.5, "identity_2": ["id2", 0],
              "weight_2": 0.5, "mode": "weight_delta"}},
-         "slider": {"class_type": "HyperLoRAConceptSlider", "inputs": {
+         "slider": {"class_type": "HyperLoRAStudioConceptSlider", "inputs": {
              "hyper_lora": ["hl", 0], "edited": ["id2", 0], "original": ["id1", 0], "strength": -1.5}},
          }
     for name in ("mix", "delta", "slider"):
-        p[f"export_{name}"] = {"class_type": "HyperLoRAExportLoRA", "inputs": {
+        p[f"export_{name}"] = {"class_type": "HyperLoRAStudioExportLoRA", "inputs": {
             "lora": [name, 0], "filename_prefix": f"mix/{name}", "dtype": "fp32"}}
     entry = comfy_server.run(p)
     loras = {}
@@ -249,7 +249,7 @@ def test_released_size_model_graph(comfy_server: ComfyServer):
     p: dict[str, Any] = {
         "ckpt": g.checkpoint(), "hl": g.loader(model=FULL_MODEL, clip_vision=CLIP_FILE, dtype="fp16"),
         "img": g.load_image("astronaut.png"),
-        "apply": {"class_type": "HyperLoRAApplyFromImages", "inputs": {
+        "apply": {"class_type": "HyperLoRAStudioApplyFromImages", "inputs": {
             "model": ["ckpt", 0], "hyper_lora": ["hl", 0], "images": ["img", 0], "strength": 0.85, **g.FACE}},
     }
     g.sampling(p, model=["apply", 0], ckpt="ckpt", prefix="e2e/full", seed=3)

@@ -15,9 +15,9 @@ from tests.fixtures.sdxl import meta_model
 pytestmark = pytest.mark.comfy
 
 NODE_IDS = {
-    "HyperLoRALoader", "HyperLoRAIdentityFromImages", "HyperLoRABuildLoRA", "HyperLoRAApply",
-    "HyperLoRAApplyFromImages", "HyperLoRASaveIdentity", "HyperLoRALoadIdentity", "HyperLoRAExportLoRA",
-    "HyperLoRAMixIdentities", "HyperLoRAConceptSlider", "HyperLoRAConditioning", "HyperLoRAFaceMask",
+    "HyperLoRAStudioLoader", "HyperLoRAStudioIdentityFromImages", "HyperLoRAStudioBuildLoRA", "HyperLoRAStudioApply",
+    "HyperLoRAStudioApplyFromImages", "HyperLoRAStudioSaveIdentity", "HyperLoRAStudioLoadIdentity", "HyperLoRAStudioExportLoRA",
+    "HyperLoRAStudioMixIdentities", "HyperLoRAStudioConceptSlider", "HyperLoRAStudioConditioning", "HyperLoRAStudioFaceMask",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")
@@ -47,7 +47,7 @@ def _patcher(comfy: Any, kind: str) -> Any:
 
 @pytest.fixture(scope="module")
 def small(pack) -> Any:
-    (handle,) = pack.nodes["HyperLoRALoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE,
+    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE,
                                                      dtype="fp32", provider="CPU")
     return handle
 
@@ -59,8 +59,8 @@ def photo() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def identity_and_lora(pack, small, photo) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
-    identity, crops = pack.nodes["HyperLoRAIdentityFromImages"]().run(small, photo, **FACE)
-    (lora,) = pack.nodes["HyperLoRABuildLoRA"]().run(small, identity, "id")
+    identity, crops = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(small, photo, **FACE)
+    (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(small, identity, "id")
     return identity, lora, crops
 
 
@@ -79,7 +79,7 @@ def test_identity_from_a_real_photo(identity_and_lora, small, comfy):
     q = 8 * 140
     assert tuple(identity.tokens.shape) == (q, 4) and identity.tokens.dtype == torch.float32
     norms = identity.tokens.norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)   # per-token L2 normalisation (facts §5.4)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)   # per-token L2 normalisation (format §5.4)
     assert identity.num_images == 1 and identity.model_name == SMALL_MODEL
     assert crops.ndim == 4 and crops.shape[0] == 1 and crops.shape[-1] == 3
     assert 0.0 <= float(crops.min()) and float(crops.max()) <= 1.0 and float(crops.std()) > 0.01
@@ -97,7 +97,7 @@ def test_identity_node_honours_interrupt(pack, small, photo, comfy):
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            pack.nodes["HyperLoRAIdentityFromImages"]().run(small, photo, **FACE)
+            pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(small, photo, **FACE)
     finally:
         mm.interrupt_current_processing(False)
 
@@ -109,7 +109,7 @@ def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, i
     _identity, lora, _ = identity_and_lora
     base = _patcher(comfy, "SDXL")
     strength = 0.8
-    (patched,) = pack.nodes["HyperLoRAApply"]().run(base, lora, strength)
+    (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(base, lora, strength)
     assert patched is not base and not base.patches          # the input model is untouched
     assert len(patched.patches) == 560
     key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
@@ -120,7 +120,7 @@ def test_apply_patches_every_sdxl_weight_with_the_reference_delta(pack, comfy, i
         up = lora[f"{prefix}.lora_up.weight"].double()
         down = lora[f"{prefix}.lora_down.weight"].double()
         alpha = float(lora[f"{prefix}.alpha"])
-        assert alpha / down.shape[0] == 0.5                    # alpha = rank / 2 (facts §5.6)
+        assert alpha / down.shape[0] == 0.5                    # alpha = rank / 2 (format §5.6)
         shape = tuple(up.shape[:1]) + tuple(down.shape[1:])
         w = torch.randn(shape, generator=torch.Generator().manual_seed(n), dtype=torch.float32)
         comfy.utils.set_attr_param(patched.model, key, w.clone())
@@ -138,7 +138,7 @@ def test_core_load_lora_model_node_takes_our_lora(pack, comfy, identity_and_lora
 
     _identity, lora, _ = identity_and_lora
     base = _patcher(comfy, "SDXL")
-    (ours,) = pack.nodes["HyperLoRAApply"]().run(base, lora, 0.7)
+    (ours,) = pack.nodes["HyperLoRAStudioApply"]().run(base, lora, 0.7)
     (core,) = LoraModelLoader().load_lora_model(base, lora, 0.7)
     assert set(core.patches) == set(ours.patches) and len(core.patches) == 560
     key = KNOWN_TARGETS["lora_unet_mid_block_attentions_0_transformer_blocks_3_attn2_to_k"]
@@ -150,17 +150,16 @@ def test_core_load_lora_model_node_takes_our_lora(pack, comfy, identity_and_lora
 def test_apply_on_sd15_stops_with_a_clear_error(pack, comfy, identity_and_lora):
     _identity, lora, _ = identity_and_lora
     sd15 = _patcher(comfy, "SD15")
-    with pytest.raises(Exception) as info:
-        pack.nodes["HyperLoRAApply"]().run(sd15, lora, 0.8)
+    with pytest.raises(pack.errors.LoraError) as info:
+        pack.nodes["HyperLoRAStudioApply"]().run(sd15, lora, 0.8)
     msg = str(info.value)
-    assert type(info.value).__name__ == "LoraError"
     assert "SD15" in msg and "SDXL" in msg and "load an SDXL checkpoint" in msg
     assert "of 560 LoRA modules do not land" in msg
     assert not sd15.patches
 
 
 def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
-    (mask,) = pack.nodes["HyperLoRAFaceMask"]().run(small, photo, "largest", 0, 1.3, 8, "skip", "640")
+    (mask,) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, photo, "largest", 0, 1.3, 8, "skip", "640")
     assert mask.shape == photo.shape[:3] and mask.dtype == torch.float32
     assert float(mask.max()) == 1.0 and float(mask.min()) == 0.0
     ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
@@ -168,10 +167,10 @@ def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
     assert 160 < float(xs.float().mean()) < 290 and 50 < float(ys.float().mean()) < 200
     assert 0.03 < float((mask[0] > 0.5).float().mean()) < 0.3
     blank = torch.full((1, 128, 128, 3), 0.5)
-    (empty,) = pack.nodes["HyperLoRAFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
+    (empty,) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
     assert empty.shape == (1, 128, 128) and not bool(empty.any())
     with pytest.raises(Exception, match="No face was found in image 1 of 1"):
-        pack.nodes["HyperLoRAFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "error", "640")
+        pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "error", "640")
 
 
 def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack, comfy, identity_and_lora):
@@ -182,7 +181,7 @@ def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack,
     neg = [[torch.ones(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
     mask = torch.zeros(64, 64)
     mask[:, :32] = 1
-    pos_out, neg_out, hooks = pack.nodes["HyperLoRAConditioning"]().run(
+    pos_out, neg_out, hooks = pack.nodes["HyperLoRAStudioConditioning"]().run(
         cond, neg, lora, 0.85, 0.2, 0.8, mask=mask, mask_strength=0.7, set_cond_area="mask bounds")
     [hook] = hooks.hooks
     assert type(hook).__name__ == "CheckedLoraHook" and isinstance(hook, comfy.hooks.WeightHook)
@@ -195,9 +194,9 @@ def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack,
         assert meta["hooks"].contains(hook) and "hooks" not in src[0][1]
         assert meta["mask"].shape == (1, 64, 64) and meta["set_area_to_bounds"] is True
         assert meta["mask_strength"] == 0.7
-    _, _, always = pack.nodes["HyperLoRAConditioning"]().run(cond, neg, lora, 1.0, 0.0, 1.0)
+    _, _, always = pack.nodes["HyperLoRAStudioConditioning"]().run(cond, neg, lora, 1.0, 0.0, 1.0)
     assert always.hooks[0].hook_keyframe.keyframes == []               # no schedule: on for every step
-    off_pos, _, off = pack.nodes["HyperLoRAConditioning"]().run(cond, neg, lora, 0.0, 0.0, 1.0, mask=mask)
+    off_pos, _, off = pack.nodes["HyperLoRAStudioConditioning"]().run(cond, neg, lora, 0.0, 0.0, 1.0, mask=mask)
     assert len(off) == 0 and "hooks" not in off_pos[0][1] and off_pos[0][1]["mask"].shape == (1, 64, 64)
 
 
@@ -220,7 +219,7 @@ def test_step_window_switches_the_identity_on_the_right_steps(pack, comfy, ident
                                ((0.0, 0.35), [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]),
                                ((0.55, 1.0), [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]),
                                ((0.0, 1.0), [1] * 10)):
-        (_, _, hooks) = pack.nodes["HyperLoRAConditioning"]().run([], [], lora, 0.5, start, end)
+        (_, _, hooks) = pack.nodes["HyperLoRAStudioConditioning"]().run([], [], lora, 0.5, start, end)
         [hook] = hooks.hooks
         hook.initialize_timesteps(SimpleNamespace(model_sampling=sampling))
         got = []
@@ -234,49 +233,49 @@ def test_identity_hook_lands_on_sdxl_and_refuses_sd15(pack, comfy, identity_and_
     import comfy.hooks
 
     _identity, lora, _ = identity_and_lora
-    (_, _, hooks) = pack.nodes["HyperLoRAConditioning"]().run([], [], lora, 0.85, 0.0, 1.0)
+    (_, _, hooks) = pack.nodes["HyperLoRAStudioConditioning"]().run([], [], lora, 0.85, 0.0, 1.0)
     [hook] = hooks.hooks
     sdxl = _patcher(comfy, "SDXL")
     assert hook.add_hook_patches(sdxl, {}, {}, comfy.hooks.HookGroup()) is True
     assert len(sdxl.hook_patches[hook.hook_ref]) == 560
     sd15 = _patcher(comfy, "SD15")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(pack.errors.LoraError) as info:
         hook.add_hook_patches(sd15, {}, {}, comfy.hooks.HookGroup())
-    assert type(info.value).__name__ == "LoraError" and "SD15" in str(info.value)
+    assert "SD15" in str(info.value)
     assert not sd15.hook_patches
 
 
 def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
-    (tiny,) = pack.nodes["HyperLoRALoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+    (tiny,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")
     q, k = tiny.model.arch.resampler.num_queries, tiny.model.arch.hyper_dim
     tokens = torch.nn.functional.normalize(torch.randn(q, k), dim=-1)
     lora = tiny.model.build_lora(tokens)
-    with pytest.raises(Exception) as info:
-        pack.nodes["HyperLoRAApply"]().run(_patcher(comfy, "SDXL"), lora, 1.0)
+    with pytest.raises(pack.errors.LoraError) as info:
+        pack.nodes["HyperLoRAStudioApply"]().run(_patcher(comfy, "SDXL"), lora, 1.0)
     msg = str(info.value)
     assert "SDXL" in msg and "module sizes differ" in msg and "(LoRA [" in msg
 
 
 def test_node_choices_match_the_core(pack):
-    from hyperlora.faces import DETECTION_SIZES, FACE_CHOICES
-    from hyperlora.faces_setup import PROVIDERS
+    from hyperlora.faces.options import DETECTION_SIZES, FACE_CHOICES
+    from hyperlora.faces.setup import PROVIDERS
 
-    face = pack.nodes["HyperLoRAIdentityFromImages"].INPUT_TYPES()["required"]
+    face = pack.nodes["HyperLoRAStudioIdentityFromImages"].INPUT_TYPES()["required"]
     assert tuple(face["face_choice"][0]) == FACE_CHOICES
     assert tuple(int(x) for x in face["det_size"][0]) == DETECTION_SIZES
-    assert tuple(pack.nodes["HyperLoRALoader"].INPUT_TYPES()["required"]["provider"][0]) == PROVIDERS
+    assert tuple(pack.nodes["HyperLoRAStudioLoader"].INPUT_TYPES()["required"]["provider"][0]) == PROVIDERS
 
 
 def test_loader_names_the_folder_to_fill(pack):
-    loader = pack.nodes["HyperLoRALoader"]
+    loader = pack.nodes["HyperLoRAStudioLoader"]
     msg = loader.VALIDATE_INPUTS(model="sdxl_hyper_id_lora_v1_fidelity", clip_vision=CLIP_FOLDER, insightface=ANTELOPE)
     assert isinstance(msg, str) and "hyper_lora_modules.json" in msg
     assert str(pack.base.models / "hyper_lora" / "hyper_lora") in msg
     assert loader.VALIDATE_INPUTS(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE) is True
-    with pytest.raises(Exception) as info:
+    with pytest.raises(pack.errors.ModelFileError) as info:
         loader().load(model="nope", clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="auto")
-    assert type(info.value).__name__ == "ModelFileError" and "Put a HyperLoRA model folder" in str(info.value)
+    assert "Put a HyperLoRA model folder" in str(info.value)
     listed = loader.INPUT_TYPES()["required"]
     assert SMALL_MODEL in listed["model"][0] and CLIP_FOLDER in listed["clip_vision"][0]
     assert "clip_vision/vit_l14_random.safetensors" in listed["clip_vision"][0]
@@ -286,7 +285,7 @@ def test_loader_names_the_folder_to_fill(pack):
 def test_base_lora_kinds(pack, small, identity_and_lora):
     identity, lora_id, _ = identity_and_lora
     assert identity.base_tokens is not None and tuple(identity.base_tokens.shape) == (1120, 4)
-    build = pack.nodes["HyperLoRABuildLoRA"]()
+    build = pack.nodes["HyperLoRAStudioBuildLoRA"]()
     (base,) = build.run(small, identity, "base")
     (both,) = build.run(small, identity, "id+base")
     key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
@@ -299,7 +298,7 @@ def test_base_lora_kinds(pack, small, identity_and_lora):
 
 
 def test_base_lora_of_a_model_without_one_says_so(pack):
-    (tiny,) = pack.nodes["HyperLoRALoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+    (tiny,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")
     from types import SimpleNamespace
 
@@ -307,17 +306,32 @@ def test_base_lora_of_a_model_without_one_says_so(pack):
     fake = SimpleNamespace(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim), base_tokens=None,
                            model_name=TINY_MODEL, model_fingerprint=tiny.model.fingerprint, num_images=1, settings={})
     with pytest.raises(Exception) as info:
-        pack.nodes["HyperLoRABuildLoRA"]().run(tiny, fake, "base")
+        pack.nodes["HyperLoRAStudioBuildLoRA"]().run(tiny, fake, "base")
     assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)
 
 
 def test_auto_dtype_keeps_the_fp16_basis_and_computes_in_fp32_on_the_cpu(pack):
     """'auto' on the CPU: the fp16 basis is not doubled to fp32 (3 GB -> 6 GB for the release);
     the resampler and CLIP compute in fp32.  'fp32' forces fp32 everywhere."""
-    loader = pack.nodes["HyperLoRALoader"]()
+    loader = pack.nodes["HyperLoRAStudioLoader"]()
     (auto,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="CPU")
     assert auto.model.basis_dtype == torch.float16          # the fixture files are fp16, as released
     assert auto.model.module_dtype == torch.float32
     assert next(auto.clip.parameters()).dtype == torch.float32
     (fp32,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
     assert fp32.model.basis_dtype == torch.float32
+
+
+class HyperLoRA:   # the class name and attribute of the authors' plugin's loaded model (their HYPER_LORA type)
+    hyper_lora_modules = ()
+
+
+def test_a_foreign_object_is_named_with_the_node_to_connect(pack, identity_and_lora):
+    identity, _lora, _ = identity_and_lora
+    with pytest.raises(pack.errors.LoraError) as info:
+        pack.nodes["HyperLoRAStudioBuildLoRA"]().run(HyperLoRA(), identity, "id")
+    msg = str(info.value)
+    assert "'hyper_lora' got the authors' ComfyUI-HyperLoRA plugin's HYPER_LORA object" in msg
+    assert "Connect the 'HyperLoRA Studio Loader' node (HyperLoRAStudioLoader)" in msg
+    with pytest.raises(pack.errors.LoraError, match="'identity' got a builtins.str, not an identity of this pack"):
+        pack.nodes["HyperLoRAStudioSaveIdentity"]().run("not an identity", "x")

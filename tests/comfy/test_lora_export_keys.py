@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from hyperlora.lora import lora_metadata, save_lora_file, weighted_sum
+from hyperlora.lora import weighted_sum
+from hyperlora.lora_file import lora_metadata, save_lora_file
 from tests.fixtures.hyperlora_models import sdxl_lora_module_specs
 from tests.fixtures.loras import random_lora
 
@@ -55,7 +56,7 @@ def test_every_exported_module_maps_onto_an_sdxl_weight(tmp_path, comfy_sdxl, ca
     for weight_key, adapter in patches.items():
         up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
         assert tuple(shapes[weight_key]) == (up.shape[0], down.shape[1]), weight_key
-        assert alpha == 4.0  # alpha = rank / 2 (facts §5.6)
+        assert alpha == 4.0  # alpha = rank / 2 (format §5.6)
     targets = {k.split("diffusion_model.", 1)[1] for k in patches}
     assert sum(".attn2.to_k." in k for k in targets) == 70 and sum(".to_out.0." in k for k in targets) == 140
 

@@ -1,4 +1,4 @@
-"""python -m hyperlora.queue against a real ComfyUI on 127.0.0.1 (the session server of conftest.py)."""
+"""python -m hyperlora.tools.queue against a real ComfyUI on 127.0.0.1 (the session server of conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hyperlora import queue as q
+from hyperlora.tools import queue as q
 from hyperlora.errors import QueueError
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL, astronaut, faceless_photo
 
@@ -33,7 +33,7 @@ def test_cli_uploads_fills_queues_follows_and_downloads(comfy_server, photos, tm
             "--timeout", "1200"]
     for s in FIXTURE_SETTINGS:
         args += ["--set", s]
-    with caplog.at_level(logging.INFO, logger="hyperlora.queue"):
+    with caplog.at_level(logging.INFO, logger="hyperlora.tools.queue"):
         assert q.main(args) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 1
@@ -65,14 +65,14 @@ def test_polling_fallback_gives_the_same_image(comfy_server, photos, tmp_path):
 def test_missing_node_type_names_the_pack(comfy_server):
     graph = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
     graph = copy.deepcopy(graph)
-    nid = q.find_nodes(graph, "HyperLoRAApplyFromImages")[0]
-    graph[nid]["class_type"] = "HyperLoRAFromTheFuture"
+    nid = q.find_nodes(graph, "HyperLoRAStudioApplyFromImages")[0]
+    graph[nid]["class_type"] = "HyperLoRAStudioFromTheFuture"
     graph["99"] = {"class_type": "SomeOtherPackNode", "inputs": {}, "_meta": {"title": "x"}}
     with pytest.raises(QueueError) as ei:
         q.queue_workflow(graph, server=comfy_server.url)
     msg = str(ei.value)
     assert f"The ComfyUI server at {comfy_server.url} lacks node type(s)" in msg
-    assert "HyperLoRAFromTheFuture from ComfyUI-HyperLoRA" in msg and "restart ComfyUI" in msg
+    assert "HyperLoRAStudioFromTheFuture from ComfyUI-HyperLoRA-Studio" in msg and "restart ComfyUI" in msg
     assert "SomeOtherPackNode: ComfyUI core node(s), update ComfyUI" in msg
 
 
@@ -92,5 +92,5 @@ def test_execution_error_shows_exception_and_node(comfy_server, photos):
                          overrides=[*FIXTURE_SETTINGS, "Apply HyperLoRA from images.no_face=error"])
     msg = str(ei.value)
     assert msg.startswith("ComfyUI failed in node ")
-    assert "(HyperLoRAApplyFromImages 'Apply HyperLoRA from images'): " in msg
+    assert "(HyperLoRAStudioApplyFromImages 'Apply HyperLoRA from images'): " in msg
     assert "face" in msg.lower()

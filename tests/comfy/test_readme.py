@@ -12,10 +12,10 @@ pytestmark = pytest.mark.comfy
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_documents_every_node_and_input(comfy_server):
+def test_readme_documents_every_node_and_input(comfy_server, pack):
     info = comfy_server.get_json("/object_info")
-    ours = {k: v for k, v in info.items() if k.startswith("HyperLoRA")}
-    assert len(ours) == 12
+    ours = {k: v for k, v in info.items() if k in pack.nodes}
+    assert set(ours) == set(pack.nodes) and len(ours) >= 12
     text = README.read_text(encoding="utf-8")
     for node_id, node in ours.items():
         head = f"### {node['display_name']} (`{node_id}`)"

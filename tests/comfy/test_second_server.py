@@ -54,16 +54,16 @@ def test_nodes_list_without_insightface(server: ComfyServer):
     info = server.get_json("/object_info")
     assert set(EXPECTED) <= set(info)
     assert "IMPORT FAILED" not in next(ln for ln in server.log_text().splitlines()
-                                       if ln.rstrip().endswith("ComfyUI-HyperLoRA") and "seconds" in ln)
+                                       if ln.rstrip().endswith("ComfyUI-HyperLoRA-Studio") and "seconds" in ln)
 
 
 def test_face_node_says_how_to_install_insightface(server: ComfyServer):
     p = {"hl": g.loader(), "img": g.load_image("astronaut.png"), "id": g.identity("hl", ["img", 0]),
-         "save": {"class_type": "HyperLoRASaveIdentity", "inputs": {"identity": ["id", 0], "filename_prefix": "x"}}}
+         "save": {"class_type": "HyperLoRAStudioSaveIdentity", "inputs": {"identity": ["id", 0], "filename_prefix": "x"}}}
     entry = server.wait(server.post_prompt(p))
     assert entry["status"]["status_str"] == "error"
     err = execution_error(entry)
-    assert err is not None and err["node_type"] == "HyperLoRAIdentityFromImages"
+    assert err is not None and err["node_type"] == "HyperLoRAStudioIdentityFromImages"
     assert err["exception_type"].endswith("DependencyError")
     assert "pip install insightface" in err["exception_message"]
     assert "blocked for this test" in err["exception_message"] or "insightface" in err["exception_message"]
@@ -71,8 +71,8 @@ def test_face_node_says_how_to_install_insightface(server: ComfyServer):
 
 def test_extra_model_paths_entries_are_listed(server: ComfyServer):
     info = server.get_json("/object_info")
-    models = info["HyperLoRALoader"]["input"]["required"]["model"][0]
+    models = info["HyperLoRAStudioLoader"]["input"]["required"]["model"][0]
     assert EXTRA_MODEL in models and {"sdxl_small", "tiny"} <= set(models)
     assert models.index(EXTRA_MODEL) < models.index("sdxl_small")   # the user's folders come first
-    identities = info["HyperLoRALoadIdentity"]["input"]["required"]["identity_file"][0]
+    identities = info["HyperLoRAStudioLoadIdentity"]["input"]["required"]["identity_file"][0]
     assert EXTRA_IDENTITY in identities

@@ -2,7 +2,7 @@
 
 * every UI workflow: node types, widget counts, socket names/types and links agree with the
   /object_info of the session server (tests/comfy/conftest.py);
-* the committed JSON is exactly what workflows/build_workflows.py generates from that /object_info;
+* the committed JSON is exactly what example_workflows/build_workflows.py generates from that /object_info;
 * every API workflow, with the fixture models substituted, passes ComfyUI's own prompt validation
   (``execution.validate_prompt``, in this process with the pack loaded by ComfyUI's loader);
 * slow: several RUN to the end on the server (64x64 px, 1 step): the ControlNet one with a
@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from hyperlora import queue as q
+from hyperlora.tools import queue as q
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 UI_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 API_NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 T2I_ADAPTER_VERSION = "t2i-adapter-sdxl-random-v1"
@@ -95,8 +95,8 @@ def fixture_files(comfy_base, cache_dir, comfy_root) -> dict[str, str]:
 def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
     """A shipped API workflow with the fixture models and images, at 64x64 px and 1 step."""
     n_photos = len(q.photo_slots(graph))
-    overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
-    overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRALoader")]
+    overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
+    overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
     overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")]
     overrides += [f"{nid}.megapixels=0.04" for nid in q.find_nodes(graph, "ImageScaleToTotalPixels")]   # 200x200
     pose = files["pose"] if q.find_nodes(graph, "LoadImage", "pose") else None
@@ -234,13 +234,13 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
     for nid in _ids(graph, "LoraLoader"):
         graph[nid]["inputs"]["lora_name"] = "hyperlora/validation_only_00001_.safetensors"
-    for nid in _ids(graph, "HyperLoRALoadIdentity"):
+    for nid in _ids(graph, "HyperLoRAStudioLoadIdentity"):
         graph[nid]["inputs"]["identity_file"] = "validation_only_00001_.safetensors"
     ok, error, node_errors = validate(graph)
     assert ok, (error, node_errors)
     # and the check can fail: a shipped name the fixture server lacks is refused
     broken = copy.deepcopy(graph)
-    (first_loader,) = _ids(broken, "CheckpointLoaderSimple")[:1] or _ids(broken, "HyperLoRALoader")[:1]
+    (first_loader,) = _ids(broken, "CheckpointLoaderSimple")[:1] or _ids(broken, "HyperLoRAStudioLoader")[:1]
     key = "ckpt_name" if broken[first_loader]["class_type"] == "CheckpointLoaderSimple" else "model"
     broken[first_loader]["inputs"][key] = "not_there.safetensors"
     _, _, node_errors = validate(broken)
@@ -269,7 +269,7 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
 def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, fixture_files):
     export = for_fixtures(q.load_api_workflow(q.resolve_workflow("export_lora")), fixture_files)
     entry = _run(comfy_server, export)
-    (nid,) = _ids(export, "HyperLoRAExportLoRA")
+    (nid,) = _ids(export, "HyperLoRAStudioExportLoRA")
     (written,) = entry["outputs"][nid]["hyper_lora_files"]
     rel = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
     assert rel.startswith("hyperlora/my_face_") and rel.endswith("_.safetensors")
@@ -289,14 +289,14 @@ def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, 
 def test_identity_save_then_load(comfy_server, fixture_files):
     save = for_fixtures(q.load_api_workflow(q.resolve_workflow("identity_save")), fixture_files)
     entry = _run(comfy_server, save)
-    (nid,) = _ids(save, "HyperLoRASaveIdentity")
+    (nid,) = _ids(save, "HyperLoRAStudioSaveIdentity")
     (written,) = entry["outputs"][nid]["hyper_lora_files"]
     name = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
     assert name.startswith("my_face_")
     saved = _saved_images(comfy_server, entry, save)
 
     load = q.load_api_workflow(q.resolve_workflow("identity_load"))
-    (load_node,) = _ids(load, "HyperLoRALoadIdentity")
+    (load_node,) = _ids(load, "HyperLoRAStudioLoadIdentity")
     load = for_fixtures(load, fixture_files)
     load[load_node]["inputs"]["identity_file"] = name
     entry = _run(comfy_server, load)
@@ -313,4 +313,4 @@ def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy
     body = ei.value.body
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
     failing = {graph[nid]["class_type"] for nid in body["node_errors"]}
-    assert {"CheckpointLoaderSimple", "HyperLoRALoader", "LoadImage"} <= failing
+    assert {"CheckpointLoaderSimple", "HyperLoRAStudioLoader", "LoadImage"} <= failing

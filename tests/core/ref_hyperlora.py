@@ -1,4 +1,4 @@
-"""Independent, slow, obvious float64 reference of the HyperLoRA math (facts §5).
+"""Independent, slow, obvious float64 reference of the HyperLoRA math (format §5).
 
 Written from the facts document only - it shares no code with ``hyperlora/``: it reads the
 files with ``safetensors`` and ``json``, runs one image at a time, splits heads in a Python

@@ -1,7 +1,7 @@
 """hyperlora/bundle.py: the functions the nodes call, against an independent float64 reference.
 
 Tiny random model with a Base-LoRA; tokens are random (face analysis is tested elsewhere).
-The reference rebuilds every LoRA matrix straight from the basis files' layout (facts §5.5):
+The reference rebuilds every LoRA matrix straight from the basis files' layout (format §5.5):
 down = (sum_k a_k * down_basis[k])^T, up = (sum_k b_k * up_basis[k])^T, dW = 0.5 * up @ down.
 """
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hyperlora.bundle import (clip_width_needed, concept_slider, conditions_needed, lora_from_identity,
                               lora_target_shapes, mix_identities)
 from hyperlora.checkpoint import load_hyper_lora
-from hyperlora.errors import IdentityFileError, LoraError
+from hyperlora.errors import IdentityFileError, LoraError, SettingError
 from hyperlora.identity import Identity
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 from tests.fixtures.loras import random_tokens
@@ -81,7 +81,7 @@ def test_id_base_and_both(folder, model):
     _close(_deltas(lora_from_identity(model, ident, kind="id")), ref_id)
     _close(_deltas(lora_from_identity(model, ident, kind="base")), ref_base)
     _close(_deltas(lora_from_identity(model, ident, kind="id+base")), {k: ref_id[k] + ref_base[k] for k in ref_id})
-    with pytest.raises(ValueError):
+    with pytest.raises(SettingError, match="kind is 'both'"):
         lora_from_identity(model, ident, kind="both")
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperlora.checkpoint import (DEFAULT_HEADS, is_model_folder, load_hyper_lora, model_fingerprint,
-                                  read_architecture)
+from hyperlora.checkpoint import is_model_folder, load_hyper_lora, model_fingerprint, read_architecture
+from hyperlora.spec import DEFAULT_HEADS, RESAMPLER_HEADS_META
 from hyperlora.errors import ModelFileError
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 
@@ -65,7 +65,7 @@ def test_full_architecture_from_headers(tmp_path: Path) -> None:
     assert (arch.id_embed_dim, arch.num_id_tokens) == (512, 16)
     assert sum(m.cross_attention_dim == 2048 for m in arch.modules) == 70
     assert sorted({m.hidden_size for m in arch.modules}) == [640, 1280]
-    assert arch.lora_numbers() == 11_612_160  # facts: ~11.6 million
+    assert arch.lora_numbers() == 11_612_160  # format §4: ~11.6 million
 
 
 def test_fingerprint_is_cheap_and_content_sensitive(tiny: Path, tmp_path: Path) -> None:
@@ -201,7 +201,28 @@ def test_id_projector_width_mismatch(tiny: Path) -> None:
 
 
 def test_heads_not_dividing(tiny: Path) -> None:
-    _raises(tiny, "cannot be split into 5 heads", "'heads' option", heads=5)
+    _raises(tiny, "cannot be split into 5 heads (as requested)", "damaged", heads=5)
+
+
+def _set_heads_metadata(folder: Path, value: str) -> None:
+    for name in ("resampler.safetensors", "base_resampler.safetensors"):
+        sd = load_file(str(folder / name))
+        save_file(sd, str(folder / name), metadata={"format": "pt", RESAMPLER_HEADS_META: value})
+
+
+def test_heads_from_metadata(tiny: Path) -> None:
+    """Models trained by this pack record their heads; released files (no metadata) keep 12."""
+    width = read_architecture(tiny).resampler.heads * read_architecture(tiny).resampler.dim_head
+    assert read_architecture(tiny).resampler.heads == DEFAULT_HEADS
+    _set_heads_metadata(tiny, "4")
+    arch = read_architecture(tiny)
+    assert (arch.resampler.heads, arch.resampler.dim_head) == (4, width // 4)
+    assert arch.base_resampler is not None and arch.base_resampler.heads == 4
+    assert read_architecture(tiny, heads=6).resampler.heads == 6          # an explicit value still wins
+    _set_heads_metadata(tiny, "5")
+    _raises(tiny, "cannot be split into 5 heads (from the file's metadata 'hyperlora_resampler_heads')")
+    _set_heads_metadata(tiny, "twelve")
+    _raises(tiny, "'hyperlora_resampler_heads' is 'twelve', not a whole number")
 
 
 def test_base_basis_without_base_resampler(tiny: Path) -> None:

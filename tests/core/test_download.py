@@ -1,4 +1,4 @@
-"""hyperlora.download against a local HTTP server (http.server in a thread) serving fake model files."""
+"""hyperlora.tools.download against a local HTTP server (http.server in a thread) serving fake model files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from hyperlora import download as dl
+from hyperlora.tools import download as dl
 from hyperlora.errors import DownloadError
 
 
@@ -151,7 +151,7 @@ def test_plan_urls_point_at_the_released_repos():
 
 def test_full_download_builds_the_released_layout(tmp_path, caplog):
     files = _release(nested_zip=True)
-    with FakeHub(files) as hub, caplog.at_level(logging.INFO, logger="hyperlora.download"):
+    with FakeHub(files) as hub, caplog.at_level(logging.INFO, logger="hyperlora.tools.download"):
         paths = dl.download_all(tmp_path, model="all", base_url=hub.url, backoff=0)
     assert _tree(tmp_path) == EXPECTED_TREE          # no .part, no zip, no nested antelopev2 folder left
     assert len(paths) == len(EXPECTED_TREE)

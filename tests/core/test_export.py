@@ -9,16 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyperlora.errors import LoraError
-from hyperlora.lora import (
-    SDXL_ARCHITECTURE,
-    TRIGGER_WORDS,
-    load_lora_file,
-    lora_metadata,
-    lora_prefixes,
-    read_lora_metadata,
-    save_lora_file,
-    weighted_sum,
-)
+from hyperlora.lora import SDXL_ARCHITECTURE, lora_prefixes, weighted_sum
+from hyperlora.lora_file import load_lora_file, lora_metadata, read_lora_metadata, save_lora_file
+from hyperlora.spec import TRIGGER_WORDS
 from tests.fixtures.hyperlora_models import TINY, sdxl_lora_module_specs, write_hyperlora_folder
 from tests.fixtures.loras import random_lora
 
@@ -57,7 +50,7 @@ def test_export_default_fp16_and_plain_safetensors_load(tmp_path, sdxl_lora):
         want = lora32[key].to(torch.float32 if key.endswith(".alpha") else torch.float16)
         assert t.dtype == want.dtype and t.is_contiguous() and torch.equal(t, want), key
     assert plain[lora_prefixes(sdxl_lora)[0] + ".alpha"].shape == ()
-    # 11.6 M numbers in fp16 (facts §4) -> about 23 MB
+    # 11.6 M numbers in fp16 (format §4) -> about 23 MB
     assert 23_000_000 < path.stat().st_size < 23_500_000
 
 

@@ -18,16 +18,9 @@ pytest.importorskip("insightface", reason="insightface is not installed")
 # the raw insightface reference calls below hit a scikit-image deprecation inside insightface
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
-from hyperlora.errors import FaceNotFoundError, HyperLoRAError, ImageInputError, ModelFileError  # noqa: E402
-from hyperlora.faces import (  # noqa: E402
-    DETECTION_SIZES,
-    DetectedFace,
-    FaceAnalyzer,
-    check_det_size,
-    choose_face,
-    order_faces,
-    retry_sizes,
-)
+from hyperlora.errors import FaceNotFoundError, ImageInputError, ModelFileError, SettingError  # noqa: E402
+from hyperlora.faces.analysis import DetectedFace, FaceAnalyzer, choose_face, order_faces  # noqa: E402
+from hyperlora.faces.options import DETECTION_SIZES, check_det_size, retry_sizes  # noqa: E402
 from tests.fixtures import antelope as A  # noqa: E402
 
 
@@ -194,7 +187,7 @@ def test_retry_sizes_and_det_size_checks():
     assert retry_sizes(448) == (448, 384, 256)
     assert check_det_size(256) == 256
     for bad in (600, 64, 4096, "640", 640.5):
-        with pytest.raises(HyperLoRAError, match="multiple of 32 between 128 and 2048"):
+        with pytest.raises(SettingError, match="multiple of 32 between 128 and 2048"):
             check_det_size(bad)
 
 
@@ -311,7 +304,7 @@ def test_index_out_of_range(two_faces):
         choose_face(faces, "index", -1)
     with pytest.raises(FaceNotFoundError, match="No face was found"):
         choose_face([], "largest")
-    with pytest.raises(HyperLoRAError, match="Unknown face choice 'biggest'"):
+    with pytest.raises(SettingError, match="face_choice is 'biggest'"):
         choose_face(faces, "biggest")
 
 
@@ -327,7 +320,7 @@ def test_describe(two_faces):
 
 
 def _arcface_crop(img: np.ndarray, lmk: np.ndarray) -> np.ndarray:
-    """Facts §6, written out independently: square [c - 2l, c + 2l], black outside the image."""
+    """Format §6, written out independently: square [c - 2l, c + 2l], black outside the image."""
     (x0, y0), (x1, y1) = lmk.min(0), lmk.max(0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     half = 0.75 * max(x1 - x0, y1 - y0)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from hyperlora.errors import DependencyError, HyperLoRAError, ModelFileError
-from hyperlora.faces_setup import (
+from hyperlora.errors import DependencyError, ModelFileError, SettingError
+from hyperlora.spec import ANTELOPE_FILES as PACK_FILES
+from hyperlora.spec import ANTELOPE_REQUIRED_FILES as REQUIRED_FILES
+from hyperlora.faces.setup import (
     AUTO_ORDER,
-    PACK_FILES,
-    REQUIRED_FILES,
+    antelopev2_dir,
     find_antelopev2,
     insightface_major,
     resolve_providers,
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_pack_file_names_match_the_release():
-    # facts §1: the five file names of the released pack
+    # format §1: the five file names of the released pack
     assert set(PACK_FILES) == {"scrfd_10g_bnkps.onnx", "2d106det.onnx", "1k3d68.onnx", "genderage.onnx", "glintr100.onnx"}
     assert set(FIXTURE_FILES) == set(PACK_FILES)
     assert set(REQUIRED_FILES) == {"scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx"}
@@ -57,6 +58,34 @@ def test_extras_are_optional(tmp_path):
     folder = make_antelopev2(tmp_path / "antelopev2", extras=False)
     assert sorted(p.name for p in folder.glob("*.onnx")) == sorted(REQUIRED_FILES)
     assert find_antelopev2(folder) == folder
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "named_nested", "root", "partial", "empty"])
+def test_dropdown_rule_equals_loader_rule(tmp_path, layout):
+    """The Loader's dropdown lists a folder iff antelopev2_dir finds the files, and find_antelopev2
+    (what the Loader calls) accepts exactly those folders: no folder is listed and then refused."""
+    entry = tmp_path / "models" / ("buffalo" if layout == "named_nested" else "antelopev2")
+    if layout == "flat":
+        make_antelopev2(entry)
+    elif layout == "nested":
+        make_antelopev2(entry, nested=True)
+    elif layout == "named_nested":
+        make_antelopev2(entry / "buffalo")
+    elif layout == "root":
+        make_antelopev2(entry / "models" / "antelopev2")
+    elif layout == "partial":   # the detector and recognition, but no landmark model
+        make_antelopev2(entry)
+        (entry / "2d106det.onnx").unlink()
+    else:
+        entry.mkdir(parents=True)
+    listed = antelopev2_dir(entry)
+    if layout in ("partial", "empty"):
+        assert listed is None
+        with pytest.raises(ModelFileError):
+            find_antelopev2(entry)
+    else:
+        assert listed is not None and find_antelopev2(entry) == listed
+        assert all((listed / f).is_file() for f in REQUIRED_FILES)
 
 
 def test_missing_folder_names_folder_files_and_place(tmp_path):
@@ -133,7 +162,7 @@ def test_unavailable_provider_lists_what_is_available():
 
 
 def test_unknown_provider_name():
-    with pytest.raises(HyperLoRAError, match=r"Unknown face analysis provider 'TPU'.*auto, CUDA, ROCm, CoreML, CPU"):
+    with pytest.raises(SettingError, match=r"Unknown face analysis provider 'TPU'.*auto, CUDA, ROCm, CoreML, CPU"):
         resolve_providers("TPU", [CPU])
 
 
@@ -168,7 +197,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_importing_faces_imports_no_insightface():
     res = _run("""
         import sys
-        import hyperlora.faces, hyperlora.faces_setup
+        import hyperlora.faces.analysis, hyperlora.faces.setup
         bad = [m for m in ("insightface", "onnxruntime", "cv2") if m in sys.modules]
         print("LOADED", bad)
     """)
@@ -186,7 +215,7 @@ def test_missing_package_gives_dependency_error(tmp_path, package, advice):
         import sys
         sys.modules[{package!r}] = None  # what a missing package looks like to `import`
         from hyperlora.errors import DependencyError
-        from hyperlora.faces import FaceAnalyzer
+        from hyperlora.faces.analysis import FaceAnalyzer
         try:
             FaceAnalyzer({str(folder)!r})
         except DependencyError as exc:
@@ -208,7 +237,7 @@ def test_insightface_built_for_another_numpy_says_so(tmp_path):
         import sys
         sys.path.insert(0, {str(tmp_path / "fakepkgs")!r})
         from hyperlora.errors import DependencyError
-        from hyperlora.faces_setup import import_backend
+        from hyperlora.faces.setup import import_backend
         try:
             import_backend()
         except DependencyError as exc:
@@ -224,7 +253,7 @@ def test_import_backend_turns_off_the_albumentations_update_check():
     res = _run("""
         import os
         os.environ.pop("NO_ALBUMENTATIONS_UPDATE", None)
-        from hyperlora.faces_setup import import_backend
+        from hyperlora.faces.setup import import_backend
         import_backend()
         print("FLAG", os.environ.get("NO_ALBUMENTATIONS_UPDATE"))
     """)
@@ -239,7 +268,7 @@ def test_missing_folder_is_reported_before_any_import_or_download(tmp_path):
         import os, sys
         os.environ["HOME"] = {str(home)!r}
         from hyperlora.errors import ModelFileError
-        from hyperlora.faces import FaceAnalyzer
+        from hyperlora.faces.analysis import FaceAnalyzer
         try:
             FaceAnalyzer({str(tmp_path / "missing")!r})
         except ModelFileError as exc:

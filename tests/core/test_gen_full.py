@@ -33,7 +33,7 @@ def test_full_size_fp16_checkpoint(cache_dir) -> None:
     lora = model.build_lora(toks)
     assert len(lora) == 140 * 4 * 3
     numbers = sum(v.numel() for k, v in lora.items() if not k.endswith(".alpha"))
-    assert numbers == 11_612_160  # facts: about 11.6 million
+    assert numbers == 11_612_160  # format §4: about 11.6 million
     first = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     assert lora[f"{first}.lora_down.weight"].shape == (8, 2048)
     assert lora[f"{first}.lora_up.weight"].shape == (640, 8)

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperlora.checkpoint import KOHYA_LAYER, LORA_LAYERS, load_hyper_lora, read_architecture
+from hyperlora.checkpoint import load_hyper_lora, read_architecture
+from hyperlora.spec import KOHYA_LAYER, LORA_LAYERS
 from hyperlora.errors import ImageInputError, LoraError
-from hyperlora.generate import batched_matvec, make_groups, normalize_tokens
+from hyperlora.generate import batched_matvec, make_groups
+from hyperlora.lora import normalize_tokens
 from tests.core import ref_hyperlora as ref
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 

@@ -9,15 +9,16 @@ import torch
 from safetensors.torch import save_file
 
 from hyperlora.errors import IdentityFileError, LoraError
+from hyperlora.spec import IDENTITY_FORMAT
 from hyperlora.identity import (
-    IDENTITY_FORMAT,
     Identity,
     check_identity_fits,
     load_identity,
     mix_identities,
     save_identity,
 )
-from hyperlora.lora import mix_tokens, save_lora_file
+from hyperlora.lora import mix_tokens
+from hyperlora.lora_file import save_lora_file
 from tests.fixtures.hyperlora_models import TINY
 from tests.fixtures.loras import random_lora, random_tokens
 
@@ -73,7 +74,7 @@ def test_metadata_fields(tmp_path):
 
 
 def test_released_size_identity_is_about_0_57_mb(tmp_path):
-    """Q = 1120 tokens x K = 128 coefficients in float32 (facts §2, §4): 573,440 bytes of data."""
+    """Q = 1120 tokens x K = 128 coefficients in float32 (format §2, §4): 573,440 bytes of data."""
     ident = make_identity(1120, 128)
     path = tmp_path / "released.safetensors"
     save_identity(ident, path)
@@ -137,7 +138,7 @@ def test_load_errors(tmp_path):
 
     newer = tmp_path / "newer.safetensors"
     write_raw(newer, {"tokens": torch.zeros(8, 6)}, format_version="2")
-    with pytest.raises(IdentityFileError, match="newer ComfyUI-HyperLoRA .*update ComfyUI-HyperLoRA"):
+    with pytest.raises(IdentityFileError, match="newer HyperLoRA Studio .*update HyperLoRA Studio"):
         load_identity(newer)
 
 

@@ -59,7 +59,7 @@ def test_prefixes_rank_and_param_count():
 
 
 def test_released_size_param_count():
-    """facts §4: the LoRA the released models build holds about 11.6 million numbers."""
+    """format §4: the LoRA the released models build holds about 11.6 million numbers."""
     lora = random_lora(sdxl_lora_module_specs(), rank=8, dtype=torch.float16)
     assert lora_num_params(lora) == 11_612_160
     assert len(lora_prefixes(lora)) == 560

@@ -21,13 +21,12 @@ from hypothesis import strategies as st  # noqa: E402
 from hyperlora.identity import Identity, load_identity, save_identity  # noqa: E402
 from hyperlora.lora import (  # noqa: E402
     difference,
-    load_lora_file,
     lora_rank,
     mix_tokens,
-    save_lora_file,
     scale_lora,
     weighted_sum,
 )
+from hyperlora.lora_file import load_lora_file, save_lora_file  # noqa: E402
 from tests.fixtures.loras import random_lora, reference_deltas, reference_normalize  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -165,7 +164,7 @@ def test_mix_ignores_weight_scale_and_order(data, tokens, c):
 @SETTINGS
 @given(data=st.data(), tokens=tokens_st(n_min=2))
 def test_mix_endpoints_and_same_identity(data, tokens):
-    # identities hold normalised tokens (facts §5.4); for those mix([a, b], [1, 0]) == a
+    # identities hold normalised tokens (format §5.4); for those mix([a, b], [1, 0]) == a
     tokens = [(t.double() / t.double().norm(dim=-1, keepdim=True)).float() for t in tokens]
     j = data.draw(st.integers(0, len(tokens) - 1))
     one_hot = [1.0 if i == j else 0.0 for i in range(len(tokens))]

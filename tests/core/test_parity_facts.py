@@ -1,4 +1,4 @@
-"""Independent parity review: the core against /work/shared/docs/released-model-facts.md (§3-§6).
+"""Independent parity review: the core against docs/released-format.md (§3-§6).
 
 Every expected value here comes from an own re-implementation written from the facts
 (float64 numpy for the math, plain PIL calls for the crops, insightface's own
@@ -27,7 +27,7 @@ from tests.fixtures.clip import make_clip_folder
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 
 OUTLINE = [1, 9, 10, 11, 12, 13, 14, 15, 16, 2, 3, 4, 5, 6, 7, 8, 0, 24, 23, 22, 21, 20, 19, 18, 32, 31,
-           30, 29, 28, 27, 26, 25, 17, 101, 105, 104, 103, 102, 50, 51, 49, 48, 43]   # facts §6, verbatim
+           30, 29, 28, 27, 26, 25, 17, 101, 105, 104, 103, 102, 50, 51, 49, 48, 43]   # format §6, verbatim
 LAYERS = ("to_q", "to_k", "to_v", "to_out")
 KOHYA = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out_0"}
 
@@ -64,7 +64,7 @@ def _lin(x: np.ndarray, sd: dict, p: str) -> np.ndarray:
 
 
 def ref_resampler(sd: dict, x: np.ndarray, y: np.ndarray | None, heads: int = 12) -> np.ndarray:
-    """facts §5.3: x = first condition (ID tokens), y = CLIP; -> [N, Q, K] float64."""
+    """format §5.3: x = first condition (ID tokens), y = CLIP; -> [N, Q, K] float64."""
     x = _lin(x, sd, "proj_in.")
     if y is not None:
         y = _lin(y, sd, "proj_in_2.")
@@ -89,13 +89,13 @@ def ref_id_projector(sd: dict, emb: np.ndarray, num_tokens: int) -> np.ndarray:
 
 
 def ref_tokens(out: np.ndarray) -> np.ndarray:
-    """Mean over the images FIRST, then t / sqrt(sum t^2 + 1e-8) (facts §5.4)."""
+    """Mean over the images FIRST, then t / sqrt(sum t^2 + 1e-8) (format §5.4)."""
     t = out.mean(0)
     return t / np.sqrt((t ** 2).sum(-1, keepdims=True) + 1e-8)
 
 
 def ref_lora(folder: Path, tokens: np.ndarray, kind: str = "id") -> dict[str, np.ndarray]:
-    """facts §5.5-5.6 from the files: JSON order, 8 tokens/module, down then up per layer."""
+    """format §5.5-5.6 from the files: JSON order, 8 tokens/module, down then up per layer."""
     modules = json.loads((folder / "hyper_lora_modules.json").read_text(), object_pairs_hook=list)
     basis = {k: v.astype(np.float64) for k, v in np_load(str(folder / "hyper_lora_modules.safetensors")).items()}
     out = {}
@@ -323,7 +323,7 @@ CASES = [   # (centre x, y, face box size): inside; cut at the top-left (negativ
 
 
 def test_face_box_and_outline_constants():
-    from hyperlora import preprocess as pp
+    from hyperlora.faces import preprocess as pp
 
     assert list(pp.OUTLINE_INDICES) == OUTLINE
     lm = _landmarks(*CASES[0])
@@ -332,7 +332,7 @@ def test_face_box_and_outline_constants():
 
 @pytest.mark.parametrize("case", CASES)
 def test_remove_background_and_clip_crop_pixel_exact(case):
-    from hyperlora import preprocess as pp
+    from hyperlora.faces import preprocess as pp
 
     img, lm = _photo(), _landmarks(*case, seed=1)
     np.testing.assert_array_equal(pp.remove_background(img, lm), np.asarray(ref_remove_bg(img, lm)))
@@ -347,7 +347,7 @@ def test_remove_background_and_clip_crop_pixel_exact(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_arcface_and_base_crops_pixel_exact(case):
-    from hyperlora import preprocess as pp
+    from hyperlora.faces import preprocess as pp
 
     img, lm = _photo(seed=2), _landmarks(*case, seed=2)
     np.testing.assert_array_equal(pp.arcface_crop(img, lm), ref_arcface_crop(img, lm))
@@ -406,7 +406,7 @@ def released(cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def analyzer(cache_dir):
-    from hyperlora.faces import FaceAnalyzer
+    from hyperlora.faces.analysis import FaceAnalyzer
 
     return FaceAnalyzer(cached_antelopev2(cache_dir), provider="CPU")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from hyperlora import pipeline as pl
-from hyperlora import preprocess as pp
-from hyperlora.errors import FaceNotFoundError, HyperLoRAError, ImageInputError
+from hyperlora.faces.options import retry_sizes
+from hyperlora.faces import preprocess as pp
+from hyperlora.errors import FaceNotFoundError, ImageInputError, SettingError
 from tests.fixtures.antelope import blank_image, cached_antelopev2, face_image, paint_face
 from tests.fixtures.clip import TINY
 
@@ -65,16 +66,16 @@ def test_bad_inputs_name_the_image(bad, match):
 
 
 def test_detection_sizes_user_first_then_released(faces_mod):
-    assert pl.detection_sizes(640) == (640, 512, 384, 256)
-    assert pl.detection_sizes(1024) == (1024, 640, 512, 384, 256)
-    assert pl.detection_sizes(384) == (384, 256)
+    assert retry_sizes(640) == (640, 512, 384, 256)
+    assert retry_sizes(1024) == (1024, 640, 512, 384, 256)
+    assert retry_sizes(384) == (384, 256)
 
 
 # ------------------------------------------------------------------ with models
 
 @pytest.fixture(scope="module")
 def faces_mod():
-    return pytest.importorskip("hyperlora.faces", reason="hyperlora/faces.py not built yet")
+    return pytest.importorskip("hyperlora.faces.analysis", reason="hyperlora/faces.py not built yet")
 
 
 class Counter:
@@ -215,7 +216,7 @@ def test_skip_and_error_policies(analyzer, clip, caplog):
     assert "image(s) 2, 4 of 4" in caplog.text
     with pytest.raises(FaceNotFoundError, match=r"image\(s\) 2, 4 of 4.*no_face"):
         pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, no_face="error", **ALL)
-    with pytest.raises(ValueError, match="no_face"):
+    with pytest.raises(SettingError, match="no_face is 'ignore'"):
         pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, no_face="ignore", **ALL)
 
 
@@ -320,7 +321,7 @@ def test_bad_images_for_extract(analyzer, clip):
         pl.extract_conditions([one_face(), one_face().astype(np.float32)], analyzer=analyzer, clip=clip, **ALL)
     with pytest.raises(ImageInputError, match=r"Image 1 of 1"):
         pl.extract_conditions([np.zeros((10, 10), np.uint8)], analyzer=analyzer, clip=clip, **ALL)
-    with pytest.raises(HyperLoRAError, match="detector size 100"):
+    with pytest.raises(SettingError, match="det_size 100"):
         pl.extract_conditions([one_face()], analyzer=analyzer, clip=clip, det_size=100, **ALL)
 
 

@@ -1,8 +1,8 @@
-"""Crop geometry of hyperlora.preprocess against an independent reading of facts §6.
+"""Crop geometry of hyperlora.faces.preprocess against an independent reading of format §6.
 
-The reference below is written from the facts text, differently from the module: numpy
-slicing with explicit padding instead of PIL crops, the index list parsed from the facts'
-wording, the blend written as arithmetic.  PIL is used only where the facts name it (the
+The reference below is written from the format text (docs/released-format.md), differently from the module: numpy
+slicing with explicit padding instead of PIL crops, the index list parsed from the format's
+wording, the blend written as arithmetic.  PIL is used only where the format names it (the
 polygon fill, the 512x512 resize and the Gaussian blur).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from hyperlora import preprocess as pp
+from hyperlora.faces import preprocess as pp
 from hyperlora.errors import ImageInputError
 
 FACTS_OUTLINE = """1, 9, 10, 11, 12, 13, 14, 15, 16, 2, 3, 4, 5, 6, 7, 8, 0, 24, 23, 22, 21, 20,
@@ -95,7 +95,7 @@ def ref_face_box(lm: np.ndarray) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------------------
 
 
-def test_outline_indices_are_the_facts_list():
+def test_outline_indices_are_the_format_list():
     assert list(pp.OUTLINE_INDICES) == OUTLINE
     assert len(OUTLINE) == 43
 

@@ -1,4 +1,4 @@
-"""hyperlora.queue without a ComfyUI server: workflow lookup, filling, messages, server-down error."""
+"""hyperlora.tools.queue without a ComfyUI server: workflow lookup, filling, messages, server-down error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from hyperlora import queue as q
+from hyperlora.spec import TRIGGER_PREFIX
+from hyperlora.tools import queue as q
 from hyperlora.errors import QueueError
 
 
@@ -33,7 +34,7 @@ def test_unknown_workflow_lists_the_shipped_ones():
 
 def test_ui_workflow_is_refused_with_a_pointer_to_its_api_twin(tmp_path):
     ui = q.WORKFLOW_DIR / "t2i_one_photo.json"
-    with pytest.raises(QueueError, match=r"UI workflow.*workflows/api/t2i_one_photo.json"):
+    with pytest.raises(QueueError, match=r"UI workflow.*example_workflows/api/t2i_one_photo.json"):
         q.load_api_workflow(ui)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"1": {"inputs": {}}}))
@@ -49,7 +50,7 @@ def test_fill_sets_photos_prompt_seed_strength_models_by_title_and_type():
     by_title = {n["_meta"]["title"]: n for n in filled.values()}
     assert by_title["Original photo"]["inputs"]["image"] == "orig.png"   # slots in node-id order
     assert by_title["Edited photo"]["inputs"]["image"] == "edit.png"
-    assert by_title["Positive prompt (starts with the trigger words)"]["inputs"]["text"] == q.TRIGGER_WORDS + "a chef"
+    assert by_title["Positive prompt (starts with the trigger words)"]["inputs"]["text"] == TRIGGER_PREFIX + "a chef"
     assert by_title["Negative prompt"]["inputs"]["text"] == "ugly"
     ks = by_title["Sampler (authors' settings)"]["inputs"]
     assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"]) == (7, 1, 5.0, "dpmpp_2m", "karras")
@@ -114,14 +115,14 @@ def test_rejection_message_names_node_title_and_comfy_details():
 
 def test_failed_run_message_has_exception_and_node():
     g = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
-    nid = next(i for i, n in g.items() if n["class_type"] == "HyperLoRAApplyFromImages")
+    nid = next(i for i, n in g.items() if n["class_type"] == "HyperLoRAStudioApplyFromImages")
     entry = {"status": {"status_str": "error", "completed": False, "messages": [
         ["execution_start", {}],
-        ["execution_error", {"node_id": nid, "node_type": "HyperLoRAApplyFromImages",
+        ["execution_error", {"node_id": nid, "node_type": "HyperLoRAStudioApplyFromImages",
                              "exception_type": "FaceNotFoundError", "exception_message": "No face in image 1.\n"}]]}}
     with pytest.raises(QueueError) as ei:
         q.raise_for_failure(g, entry)
-    assert str(ei.value) == (f"ComfyUI failed in node {nid} (HyperLoRAApplyFromImages 'Apply HyperLoRA from "
+    assert str(ei.value) == (f"ComfyUI failed in node {nid} (HyperLoRAStudioApplyFromImages 'Apply HyperLoRA from "
                              f"images'): FaceNotFoundError: No face in image 1.")
     q.raise_for_failure(g, {"status": {"status_str": "success", "messages": []}})
 

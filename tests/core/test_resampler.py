@@ -1,15 +1,15 @@
-"""Resampler / IDProjector: state_dict keys pinned to the released names (facts §4), forward vs reference."""
+"""Resampler / IDProjector: state_dict keys pinned to the released names (format §4), forward vs reference."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from hyperlora.checkpoint import ResamplerConfig, read_architecture
+from hyperlora.checkpoint import read_architecture
+from hyperlora.spec import ResamplerConfig
 from hyperlora.generate import HyperLoRAModel
 from hyperlora.resampler import IDProjector, Resampler
 from safetensors.torch import load_file
@@ -20,9 +20,9 @@ RELEASED = ResamplerConfig(dim=1024, depth=4, heads=12, dim_head=64, ff_mult=4, 
                            embed_dims=(1024, 1024))
 
 
-def facts_resampler_keys(*, two: bool, dim: int = 1024, q: int = 1120, k: int = 128, e: int = 1024,
+def format_resampler_keys(*, two: bool, dim: int = 1024, q: int = 1120, k: int = 128, e: int = 1024,
                          inner: int = 768, ff: int = 4096, depth: int = 4) -> dict[str, tuple[int, ...]]:
-    """Written from the facts text (§4), independently of the fixture and the package."""
+    """Written from the format text (docs/released-format.md) (§4), independently of the fixture and the package."""
     keys: dict[str, tuple[int, ...]] = {"latents": (1, q, dim), "proj_in.weight": (dim, e), "proj_in.bias": (dim,),
                                         "proj_out.weight": (k, dim), "proj_out.bias": (k,)}
     if two:
@@ -49,14 +49,14 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def test_released_resampler_keys_two_conditions() -> None:
     r = Resampler(RELEASED, device="meta")
-    assert _shapes(r) == facts_resampler_keys(two=True)
+    assert _shapes(r) == format_resampler_keys(two=True)
     assert len(_shapes(r)) == 5 + 2 + 4 * (12 + 12 + 4)
     assert not any(k.endswith(".bias") and ".attn" in k for k in _shapes(r))  # no attention biases
 
 
 def test_base_resampler_keys_one_condition() -> None:
     cfg = ResamplerConfig(**{**RELEASED.__dict__, "embed_dims": (1024,)})
-    assert _shapes(Resampler(cfg, device="meta")) == facts_resampler_keys(two=False)
+    assert _shapes(Resampler(cfg, device="meta")) == format_resampler_keys(two=False)
 
 
 def test_id_projector_keys() -> None:
@@ -73,11 +73,11 @@ def test_full_size_model_on_meta_matches_released_headers(tmp_path: Path) -> Non
     res = {k[len("resampler."):]: v for k, v in sd.items() if k.startswith("resampler.")}
     base = {k[len("base_resampler."):]: v for k, v in sd.items() if k.startswith("base_resampler.")}
     idp = {k[len("id_projector."):]: v for k, v in sd.items() if k.startswith("id_projector.")}
-    assert res == facts_resampler_keys(two=True)
-    assert base == facts_resampler_keys(two=False)
+    assert res == format_resampler_keys(two=True)
+    assert base == format_resampler_keys(two=False)
     assert idp == {"0.weight": (16384, 512), "0.bias": (16384,), "2.weight": (1024,), "2.bias": (1024,)}
     assert len(sd) == len(res) + len(base) + len(idp)  # basis buffers are not in the state_dict
-    # grouped basis: every basis number accounted for (facts: ~1.49e9 for the ID basis)
+    # grouped basis: every basis number accounted for (format: ~1.49e9 for the ID basis)
     id_numbers = sum(d.numel() + u.numel() for _, d, u in model.basis_groups("id"))
     base_numbers = sum(d.numel() + u.numel() for _, d, u in model.basis_groups("base"))
     assert id_numbers == 1_486_356_480 and base_numbers == id_numbers // 2
@@ -124,27 +124,6 @@ def test_exact_gelu_and_layernorm_eps() -> None:
     assert torch.allclose(gp(x), want, rtol=0, atol=1e-12)
     tanh = torch.nn.functional.gelu(gp.proj(x), approximate="tanh")
     assert not torch.allclose(gp(x), tanh, rtol=0, atol=1e-6)
-
-
-def test_operations_namespace_is_used() -> None:
-    made: list[str] = []
-
-    class Linear(nn.Linear):
-        def __init__(self, *a, **kw):
-            made.append("Linear")
-            super().__init__(*a, **kw)
-
-    class LayerNorm(nn.LayerNorm):
-        def __init__(self, *a, **kw):
-            made.append("LayerNorm")
-            super().__init__(*a, **kw)
-
-    cfg = ResamplerConfig(dim=8, depth=2, heads=2, dim_head=4, ff_mult=2, num_queries=8, output_dim=3,
-                          embed_dims=(5, 6))
-    r = Resampler(cfg, operations=SimpleNamespace(Linear=Linear, LayerNorm=LayerNorm), device="meta")
-    assert made.count("LayerNorm") == 2 * 6
-    assert made.count("Linear") == 3 + 2 * (3 * 4 + 2)
-    assert _shapes(r) == _shapes(Resampler(cfg, device="meta"))
 
 
 def test_two_condition_resampler_needs_y() -> None:

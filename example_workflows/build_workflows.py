@@ -1,0 +1,462 @@
+"""Source of truth of the shipped workflows: writes each one in both ComfyUI formats.
+
+    python example_workflows/build_workflows.py --server http://127.0.0.1:8188
+
+reads ``/object_info`` from a running ComfyUI that has this pack installed (for
+widget order, socket types and defaults) and writes ``example_workflows/<name>.json``
+(UI format: drag onto the canvas; ComfyUI also lists them in its template
+browser) and ``example_workflows/api/<name>.json`` (API format: what ``POST /prompt``
+and ``python -m hyperlora.tools.queue`` take).
+``--object-info FILE`` uses a saved ``/object_info`` answer instead.
+Only ComfyUI core nodes and this pack's nodes are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from graph_format import (  # noqa: E402,F401  (re-exported for the tests)
+    NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, _note_height, build, expected_widget_count, input_specs,
+    is_widget, widget_extras,
+)
+
+TRIGGER = "fcsks fxhks fhyks, "
+PROMPT = TRIGGER + "portrait photo of a person, upper body, natural window light, 85mm lens, detailed skin"
+NEGATIVE = "blurry, lowres, deformed face, bad anatomy, cartoon, watermark, text"
+CHECKPOINT = "RealVisXL_V4.0.safetensors"
+HYPER_MODEL = "sdxl_hyper_id_lora_v1_fidelity"
+CLIP_VISION = "clip_vit_large_14"
+INSIGHTFACE = "antelopev2"
+CONTROLNET = "OpenPoseXL2.safetensors"
+SEED = 42
+
+RELEASE_NOTE = (
+    "HyperLoRA turns face photos into an SDXL LoRA in about a second, no training.\n\n"
+    "As the released weights expect (authors' defaults):\n"
+    "- the positive prompt starts with the trigger words 'fcsks fxhks fhyks, '\n"
+    "- CLIP Set Last Layer -2 (CLIP skip 2), as in training\n"
+    "- LoRA strength 0.85 (0.75-0.85 typical; lower = more editable, higher for long prompts)\n"
+    "- 1024x1024, 20 steps, dpmpp_2m + karras, CFG 5 (3-7 works)\n"
+    "- base model: RealVisXL v4.0 works best (LEOSAM HelloWorld XL 3.0 and CyberRealistic XL 1.1 work too; "
+    "ArienMixXL v4.0 does not)\n"
+    "Models: python -m hyperlora.tools.download --models-dir ComfyUI/models (see the README tree).")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def base_model(wf: Workflow, *, x: float = 0, y: float = 0) -> tuple[Node, Node]:
+    """Checkpoint + CLIP skip -2. Returns (checkpoint node, clip-skip node)."""
+    ckpt = wf.add("CheckpointLoaderSimple", "Load SDXL checkpoint", (x, y), ckpt_name=CHECKPOINT)
+    skip = wf.add("CLIPSetLastLayer", "CLIP skip -2 (as trained)", (x, y + 140), clip=ckpt[1], stop_at_clip_layer=-2)
+    wf.group("SDXL model", [ckpt, skip], "#b58b2a")
+    return ckpt, skip
+
+
+def hyper_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
+    return wf.add("HyperLoRAStudioLoader", "Load HyperLoRA", (x, y), model=HYPER_MODEL, clip_vision=CLIP_VISION,
+                  insightface=INSIGHTFACE, dtype="auto", provider="auto")
+
+
+def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float, y: float = 0, prefix: str,
+             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None, text: str = PROMPT) -> list[Node]:
+    """Prompts, empty latent, KSampler (authors' settings), decode, save. Returns the created nodes."""
+    pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (x, y), node_width=400,
+                 clip=clip, text=text)
+    neg = wf.add("CLIPTextEncode", "Negative prompt", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
+    latent = wf.add("EmptyLatentImage", "Image size", (x, y + 440), node_width=400, width=1024, height=1024,
+                    batch_size=1)
+    p, n = conditioning(pos, neg) if conditioning else (pos[0], neg[0])
+    sampler = wf.add("KSampler", "Sampler (authors' settings)", (x + 440, y), model=model, positive=p, negative=n,
+                     latent_image=latent, seed=SEED, steps=20, cfg=5.0, sampler_name="dpmpp_2m",
+                     scheduler="karras", denoise=1.0)
+    decode = wf.add("VAEDecode", "Decode", (x + 440, y + 330), samples=sampler, vae=vae)
+    save = wf.add("SaveImage", "Save image", (x + 800, y), node_width=420, images=decode, filename_prefix=prefix)
+    wf.group("Generate", [pos, neg, latent, sampler, decode, save], "#3f789e")
+    return [pos, neg, latent, sampler, decode, save]
+
+
+def note(wf: Workflow, *, x: float = 0, y: float = -90) -> None:
+    """The 'Read me' note, placed so that its bottom edge is at ``y``."""
+    text = f"{wf.title}\n\n{wf.usage}\n\n{RELEASE_NOTE}"
+    wf.add("Note", "Read me", (x, y - _note_height(text)), node_width=NOTE_WIDTH, text=text)
+
+
+def face_photo(wf: Workflow, title: str, pos: tuple[float, float], image: str) -> Node:
+    return wf.add("LoadImage", title, pos, image=image)
+
+
+def identity(wf: Workflow, hl: Node, images: Out | Node, title: str, pos: tuple[float, float]) -> Node:
+    return wf.add("HyperLoRAStudioIdentityFromImages", title, pos, hyper_lora=hl, images=images, face_choice="largest",
+                  face_index=0, remove_background=True, grayscale=False, no_face="skip", det_size="640")
+
+
+def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
+                   second: tuple[str, str, str]) -> tuple[Node, Node, Node, Node]:
+    """Two photos, at (0, 480) and (0, 840), each with its identity beside it; ``first`` / ``second``
+    are (photo title, image file, identity title). Returns (photo 1, photo 2, identity 1, identity 2)."""
+    p1 = face_photo(wf, first[0], (0, 480), first[1])
+    p2 = face_photo(wf, second[0], (0, 840), second[1])
+    i1 = identity(wf, hl, p1, first[2], (380, 480))
+    i2 = identity(wf, hl, p2, second[2], (380, 840))
+    return p1, p2, i1, i2
+
+
+def apply_from_photo(wf: Workflow, model: Out, hl: Node, *, no_face: str = "skip") -> tuple[Node, Node]:
+    """'Face photo' at (0, 480) and Apply from Images beside it (released face options). Returns both."""
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    apply = wf.add("HyperLoRAStudioApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=model,
+                   hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
+                   remove_background=True, grayscale=False, no_face=no_face, det_size="640")
+    return photo, apply
+
+
+# --------------------------------------------------------------------------- the workflows
+
+def t2i_one_photo() -> Workflow:
+    wf = Workflow("t2i_one_photo", "HyperLoRA: text to image from one face photo",
+                  "one face photo -> identity LoRA -> SDXL text to image (single node: Apply from Images)",
+                  "Load a clear, front-facing photo of one person in 'Face photo'. HyperLoRA Apply from Images "
+                  "builds the LoRA and applies it to the model. 'Face crops' shows what the model saw.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
+    crops = wf.add("PreviewImage", "Face crops the model saw", (380, 620), images=apply[1])
+    wf.group("Identity", [hl, photo, apply, crops], "#8A8")
+    sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/t2i")
+    return wf
+
+
+def _identity_lora_chain(wf: Workflow, hl: Node, images: Out | Node, model: Out, *, x: float, y: float,
+                         title: str = "Identity from photos") -> tuple[Node, Node, Node, Node]:
+    ident = identity(wf, hl, images, title, (x, y))
+    build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (x, y + 270), hyper_lora=hl, identity=ident,
+                   kind="id")
+    apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (x, y + 400), model=model, lora=build, strength=0.85)
+    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 540), images=ident[1])
+    return ident, build, apply, crops
+
+
+def t2i_several_photos() -> Workflow:
+    wf = Workflow("t2i_several_photos", "HyperLoRA: several photos of one person",
+                  "three photos of one person -> one identity (mean over photos) -> text to image",
+                  "Load three photos of the SAME person in 'Face photo 1-3'. Image Batch joins them (it resizes "
+                  "photos 2 and 3 to the size of photo 1, keeping the aspect ratio by centre crop); the identity "
+                  "is the mean over all photos, which gives a steadier likeness. Photos without a detected face "
+                  "are skipped (no_face = skip).")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    p1 = face_photo(wf, "Face photo 1", (0, 480), "face_1.png")
+    p2 = face_photo(wf, "Face photo 2", (0, 840), "face_2.png")
+    p3 = face_photo(wf, "Face photo 3", (0, 1200), "face_3.png")
+    b1 = wf.add("ImageBatch", "Batch photos 1+2", (380, 480), image1=p1, image2=p2)
+    b2 = wf.add("ImageBatch", "Batch photos 1+2+3", (380, 620), image1=b1, image2=p3)
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, b2, ckpt[0], x=760, y=300)
+    wf.group("Identity from three photos", [p1, p2, p3, b1, b2, hl, ident, build, apply, crops], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=1140, y=0, prefix="HyperLoRA/several_photos")
+    return wf
+
+
+def interpolate_two_people() -> Workflow:
+    wf = Workflow("interpolate_two_people", "HyperLoRA: interpolation between two people",
+                  "two people -> weighted mix of their identities -> text to image",
+                  "Load person A and person B. Mix Identities blends them: weight_1 0.5 / weight_2 0.5 is half "
+                  "way; 1.0 / 0.0 is person A alone. mode 'coefficients' mixes the HyperLoRA coefficients "
+                  "(renormalised, like the authors' interpolation); 'weight_delta' mixes the finished LoRA "
+                  "weights exactly.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A", "person_a.png", "Identity A"),
+                                    ("Face photo B", "person_b.png", "Identity B"))
+    mix = wf.add("HyperLoRAStudioMixIdentities", "Mix A and B", (760, 480), hyper_lora=hl, identity_1=ia, weight_1=0.5,
+                 identity_2=ib, weight_2=0.5, mode="coefficients", weight_3=0.0, weight_4=0.0)
+    apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (760, 800), model=ckpt[0], lora=mix, strength=0.85)
+    wf.group("Two identities, mixed", [pa, pb, hl, ia, ib, mix, apply], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=1140, prefix="HyperLoRA/interpolation")
+    return wf
+
+
+def concept_slider() -> Workflow:
+    wf = Workflow("concept_slider", "HyperLoRA: concept slider from a photo pair",
+                  "original + edited photo of one person -> slider LoRA (edited minus original) on top of the identity",
+                  "Load the same person twice: 'Original photo' and 'Edited photo' (for example the same photo "
+                  "edited to smile, or to look older). The slider is the LoRA of the edited photo minus the LoRA "
+                  "of the original; its strength is signed (negative goes the other way). The identity itself "
+                  "comes from the original photo.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    po, pe, io_, ie = two_identities(wf, hl, ("Original photo", "original.png", "Identity (original)"),
+                                     ("Edited photo", "edited.png", "Identity (edited)"))
+    build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (760, 480), hyper_lora=hl, identity=io_, kind="id")
+    apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (760, 610), model=ckpt[0], lora=build, strength=0.85)
+    slider = wf.add("HyperLoRAStudioConceptSlider", "Concept slider (edited - original)", (760, 760), hyper_lora=hl,
+                    edited=ie, original=io_, strength=1.0)
+    apply2 = wf.add("HyperLoRAStudioApply", "Apply slider LoRA", (760, 920), model=apply, lora=slider, strength=1.0)
+    wf.group("Identity and slider", [po, pe, hl, io_, ie, build, apply, slider, apply2], "#8A8")
+    sampling(wf, apply2, skip, ckpt[2], x=1140, prefix="HyperLoRA/slider")
+    return wf
+
+
+def controlnet_pose() -> Workflow:
+    wf = Workflow("controlnet_pose", "HyperLoRA with a pose ControlNet",
+                  "one face photo + an OpenPose image -> identity LoRA + SDXL ControlNet (core nodes)",
+                  "Load the face in 'Face photo' and a ready OpenPose skeleton image in 'Pose image' (core "
+                  "ComfyUI has no pose detector; use an OpenPose render). Put an SDXL OpenPose ControlNet in "
+                  "models/controlnet and select it. A ControlNet also steadies small faces.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
+    wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
+    cn = wf.add("ControlNetLoader", "Load pose ControlNet (SDXL)", (760, 680), control_net_name=CONTROLNET)
+    pose = wf.add("LoadImage", "Pose image", (760, 800), image="pose.png")
+    holder: dict[str, Node] = {}
+
+    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
+        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply pose ControlNet", (1200, 680), positive=pos,
+                          negative=neg[0], control_net=cn, image=pose, vae=ckpt[2], strength=0.8,
+                          start_percent=0.0, end_percent=0.8)
+        holder["cn"] = apply_cn
+        return apply_cn[0], apply_cn[1]
+
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/controlnet", conditioning=conditioning)
+    wf.group("Pose ControlNet", [cn, pose, holder["cn"]], "#a1309b")
+    return wf
+
+
+def export_lora() -> Workflow:
+    wf = Workflow("export_lora", "HyperLoRA: export the generated LoRA",
+                  "face photo -> identity LoRA -> models/loras/hyperlora/my_face_00001_.safetensors (kohya format)",
+                  "Queue it once: Export LoRA writes a standard kohya LoRA into models/loras/hyperlora/ "
+                  "(my_face_00001_.safetensors, then _00002_, ...). Press R to refresh, then use it with the "
+                  "core Load LoRA node (workflow reuse_exported_lora), in any UI or trainer: it is also a good "
+                  "start for a short (about 50 steps) LoRA fine-tune.")
+    note(wf)
+    hl = hyper_loader(wf, y=0)
+    photo = face_photo(wf, "Face photo", (0, 220), "face.png")
+    ident = identity(wf, hl, photo, "Identity from photos", (380, 0))
+    build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (760, 0), hyper_lora=hl, identity=ident, kind="id")
+    export = wf.add("HyperLoRAStudioExportLoRA", "Export LoRA to models/loras", (760, 140), lora=build,
+                    filename_prefix="hyperlora/my_face", dtype="fp16")
+    crops = wf.add("PreviewImage", "Face crops the model saw", (760, 340), images=ident[1])
+    wf.group("Export", [hl, photo, ident, build, export, crops], "#8A8")
+    return wf
+
+
+def reuse_exported_lora() -> Workflow:
+    wf = Workflow("reuse_exported_lora", "HyperLoRA: reuse an exported LoRA with the core Load LoRA node",
+                  "exported LoRA file -> core LoraLoader -> text to image (no HyperLoRA model needed)",
+                  "Pick the file written by export_lora (hyperlora/my_face_00001_.safetensors) in Load LoRA. "
+                  "Only the UNet is changed (the LoRA has no text-encoder weights), so strength_clip has no "
+                  "effect. This workflow needs neither the HyperLoRA model nor the face models.")
+    note(wf)
+    ckpt = wf.add("CheckpointLoaderSimple", "Load SDXL checkpoint", (0, 0), ckpt_name=CHECKPOINT)
+    lora = wf.add("LoraLoader", "Load exported HyperLoRA LoRA", (0, 140), model=ckpt[0], clip=ckpt[1],
+                  lora_name="hyperlora/my_face_00001_.safetensors", strength_model=0.85, strength_clip=1.0)
+    skip = wf.add("CLIPSetLastLayer", "CLIP skip -2 (as trained)", (0, 360), clip=lora[1], stop_at_clip_layer=-2)
+    wf.group("SDXL model with the exported LoRA", [ckpt, lora, skip], "#b58b2a")
+    sampling(wf, lora[0], skip, ckpt[2], x=380, prefix="HyperLoRA/reused_lora")
+    return wf
+
+
+def identity_save() -> Workflow:
+    wf = Workflow("identity_save", "HyperLoRA: save an identity file",
+                  "face photo(s) -> identity file in output/hyper_lora_identities/ (+ an image with it)",
+                  "Save Identity writes the identity (the HyperLoRA coefficients, a few KB) to "
+                  "output/hyper_lora_identities/my_face_00001_.safetensors. Reload it later with identity_load: "
+                  "no photo and no face analysis needed. An identity only fits the HyperLoRA model it was made "
+                  "with.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
+    save = wf.add("HyperLoRAStudioSaveIdentity", "Save identity file", (760, 700), identity=ident,
+                  filename_prefix="my_face")
+    wf.group("Identity, saved", [hl, photo, ident, build, apply, crops, save], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/identity_save")
+    return wf
+
+
+def identity_load() -> Workflow:
+    wf = Workflow("identity_load", "HyperLoRA: reload a saved identity file",
+                  "identity file -> identity LoRA -> text to image (no photo, no face analysis)",
+                  "Pick a file saved by identity_save (my_face_00001_.safetensors) in Load Identity; press R "
+                  "after saving to refresh the list. Use the same HyperLoRA model as when it was saved.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    load = wf.add("HyperLoRAStudioLoadIdentity", "Load identity file", (380, 300),
+                  identity_file="my_face_00001_.safetensors")
+    build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (380, 420), hyper_lora=hl, identity=load, kind="id")
+    apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (380, 560), model=ckpt[0], lora=build, strength=0.85)
+    wf.group("Identity from file", [hl, load, build, apply], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/identity_load")
+    return wf
+
+
+def two_people() -> Workflow:
+    wf = Workflow("two_people", "HyperLoRA: two different people in one image",
+                  "two face photos -> two identities, each on its own half of the image (Identity on Prompt + masks)",
+                  "Load person A (shown on the left) and person B (on the right). Each identity is put on its own "
+                  "prompt with a mask (Identity on Prompt), so ComfyUI applies A's LoRA only to the left half and "
+                  "B's only to the right half; the scene prompt covers the whole picture. The KSampler takes the "
+                  "plain SDXL model. start_percent 0.0 / end_percent 1.0 apply the identities to every step; a "
+                  "later start leaves more of the composition to the prompt. Move the masks for other layouts.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
+                                    ("Face photo B (right)", "person_b.png", "Identity B"))
+    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
+    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb], "#8A8")
+    empty = wf.add("SolidMask", "Empty mask", (760, 1120), value=0.0, width=1024, height=1024)
+    half = wf.add("SolidMask", "Half-width mask", (760, 1270), value=1.0, width=512, height=1024)
+    left = wf.add("MaskComposite", "Left half (person A)", (760, 1420), destination=empty, source=half, x=0, y=0,
+                  operation="add")
+    right = wf.add("MaskComposite", "Right half (person B)", (760, 1620), destination=empty, source=half, x=512,
+                   y=0, operation="add")
+    wf.group("Where each person is", [empty, half, left, right], "#a1309b")
+    holder: dict[str, Node] = {}
+
+    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
+        text_a = wf.add("CLIPTextEncode", "Prompt for person A (left)", (1200, 700), node_width=400, clip=skip,
+                        text=TRIGGER + "a person on the left, natural light")
+        text_b = wf.add("CLIPTextEncode", "Prompt for person B (right)", (1200, 930), node_width=400, clip=skip,
+                        text=TRIGGER + "a person on the right, natural light")
+        on_a = wf.add("HyperLoRAStudioConditioning", "Identity A on the left", (1640, 700), positive=text_a, negative=neg,
+                      lora=la, strength=0.85, start_percent=0.0, end_percent=1.0, mask=left, mask_strength=1.0,
+                      set_cond_area="default")
+        on_b = wf.add("HyperLoRAStudioConditioning", "Identity B on the right", (1640, 1000), positive=text_b,
+                      negative=neg, lora=lb, strength=0.85, start_percent=0.0, end_percent=1.0, mask=right,
+                      mask_strength=1.0, set_cond_area="default")
+        scene_a = wf.add("ConditioningCombine", "Scene + person A", (2000, 700), conditioning_1=pos,
+                         conditioning_2=on_a[0])
+        both = wf.add("ConditioningCombine", "Scene + both people", (2000, 820), conditioning_1=scene_a,
+                      conditioning_2=on_b[0])
+        negs = wf.add("ConditioningCombine", "Negative for both people", (2000, 940), conditioning_1=on_a[1],
+                      conditioning_2=on_b[1])
+        holder["nodes"] = [text_a, text_b, on_a, on_b, scene_a, both, negs]
+        return both[0], negs[0]
+
+    sampling(wf, ckpt[0], skip, ckpt[2], x=760, prefix="HyperLoRA/two_people", conditioning=conditioning,
+             text=TRIGGER + "photo of two people side by side, upper body, natural window light, detailed skin")
+    wf.group("Identities on their regions", holder["nodes"], "#8A8")
+    return wf
+
+
+def face_inpaint() -> Workflow:
+    wf = Workflow("face_inpaint", "HyperLoRA: re-paint the face in a photo with an identity",
+                  "face photo + target photo -> only the target's face is re-painted with the identity, the rest "
+                  "keeps its pixels",
+                  "Load the person in 'Face photo' and the picture to change in 'Target photo'. Face Mask finds the "
+                  "face in the target (grow 1.3 includes the forehead, feather softens the edge); "
+                  "InpaintModelConditioning samples only inside the mask with the identity LoRA merged in, and "
+                  "ImageCompositeMasked pastes the new face back so everything outside the mask keeps its original "
+                  "pixels. denoise 0.75 keeps the pose and lighting; raise it towards 1.0 for a stronger change.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl, no_face="error")
+    wf.group("Identity", [hl, photo, apply], "#8A8")
+    target = face_photo(wf, "Target photo (face to re-paint)", (0, 840), "target.png")
+    scaled = wf.add("ImageScaleToTotalPixels", "Scale target to about 1 megapixel", (380, 840), image=target,
+                    upscale_method="lanczos", megapixels=1.0)
+    mask = wf.add("HyperLoRAStudioFaceMask", "Face mask of the target", (380, 990), hyper_lora=hl, images=scaled,
+                  face_choice="largest", face_index=0, grow=1.3, feather=8, no_face="error", det_size="640")
+    wf.group("Target and its face", [target, scaled, mask], "#a1309b")
+    pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (760, 0), node_width=400,
+                 clip=skip, text=TRIGGER + "photo of a person, detailed skin, natural light")
+    neg = wf.add("CLIPTextEncode", "Negative prompt", (760, 230), node_width=400, clip=skip, text=NEGATIVE)
+    inpaint = wf.add("InpaintModelConditioning", "Sample only inside the mask", (760, 460), positive=pos,
+                     negative=neg, vae=ckpt[2], pixels=scaled, mask=mask, noise_mask=True)
+    sampler = wf.add("KSampler", "Sampler (authors' settings, denoise 0.75)", (1200, 0), model=apply, positive=inpaint[0],
+                     negative=inpaint[1], latent_image=inpaint[2], seed=SEED, steps=20, cfg=5.0,
+                     sampler_name="dpmpp_2m", scheduler="karras", denoise=0.75)
+    decode = wf.add("VAEDecode", "Decode", (1200, 330), samples=sampler, vae=ckpt[2])
+    paste = wf.add("ImageCompositeMasked", "Paste the new face into the target", (1200, 460), destination=scaled,
+                   source=decode, x=0, y=0, resize_source=False, mask=mask)
+    save = wf.add("SaveImage", "Save image", (1560, 0), node_width=420, images=paste,
+                  filename_prefix="HyperLoRA/face_inpaint")
+    wf.group("Re-paint the face", [pos, neg, inpaint, sampler, decode, paste, save], "#3f789e")
+    return wf
+
+
+ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
+                                          controlnet_pose, export_lora, reuse_exported_lora, identity_save,
+                                          identity_load, two_people, face_inpaint)
+
+
+def readme(workflows: list[Workflow]) -> str:
+    lines = ["# Workflows", "",
+             "Each workflow comes twice: `<name>.json` is the UI format (drag it onto the ComfyUI canvas; ComfyUI",
+             "also lists these under Templates > ComfyUI-HyperLoRA-Studio) and `api/<name>.json` the API format",
+             "(`POST /prompt`, or `python -m hyperlora.tools.queue --workflow <name>`).",
+             "They use only ComfyUI core nodes and this pack's nodes. Every one has a note with the settings the",
+             "released weights expect: prompt starting with `fcsks fxhks fhyks, `, CLIP Set Last Layer -2,",
+             "LoRA strength 0.85, 1024x1024, 20 steps, dpmpp_2m karras, CFG 5.",
+             "Generated by `python example_workflows/build_workflows.py --server http://127.0.0.1:8188` (edit that file,",
+             "not the JSON). Screenshots: `assets/screenshots/<name>.png`.", "",
+             "| name | what it does | photo slots (`--image` order) |", "|---|---|---|"]
+    for wf in workflows:
+        slots = [n.title for n in wf.nodes if n.type == "LoadImage" and "photo" in n.title.lower()]
+        lines.append(f"| `{wf.name}` | {wf.summary} | {', '.join(slots) or '-'} |")
+    lines += ["", "Queue one from a shell while ComfyUI runs:", "", "```",
+              "python -m hyperlora.tools.queue --workflow t2i_one_photo --image me.jpg \\",
+              "    --prompt \"fcsks fxhks fhyks, a man in a space suit\" --seed 7 --strength 0.85 \\",
+              "    --model sdxl_hyper_id_lora_v1_fidelity --checkpoint RealVisXL_V4.0.safetensors --out out/",
+              "```", "",
+              "`--pose pose.png` fills 'Pose image' of `controlnet_pose`; `--set 'Title.input=value'` sets any widget.",
+              ""]
+    return "\n".join(lines)
+
+
+def fetch_object_info(server: str) -> dict[str, Any]:
+    with urllib.request.urlopen(server.rstrip("/") + "/object_info", timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def build_all(object_info: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    return {wf.name: build(wf, object_info) for wf in (f() for f in ALL)}
+
+
+def write_all(object_info: dict[str, Any], out_dir: Path = HERE) -> list[Path]:
+    written = []
+    (out_dir / "api").mkdir(exist_ok=True)
+    for name, (ui, api) in build_all(object_info).items():
+        for path, data in ((out_dir / f"{name}.json", ui), (out_dir / "api" / f"{name}.json", api)):
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+    (out_dir / "README.md").write_text(readme([f() for f in ALL]), encoding="utf-8")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", help="running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
+    src.add_argument("--object-info", type=Path, help="saved /object_info JSON")
+    args = p.parse_args(argv)
+    info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
+    for path in write_all(info):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

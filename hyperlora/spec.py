@@ -1,0 +1,153 @@
+"""The released HyperLoRA format as data: file names, fixed numbers and the architecture types.
+
+This module is the leaf of the package: it imports nothing from the pack, so every other
+module can take its constants from here and no two modules need each other for them.  The
+numbers are facts of the released models; ``docs/released-format.md`` states them in prose
+(section numbers there are cited as "format §N" in the code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------- files (format §1)
+
+MARKER_FILE = "hyper_lora_modules.json"
+"""The file that makes a folder a HyperLoRA model folder (ordered module list, format §3)."""
+BASIS_FILE = "hyper_lora_modules.safetensors"
+RESAMPLER_FILE = "resampler.safetensors"
+ID_PROJECTOR_FILE = "id_projector.safetensors"
+BASE_RESAMPLER_FILE = "base_resampler.safetensors"
+MODEL_FILES = (MARKER_FILE, BASIS_FILE, RESAMPLER_FILE, ID_PROJECTOR_FILE, BASE_RESAMPLER_FILE)
+"""Every file a model folder can hold, in the fixed order used for fingerprints and hashes."""
+CHECKSUM_FILE = "hyperlora_checksums.json"
+"""Written beside a model by the downloader: the SHA-256 of every file it verified (not a released file)."""
+
+ANTELOPE_DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+ANTELOPE_LANDMARK_FILE = "2d106det.onnx"
+ANTELOPE_RECOGNITION_FILE = "glintr100.onnx"
+ANTELOPE_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE,
+                  "1k3d68.onnx", "genderage.onnx")
+"""The five files of the released AntelopeV2 pack."""
+ANTELOPE_REQUIRED_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE)
+"""The three this pack loads (detection, 106-point landmarks, recognition): a folder is usable iff it has them."""
+
+IDENTITY_FORMAT = "hyperlora.identity"
+"""``format`` metadata of this pack's identity files (not a released file type)."""
+IDENTITY_FORMAT_VERSION = 1
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""File endings of pickled PyTorch files, which this pack never opens."""
+
+# ---------------------------------------------------------------------------- numbers (format §2, §5)
+
+LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out")
+"""The four projections of every attention module, in the order their tokens follow (format §5.5)."""
+KOHYA_LAYER = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out_0"}
+"""Layer name inside a kohya LoRA key (format §5.6)."""
+TOKENS_PER_MODULE = 8
+"""Two tokens (down, up coefficients) for each of the four layers."""
+DEFAULT_HEADS = 12
+"""Resampler heads of the released models (12 x 64); shapes only show the product."""
+RESAMPLER_HEADS_META = "hyperlora_resampler_heads"
+"""safetensors metadata key in which models trained by this pack record their resampler heads."""
+NORM_EPS = 1e-8
+"""Token normalisation ``t / sqrt(sum(t^2) + NORM_EPS)`` (format §5.4)."""
+LN_EPS = 1e-5
+"""Epsilon of every LayerNorm of the resampler and the ID projector."""
+VIT_L14_WIDTH = 1024
+"""Hidden size of OpenAI CLIP ViT-L/14, the image encoder the released models read."""
+TRIGGER_WORDS = "fcsks fxhks fhyks"
+"""The trigger words the released models were trained with; prompts start with ``TRIGGER_PREFIX``."""
+TRIGGER_PREFIX = TRIGGER_WORDS + ", "
+
+
+# ---------------------------------------------------------------------------- this pack's own names
+# Distinct from the authors' plugin (node ids HyperLoRA*, socket type HYPER_LORA), so both packs can be
+# installed in one ComfyUI and each keeps all its nodes.
+
+PACK_NAME = "HyperLoRA Studio"
+PACK_FOLDER = "ComfyUI-HyperLoRA-Studio"
+NODE_PREFIX = "HyperLoRAStudio"
+MODEL_TYPE = "HYPERLORA_STUDIO_MODEL"
+"""ComfyUI socket type of the loaded generator."""
+IDENTITY_TYPE = "HYPERLORA_STUDIO_IDENTITY"
+"""ComfyUI socket type of an identity."""
+
+
+# ---------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class LoraModuleSpec:
+    """One attention module of the UNet that gets a LoRA (kohya prefix, sizes from the JSON)."""
+
+    name: str
+    hidden_size: int
+    cross_attention_dim: int | None
+
+    def in_features(self, layer: str) -> int:
+        """to_k / to_v read the context (cross_attention_dim or hidden_size); to_q / to_out hidden_size."""
+        if layer in ("to_k", "to_v"):
+            return self.cross_attention_dim or self.hidden_size
+        return self.hidden_size
+
+    def out_features(self, layer: str) -> int:
+        return self.hidden_size
+
+
+@dataclass(frozen=True)
+class ResamplerConfig:
+    """Sizes of one perceiver resampler (format §4, §5.3)."""
+
+    dim: int
+    depth: int
+    heads: int
+    dim_head: int
+    ff_mult: int
+    num_queries: int  # Q = 8 * number of modules
+    output_dim: int  # K
+    embed_dims: tuple[int, ...]  # (E,) one condition, (E_x, E_y) two conditions
+
+
+@dataclass(frozen=True)
+class HyperLoRAArchitecture:
+    """Everything about a model folder that its JSON and tensor shapes tell."""
+
+    modules: tuple[LoraModuleSpec, ...]  # JSON order, never sorted
+    hyper_dim: int  # K
+    rank: int  # ID-LoRA rank
+    base_rank: int | None  # None when no base basis
+    resampler: ResamplerConfig
+    base_resampler: ResamplerConfig | None
+    id_embed_dim: int | None  # 512, None without id_projector
+    num_id_tokens: int | None  # 16
+
+    @property
+    def num_tokens(self) -> int:
+        return TOKENS_PER_MODULE * len(self.modules)
+
+    def lora_numbers(self, kind: str = "id") -> int:
+        """Number of values of the generated LoRA (down + up matrices), ~11.6 million for the release."""
+        r = self.rank if kind == "id" else (self.base_rank or 0)
+        return sum(r * (m.in_features(L) + m.out_features(L)) for m in self.modules for L in LORA_LAYERS)
+
+
+def token_index(module: int, layer: str) -> int:
+    """Index of the down-coefficient token of ``layer`` of module ``module`` (up is the next one)."""
+    return TOKENS_PER_MODULE * module + 2 * LORA_LAYERS.index(layer)
+
+
+def kohya_prefix(module: LoraModuleSpec, layer: str) -> str:
+    """``lora_unet_..._attn1_to_q``: the key prefix of one LoRA matrix pair (format §5.6)."""
+    return f"{module.name}_{KOHYA_LAYER[layer]}"
+
+
+__all__ = [
+    "ANTELOPE_DETECTOR_FILE", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
+    "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS",
+    "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
+    "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
+    "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
+    "token_index",
+]

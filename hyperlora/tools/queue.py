@@ -1,0 +1,377 @@
+"""Queue a shipped HyperLoRA API workflow on a running ComfyUI server.
+
+``python -m hyperlora.tools.queue --workflow t2i_one_photo --image face.jpg --prompt "..."``
+uploads the photo(s), fills the workflow (found by node ``class_type`` and
+``_meta.title``, never by fixed node ids), queues it with ``POST /prompt``,
+follows the run on the ``/ws`` websocket (falls back to polling ``/history``
+when no websocket client is available) and downloads the produced images.
+
+Only the standard library is needed for HTTP; the websocket uses ``aiohttp``,
+which every ComfyUI install already has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mimetypes
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import QueueError
+from ..spec import NODE_PREFIX, PACK_FOLDER
+from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
+    API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
+    fill_workflow, find_nodes, load_api_workflow, photo_slots, resolve_workflow,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- server client
+
+class ComfyClient:
+    """Minimal blocking client of ComfyUI's HTTP API (urllib only)."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, *, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        if "://" not in self.server:
+            self.server = "http://" + self.server
+        self.timeout = timeout
+
+    def _down(self, reason: object) -> QueueError:
+        return QueueError(f"Cannot reach ComfyUI at {self.server} ({reason}). Start ComfyUI first "
+                          f"(python main.py --listen 127.0.0.1 --port 8188 in your ComfyUI folder) "
+                          f"or pass --server with the address it prints.")
+
+    def request(self, method: str, path: str, *, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """Status and body; HTTP error statuses are returned, connection failures raise QueueError."""
+        req = urllib.request.Request(self.server + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except TimeoutError as e:
+            raise QueueError(f"ComfyUI at {self.server} did not answer {method} {path} within {self.timeout:.0f} s; "
+                             f"it may be busy loading a model. Try again.") from e
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            raise self._down(getattr(e, "reason", e)) from e
+
+    def get_json(self, path: str) -> Any:
+        status, data = self.request("GET", path)
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} answered {status} to GET {path}: {data[:300]!r}.")
+        return json.loads(data)
+
+    def object_info(self) -> dict[str, Any]:
+        return self.get_json("/object_info")
+
+    def check_nodes(self, graph: ApiGraph, object_info: dict[str, Any] | None = None) -> None:
+        """Raise QueueError naming every node type of ``graph`` the server does not have."""
+        info = self.object_info() if object_info is None else object_info
+        missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
+        if not missing:
+            return
+        ours = [m for m in missing if m.startswith(NODE_PREFIX)]
+        core = [m for m in missing if not m.startswith(NODE_PREFIX)]
+        parts = []
+        if ours:
+            parts.append(f"{', '.join(ours)} from {PACK_FOLDER} (this workflow needs version {__version__} or newer): "
+                         f"put the pack in ComfyUI/custom_nodes/{PACK_FOLDER}, install its requirements.txt "
+                         f"and restart ComfyUI; if it is installed, the console shows why it failed to import")
+        if core:
+            parts.append(f"{', '.join(core)}: ComfyUI core node(s), update ComfyUI to 0.3.64 or newer")
+        raise QueueError(f"The ComfyUI server at {self.server} lacks node type(s) used by this workflow: "
+                         + "; ".join(parts) + ".")
+
+    def upload_image(self, path: str | Path) -> str:
+        """Upload a photo into ComfyUI's input folder; returns the name LoadImage takes."""
+        path = Path(path)
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise QueueError(f"Cannot read the image {path}: {e}.") from e
+        boundary = uuid.uuid4().hex
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: {ctype}\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        status, data = self.request("POST", "/upload/image", body=body,
+                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} refused the upload of {path} (HTTP {status}).")
+        info = json.loads(data)
+        name = info["name"]
+        return f"{info['subfolder']}/{name}" if info.get("subfolder") else name
+
+    def submit(self, graph: ApiGraph, *, client_id: str) -> str:
+        """POST /prompt; returns the prompt id or raises QueueError with ComfyUI's validation messages."""
+        body = json.dumps({"prompt": graph, "client_id": client_id}).encode()
+        status, data = self.request("POST", "/prompt", body=body, headers={"Content-Type": "application/json"})
+        try:
+            answer = json.loads(data)
+        except json.JSONDecodeError:
+            answer = {}
+        if status == 200 and "prompt_id" in answer:
+            return str(answer["prompt_id"])
+        raise QueueError(format_rejection(graph, answer, status))
+
+    def history(self, prompt_id: str, *, attempts: int = 5) -> dict[str, Any] | None:
+        """The finished prompt's history entry, or None while it runs.
+
+        A busy server (loading a checkpoint) can miss a read timeout: retried ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            try:
+                entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
+                return entry.get(prompt_id)
+            except QueueError as e:
+                if attempt == attempts - 1 or not isinstance(e.__cause__, (TimeoutError, urllib.error.URLError)):
+                    raise
+                logger.info("ComfyUI at %s is busy (%s); asking again", self.server, e.__cause__)
+        return None
+
+    def download(self, image: dict[str, str], out_dir: Path) -> Path:
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                        "type": image.get("type", "output")})
+        status, data = self.request("GET", f"/view?{query}")
+        if status != 200:
+            raise QueueError(f"ComfyUI at {self.server} could not send the image {image['filename']} (HTTP {status}).")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / Path(image["filename"]).name
+        target.write_bytes(data)
+        return target
+
+
+def format_rejection(graph: ApiGraph, answer: dict[str, Any], status: int) -> str:
+    """One readable message from ComfyUI's ``{"error": ..., "node_errors": ...}`` answer."""
+    err = answer.get("error") or {}
+    if isinstance(err, str):
+        err = {"message": err}
+    lines = [f"ComfyUI rejected the workflow (HTTP {status}): {err.get('message', 'no message')}"
+             + (f" - {err['details']}" if err.get("details") else "")]
+    for nid, ne in (answer.get("node_errors") or {}).items():
+        node = graph.get(nid, {})
+        label = f"node {nid} ({ne.get('class_type', node.get('class_type', '?'))} '{_title(node)}')"
+        for e in ne.get("errors", []):
+            lines.append(f"  {label}: {e.get('message', '')}: {e.get('details', '')}".rstrip(": "))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- waiting
+
+def _log_progress(event: dict[str, Any]) -> None:
+    kind = event["type"]
+    data = event.get("data", {})
+    if kind == "progress":
+        logger.info("node %s: step %s/%s", data.get("node"), data.get("value"), data.get("max"))
+    elif kind == "executing" and data.get("node") is not None:
+        logger.info("running node %s", data.get("node"))
+    elif kind == "execution_cached" and data.get("nodes"):
+        logger.info("cached nodes: %s", ", ".join(map(str, data["nodes"])))
+
+
+def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float,
+             progress: ProgressFn) -> tuple[str, bool]:
+    """Connect the websocket first, then submit, then follow events until our prompt ends.
+
+    Returns (prompt id, finished); finished is False when the socket closed early (then poll).
+    """
+    import asyncio
+
+    import aiohttp
+
+    ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+
+    async def run() -> tuple[str, bool]:
+        async with aiohttp.ClientSession() as session:
+            # no heartbeat: a server busy loading a checkpoint may answer pings late
+            async with session.ws_connect(ws_url, heartbeat=None, max_msg_size=0) as ws:
+                prompt_id = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: client.submit(graph, client_id=client_id))
+                logger.info("queued prompt %s on %s", prompt_id, client.server)
+                deadline = time.monotonic() + timeout
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise QueueError(f"Prompt {prompt_id} did not finish within {timeout:.0f} s on "
+                                         f"{client.server}; it may still be running (see the ComfyUI console).")
+                    try:
+                        msg = await ws.receive(timeout=min(remaining, 5.0))
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING):
+                        logger.info("the websocket closed while prompt %s ran; polling /history", prompt_id)
+                        return prompt_id, False
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue  # binary previews
+                    event = json.loads(msg.data)
+                    data = event.get("data") or {}
+                    if data.get("prompt_id") not in (None, prompt_id):
+                        continue
+                    progress(event)
+                    kind = event.get("type")
+                    if kind in ("execution_error", "execution_interrupted", "execution_success"):
+                        return prompt_id, True
+                    if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                        return prompt_id, True
+
+    return asyncio.run(run())
+
+
+def _wait_poll(client: ComfyClient, prompt_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = -1.0
+    while time.monotonic() < deadline:
+        if client.history(prompt_id) is not None:
+            return
+        if time.monotonic() - last > 10:
+            logger.info("waiting for prompt %s ...", prompt_id)
+            last = time.monotonic()
+        time.sleep(0.5)
+    raise QueueError(f"Prompt {prompt_id} did not finish within {timeout:.0f} s on {client.server}.")
+
+
+def _history_when_ready(client: ComfyClient, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = client.history(prompt_id)
+        if entry is not None:
+            return entry
+        if time.monotonic() > deadline:
+            raise QueueError(f"Prompt {prompt_id} ended but ComfyUI at {client.server} has no history for it.")
+        time.sleep(0.2)
+
+
+def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
+    """QueueError with ComfyUI's exception message and the failing node, if the run failed."""
+    status = entry.get("status") or {}
+    if status.get("status_str", "success") == "success":
+        return
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            nid = str(data.get("node_id"))
+            raise QueueError(f"ComfyUI failed in node {nid} ({data.get('node_type')} '{_title(graph.get(nid, {}))}'): "
+                             f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
+        if kind == "execution_interrupted":
+            raise QueueError("The run was interrupted on the ComfyUI server (someone pressed Cancel or the queue was cleared).")
+    raise QueueError(f"The run ended with status '{status.get('status_str')}' and no error message.")
+
+
+# --------------------------------------------------------------------------- public API
+
+def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0, client_id: str | None = None,
+               progress: ProgressFn | None = None, use_websocket: bool = True) -> tuple[str, dict[str, Any]]:
+    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure."""
+    cid = client_id or uuid.uuid4().hex
+    report = progress or _log_progress
+    prompt_id: str | None = None
+    finished = False
+    if use_websocket:
+        try:
+            import aiohttp
+        except ImportError:
+            logger.info("aiohttp not installed: polling /history instead of following the websocket")
+        else:
+            try:
+                prompt_id, finished = _wait_ws(client, graph, cid, timeout, report)
+            except (OSError, aiohttp.ClientError) as e:
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    raise client._down(e) from e
+                logger.info("websocket unavailable (%s): polling /history", e)
+    if prompt_id is None:
+        prompt_id = client.submit(graph, client_id=cid)
+        logger.info("queued prompt %s on %s", prompt_id, client.server)
+    if not finished:
+        _wait_poll(client, prompt_id, timeout)
+    entry = _history_when_ready(client, prompt_id)
+    raise_for_failure(graph, entry)
+    return prompt_id, entry
+
+
+def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SERVER, images: Sequence[str | Path] = (),
+                   pose_image: str | Path | None = None, prompt: str | None = None, negative: str | None = None,
+                   seed: int | None = None, strength: float | None = None, model: str | None = None,
+                   checkpoint: str | None = None, steps: int | None = None, width: int | None = None,
+                   height: int | None = None, overrides: Sequence[str] = (), out_dir: str | Path = ".",
+                   timeout: float = 3600.0, client_id: str | None = None, add_trigger: bool = True,
+                   progress: ProgressFn | None = None, use_websocket: bool = True) -> list[Path]:
+    """Upload photos, fill and queue an API workflow, wait, and download its output images.
+
+    ``workflow``: a shipped workflow name (``t2i_one_photo``), a path, or an API graph dict.
+    ``images``: local photo files, one per photo slot (LoadImage nodes titled '... photo ...', in node-id order).
+    Returns the paths of the downloaded images (those of output nodes such as SaveImage;
+    preview images only when the workflow saves none).
+    """
+    graph = load_api_workflow(resolve_workflow(workflow)) if isinstance(workflow, (str, Path)) else workflow
+    client = ComfyClient(server)
+    client.check_nodes(graph)
+    uploaded = [client.upload_image(p) for p in images]
+    pose = client.upload_image(pose_image) if pose_image is not None else None
+    filled = fill_workflow(graph, images=uploaded, pose_image=pose, prompt=prompt, negative=negative, seed=seed,
+                           strength=strength, model=model, checkpoint=checkpoint, steps=steps, width=width,
+                           height=height, overrides=overrides, add_trigger=add_trigger)
+    _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, progress=progress,
+                          use_websocket=use_websocket)
+    images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+    saved = [img for img in images_out if img.get("type") == "output"] or images_out
+    paths = [client.download(img, Path(out_dir)) for img in saved]
+    logger.info("downloaded %d image(s) into %s", len(paths), out_dir)
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hyperlora.tools.queue", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default=DEFAULT_SERVER, help="ComfyUI address (default %(default)s)")
+    p.add_argument("--workflow", required=True, help="name of a shipped API workflow (see example_workflows/README.md) or a path")
+    p.add_argument("--image", action="append", default=[], help="face photo; once per photo slot of the workflow")
+    p.add_argument("--pose", help="pose image for the ControlNet workflow")
+    p.add_argument("--prompt", help="positive prompt; the trigger words are prepended when missing")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--strength", type=float, help="LoRA strength (0.75-0.85 typical)")
+    p.add_argument("--model", help="HyperLoRA model folder name, e.g. sdxl_hyper_id_lora_v1_fidelity")
+    p.add_argument("--checkpoint", help="SDXL checkpoint file name as ComfyUI lists it")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TITLE.INPUT=VALUE",
+                   help="set any widget, e.g. --set 'Sampler.cfg=4.5'")
+    p.add_argument("--no-trigger", action="store_true", help="do not prepend the trigger words")
+    p.add_argument("--out", default=".", help="folder for the downloaded images")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        paths = queue_workflow(args.workflow, server=args.server, images=args.image, pose_image=args.pose,
+                               prompt=args.prompt, negative=args.negative, seed=args.seed, strength=args.strength,
+                               model=args.model, checkpoint=args.checkpoint, steps=args.steps, width=args.width,
+                               height=args.height, overrides=args.overrides, out_dir=args.out,
+                               timeout=args.timeout, add_trigger=not args.no_trigger)
+    except QueueError as e:
+        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError)
+        return 1
+    sys.stdout.write("".join(f"{path}\n" for path in paths))   # the result: one image path a line
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

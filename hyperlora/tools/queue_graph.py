@@ -1,0 +1,188 @@
+"""API workflows of the queue client: shipped-file lookup and filling by node type and title.
+
+Nodes are found by ``class_type`` and ``_meta.title`` (never by fixed ids), so a user's own
+API export with the same titles works too. Pure data handling, no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import QueueError
+from ..spec import TRIGGER_PREFIX
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_FOLDER = "example_workflows"   # the folder ComfyUI's Templates menu scans (UI format); api/ holds the API twins
+
+
+def _workflow_dir() -> Path:
+    """The shipped workflows: the pack's ``example_workflows/`` (a checkout, or ComfyUI's custom_nodes/),
+    else the copy a wheel installs as ``hyperlora/example_workflows`` (see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2] / WORKFLOW_FOLDER
+    if (checkout / "api").is_dir():
+        return checkout
+    return Path(str(resources.files("hyperlora") / WORKFLOW_FOLDER))
+
+
+WORKFLOW_DIR = _workflow_dir()
+API_DIR = WORKFLOW_DIR / "api"
+
+# Nodes whose widget input receives --strength (except nodes titled '... slider ...').
+STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
+    "HyperLoRAStudioApply": ("strength",),
+    "HyperLoRAStudioApplyFromImages": ("strength",),
+    "HyperLoRAStudioConditioning": ("strength",),
+    "LoraLoader": ("strength_model",),
+    "LoraLoaderModelOnly": ("strength_model",),
+}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+
+ApiGraph = dict[str, dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- workflow files
+
+def resolve_workflow(name_or_path: str | Path) -> Path:
+    """Path of an API workflow: an existing file, or the name of a shipped one (``t2i_one_photo``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    cand = API_DIR / f"{Path(str(name_or_path)).name.removesuffix('.json')}.json"
+    if cand.is_file():
+        return cand
+    shipped = sorted(f.stem for f in API_DIR.glob("*.json"))
+    raise QueueError(f"No workflow file '{name_or_path}' and no shipped API workflow of that name; "
+                     f"shipped ones: {', '.join(shipped) or '(none found in ' + str(API_DIR) + ')'}.")
+
+
+def load_api_workflow(path: str | Path) -> ApiGraph:
+    """Read an API-format workflow (``{node_id: {class_type, inputs, _meta}}``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise QueueError(f"Cannot read the workflow {path}: {e}.") from e
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise QueueError(f"{path} is a UI workflow (for dragging onto the canvas); queue its API twin "
+                         f"({WORKFLOW_FOLDER}/api/{path.name} for a shipped one, or export it with 'Export (API)') instead.")
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+        data = data["prompt"]
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise QueueError(f"{path} is not an API workflow: expected an object of nodes with 'class_type'.")
+    return data
+
+
+def _title(node: dict[str, Any]) -> str:
+    return str(node.get("_meta", {}).get("title", ""))
+
+
+def find_nodes(graph: ApiGraph, class_type: str | Sequence[str] | None = None,
+               title: str | None = None) -> list[str]:
+    """Node ids matching a class type (or several) and/or a title (case-insensitive substring), in id order."""
+    types = (class_type,) if isinstance(class_type, str) else class_type
+    out = [nid for nid, n in graph.items()
+           if (types is None or n["class_type"] in types)
+           and (title is None or title.lower() in _title(n).lower())]
+    return sorted(out, key=lambda nid: (0, int(nid), "") if nid.isdigit() else (1, 0, nid))
+
+
+def photo_slots(graph: ApiGraph) -> list[str]:
+    """LoadImage nodes that take a face photo: their title contains 'photo'."""
+    return find_nodes(graph, "LoadImage", "photo")
+
+
+def _set_widget(graph: ApiGraph, nid: str, key: str, value: Any) -> None:
+    inputs = graph[nid].setdefault("inputs", {})
+    if isinstance(inputs.get(key), list):
+        raise QueueError(f"Node {nid} ('{_title(graph[nid])}') gets '{key}' from a link; it cannot be set.")
+    inputs[key] = value
+
+
+def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: str | None = None,
+                  prompt: str | None = None, negative: str | None = None, seed: int | None = None,
+                  strength: float | None = None, model: str | None = None, checkpoint: str | None = None,
+                  steps: int | None = None, width: int | None = None, height: int | None = None,
+                  overrides: Sequence[str] = (), add_trigger: bool = True) -> ApiGraph:
+    """A filled copy of ``graph``. ``images`` are server-side names (already uploaded), one per photo slot."""
+    g = copy.deepcopy(graph)
+    if images:
+        slots = photo_slots(g)
+        if len(images) != len(slots):
+            names = ", ".join(f"'{_title(g[s])}'" for s in slots) or "none"
+            raise QueueError(f"This workflow takes {len(slots)} face photo(s) ({names}) but {len(images)} "
+                             f"were given; pass --image once per slot or pick another workflow "
+                             f"(t2i_one_photo takes 1, t2i_several_photos takes 3).")
+        for nid, name in zip(slots, images):
+            _set_widget(g, nid, "image", name)
+    if pose_image is not None:
+        pose = find_nodes(g, "LoadImage", "pose")
+        if not pose:
+            raise QueueError("--pose was given but this workflow has no 'Pose image' LoadImage node; "
+                             "use the controlnet_pose workflow.")
+        for nid in pose:
+            _set_widget(g, nid, "image", pose_image)
+    if prompt is not None:
+        if add_trigger and not prompt.startswith(TRIGGER_PREFIX.strip()):
+            logger.info("prompt does not start with the trigger words; prepending %r", TRIGGER_PREFIX)
+            prompt = TRIGGER_PREFIX + prompt
+        targets = find_nodes(g, "CLIPTextEncode", "positive")
+        if not targets:
+            raise QueueError("No CLIPTextEncode node titled 'Positive prompt' in this workflow; use --set.")
+        for nid in targets:
+            _set_widget(g, nid, "text", prompt)
+    if negative is not None:
+        for nid in find_nodes(g, "CLIPTextEncode", "negative"):
+            _set_widget(g, nid, "text", negative)
+    for nid in find_nodes(g, SAMPLERS):
+        key = "noise_seed" if g[nid]["class_type"] == "KSamplerAdvanced" else "seed"
+        if seed is not None:
+            _set_widget(g, nid, key, int(seed))
+        if steps is not None:
+            _set_widget(g, nid, "steps", int(steps))
+    if width is not None or height is not None:
+        for nid in find_nodes(g, LATENTS):
+            if width is not None:
+                _set_widget(g, nid, "width", int(width))
+            if height is not None:
+                _set_widget(g, nid, "height", int(height))
+    if strength is not None:
+        for nid, node in g.items():
+            if "slider" in _title(node).lower():
+                continue
+            for key in STRENGTH_INPUTS.get(node["class_type"], ()):
+                _set_widget(g, nid, key, float(strength))
+    if model is not None:
+        for nid in find_nodes(g, "HyperLoRAStudioLoader"):
+            _set_widget(g, nid, "model", model)
+    if checkpoint is not None:
+        for nid in find_nodes(g, "CheckpointLoaderSimple"):
+            _set_widget(g, nid, "ckpt_name", checkpoint)
+    for item in overrides:
+        apply_override(g, item)
+    return g
+
+
+def apply_override(graph: ApiGraph, item: str) -> None:
+    """``"Title or id.input=value"``; value parsed as JSON when it parses, else kept as a string."""
+    target, sep, raw = item.partition("=")
+    node_ref, dot, key = target.rpartition(".")
+    if not sep or not dot or not node_ref or not key:
+        raise QueueError(f"--set '{item}' is not of the form 'Node title.input=value' (or 'node_id.input=value').")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    ids = [node_ref] if node_ref in graph else [n for n in graph if _title(graph[n]).lower() == node_ref.lower()]
+    if not ids:
+        titles = ", ".join(sorted({repr(_title(n)) for n in graph.values()}))
+        raise QueueError(f"--set '{item}': no node with id or title '{node_ref}'; titles are {titles}.")
+    for nid in ids:
+        _set_widget(graph, nid, key, value)

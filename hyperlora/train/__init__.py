@@ -1,0 +1,3 @@
+"""Training HyperLoRA models (``python -m hyperlora.train``); needs the ``[train]`` extra.
+
+The node pack never imports this package."""

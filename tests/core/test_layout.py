@@ -1,0 +1,115 @@
+"""The layout's rules, checked on the source: no import cycles in the core (function-local imports
+included), a leaf spec module, no ComfyUI in the core, training never reached from the nodes, no
+machine-specific paths in tracked files."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CORE = REPO / "hyperlora"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str | None = None) -> set[str]:
+    """Pack modules that ``path`` (module ``name``) imports (relative imports, anywhere in the file)."""
+    name = name or _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+            found.add(".".join(base))
+            found.update(".".join(base + [a.name]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hyperlora"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("hyperlora"))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in CORE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        targets = {t for t in _imports(path) if t in files and t != mod}
+        # a package importing its own submodules, or a module its parent package, is not a cycle
+        graph[mod] = {t for t in targets if not t.startswith(mod + ".") and not mod.startswith(t + ".")}
+    return graph
+
+
+def test_core_has_no_import_cycle():
+    graph = _graph()
+    assert "hyperlora.spec" in graph and "hyperlora.faces.analysis" in graph
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif not state.get(nxt):
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if not state.get(node):
+            visit(node, [])
+    assert not cycles, f"import cycles in hyperlora/: {cycles}"
+
+
+def test_cycle_finder_sees_function_local_imports(tmp_path):
+    """The check above must not be blind to an import hidden inside a function."""
+    mod = tmp_path / "x.py"
+    mod.write_text("def f():\n    from .generate import HyperLoRAModel\n    from ..spec import X\n", encoding="utf-8")
+    found = _imports(mod, "hyperlora.faces.x")
+    assert {"hyperlora.faces.generate", "hyperlora.spec"} <= found
+
+
+def test_spec_is_a_leaf():
+    assert _graph()["hyperlora.spec"] == set()
+    assert _graph()["hyperlora.errors"] == set()
+
+
+def test_core_never_imports_comfyui():
+    bad = []
+    for path in CORE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names
+                    if n.split(".")[0] in ("comfy", "folder_paths", "nodes", "comfy_extras", "comfy_api")]
+    assert not bad
+
+
+def test_nodes_never_import_training():
+    for path in [REPO / "__init__.py", *(REPO / "nodes").rglob("*.py")]:
+        assert not any("train" in t.split(".") for t in _imports(path)), path
+
+
+def test_no_machine_specific_paths_in_tracked_files():
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    pattern = re.compile(r"(?<![\w.~])/(work|farm|root|home/\w+)/")
+    hits = []
+    for rel in tracked.split():
+        path = REPO / rel
+        if path.suffix in (".png", ".jpg", ".onnx", ".safetensors") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        hits += [f"{rel}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    assert not hits, f"absolute paths of a build machine: {hits[:10]}"
