@@ -23,7 +23,7 @@ from pathlib import Path
 import folder_paths
 
 from ..hyperlora.errors import ModelFileError
-from ..hyperlora.faces.setup import antelopev2_dir
+from ..hyperlora.faces.setup import is_antelopev2_entry
 from ..hyperlora.spec import ANTELOPE_FILES, MARKER_FILE
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _antelope_dirs() -> dict[str, Path]:
     for root in _roots(INSIGHTFACE_KEY):
         for parent in (root / "models", root):
             for d in _subdirs(parent):
-                if d.name not in found and antelopev2_dir(d) is not None:   # what the Loader accepts
+                if d.name not in found and is_antelopev2_entry(d):
                     found[d.name] = d
     return found
 

@@ -164,6 +164,13 @@ def antelopev2_dir(folder: str | Path) -> Path | None:
     return next((c for c in _candidates(base) if c.is_dir() and _has_required(c)), None)
 
 
+def is_antelopev2_entry(folder: str | Path) -> bool:
+    """True for a folder the Loader's dropdown lists: it holds the AntelopeV2 files itself or one level
+    too deep (``name/name``), so :func:`find_antelopev2` on it finds them there."""
+    base = Path(folder).expanduser()
+    return antelopev2_dir(base) in (base, base / base.name)
+
+
 def find_antelopev2(folder: str | Path) -> Path:
     """The folder that holds the AntelopeV2 files (see :func:`antelopev2_dir`).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 from tests.comfy.models import PACK_DIR_NAME
 
@@ -16,7 +16,8 @@ def load_pack(comfy_root: Path, base: Path) -> SimpleNamespace:
     ComfyUI's root must already be first on ``sys.path`` (``tests.fixtures.sdxl.import_comfy``),
     so ``import nodes`` finds ComfyUI's ``nodes.py``, not this repository's ``nodes/``.
     Returns ``nodes`` (our node classes as registered), ``module`` (the pack), ``comfy_nodes`` and
-    ``errors`` (the pack's own ``hyperlora.errors`` module, to compare raised errors by class).
+    ``errors`` (the pack's own ``hyperlora.errors`` module, to compare raised errors by class) and ``core(name)``
+    (the pack's own ``hyperlora.<name>`` module).
     """
     import comfy.cli_args
 
@@ -43,5 +44,9 @@ def load_pack(comfy_root: Path, base: Path) -> SimpleNamespace:
             raise RuntimeError("ComfyUI's loader could not import the pack (see the log above)")
     module = sys.modules[module_name]
     registered = {k: comfy_nodes.NODE_CLASS_MAPPINGS[k] for k in module.NODE_CLASS_MAPPINGS}
-    errors = sys.modules[f"{module_name}.hyperlora.errors"]
-    return SimpleNamespace(nodes=registered, module=module, comfy_nodes=comfy_nodes, base=base, errors=errors)
+    def core(name: str) -> ModuleType:
+        """The pack's own copy of ``hyperlora.<name>`` (its classes differ from this process's ``hyperlora``)."""
+        return sys.modules[f"{module_name}.hyperlora.{name}"]
+
+    return SimpleNamespace(nodes=registered, module=module, comfy_nodes=comfy_nodes, base=base, errors=core("errors"),
+                           core=core)

@@ -18,18 +18,18 @@ from tests.comfy.models import CLIP_FILE, FULL_MODEL, PACK_DIR_NAME
 pytestmark = pytest.mark.comfy
 
 EXPECTED = {  # node id -> (category, output types)
-    "HyperLoRAStudioLoader": ("HyperLoRA/loaders", ["HYPERLORA_STUDIO_MODEL"]),
-    "HyperLoRAStudioIdentityFromImages": ("HyperLoRA/identity", ["HYPERLORA_STUDIO_IDENTITY", "IMAGE"]),
-    "HyperLoRAStudioFaceMask": ("HyperLoRA/identity", ["MASK"]),
-    "HyperLoRAStudioBuildLoRA": ("HyperLoRA/lora", ["LORA_MODEL"]),
-    "HyperLoRAStudioApply": ("HyperLoRA/lora", ["MODEL"]),
-    "HyperLoRAStudioApplyFromImages": ("HyperLoRA/lora", ["MODEL", "IMAGE"]),
-    "HyperLoRAStudioConditioning": ("HyperLoRA/lora", ["CONDITIONING", "CONDITIONING", "HOOKS"]),
-    "HyperLoRAStudioSaveIdentity": ("HyperLoRA/io", []),
-    "HyperLoRAStudioLoadIdentity": ("HyperLoRA/io", ["HYPERLORA_STUDIO_IDENTITY"]),
-    "HyperLoRAStudioExportLoRA": ("HyperLoRA/io", []),
-    "HyperLoRAStudioMixIdentities": ("HyperLoRA/mix", ["LORA_MODEL"]),
-    "HyperLoRAStudioConceptSlider": ("HyperLoRA/mix", ["LORA_MODEL"]),
+    "HyperLoRAStudioLoader": ("HyperLoRA Studio/loaders", ["HYPERLORA_STUDIO_MODEL"]),
+    "HyperLoRAStudioIdentityFromImages": ("HyperLoRA Studio/identity", ["HYPERLORA_STUDIO_IDENTITY", "IMAGE"]),
+    "HyperLoRAStudioFaceMask": ("HyperLoRA Studio/identity", ["MASK"]),
+    "HyperLoRAStudioBuildLoRA": ("HyperLoRA Studio/lora", ["LORA_MODEL"]),
+    "HyperLoRAStudioApply": ("HyperLoRA Studio/lora", ["MODEL"]),
+    "HyperLoRAStudioApplyFromImages": ("HyperLoRA Studio/lora", ["MODEL", "IMAGE"]),
+    "HyperLoRAStudioConditioning": ("HyperLoRA Studio/lora", ["CONDITIONING", "CONDITIONING", "HOOKS"]),
+    "HyperLoRAStudioSaveIdentity": ("HyperLoRA Studio/io", []),
+    "HyperLoRAStudioLoadIdentity": ("HyperLoRA Studio/io", ["HYPERLORA_STUDIO_IDENTITY"]),
+    "HyperLoRAStudioExportLoRA": ("HyperLoRA Studio/io", []),
+    "HyperLoRAStudioMixIdentities": ("HyperLoRA Studio/mix", ["LORA_MODEL"]),
+    "HyperLoRAStudioConceptSlider": ("HyperLoRA Studio/mix", ["LORA_MODEL"]),
 }
 
 

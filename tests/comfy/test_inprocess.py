@@ -69,7 +69,7 @@ def test_loader_registers_every_node_with_comfyui(pack):
     assert set(pack.module.NODE_DISPLAY_NAME_MAPPINGS) == NODE_IDS
     for node_id, cls in pack.nodes.items():
         assert pack.comfy_nodes.NODE_CLASS_MAPPINGS[node_id] is cls
-        assert cls.CATEGORY.startswith("HyperLoRA/"), node_id
+        assert cls.CATEGORY.startswith("HyperLoRA Studio/"), node_id
 
 
 def test_identity_from_a_real_photo(identity_and_lora, small, comfy):
@@ -300,11 +300,10 @@ def test_base_lora_kinds(pack, small, identity_and_lora):
 def test_base_lora_of_a_model_without_one_says_so(pack):
     (tiny,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")
-    from types import SimpleNamespace
-
     arch = tiny.model.arch
-    fake = SimpleNamespace(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim), base_tokens=None,
-                           model_name=TINY_MODEL, model_fingerprint=tiny.model.fingerprint, num_images=1, settings={})
+    fake = pack.core("identity").Identity(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim),
+                                          base_tokens=None, model_name=TINY_MODEL,
+                                          model_fingerprint=tiny.model.fingerprint, num_images=1, settings={})
     with pytest.raises(Exception) as info:
         pack.nodes["HyperLoRAStudioBuildLoRA"]().run(tiny, fake, "base")
     assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)

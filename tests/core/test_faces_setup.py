@@ -17,6 +17,7 @@ from hyperlora.faces.setup import (
     AUTO_ORDER,
     antelopev2_dir,
     find_antelopev2,
+    is_antelopev2_entry,
     insightface_major,
     resolve_providers,
 )
@@ -78,14 +79,17 @@ def test_dropdown_rule_equals_loader_rule(tmp_path, layout):
         (entry / "2d106det.onnx").unlink()
     else:
         entry.mkdir(parents=True)
-    listed = antelopev2_dir(entry)
+    found = antelopev2_dir(entry)
     if layout in ("partial", "empty"):
-        assert listed is None
+        assert found is None and not is_antelopev2_entry(entry)
         with pytest.raises(ModelFileError):
             find_antelopev2(entry)
     else:
-        assert listed is not None and find_antelopev2(entry) == listed
-        assert all((listed / f).is_file() for f in REQUIRED_FILES)
+        assert found is not None and find_antelopev2(entry) == found
+        assert all((found / f).is_file() for f in REQUIRED_FILES)
+        # the dropdown lists pack folders (itself or one level too deep), not an insightface root
+        assert is_antelopev2_entry(entry) == (layout != "root")
+    assert not is_antelopev2_entry(entry.parent)   # 'models' above a pack is never an entry
 
 
 def test_missing_folder_names_folder_files_and_place(tmp_path):
