@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HyperLoRAError, WorkflowError
-from .graph_format import NOTE_WIDTH, Node, Out, Workflow, _note_height, build_api, build_ui, input_specs, \
-    is_widget, load_node_specs, widget_extras
+from .graph_format import (NOTE_WIDTH, Node, Out, Workflow, _note_height, build_api, build_ui, input_specs,
+                           is_api_link, is_widget, load_node_specs)
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,9 @@ class Parsed:
     fmt: str                                  # "ui" or "api"
     nodes: dict[int | str, Source]
     order: list[int | str]
-    doc: dict[str, Any]
 
 
-Ref = tuple  # (source node id, output index)
+Ref = tuple[Any, int]   # an output of the input workflow: (node id, output index)
 
 
 @dataclass
@@ -177,11 +176,6 @@ def _xy(value: Any, default: tuple[float, float]) -> tuple[float, float]:
     if isinstance(value, dict) and "0" in value and "1" in value:
         return float(value["0"]), float(value["1"])
     return default
-
-
-def _is_api_link(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
-            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
 def detect_format(doc: Any, source: str) -> str:
@@ -204,8 +198,9 @@ def _parse_ui(doc: dict[str, Any], source: str) -> Parsed:
         elif isinstance(link, dict) and {"id", "origin_id", "origin_slot"} <= set(link):
             link_table[link["id"]] = (link["origin_id"], link["origin_slot"])
         else:
-            raise WorkflowError(f"{source}: the link {link!r} is not a ComfyUI link ([id, from node, from slot, to node, "
-                                f"to slot, type]). Open the workflow in ComfyUI, save it again and convert that file.")
+            raise WorkflowError(f"{source}: the link {link!r} is not a ComfyUI link ([id, from node, from slot, to "
+                                f"node, to slot, type]). Open the workflow in ComfyUI, save it again and convert "
+                                f"that file.")
     nodes: dict[int | str, Source] = {}
     order: list[int | str] = []
     for raw in doc["nodes"]:
@@ -233,20 +228,20 @@ def _parse_ui(doc: dict[str, Any], source: str) -> Parsed:
                                   size=_xy(raw.get("size"), (320.0, 100.0)), mode=int(raw.get("mode", 0) or 0),
                                   values={}, links=links, raw=raw, widget_links=widget_links)
         order.append(raw["id"])
-    return Parsed("ui", nodes, order, doc)
+    return Parsed("ui", nodes, order)
 
 
 def _parse_api(doc: dict[str, Any]) -> Parsed:
     nodes: dict[int | str, Source] = {}
     for nid, raw in doc.items():
-        links = {k: (str(v[0]), int(v[1])) for k, v in raw.get("inputs", {}).items() if _is_api_link(v)}
+        links = {k: (str(v[0]), int(v[1])) for k, v in raw.get("inputs", {}).items() if is_api_link(v)}
         title = raw.get("_meta", {}).get("title")
         authors = AUTHORS_NODES.get(raw["class_type"])
         if authors is not None and title == authors.title:
             title = None
         nodes[nid] = Source(id=nid, type=raw["class_type"], title=title, pos=(0.0, 0.0), size=(320.0, 100.0),
                             mode=0, values={}, links=links, raw=raw)
-    return Parsed("api", nodes, list(doc), doc)
+    return Parsed("api", nodes, list(doc))
 
 
 def _version_error(source: str, node: Source, found: str, spec: AuthorsNode) -> WorkflowError:
@@ -264,19 +259,15 @@ def _read_authors_values(parsed: Parsed, node: Source, spec: AuthorsNode, source
         values = node.raw.get("widgets_values") or []
         names = [i.get("name") for i in node.raw.get("inputs") or []]
         if not isinstance(values, list) or len(values) != len(spec.widgets):
-            return _raise(_version_error(source, node, f"the widget values {values!r}", spec))
+            raise _version_error(source, node, f"the widget values {values!r}", spec)
         if not set(names) <= set(spec.sockets) | set(spec.widgets):
-            return _raise(_version_error(source, node, f"the inputs {names}", spec))
+            raise _version_error(source, node, f"the inputs {names}", spec)
         node.values = dict(zip(spec.widgets, values))
-    else:
-        inputs = node.raw.get("inputs", {})
-        if not set(inputs) <= set(spec.sockets) | set(spec.widgets) or not set(spec.widgets) <= set(inputs):
-            return _raise(_version_error(source, node, f"the inputs {sorted(inputs)}", spec))
-        node.values = {k: inputs[k] for k in spec.widgets}
-
-
-def _raise(error: Exception) -> None:
-    raise error
+        return
+    inputs = node.raw.get("inputs", {})
+    if not set(inputs) <= set(spec.sockets) | set(spec.widgets) or not set(spec.widgets) <= set(inputs):
+        raise _version_error(source, node, f"the inputs {sorted(inputs)}", spec)
+    node.values = {k: inputs[k] for k in spec.widgets}
 
 
 # --------------------------------------------------------------------------- conversion
@@ -515,7 +506,8 @@ class _Converter:
             self.link(new, name, ref)
         for i in range(len(self.specs[new_type]["output"])):
             self.outputs[(node.id, i)] = new[i]
-        self.replaced.append(f"#{node.id} {node.type} (this pack, before the rename) -> #{node.id} {self.title(new_type)}")
+        self.replaced.append(f"#{node.id} {node.type} (this pack, before the rename) -> "
+                             f"#{node.id} {self.title(new_type)}")
 
     def text_encode(self, node: Source) -> None:
         text = (node.raw.get("widgets_values") or [""])[0] if self.p.fmt == "ui" else node.raw["inputs"].get("text", "")
@@ -735,7 +727,8 @@ def _check_subgraphs(doc: dict[str, Any], source: str) -> None:
         found = sorted({t for t in inner if t in AUTHORS_NODES})
         if found:
             raise WorkflowError(
-                f"{source}: the subgraph '{sub.get('name', sub.get('id'))}' holds nodes of {AUTHORS} ({', '.join(found)}), "
+                f"{source}: the subgraph '{sub.get('name', sub.get('id'))}' holds nodes of {AUTHORS} "
+                f"({', '.join(found)}), "
                 f"which this converter does not reach inside subgraphs. In ComfyUI, unpack the subgraph (right-click > "
                 f"Unpack Subgraph), save the workflow and convert that file.")
 

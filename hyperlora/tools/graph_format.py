@@ -281,7 +281,7 @@ def build_api(wf: Workflow, object_info: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{wf.name}: node {node.id} ({node.type}) is a kept UI node; its API form "
                                  f"needs the node's /object_info")
             inputs = {k: [str(node.links[k].node.id), node.links[k].index] if k in node.links else copy.deepcopy(v)
-                      for k, v in node.raw.get("inputs", {}).items() if k in node.links or not _is_api_link(v)}
+                      for k, v in node.raw.get("inputs", {}).items() if k in node.links or not is_api_link(v)}
             inputs.update({k: [str(src.node.id), src.index] for k, src in node.links.items() if k not in inputs})
             api[str(node.id)] = {**copy.deepcopy(node.raw), "inputs": inputs}
             continue
@@ -301,7 +301,7 @@ def build_api(wf: Workflow, object_info: dict[str, Any]) -> dict[str, Any]:
     return api
 
 
-def _is_api_link(value: Any) -> bool:
+def is_api_link(value: Any) -> bool:
     """``[node id, output index]``: how the API format writes a link."""
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
             and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))

@@ -46,8 +46,7 @@ def of_type(ui: dict[str, Any], type_: str) -> list[dict[str, Any]]:
 def widgets(node: dict[str, Any]) -> dict[str, Any]:
     """Our node's widget values by name (no widget of ours has front-end extras)."""
     names = [n for n, t, o, _ in input_specs(SPECS[node["type"]]) if is_widget(t, o)]
-    assert len(names) == len(node["widgets_values"])
-    return dict(zip(names, node["widgets_values"]))
+    return dict(zip(names, node["widgets_values"], strict=True))
 
 
 def upstream(ui: dict[str, Any], node_id: int, name: str) -> tuple[dict[str, Any], int]:
@@ -191,7 +190,8 @@ def test_concept_slider_becomes_three_apply_from_images():
     assert (photos[24]["widgets_values"][0], photos[25]["widgets_values"][0]) == ("slider0.png", "slider1.png")
     assert upstream(ui, 9, "model")[0]["type"] == "CheckpointLoaderSimple"
     assert upstream(ui, 24, "model")[0]["id"] == 9 and upstream(ui, 25, "model")[0]["id"] == 24
-    assert upstream(ui, 11, "model")[0]["id"] == 25 and upstream(ui, 18, "model")[0]["id"] == 25   # KSampler, FaceDetailer
+    assert upstream(ui, 11, "model")[0]["id"] == 25                    # KSampler
+    assert upstream(ui, 18, "model")[0]["id"] == 25                    # FaceDetailer
     for i in (9, 24, 25):
         assert upstream(ui, i, "hyper_lora") == (loader, 0)
 
@@ -409,7 +409,8 @@ def test_workflows_with_this_packs_old_ids_are_renamed(name):
 
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text(encoding="utf-8"))
     converted = cw.convert(_downgrade(api), source=f"api/{name}.json").workflow
-    assert converted == api and [list(n["inputs"]) for n in converted.values()] == [list(n["inputs"]) for n in api.values()]
+    assert converted == api
+    assert [list(n["inputs"]) for n in converted.values()] == [list(n["inputs"]) for n in api.values()]
 
 
 # --------------------------------------------------------------------------- errors and the CLI
