@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))   # the repository root, for hyperlora.tools.graph_format
 
-from hyperlora.tools.convert_workflow import OURS_PREFIX  # noqa: E402
+from hyperlora.spec import NODE_PREFIX  # noqa: E402
 from hyperlora.tools.graph_format import (  # noqa: E402,F401  (re-exported for the tests)
     CORE_NODES_IN_SPECS, NODE_SPECS_FILE, NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, _note_height, build,
     expected_widget_count, input_specs, is_widget, node_specs, widget_extras,
@@ -452,7 +452,7 @@ def write_all(object_info: dict[str, Any], out_dir: Path = HERE) -> list[Path]:
 
 def specs_json(object_info: dict[str, Any]) -> str:
     """The saved specs of this pack's nodes (+ the core nodes the workflow converter writes)."""
-    types = [t for t in object_info if t.startswith(OURS_PREFIX)] + list(CORE_NODES_IN_SPECS)
+    types = [t for t in object_info if t.startswith(NODE_PREFIX)] + list(CORE_NODES_IN_SPECS)
     return json.dumps(node_specs(object_info, types), indent=2, ensure_ascii=False) + "\n"
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HyperLoRAError, WorkflowError
+from ..spec import NODE_PREFIX
 from .graph_format import (NOTE_WIDTH, Node, Out, Workflow, _note_height, build_api, build_ui, input_specs,
                            is_api_link, is_widget, load_node_specs)
 
@@ -46,14 +47,13 @@ AUTHORS_VERSION = "1.0.0"
 TOOL = "python -m hyperlora.tools.convert_workflow"
 
 # This pack's nodes the converter writes (their specs: graph_format.NODE_SPECS_FILE).
-OURS_PREFIX = "HyperLoRAStudio"
 OLD_PREFIX = "HyperLoRA"              # this pack's node ids before the rename (issue 14)
-LOADER = OURS_PREFIX + "Loader"
-IDENTITY = OURS_PREFIX + "IdentityFromImages"
-BUILD = OURS_PREFIX + "BuildLoRA"
-APPLY = OURS_PREFIX + "Apply"
-APPLY_IMAGES = OURS_PREFIX + "ApplyFromImages"
-EXPORT = OURS_PREFIX + "ExportLoRA"
+LOADER = NODE_PREFIX + "Loader"
+IDENTITY = NODE_PREFIX + "IdentityFromImages"
+BUILD = NODE_PREFIX + "BuildLoRA"
+APPLY = NODE_PREFIX + "Apply"
+APPLY_IMAGES = NODE_PREFIX + "ApplyFromImages"
+EXPORT = NODE_PREFIX + "ExportLoRA"
 TEXT_ENCODE = "CLIPTextEncode"        # core replacements of --core-nodes
 IMAGE_BATCH = "ImageBatch"
 
@@ -557,9 +557,9 @@ class _Converter:
             return self.classify_loader(node)
         if t in AUTHORS_NODES:
             return "authors"
-        if t.startswith(OURS_PREFIX):
+        if t.startswith(NODE_PREFIX):
             return "ours"
-        if t.startswith(OLD_PREFIX) and OURS_PREFIX + t[len(OLD_PREFIX):] in self.specs:
+        if t.startswith(OLD_PREFIX) and NODE_PREFIX + t[len(OLD_PREFIX):] in self.specs:
             return "old"
         if t.startswith(OLD_PREFIX):
             raise WorkflowError(
@@ -611,7 +611,7 @@ class _Converter:
             n = self.p.nodes[nid]
             kind = kinds[nid]
             if kind == "old":
-                self.renamed_old(n, OURS_PREFIX + n.type[len(OLD_PREFIX):])
+                self.renamed_old(n, NODE_PREFIX + n.type[len(OLD_PREFIX):])
             elif kind == "authors":
                 self.convert_authors(n)
             elif self.core_nodes and n.type == "BNK_CLIPTextEncodeAdvanced":

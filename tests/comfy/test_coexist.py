@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from hyperlora.spec import NODE_PREFIX
 from hyperlora.tools import convert_workflow as cw
 from hyperlora.tools import queue as q
 from hyperlora.tools.graph_format import (VIRTUAL_NODES, expected_widget_count, input_specs, is_widget,
@@ -40,7 +41,8 @@ from tests.comfy.graphs import ui_to_api
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, PACK_DIR_NAME, SMALL_MODEL
 from tests.comfy.test_workflows import fixture_files, validate  # noqa: F401  (fixtures used below)
 from tests.core.test_convert_workflow import check_links
-from tests.fixtures.authors import EXAMPLES, authors_plugin, example, skip_or_fail
+from tests.conftest import skip_or_fail
+from tests.fixtures.authors import EXAMPLES, authors_plugin, example
 
 pytestmark = pytest.mark.comfy
 
@@ -112,9 +114,9 @@ def test_both_packs_load_and_list_all_their_nodes(coexist):
     theirs = {k for k, v in info.items() if v.get("python_module") == _module(AUTHORS_DIR_NAME)}
     ours = _ours(info)
     assert theirs == set(cw.AUTHORS_NODES)                 # all eleven, none lost to an id of ours
-    assert ours == {k for k in load_node_specs() if k.startswith(cw.OURS_PREFIX)}
+    assert ours == {k for k in load_node_specs() if k.startswith(NODE_PREFIX)}
     assert len(ours) >= 12 and not ours & theirs
-    assert all(k.startswith(cw.OURS_PREFIX) for k in ours)
+    assert all(k.startswith(NODE_PREFIX) for k in ours)
 
 
 def test_authors_nodes_are_what_the_converter_expects(coexist):
@@ -154,7 +156,7 @@ def test_authors_loader_into_our_node_names_the_fix(coexist):
         "img": {"class_type": "LoadImage", "inputs": {"image": FACE}},
         "id": {"class_type": cw.IDENTITY, "inputs": {"hyper_lora": ["theirs", 0], "images": ["img", 0],
                                                      **FACE_OPTIONS}},
-        "save": {"class_type": cw.OURS_PREFIX + "SaveIdentity",
+        "save": {"class_type": NODE_PREFIX + "SaveIdentity",
                  "inputs": {"identity": ["id", 0], "filename_prefix": "coexist/never"}},
     }
     try:
@@ -180,7 +182,7 @@ def test_authors_example_converted_fits_this_server(name, core_nodes, coexist, v
     ui = conv.workflow
     check_links(ui)
     info = coexist.info
-    ours = [n for n in ui["nodes"] if n["type"].startswith(cw.OURS_PREFIX)]
+    ours = [n for n in ui["nodes"] if n["type"].startswith(NODE_PREFIX)]
     assert ours
     for node in ours:
         assert node["type"] in _ours(info)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from hyperlora.errors import HyperLoRAError, WorkflowError
+from hyperlora.spec import NODE_PREFIX
 from hyperlora.tools import convert_workflow as cw
 from hyperlora.tools.graph_format import expected_widget_count, input_specs, is_widget, load_node_specs
 from tests.fixtures.authors import EXAMPLES, example
@@ -373,7 +374,7 @@ def _downgrade(wf: dict[str, Any]) -> dict[str, Any]:
     old_types = {SPECS[cw.LOADER]["output"][0]: "HYPER_LORA", SPECS[cw.IDENTITY]["output"][0]: "HYPER_LORA_ID"}
 
     def old_id(type_: str) -> str:
-        return cw.OLD_PREFIX + type_[len(cw.OURS_PREFIX):] if type_.startswith(cw.OURS_PREFIX) else type_
+        return cw.OLD_PREFIX + type_[len(NODE_PREFIX):] if type_.startswith(NODE_PREFIX) else type_
 
     wf = copy.deepcopy(wf)
     if "nodes" not in wf:
@@ -393,10 +394,10 @@ def _downgrade(wf: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", ["t2i_several_photos", "two_people", "interpolate_two_people"])
 def test_workflows_with_this_packs_old_ids_are_renamed(name):
-    shipped = json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
-    assert any(n["type"].startswith(cw.OURS_PREFIX) for n in shipped["nodes"])
+    shipped = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    assert any(n["type"].startswith(NODE_PREFIX) for n in shipped["nodes"])
     old = _downgrade(shipped)
-    assert not any(n["type"].startswith(cw.OURS_PREFIX) for n in old["nodes"])
+    assert not any(n["type"].startswith(NODE_PREFIX) for n in old["nodes"])
     conv = cw.convert(old, source=f"{name}.json")
     ui = conv.workflow
     check_links(ui)
@@ -407,7 +408,7 @@ def test_workflows_with_this_packs_old_ids_are_renamed(name):
     assert ui["links"] == shipped["links"]
     assert "(this pack, before the rename)" in conv.note
 
-    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    api = json.loads((REPO / "example_workflows" / "api" / f"{name}.json").read_text(encoding="utf-8"))
     converted = cw.convert(_downgrade(api), source=f"api/{name}.json").workflow
     assert converted == api
     assert [list(n["inputs"]) for n in converted.values()] == [list(n["inputs"]) for n in api.values()]
