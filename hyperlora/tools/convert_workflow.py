@@ -284,7 +284,7 @@ class _Converter:
         self.replaced: list[str] = []
         self.carried: dict[str, None] = {}
         self.changed: dict[str, None] = {}
-        self.dropped: list[str] = []
+        self.dropped: dict[str, None] = {}                 # ordered sets: one line however many nodes say it
         self.other: dict[str, list[int | str]] = {}
         self.warnings: list[str] = []
         self.merged: dict[int | str, int | str] = {}      # Uni Generate id <-> Apply LoRA id, both ways
@@ -367,8 +367,8 @@ class _Converter:
         if "image_processor" in cfg:
             arch.append(f"image_processor {cfg['image_processor']!r} (found from the CLIP folder's name)")
         if arch:
-            self.dropped.append(f"{self.label(config or node)}: " + ", ".join(arch)
-                                + "; this pack reads the architecture from the model's weights")
+            self.dropped[f"{self.label(config or node)}: " + ", ".join(arch)
+                         + "; this pack reads the architecture from the model's weights"] = None
 
     def face_values(self, node: Source) -> dict[str, Any]:
         """Face settings of our identity nodes from their ID Cond / Uni Generate (others: our defaults)."""
@@ -401,8 +401,8 @@ class _Converter:
         if node.type == "HyperLoRABaseCond":
             changed = {k: node.values[k] for k, d in BASE_COND_DEFAULTS.items() if node.values.get(k) != d}
             if changed:
-                self.dropped.append(f"{self.label(node)}: " + ", ".join(f"{k} {v!r}" for k, v in changed.items())
-                                    + " (this pack crops the base image as their defaults do)")
+                self.dropped[f"{self.label(node)}: " + ", ".join(f"{k} {v!r}" for k, v in changed.items())
+                             + " (this pack crops the base image as their defaults do)"] = None
 
     def generate(self, node: Source, kind: str, cond_input: str) -> None:
         new = self.add(BUILD, node, kind=kind)

@@ -367,6 +367,19 @@ def test_uni_generate_feeding_two_nodes_is_split():
     assert api["1"]["inputs"]["model"] == "sdxl_hyper_id_lora_v1_edit" and api["1"]["inputs"]["dtype"] == "auto"
 
 
+def test_one_config_feeding_two_loaders():
+    graph = authors_api()
+    graph["20"] = {"class_type": "HyperLoRALoader", "inputs": {"config": ["2", 0], "model": "other", "dtype": "fp16"}}
+    conv = cw.convert(graph, source="two.json")
+    api = conv.workflow
+    assert "2" not in api
+    for nid, model, dtype in (("3", "my_model", "bf16"), ("20", "other", "auto")):
+        assert api[nid]["class_type"] == cw.LOADER
+        assert (api[nid]["inputs"]["model"], api[nid]["inputs"]["clip_vision"], api[nid]["inputs"]["dtype"]) == \
+            (model, "clip_vit_large_14", dtype)
+    assert conv.note.count("#2 HyperLoRA Config: resampler.dim 1024") == 1
+
+
 # --------------------------------------------------------------------------- this pack's pre-rename ids
 
 def _downgrade(wf: dict[str, Any]) -> dict[str, Any]:
