@@ -6,7 +6,8 @@ reads ``/object_info`` from a running ComfyUI that has this pack installed (for
 widget order, socket types and defaults) and writes ``example_workflows/<name>.json``
 (UI format: drag onto the canvas; ComfyUI also lists them in its template
 browser) and ``example_workflows/api/<name>.json`` (API format: what ``POST /prompt``
-and ``python -m hyperlora.tools.queue`` take).
+and ``python -m hyperlora.tools.queue`` take), and ``hyperlora/tools/node_specs.json``
+(the pack's node specs, which the workflow converter reads without a server).
 ``--object-info FILE`` uses a saved ``/object_info`` answer instead.
 Only ComfyUI core nodes and this pack's nodes are used.
 """
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))   # the repository root, for hyperlora.tools.graph_format
 
-from graph_format import (  # noqa: E402,F401  (re-exported for the tests)
-    NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, _note_height, build, expected_widget_count, input_specs,
-    is_widget, widget_extras,
+from hyperlora.spec import NODE_PREFIX  # noqa: E402
+from hyperlora.tools.graph_format import (  # noqa: E402,F401  (re-exported for the tests)
+    CORE_NODES_IN_SPECS, NODE_SPECS_FILE, NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, _note_height, build,
+    expected_widget_count, input_specs, is_widget, node_specs, widget_extras,
 )
 
 TRIGGER = "fcsks fxhks fhyks, "
@@ -443,7 +445,15 @@ def write_all(object_info: dict[str, Any], out_dir: Path = HERE) -> list[Path]:
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             written.append(path)
     (out_dir / "README.md").write_text(readme([f() for f in ALL]), encoding="utf-8")
+    NODE_SPECS_FILE.write_text(specs_json(object_info), encoding="utf-8")
+    written.append(NODE_SPECS_FILE)
     return written
+
+
+def specs_json(object_info: dict[str, Any]) -> str:
+    """The saved specs of this pack's nodes (+ the core nodes the workflow converter writes)."""
+    types = [t for t in object_info if t.startswith(NODE_PREFIX)] + list(CORE_NODES_IN_SPECS)
+    return json.dumps(node_specs(object_info, types), indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,3 +55,7 @@ class QueueError(HyperLoRAError):
 
 class DownloadError(HyperLoRAError):
     """Downloading or verifying a released model file failed."""
+
+
+class WorkflowError(HyperLoRAError):
+    """A workflow file cannot be read or converted (tools/convert_workflow.py)."""

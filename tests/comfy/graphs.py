@@ -48,3 +48,29 @@ def sampling(prompt: dict[str, Any], *, model: list, ckpt: str, prefix: str, see
 
 def checkpoint() -> dict[str, Any]:
     return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}
+
+
+def ui_to_api(ui: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """The API form of a UI workflow, as the front end's 'Export (API)' makes it: widget values by the
+    names ``/object_info`` gives (front-end extras such as a seed's 'fixed' skipped), links as
+    ``[node id, output]``; front-end-only nodes (Note, ...) left out; muted nodes left out."""
+    from hyperlora.tools.graph_format import VIRTUAL_NODES, input_specs, is_widget, widget_extras
+
+    links = {lk[0]: lk for lk in ui["links"]}
+    api: dict[str, Any] = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) == 2:
+            continue
+        values = list(node.get("widgets_values") or [])
+        inputs: dict[str, Any] = {}
+        for name, type_, opts, _ in input_specs(object_info[node["type"]]):
+            if is_widget(type_, opts):
+                inputs[name] = values.pop(0)
+                del values[:len(widget_extras(name, opts))]
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is not None:
+                _, origin, slot, *_ = links[inp["link"]]
+                inputs[inp["name"]] = [str(origin), slot]
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                "_meta": {"title": node.get("title") or object_info[node["type"]]["display_name"]}}
+    return api

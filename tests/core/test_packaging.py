@@ -31,6 +31,7 @@ def test_wheel_holds_every_package_the_kernel_source_and_the_workflows(wheel):
     missing = sorted(s for s in sources if s not in names)
     assert not missing, f"pyproject.toml's package list misses {missing}"
     assert "hyperlora/cpu_kernel.c" in names
+    assert "hyperlora/tools/node_specs.json" in names                         # the workflow converter's input
     shipped = sorted(p.name for p in (REPO / "example_workflows" / "api").glob("*.json"))
     assert shipped and all(f"hyperlora/example_workflows/api/{n}" in names for n in shipped)
     assert all(f"hyperlora/example_workflows/{n}" in names for n in shipped)   # the UI twins
