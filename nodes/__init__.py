@@ -7,6 +7,7 @@ root ``__init__.py`` guards that.
 from __future__ import annotations
 
 from . import paths
+from .common import guard_sockets
 
 paths.register_folders()
 
@@ -15,7 +16,7 @@ from . import hooks, identity, io, loader, lora, masks, mix  # noqa: E402  (fold
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 for _family in (loader, identity, masks, lora, hooks, mix, io):
-    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_CLASS_MAPPINGS.update({k: guard_sockets(v) for k, v in _family.NODE_CLASS_MAPPINGS.items()})
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

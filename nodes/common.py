@@ -11,6 +11,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
+from comfy_execution.validation import validate_node_input
 
 from ..hyperlora.bundle import identity_from_images
 from ..hyperlora.errors import LoraError
@@ -121,6 +122,62 @@ def _what_is(value: Any) -> str:
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
         return "what looks like the authors' ComfyUI-HyperLoRA plugin's ID_COND (from its 'HyperLoRA ID Cond' node)"
     return f"a {cls.__module__}.{cls.__name__}"
+
+
+# Socket types of the authors' plugin, and what to connect instead.  ComfyUI checks socket types before a
+# node runs, so a foreign object wired in by hand (an API graph can do that) is named at validation.
+FOREIGN_TYPES = {
+    "HYPER_LORA": "the authors' ComfyUI-HyperLoRA plugin's HYPER_LORA object (from its 'HyperLoRA Loader' node)",
+    "HYPER_LORA_CONFIG": "the authors' ComfyUI-HyperLoRA plugin's HYPER_LORA_CONFIG (from its 'HyperLoRA Config' node)",
+    "ID_COND": "the authors' ComfyUI-HyperLoRA plugin's ID_COND (from its 'HyperLoRA ID Cond' node)",
+    "BASE_COND": "the authors' ComfyUI-HyperLoRA plugin's BASE_COND (from its 'HyperLoRA Base Cond' node)",
+    "FACE_ATTR": "the authors' ComfyUI-HyperLoRA plugin's FACE_ATTR (from its 'HyperLoRA Face Attr' node)",
+    "LORA": "the authors' ComfyUI-HyperLoRA plugin's LORA (from its 'Generate ID LoRA' node)",
+}
+WHAT_TO_CONNECT = {
+    MODEL_TYPE: f"the '{PACK_NAME} Loader' node ({NODE_PREFIX}Loader)",
+    IDENTITY_TYPE: f"'{PACK_NAME} Identity from Images' or '{PACK_NAME} Load Identity'",
+    LORA_MODEL: f"'{PACK_NAME} Build LoRA' (or Mix Identities / Concept Slider)",
+}
+
+
+def _sockets(cls: type) -> dict[str, str]:
+    """``{input name: socket type}`` of the node's non-widget inputs."""
+    spec = cls.INPUT_TYPES()
+    out: dict[str, str] = {}
+    for group in ("required", "optional"):
+        for name, entry in spec.get(group, {}).items():
+            kind = entry[0] if isinstance(entry, (tuple, list)) and entry else entry
+            if isinstance(kind, str) and kind.isupper() and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                out[name] = kind
+    return out
+
+
+def socket_check(received: dict[str, str], declared: dict[str, str]) -> bool | str:
+    """True when every linked input carries a type its socket takes; else a message naming the input,
+    what it got and which node to connect (ComfyUI's own check is off once ``input_types`` is asked for)."""
+    for name, got in received.items():
+        want = declared.get(name)
+        if want is None or validate_node_input(got, want):
+            continue
+        instead = WHAT_TO_CONNECT.get(want, f"a node whose output is {want}")
+        what = FOREIGN_TYPES.get(got, f"a {got} output")
+        return f"The input '{name}' is connected to {what}, but it takes {want}. Connect {instead} to it instead."
+    return True
+
+
+def guard_sockets(cls: type) -> type:
+    """Give a node with one of our socket types a ``VALIDATE_INPUTS(input_types)`` that names foreign objects
+    at /prompt validation.  Nodes with their own VALIDATE_INPUTS are left alone (none has our sockets)."""
+    declared = _sockets(cls)
+    if not set(declared.values()) & set(WHAT_TO_CONNECT) or hasattr(cls, "VALIDATE_INPUTS"):
+        return cls
+
+    def VALIDATE_INPUTS(node_cls: type, input_types: dict[str, str]) -> bool | str:  # noqa: N802 (ComfyUI's name)
+        return socket_check(input_types, declared)
+
+    cls.VALIDATE_INPUTS = classmethod(VALIDATE_INPUTS)
+    return cls
 
 
 def expect_handle(value: Any, input_name: str = "hyper_lora") -> HyperLoRAHandle:

@@ -148,10 +148,6 @@ def test_our_workflow_validates_and_runs_beside_the_authors(coexist):
         path.unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ComfyUI's own socket-type check refuses HYPER_LORA -> HYPERLORA_STUDIO_MODEL at /prompt "
-    "(return_type_mismatch) before our node runs, so the named message of nodes/common.expect_handle never "
-    "reaches the user; it needs a VALIDATE_INPUTS(input_types) check. Remove this mark when that is in."))
 def test_authors_loader_into_our_node_names_the_fix(coexist):
     graph = {
         "theirs": {"class_type": "HyperLoRAUniLoader", "inputs": {

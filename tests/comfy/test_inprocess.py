@@ -4,6 +4,9 @@ a sample of them made real), patched weights read back from the ModelPatcher."""
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 from typing import Any
 
 import pytest
@@ -334,3 +337,27 @@ def test_a_foreign_object_is_named_with_the_node_to_connect(pack, identity_and_l
     assert "Connect the 'HyperLoRA Studio Loader' node (HyperLoRAStudioLoader)" in msg
     with pytest.raises(pack.errors.LoraError, match="'identity' got a builtins.str, not an identity of this pack"):
         pack.nodes["HyperLoRAStudioSaveIdentity"]().run("not an identity", "x")
+
+
+def test_every_node_with_our_sockets_names_foreign_objects_at_validation(pack):
+    """ComfyUI's own socket check answers before a node runs, so the check that names the authors'
+    objects must sit in VALIDATE_INPUTS(input_types) of every node that has one of our socket types."""
+    common = sys.modules[pack.module.__name__ + ".nodes.common"]
+    ours = {common.MODEL_TYPE, common.IDENTITY_TYPE, common.LORA_MODEL}
+    guarded = 0
+    for node_id, cls in pack.nodes.items():
+        declared = common._sockets(cls)
+        if not set(declared.values()) & ours:
+            continue
+        guarded += 1
+        check = cls.VALIDATE_INPUTS
+        assert "input_types" in inspect.getfullargspec(check).args, node_id
+        assert check(input_types={n: t for n, t in declared.items()}) is True, node_id
+        name, kind = next((n, t) for n, t in declared.items() if t in ours)
+        foreign = {"HYPERLORA_STUDIO_MODEL": "HYPER_LORA", "HYPERLORA_STUDIO_IDENTITY": "ID_COND", "LORA_MODEL": "LORA"}
+        msg = check(input_types={name: foreign[kind]})
+        assert isinstance(msg, str) and f"'{name}'" in msg and "authors' ComfyUI-HyperLoRA plugin" in msg, msg
+        assert "Connect" in msg and "HyperLoRA Studio" in msg, msg
+        other = check(input_types={name: "CONDITIONING"})      # an ordinary wrong wire is still refused
+        assert isinstance(other, str) and "a CONDITIONING output" in other, other
+    assert guarded >= 8
