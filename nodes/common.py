@@ -255,6 +255,13 @@ def face_inputs() -> dict[str, tuple]:
     }
 
 
+def no_face_input(skip_effect: str) -> tuple:
+    """The ``no_face`` input of a node that handles each photo on its own: 'skip' does ``skip_effect``."""
+    return (list(NO_FACE_POLICIES), {
+        "default": DEFAULTS.no_face,
+        "tooltip": f"A photo without a face: 'skip' {skip_effect}, 'error' stops the queue naming the photo."})
+
+
 def face_options(kwargs: dict[str, Any]) -> FaceOptions:
     """The node's face inputs as ``FaceOptions`` (inputs a node does not have keep their defaults)."""
     return FaceOptions(
