@@ -40,6 +40,8 @@ HYPER_MODEL = "sdxl_hyper_id_lora_v1_fidelity"
 CLIP_VISION = "clip_vit_large_14"
 INSIGHTFACE = "antelopev2"
 CONTROLNET = "OpenPoseXL2.safetensors"
+INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
+FACE_PROMPT = TRIGGER + "close-up photo of a face, detailed skin, natural light"
 SEED = 42
 
 RELEASE_NOTE = (
@@ -399,9 +401,142 @@ def face_inpaint() -> Workflow:
     return wf
 
 
+def _face_pass(wf: Workflow, *, image: Out | Node, mask: Out, model: Out | Node, positive: Node, negative: Node,
+               vae: Out, x: float, y: float, label: str) -> list[Node]:
+    """Crop by the mask, re-render the crop with ``model`` inside the mask (denoise 0.5), paste it back.
+    Returns the nodes; the last one is the paste (its output 0 is the new picture)."""
+    crop = wf.add("HyperLoRAStudioCropByMask", f"Crop {label} (1024 px)", (x, y), image=image, mask=mask, padding=0.5,
+                  size=1024)
+    encode = wf.add("VAEEncode", f"Encode {label}", (x, y + 200), pixels=crop[0], vae=vae)
+    noise_mask = wf.add("SetLatentNoiseMask", f"Re-paint only inside the mask ({label})", (x, y + 310),
+                        samples=encode, mask=crop[1])
+    sampler = wf.add("KSampler", f"Re-render {label} (denoise 0.5)", (x + 360, y), model=model, positive=positive,
+                     negative=negative, latent_image=noise_mask, seed=SEED, steps=20, cfg=5.0, sampler_name="dpmpp_2m",
+                     scheduler="karras", denoise=0.5)
+    decode = wf.add("VAEDecode", f"Decode {label}", (x + 360, y + 330), samples=sampler, vae=vae)
+    paste = wf.add("HyperLoRAStudioPasteByMask", f"Paste {label} back", (x + 720, y), destination=image,
+                   image=decode, crop=crop[2])
+    return [crop, encode, noise_mask, sampler, decode, paste]
+
+
+def _face_prompts(wf: Workflow, clip: Node, *, x: float, y: float) -> tuple[Node, Node]:
+    pos = wf.add("CLIPTextEncode", "Face re-paint prompt (starts with the trigger words)", (x, y), node_width=400,
+                 clip=clip, text=FACE_PROMPT)
+    neg = wf.add("CLIPTextEncode", "Face re-paint negative", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
+    return pos, neg
+
+
+def instantid_controlnet() -> Workflow:
+    wf = Workflow("instantid_controlnet", "HyperLoRA with InstantID's ControlNet (face keypoints)",
+                  "face photo -> identity LoRA + InstantID's keypoint ControlNet (core ControlNet nodes, no InstantID "
+                  "pack) -> text to image",
+                  "The authors recommend pairing HyperLoRA with InstantID's ControlNet. Put InstantID's ControlNet "
+                  "(ControlNetModel/diffusion_pytorch_model.safetensors of the InstantID release) in "
+                  "models/controlnet/instantid/ and select it; no InstantID custom node pack is needed. Face "
+                  "Keypoints draws the photo's five face keypoints the way that ControlNet was trained to see them, "
+                  "here placed on a 1024x1024 canvas (mode 'canvas': centre and face width are fractions of the "
+                  "canvas; keep width/height equal to the image size), so the face lands there; mode 'image' keeps "
+                  "them where the face is in the photo. Identity comes from HyperLoRA. Note: InstantID itself also "
+                  "feeds the face embedding through an IP-Adapter-like path and into the ControlNet's cross-attention; "
+                  "here only the ControlNet part (the keypoints) is used, with the prompt as the ControlNet's text "
+                  "conditioning. Face Analysis shows what was detected and which face was taken.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
+    analysis = wf.add("HyperLoRAStudioFaceAnalysis", "Face analysis (what was found)", (380, 620), hyper_lora=hl,
+                      images=photo, face_choice="largest", face_index=0, remove_background=True, grayscale=False,
+                      det_size="640")
+    shown = wf.add("PreviewImage", "Detected faces and crops", (380, 900), images=analysis[0])
+    wf.group("Identity", [hl, photo, apply, analysis, shown], "#8A8")
+    kps = wf.add("HyperLoRAStudioFaceKeypoints", "Face keypoints (InstantID style)", (760, 680), hyper_lora=hl,
+                 images=photo, face_choice="largest", face_index=0, det_size="640", no_face="error", mode="canvas",
+                 width=1024, height=1024, center_x=0.5, center_y=0.4, face_width=0.3)
+    kps_shown = wf.add("PreviewImage", "Keypoint image", (760, 1060), images=kps)
+    cn = wf.add("ControlNetLoader", "Load InstantID ControlNet", (1200, 680), control_net_name=INSTANTID_CONTROLNET)
+    holder: dict[str, Node] = {}
+
+    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
+        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply InstantID ControlNet", (1200, 800), positive=pos,
+                          negative=neg[0], control_net=cn, image=kps, vae=ckpt[2], strength=0.8,
+                          start_percent=0.0, end_percent=1.0)
+        holder["cn"] = apply_cn
+        return apply_cn[0], apply_cn[1]
+
+    sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/instantid", conditioning=conditioning)
+    wf.group("InstantID keypoint ControlNet", [kps, kps_shown, cn, holder["cn"]], "#a1309b")
+    return wf
+
+
+def face_detailer() -> Workflow:
+    wf = Workflow("face_detailer", "HyperLoRA: text to image, then re-paint the face at full resolution",
+                  "face photo -> identity -> text to image -> the face cropped, re-rendered at 1024 px with the "
+                  "identity and pasted back (a FaceDetailer pass with core nodes and ours)",
+                  "A face that is small in the picture gets few pixels and little likeness. After a normal text to "
+                  "image with the identity, Face Mask finds the face, Crop by Mask cuts the square around it (with "
+                  "context, padding 0.5) and scales it to 1024 px, a second KSampler re-renders it with the identity "
+                  "(denoise 0.5: the pose and lighting stay; Set Latent Noise Mask keeps everything outside the mask), "
+                  "and Paste by Mask scales it back and blends it in through the feathered mask. No third-party pack "
+                  "is needed.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
+    wf.group("Identity", [hl, photo, apply], "#8A8")
+    made = sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/face_detailer_before",
+                    text=TRIGGER + "photo of a person standing in a park, full body, natural light")
+    decoded = made[4]
+    mask = wf.add("HyperLoRAStudioFaceMask", "Face mask of the picture", (760, 700), hyper_lora=hl, images=decoded,
+                  face_choice="largest", face_index=0, grow=1.3, feather=8, no_face="skip", det_size="640")
+    pos, neg = _face_prompts(wf, skip, x=760, y=860)
+    nodes = _face_pass(wf, image=decoded, mask=mask[0], model=apply[0], positive=pos, negative=neg, vae=ckpt[2],
+                       x=1200, y=700, label="the face")
+    save = wf.add("SaveImage", "Save image (face re-painted)", (2280, 700), node_width=420, images=nodes[-1],
+                  filename_prefix="HyperLoRA/face_detailer")
+    wf.group("Face pass", [mask, pos, neg, *nodes, save], "#a1309b")
+    return wf
+
+
+def group_photo() -> Workflow:
+    wf = Workflow("group_photo", "HyperLoRA: a group picture, then each face re-painted with its own identity",
+                  "two face photos -> a picture of two people -> Face Masks (left to right) -> face 1 re-painted with "
+                  "identity A, face 2 with identity B",
+                  "Load person A and person B. The scene is generated first with the plain model; Face Masks then "
+                  "finds the faces and numbers them left to right, and each face gets a FaceDetailer-style pass with "
+                  "its own identity: Crop by Mask -> re-render at 1024 px with that identity merged in (denoise 0.5) "
+                  "-> Paste by Mask, face 1 with A and face 2 with B. Set order to 'largest' to number them by size; "
+                  "Face Masks has outputs for four faces (add passes for more). A face that is not found keeps its "
+                  "pixels (its mask is empty).")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (face 1)", "person_a.png", "Identity A"),
+                                    ("Face photo B (face 2)", "person_b.png", "Identity B"))
+    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
+    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    ma = wf.add("HyperLoRAStudioApply", "Model with identity A", (380, 1380), model=ckpt[0], lora=la, strength=0.85)
+    mb = wf.add("HyperLoRAStudioApply", "Model with identity B", (380, 1520), model=ckpt[0], lora=lb, strength=0.85)
+    wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb, ma, mb], "#8A8")
+    made = sampling(wf, ckpt[0], skip, ckpt[2], x=760, prefix="HyperLoRA/group_photo_scene",
+                    text=TRIGGER + "photo of two people side by side, upper body, natural window light, detailed skin")
+    decoded = made[4]
+    masks = wf.add("HyperLoRAStudioFaceMasks", "Face masks, left to right", (760, 700), hyper_lora=hl, images=decoded,
+                   order="left_to_right", grow=1.3, feather=8, det_size="640")
+    pos, neg = _face_prompts(wf, skip, x=760, y=1000)
+    first = _face_pass(wf, image=decoded, mask=masks[1], model=ma, positive=pos, negative=neg, vae=ckpt[2], x=1200,
+                       y=700, label="face 1 (A)")
+    second = _face_pass(wf, image=first[-1], mask=masks[2], model=mb, positive=pos, negative=neg, vae=ckpt[2],
+                        x=1200, y=1150, label="face 2 (B)")
+    save = wf.add("SaveImage", "Save image (faces re-painted)", (2280, 1150), node_width=420, images=second[-1],
+                  filename_prefix="HyperLoRA/group_photo")
+    wf.group("Each face with its identity", [masks, pos, neg, *first, *second, save], "#a1309b")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
-                                          identity_load, two_people, face_inpaint)
+                                          identity_load, two_people, face_inpaint, instantid_controlnet,
+                                          face_detailer, group_photo)
 
 
 def readme(workflows: list[Workflow]) -> str:
