@@ -89,6 +89,23 @@ def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float,
     return [pos, neg, latent, sampler, decode, save]
 
 
+def sampling_with_controlnet(wf: Workflow, model: Out | Node, clip: Node, ckpt: Node, control_net: Node,
+                             image: Out | Node, *, title: str, pos: tuple[float, float], end_percent: float,
+                             prefix: str) -> Node:
+    """:func:`sampling` at x 760 with ControlNetApplyAdvanced (strength 0.8, from step 0 to ``end_percent``)
+    between the prompts and the KSampler. Returns the ControlNet apply node."""
+    holder: dict[str, Node] = {}
+
+    def conditioning(positive: Node, negative: Node) -> tuple[Out, Out]:
+        holder["cn"] = wf.add("ControlNetApplyAdvanced", title, pos, positive=positive, negative=negative[0],
+                              control_net=control_net, image=image, vae=ckpt[2], strength=0.8, start_percent=0.0,
+                              end_percent=end_percent)
+        return holder["cn"][0], holder["cn"][1]
+
+    sampling(wf, model, clip, ckpt[2], x=760, prefix=prefix, conditioning=conditioning)
+    return holder["cn"]
+
+
 def note(wf: Workflow, *, x: float = 0, y: float = -90) -> None:
     """The 'Read me' note, placed so that its bottom edge is at ``y``."""
     text = f"{wf.title}\n\n{wf.usage}\n\n{RELEASE_NOTE}"
@@ -113,6 +130,16 @@ def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
     i1 = identity(wf, hl, p1, first[2], (380, 480))
     i2 = identity(wf, hl, p2, second[2], (380, 840))
     return p1, p2, i1, i2
+
+
+def two_identity_loras(wf: Workflow, hl: Node, first: tuple[str, str, str],
+                       second: tuple[str, str, str]) -> tuple[Node, Node, Node, Node, Node, Node]:
+    """:func:`two_identities` plus 'Build LoRA A' / 'Build LoRA B' below them.
+    Returns (photo 1, photo 2, identity 1, identity 2, LoRA A, LoRA B)."""
+    p1, p2, i1, i2 = two_identities(wf, hl, first, second)
+    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=i1, kind="id")
+    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=i2, kind="id")
+    return p1, p2, i1, i2, la, lb
 
 
 def apply_from_photo(wf: Workflow, model: Out, hl: Node, *, no_face: str = "skip") -> tuple[Node, Node]:
@@ -228,17 +255,9 @@ def controlnet_pose() -> Workflow:
     wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
     cn = wf.add("ControlNetLoader", "Load pose ControlNet (SDXL)", (760, 680), control_net_name=CONTROLNET)
     pose = wf.add("LoadImage", "Pose image", (760, 800), image="pose.png")
-    holder: dict[str, Node] = {}
-
-    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
-        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply pose ControlNet", (1200, 680), positive=pos,
-                          negative=neg[0], control_net=cn, image=pose, vae=ckpt[2], strength=0.8,
-                          start_percent=0.0, end_percent=0.8)
-        holder["cn"] = apply_cn
-        return apply_cn[0], apply_cn[1]
-
-    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/controlnet", conditioning=conditioning)
-    wf.group("Pose ControlNet", [cn, pose, holder["cn"]], "#a1309b")
+    apply_cn = sampling_with_controlnet(wf, apply, skip, ckpt, cn, pose, title="Apply pose ControlNet", pos=(1200, 680),
+                                        end_percent=0.8, prefix="HyperLoRA/controlnet")
+    wf.group("Pose ControlNet", [cn, pose, apply_cn], "#a1309b")
     return wf
 
 
@@ -324,10 +343,8 @@ def two_people() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
-                                    ("Face photo B (right)", "person_b.png", "Identity B"))
-    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
-    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    pa, pb, ia, ib, la, lb = two_identity_loras(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
+                                                ("Face photo B (right)", "person_b.png", "Identity B"))
     wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb], "#8A8")
     empty = wf.add("SolidMask", "Empty mask", (760, 1120), value=0.0, width=1024, height=1024)
     half = wf.add("SolidMask", "Half-width mask", (760, 1270), value=1.0, width=512, height=1024)
@@ -454,17 +471,9 @@ def instantid_controlnet() -> Workflow:
                  width=1024, height=1024, center_x=0.5, center_y=0.4, face_width=0.3)
     kps_shown = wf.add("PreviewImage", "Keypoint image", (760, 1060), images=kps)
     cn = wf.add("ControlNetLoader", "Load InstantID ControlNet", (1200, 680), control_net_name=INSTANTID_CONTROLNET)
-    holder: dict[str, Node] = {}
-
-    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
-        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply InstantID ControlNet", (1200, 800), positive=pos,
-                          negative=neg[0], control_net=cn, image=kps, vae=ckpt[2], strength=0.8,
-                          start_percent=0.0, end_percent=1.0)
-        holder["cn"] = apply_cn
-        return apply_cn[0], apply_cn[1]
-
-    sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/instantid", conditioning=conditioning)
-    wf.group("InstantID keypoint ControlNet", [kps, kps_shown, cn, holder["cn"]], "#a1309b")
+    apply_cn = sampling_with_controlnet(wf, apply[0], skip, ckpt, cn, kps, title="Apply InstantID ControlNet",
+                                        pos=(1200, 800), end_percent=1.0, prefix="HyperLoRA/instantid")
+    wf.group("InstantID keypoint ControlNet", [kps, kps_shown, cn, apply_cn], "#a1309b")
     return wf
 
 
@@ -510,10 +519,8 @@ def group_photo() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (face 1)", "person_a.png", "Identity A"),
-                                    ("Face photo B (face 2)", "person_b.png", "Identity B"))
-    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
-    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    pa, pb, ia, ib, la, lb = two_identity_loras(wf, hl, ("Face photo A (face 1)", "person_a.png", "Identity A"),
+                                                ("Face photo B (face 2)", "person_b.png", "Identity B"))
     ma = wf.add("HyperLoRAStudioApply", "Model with identity A", (380, 1380), model=ckpt[0], lora=la, strength=0.85)
     mb = wf.add("HyperLoRAStudioApply", "Model with identity B", (380, 1520), model=ckpt[0], lora=lb, strength=0.85)
     wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb, ma, mb], "#8A8")

@@ -18,7 +18,7 @@ from .faces import preprocess as pp
 from .faces.analysis import DetectedFace, FaceAnalyzer, choose_face, order_faces
 from .faces.drawing import describe_faces, draw_analysis, draw_keypoints, place_keypoints
 from .faces.options import DEFAULTS, FACE_ORDERS, NO_FACE_POLICIES, FaceOptions, retry_sizes
-from .pipeline import FIX_HINTS, find_faces_scaled
+from .pipeline import find_faces_scaled, no_face_error
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,7 @@ def keypoint_image(
     faces = find_faces_scaled(analyzer, image, det_size=det_size)
     if not faces:
         if no_face == "error":
-            raise FaceNotFoundError(
-                f"No face was found in {label} (detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with "
-                f"padding), so there are no keypoints to draw. Set no_face to 'skip' to get a black image instead, "
-                f"or try {FIX_HINTS}.")
+            raise no_face_error(label, det_size, "there are no keypoints to draw", "get a black image instead")
         logger.warning("HyperLoRA: no face in %s; its keypoint image is black.", label)
         return np.zeros((size[1], size[0], 3), dtype=np.uint8), None
     face = choose_face(faces, face_choice, face_index)

@@ -21,6 +21,13 @@ MAX_FACE_OUTPUTS = 4
 HYPER_LORA_INPUT = (STUDIO_MODEL, {"tooltip": "HyperLoRA Studio Loader (its face analyser finds the faces)."})
 
 
+def _face_node_inputs(images_tooltip: str, shared_names: tuple[str, ...], **extra: tuple) -> dict:
+    """Required inputs of a face node: the loader, the images, the named shared face inputs, then ``extra``."""
+    shared = face_inputs()
+    return {"required": {"hyper_lora": HYPER_LORA_INPUT, "images": ("IMAGE", {"tooltip": images_tooltip}),
+                         **{name: shared[name] for name in shared_names}, **extra}}
+
+
 def _fraction(default: float, tooltip: str, low: float = 0.0, high: float = 1.0) -> tuple:
     return ("FLOAT", {"default": default, "min": low, "max": high, "step": 0.01, "tooltip": tooltip})
 
@@ -40,29 +47,23 @@ class HyperLoRAStudioFaceKeypoints:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        shared = face_inputs()
-        return {"required": {
-            "hyper_lora": HYPER_LORA_INPUT,
-            "images": ("IMAGE", {"tooltip": "The photo(s) whose face gives the keypoints."}),
-            "face_choice": shared["face_choice"],
-            "face_index": shared["face_index"],
-            "det_size": shared["det_size"],
-            "no_face": no_face_input("gives a black image (no keypoints)"),
-            "mode": (list(KEYPOINT_MODES), {
+        return _face_node_inputs(
+            "The photo(s) whose face gives the keypoints.", ("face_choice", "face_index", "det_size"),
+            no_face=no_face_input("gives a black image (no keypoints)"),
+            mode=(list(KEYPOINT_MODES), {
                 "default": KEYPOINT_MODES[0],
                 "tooltip": "'image': the keypoints where the face is, at the photo's size (use a photo of the "
                            "pose you want). 'canvas': the photo's face moved onto a width x height canvas, centred "
                            "at (center_x, center_y) with the face box face_width wide; its pose and proportions "
                            "are kept."}),
-            "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
-                              "tooltip": "Canvas width in pixels ('canvas' mode): the size of the image you generate."}),
-            "height": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
-                               "tooltip": "Canvas height in pixels ('canvas' mode)."}),
-            "center_x": _fraction(0.5, "Face centre across the canvas ('canvas' mode): 0 = left edge, 1 = right edge."),
-            "center_y": _fraction(0.4, "Face centre down the canvas ('canvas' mode): 0 = top edge, 1 = bottom edge."),
-            "face_width": _fraction(0.3, "Width of the face box as a fraction of the canvas width ('canvas' mode); "
-                                         "0.3 suits a portrait, 0.15 an upper-body shot.", 0.02, 1.0),
-        }}
+            width=("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
+                           "tooltip": "Canvas width in pixels ('canvas' mode): the size of the image you generate."}),
+            height=("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
+                            "tooltip": "Canvas height in pixels ('canvas' mode)."}),
+            center_x=_fraction(0.5, "Face centre across the canvas ('canvas' mode): 0 = left edge, 1 = right edge."),
+            center_y=_fraction(0.4, "Face centre down the canvas ('canvas' mode): 0 = top edge, 1 = bottom edge."),
+            face_width=_fraction(0.3, "Width of the face box as a fraction of the canvas width ('canvas' mode); "
+                                      "0.3 suits a portrait, 0.15 an upper-body shot.", 0.02, 1.0))
 
     def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, face_choice: str, face_index: int,
             det_size: str, no_face: str, mode: str, width: int, height: int, center_x: float, center_y: float,
@@ -104,13 +105,8 @@ class HyperLoRAStudioFaceAnalysis:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        shared = face_inputs()
-        return {"required": {
-            "hyper_lora": HYPER_LORA_INPUT,
-            "images": ("IMAGE", {"tooltip": "The photo(s) to look at."}),
-            **{name: shared[name] for name in ("face_choice", "face_index", "remove_background", "grayscale",
-                                               "det_size")},
-        }}
+        return _face_node_inputs("The photo(s) to look at.",
+                                 ("face_choice", "face_index", "remove_background", "grayscale", "det_size"))
 
     def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, str]:
         hyper_lora = expect_handle(hyper_lora)
@@ -147,20 +143,18 @@ class HyperLoRAStudioFaceMasks:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "hyper_lora": HYPER_LORA_INPUT,
-            "images": ("IMAGE", {"tooltip": "The picture(s) with the faces (one size per batch)."}),
-            "order": (list(FACE_ORDERS), {
+        return _face_node_inputs(
+            "The picture(s) with the faces (one size per batch).", (),
+            order=(list(FACE_ORDERS), {
                 "default": FACE_ORDERS[0],
                 "tooltip": "How the faces are numbered: 'left_to_right' by the face centre, 'largest' largest "
                            "first, 'highest_score' the detector's surest first."}),
-            "grow": ("FLOAT", {"default": 1.3, "min": 0.5, "max": 4.0, "step": 0.05,
-                               "tooltip": "Size of each mask around its face outline: 1.0 is the outline (jaw and "
-                                          "brows), 1.3 also covers the forehead."}),
-            "feather": ("INT", {"default": 8, "min": 0, "max": 256, "step": 1,
-                                "tooltip": "Blur of the mask edges in pixels, so a re-painted face blends in."}),
-            "det_size": face_inputs()["det_size"],
-        }}
+            grow=("FLOAT", {"default": 1.3, "min": 0.5, "max": 4.0, "step": 0.05,
+                            "tooltip": "Size of each mask around its face outline: 1.0 is the outline (jaw and "
+                                       "brows), 1.3 also covers the forehead."}),
+            feather=("INT", {"default": 8, "min": 0, "max": 256, "step": 1,
+                             "tooltip": "Blur of the mask edges in pixels, so a re-painted face blends in."}),
+            det_size=face_inputs()["det_size"])
 
     def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, order: str, grow: float, feather: int,
             det_size: str) -> tuple[Any, ...]:
