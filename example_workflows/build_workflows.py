@@ -549,8 +549,8 @@ ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, in
 def readme(workflows: list[Workflow]) -> str:
     lines = ["# Workflows", "",
              "Each workflow comes twice: `<name>.json` is the UI format (drag it onto the ComfyUI canvas; ComfyUI",
-             "also lists these under Templates > ComfyUI-HyperLoRA-Studio) and `api/<name>.json` the API format",
-             "(`POST /prompt`, or `python -m hyperlora.tools.queue --workflow <name>`).",
+             "also lists these under Templates > ComfyUI-HyperLoRA-Studio, with the thumbnail `<name>.jpg`) and",
+             "`api/<name>.json` the API format (`POST /prompt`, or `python -m hyperlora.tools.queue --workflow <name>`).",
              "They use only ComfyUI core nodes and this pack's nodes. Every one has a note with the settings the",
              "released weights expect: prompt starting with `fcsks fxhks fhyks, `, CLIP Set Last Layer -2,",
              "LoRA strength 0.85, 1024x1024, 20 steps, dpmpp_2m karras, CFG 5.",
