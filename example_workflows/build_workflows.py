@@ -174,7 +174,7 @@ def _identity_lora_chain(wf: Workflow, hl: Node, images: Out | Node, model: Out,
     build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (x, y + 270), hyper_lora=hl, identity=ident,
                    kind="id")
     apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (x, y + 400), model=model, lora=build, strength=0.85)
-    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 540), images=ident[1])
+    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 660), images=ident[1])
     return ident, build, apply, crops
 
 
@@ -233,9 +233,9 @@ def concept_slider() -> Workflow:
                                      ("Edited photo", "edited.png", "Identity (edited)"))
     build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (760, 480), hyper_lora=hl, identity=io_, kind="id")
     apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (760, 610), model=ckpt[0], lora=build, strength=0.85)
-    slider = wf.add("HyperLoRAStudioConceptSlider", "Concept slider (edited - original)", (760, 760), hyper_lora=hl,
+    slider = wf.add("HyperLoRAStudioConceptSlider", "Concept slider (edited - original)", (760, 870), hyper_lora=hl,
                     edited=ie, original=io_, strength=1.0)
-    apply2 = wf.add("HyperLoRAStudioApply", "Apply slider LoRA", (760, 920), model=apply, lora=slider, strength=1.0)
+    apply2 = wf.add("HyperLoRAStudioApply", "Apply slider LoRA", (760, 1030), model=apply, lora=slider, strength=1.0)
     wf.group("Identity and slider", [po, pe, hl, io_, ie, build, apply, slider, apply2], "#8A8")
     sampling(wf, apply2, skip, ckpt[2], x=1140, prefix="HyperLoRA/slider")
     return wf
@@ -363,7 +363,7 @@ def two_people() -> Workflow:
         on_a = wf.add("HyperLoRAStudioConditioning", "Identity A on the left", (1640, 700), positive=text_a, negative=neg,
                       lora=la, strength=0.85, start_percent=0.0, end_percent=1.0, mask=left, mask_strength=1.0,
                       set_cond_area="default")
-        on_b = wf.add("HyperLoRAStudioConditioning", "Identity B on the right", (1640, 1000), positive=text_b,
+        on_b = wf.add("HyperLoRAStudioConditioning", "Identity B on the right", (1640, 1110), positive=text_b,
                       negative=neg, lora=lb, strength=0.85, start_percent=0.0, end_percent=1.0, mask=right,
                       mask_strength=1.0, set_cond_area="default")
         scene_a = wf.add("ConditioningCombine", "Scene + person A", (2000, 700), conditioning_1=pos,
@@ -522,7 +522,7 @@ def group_photo() -> Workflow:
     pa, pb, ia, ib, la, lb = two_identity_loras(wf, hl, ("Face photo A (face 1)", "person_a.png", "Identity A"),
                                                 ("Face photo B (face 2)", "person_b.png", "Identity B"))
     ma = wf.add("HyperLoRAStudioApply", "Model with identity A", (380, 1380), model=ckpt[0], lora=la, strength=0.85)
-    mb = wf.add("HyperLoRAStudioApply", "Model with identity B", (380, 1520), model=ckpt[0], lora=lb, strength=0.85)
+    mb = wf.add("HyperLoRAStudioApply", "Model with identity B", (380, 1640), model=ckpt[0], lora=lb, strength=0.85)
     wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb, ma, mb], "#8A8")
     made = sampling(wf, ckpt[0], skip, ckpt[2], x=760, prefix="HyperLoRA/group_photo_scene",
                     text=TRIGGER + "photo of two people side by side, upper body, natural window light, detailed skin")
