@@ -9,6 +9,8 @@ browser) and ``example_workflows/api/<name>.json`` (API format: what ``POST /pro
 and ``python -m hyperlora.tools.queue`` take), and ``hyperlora/tools/node_specs.json``
 (the pack's node specs, which the workflow converter reads without a server).
 ``--object-info FILE`` uses a saved ``/object_info`` answer instead.
+``--thumbnails DIR`` makes the Templates menu's ``<name>.jpg`` thumbnails from front-end screenshots
+``DIR/<name>.png`` (as tests/comfy/test_frontend.py writes them with HYPERLORA_SCREENSHOT_DIR=DIR).
 Only ComfyUI core nodes and this pack's nodes are used.
 """
 
@@ -598,14 +600,39 @@ def specs_json(object_info: dict[str, Any]) -> str:
     return json.dumps(node_specs(object_info, types), indent=2, ensure_ascii=False) + "\n"
 
 
+THUMBNAIL_WIDTH = 512
+SCREENSHOT_CANVAS = (66, 80)
+"""Left/top pixels of a front-end screenshot that are the side bar and the tab bar, not the canvas."""
+
+
+def write_thumbnails(shot_dir: Path, out_dir: Path = HERE) -> list[Path]:
+    """``out_dir/<name>.jpg`` for every workflow: its screenshot's canvas, THUMBNAIL_WIDTH wide."""
+    from PIL import Image
+
+    written = []
+    for wf in (f() for f in ALL):
+        with Image.open(shot_dir / f"{wf.name}.png") as shot:
+            canvas = shot.convert("RGB").crop((*SCREENSHOT_CANVAS, shot.width, shot.height))
+        height = round(canvas.height * THUMBNAIL_WIDTH / canvas.width)
+        path = out_dir / f"{wf.name}.jpg"
+        canvas.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, "JPEG", quality=82, optimize=True)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
     src.add_argument("--object-info", type=Path, help="saved /object_info JSON")
+    src.add_argument("--thumbnails", type=Path, metavar="DIR", help="front-end screenshots DIR/<name>.png")
     args = p.parse_args(argv)
-    info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
-    for path in write_all(info):
+    if args.thumbnails:
+        written = write_thumbnails(args.thumbnails)
+    else:
+        info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
+        written = write_all(info)
+    for path in written:
         print(path)
     return 0
 
