@@ -499,7 +499,7 @@ def face_detailer() -> Workflow:
     decoded = made[4]
     mask = wf.add("HyperLoRAStudioFaceMask", "Face mask of the picture", (760, 700), hyper_lora=hl, images=decoded,
                   face_choice="largest", face_index=0, grow=1.3, feather=8, no_face="skip", det_size="640")
-    pos, neg = _face_prompts(wf, skip, x=760, y=860)
+    pos, neg = _face_prompts(wf, skip, x=760, y=960)
     nodes = _face_pass(wf, image=decoded, mask=mask[0], model=apply[0], positive=pos, negative=neg, vae=ckpt[2],
                        x=1200, y=700, label="the face")
     save = wf.add("SaveImage", "Save image (face re-painted)", (2280, 700), node_width=420, images=nodes[-1],
