@@ -19,7 +19,7 @@ from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity
 from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
 from ..hyperlora.pipeline import images_from_comfy
-from ..hyperlora.spec import IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
+from ..hyperlora.spec import CROP_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ WHAT_TO_CONNECT = {
     MODEL_TYPE: f"the '{PACK_NAME} Loader' node ({NODE_PREFIX}Loader)",
     IDENTITY_TYPE: f"'{PACK_NAME} Identity from Images' or '{PACK_NAME} Load Identity'",
     LORA_MODEL: f"'{PACK_NAME} Build LoRA' (or Mix Identities / Concept Slider)",
+    CROP_TYPE: f"the crop output of '{PACK_NAME} Crop by Mask'",
 }
 
 

@@ -239,3 +239,10 @@ def test_crop_and_paste_nodes_repaint_only_the_face(pack, small, two_faces):
     cx, cy, _ = LEFT
     assert float(out[0, int(cy), int(cx)].max()) < 0.02        # its centre re-painted
     assert torch.equal(out[0, int(RIGHT[1]), int(RIGHT[0])], two_faces[0, int(RIGHT[1]), int(RIGHT[0])])
+
+
+def test_a_wrong_wire_into_crop_names_crop_by_mask(pack):
+    check = pack.nodes["HyperLoRAStudioPasteByMask"].VALIDATE_INPUTS
+    assert check(input_types={"destination": "IMAGE", "image": "IMAGE", "crop": "HYPERLORA_STUDIO_CROP"}) is True
+    msg = check(input_types={"crop": "MASK"})
+    assert isinstance(msg, str) and "'crop'" in msg and "Crop by Mask" in msg, msg
