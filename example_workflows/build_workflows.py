@@ -9,6 +9,8 @@ browser) and ``example_workflows/api/<name>.json`` (API format: what ``POST /pro
 and ``python -m hyperlora.tools.queue`` take), and ``hyperlora/tools/node_specs.json``
 (the pack's node specs, which the workflow converter reads without a server).
 ``--object-info FILE`` uses a saved ``/object_info`` answer instead.
+``--thumbnails DIR`` makes the Templates menu's ``<name>.jpg`` thumbnails from front-end screenshots
+``DIR/<name>.png`` (as tests/comfy/test_frontend.py writes them with HYPERLORA_SCREENSHOT_DIR=DIR).
 Only ComfyUI core nodes and this pack's nodes are used.
 """
 
@@ -40,6 +42,8 @@ HYPER_MODEL = "sdxl_hyper_id_lora_v1_fidelity"
 CLIP_VISION = "clip_vit_large_14"
 INSIGHTFACE = "antelopev2"
 CONTROLNET = "OpenPoseXL2.safetensors"
+INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
+FACE_PROMPT = TRIGGER + "close-up photo of a face, detailed skin, natural light"
 SEED = 42
 
 RELEASE_NOTE = (
@@ -87,6 +91,23 @@ def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float,
     return [pos, neg, latent, sampler, decode, save]
 
 
+def sampling_with_controlnet(wf: Workflow, model: Out | Node, clip: Node, ckpt: Node, control_net: Node,
+                             image: Out | Node, *, title: str, pos: tuple[float, float], end_percent: float,
+                             prefix: str) -> Node:
+    """:func:`sampling` at x 760 with ControlNetApplyAdvanced (strength 0.8, from step 0 to ``end_percent``)
+    between the prompts and the KSampler. Returns the ControlNet apply node."""
+    holder: dict[str, Node] = {}
+
+    def conditioning(positive: Node, negative: Node) -> tuple[Out, Out]:
+        holder["cn"] = wf.add("ControlNetApplyAdvanced", title, pos, positive=positive, negative=negative[0],
+                              control_net=control_net, image=image, vae=ckpt[2], strength=0.8, start_percent=0.0,
+                              end_percent=end_percent)
+        return holder["cn"][0], holder["cn"][1]
+
+    sampling(wf, model, clip, ckpt[2], x=760, prefix=prefix, conditioning=conditioning)
+    return holder["cn"]
+
+
 def note(wf: Workflow, *, x: float = 0, y: float = -90) -> None:
     """The 'Read me' note, placed so that its bottom edge is at ``y``."""
     text = f"{wf.title}\n\n{wf.usage}\n\n{RELEASE_NOTE}"
@@ -111,6 +132,16 @@ def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
     i1 = identity(wf, hl, p1, first[2], (380, 480))
     i2 = identity(wf, hl, p2, second[2], (380, 840))
     return p1, p2, i1, i2
+
+
+def two_identity_loras(wf: Workflow, hl: Node, first: tuple[str, str, str],
+                       second: tuple[str, str, str]) -> tuple[Node, Node, Node, Node, Node, Node]:
+    """:func:`two_identities` plus 'Build LoRA A' / 'Build LoRA B' below them.
+    Returns (photo 1, photo 2, identity 1, identity 2, LoRA A, LoRA B)."""
+    p1, p2, i1, i2 = two_identities(wf, hl, first, second)
+    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=i1, kind="id")
+    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=i2, kind="id")
+    return p1, p2, i1, i2, la, lb
 
 
 def apply_from_photo(wf: Workflow, model: Out, hl: Node, *, no_face: str = "skip") -> tuple[Node, Node]:
@@ -145,7 +176,7 @@ def _identity_lora_chain(wf: Workflow, hl: Node, images: Out | Node, model: Out,
     build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (x, y + 270), hyper_lora=hl, identity=ident,
                    kind="id")
     apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (x, y + 400), model=model, lora=build, strength=0.85)
-    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 540), images=ident[1])
+    crops = wf.add("PreviewImage", "Face crops the model saw", (x, y + 660), images=ident[1])
     return ident, build, apply, crops
 
 
@@ -204,9 +235,9 @@ def concept_slider() -> Workflow:
                                      ("Edited photo", "edited.png", "Identity (edited)"))
     build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (760, 480), hyper_lora=hl, identity=io_, kind="id")
     apply = wf.add("HyperLoRAStudioApply", "Apply identity LoRA", (760, 610), model=ckpt[0], lora=build, strength=0.85)
-    slider = wf.add("HyperLoRAStudioConceptSlider", "Concept slider (edited - original)", (760, 760), hyper_lora=hl,
+    slider = wf.add("HyperLoRAStudioConceptSlider", "Concept slider (edited - original)", (760, 870), hyper_lora=hl,
                     edited=ie, original=io_, strength=1.0)
-    apply2 = wf.add("HyperLoRAStudioApply", "Apply slider LoRA", (760, 920), model=apply, lora=slider, strength=1.0)
+    apply2 = wf.add("HyperLoRAStudioApply", "Apply slider LoRA", (760, 1030), model=apply, lora=slider, strength=1.0)
     wf.group("Identity and slider", [po, pe, hl, io_, ie, build, apply, slider, apply2], "#8A8")
     sampling(wf, apply2, skip, ckpt[2], x=1140, prefix="HyperLoRA/slider")
     return wf
@@ -226,17 +257,9 @@ def controlnet_pose() -> Workflow:
     wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
     cn = wf.add("ControlNetLoader", "Load pose ControlNet (SDXL)", (760, 680), control_net_name=CONTROLNET)
     pose = wf.add("LoadImage", "Pose image", (760, 800), image="pose.png")
-    holder: dict[str, Node] = {}
-
-    def conditioning(pos: Node, neg: Node) -> tuple[Out, Out]:
-        apply_cn = wf.add("ControlNetApplyAdvanced", "Apply pose ControlNet", (1200, 680), positive=pos,
-                          negative=neg[0], control_net=cn, image=pose, vae=ckpt[2], strength=0.8,
-                          start_percent=0.0, end_percent=0.8)
-        holder["cn"] = apply_cn
-        return apply_cn[0], apply_cn[1]
-
-    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/controlnet", conditioning=conditioning)
-    wf.group("Pose ControlNet", [cn, pose, holder["cn"]], "#a1309b")
+    apply_cn = sampling_with_controlnet(wf, apply, skip, ckpt, cn, pose, title="Apply pose ControlNet", pos=(1200, 680),
+                                        end_percent=0.8, prefix="HyperLoRA/controlnet")
+    wf.group("Pose ControlNet", [cn, pose, apply_cn], "#a1309b")
     return wf
 
 
@@ -322,10 +345,8 @@ def two_people() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    pa, pb, ia, ib = two_identities(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
-                                    ("Face photo B (right)", "person_b.png", "Identity B"))
-    la = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA A", (380, 1120), hyper_lora=hl, identity=ia, kind="id")
-    lb = wf.add("HyperLoRAStudioBuildLoRA", "Build LoRA B", (380, 1250), hyper_lora=hl, identity=ib, kind="id")
+    pa, pb, ia, ib, la, lb = two_identity_loras(wf, hl, ("Face photo A (left)", "person_a.png", "Identity A"),
+                                                ("Face photo B (right)", "person_b.png", "Identity B"))
     wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb], "#8A8")
     empty = wf.add("SolidMask", "Empty mask", (760, 1120), value=0.0, width=1024, height=1024)
     half = wf.add("SolidMask", "Half-width mask", (760, 1270), value=1.0, width=512, height=1024)
@@ -344,7 +365,7 @@ def two_people() -> Workflow:
         on_a = wf.add("HyperLoRAStudioConditioning", "Identity A on the left", (1640, 700), positive=text_a, negative=neg,
                       lora=la, strength=0.85, start_percent=0.0, end_percent=1.0, mask=left, mask_strength=1.0,
                       set_cond_area="default")
-        on_b = wf.add("HyperLoRAStudioConditioning", "Identity B on the right", (1640, 1000), positive=text_b,
+        on_b = wf.add("HyperLoRAStudioConditioning", "Identity B on the right", (1640, 1110), positive=text_b,
                       negative=neg, lora=lb, strength=0.85, start_percent=0.0, end_percent=1.0, mask=right,
                       mask_strength=1.0, set_cond_area="default")
         scene_a = wf.add("ConditioningCombine", "Scene + person A", (2000, 700), conditioning_1=pos,
@@ -399,16 +420,139 @@ def face_inpaint() -> Workflow:
     return wf
 
 
+def _face_pass(wf: Workflow, *, image: Out | Node, mask: Out, model: Out | Node, positive: Node, negative: Node,
+               vae: Out, x: float, y: float, label: str) -> list[Node]:
+    """Crop by the mask, re-render the crop with ``model`` inside the mask (denoise 0.5), paste it back.
+    Returns the nodes; the last one is the paste (its output 0 is the new picture)."""
+    crop = wf.add("HyperLoRAStudioCropByMask", f"Crop {label} (1024 px)", (x, y), image=image, mask=mask, padding=0.5,
+                  size=1024)
+    encode = wf.add("VAEEncode", f"Encode {label}", (x, y + 200), pixels=crop[0], vae=vae)
+    noise_mask = wf.add("SetLatentNoiseMask", f"Re-paint only inside the mask ({label})", (x, y + 310),
+                        samples=encode, mask=crop[1])
+    sampler = wf.add("KSampler", f"Re-render {label} (denoise 0.5)", (x + 360, y), model=model, positive=positive,
+                     negative=negative, latent_image=noise_mask, seed=SEED, steps=20, cfg=5.0, sampler_name="dpmpp_2m",
+                     scheduler="karras", denoise=0.5)
+    decode = wf.add("VAEDecode", f"Decode {label}", (x + 360, y + 330), samples=sampler, vae=vae)
+    paste = wf.add("HyperLoRAStudioPasteByMask", f"Paste {label} back", (x + 720, y), destination=image,
+                   image=decode, crop=crop[2])
+    return [crop, encode, noise_mask, sampler, decode, paste]
+
+
+def _face_prompts(wf: Workflow, clip: Node, *, x: float, y: float) -> tuple[Node, Node]:
+    pos = wf.add("CLIPTextEncode", "Face re-paint prompt (starts with the trigger words)", (x, y), node_width=400,
+                 clip=clip, text=FACE_PROMPT)
+    neg = wf.add("CLIPTextEncode", "Face re-paint negative", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
+    return pos, neg
+
+
+def instantid_controlnet() -> Workflow:
+    wf = Workflow("instantid_controlnet", "HyperLoRA with InstantID's ControlNet (face keypoints)",
+                  "face photo -> identity LoRA + InstantID's keypoint ControlNet (core ControlNet nodes, no InstantID "
+                  "pack) -> text to image",
+                  "The authors recommend pairing HyperLoRA with InstantID's ControlNet. Put InstantID's ControlNet "
+                  "(ControlNetModel/diffusion_pytorch_model.safetensors of the InstantID release) in "
+                  "models/controlnet/instantid/ and select it; no InstantID custom node pack is needed. Face "
+                  "Keypoints draws the photo's five face keypoints the way that ControlNet was trained to see them, "
+                  "here placed on a 1024x1024 canvas (mode 'canvas': centre and face width are fractions of the "
+                  "canvas; keep width/height equal to the image size), so the face lands there; mode 'image' keeps "
+                  "them where the face is in the photo. Identity comes from HyperLoRA. Note: InstantID itself also "
+                  "feeds the face embedding through an IP-Adapter-like path and into the ControlNet's cross-attention; "
+                  "here only the ControlNet part (the keypoints) is used, with the prompt as the ControlNet's text "
+                  "conditioning. Face Analysis shows what was detected and which face was taken.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
+    analysis = wf.add("HyperLoRAStudioFaceAnalysis", "Face analysis (what was found)", (380, 620), hyper_lora=hl,
+                      images=photo, face_choice="largest", face_index=0, remove_background=True, grayscale=False,
+                      det_size="640")
+    shown = wf.add("PreviewImage", "Detected faces and crops", (380, 900), images=analysis[0])
+    wf.group("Identity", [hl, photo, apply, analysis, shown], "#8A8")
+    kps = wf.add("HyperLoRAStudioFaceKeypoints", "Face keypoints (InstantID style)", (760, 680), hyper_lora=hl,
+                 images=photo, face_choice="largest", face_index=0, det_size="640", no_face="error", mode="canvas",
+                 width=1024, height=1024, center_x=0.5, center_y=0.4, face_width=0.3)
+    kps_shown = wf.add("PreviewImage", "Keypoint image", (760, 1060), images=kps)
+    cn = wf.add("ControlNetLoader", "Load InstantID ControlNet", (1200, 680), control_net_name=INSTANTID_CONTROLNET)
+    apply_cn = sampling_with_controlnet(wf, apply[0], skip, ckpt, cn, kps, title="Apply InstantID ControlNet",
+                                        pos=(1200, 800), end_percent=1.0, prefix="HyperLoRA/instantid")
+    wf.group("InstantID keypoint ControlNet", [kps, kps_shown, cn, apply_cn], "#a1309b")
+    return wf
+
+
+def face_detailer() -> Workflow:
+    wf = Workflow("face_detailer", "HyperLoRA: text to image, then re-paint the face at full resolution",
+                  "face photo -> identity -> text to image -> the face cropped, re-rendered at 1024 px with the "
+                  "identity and pasted back (a FaceDetailer pass with core nodes and ours)",
+                  "A face that is small in the picture gets few pixels and little likeness. After a normal text to "
+                  "image with the identity, Face Mask finds the face, Crop by Mask cuts the square around it (with "
+                  "context, padding 0.5) and scales it to 1024 px, a second KSampler re-renders it with the identity "
+                  "(denoise 0.5: the pose and lighting stay; Set Latent Noise Mask keeps everything outside the mask), "
+                  "and Paste by Mask scales it back and blends it in through the feathered mask. No third-party pack "
+                  "is needed.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo, apply = apply_from_photo(wf, ckpt[0], hl)
+    wf.group("Identity", [hl, photo, apply], "#8A8")
+    made = sampling(wf, apply[0], skip, ckpt[2], x=760, prefix="HyperLoRA/face_detailer_before",
+                    text=TRIGGER + "photo of a person standing in a park, full body, natural light")
+    decoded = made[4]
+    mask = wf.add("HyperLoRAStudioFaceMask", "Face mask of the picture", (760, 700), hyper_lora=hl, images=decoded,
+                  face_choice="largest", face_index=0, grow=1.3, feather=8, no_face="skip", det_size="640")
+    pos, neg = _face_prompts(wf, skip, x=760, y=960)
+    nodes = _face_pass(wf, image=decoded, mask=mask[0], model=apply[0], positive=pos, negative=neg, vae=ckpt[2],
+                       x=1200, y=700, label="the face")
+    save = wf.add("SaveImage", "Save image (face re-painted)", (2280, 700), node_width=420, images=nodes[-1],
+                  filename_prefix="HyperLoRA/face_detailer")
+    wf.group("Face pass", [mask, pos, neg, *nodes, save], "#a1309b")
+    return wf
+
+
+def group_photo() -> Workflow:
+    wf = Workflow("group_photo", "HyperLoRA: a group picture, then each face re-painted with its own identity",
+                  "two face photos -> a picture of two people -> Face Masks (left to right) -> face 1 re-painted with "
+                  "identity A, face 2 with identity B",
+                  "Load person A and person B. The scene is generated first with the plain model; Face Masks then "
+                  "finds the faces and numbers them left to right, and each face gets a FaceDetailer-style pass with "
+                  "its own identity: Crop by Mask -> re-render at 1024 px with that identity merged in (denoise 0.5) "
+                  "-> Paste by Mask, face 1 with A and face 2 with B. Set order to 'largest' to number them by size; "
+                  "Face Masks has outputs for four faces (add passes for more). A face that is not found keeps its "
+                  "pixels (its mask is empty).")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    pa, pb, ia, ib, la, lb = two_identity_loras(wf, hl, ("Face photo A (face 1)", "person_a.png", "Identity A"),
+                                                ("Face photo B (face 2)", "person_b.png", "Identity B"))
+    ma = wf.add("HyperLoRAStudioApply", "Model with identity A", (380, 1380), model=ckpt[0], lora=la, strength=0.85)
+    mb = wf.add("HyperLoRAStudioApply", "Model with identity B", (380, 1640), model=ckpt[0], lora=lb, strength=0.85)
+    wf.group("Two identities", [pa, pb, hl, ia, ib, la, lb, ma, mb], "#8A8")
+    made = sampling(wf, ckpt[0], skip, ckpt[2], x=760, prefix="HyperLoRA/group_photo_scene",
+                    text=TRIGGER + "photo of two people side by side, upper body, natural window light, detailed skin")
+    decoded = made[4]
+    masks = wf.add("HyperLoRAStudioFaceMasks", "Face masks, left to right", (760, 700), hyper_lora=hl, images=decoded,
+                   order="left_to_right", grow=1.3, feather=8, det_size="640")
+    pos, neg = _face_prompts(wf, skip, x=760, y=1000)
+    first = _face_pass(wf, image=decoded, mask=masks[1], model=ma, positive=pos, negative=neg, vae=ckpt[2], x=1200,
+                       y=700, label="face 1 (A)")
+    second = _face_pass(wf, image=first[-1], mask=masks[2], model=mb, positive=pos, negative=neg, vae=ckpt[2],
+                        x=1200, y=1150, label="face 2 (B)")
+    save = wf.add("SaveImage", "Save image (faces re-painted)", (2280, 1150), node_width=420, images=second[-1],
+                  filename_prefix="HyperLoRA/group_photo")
+    wf.group("Each face with its identity", [masks, pos, neg, *first, *second, save], "#a1309b")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
-                                          identity_load, two_people, face_inpaint)
+                                          identity_load, two_people, face_inpaint, instantid_controlnet,
+                                          face_detailer, group_photo)
 
 
 def readme(workflows: list[Workflow]) -> str:
     lines = ["# Workflows", "",
              "Each workflow comes twice: `<name>.json` is the UI format (drag it onto the ComfyUI canvas; ComfyUI",
-             "also lists these under Templates > ComfyUI-HyperLoRA-Studio) and `api/<name>.json` the API format",
-             "(`POST /prompt`, or `python -m hyperlora.tools.queue --workflow <name>`).",
+             "also lists these under Templates > ComfyUI-HyperLoRA-Studio, with the thumbnail `<name>.jpg`) and",
+             "`api/<name>.json` the API format (`POST /prompt`, or `python -m hyperlora.tools.queue --workflow <name>`).",
              "They use only ComfyUI core nodes and this pack's nodes. Every one has a note with the settings the",
              "released weights expect: prompt starting with `fcsks fxhks fhyks, `, CLIP Set Last Layer -2,",
              "LoRA strength 0.85, 1024x1024, 20 steps, dpmpp_2m karras, CFG 5.",
@@ -456,14 +600,39 @@ def specs_json(object_info: dict[str, Any]) -> str:
     return json.dumps(node_specs(object_info, types), indent=2, ensure_ascii=False) + "\n"
 
 
+THUMBNAIL_WIDTH = 512
+SCREENSHOT_CANVAS = (66, 80)
+"""Left/top pixels of a front-end screenshot that are the side bar and the tab bar, not the canvas."""
+
+
+def write_thumbnails(shot_dir: Path, out_dir: Path = HERE) -> list[Path]:
+    """``out_dir/<name>.jpg`` for every workflow: its screenshot's canvas, THUMBNAIL_WIDTH wide."""
+    from PIL import Image
+
+    written = []
+    for wf in (f() for f in ALL):
+        with Image.open(shot_dir / f"{wf.name}.png") as shot:
+            canvas = shot.convert("RGB").crop((*SCREENSHOT_CANVAS, shot.width, shot.height))
+        height = round(canvas.height * THUMBNAIL_WIDTH / canvas.width)
+        path = out_dir / f"{wf.name}.jpg"
+        canvas.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, "JPEG", quality=82, optimize=True)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="running ComfyUI with this pack, e.g. http://127.0.0.1:8188")
     src.add_argument("--object-info", type=Path, help="saved /object_info JSON")
+    src.add_argument("--thumbnails", type=Path, metavar="DIR", help="front-end screenshots DIR/<name>.png")
     args = p.parse_args(argv)
-    info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
-    for path in write_all(info):
+    if args.thumbnails:
+        written = write_thumbnails(args.thumbnails)
+    else:
+        info = fetch_object_info(args.server) if args.server else json.loads(args.object_info.read_text())
+        written = write_all(info)
+    for path in written:
         print(path)
     return 0
 

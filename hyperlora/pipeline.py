@@ -381,6 +381,13 @@ def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], tota
 # ----------------------------------------------------------------------------- inpainting masks
 
 
+def no_face_error(label: str, det_size: int, consequence: str, skip_effect: str) -> FaceNotFoundError:
+    """The error of a per-photo node with ``no_face='error'`` when ``label`` (e.g. "image 2 of 3") has no face."""
+    return FaceNotFoundError(
+        f"No face was found in {label} (detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with "
+        f"padding), so {consequence}. Set no_face to 'skip' to {skip_effect}, or try {FIX_HINTS}.")
+
+
 def face_masks(
     images: Sequence[np.ndarray],
     *,
@@ -411,10 +418,8 @@ def face_masks(
         faces = find_faces_scaled(analyzer, image, det_size=det_size)
         if not faces:
             if no_face == "error":
-                raise FaceNotFoundError(
-                    f"No face was found in image {i + 1} of {len(images)} (detector sizes "
-                    f"{', '.join(map(str, retry_sizes(det_size)))}, with padding), so it cannot be masked. "
-                    f"Set no_face to 'skip' to pass it on with an empty mask, or try {FIX_HINTS}.")
+                raise no_face_error(f"image {i + 1} of {len(images)}", det_size, "it cannot be masked",
+                                    "pass it on with an empty mask")
             logger.warning("HyperLoRA: no face in image %d of %d; its mask is empty.", i + 1, len(images))
             chosen.append(None)
             continue

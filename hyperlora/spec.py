@@ -73,6 +73,8 @@ MODEL_TYPE = "HYPERLORA_STUDIO_MODEL"
 """ComfyUI socket type of the loaded generator."""
 IDENTITY_TYPE = "HYPERLORA_STUDIO_IDENTITY"
 """ComfyUI socket type of an identity."""
+CROP_TYPE = "HYPERLORA_STUDIO_CROP"
+"""ComfyUI socket type of a mask crop (Crop by Mask -> Paste by Mask)."""
 
 
 # ---------------------------------------------------------------------------- architecture

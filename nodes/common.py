@@ -19,7 +19,7 @@ from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity
 from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
 from ..hyperlora.pipeline import images_from_comfy
-from ..hyperlora.spec import IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
+from ..hyperlora.spec import CROP_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ WHAT_TO_CONNECT = {
     MODEL_TYPE: f"the '{PACK_NAME} Loader' node ({NODE_PREFIX}Loader)",
     IDENTITY_TYPE: f"'{PACK_NAME} Identity from Images' or '{PACK_NAME} Load Identity'",
     LORA_MODEL: f"'{PACK_NAME} Build LoRA' (or Mix Identities / Concept Slider)",
+    CROP_TYPE: f"the crop output of '{PACK_NAME} Crop by Mask'",
 }
 
 
@@ -253,6 +254,13 @@ def face_inputs() -> dict[str, tuple]:
             "tooltip": "Face-detector input size. 640 as released; if nothing is found the smaller sizes "
                        "are tried too. Pick a smaller size first for tight close-ups."}),
     }
+
+
+def no_face_input(skip_effect: str) -> tuple:
+    """The ``no_face`` input of a node that handles each photo on its own: 'skip' does ``skip_effect``."""
+    return (list(NO_FACE_POLICIES), {
+        "default": DEFAULTS.no_face,
+        "tooltip": f"A photo without a face: 'skip' {skip_effect}, 'error' stops the queue naming the photo."})
 
 
 def face_options(kwargs: dict[str, Any]) -> FaceOptions:

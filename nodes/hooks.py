@@ -9,9 +9,10 @@ import torch
 
 import comfy.hooks
 
+from ..hyperlora.blocks import apply_block_strengths
 from ..hyperlora.lora import step_window
 from .common import CATEGORY, LORA_MODEL, mappings
-from .lora import STRENGTH, check_lora_lands
+from .lora import BLOCK_INPUTS, STRENGTH, block_strengths, check_lora_lands
 
 
 class CheckedLoraHook(comfy.hooks.WeightHook):
@@ -80,15 +81,17 @@ class HyperLoRAStudioConditioning:
                     "default": "default",
                     "tooltip": "'mask bounds' samples this prompt only inside the mask's bounding box "
                                "(sharper regions, a little slower)."}),
+                **BLOCK_INPUTS,
             },
         }
 
     def run(self, positive: list, negative: list, lora: dict[str, torch.Tensor], strength: float,
             start_percent: float, end_percent: float, mask: torch.Tensor | None = None, mask_strength: float = 1.0,
-            set_cond_area: str = "default") -> tuple[list, list, comfy.hooks.HookGroup]:
+            set_cond_area: str = "default", **blocks: float) -> tuple[list, list, comfy.hooks.HookGroup]:
+        lora = apply_block_strengths(lora, block_strengths(**blocks))
         hooks = identity_hooks(lora, strength, start_percent, end_percent)
-        # strength 0: no hook at all (nothing to patch per step); the mask still applies to the prompt
-        attach = hooks if strength != 0 else None
+        # strength 0 (or every block at 0): no hook at all (nothing to patch per step); the mask still applies
+        attach = hooks if strength != 0 and lora else None
         pos, neg = comfy.hooks.set_conds_props(conds=[positive, negative], strength=mask_strength,
                                                set_cond_area=set_cond_area, mask=mask, hooks=attach)
         return (pos, neg, hooks if attach is not None else comfy.hooks.HookGroup())

@@ -9,8 +9,10 @@ import torch
 
 import comfy.lora
 
+from ..hyperlora.blocks import DEFAULT_STRENGTHS, MAX_MULTIPLIER, BlockStrengths, apply_block_strengths
 from ..hyperlora.bundle import lora_from_identity, lora_target_shapes
 from ..hyperlora.errors import FaceNotFoundError, LoraError
+from ..hyperlora.lora import DOWN_SUFFIX
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
                      expect_handle, expect_identity, face_inputs, images_to_comfy, make_identity, mappings)
@@ -21,6 +23,37 @@ STRENGTH = ("FLOAT", {
     "default": 0.85, "min": -4.0, "max": 4.0, "step": 0.01,
     "tooltip": "How strongly the identity LoRA changes the model. 0.75-0.85 is typical; lower keeps the prompt "
                f"editable, higher gives more likeness. Prompts need the trigger words '{TRIGGER_PREFIX}'."})
+
+_BLOCK_TOOLTIPS = {
+    "input_blocks": "Multiplier of the identity's change to the UNet's input (down) blocks. InstantStyle found that "
+                    "in SDXL an input-block attention (down_blocks.2.attentions.1) carries the spatial layout "
+                    "(composition); IP-Adapter plus's 'composition' weight type builds on that.",
+    "middle_block": "Multiplier for the middle block, the coarsest level (1/32 of the image size).",
+    "output_blocks": "Multiplier for the output (up) blocks. InstantStyle found that in SDXL an output-block "
+                     "attention (up_blocks.0.attentions.1) carries style: colour, material, atmosphere; IP-Adapter "
+                     "plus's 'style transfer' weight type builds on that. Lower it if the photo's look leaks into "
+                     "the image.",
+    "self_attention": "Multiplier for the self-attention layers (attn1: the image's features attend to each other).",
+    "cross_attention": "Multiplier for the cross-attention layers (attn2: where the prompt, trigger words included, "
+                       "is read). Custom Diffusion showed that cross-attention's key/value weights alone can learn a "
+                       "new subject.",
+}
+BLOCK_INPUTS: dict[str, tuple] = {
+    name: ("FLOAT", {"default": 1.0, "min": -MAX_MULTIPLIER, "max": MAX_MULTIPLIER, "step": 0.05,
+                     "tooltip": tooltip + " 1 = as released (bit for bit), 0 = off. Each patched weight is W + strength "
+                                          "x multiplier x 0.5 x up @ down, a module's multiplier being its block's "
+                                          "times its attention kind's. What a block carries is a tendency the "
+                                          "peers observed, not a guarantee."})
+    for name, tooltip in _BLOCK_TOOLTIPS.items()
+}
+"""Optional inputs of Apply and Identity on Prompt, after their existing inputs (older workflows keep working)."""
+
+
+def block_strengths(input_blocks: float = 1.0, middle_block: float = 1.0, output_blocks: float = 1.0,
+                    self_attention: float = 1.0, cross_attention: float = 1.0) -> BlockStrengths:
+    """The optional block inputs as the core's BlockStrengths."""
+    return BlockStrengths(input=float(input_blocks), middle=float(middle_block), output=float(output_blocks),
+                          self_attention=float(self_attention), cross_attention=float(cross_attention))
 
 
 def model_kind(model: Any) -> str:
@@ -60,10 +93,14 @@ def check_lora_lands(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, str
     return {p: key_map[p] for p in shapes}
 
 
-def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float) -> Any:
-    """Check, then patch a clone of ``model``: ``W + strength * (alpha/rank) * up @ down`` per module."""
+def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float,
+               blocks: BlockStrengths = DEFAULT_STRENGTHS) -> Any:
+    """Check, then patch a clone of ``model``: ``W + strength * m * (alpha/rank) * up @ down`` per module,
+    ``m`` its block multiplier (1 by default: the LoRA passes as it is; 0: the module is not patched)."""
     targets = check_lora_lands(model, lora)
-    if strength == 0:
+    lora = apply_block_strengths(lora, blocks)
+    targets = {p: key for p, key in targets.items() if p + DOWN_SUFFIX in lora}
+    if strength == 0 or not targets:
         return model
     patches = comfy.lora.load_lora(lora, targets, log_missing=False)
     if len(patches) != len(targets):
@@ -122,10 +159,10 @@ class HyperLoRAStudioApply:
             "model": ("MODEL", {"tooltip": "An SDXL model (e.g. from Load Checkpoint)."}),
             "lora": (LORA_MODEL, {"tooltip": "The LoRA from Build LoRA, Mix Identities or Concept Slider."}),
             "strength": STRENGTH,
-        }}
+        }, "optional": dict(BLOCK_INPUTS)}
 
-    def run(self, model: Any, lora: dict[str, torch.Tensor], strength: float) -> tuple[Any]:
-        return (apply_lora(model, lora, strength),)
+    def run(self, model: Any, lora: dict[str, torch.Tensor], strength: float, **blocks: float) -> tuple[Any]:
+        return (apply_lora(model, lora, strength, block_strengths(**blocks)),)
 
 
 class HyperLoRAStudioApplyFromImages:

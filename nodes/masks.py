@@ -7,7 +7,8 @@ import logging
 import torch
 
 from ..hyperlora.pipeline import face_masks, images_from_comfy
-from .common import CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, expect_handle, face_inputs, mappings
+from .common import (CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, expect_handle, face_inputs, mappings,
+                     no_face_input)
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ class HyperLoRAStudioFaceMask:
                                           "neck too."}),
             "feather": ("INT", {"default": 8, "min": 0, "max": 256, "step": 1,
                                 "tooltip": "Blur of the mask edge in pixels, so the new face blends in."}),
-            "no_face": (["skip", "error"], {
-                "default": "skip",
-                "tooltip": "A photo without a face: 'skip' gives it an empty mask (nothing is re-painted), "
-                           "'error' stops the queue naming the photo."}),
+            "no_face": no_face_input("gives it an empty mask (nothing is re-painted)"),
             "det_size": shared["det_size"],
         }}
 

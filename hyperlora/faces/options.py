@@ -13,6 +13,9 @@ from ..errors import SettingError, check_choice
 FACE_CHOICES = ("largest", "left_to_right", "index", "highest_score")
 """largest: the largest box (index ignored); index: the index-th largest; left_to_right: the
 index-th from the left; highest_score: the detector's surest face (the authors' plugin's pick)."""
+FACE_ORDERS = ("left_to_right", "largest", "highest_score")
+"""How faces are numbered when every face is used (per-face masks, the analysis preview): the
+orders of :func:`hyperlora.faces.analysis.order_faces` ('index' counts like 'largest')."""
 DETECTION_SIZES = (640, 512, 384, 256)
 """The released detector sizes, tried in this order when a size finds nothing (format §6)."""
 NO_FACE_POLICIES = ("skip", "error")
@@ -69,5 +72,5 @@ class FaceOptions:
 
 DEFAULTS = FaceOptions()
 
-__all__ = ["DEFAULTS", "DETECTION_SIZES", "FACE_CHOICES", "FaceOptions", "MAX_FACE_INDEX", "NO_FACE_POLICIES",
+__all__ = ["DEFAULTS", "DETECTION_SIZES", "FACE_CHOICES", "FACE_ORDERS", "FaceOptions", "MAX_FACE_INDEX", "NO_FACE_POLICIES",
            "check_det_size", "retry_sizes"]

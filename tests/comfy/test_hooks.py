@@ -65,6 +65,9 @@ def hooks_run(comfy_server: ComfyServer) -> dict[str, Any]:
                                                                    "kind": "id"}},
         "merged": {"class_type": "HyperLoRAStudioApply", "inputs": {"model": ["ckpt", 0], "lora": ["lora_a", 0],
                                                               "strength": STRENGTH}},
+        "merged_blocks": {"class_type": "HyperLoRAStudioApply", "inputs": {   # block strengths given, all at 1
+            "model": ["ckpt", 0], "lora": ["lora_a", 0], "strength": STRENGTH, "input_blocks": 1.0,
+            "middle_block": 1.0, "output_blocks": 1.0, "self_attention": 1.0, "cross_attention": 1.0}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": g.PROMPT, "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -81,18 +84,23 @@ def hooks_run(comfy_server: ComfyServer) -> dict[str, Any]:
     }
     _sample(p, "plain", ["ckpt", 0], ["pos", 0], ["neg", 0])
     _sample(p, "merged", ["merged", 0], ["pos", 0], ["neg", 0])
+    _sample(p, "merged_blocks", ["merged_blocks", 0], ["pos", 0], ["neg", 0])
     for name in ("all_steps", "early", "late"):
         _sample(p, name, ["ckpt", 0], [name, 0], [name, 1])
     _sample(p, "two", ["ckpt", 0], ["two_pos", 0], ["two_neg", 0])
     entry = comfy_server.run(p, timeout=1500)
     return {name: _pixels(comfy_server, entry, f"save{name}")
-            for name in ("plain", "merged", "all_steps", "early", "late", "two")}
+            for name in ("plain", "merged", "merged_blocks", "all_steps", "early", "late", "two")}
 
 
 def test_hooks_over_all_steps_equal_the_merged_lora(hooks_run) -> None:
     merged, hooked, plain = hooks_run["merged"], hooks_run["all_steps"], hooks_run["plain"]
     assert np.abs(merged - plain).max() >= 10           # the identity visibly changes this random model's picture
     assert np.array_equal(hooked, merged)               # same weights, patched per step instead of once
+
+
+def test_block_strengths_at_their_defaults_give_the_same_image(hooks_run) -> None:
+    assert np.array_equal(hooks_run["merged_blocks"], hooks_run["merged"])   # bit for bit
 
 
 def test_step_windows_follow_the_steps_they_cover(hooks_run) -> None:

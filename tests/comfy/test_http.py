@@ -30,6 +30,11 @@ EXPECTED = {  # node id -> (category, output types)
     "HyperLoRAStudioExportLoRA": ("HyperLoRA Studio/io", []),
     "HyperLoRAStudioMixIdentities": ("HyperLoRA Studio/mix", ["LORA_MODEL"]),
     "HyperLoRAStudioConceptSlider": ("HyperLoRA Studio/mix", ["LORA_MODEL"]),
+    "HyperLoRAStudioFaceKeypoints": ("HyperLoRA Studio/faces", ["IMAGE"]),
+    "HyperLoRAStudioFaceAnalysis": ("HyperLoRA Studio/faces", ["IMAGE", "STRING"]),
+    "HyperLoRAStudioFaceMasks": ("HyperLoRA Studio/faces", ["MASK", "MASK", "MASK", "MASK", "MASK", "INT"]),
+    "HyperLoRAStudioCropByMask": ("HyperLoRA Studio/faces", ["IMAGE", "MASK", "HYPERLORA_STUDIO_CROP"]),
+    "HyperLoRAStudioPasteByMask": ("HyperLoRA Studio/faces", ["IMAGE"]),
 }
 
 

@@ -21,6 +21,8 @@ NODE_IDS = {
     "HyperLoRAStudioLoader", "HyperLoRAStudioIdentityFromImages", "HyperLoRAStudioBuildLoRA", "HyperLoRAStudioApply",
     "HyperLoRAStudioApplyFromImages", "HyperLoRAStudioSaveIdentity", "HyperLoRAStudioLoadIdentity", "HyperLoRAStudioExportLoRA",
     "HyperLoRAStudioMixIdentities", "HyperLoRAStudioConceptSlider", "HyperLoRAStudioConditioning", "HyperLoRAStudioFaceMask",
+    "HyperLoRAStudioFaceKeypoints", "HyperLoRAStudioFaceAnalysis", "HyperLoRAStudioFaceMasks", "HyperLoRAStudioCropByMask",
+    "HyperLoRAStudioPasteByMask",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")

@@ -7,8 +7,12 @@
   (``execution.validate_prompt``, in this process with the pack loaded by ComfyUI's loader);
 * slow: several RUN to the end on the server (64x64 px, 1 step): the ControlNet one with a
   random-weight SDXL T2I-Adapter (taken by the core ControlNetLoader / ControlNetApplyAdvanced like a
-  ControlNet), the concept slider, and the chains save -> load identity and export -> core LoraLoader
-  with the files the first run wrote.
+  ControlNet), instantid_controlnet with a random-weight SDXL ControlNet in the diffusers file format
+  of InstantID's (tests/fixtures/controlnet.py), the face passes (face_detailer, group_photo), the
+  concept slider, and the chains save -> load identity and export -> core LoraLoader with the files
+  the first run wrote;
+* Templates: every UI workflow has a same-name thumbnail, and the server's /workflow_templates lists
+  them all for this pack's folder and serves them (and the thumbnails) under /api/workflow_templates/.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hyperlora.tools import queue as q
-from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL
+from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, PACK_DIR_NAME, SMALL_MODEL
+from tests.fixtures.controlnet import sdxl_controlnet
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "example_workflows"
@@ -77,13 +82,18 @@ def t2i_adapter_file(cache_dir: Path, comfy_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fixture_files(comfy_base, cache_dir, comfy_root) -> dict[str, str]:
-    """Puts the ControlNet stand-in and a pose image where the server finds them."""
+def fixture_files(comfy_base, cache_dir, comfy_root, comfy) -> dict[str, str]:
+    """Puts the ControlNet stand-ins and a pose image where the server finds them: the T2I-Adapter
+    for controlnet_pose, the random SDXL ControlNet under the very name instantid_controlnet ships."""
     cn_dir = comfy_base.models / "controlnet"
     cn_dir.mkdir(parents=True, exist_ok=True)
     link = cn_dir / "t2i_adapter_random.safetensors"
     if not link.exists():
         os.symlink(t2i_adapter_file(cache_dir, comfy_root), link)
+    instantid = cn_dir / bw.INSTANTID_CONTROLNET
+    if not instantid.exists():
+        instantid.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(sdxl_controlnet(cache_dir, comfy), instantid)
     pose = Image.new("RGB", (64, 64), "black")
     d = ImageDraw.Draw(pose)
     for a, b in (((32, 8), (32, 40)), ((16, 20), (48, 20)), ((32, 40), (20, 60)), ((32, 40), (44, 60))):
@@ -97,8 +107,12 @@ def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]
     n_photos = len(q.photo_slots(graph))
     overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
     overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
-    overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")]
+    overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")
+                  if graph[nid]["inputs"]["control_net_name"] != bw.INSTANTID_CONTROLNET]
     overrides += [f"{nid}.megapixels=0.04" for nid in q.find_nodes(graph, "ImageScaleToTotalPixels")]   # 200x200
+    overrides += [f"{nid}.size=64" for nid in q.find_nodes(graph, "HyperLoRAStudioCropByMask")]
+    overrides += [f"{nid}.{side}=64" for nid in q.find_nodes(graph, "HyperLoRAStudioFaceKeypoints")
+                  for side in ("width", "height")]
     pose = files["pose"] if q.find_nodes(graph, "LoadImage", "pose") else None
     return q.fill_workflow(graph, images=[FACE] * n_photos, pose_image=pose, model=SMALL_MODEL,
                            checkpoint=CHECKPOINT, steps=1, width=64, height=64, seed=3, overrides=overrides)
@@ -130,7 +144,26 @@ def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_workflow_exists_in_both_formats():
     assert UI_NAMES == API_NAMES
-    assert len(UI_NAMES) == 11
+    assert len(UI_NAMES) == 14
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_every_workflow_has_a_thumbnail_for_the_templates_menu(name):
+    thumb = WORKFLOWS / f"{name}.jpg"
+    assert thumb.is_file(), f"example_workflows/{name}.jpg is missing (the Templates menu shows it)"
+    assert 4_000 < thumb.stat().st_size < 150_000
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and 300 <= im.width <= 800 and im.height >= 150
+
+
+def test_templates_route_lists_and_serves_every_workflow(comfy_server):
+    listed = comfy_server.get_json("/workflow_templates")
+    assert sorted(listed[PACK_DIR_NAME]) == UI_NAMES          # api/ twins are not templates
+    for name in UI_NAMES:
+        served = comfy_server.get_bytes(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
+        assert served == (WORKFLOWS / f"{name}.json").read_bytes()
+        assert comfy_server.get_bytes(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg") == \
+            (WORKFLOWS / f"{name}.jpg").read_bytes()
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -247,7 +280,8 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     assert "not_there.safetensors" in json.dumps(node_errors[first_loader]["errors"])
 
 
-RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint")
+RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", "instantid_controlnet",
+             "face_detailer", "group_photo")
 
 
 @pytest.mark.slow
@@ -256,11 +290,19 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
     entry = _run(comfy_server, graph)
     images = _saved_images(comfy_server, entry, graph)
+    assert len(images) == len(_ids(graph, "SaveImage"))
     if name == "face_inpaint":          # the target photo's size after Scale to Total Pixels (0.04 MP)
         [(w, h)] = [im.size for im in images]
         assert w == h and 180 <= w <= 230
     else:
-        assert [im.size for im in images] == [(64, 64)]
+        assert {im.size for im in images} == {(64, 64)}
+    if name in ("face_detailer", "group_photo"):
+        # a random SDXL draws no face: every mask is empty, so each paste keeps every pixel of the picture
+        before, after = (np.asarray(im.convert("RGB")) for im in images)
+        assert np.array_equal(before, after)
+    if name == "instantid_controlnet":
+        log = comfy_server.log_text()
+        assert "missing controlnet keys" not in log and "leftover keys" not in log
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
     assert len(crops) == len(_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
 

@@ -336,8 +336,10 @@ def test_api_workflow_converts():
     assert api["3"]["_meta"]["title"] == SPECS[cw.LOADER]["display_name"]
     assert api["7"]["inputs"] == {"hyper_lora": ["3", 0], "identity": ["6", 0], "kind": "id"}
     assert api["9"]["inputs"] == {"hyper_lora": ["3", 0], "identity": ["8", 0], "kind": "base"}
-    assert api["10"]["inputs"] == {"model": ["1", 0], "lora": ["7", 0], "strength": 0.8}
-    assert api["11"]["inputs"] == {"model": ["10", 0], "lora": ["9", 0], "strength": 0.25}
+    blocks = {"input_blocks": 1.0, "middle_block": 1.0, "output_blocks": 1.0, "self_attention": 1.0,
+              "cross_attention": 1.0}                     # Apply's optional block strengths at their defaults
+    assert api["10"]["inputs"] == {"model": ["1", 0], "lora": ["7", 0], "strength": 0.8, **blocks}
+    assert api["11"]["inputs"] == {"model": ["10", 0], "lora": ["9", 0], "strength": 0.25, **blocks}
     assert api["12"]["inputs"] == {"lora": ["7", 0], "filename_prefix": "lora/anna", "dtype": "fp16"}
     assert api["13"]["inputs"] == {"images": ["6", 1]}                   # ID Cond's crops -> our crops
     assert api["14"]["inputs"]["model"] == ["11", 0]
