@@ -11,11 +11,11 @@ from .common import guard_sockets
 
 paths.register_folders()
 
-from . import hooks, identity, io, loader, lora, masks, mix  # noqa: E402  (folders first: dropdowns read them)
+from . import hooks, identity, io, loader, lora, masks, mix, quality  # noqa: E402  (folders first: dropdowns read them)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _family in (loader, identity, masks, lora, hooks, mix, io):
+for _family in (loader, identity, masks, lora, hooks, mix, io, quality):
     NODE_CLASS_MAPPINGS.update({k: guard_sockets(v) for k, v in _family.NODE_CLASS_MAPPINGS.items()})
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 

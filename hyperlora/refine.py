@@ -1,0 +1,261 @@
+"""Refine an identity on the person's own photos: a short fine-tune with the diffusion model frozen.
+
+The authors report that about 50 fine-tuning steps starting from the generated LoRA give a
+better ID LoRA.  Two ways are offered (``mode``):
+
+* ``coefficients``: tune the identity's tokens ``[Q, K]`` (1,120 x 128 for the released models).
+  The LoRA is rebuilt from the tokens at every step (:func:`hyperlora.lora_functional.lora_factors`)
+  and each token is kept L2-normalised as the resampler makes them (format §5.4), so the result is
+  an ordinary identity: saved, loaded, mixed and built like any other.
+* ``lora``: tune the built LoRA matrices (down and up of every module) directly; the result is a
+  kohya LoRA (rank and alpha unchanged).
+
+Objective: the epsilon (noise-prediction) loss of the frozen diffusion model with the LoRA at
+``strength``, on the photos' latents: a timestep ``t`` uniform in ``[0, T)``, noise ``n``,
+``x = latent + sigma_t * n`` (the variance-exploding form of an epsilon model's noising) and
+``loss = mean((x - denoised(x, sigma_t)) / sigma_t - n)^2``.  The caller adapts its network
+to :class:`DenoiseTask` (ComfyUI's ``apply_model`` returns ``denoised`` already).
+
+Before / after loss: the same fixed draws (photo, stratified timesteps, seeded noise) for both, so
+the two numbers compare like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .bundle import lora_from_identity
+from .errors import LoraError, SettingError, check_choice
+from .generate import HyperLoRAModel
+from .identity import Identity, check_identity_fits
+from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, GeneratedLora, normalize_tokens
+from .lora_functional import LoraHooks, checkpointed, lora_factors
+
+logger = logging.getLogger(__name__)
+
+MODES = ("coefficients", "lora")
+DEFAULT_STEPS = 50
+"""The authors' suggestion: about 50 steps from the generated LoRA."""
+DEFAULT_LEARNING_RATE = {"coefficients": 1e-3, "lora": 1e-4}
+"""Adam step sizes: tokens are unit vectors (entries ~0.1 for K = 128); LoRA matrices take the usual 1e-4."""
+EVAL_DRAWS = 8
+"""Fixed draws of the before / after loss (timesteps stratified over the schedule)."""
+EVAL_BATCH = 4
+MAX_STEPS = 10_000
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One noisy sample: which photo, which discrete timestep, which noise (a seed)."""
+
+    image: int
+    timestep: int
+    seed: int
+
+
+@dataclass
+class DenoiseTask:
+    """The frozen diffusion model as the fine-tune sees it.
+
+    ``denoise(x [B, C, H, W], sigma [B], images [B] long) -> denoised [B, C, H, W]``: the model's
+    prediction of the clean latent for noisy ``x`` at noise level ``sigma`` with the conditioning of
+    photos ``images`` (ComfyUI: ``model.apply_model``).  ``latents``: the photos' clean latents
+    ``[N, C, H, W]`` in the model's space.  ``sigmas``: ``[T]`` noise level of each discrete timestep.
+    """
+
+    denoise: Callable[[Tensor, Tensor, Tensor], Tensor]
+    latents: Tensor
+    sigmas: Tensor
+
+
+@dataclass
+class RefineResult:
+    """``identity``: the refined identity (coefficients mode) or None; ``lora``: the refined LoRA
+    (kohya dict, float32, CPU; in coefficients mode the LoRA built from the refined identity)."""
+
+    identity: Identity | None
+    lora: GeneratedLora
+    loss_before: float
+    loss_after: float
+    losses: list[float] = field(default_factory=list)     # training loss of every step
+    mode: str = "coefficients"
+    steps: int = 0
+    learning_rate: float = 0.0
+
+    def report(self) -> str:
+        change = (self.loss_after / self.loss_before - 1.0) * 100.0 if self.loss_before > 0 else float("nan")
+        return (f"refined in {self.mode} mode: {self.steps} steps, learning rate {self.learning_rate:g}\n"
+                f"denoising loss on the photos (fixed draws): before {self.loss_before:.6f}, after "
+                f"{self.loss_after:.6f} ({change:+.2f}%)")
+
+
+def training_draws(n_images: int, steps: int, num_timesteps: int, seed: int) -> list[Draw]:
+    """One draw per step: photos in seeded random order (each once per round), uniform timesteps."""
+    gen = torch.Generator().manual_seed(int(seed))
+    draws: list[Draw] = []
+    order: list[int] = []
+    for step in range(steps):
+        if not order:
+            order = torch.randperm(n_images, generator=gen).tolist()
+        t = int(torch.randint(0, num_timesteps, (1,), generator=gen))
+        draws.append(Draw(order.pop(0), t, int(seed) * 1_000_003 + step))
+    return draws
+
+
+def eval_draws(n_images: int, num_timesteps: int, seed: int, count: int = EVAL_DRAWS) -> list[Draw]:
+    """Fixed draws for the before / after loss: timesteps at the centres of ``count`` equal strata."""
+    return [Draw(j % n_images, min(num_timesteps - 1, int((j + 0.5) * num_timesteps / count)),
+                 int(seed) * 1_000_003 + 500_000 + j) for j in range(count)]
+
+
+def epsilon_loss(task: DenoiseTask, draws: Sequence[Draw]) -> Tensor:
+    """Mean squared error of the predicted noise over ``draws`` (one batch)."""
+    latents = task.latents
+    idx = torch.tensor([d.image for d in draws], dtype=torch.long)
+    x0 = latents.index_select(0, idx.to(latents.device))
+    noise = torch.stack([torch.randn(tuple(latents.shape[1:]), generator=torch.Generator().manual_seed(d.seed))
+                         for d in draws]).to(device=latents.device, dtype=latents.dtype)
+    sigma = task.sigmas[[d.timestep for d in draws]].to(device=latents.device, dtype=latents.dtype)
+    s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+    x = x0 + s * noise
+    denoised = task.denoise(x, sigma, idx)
+    eps = (x.float() - denoised.float()) / s.float()
+    return torch.mean((eps - noise.float()) ** 2)
+
+
+def _eval(task: DenoiseTask, draws: Sequence[Draw]) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for s in range(0, len(draws), EVAL_BATCH):
+            part = draws[s:s + EVAL_BATCH]
+            total += float(epsilon_loss(task, part)) * len(part)
+    return total / len(draws)
+
+
+def check_settings(mode: str, steps: int, learning_rate: float, strength: float) -> float:
+    """Validate the settings; returns the learning rate to use (0 = the mode's default)."""
+    check_choice(mode, MODES, "mode")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise SettingError(f"steps is {steps!r}; use a whole number from 1 to {MAX_STEPS} (about 50 is suggested).")
+    lr = float(learning_rate)
+    if not math.isfinite(lr) or lr < 0:
+        raise SettingError(f"learning_rate is {learning_rate!r}; use a positive number, or 0 for the mode's default "
+                           f"({DEFAULT_LEARNING_RATE[mode]:g}).")
+    if not math.isfinite(float(strength)) or float(strength) == 0:
+        raise SettingError(f"strength is {strength!r}; the LoRA must act to be tuned: use the strength you apply "
+                           "it with (e.g. 0.85).")
+    return lr or DEFAULT_LEARNING_RATE[mode]
+
+
+def refine(
+    model: HyperLoRAModel,
+    identity: Identity,
+    targets: Mapping[str, nn.Module],
+    task: DenoiseTask,
+    *,
+    mode: str = "coefficients",
+    steps: int = DEFAULT_STEPS,
+    learning_rate: float = 0.0,
+    strength: float = 1.0,
+    seed: int = 0,
+    checkpoint_modules: Sequence[nn.Module] = (),
+    check_interrupt: Callable[[], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RefineResult:
+    """Fine-tune ``identity`` on ``task`` for ``steps`` steps; the diffusion model stays frozen.
+
+    ``targets``: ``{kohya prefix: nn.Linear}`` of the diffusion model, one per LoRA module (the
+    hooks of :class:`~hyperlora.lora_functional.LoraHooks` act there; nothing else is changed and
+    no gradient is stored on the model).  ``checkpoint_modules``: blocks to run under activation
+    checkpointing.  ``learning_rate`` 0: :data:`DEFAULT_LEARNING_RATE` of the mode.  ``on_step(i,
+    loss)`` after each step; ``check_interrupt()`` before each.
+    """
+    lr = check_settings(mode, steps, learning_rate, strength)
+    check_identity_fits(identity, model)
+    n = int(task.latents.shape[0])
+    if task.latents.dim() != 4 or n == 0:
+        raise SettingError(f"The photos' latents have shape {list(task.latents.shape)}; connect VAE Encode of at "
+                           "least one photo ([N, C, H, W]).")
+    start = lora_from_identity(model, identity, kind="id")
+    prefixes = sorted({k[: -len(DOWN_SUFFIX)] for k in start if k.endswith(DOWN_SUFFIX)})
+    missing = [p for p in prefixes if p not in targets]
+    if missing:
+        raise LoraError(f"{len(missing)} of {len(prefixes)} LoRA modules have no layer in the diffusion model "
+                        f"(e.g. {missing[0]}); refine with the SDXL model the identity is meant for.")
+    scale = {p: float(strength) * float(start[p + ALPHA_SUFFIX]) / start[p + DOWN_SUFFIX].shape[0] for p in prefixes}
+    num_t = int(task.sigmas.shape[0])
+    train, fixed = training_draws(n, steps, num_t, seed), eval_draws(n, num_t, seed)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        # plain copies: ComfyUI hands over tensors made in inference mode, which autograd refuses
+        task = DenoiseTask(task.denoise, task.latents.detach().clone(), task.sigmas.detach().clone())
+        if mode == "coefficients":
+            param = identity.tokens.detach().clone().to(device=model.device, dtype=torch.float32).requires_grad_(True)
+            params = [param]
+
+            def factors() -> dict[str, tuple[Tensor, Tensor]]:
+                return lora_factors(model, normalize_tokens(param))
+        else:
+            device = model.device
+            mats = {p: (start[p + DOWN_SUFFIX].detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True),
+                        start[p + UP_SUFFIX].detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True))
+                    for p in prefixes}
+            params = [t for pair in mats.values() for t in pair]
+
+            def factors() -> dict[str, tuple[Tensor, Tensor]]:
+                return mats
+
+        optimizer = torch.optim.Adam(params, lr=lr)
+        losses: list[float] = []
+        with LoraHooks({p: targets[p] for p in prefixes}, scale) as hooks, checkpointed(checkpoint_modules):
+            with torch.no_grad():
+                hooks.factors = factors()
+            before = _eval(task, fixed)
+            for step, draw in enumerate(train):
+                if check_interrupt is not None:
+                    check_interrupt()
+                hooks.factors = factors()
+                loss = epsilon_loss(task, [draw])
+                if not torch.isfinite(loss):
+                    raise SettingError(f"The loss became {float(loss)} at step {step + 1}; lower the learning rate "
+                                       f"(it is {lr:g}).")
+                grads = torch.autograd.grad(loss, params)      # gradients of our parameters only
+                for p, g in zip(params, grads):
+                    p.grad = g
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(step, losses[-1])
+            with torch.no_grad():
+                hooks.factors = factors()
+            after = _eval(task, fixed)
+
+    settings = {**identity.settings, "refined": f"{mode}, {steps} steps, lr {lr:g}, strength {float(strength):g}"}
+    if mode == "coefficients":
+        refined = Identity(tokens=normalize_tokens(param.detach()).float().cpu().clone(), base_tokens=identity.base_tokens,
+                           model_name=identity.model_name, model_fingerprint=identity.model_fingerprint,
+                           num_images=identity.num_images, settings=settings, face_embedding=identity.face_embedding)
+        lora = lora_from_identity(model, refined, kind="id")
+        out_identity: Identity | None = refined
+    else:
+        tensors: dict[str, Tensor] = {}
+        for p in prefixes:
+            tensors[p + DOWN_SUFFIX] = mats[p][0].detach().cpu().clone()
+            tensors[p + UP_SUFFIX] = mats[p][1].detach().cpu().clone()
+            tensors[p + ALPHA_SUFFIX] = start[p + ALPHA_SUFFIX].detach().float().cpu().clone()
+        lora = GeneratedLora(tensors, {**start.provenance, "how": f"ID LoRA refined on the photos ({steps} steps)"})
+        out_identity = None
+    result = RefineResult(out_identity, lora, before, after, losses, mode, steps, lr)
+    logger.info("HyperLoRA refine: %s", result.report().replace("\n", "; "))
+    return result
+
+
+__all__ = ["DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "DenoiseTask", "Draw", "EVAL_DRAWS", "MODES", "RefineResult",
+           "epsilon_loss", "eval_draws", "refine", "training_draws"]
