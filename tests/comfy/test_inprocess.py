@@ -21,6 +21,7 @@ NODE_IDS = {
     "HyperLoRAStudioLoader", "HyperLoRAStudioIdentityFromImages", "HyperLoRAStudioBuildLoRA", "HyperLoRAStudioApply",
     "HyperLoRAStudioApplyFromImages", "HyperLoRAStudioSaveIdentity", "HyperLoRAStudioLoadIdentity", "HyperLoRAStudioExportLoRA",
     "HyperLoRAStudioMixIdentities", "HyperLoRAStudioConceptSlider", "HyperLoRAStudioConditioning", "HyperLoRAStudioFaceMask",
+    "HyperLoRAStudioFaceSimilarity", "HyperLoRAStudioBestOfN", "HyperLoRAStudioRefineIdentity",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")
