@@ -153,6 +153,105 @@ def check_settings(mode: str, steps: int, learning_rate: float, strength: float)
     return lr or DEFAULT_LEARNING_RATE[mode]
 
 
+class Refiner:
+    """The trainable state of one refinement: parameters, optimiser, LoRA hooks; one :meth:`step` at a time.
+
+    Use as a context manager (hooks and checkpointing on while inside), under
+    ``torch.inference_mode(False)`` with gradients enabled (:func:`refine` does all of that).
+    ``targets``: ``{kohya prefix: nn.Linear}`` of the diffusion model; nothing else of it is changed
+    and no gradient is stored on it (``torch.autograd.grad`` on our parameters only).
+    """
+
+    def __init__(self, model: HyperLoRAModel, identity: Identity, targets: Mapping[str, nn.Module], *,
+                 mode: str, learning_rate: float, strength: float,
+                 checkpoint_modules: Sequence[nn.Module] = ()) -> None:
+        check_identity_fits(identity, model)
+        self.model, self.identity, self.mode = model, identity, mode
+        self.start = lora_from_identity(model, identity, kind="id")
+        start = self.start
+        self.prefixes = sorted({k[: -len(DOWN_SUFFIX)] for k in start if k.endswith(DOWN_SUFFIX)})
+        missing = [p for p in self.prefixes if p not in targets]
+        if missing:
+            raise LoraError(f"{len(missing)} of {len(self.prefixes)} LoRA modules have no layer in the diffusion model "
+                            f"(e.g. {missing[0]}); refine with the SDXL model the identity is meant for.")
+        scale = {p: float(strength) * float(start[p + ALPHA_SUFFIX]) / start[p + DOWN_SUFFIX].shape[0]
+                 for p in self.prefixes}
+        device = model.device
+        if mode == "coefficients":
+            self.tokens = identity.tokens.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
+            self.params = [self.tokens]
+        else:
+            self.mats = {p: tuple(start[p + suffix].detach().to(device=device, dtype=torch.float32).clone()
+                                  .requires_grad_(True) for suffix in (DOWN_SUFFIX, UP_SUFFIX)) for p in self.prefixes}
+            self.params = [t for pair in self.mats.values() for t in pair]
+        self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
+        self.hooks = LoraHooks({p: targets[p] for p in self.prefixes}, scale)
+        self._checkpoint = checkpointed(checkpoint_modules)
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The current LoRA factors (rebuilt from the tokens in coefficients mode)."""
+        if self.mode == "coefficients":
+            return lora_factors(self.model, normalize_tokens(self.tokens))
+        return dict(self.mats)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Refiner:
+        self.hooks.__enter__()
+        self._checkpoint.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._checkpoint.__exit__(*exc)
+        finally:
+            self.hooks.__exit__(*exc)
+
+    def evaluate(self, task: DenoiseTask, draws: Sequence[Draw]) -> float:
+        """Mean epsilon loss over ``draws`` with the current LoRA (no gradients)."""
+        with torch.no_grad():
+            self.hooks.factors = self.factors()
+        return _eval(task, draws)
+
+    def step(self, task: DenoiseTask, draw: Draw) -> float:
+        """One optimiser step on one draw; returns its loss."""
+        self.hooks.factors = self.factors()
+        loss = epsilon_loss(task, [draw])
+        if not torch.isfinite(loss):
+            raise SettingError(f"The loss became {float(loss.detach())}; lower the learning rate "
+                               f"(it is {self.optimizer.param_groups[0]['lr']:g}).")
+        grads = torch.autograd.grad(loss, self.params)      # gradients of our parameters only
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def result(self, before: float, after: float, losses: list[float], steps: int, lr: float,
+               strength: float) -> RefineResult:
+        identity, start = self.identity, self.start
+        settings = {**identity.settings,
+                    "refined": f"{self.mode}, {steps} steps, lr {lr:g}, strength {float(strength):g}"}
+        if self.mode == "coefficients":
+            refined = Identity(tokens=normalize_tokens(self.tokens.detach()).float().cpu().clone(),
+                               base_tokens=identity.base_tokens, model_name=identity.model_name,
+                               model_fingerprint=identity.model_fingerprint, num_images=identity.num_images,
+                               settings=settings, face_embedding=identity.face_embedding)
+            return RefineResult(refined, lora_from_identity(self.model, refined, kind="id"), before, after, losses,
+                                self.mode, steps, lr)
+        tensors: dict[str, Tensor] = {}
+        for p in self.prefixes:
+            tensors[p + DOWN_SUFFIX] = self.mats[p][0].detach().cpu().clone()
+            tensors[p + UP_SUFFIX] = self.mats[p][1].detach().cpu().clone()
+            tensors[p + ALPHA_SUFFIX] = start[p + ALPHA_SUFFIX].detach().float().cpu().clone()
+        lora = GeneratedLora(tensors, {**start.provenance, "how": f"ID LoRA refined on the photos ({steps} steps)"})
+        return RefineResult(None, lora, before, after, losses, self.mode, steps, lr)
+
+
+def plain_task(task: DenoiseTask) -> DenoiseTask:
+    """``task`` with plain copies of its tensors: ComfyUI hands over tensors made in inference mode,
+    which autograd refuses to keep.  Call inside ``torch.inference_mode(False)``."""
+    return DenoiseTask(task.denoise, task.latents.detach().clone(), task.sigmas.detach().clone())
+
+
 def refine(
     model: HyperLoRAModel,
     identity: Identity,
@@ -170,92 +269,36 @@ def refine(
 ) -> RefineResult:
     """Fine-tune ``identity`` on ``task`` for ``steps`` steps; the diffusion model stays frozen.
 
-    ``targets``: ``{kohya prefix: nn.Linear}`` of the diffusion model, one per LoRA module (the
-    hooks of :class:`~hyperlora.lora_functional.LoraHooks` act there; nothing else is changed and
-    no gradient is stored on the model).  ``checkpoint_modules``: blocks to run under activation
-    checkpointing.  ``learning_rate`` 0: :data:`DEFAULT_LEARNING_RATE` of the mode.  ``on_step(i,
-    loss)`` after each step; ``check_interrupt()`` before each.
+    ``targets``: ``{kohya prefix: nn.Linear}`` of the diffusion model, one per LoRA module (see
+    :class:`Refiner`).  ``checkpoint_modules``: blocks to run under activation checkpointing.
+    ``learning_rate`` 0: :data:`DEFAULT_LEARNING_RATE` of the mode.  ``on_step(i, loss)`` after each
+    step; ``check_interrupt()`` before each.
     """
     lr = check_settings(mode, steps, learning_rate, strength)
-    check_identity_fits(identity, model)
     n = int(task.latents.shape[0])
     if task.latents.dim() != 4 or n == 0:
         raise SettingError(f"The photos' latents have shape {list(task.latents.shape)}; connect VAE Encode of at "
                            "least one photo ([N, C, H, W]).")
-    start = lora_from_identity(model, identity, kind="id")
-    prefixes = sorted({k[: -len(DOWN_SUFFIX)] for k in start if k.endswith(DOWN_SUFFIX)})
-    missing = [p for p in prefixes if p not in targets]
-    if missing:
-        raise LoraError(f"{len(missing)} of {len(prefixes)} LoRA modules have no layer in the diffusion model "
-                        f"(e.g. {missing[0]}); refine with the SDXL model the identity is meant for.")
-    scale = {p: float(strength) * float(start[p + ALPHA_SUFFIX]) / start[p + DOWN_SUFFIX].shape[0] for p in prefixes}
     num_t = int(task.sigmas.shape[0])
     train, fixed = training_draws(n, steps, num_t, seed), eval_draws(n, num_t, seed)
-
     with torch.inference_mode(False), torch.enable_grad():
-        # plain copies: ComfyUI hands over tensors made in inference mode, which autograd refuses
-        task = DenoiseTask(task.denoise, task.latents.detach().clone(), task.sigmas.detach().clone())
-        if mode == "coefficients":
-            param = identity.tokens.detach().clone().to(device=model.device, dtype=torch.float32).requires_grad_(True)
-            params = [param]
-
-            def factors() -> dict[str, tuple[Tensor, Tensor]]:
-                return lora_factors(model, normalize_tokens(param))
-        else:
-            device = model.device
-            mats = {p: (start[p + DOWN_SUFFIX].detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True),
-                        start[p + UP_SUFFIX].detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True))
-                    for p in prefixes}
-            params = [t for pair in mats.values() for t in pair]
-
-            def factors() -> dict[str, tuple[Tensor, Tensor]]:
-                return mats
-
-        optimizer = torch.optim.Adam(params, lr=lr)
+        task = plain_task(task)
+        refiner = Refiner(model, identity, targets, mode=mode, learning_rate=lr, strength=strength,
+                          checkpoint_modules=checkpoint_modules)
         losses: list[float] = []
-        with LoraHooks({p: targets[p] for p in prefixes}, scale) as hooks, checkpointed(checkpoint_modules):
-            with torch.no_grad():
-                hooks.factors = factors()
-            before = _eval(task, fixed)
+        with refiner:
+            before = refiner.evaluate(task, fixed)
             for step, draw in enumerate(train):
                 if check_interrupt is not None:
                     check_interrupt()
-                hooks.factors = factors()
-                loss = epsilon_loss(task, [draw])
-                if not torch.isfinite(loss):
-                    raise SettingError(f"The loss became {float(loss)} at step {step + 1}; lower the learning rate "
-                                       f"(it is {lr:g}).")
-                grads = torch.autograd.grad(loss, params)      # gradients of our parameters only
-                for p, g in zip(params, grads):
-                    p.grad = g
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                losses.append(refiner.step(task, draw))
                 if on_step is not None:
                     on_step(step, losses[-1])
-            with torch.no_grad():
-                hooks.factors = factors()
-            after = _eval(task, fixed)
-
-    settings = {**identity.settings, "refined": f"{mode}, {steps} steps, lr {lr:g}, strength {float(strength):g}"}
-    if mode == "coefficients":
-        refined = Identity(tokens=normalize_tokens(param.detach()).float().cpu().clone(), base_tokens=identity.base_tokens,
-                           model_name=identity.model_name, model_fingerprint=identity.model_fingerprint,
-                           num_images=identity.num_images, settings=settings, face_embedding=identity.face_embedding)
-        lora = lora_from_identity(model, refined, kind="id")
-        out_identity: Identity | None = refined
-    else:
-        tensors: dict[str, Tensor] = {}
-        for p in prefixes:
-            tensors[p + DOWN_SUFFIX] = mats[p][0].detach().cpu().clone()
-            tensors[p + UP_SUFFIX] = mats[p][1].detach().cpu().clone()
-            tensors[p + ALPHA_SUFFIX] = start[p + ALPHA_SUFFIX].detach().float().cpu().clone()
-        lora = GeneratedLora(tensors, {**start.provenance, "how": f"ID LoRA refined on the photos ({steps} steps)"})
-        out_identity = None
-    result = RefineResult(out_identity, lora, before, after, losses, mode, steps, lr)
+            after = refiner.evaluate(task, fixed)
+    result = refiner.result(before, after, losses, steps, lr, strength)
     logger.info("HyperLoRA refine: %s", result.report().replace("\n", "; "))
     return result
 
 
 __all__ = ["DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "DenoiseTask", "Draw", "EVAL_DRAWS", "MODES", "RefineResult",
-           "epsilon_loss", "eval_draws", "refine", "training_draws"]
+           "Refiner", "epsilon_loss", "eval_draws", "plain_task", "refine", "training_draws"]

@@ -162,7 +162,10 @@ def lora_targets(model: Any) -> dict[str, torch.nn.Module]:
     targets: dict[str, torch.nn.Module] = {}
     for prefix, key in key_map.items():
         if isinstance(key, str) and key.endswith(".weight") and prefix.startswith("lora_unet_"):
-            module = model.model.get_submodule(key[: -len(".weight")])
+            try:
+                module = model.model.get_submodule(key[: -len(".weight")])
+            except AttributeError:        # the map names layers of every model of the family, not all exist here
+                continue
             if isinstance(module, torch.nn.Linear):
                 targets[prefix] = module
     return targets
