@@ -22,6 +22,7 @@ the two numbers compare like with like.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -186,7 +187,8 @@ class Refiner:
             self.params = [t for pair in self.mats.values() for t in pair]
         self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
         self.hooks = LoraHooks({p: targets[p] for p in self.prefixes}, scale)
-        self._checkpoint = checkpointed(checkpoint_modules)
+        self._checkpoint_modules = list(checkpoint_modules)
+        self._checkpoint: contextlib.AbstractContextManager[None] | None = None
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The current LoRA factors (rebuilt from the tokens in coefficients mode)."""
@@ -196,14 +198,21 @@ class Refiner:
 
     def __enter__(self) -> Refiner:
         self.hooks.__enter__()
-        self._checkpoint.__enter__()
+        try:
+            self._checkpoint = checkpointed(self._checkpoint_modules)
+            self._checkpoint.__enter__()
+        except BaseException:
+            self.hooks.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self._checkpoint.__exit__(*exc)
+            if self._checkpoint is not None:
+                self._checkpoint.__exit__(None, None, None)
+                self._checkpoint = None
         finally:
-            self.hooks.__exit__(*exc)
+            self.hooks.__exit__(None, None, None)
 
     def evaluate(self, task: DenoiseTask, draws: Sequence[Draw]) -> float:
         """Mean epsilon loss over ``draws`` with the current LoRA (no gradients)."""
