@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class ImageScore:
     ``score``: the best cosine similarity of its faces (-1..1), None when no face could be scored.
     ``face``: index of that face among the image's faces, largest first; ``faces``: how many were found.
     ``box``: that face's box ``(x1, y1, x2, y2)`` in image pixels.  ``reason``: why there is no score.
+    ``landmarks``: that face's 106 landmarks ``[106, 2]`` (for its crops), None without a score.
     """
 
     score: float | None
@@ -58,6 +59,7 @@ class ImageScore:
     faces: int
     box: tuple[float, float, float, float] | None
     reason: str = ""
+    landmarks: np.ndarray | None = field(default=None, compare=False, repr=False)   # [106, 2] of that face
 
     def label(self) -> str:
         """``0.731 (face 0 of 2, largest first)`` or ``no face (...)``."""
@@ -133,8 +135,10 @@ def score_image(image: np.ndarray, reference: Tensor | np.ndarray, *, analyzer: 
         return ImageScore(None, None, len(found), None,
                           f"ArcFace did not find the face again in its crop ({len(found)} face(s) detected)")
     cos, i = best
-    box = tuple(float(v) for v in np.asarray(found[i][0].bbox, dtype=np.float64)[:4])
-    return ImageScore(max(-1.0, min(1.0, cos)), i, len(found), box)  # type: ignore[arg-type]
+    face = found[i][0]
+    box = tuple(float(v) for v in np.asarray(face.bbox, dtype=np.float64)[:4])
+    return ImageScore(max(-1.0, min(1.0, cos)), i, len(found), box,  # type: ignore[arg-type]
+                      landmarks=np.asarray(face.landmarks_106, dtype=np.float32))
 
 
 def score_images(images: Sequence[np.ndarray], reference: Tensor | np.ndarray, *, analyzer: FaceAnalyzer,
