@@ -1,181 +1,239 @@
-"""Differentiable HyperLoRA LoRAs inside a running network (for fine-tuning; plain PyTorch).
+"""Differentiable, per-sample HyperLoRA: tokens -> low-rank factors -> applied inside Linear layers.
 
-* :func:`lora_factors`: coefficient tokens ``[Q, K]`` (or per sample ``[B, Q, K]``) -> the LoRA's
-  low-rank factors ``{kohya prefix: (down [(B,) rank, in], up [(B,) out, rank])}`` in float32, with
-  gradients to the tokens.  The forward pass computes exactly what
-  :meth:`hyperlora.generate.HyperLoRAModel.build_lora` computes (same kernels, so step 0 of a
-  fine-tune starts from the very LoRA the pack builds); the backward pass is ``basis^T @ grad``,
-  streamed through the basis in float32 chunks.
-* :class:`LoraHooks`: forward hooks that add ``scale * up(down(x))`` to the output of given
-  ``nn.Linear`` modules (``{kohya prefix: module}``), never building an ``[out, in]`` weight and
-  never touching the module's weights.  Per-sample factors ``[B, ...]`` act on sample ``b`` of a
-  ``[B, L, in]`` input.  The hooks are removed on exit, whatever happens.
-* :func:`checkpointed`: runs the forward of given modules under activation checkpointing while a
-  gradient is being recorded (non-reentrant ``torch.utils.checkpoint``), so a backward pass through
-  a large frozen network holds one block's intermediates at a time.  Restored on exit.
+Three parts, plain PyTorch (no diffusers, no ComfyUI):
+
+* :func:`basis_factors` builds, for every ``(module, layer)`` of a HyperLoRA architecture, the
+  per-sample LoRA factors from coefficient tokens ``[B, Q, K]`` and the bases (in the grouped
+  layout of :class:`hyperlora.generate.HyperLoRAModel`: ``down [M, in*rank, K]``,
+  ``up [M, rank*out, K]`` per group)::
+
+      down[b] = (sum_k a[b, k] * down_basis[k])^T     [B, rank, in]
+      up[b]   = (sum_k c[b, k] * up_basis[k])^T       [B, out, rank]
+
+  the same maths as ``HyperLoRAModel.build_lora`` (facts §5.5), batched over samples and
+  differentiable w.r.t. the tokens and the bases.  Factors with a leading 1 broadcast over any batch.
+* :func:`applied` (a context manager) adds ``scale * up(down(x))`` per sample to the output of
+  the given ``nn.Linear`` layers (forward hooks), without ever building an ``[out, in]`` weight:
+  ``x [B, ..., in] -> (x @ down^T) [B, ..., rank] -> @ up^T [B, ..., out]``.  Several LoRAs
+  (e.g. ID + Base) are applied at once by concatenating their ranks; ``scale`` may be a float or
+  a ``[B]`` tensor (one strength per sample), and per-prefix multipliers are optional.
+* :func:`diffusers_lora_targets` maps kohya prefixes onto the Linear layers of a UNet that uses
+  diffusers module names (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``,
+  ``...to_out.0``).  Other hosts (e.g. ComfyUI's own UNet) pass their own ``{prefix: Linear}`` map.
+
+Merged, a generated LoRA changes ``W`` into ``W + strength * (alpha / rank) * up @ down`` with
+``alpha = rank / 2`` (facts §5.6): the HyperLoRA scale is ``LORA_SCALE * strength``.
+
+With gradient checkpointing, the recomputation of a checkpointed block runs the hooks again
+during ``backward()``: keep the :func:`applied` context open until the backward pass is done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import KOHYA_LAYER, LoraModuleSpec
 from .errors import LoraError
-from .generate import HyperLoRAModel, batched_matvecs
-from .spec import kohya_prefix
+from .generate import BasisGroup, token_index
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-BACKWARD_CHUNK_BYTES = 64 << 20
-"""Basis bytes converted to float32 at a time in the backward pass of :func:`lora_factors`."""
+LORA_SCALE = 0.5
+"""``alpha / rank`` of every generated LoRA (alpha = rank / 2, facts §5.6)."""
 
 Factors = dict[str, tuple[Tensor, Tensor]]
+"""kohya prefix (``{module}_{to_q|to_k|to_v|to_out_0}``) -> ``(down [B|1, rank, in], up [B|1, out, rank])``."""
+
+_DIFFUSERS_LAYER = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 
 
-class _BasisMatvec(torch.autograd.Function):
-    """``out[m] = basis[m] @ coeffs[m]`` (basis ``[M, N, K]`` constant, coeffs ``[M, K]``) -> float32 ``[M, N]``."""
-
-    @staticmethod
-    def forward(ctx: Any, basis: Tensor, coeffs: Tensor) -> Tensor:  # type: ignore[override]
-        # the basis is a constant buffer (possibly made in inference mode): kept as an attribute,
-        # not saved for backward, so autograd never copies or checks it
-        ctx.basis = basis
-        ctx.coeff_dtype = coeffs.dtype
-        with torch.no_grad():
-            (out,) = batched_matvecs([(basis, coeffs.detach().to(device=basis.device, dtype=basis.dtype))])
-        return out.float()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
-        basis: Tensor = ctx.basis
-        m, n, k = basis.shape
-        step = max(1, BACKWARD_CHUNK_BYTES // max(1, n * k * 4))
-        g = grad.to(device=basis.device, dtype=torch.float32)
-        out = torch.empty(m, k, dtype=torch.float32, device=basis.device)
-        for s in range(0, m, step):
-            chunk = basis[s:s + step].float()                                  # [m', N, K]
-            out[s:s + step] = torch.bmm(g[s:s + step].unsqueeze(1), chunk).squeeze(1)
-        return None, out.to(ctx.coeff_dtype)
+def kohya_prefix(module_name: str, layer: str) -> str:
+    """``lora_unet_..._attn1`` + ``to_out`` -> ``lora_unet_..._attn1_to_out_0``."""
+    return f"{module_name}_{KOHYA_LAYER[layer]}"
 
 
-def lora_factors(model: HyperLoRAModel, tokens: Tensor, *, kind: str = "id") -> Factors:
-    """tokens ``[Q, K]`` or ``[B, Q, K]`` -> ``{kohya prefix: (down [(B,) r, in], up [(B,) out, r])}`` float32.
+def group_factors(tokens: Tensor, group: BasisGroup, down_basis: Tensor, up_basis: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """Factors of one basis group for every sample.
 
-    Differentiable with respect to ``tokens``; the weight update of a module is
-    ``(alpha / rank) * up @ down`` with ``alpha = rank / 2`` (format §5.6), as for the built LoRA.
+    tokens ``[B, Q, K]``; down_basis ``[M, in*rank, K]``; up_basis ``[M, rank*out, K]`` ->
+    ``(down [B, M, rank, in], up [B, M, out, rank])`` in the bases' dtype (tokens are cast to it).
     """
-    groups = model.groups.get(kind) or []
-    if not groups:
-        raise LoraError(f"HyperLoRA model '{model.name}' has no '{kind}' basis; use kind 'id'.")
-    q, k = model.arch.num_tokens, model.arch.hyper_dim
-    batched = tokens.dim() == 3
-    if tokens.dim() not in (2, 3) or tuple(tokens.shape[-2:]) != (q, k):
-        raise LoraError(f"coefficient tokens have shape {list(tokens.shape)} but HyperLoRA model '{model.name}' "
-                        f"needs [{q}, {k}] (or [B, {q}, {k}]); make the identity with this model.")
-    samples = tokens.unbind(0) if batched else (tokens,)
-    per_sample: list[Factors] = []
-    for t in samples:
-        t = t.to(device=model.device)
-        out: Factors = {}
-        for g, down_b, up_b in model.basis_groups(kind):
-            tok = getattr(model, g.token_buffer)
-            down = _BasisMatvec.apply(down_b, t.index_select(0, tok))          # [M, in*r]
-            up = _BasisMatvec.apply(up_b, t.index_select(0, tok + 1))          # [M, r*out]
-            m, r = len(g.entries), g.rank
-            downs = down.view(m, g.in_features, r).transpose(1, 2)            # [M, r, in]
-            ups = up.view(m, r, g.out_features).transpose(1, 2)               # [M, out, r]
-            for (i, layer), d, u in zip(g.entries, downs.unbind(0), ups.unbind(0)):
-                out[kohya_prefix(model.arch.modules[i], layer)] = (d, u)
-        per_sample.append(out)
-    if not batched:
-        return per_sample[0]
-    return {p: (torch.stack([f[p][0] for f in per_sample]), torch.stack([f[p][1] for f in per_sample]))
-            for p in per_sample[0]}
+    b = tokens.shape[0]
+    m, r, fin, fout = len(group.entries), group.rank, group.in_features, group.out_features
+    idx = torch.tensor([token_index(i, layer) for i, layer in group.entries], device=tokens.device)
+    t = tokens.to(down_basis.dtype)
+    a = t.index_select(1, idx).transpose(0, 1)            # [M, B, K] down coefficients
+    c = t.index_select(1, idx + 1).transpose(0, 1)        # [M, B, K] up coefficients
+    down = torch.bmm(a, down_basis.transpose(1, 2))       # [M, B, in*rank]
+    up = torch.bmm(c, up_basis.transpose(1, 2))           # [M, B, rank*out]
+    down = down.view(m, b, fin, r).permute(1, 0, 3, 2)    # [B, M, rank, in]
+    up = up.view(m, b, r, fout).permute(1, 0, 3, 2)       # [B, M, out, rank]
+    return down, up
 
 
-def lora_delta_output(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
-    """``up(down(x))`` for ``x [..., in]``: factors ``[r, in]`` / ``[out, r]`` for every sample, or
-    ``[B, r, in]`` / ``[B, out, r]`` for a ``[B, L, in]`` input (sample ``b`` by factors ``b``)."""
-    xf = x.to(down.dtype)
-    if down.dim() == 2:
-        return torch.nn.functional.linear(torch.nn.functional.linear(xf, down), up)
-    if xf.dim() != 3 or xf.shape[0] != down.shape[0]:
-        raise LoraError(f"per-sample LoRA factors for {down.shape[0]} samples cannot act on an input of shape "
-                        f"{list(x.shape)}; give one set of factors per sample of the batch.")
-    return torch.bmm(torch.bmm(xf, down.transpose(1, 2)), up.transpose(1, 2))
+def basis_factors(tokens: Tensor, groups: Sequence[tuple[BasisGroup, Tensor, Tensor]],
+                  modules: Sequence[LoraModuleSpec]) -> Factors:
+    """Per-sample factors of every ``(module, layer)``: tokens ``[B, Q, K]`` -> :data:`Factors`.
+
+    ``groups``: ``(group, down_basis [M, in*rank, K], up_basis [M, rank*out, K])`` as returned by
+    ``HyperLoRAModel.basis_groups(kind)`` or a training module in the same layout; ``modules`` the
+    architecture's modules (JSON order) naming the prefixes.  Differentiable w.r.t. tokens and bases.
+    """
+    if tokens.dim() != 3:
+        raise LoraError(f"coefficient tokens must be [batch, Q, K], got {list(tokens.shape)}; "
+                        f"add a batch dimension (tokens[None]) for one identity.")
+    out: Factors = {}
+    for group, down_basis, up_basis in groups:
+        down, up = group_factors(tokens, group, down_basis, up_basis)
+        for j, (i, layer) in enumerate(group.entries):
+            out[kohya_prefix(modules[i].name, layer)] = (down[:, j], up[:, j])
+    return out
 
 
-class LoraHooks:
-    """Adds ``scale[p] * up(down(x))`` to the output of each ``targets[p]`` while active.
+def factors_from_lora(lora: Mapping[str, Tensor]) -> Factors:
+    """A kohya LoRA dict (``lora_down [r, in]``, ``lora_up [out, r]``, ``alpha``) -> B=1 :data:`Factors`
+    with ``alpha / rank`` folded into ``up`` (apply them with ``scale = strength``)."""
+    out: Factors = {}
+    for key, down in lora.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        prefix = key[: -len(".lora_down.weight")]
+        up = lora.get(prefix + ".lora_up.weight")
+        if up is None or down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise LoraError(f"LoRA module '{prefix}' needs lora_down [rank, in] and lora_up [out, rank]; "
+                            f"got {list(down.shape)} and {None if up is None else list(up.shape)}.")
+        alpha = lora.get(prefix + ".alpha")
+        ratio = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        out[prefix] = (down[None], (up * ratio)[None])
+    if not out:
+        raise LoraError("The LoRA holds no '*.lora_down.weight' keys, so there is nothing to apply.")
+    return out
 
-    ``factors`` (``{prefix: (down, up)}``, e.g. from :func:`lora_factors`) may be replaced at any
-    time, e.g. after each optimiser step; a module whose prefix has no factors is left alone.
-    Use as a context manager; the hooks are removed on exit.
+
+@dataclass
+class LoraTerm:
+    """One LoRA to apply: its factors and strength.
+
+    ``scale``: a number or a ``[B]`` tensor (one multiplier per sample); for generated LoRAs use
+    ``LORA_SCALE * strength``.  ``layer_scales``: optional extra multiplier per prefix (missing
+    prefixes keep 1).
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module], scale: float | Mapping[str, float] = 1.0) -> None:
-        self.targets = dict(targets)
-        self.scale = scale
-        self.factors: Mapping[str, tuple[Tensor, Tensor]] = {}
-        self._handles: list[Any] = []
+    factors: Factors
+    scale: float | Tensor = LORA_SCALE
+    layer_scales: Mapping[str, float] | None = None
 
-    def _scale(self, prefix: str) -> float:
-        return float(self.scale[prefix]) if isinstance(self.scale, Mapping) else float(self.scale)
 
-    def _hook(self, prefix: str) -> Any:
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            pair = self.factors.get(prefix)
-            if pair is None:
-                return output
-            delta = lora_delta_output(inputs[0], *pair)
-            return output + (self._scale(prefix) * delta).to(output.dtype)
-        return hook
+def _scaled_up(up: Tensor, scale: float | Tensor, extra: float) -> Tensor:
+    if isinstance(scale, Tensor):
+        s = scale.to(device=up.device, dtype=up.dtype).reshape(-1, 1, 1) * extra
+        return up * s
+    return up * (float(scale) * extra)
 
-    def __enter__(self) -> LoraHooks:
-        try:
-            for prefix, module in self.targets.items():
-                self._handles.append(module.register_forward_hook(self._hook(prefix)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+def combine_terms(terms: Sequence[LoraTerm]) -> Factors:
+    """All terms as one set of factors: ranks concatenated, scales folded into ``up``.
+
+    Per prefix: ``down [B, sum r, in]``, ``up [B, out, sum r]`` (B = 1 when every term is B = 1).
+    """
+    combined: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for term in terms:
+        for prefix, (down, up) in term.factors.items():
+            extra = 1.0 if term.layer_scales is None else float(term.layer_scales.get(prefix, 1.0))
+            downs, ups = combined.setdefault(prefix, ([], []))
+            downs.append(down)
+            ups.append(_scaled_up(up, term.scale, extra))
+    out: Factors = {}
+    for prefix, (downs, ups) in combined.items():
+        if len(downs) == 1:
+            out[prefix] = (downs[0], ups[0])
+            continue
+        batch = max(max(d.shape[0] for d in downs), max(u.shape[0] for u in ups))
+        dtype = downs[0].dtype
+        d = torch.cat([t.to(dtype).expand(batch, -1, -1) for t in downs], dim=1)
+        u = torch.cat([t.to(dtype).expand(batch, -1, -1) for t in ups], dim=2)
+        out[prefix] = (d, u)
+    return out
+
+
+def low_rank_delta(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """``up(down(x))`` per sample: x ``[B, ..., in]``, down ``[B|1, r, in]``, up ``[B|1, out, r]`` -> ``[B, ..., out]``."""
+    b = x.shape[0]
+    if down.shape[0] not in (1, b) or up.shape[0] not in (1, b):
+        raise LoraError(f"LoRA factors for {down.shape[0]} sample(s) cannot be applied to a batch of {b}; "
+                        f"give one LoRA per sample or a single one for all.")
+    flat = x.reshape(b, -1, x.shape[-1])
+    h = torch.matmul(flat, down.to(x.dtype).transpose(1, 2))     # [B, L, r]
+    y = torch.matmul(h, up.to(x.dtype).transpose(1, 2))          # [B, L, out]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _hook(down: Tensor, up: Tensor):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return output + low_rank_delta(args[0], down, up)
+    return hook
 
 
 @contextlib.contextmanager
-def checkpointed(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Activation checkpointing for ``modules`` while gradients are recorded (their ``forward`` is
-    wrapped on the instance and restored on exit; without grad they run as usual)."""
-    wrapped: list[tuple[nn.Module, Any]] = []
+def applied(targets: Mapping[str, nn.Module], terms: Sequence[LoraTerm], *, strict: bool = True) -> Iterator[Factors]:
+    """Within the block, every target Linear returns ``W x + b + sum_terms scale * up(down(x))``.
 
-    def wrap(forward: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
-                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-            return forward(*args, **kwargs)
-        return run
-
+    ``targets``: ``{kohya prefix: nn.Linear}``.  ``strict``: every prefix of every term must be a
+    target (:class:`LoraError` naming the missing ones otherwise); not strict skips them.
+    Yields the combined factors.  Hooks are removed on exit, also after an exception.
+    """
+    combined = combine_terms(terms)
+    missing = [p for p in combined if p not in targets]
+    if missing and strict:
+        raise LoraError(f"{len(missing)} LoRA module(s) have no matching layer in the model, e.g. "
+                        f"{', '.join(missing[:3])}; the LoRA was made for another UNet.")
+    handles = []
     try:
-        for module in modules:
-            wrapped.append((module, module.__dict__.get("forward")))
-            module.forward = wrap(module.forward)  # type: ignore[method-assign]
-        yield
+        for prefix, (down, up) in combined.items():
+            module = targets.get(prefix)
+            if module is None:
+                continue
+            fin = getattr(module, "in_features", down.shape[-1])
+            fout = getattr(module, "out_features", up.shape[1])
+            if down.shape[-1] != fin or up.shape[1] != fout:
+                raise LoraError(f"LoRA module '{prefix}' maps {down.shape[-1]} -> {up.shape[1]} features but the "
+                                f"layer maps {fin} -> {fout}; the LoRA was made for another UNet.")
+            handles.append(module.register_forward_hook(_hook(down, up)))
+        yield combined
     finally:
-        for module, previous in reversed(wrapped):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous  # type: ignore[method-assign]
+        for h in handles:
+            h.remove()
 
 
-__all__ = ["BACKWARD_CHUNK_BYTES", "Factors", "LoraHooks", "checkpointed", "lora_delta_output", "lora_factors"]
+def diffusers_lora_targets(unet: nn.Module, prefixes: Sequence[str] | None = None) -> dict[str, nn.Linear]:
+    """``{kohya prefix: Linear}`` of the attention projections of a diffusers-named UNet.
+
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0`` ->
+    ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0``.  With
+    ``prefixes``, only those (in that order) and :class:`LoraError` naming any that is absent.
+    """
+    found: dict[str, nn.Linear] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and _DIFFUSERS_LAYER.search(name):
+            found["lora_unet_" + name.replace(".", "_")] = module
+    if prefixes is None:
+        return found
+    missing = [p for p in prefixes if p not in found]
+    if missing:
+        raise LoraError(f"The UNet has no layer for {len(missing)} LoRA module(s), e.g. {', '.join(missing[:3])}; "
+                        f"the HyperLoRA model was made for another UNet.")
+    return {p: found[p] for p in prefixes}
+
+
+__all__ = [
+    "Factors", "LORA_SCALE", "LoraTerm", "applied", "basis_factors", "combine_terms", "diffusers_lora_targets",
+    "factors_from_lora", "group_factors", "kohya_prefix", "low_rank_delta",
+]
