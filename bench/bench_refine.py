@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = [*unet.diffusion_model.input_blocks, unet.diffusion_model.middle_block, *unet.diffusion_model.output_blocks]
     task = plain_task(DenoiseTask(denoise, torch.randn(1, 4, lat, lat, device=device), sigmas))
-    from hyperlora.lora_functional import checkpointed
-    from hyperlora.refine import Draw
+    from hyperlora.refine import Draw, checkpointed
 
     draw = Draw(0, 500, 7)
     refiners = {mode: Refiner(hl, identity, targets, mode=mode, learning_rate=DEFAULT_LEARNING_RATE[mode],

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import KOHYA_LAYER, LoraModuleSpec
 from .errors import LoraError
-from .generate import BasisGroup, token_index
+from .generate import BasisGroup
+from .spec import KOHYA_LAYER, LoraModuleSpec, token_index
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,11 @@ The authors report that about 50 fine-tuning steps starting from the generated L
 better ID LoRA.  Two ways are offered (``mode``):
 
 * ``coefficients``: tune the identity's tokens ``[Q, K]`` (1,120 x 128 for the released models).
-  The LoRA is rebuilt from the tokens at every step (:func:`hyperlora.lora_functional.lora_factors`)
+  The LoRA is rebuilt from the tokens at every step (:func:`token_factors`)
   and each token is kept L2-normalised as the resampler makes them (format §5.4), so the result is
-  an ordinary identity: saved, loaded, mixed and built like any other.
+  an ordinary identity: saved, loaded, mixed and built like any other.  The factors come from
+  :func:`token_factors` (inference-safe, the very numbers Build LoRA makes) and act through
+  :func:`hyperlora.lora_functional.applied` (shared with training).
 * ``lora``: tune the built LoRA matrices (down and up of every module) directly; the result is a
   kohya LoRA (rank and alpha unchanged).
 
@@ -25,18 +27,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torch.utils.checkpoint import checkpoint
+
 from .bundle import lora_from_identity
 from .errors import LoraError, SettingError, check_choice
-from .generate import HyperLoRAModel
+from .generate import HyperLoRAModel, batched_matvecs
 from .identity import Identity, check_identity_fits
 from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, GeneratedLora, normalize_tokens
-from .lora_functional import LoraHooks, checkpointed, lora_factors
+from .lora_functional import LORA_SCALE, Factors, LoraTerm, applied
+from .spec import kohya_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,86 @@ EVAL_DRAWS = 8
 """Fixed draws of the before / after loss (timesteps stratified over the schedule)."""
 EVAL_BATCH = 4
 MAX_STEPS = 10_000
+
+
+BACKWARD_CHUNK_BYTES = 64 << 20
+"""Basis bytes converted to float32 at a time in the backward pass of :func:`token_factors`."""
+
+
+class _BasisMatvec(torch.autograd.Function):
+    """``out[m] = basis[m] @ coeffs[m]`` (basis ``[M, N, K]`` constant, coeffs ``[M, K]``) -> float32 ``[M, N]``."""
+
+    @staticmethod
+    def forward(ctx: Any, basis: Tensor, coeffs: Tensor) -> Tensor:  # type: ignore[override]
+        # the basis is a constant buffer, possibly made in inference mode (ComfyUI loads models so): kept as
+        # an attribute, not saved for backward, so autograd neither refuses nor copies it
+        ctx.basis, ctx.coeff_dtype = basis, coeffs.dtype
+        with torch.no_grad():
+            (out,) = batched_matvecs([(basis, coeffs.detach().to(device=basis.device, dtype=basis.dtype))])
+        return out.float()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        basis: Tensor = ctx.basis
+        m, n, k = basis.shape
+        step = max(1, BACKWARD_CHUNK_BYTES // max(1, n * k * 4))
+        g = grad.to(device=basis.device, dtype=torch.float32)
+        out = torch.empty(m, k, dtype=torch.float32, device=basis.device)
+        for s in range(0, m, step):
+            out[s:s + step] = torch.bmm(g[s:s + step].unsqueeze(1), basis[s:s + step].float()).squeeze(1)
+        return None, out.to(ctx.coeff_dtype)
+
+
+def token_factors(model: HyperLoRAModel, tokens: Tensor) -> Factors:
+    """Identity tokens ``[Q, K]`` -> ``{kohya prefix: (down [1, r, in], up [1, out, r])}`` float32, with
+    gradients to the tokens (the factor layout of :mod:`hyperlora.lora_functional`).
+
+    The forward pass runs the kernels of :meth:`HyperLoRAModel.build_lora` (same numbers as Build LoRA);
+    the backward pass streams ``basis^T @ grad`` through the basis in float32 chunks.  Unlike
+    :func:`hyperlora.lora_functional.basis_factors` it never saves the basis for backward, so it works
+    on models loaded in inference mode and keeps no fp32 copy of a 3 GB basis.
+    """
+    q, k = model.arch.num_tokens, model.arch.hyper_dim
+    if tokens.dim() != 2 or tuple(tokens.shape) != (q, k):
+        raise LoraError(f"coefficient tokens have shape {list(tokens.shape)} but HyperLoRA model '{model.name}' "
+                        f"needs [{q}, {k}]; make the identity with this model.")
+    t = tokens.to(device=model.device)
+    out: Factors = {}
+    for g, down_b, up_b in model.basis_groups("id"):
+        tok = getattr(model, g.token_buffer).clone()     # index_select keeps it for backward: a plain copy
+        m, r = len(g.entries), g.rank
+        downs = _BasisMatvec.apply(down_b, t.index_select(0, tok)).view(m, g.in_features, r).transpose(1, 2)
+        ups = _BasisMatvec.apply(up_b, t.index_select(0, tok + 1)).view(m, r, g.out_features).transpose(1, 2)
+        for (i, layer), d, u in zip(g.entries, downs.unbind(0), ups.unbind(0)):
+            out[kohya_prefix(model.arch.modules[i], layer)] = (d[None], u[None])
+    return out
+
+
+@contextlib.contextmanager
+def checkpointed(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Activation checkpointing for ``modules`` while gradients are recorded (their ``forward`` is
+    wrapped on the instance and restored on exit; without grad they run as usual), so a backward pass
+    through a large frozen network holds one block's intermediates at a time."""
+    wrapped: list[tuple[nn.Module, Any]] = []
+
+    def wrap(forward: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+        return run
+
+    try:
+        for module in modules:
+            wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = wrap(module.forward)  # type: ignore[method-assign]
+        yield
+    finally:
+        for module, previous in reversed(wrapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -157,7 +243,8 @@ def check_settings(mode: str, steps: int, learning_rate: float, strength: float)
 class Refiner:
     """The trainable state of one refinement: parameters, optimiser, LoRA hooks; one :meth:`step` at a time.
 
-    Use as a context manager (hooks and checkpointing on while inside), under
+    Use as a context manager (checkpointing on while inside; the LoRA hooks are on during each
+    :meth:`evaluate` / :meth:`step`), under
     ``torch.inference_mode(False)`` with gradients enabled (:func:`refine` does all of that).
     ``targets``: ``{kohya prefix: nn.Linear}`` of the diffusion model; nothing else of it is changed
     and no gradient is stored on it (``torch.autograd.grad`` on our parameters only).
@@ -175,8 +262,12 @@ class Refiner:
         if missing:
             raise LoraError(f"{len(missing)} of {len(self.prefixes)} LoRA modules have no layer in the diffusion model "
                             f"(e.g. {missing[0]}); refine with the SDXL model the identity is meant for.")
-        scale = {p: float(strength) * float(start[p + ALPHA_SUFFIX]) / start[p + DOWN_SUFFIX].shape[0]
-                 for p in self.prefixes}
+        ratios = {float(start[p + ALPHA_SUFFIX]) / start[p + DOWN_SUFFIX].shape[0] for p in self.prefixes}
+        if ratios != {LORA_SCALE}:
+            raise LoraError(f"The LoRA of HyperLoRA model '{model.name}' has alpha / rank {sorted(ratios)}, not "
+                            f"{LORA_SCALE}; this pack builds every LoRA with alpha = rank / 2.")
+        self.targets = {p: targets[p] for p in self.prefixes}
+        self.scale = LORA_SCALE * float(strength)
         device = model.device
         if mode == "coefficients":
             self.tokens = identity.tokens.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
@@ -186,48 +277,39 @@ class Refiner:
                                   .requires_grad_(True) for suffix in (DOWN_SUFFIX, UP_SUFFIX)) for p in self.prefixes}
             self.params = [t for pair in self.mats.values() for t in pair]
         self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
-        self.hooks = LoraHooks({p: targets[p] for p in self.prefixes}, scale)
         self._checkpoint_modules = list(checkpoint_modules)
         self._checkpoint: contextlib.AbstractContextManager[None] | None = None
 
-    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The current LoRA factors (rebuilt from the tokens in coefficients mode)."""
+    def factors(self) -> Factors:
+        """The current LoRA factors (rebuilt from the tokens in coefficients mode), ``[1, ...]`` each."""
         if self.mode == "coefficients":
-            return lora_factors(self.model, normalize_tokens(self.tokens))
-        return dict(self.mats)  # type: ignore[arg-type]
+            return token_factors(self.model, normalize_tokens(self.tokens))
+        return {p: (d[None], u[None]) for p, (d, u) in self.mats.items()}
 
     def __enter__(self) -> Refiner:
-        self.hooks.__enter__()
-        try:
-            self._checkpoint = checkpointed(self._checkpoint_modules)
-            self._checkpoint.__enter__()
-        except BaseException:
-            self.hooks.__exit__(None, None, None)
-            raise
+        self._checkpoint = checkpointed(self._checkpoint_modules)
+        self._checkpoint.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            if self._checkpoint is not None:
-                self._checkpoint.__exit__(None, None, None)
-                self._checkpoint = None
-        finally:
-            self.hooks.__exit__(None, None, None)
+        if self._checkpoint is not None:
+            self._checkpoint.__exit__(None, None, None)
+            self._checkpoint = None
 
     def evaluate(self, task: DenoiseTask, draws: Sequence[Draw]) -> float:
         """Mean epsilon loss over ``draws`` with the current LoRA (no gradients)."""
-        with torch.no_grad():
-            self.hooks.factors = self.factors()
-        return _eval(task, draws)
+        with torch.no_grad(), applied(self.targets, [LoraTerm(self.factors(), self.scale)]):
+            return _eval(task, draws)
 
     def step(self, task: DenoiseTask, draw: Draw) -> float:
-        """One optimiser step on one draw; returns its loss."""
-        self.hooks.factors = self.factors()
-        loss = epsilon_loss(task, [draw])
-        if not torch.isfinite(loss):
-            raise SettingError(f"The loss became {float(loss.detach())}; lower the learning rate "
-                               f"(it is {self.optimizer.param_groups[0]['lr']:g}).")
-        grads = torch.autograd.grad(loss, self.params)      # gradients of our parameters only
+        """One optimiser step on one draw; returns its loss.  The hooks stay on through the backward
+        pass, where checkpointed blocks run again."""
+        with applied(self.targets, [LoraTerm(self.factors(), self.scale)]):
+            loss = epsilon_loss(task, [draw])
+            if not torch.isfinite(loss):
+                raise SettingError(f"The loss became {float(loss.detach())}; lower the learning rate "
+                                   f"(it is {self.optimizer.param_groups[0]['lr']:g}).")
+            grads = torch.autograd.grad(loss, self.params)      # gradients of our parameters only
         for p, g in zip(self.params, grads):
             p.grad = g
         self.optimizer.step()
@@ -310,4 +392,5 @@ def refine(
 
 
 __all__ = ["DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "DenoiseTask", "Draw", "EVAL_DRAWS", "MODES", "RefineResult",
-           "Refiner", "epsilon_loss", "eval_draws", "plain_task", "refine", "training_draws"]
+           "Refiner", "checkpointed", "epsilon_loss", "eval_draws", "plain_task", "refine", "token_factors",
+           "training_draws"]

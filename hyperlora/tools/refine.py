@@ -18,32 +18,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checkpoint import load_hyper_lora
 from ..errors import DependencyError, HyperLoRAError, ImageInputError
 from ..identity import load_identity, save_identity
 from ..lora_file import lora_metadata, save_lora_file
+from ..lora_functional import diffusers_lora_targets
 from ..refine import DEFAULT_STEPS, MODES, DenoiseTask, refine
 
 logger = logging.getLogger(__name__)
-
-ATTENTION_LINEAR = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-"""diffusers names of the attention projections HyperLoRA adapts; kohya prefix = lora_unet_ + name with '_'."""
-
-
-def unet_targets(unet: nn.Module) -> dict[str, nn.Module]:
-    """``{kohya prefix: nn.Linear}`` of a diffusers UNet's attention projections."""
-    return {"lora_unet_" + name.replace(".", "_"): m for name, m in unet.named_modules()
-            if isinstance(m, nn.Linear) and ATTENTION_LINEAR.search(name)}
-
 
 def load_photos(paths: Sequence[str | Path], size: int) -> Tensor:
     """Photos -> ``[N, 3, size, size]`` in -1..1 (centre crop to a square, then resize)."""
@@ -149,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return x - s * eps
 
         blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]  # type: ignore[attr-defined]
-        result = refine(model, identity, unet_targets(unet), DenoiseTask(denoise, latents, sigmas),  # type: ignore[arg-type]
+        result = refine(model, identity, diffusers_lora_targets(unet), DenoiseTask(denoise, latents, sigmas),  # type: ignore[arg-type]
                         mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, strength=args.strength,
                         seed=args.seed, checkpoint_modules=blocks,
                         on_step=lambda i, loss: logger.info("step %d/%d: loss %.5f", i + 1, args.steps, loss))

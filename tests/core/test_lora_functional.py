@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hyperlora.checkpoint import KOHYA_LAYER, LORA_LAYERS, load_hyper_lora
+from hyperlora.checkpoint import load_hyper_lora
+from hyperlora.spec import KOHYA_LAYER, LORA_LAYERS
 from hyperlora.errors import LoraError
 from hyperlora.lora_functional import (LORA_SCALE, LoraTerm, applied, basis_factors, diffusers_lora_targets,
                                        factors_from_lora, low_rank_delta)

@@ -1,8 +1,8 @@
-"""hyperlora/lora_functional.py and hyperlora/refine.py on a tiny HyperLoRA model and a small
-plain-PyTorch epsilon model whose attention layers carry the model's kohya names.
+"""hyperlora/refine.py on a tiny HyperLoRA model and a small plain-PyTorch epsilon model whose
+attention layers carry the model's kohya names (the hooks themselves: tests/core/test_lora_functional.py).
 
-* the differentiable factors equal the built LoRA, and their gradient equals a float64 einsum reference;
-* the hooks add exactly ``scale * up @ down`` to a Linear's output (shared and per-sample factors) and go away;
+* the inference-safe token factors equal the built LoRA, their gradient a float64 einsum reference, and
+  they work on a model whose basis was made in inference mode;
 * checkpointing changes no gradient;
 * refine lowers the denoising loss in both modes, leaves the network untouched, and the
   coefficients result is an identity that saves and reloads.
@@ -21,8 +21,9 @@ from hyperlora.checkpoint import load_hyper_lora
 from hyperlora.errors import IdentityFileError, LoraError, SettingError
 from hyperlora.identity import Identity, load_identity, save_identity
 from hyperlora.lora import normalize_tokens
-from hyperlora.lora_functional import LoraHooks, checkpointed, lora_factors
-from hyperlora.refine import DenoiseTask, epsilon_loss, eval_draws, refine, training_draws
+from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied
+from hyperlora.refine import (DenoiseTask, checkpointed, epsilon_loss, eval_draws, refine, token_factors,
+                              training_draws)
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 from tests.fixtures.loras import random_tokens
 
@@ -107,22 +108,23 @@ def toy_setup(seed: int = 0):
     return net, targets, DenoiseTask(denoise, latents, sigmas)
 
 
-# --------------------------------------------------------------------------- lora_functional
+# --------------------------------------------------------------------------- factors, checkpointing
 
 
-def test_factors_equal_the_built_lora_and_their_gradient_the_reference(model, folder):
+def test_token_factors_equal_the_built_lora_and_their_gradient_the_reference(model, folder):
     from safetensors.torch import load_file
 
     ident = identity_of(model)
     built = lora_from_identity(model, ident)
     tokens = ident.tokens.clone().requires_grad_(True)
-    factors = lora_factors(model, tokens)
+    factors = token_factors(model, tokens)
     assert len(factors) == len(TINY.modules) * 4
     for prefix, (down, up) in factors.items():
-        assert torch.equal(down, built[prefix + ".lora_down.weight"]) and torch.equal(up, built[prefix + ".lora_up.weight"])
-    weights = {p: torch.randn(up.shape[0], down.shape[1], generator=torch.Generator().manual_seed(i))
+        assert down.shape[0] == up.shape[0] == 1
+        assert torch.equal(down[0], built[prefix + ".lora_down.weight"]) and torch.equal(up[0], built[prefix + ".lora_up.weight"])
+    weights = {p: torch.randn(up.shape[1], down.shape[2], generator=torch.Generator().manual_seed(i))
                for i, (p, (down, up)) in enumerate(sorted(factors.items()))}
-    loss = sum((up @ down * weights[p]).sum() for p, (down, up) in factors.items())
+    loss = sum((up[0] @ down[0] * weights[p]).sum() for p, (down, up) in factors.items())
     (grad,) = torch.autograd.grad(loss, tokens)
     # float64 reference straight from the basis file (format §5.5)
     basis = load_file(str(folder / "hyper_lora_modules.safetensors"))
@@ -135,43 +137,28 @@ def test_factors_equal_the_built_lora_and_their_gradient_the_reference(model, fo
             ref = ref + (up @ down * weights[f"{name}_{KOHYA[layer]}"].double()).sum()
     (ref_grad,) = torch.autograd.grad(ref, t)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4, rtol=1e-4)
-    # per-sample factors: one set per token matrix
-    two = lora_factors(model, torch.stack([ident.tokens, identity_of(model, 4).tokens]))
-    p = next(iter(two))
-    assert two[p][0].shape[0] == 2 and torch.equal(two[p][0][0], factors[p][0].detach())
     with pytest.raises(LoraError, match="needs \\[40, 6\\]"):
-        lora_factors(model, torch.zeros(8, 6))
+        token_factors(model, torch.zeros(8, 6))
 
 
-def test_hooks_add_the_low_rank_update_and_go_away():
-    lin = nn.Linear(6, 5)
-    down, up = torch.randn(2, 6), torch.randn(5, 2)
-    x = torch.randn(3, 7, 6)
-    plain = lin(x)
-    with LoraHooks({"m": lin}, 0.25) as hooks:
-        assert torch.equal(lin(x), plain)                              # no factors yet: untouched
-        hooks.factors = {"m": (down, up)}
-        merged = torch.nn.functional.linear(x, lin.weight + 0.25 * up @ down, lin.bias)
-        torch.testing.assert_close(lin(x), merged)
-        per = (torch.stack([down, 2 * down, 0 * down]), torch.stack([up, up, up]))
-        hooks.factors = {"m": per}
-        got = lin(x)
-        for b, f in enumerate((1.0, 2.0, 0.0)):
-            w = lin.weight + 0.25 * f * up @ down
-            torch.testing.assert_close(got[b], torch.nn.functional.linear(x[b], w, lin.bias))
-        with pytest.raises(LoraError, match="per-sample LoRA factors for 3 samples"):
-            lin(torch.randn(2, 7, 6))
-    assert not lin._forward_hooks and torch.equal(lin(x), plain)
+def test_token_factors_work_on_a_model_loaded_in_inference_mode(folder):
+    with torch.inference_mode():            # as ComfyUI loads every model: inference-mode buffers
+        frozen = load_hyper_lora(folder, dtype=torch.float32)
+    ident = identity_of(frozen)
+    tokens = ident.tokens.clone().requires_grad_(True)
+    loss = sum(u.sum() * d.sum() for d, u in token_factors(frozen, tokens).values())
+    (grad,) = torch.autograd.grad(loss, tokens)
+    assert grad.shape == tokens.shape and float(grad.abs().sum()) > 0
 
 
 def test_checkpointing_changes_no_gradient():
     net, targets, task = toy_setup()
     w = torch.randn(4, 4, requires_grad=True)
-    hooks_f = {p: (torch.zeros(1, m.in_features), torch.zeros(m.out_features, 1)) for p, m in targets.items()}
+    zero = {p: (torch.zeros(1, 1, m.in_features), torch.zeros(1, m.out_features, 1)) for p, m in targets.items()}
 
     def grad(modules):
-        with LoraHooks(targets, 1.0) as h, checkpointed(modules):
-            h.factors = {p: (d + w.sum() * 0.01, u + 0.1) for p, (d, u) in hooks_f.items()}
+        factors = {p: (d + w.sum() * 0.01, u + 0.1) for p, (d, u) in zero.items()}
+        with applied(targets, [LoraTerm(factors, 1.0)]), checkpointed(modules):
             loss = epsilon_loss(task, eval_draws(2, 1000, 0, 2))
             return torch.autograd.grad(loss, w)[0]
 
@@ -207,10 +194,8 @@ def test_refine_lowers_the_loss_and_leaves_the_network_untouched(model, mode, lr
     assert all(p.grad is None for p in net.parameters())
     assert all(not m._forward_hooks for m in net.modules()) and all("forward" not in b.__dict__ for b in net.blocks)
     # the before loss is the loss of the unrefined LoRA, measured the same way
-    with LoraHooks(targets, 0.5 * strength) as h:
-        h.factors = lora_factors(model, ident.tokens)
-        with torch.no_grad():
-            again = float(epsilon_loss(task, eval_draws(2, 1000, 1)[:4]) + epsilon_loss(task, eval_draws(2, 1000, 1)[4:])) / 2
+    with torch.no_grad(), applied(targets, [LoraTerm(token_factors(model, ident.tokens), LORA_SCALE * strength)]):
+        again = float(epsilon_loss(task, eval_draws(2, 1000, 1)[:4]) + epsilon_loss(task, eval_draws(2, 1000, 1)[4:])) / 2
     assert again == pytest.approx(result.loss_before, rel=1e-5)
     if mode == "coefficients":
         new = result.identity

@@ -51,12 +51,12 @@ def tiny_sdxl(folder: Path) -> Path:
 def setup(tmp_path_factory):
     if diffusers is None:
         skip_or_fail("pip install diffusers (the refine CLI runs a diffusers UNet)")
-    from hyperlora.tools.refine import unet_targets
+    from hyperlora.lora_functional import diffusers_lora_targets
 
     root = tmp_path_factory.mktemp("refine_cli")
     sdxl = tiny_sdxl(root / "sdxl")
     unet = diffusers.UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
-    targets = unet_targets(unet)
+    targets = diffusers_lora_targets(unet)
     specs = [(p[: -len("_to_q")], m.in_features, targets[p[: -len("_to_q")] + "_to_k"].in_features
               if "_attn2" in p else None) for p, m in targets.items() if p.endswith("_to_q")]
     assert len(targets) == 4 * len(specs) and len(specs) == 8     # attn1 + attn2 of 4 transformer blocks (down, mid, 2 up)
