@@ -421,7 +421,7 @@ def best_of_n() -> Workflow:
     holder: dict[str, Node] = {}
 
     def keep_best(decode: Node) -> Out:
-        best = wf.add("HyperLoRAStudioBestOfN", "Keep the 2 most alike", (1200, 500), hyper_lora=hl, images=decode,
+        best = wf.add("HyperLoRAStudioBestOfN", "Keep the 2 most alike", (1200, 760), hyper_lora=hl, images=decode,
                       keep=2, face_choice="largest", face_index=0, det_size="640", identity=ident)
         holder["best"] = best
         return best[0]
