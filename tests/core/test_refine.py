@@ -230,3 +230,24 @@ def test_refine_settings_and_misfits_are_refused(model):
     other = Identity(ident.tokens[:8], None, "x", "y", 1, {})
     with pytest.raises(IdentityFileError):
         refine(model, other, targets, task, steps=1)
+
+
+def test_refine_stops_on_interrupt_and_cleans_up(model):
+    net, targets, task = toy_setup()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        refine(model, identity_of(model), targets, task, steps=10, checkpoint_modules=list(net.blocks),
+               check_interrupt=check)
+    assert len(calls) == 3                                  # checked before every step, stopped at the third
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert all(not m._forward_hooks for m in net.modules()) and all("forward" not in b.__dict__ for b in net.blocks)
