@@ -74,19 +74,24 @@ def hyper_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
 
 
 def sampling(wf: Workflow, model: Out | Node, clip: Node, vae: Out, *, x: float, y: float = 0, prefix: str,
-             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None, text: str = PROMPT) -> list[Node]:
-    """Prompts, empty latent, KSampler (authors' settings), decode, save. Returns the created nodes."""
+             conditioning: Callable[[Node, Node], tuple[Out, Out]] | None = None, text: str = PROMPT,
+             batch_size: int = 1, pick: Callable[[Node], Out | Node] | None = None) -> list[Node]:
+    """Prompts, empty latent, KSampler (authors' settings), decode, save. Returns the created nodes.
+
+    ``pick(decode)`` puts a node between the decoded images and the save node (e.g. Best of N)."""
     pos = wf.add("CLIPTextEncode", "Positive prompt (starts with the trigger words)", (x, y), node_width=400,
                  clip=clip, text=text)
     neg = wf.add("CLIPTextEncode", "Negative prompt", (x, y + 230), node_width=400, clip=clip, text=NEGATIVE)
-    latent = wf.add("EmptyLatentImage", "Image size", (x, y + 440), node_width=400, width=1024, height=1024,
-                    batch_size=1)
+    latent = wf.add("EmptyLatentImage", "Image size" if batch_size == 1 else f"Image size, {batch_size} images",
+                    (x, y + 440), node_width=400, width=1024, height=1024, batch_size=batch_size)
     p, n = conditioning(pos, neg) if conditioning else (pos[0], neg[0])
     sampler = wf.add("KSampler", "Sampler (authors' settings)", (x + 440, y), model=model, positive=p, negative=n,
                      latent_image=latent, seed=SEED, steps=20, cfg=5.0, sampler_name="dpmpp_2m",
                      scheduler="karras", denoise=1.0)
     decode = wf.add("VAEDecode", "Decode", (x + 440, y + 330), samples=sampler, vae=vae)
-    save = wf.add("SaveImage", "Save image", (x + 800, y), node_width=420, images=decode, filename_prefix=prefix)
+    images = pick(decode) if pick else decode
+    save = wf.add("SaveImage", "Save image" if pick is None else "Save the kept images", (x + 800, y), node_width=420,
+                  images=images, filename_prefix=prefix)
     wf.group("Generate", [pos, neg, latent, sampler, decode, save], "#3f789e")
     return [pos, neg, latent, sampler, decode, save]
 
@@ -542,10 +547,71 @@ def group_photo() -> Workflow:
     return wf
 
 
+def best_of_n() -> Workflow:
+    wf = Workflow("best_of_n", "HyperLoRA: generate 8, keep the 2 most alike",
+                  "one face photo -> identity LoRA -> 8 images -> Best of N keeps the 2 whose face is most like the "
+                  "person (ArcFace similarity)",
+                  "Load a clear photo of the person in 'Face photo'. The sampler makes 8 images (batch of 8); Best "
+                  "of N scores each against the identity with the same face models the identity was made with and "
+                  "keeps the 2 most alike, best first. Raise 'keep' or the batch size as you like; images without "
+                  "a face come last.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
+    wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
+    holder: dict[str, Node] = {}
+
+    def keep_best(decode: Node) -> Out:
+        best = wf.add("HyperLoRAStudioBestOfN", "Keep the 2 most alike", (1200, 760), hyper_lora=hl, images=decode,
+                      keep=2, face_choice="largest", face_index=0, det_size="640", identity=ident)
+        holder["best"] = best
+        return best[0]
+
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/best_of_n", batch_size=8, pick=keep_best)
+    wf.group("Best of N", [holder["best"]], "#a1309b")
+    return wf
+
+
+def refine_identity() -> Workflow:
+    wf = Workflow("refine_identity", "HyperLoRA: refine an identity on the person's photos (50 steps)",
+                  "face photo -> identity -> Refine Identity (50 fine-tuning steps, SDXL frozen) -> saved identity "
+                  "file -> text to image",
+                  "Load a photo of the person in 'Face photo' (more photos: batch them, as in t2i_several_photos). "
+                  "The photo is scaled to 1024x1024 and encoded by the VAE; Refine Identity tunes the identity's "
+                  "coefficients for 50 steps on it with the prompt 'fcsks fxhks fhyks, a photo of a person' (use a "
+                  "class word that fits: man, woman, ...). The report shows the denoising loss before and after. "
+                  "The refined identity is saved to output/hyper_lora_identities/my_face_refined_00001_.safetensors "
+                  "and used for the image. mode 'lora' tunes the LoRA matrices instead (no identity file then). "
+                  "Each step is a forward and backward pass of the SDXL UNet: use a GPU.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    ident = identity(wf, hl, photo, "Identity from photos", (380, 300))
+    scaled = wf.add("ImageScale", "Photo at 1024x1024", (380, 620), image=photo, upscale_method="lanczos",
+                    width=1024, height=1024, crop="center")
+    encode = wf.add("VAEEncode", "Encode the photo", (380, 800), pixels=scaled, vae=ckpt[2])
+    prompt = wf.add("CLIPTextEncode", "Prompt of the photos (trigger words + class word)", (380, 920), node_width=400,
+                    clip=skip, text=TRIGGER + "a photo of a person")
+    wf.group("Identity and photos", [hl, photo, ident, scaled, encode, prompt], "#8A8")
+    refine = wf.add("HyperLoRAStudioRefineIdentity", "Refine identity (50 steps)", (820, 620), model=ckpt[0],
+                    hyper_lora=hl, identity=ident, latent=encode, positive=prompt, mode="coefficients", steps=50,
+                    learning_rate=0.0, strength=0.85, seed=0)
+    save = wf.add("HyperLoRAStudioSaveIdentity", "Save refined identity", (820, 1000), identity=refine[0],
+                  filename_prefix="my_face_refined")
+    apply = wf.add("HyperLoRAStudioApply", "Apply refined LoRA", (820, 1140), model=ckpt[0], lora=refine[1],
+                   strength=0.85)
+    wf.group("Refine", [refine, save, apply], "#a1309b")
+    sampling(wf, apply, skip, ckpt[2], x=1260, prefix="HyperLoRA/refined")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
                                           identity_load, two_people, face_inpaint, instantid_controlnet,
-                                          face_detailer, group_photo)
+                                          face_detailer, group_photo, best_of_n, refine_identity)
 
 
 def readme(workflows: list[Workflow]) -> str:

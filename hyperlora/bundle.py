@@ -27,7 +27,7 @@ from .errors import FaceNotFoundError, LoraError, SettingError, check_choice
 from .faces.analysis import FaceAnalyzer
 from .faces.options import DEFAULTS, FaceOptions
 from .generate import HyperLoRAModel
-from .identity import Identity, check_identity_fits
+from .identity import Identity, check_identity_fits, mean_face_embedding
 from .lora import DOWN_SUFFIX, UP_SUFFIX, GeneratedLora, difference, lora_prefixes, mix_tokens, weighted_sum
 from .pipeline import FaceConditions, extract_conditions
 
@@ -77,7 +77,11 @@ def clip_width_needed(model: HyperLoRAModel) -> int | None:
 
 
 def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str]) -> Identity:
-    """Resampler tokens of one person from the extracted conditions (mean over the used images)."""
+    """Resampler tokens of one person from the extracted conditions (mean over the used images).
+
+    The identity records the mean ArcFace embedding of the photos when ``cond`` has them
+    (``face_embedding``, for :mod:`hyperlora.similarity`).
+    """
     device, dtype = model_device(model)
 
     def put(t: Tensor | None) -> Tensor | None:
@@ -95,6 +99,7 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
         model_fingerprint=model.fingerprint,
         num_images=len(cond.used),
         settings=dict(settings),
+        face_embedding=None if cond.id_embeds is None else mean_face_embedding(cond.id_embeds),
     )
 
 
@@ -109,12 +114,13 @@ def identity_from_images(
 ) -> tuple[Identity, FaceConditions]:
     """Face photos (uint8 RGB ``[H, W, 3]`` each) -> identity and the conditions used.
 
-    Raises :class:`FaceNotFoundError` when no image holds a usable face (whatever the
+    ArcFace always runs (also for a model that reads only CLIP), so every identity records the
+    person's face embedding.  Raises :class:`FaceNotFoundError` when no image holds a usable face (whatever the
     no-face policy: with "skip" only the faceless images are dropped).
     """
-    need_id, need_clip, need_base = conditions_needed(model)
+    _need_id, need_clip, need_base = conditions_needed(model)
     cond = extract_conditions(
-        images, analyzer=analyzer, clip=clip, need_id=need_id, need_clip=need_clip, need_base=need_base,
+        images, analyzer=analyzer, clip=clip, need_id=True, need_clip=need_clip, need_base=need_base,
         face_choice=options.face_choice, face_index=options.face_index,
         remove_background=options.remove_background, grayscale=options.grayscale,
         no_face=options.no_face, det_size=options.det_size,

@@ -6,8 +6,12 @@ optionally the Base-LoRA tokens.  Together with the model that made them they
 rebuild the LoRA bit for bit, so an identity file (about 0.57 MB for the
 released models, ``1120 x 128`` float32) replaces a 23 MB LoRA.
 
+An identity also carries the person's face as ArcFace sees it
+(``face_embedding``: the L2-normalised mean of the photos' embeddings), which
+:mod:`hyperlora.similarity` scores generated images against.
+
 Identity files are ``.safetensors`` with tensors ``tokens`` (and
-``base_tokens``) and string metadata: ``format`` = :data:`IDENTITY_FORMAT`,
+``base_tokens``, and since format version 2 ``face_embedding`` ``[512]``) and string metadata: ``format`` = :data:`IDENTITY_FORMAT`,
 ``format_version``, ``model_name``, ``model_fingerprint``, ``num_queries``,
 ``hyper_dim``, ``num_images``, ``settings`` (JSON).  Nothing is ever unpickled.
 """
@@ -28,10 +32,9 @@ from .errors import IdentityFileError
 from .generate import HyperLoRAModel
 from .lora import mix_tokens
 from .safetensors_io import looks_pickled, save_file_atomic
-from .spec import IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
+from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -43,6 +46,9 @@ class Identity:
     ``model_name`` / ``model_fingerprint``: the model that made them
     (``HyperLoRAModel.name`` / ``.fingerprint``).  ``num_images``: photos used.
     ``settings``: how the photos were processed (face choice, background, ...).
+    ``face_embedding``: ``[512]`` float32, the L2-normalised mean ArcFace embedding of the photos
+    (:func:`mean_face_embedding`), or None for identities saved before it was recorded
+    (identity format version 1).
     """
 
     tokens: Tensor
@@ -51,6 +57,25 @@ class Identity:
     model_fingerprint: str
     num_images: int
     settings: dict[str, str] = field(default_factory=dict)
+    face_embedding: Tensor | None = None
+
+
+def mean_face_embedding(embeds: Tensor, weights: Sequence[float] | None = None) -> Tensor:
+    """``[N, 512]`` ArcFace embeddings -> their (weighted) mean, L2-normalised: ``[512]`` float32 on the CPU.
+
+    Each row is normalised first, so every photo counts by its weight whatever its norm.
+    Raises :class:`IdentityFileError` for an empty batch or a mean of length zero (opposite faces).
+    """
+    e = torch.as_tensor(embeds).detach().to(device="cpu", dtype=torch.float32)
+    if e.dim() != 2 or e.shape[0] == 0 or e.shape[1] != FACE_EMBEDDING_DIM:
+        raise IdentityFileError(f"Face embeddings must be [N, {FACE_EMBEDDING_DIM}] with N >= 1, got {_shape(e)}.")
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    w = torch.full((e.shape[0],), 1.0) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+    mean = (w[:, None] * e).sum(0)
+    norm = float(mean.norm())
+    if not norm > 1e-6:
+        raise IdentityFileError("The weighted mean of the face embeddings is zero; give positive weights.")
+    return mean / norm
 
 
 def _shape(t: Tensor) -> str:
@@ -67,8 +92,18 @@ def _check_tokens(t: Tensor, what: str, where: str) -> None:
         raise IdentityFileError(f"{where}: {what} contain NaN or infinite values; re-create the identity from the photos.")
 
 
+def _check_embedding(t: Tensor, where: str) -> None:
+    if not isinstance(t, Tensor) or tuple(t.shape) != (FACE_EMBEDDING_DIM,) or not t.is_floating_point():
+        got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+        raise IdentityFileError(f"{where}: its face embedding must be a float vector [{FACE_EMBEDDING_DIM}], got {got}; "
+                                "re-create the identity from the photos.")
+    if not bool(torch.isfinite(t).all()) or not float(t.float().norm()) > 0:
+        raise IdentityFileError(f"{where}: its face embedding is zero or not finite; re-create the identity from the photos.")
+
+
 def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
-    """Write ``identity`` to ``path`` (``.safetensors``), tokens as float32 ``[Q, K]``.
+    """Write ``identity`` to ``path`` (``.safetensors``), tokens as float32 ``[Q, K]``, the face
+    embedding (when the identity has one) as float32 ``[512]``.
 
     The file is written under a temporary name and renamed, so an existing file
     is never left half-written.
@@ -87,6 +122,9 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
                 f"{_shape(identity.tokens)} have different sizes K."
             )
         tensors["base_tokens"] = identity.base_tokens.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+    if identity.face_embedding is not None:
+        _check_embedding(identity.face_embedding, where)
+        tensors["face_embedding"] = identity.face_embedding.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
     q, k = identity.tokens.shape
     meta = {
         "format": IDENTITY_FORMAT,
@@ -107,6 +145,8 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
 def load_identity(path: str | os.PathLike[str]) -> Identity:
     """Read an identity file written by :func:`save_identity`; tokens come back float32 on the CPU.
 
+    Version 1 files (before face embeddings were recorded) load with ``face_embedding=None``.
+
     Raises :class:`IdentityFileError` for a missing file, a file that is not
     safetensors (pickles are never opened), a safetensors file that is not an
     identity (e.g. a LoRA), a newer format version, missing tensors, tokens
@@ -121,7 +161,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens") if k in keys}
+            tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}
     except (SafetensorError, OSError) as exc:
         if looks_pickled(path):
             raise IdentityFileError(
@@ -159,6 +199,9 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     base = tensors.get("base_tokens")
     if base is not None:
         _check_tokens(base, "its Base-LoRA tokens", where)
+    embedding = tensors.get("face_embedding")
+    if embedding is not None:
+        _check_embedding(embedding, where)
     try:
         settings = json.loads(meta.get("settings", "{}"))
         num_images = int(meta.get("num_images", "0"))
@@ -173,6 +216,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         model_fingerprint=meta.get("model_fingerprint", ""),
         num_images=num_images,
         settings=settings,
+        face_embedding=None if embedding is None else embedding.to(torch.float32),
     )
 
 
@@ -242,7 +286,8 @@ def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base:
 def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> Identity:
     """Interpolate identities of the same model in coefficient space (:func:`hyperlora.lora.mix_tokens`).
 
-    Base-LoRA tokens are mixed too when every identity has them, else dropped.
+    Base-LoRA tokens are mixed too when every identity has them, else dropped; so are the face
+    embeddings (weighted mean, renormalised), which then describe the mix's face.
     All identities must come from the same model (same fingerprint).  The
     result's ``num_images`` is the sum; ``settings`` records the weights.
     """
@@ -259,6 +304,13 @@ def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> 
     tokens = mix_tokens([i.tokens for i in identities], weights)
     bases = [i.base_tokens for i in identities]
     base = mix_tokens(bases, weights) if all(b is not None for b in bases) else None  # type: ignore[arg-type]
+    embeds = [i.face_embedding for i in identities]
+    embedding = None
+    if all(e is not None for e in embeds):
+        try:
+            embedding = mean_face_embedding(torch.stack(embeds), weights)  # type: ignore[arg-type]
+        except IdentityFileError:          # weights that cancel out: the mix has no single face to record
+            embedding = None
     return Identity(
         tokens=tokens,
         base_tokens=base,
@@ -266,6 +318,7 @@ def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> 
         model_fingerprint=first.model_fingerprint,
         num_images=sum(i.num_images for i in identities),
         settings={"mix_weights": json.dumps([float(w) for w in weights]), "mixed": str(len(identities))},
+        face_embedding=embedding,
     )
 
 
@@ -275,6 +328,7 @@ __all__ = [
     "Identity",
     "check_identity_fits",
     "load_identity",
+    "mean_face_embedding",
     "mix_identities",
     "save_identity",
 ]

@@ -39,6 +39,7 @@ STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
     "HyperLoRAStudioApply": ("strength",),
     "HyperLoRAStudioApplyFromImages": ("strength",),
     "HyperLoRAStudioConditioning": ("strength",),
+    "HyperLoRAStudioRefineIdentity": ("strength",),
     "LoraLoader": ("strength_model",),
     "LoraLoaderModelOnly": ("strength_model",),
 }

@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +43,7 @@ API_NAMES = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
 T2I_ADAPTER_VERSION = "t2i-adapter-sdxl-random-v1"
 FACE = "astronaut.png"
 POSE = "pose_64.png"
+REFINE_STEPS = 3
 
 
 def _load_builder() -> ModuleType:
@@ -113,6 +115,8 @@ def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]
     overrides += [f"{nid}.size=64" for nid in q.find_nodes(graph, "HyperLoRAStudioCropByMask")]
     overrides += [f"{nid}.{side}=64" for nid in q.find_nodes(graph, "HyperLoRAStudioFaceKeypoints")
                   for side in ("width", "height")]
+    overrides += [f"{nid}.{side}=64" for nid in q.find_nodes(graph, "ImageScale") for side in ("width", "height")]
+    overrides += [f"{nid}.steps={REFINE_STEPS}" for nid in q.find_nodes(graph, "HyperLoRAStudioRefineIdentity")]
     pose = files["pose"] if q.find_nodes(graph, "LoadImage", "pose") else None
     return q.fill_workflow(graph, images=[FACE] * n_photos, pose_image=pose, model=SMALL_MODEL,
                            checkpoint=CHECKPOINT, steps=1, width=64, height=64, seed=3, overrides=overrides)
@@ -144,7 +148,7 @@ def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_workflow_exists_in_both_formats():
     assert UI_NAMES == API_NAMES
-    assert len(UI_NAMES) == 14
+    assert len(UI_NAMES) == 16
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -281,7 +285,7 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
 
 
 RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", "instantid_controlnet",
-             "face_detailer", "group_photo")
+             "face_detailer", "group_photo", "best_of_n")
 
 
 @pytest.mark.slow
@@ -294,6 +298,8 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     if name == "face_inpaint":          # the target photo's size after Scale to Total Pixels (0.04 MP)
         [(w, h)] = [im.size for im in images]
         assert w == h and 180 <= w <= 230
+    elif name == "best_of_n":           # 8 generated, the 2 kept
+        assert [im.size for im in images] == [(64, 64)] * 2
     else:
         assert {im.size for im in images} == {(64, 64)}
     if name in ("face_detailer", "group_photo"):
@@ -346,6 +352,30 @@ def test_identity_save_then_load(comfy_server, fixture_files):
     assert [im.size for im in loaded] == [(64, 64)]
     # same identity, seed, prompt and model: the reloaded identity gives the very same image
     assert np.array_equal(np.asarray(loaded[0]), np.asarray(saved[0]))
+
+
+@pytest.mark.slow
+def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_server, comfy_base, fixture_files):
+    """photos -> identity -> Refine Identity (random SDXL, 64 px, a few steps) -> saved identity -> image."""
+    from hyperlora.identity import load_identity
+
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("refine_identity")), fixture_files)
+    (refine_node,) = _ids(graph, "HyperLoRAStudioRefineIdentity")
+    assert graph[refine_node]["inputs"]["mode"] == "coefficients" and graph[refine_node]["inputs"]["steps"] == REFINE_STEPS
+    entry = _run(comfy_server, graph)
+    (report,) = entry["outputs"][refine_node]["text"]
+    m = re.search(r"before ([0-9.]+), after ([0-9.]+)", report)
+    assert m and f"{REFINE_STEPS} steps" in report, report
+    before, after = float(m.group(1)), float(m.group(2))
+    assert after < before, report            # the same fixed draws: the refined identity denoises the photo better
+    assert [im.size for im in _saved_images(comfy_server, entry, graph)] == [(64, 64)]
+    (save_node,) = _ids(graph, "HyperLoRAStudioSaveIdentity")
+    (written,) = entry["outputs"][save_node]["hyper_lora_files"]
+    path = comfy_base.base / "output" / "hyper_lora_identities" / written["subfolder"] / written["filename"]
+    refined = load_identity(path)
+    assert refined.settings["refined"].startswith(f"coefficients, {REFINE_STEPS} steps")
+    assert refined.face_embedding is not None and refined.tokens.shape == (8 * 140, 4)
+    assert "lora key not loaded" not in comfy_server.log_text()
 
 
 def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):

@@ -14,6 +14,7 @@ from hyperlora.identity import (
     Identity,
     check_identity_fits,
     load_identity,
+    mean_face_embedding,
     mix_identities,
     save_identity,
 )
@@ -67,7 +68,7 @@ def test_metadata_fields(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert sorted(f.keys()) == ["tokens"]
-    assert meta["format"] == "hyperlora.identity" and meta["format_version"] == "1"
+    assert meta["format"] == "hyperlora.identity" and meta["format_version"] == "2"
     assert (meta["num_queries"], meta["hyper_dim"], meta["num_images"]) == ("40", "6", "3")
     assert json.loads(meta["settings"]) == SETTINGS
     assert meta["model_name"] == "tiny_model" and meta["model_fingerprint"] == "f" * 64
@@ -137,9 +138,73 @@ def test_load_errors(tmp_path):
         load_identity(shape)
 
     newer = tmp_path / "newer.safetensors"
-    write_raw(newer, {"tokens": torch.zeros(8, 6)}, format_version="2")
+    write_raw(newer, {"tokens": torch.zeros(8, 6)}, format_version="3")
     with pytest.raises(IdentityFileError, match="newer HyperLoRA Studio .*update HyperLoRA Studio"):
         load_identity(newer)
+
+
+# ----------------------------------------------------------------- face embedding (format version 2)
+
+
+def unit(seed: int, n: int = 1) -> torch.Tensor:
+    e = torch.randn(n, 512, generator=torch.Generator().manual_seed(seed))
+    return e / e.norm(dim=1, keepdim=True)
+
+
+def test_face_embedding_round_trip_and_version_1_files(tmp_path):
+    emb = unit(3)[0]
+    ident = make_identity(face_embedding=emb)
+    save_identity(ident, tmp_path / "v2.safetensors")
+    back = load_identity(tmp_path / "v2.safetensors")
+    assert back.face_embedding.dtype == torch.float32 and torch.equal(back.face_embedding, emb)
+    assert torch.equal(back.tokens, ident.tokens)
+    # everything else is as in version 1: the same tensors and metadata apart from the version
+    save_identity(make_identity(), tmp_path / "plain.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "v2.safetensors"), "pt") as f2, safe_open(str(tmp_path / "plain.safetensors"), "pt") as f1:
+        assert sorted(f2.keys()) == ["face_embedding", "tokens"] and sorted(f1.keys()) == ["tokens"]
+        assert f2.metadata() == f1.metadata()
+    # a version 1 file (written before embeddings were recorded) loads, without an embedding
+    old = tmp_path / "v1.safetensors"
+    write_raw(old, {"tokens": ident.tokens[:8].contiguous()}, format_version="1")
+    v1 = load_identity(old)
+    assert v1.face_embedding is None and torch.equal(v1.tokens, ident.tokens[:8])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(512), "zero or not finite"),
+    (torch.full((512,), float("nan")), "zero or not finite"),
+    (torch.ones(256), r"float vector \[512\], got \[256\]"),
+])
+def test_bad_face_embeddings_are_refused(tmp_path, bad, match):
+    with pytest.raises(IdentityFileError, match="Cannot save the identity.*" + match):
+        save_identity(make_identity(face_embedding=bad), tmp_path / "bad.safetensors")
+    path = tmp_path / "raw.safetensors"
+    write_raw(path, {"tokens": torch.zeros(8, 6), "face_embedding": bad}, format_version="2")
+    with pytest.raises(IdentityFileError, match="damaged.*" + match):
+        load_identity(path)
+
+
+def test_mean_face_embedding_is_the_normalised_mean_of_normalised_rows():
+    e = unit(1, 3) * torch.tensor([[1.0], [5.0], [0.2]])        # norms must not act as weights
+    ref = unit(1, 3).mean(0)
+    torch.testing.assert_close(mean_face_embedding(e), ref / ref.norm())
+    w = mean_face_embedding(e, [1.0, 0.0, 0.0])
+    torch.testing.assert_close(w, unit(1, 3)[0])
+    with pytest.raises(IdentityFileError, match=r"\[N, 512\] with N >= 1"):
+        mean_face_embedding(torch.zeros(0, 512))
+    with pytest.raises(IdentityFileError, match="zero"):
+        mean_face_embedding(torch.cat([unit(2), -unit(2)]))
+
+
+def test_mixed_identity_carries_the_mixed_face_embedding():
+    a = make_identity(seed=1, face_embedding=unit(1)[0])
+    b = make_identity(seed=2, face_embedding=unit(2)[0])
+    m = mix_identities([a, b], [0.25, 0.75])
+    ref = 0.25 * unit(1)[0] + 0.75 * unit(2)[0]
+    torch.testing.assert_close(m.face_embedding, ref / ref.norm())
+    assert mix_identities([a, make_identity(seed=3)], [0.5, 0.5]).face_embedding is None
 
 
 # ----------------------------------------------------------------- mixing identities
