@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-
 from typing import Any
 
 import pytest
@@ -190,7 +189,8 @@ def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack,
     pos_out, neg_out, hooks = pack.nodes["HyperLoRAStudioConditioning"]().run(
         cond, neg, lora, 0.85, 0.2, 0.8, mask=mask, mask_strength=0.7, set_cond_area="mask bounds")
     [hook] = hooks.hooks
-    assert type(hook).__name__ == "CheckedLoraHook" and isinstance(hook, comfy.hooks.WeightHook)
+    assert type(hook) is sys.modules[f"{pack.module.__name__}.nodes.hooks"].CheckedLoraHook
+    assert isinstance(hook, comfy.hooks.WeightHook)
     assert hook.weights is lora and hook._strength_model == 0.85 and hook._strength_clip == 0.0
     frames = [(k.strength, k.start_percent) for k in hook.hook_keyframe.keyframes]
     assert frames == [(0.0, 0.0), (1.0, 0.2), (0.0, 0.8)]
