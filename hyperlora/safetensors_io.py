@@ -56,7 +56,6 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]  # file order of the header
     metadata: dict[str, str]
     data_start: int  # absolute byte offset of the data section
-    file_size: int
 
 
 def _not_safetensors(path: Path, why: str) -> ModelFileError:
@@ -109,7 +108,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 f"'{path}' is truncated: tensor '{key}' ends at byte {end} of the data but the file holds only "
                 f"{data_size}. The download was interrupted: download the file again.")
         tensors[key] = TensorInfo(code, shape, begin, end)
-    return SafetensorsHeader(path, tensors, dict(metadata), 8 + n, size)
+    return SafetensorsHeader(path, tensors, dict(metadata), 8 + n)
 
 
 class TensorReader:

@@ -95,16 +95,6 @@ class FaceStats:
         self.detector_runs = self.landmark_runs = self.recognition_runs = self.padded_runs = 0
         self.det_sizes = []
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "detector_runs": self.detector_runs,
-            "landmark_runs": self.landmark_runs,
-            "recognition_runs": self.recognition_runs,
-            "padded_runs": self.padded_runs,
-            "model_runs": self.model_runs,
-            "det_sizes": list(self.det_sizes),
-        }
-
 
 def check_rgb_image(image: Any, what: str = "image") -> np.ndarray:
     """Return ``image`` if it is uint8 ``[H, W, 3]`` with H, W >= 1; ImageInputError otherwise."""
