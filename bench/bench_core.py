@@ -94,7 +94,6 @@ def naive_loop_seconds(model, tokens: torch.Tensor) -> float:
     """Per-matrix build on the file layout, one matrix at a time (re-laid out per group, untimed)."""
     t = tokens.to(model.basis_dtype)
     total = 0.0
-    K = model.arch.hyper_dim
     for g, down_b, up_b in model.basis_groups("id"):
         tok = getattr(model, g.token_buffer)
         for buf, shift, shape in ((down_b, 0, (g.in_features, g.rank)), (up_b, 1, (g.rank, g.out_features))):

@@ -108,9 +108,7 @@ def lora_build(torch, table: Table, cache: Path, repeat: int, timer: Callable) -
                   f"{_median(t['tokens']) / n * 1000:.1f} ms / photo")
     table.add("memory", "peak GPU memory: model, build, resampler",
               f"{torch.cuda.max_memory_allocated() / GB:.2f} GB")
-    del model, bufs, tokens
-    gc.collect()
-    torch.cuda.empty_cache()
+    # the model is freed when this function returns (the caller empties the CUDA cache)
 
 
 def preprocessing(torch, table: Table, cache: Path, repeat: int, timer: Callable) -> None:
@@ -144,9 +142,6 @@ def preprocessing(torch, table: Table, cache: Path, repeat: int, timer: Callable
               _ms(_median(t["faces"])))
     table.add("preprocessing", "face analysis + CLIP ViT-L/14 fp16, 1 photo", _ms(_median(t["all"])))
     table.add("memory", "peak GPU memory: CLIP", f"{torch.cuda.max_memory_allocated() / GB:.2f} GB")
-    del clip, analyzer
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def sampling(table: Table, comfyui: str, size: int, repeat: int) -> None:
@@ -205,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{props.name}, {props.total_memory / GB:.1f} GB, torch {torch.__version__}, CUDA {torch.version.cuda}")
     table = Table()
     t0 = time.perf_counter()
-    lora_build(torch, table, cache, args.repeat, timer)
-    preprocessing(torch, table, cache, args.repeat, timer)
+    for part in (lora_build, preprocessing):     # each frees its models on return
+        part(torch, table, cache, args.repeat, timer)
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.comfyui and (Path(args.comfyui) / "nodes.py").is_file():
         sampling(table, args.comfyui, args.size, max(1, args.repeat // 2))
     else:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .errors import LoraError
 from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, SDXL_ARCHITECTURE, SDXL_BASE_VERSION, UP_SUFFIX, LoraDict, _split
 from .safetensors_io import looks_pickled, save_file_atomic
-from .spec import IDENTITY_FORMAT, TRIGGER_WORDS
+from .spec import IDENTITY_FORMAT, TRIGGER_PREFIX, TRIGGER_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ def lora_metadata(
     model_fingerprint: str = "",
     num_images: int | None = None,
     strength_hint: float | None = None,
-    trigger_words: str = TRIGGER_WORDS,
     description: str = "",
 ) -> dict[str, str]:
     """Descriptive metadata for :func:`save_lora_file` (kohya ``ss_*``, SAI ``modelspec.*``, ``hyperlora_*``).
@@ -43,7 +42,7 @@ def lora_metadata(
                        else "SDXL LoRA exported by HyperLoRA Studio (its generator is not recorded)")
         if num_images is not None:
             description += f" from {num_images} photo{'s' if num_images != 1 else ''}"
-        description += f". Start prompts with '{trigger_words}, '." if trigger_words else "."
+        description += f". Start prompts with '{TRIGGER_PREFIX}'."
     meta = {
         "ss_output_name": title,
         "ss_training_comment": description,
@@ -51,10 +50,9 @@ def lora_metadata(
         "modelspec.description": description,
         "hyperlora_model_name": model_name,
         "hyperlora_model_fingerprint": model_fingerprint,
-        "hyperlora_trigger_words": trigger_words,
+        "hyperlora_trigger_words": TRIGGER_WORDS,
+        "modelspec.trigger_phrase": TRIGGER_WORDS,
     }
-    if trigger_words:
-        meta["modelspec.trigger_phrase"] = trigger_words
     if num_images is not None:
         meta["hyperlora_num_images"] = str(int(num_images))
     if strength_hint is not None:

@@ -346,8 +346,9 @@ def test_embedding_is_normalised_and_matches_reference(analyzer, insight, astron
     assert emb is not None and emb.shape == (512,) and emb.dtype == np.float32
     assert abs(float(np.linalg.norm(emb.astype(np.float64))) - 1.0) < 1e-5
     # one detector pass at 640, one recognition run, no landmarks
-    assert analyzer.stats.as_dict() == {"detector_runs": 1, "landmark_runs": 0, "recognition_runs": 1,
-                                        "padded_runs": 0, "model_runs": 2, "det_sizes": [640]}
+    assert dataclasses.asdict(analyzer.stats) == {"detector_runs": 1, "landmark_runs": 0, "recognition_runs": 1,
+                                                  "padded_runs": 0, "det_sizes": [640]}
+    assert analyzer.stats.model_runs == 2
     # reference: raw insightface detection at 640 on the crop, largest face, normed embedding
     from insightface.app.common import Face
 
@@ -382,13 +383,12 @@ def test_different_people_different_embeddings_same_person_similar(analyzer):
     assert not np.allclose(a1, b, atol=1e-3)
 
 
-def test_embedding_fallback_option(analyzer):
-    img = A.face_image((1024, 1024), [(512, 500, 660)])  # not found at 640
-    assert analyzer.embedding(img) is None  # released behaviour
+def test_embedding_does_not_retry_smaller_sizes(analyzer):
+    img = A.face_image((1024, 1024), [(512, 500, 660)])  # not found at 640, found at 384 (find_faces)
     analyzer.stats.reset()
-    emb = analyzer.embedding(img, fallback=True)
-    assert emb is not None and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
-    assert analyzer.stats.det_sizes == [640, 512, 384]
+    assert analyzer.embedding(img) is None  # released behaviour: one pass at 640, no retry, no padding
+    assert analyzer.stats.det_sizes == [640]
+    assert analyzer.find_faces(img, det_sizes=(512, 384)) != []
 
 
 # ----------------------------------------------------------------------------- inputs
