@@ -31,7 +31,7 @@ from torch import Tensor
 from .errors import IdentityFileError
 from .generate import HyperLoRAModel
 from .lora import mix_tokens
-from .safetensors_io import looks_pickled, save_file_atomic
+from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
@@ -152,23 +152,13 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     identity (e.g. a LoRA), a newer format version, missing tensors, tokens
     whose shape differs from the metadata, and NaN/inf values.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise IdentityFileError(f"The identity file '{path}' does not exist; check the file name and folder.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}
-    except (SafetensorError, OSError) as exc:
-        if looks_pickled(path):
-            raise IdentityFileError(
-                f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
-                "Save the identity again with the HyperLoRA Studio Save Identity node."
-            ) from exc
-        raise IdentityFileError(f"'{path}' is not a readable .safetensors identity file ({exc}).") from exc
+    with open_safetensors(path, error=IdentityFileError, name="identity file",
+                          pickle_fix="Save the identity again with the HyperLoRA Studio Save Identity node.",
+                          fix="save the identity again") as f:
+        meta = dict(f.metadata() or {})
+        keys = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}
 
     if meta.get("format") != IDENTITY_FORMAT:
         what = "a LoRA" if any(k.endswith(".lora_down.weight") for k in keys) else "some other .safetensors file"

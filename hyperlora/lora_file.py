@@ -10,13 +10,14 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import LoraError
 from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, SDXL_ARCHITECTURE, SDXL_BASE_VERSION, UP_SUFFIX, LoraDict, _split
-from .safetensors_io import looks_pickled, save_file_atomic
+from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import IDENTITY_FORMAT, TRIGGER_PREFIX, TRIGGER_WORDS
 
 logger = logging.getLogger(__name__)
@@ -127,26 +128,15 @@ def save_lora_file(
     logger.info("Saved LoRA with %d modules to %s", len(parts), path)
 
 
-def _open_safetensors(path: Path, what: str):
-    """``safe_open`` with user-facing errors for missing, pickled and corrupt files."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise LoraError(f"The {what} '{path}' does not exist; check the file name and folder.")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as exc:
-        if looks_pickled(path):
-            raise LoraError(
-                f"'{path}' is a pickled PyTorch file (.ckpt/.pt/.bin). This pack never unpickles files, "
-                "because they can run code; convert it to .safetensors first."
-            ) from exc
-        raise LoraError(f"'{path}' is not a readable .safetensors file ({exc}); re-download or re-export it.") from exc
+def _open_lora(path: Path) -> Any:
+    return open_safetensors(path, error=LoraError, name="LoRA file",
+                            pickle_fix="Convert it to .safetensors first (.ckpt/.pt/.bin files are pickles).",
+                            fix="re-download or re-export it")
 
 
 def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` of a ``.safetensors`` file (empty dict when it has none); reads no tensors."""
-    with _open_safetensors(Path(path), "LoRA file") as f:
+    with _open_lora(Path(path)) as f:
         return dict(f.metadata() or {})
 
 
@@ -159,7 +149,7 @@ def load_lora_file(path: str | os.PathLike[str], *, device: str | torch.device =
     other than plain kohya LoRA, and NaN/inf weights.
     """
     path = Path(path)
-    with _open_safetensors(path, "LoRA file") as f:
+    with _open_lora(path) as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
         if meta.get("format") == IDENTITY_FORMAT or "tokens" in keys:
