@@ -1,6 +1,6 @@
 """The resampler forward against its FLOP count and against a plain fp32 matmul on this CPU.
 
-    python bench/bench_resampler.py [--threads N] [--repeat R] [--images 1 4] [--smoke]
+    python bench/bench_resampler.py [--threads N] [--repeat R] [--images 1 4] [--also bf16 fp16] [--smoke]
 
 The released resampler (two conditions: 16 ID tokens and 257 CLIP tokens, dim 1024, depth 4,
 12 x 64 heads, ff x4, 1120 queries, K 128) is built with random weights in memory: no model files
@@ -14,7 +14,7 @@ noisy), it times
   batch), kept here as the baseline,
 * a plain ``[S, S] @ [S, S]`` fp32 matmul (S = 2048), the CPU's practical GEMM rate,
 
-and prints GFLOP/s of each and the ratios.  ``--bf16`` adds a bf16 resampler to the rounds.
+and prints GFLOP/s of each and the ratios.  ``--also bf16 fp16`` adds those precisions to the rounds.
 Results are compared to the same module run in float64 (max relative difference).
 
 ``--smoke`` runs a tiny config once (a few seconds; CI runs it).
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--images", type=int, nargs="+", default=[1, 4], help="batch sizes (photos of one person)")
     ap.add_argument("--matmul", type=int, default=2048, help="side of the square fp32 matmul baseline")
-    ap.add_argument("--bf16", action="store_true", help="also time a bf16 resampler (on CPUs without native "
-                    "bf16 matmuls, e.g. AVX2 only, it is several times slower than fp32)")
+    ap.add_argument("--also", nargs="*", choices=("bf16", "fp16"), default=[],
+                    help="also time the resampler in these precisions, first batch size only (on CPUs without "
+                         "native bf16/fp16 matmuls, e.g. AVX2 only, they are several times slower than fp32)")
     ap.add_argument("--smoke", action="store_true", help="tiny config, one round (seconds)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
               f"unfused {max_rel(plain, ref):.2e}")
         fns: dict[str, Callable[[], object]] = {
             "fused": lambda: r(x, y), "unfused": lambda: forward_unfused(r, x, y), "matmul": lambda: a @ b}
-        if (args.bf16 or args.smoke) and n == args.images[0]:
-            rb = random_resampler(cfg).to(torch.bfloat16)
-            xb, yb = x.bfloat16(), y.bfloat16()
-            fns["bf16 fused"] = lambda: rb(xb, yb)
+        if n == args.images[0]:
+            for name in sorted(set(args.also) | ({"bf16"} if args.smoke else set())):
+                dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+                rl, xl, yl = random_resampler(cfg).to(dt), x.to(dt), y.to(dt)
+                fns[f"{name} fused"] = lambda rl=rl, xl=xl, yl=yl: rl(xl, yl)
         with torch.inference_mode():
             times = interleaved(fns, args.repeat)
         mm_times += times.pop("matmul")
