@@ -215,13 +215,13 @@ def _describe(identity: Identity) -> str:
     return f"'{name}'"
 
 
-def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base: bool = False, strict: bool = True) -> None:
+def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base: bool = False) -> None:
     """Refuse an identity that was made with another model than ``model``.
 
     Checks the token shapes (``[Q, K]`` of ``model.arch``, and the Base-LoRA
     tokens when both have them) and the model fingerprint.  A fingerprint
     mismatch with fitting shapes is refused too (the tokens of another model
-    mean something else); ``strict=False`` turns that one case into a warning.
+    mean something else).
     ``need_base``: also require Base-LoRA tokens (to build a Base-LoRA).
     Raises :class:`IdentityFileError` with a message naming both models and
     the fix.
@@ -268,9 +268,7 @@ def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base:
                 f"This identity was made with the HyperLoRA model {_describe(identity)}, but the loaded model is "
                 f"'{model.name}'; its tokens mean something else in another model. {fix_same}"
             )
-        if strict:
-            raise IdentityFileError(msg)
-        logger.warning("%s (used anyway because strict=False)", msg)
+        raise IdentityFileError(msg)
 
 
 def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> Identity:
