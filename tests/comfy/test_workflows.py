@@ -374,7 +374,7 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     with_identity = _pixels(images)
     assert zero.shape == plain.shape == with_identity.shape
     assert np.array_equal(zero, plain)
-    assert np.abs(with_identity - plain).mean() > 1.0, "the identity did not change the image"
+    assert np.abs(with_identity - plain).max() >= 10, "the identity did not change the image"   # as test_hooks
 
 
 @pytest.mark.slow
