@@ -35,6 +35,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hyperlora.tools import queue as q
+from tests.comfy.client import PromptError
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, PACK_DIR_NAME, SMALL_MODEL
 from tests.fixtures.controlnet import sdxl_controlnet
 
@@ -444,7 +445,7 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
 
 def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):
     graph = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
-    with pytest.raises(Exception) as ei:
+    with pytest.raises(PromptError) as ei:
         comfy_server.post_prompt(graph)
     body = ei.value.body
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
