@@ -27,7 +27,7 @@ import io
 import logging
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,6 +94,10 @@ class FaceStats:
     def reset(self) -> None:
         self.detector_runs = self.landmark_runs = self.recognition_runs = self.padded_runs = 0
         self.det_sizes = []
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every counter and ``model_runs`` (what bench/bench_faces.py and bench_preprocess.py print)."""
+        return {**asdict(self), "det_sizes": list(self.det_sizes), "model_runs": self.model_runs}
 
 
 def check_rgb_image(image: Any, what: str = "image") -> np.ndarray:
