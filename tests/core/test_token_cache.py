@@ -14,7 +14,6 @@ from hyperlora import generate
 from hyperlora.cache import LRU, digest
 from hyperlora.checkpoint import load_hyper_lora
 from hyperlora.generate import HyperLoRAModel, clear_token_cache
-from tests.core import ref_hyperlora as ref
 from tests.fixtures.hyperlora_models import write_hyperlora_folder
 
 
@@ -56,11 +55,10 @@ def test_requeue_runs_no_resampler_and_returns_identical_tokens(folder: Path) ->
     assert calls.n == 2                                   # two chunks
     again = model.id_tokens(id_embeds=e.clone(), clip_features=c.clone(), chunk=2)
     assert calls.n == 2 and torch.equal(first, again)     # no resampler, same bits
-    assert float((again.double() - ref.tokens(folder, id_embeds=e, clip=c)).abs().max()) <= 1e-5
     again.add_(1.0)                                       # the caller's copy: the cache keeps its own
     assert torch.equal(model.id_tokens(id_embeds=e, clip_features=c, chunk=2), first)
-    fresh = model.id_tokens(id_embeds=e, clip_features=c, chunk=2, use_cache=False)
-    assert calls.n == 4 and torch.equal(fresh, first)
+    fresh = model.id_tokens(id_embeds=e, clip_features=c, chunk=2, use_cache=False)   # the path test_generate
+    assert calls.n == 4 and torch.equal(fresh, first)                                   # checks against float64
     base = model.base_tokens(c)
     assert calls.n == 5 and torch.equal(model.base_tokens(c), base) and calls.n == 5
     # a model loaded again from the same files (ComfyUI dropped and reloaded it) hits too
