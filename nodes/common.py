@@ -208,12 +208,23 @@ def progress(total: int) -> comfy.utils.ProgressBar:
     return comfy.utils.ProgressBar(total)
 
 
-def images_to_comfy(images: list[Any]) -> torch.Tensor:
-    """Crop previews (uint8 RGB, all ``[512, 512, 3]``: ``hyperlora.faces.preprocess.preview``) -> ComfyUI
-    IMAGE ``[B, 512, 512, 3]`` float 0..1; no previews -> one black ``[1, 64, 64, 3]`` image."""
+def images_to_comfy(images: list[Any], *, size: int = 512) -> torch.Tensor:
+    """uint8 RGB arrays ``[H, W, 3]`` -> ComfyUI IMAGE ``[B, H, W, 3]`` float 0..1.
+
+    Arrays of different sizes are resized to ``size`` x ``size`` (a batch needs one size).
+    """
     if not images:
         return torch.zeros((1, 64, 64, 3))
-    return torch.stack([torch.from_numpy(a.copy()).float().div(255.0) for a in images])
+    tensors = [torch.from_numpy(a.copy()).float().div(255.0) for a in images]
+    if len({tuple(t.shape) for t in tensors}) == 1:
+        return torch.stack(tensors)
+    out = []
+    for t in tensors:
+        chw = t.permute(2, 0, 1).unsqueeze(0)
+        chw = torch.nn.functional.interpolate(chw, size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False)
+        out.append(chw[0].permute(1, 2, 0).clamp(0, 1))
+    return torch.stack(out)
 
 
 def face_inputs() -> dict[str, tuple]:
