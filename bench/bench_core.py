@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from hyperlora import cpu_kernel  # noqa: E402
 from hyperlora.checkpoint import load_hyper_lora, model_files  # noqa: E402
 from hyperlora.generate import batched_matvecs, normalize_tokens  # noqa: E402
+from bench.common import interleaved  # noqa: E402
 from tests.conftest import test_cache_root  # noqa: E402
 from tests.fixtures.hyperlora_models import full_model_folder  # noqa: E402
 
@@ -66,23 +67,6 @@ def reset_peak_rss() -> bool:
 
 def timed(fn, repeat: int) -> list[float]:
     return interleaved({"fn": fn}, repeat)["fn"]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Time every function ``repeat`` times, round-robin (one warm-up call each first).
-
-    On a shared machine a burst of load from a neighbour then hits every function alike
-    instead of skewing the one that happened to be measured at that moment.
-    """
-    for fn in fns.values():
-        fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name].append(time.perf_counter() - t0)
-    return out
 
 
 LOAD_CHILD = r"""
@@ -110,7 +94,6 @@ def naive_loop_seconds(model, tokens: torch.Tensor) -> float:
     """Per-matrix build on the file layout, one matrix at a time (re-laid out per group, untimed)."""
     t = tokens.to(model.basis_dtype)
     total = 0.0
-    K = model.arch.hyper_dim
     for g, down_b, up_b in model.basis_groups("id"):
         tok = getattr(model, g.token_buffer)
         for buf, shift, shape in ((down_b, 0, (g.in_features, g.rank)), (up_b, 1, (g.rank, g.out_features))):

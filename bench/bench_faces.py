@@ -33,22 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from hyperlora.faces.analysis import FaceAnalyzer, choose_face
 from hyperlora.faces.options import DETECTION_SIZES  # noqa: E402
-
-
-def arcface_crop(img: np.ndarray, lmk: np.ndarray) -> np.ndarray:
-    """Format §6: square [c - 2l, c + 2l] around the landmark face box, black outside."""
-    (x0, y0), (x1, y1) = lmk.min(0), lmk.max(0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    half = 0.75 * max(x1 - x0, y1 - y0)
-    cy -= 0.125 * half
-    n = max(1, int(round(4 * half)))
-    left, top = int(np.floor(cx - 2 * half)), int(np.floor(cy - 2 * half))
-    out = np.zeros((n, n, 3), np.uint8)
-    h, w = img.shape[:2]
-    xs, ys, xe, ye = max(0, left), max(0, top), min(w, left + n), min(h, top + n)
-    if xe > xs and ye > ys:
-        out[ys - top:ye - top, xs - left:xe - left] = img[ys:ye, xs:xe]
-    return out
+from tests.core.ref_hyperlora import arcface_crop  # noqa: E402
 
 
 class Released:

@@ -21,10 +21,55 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
+
+
+def comfy_setup(comfyui: str, tmp: Path, *, checkpoint: str = "", unet_dtype: str = "fp16", strength: float = 0.85,
+                threads: int | None = None) -> SimpleNamespace:
+    """ComfyUI in this process with the pack loaded from a fixture base directory ``tmp``; the SDXL
+    checkpoint (random unless ``checkpoint``), an identity of the astronaut photo merged at ``strength``.
+
+    Returns ``torch``, ``cn`` (ComfyUI's nodes module), ``model`` (plain), ``patched`` (merged),
+    ``pos`` / ``neg`` (encoded prompts).  Also used by bench/gpu_check.py.
+    """
+    from tests.fixtures.sdxl import import_comfy
+
+    comfy = import_comfy(comfyui)
+    import comfy.cli_args
+
+    setattr(comfy.cli_args.args, f"{unet_dtype}_unet", unet_dtype != "fp32")
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from tests.comfy import graphs
+    from tests.comfy.inprocess import load_pack
+    from tests.comfy.models import CHECKPOINT, astronaut, build_base
+    from tests.conftest import test_cache_root
+
+    build_base(tmp, cache_dir=test_cache_root(), comfy=comfy, repo=REPO)
+    if checkpoint:
+        link = tmp / "models" / "checkpoints" / CHECKPOINT
+        link.unlink()
+        link.symlink_to(Path(checkpoint).resolve())
+    pack = load_pack(Path(comfyui), tmp)
+    cn = pack.comfy_nodes
+    t0 = time.perf_counter()
+    model, clip, _vae = cn.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
+    print(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s ({type(model.model).__name__})")
+    loader = graphs.loader()["inputs"]
+    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(**loader)
+    photo = torch.from_numpy(astronaut()).float().div(255.0)[None]
+    identity, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **graphs.FACE)
+    (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, identity, "id")
+    (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(model, lora, strength)
+    pos = cn.CLIPTextEncode().encode(clip, graphs.PROMPT)[0]
+    neg = cn.CLIPTextEncode().encode(clip, "")[0]
+    return SimpleNamespace(torch=torch, cn=cn, model=model, patched=patched, pos=pos, neg=neg)
 
 
 def main() -> None:
@@ -42,40 +87,12 @@ def main() -> None:
     if not args.comfyui or not (Path(args.comfyui) / "nodes.py").is_file():
         sys.exit("Set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout.")
 
-    from tests.fixtures.sdxl import import_comfy
-
-    comfy = import_comfy(args.comfyui)
-    import comfy.cli_args
-
-    setattr(comfy.cli_args.args, f"{args.unet_dtype}_unet", args.unet_dtype != "fp32")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from tests.comfy import graphs
-    from tests.comfy.inprocess import load_pack
-    from tests.comfy.models import CHECKPOINT, astronaut, build_base
-    from tests.conftest import test_cache_root
-
     tmp = Path(tempfile.mkdtemp(prefix="hyperlora_bench_"))
     try:
-        build_base(tmp, cache_dir=test_cache_root(), comfy=comfy, repo=REPO)
-        if args.checkpoint:
-            link = tmp / "models" / "checkpoints" / CHECKPOINT
-            link.unlink()
-            link.symlink_to(Path(args.checkpoint).resolve())
-        pack = load_pack(Path(args.comfyui), tmp)
-        cn = pack.comfy_nodes
-        t0 = time.perf_counter()
-        model, clip, _vae = cn.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
-        print(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s ({type(model.model).__name__})")
-        loader = graphs.loader()["inputs"]
-        (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(**loader)
-        photo = torch.from_numpy(astronaut()).float().div(255.0)[None]
-        identity, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **graphs.FACE)
-        (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, identity, "id")
-        (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(model, lora, args.strength)
-        pos = cn.CLIPTextEncode().encode(clip, graphs.PROMPT)[0]
-        neg = cn.CLIPTextEncode().encode(clip, "")[0]
+        setup = comfy_setup(args.comfyui, tmp, checkpoint=args.checkpoint, unet_dtype=args.unet_dtype,
+                            strength=args.strength, threads=args.threads)
+        torch, cn, model, patched = setup.torch, setup.cn, setup.model, setup.patched
+        pos, neg = setup.pos, setup.neg
         latent = cn.EmptyLatentImage().generate(args.size, args.size, 1)[0]
 
         def run(m) -> tuple[float, float]:

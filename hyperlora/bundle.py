@@ -14,7 +14,6 @@ returned identities are float32 on the CPU, returned LoRAs on the CPU.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .encoders import ClipVisionEncoder
-from .errors import FaceNotFoundError, LoraError, SettingError, check_choice
+from .errors import LoraError, SettingError, check_choice
 from .faces.analysis import FaceAnalyzer
 from .faces.options import DEFAULTS, FaceOptions
 from .generate import HyperLoRAModel
@@ -35,14 +34,6 @@ log = logging.getLogger(__name__)
 
 LORA_KINDS = ("id", "base", "id+base")
 MIX_MODES = ("coefficients", "weight_delta")
-
-
-def model_device(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the first parameter or buffer of ``module``."""
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
 
 
 def conditions_needed(model: HyperLoRAModel) -> tuple[bool, bool, bool]:
@@ -82,7 +73,7 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
     The identity records the mean ArcFace embedding of the photos when ``cond`` has them
     (``face_embedding``, for :mod:`hyperlora.similarity`).
     """
-    device, dtype = model_device(model)
+    device, dtype = model.device, model.module_dtype
 
     def put(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype)
@@ -125,12 +116,6 @@ def identity_from_images(
         remove_background=options.remove_background, grayscale=options.grayscale,
         no_face=options.no_face, det_size=options.det_size,
     )
-    if not cond.used:
-        raise FaceNotFoundError(
-            f"No face was found in any of the {len(images)} image(s); use a photo where the face is clearly "
-            f"visible, or try a smaller detection size for close-ups.")
-    if cond.skipped:
-        log.warning("HyperLoRA: no face in image(s) %s, skipped", ", ".join(str(i + 1) for i in cond.skipped))
     if check_interrupt is not None:
         check_interrupt()
     settings = options.settings()
@@ -139,7 +124,7 @@ def identity_from_images(
 
 
 def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor]:
-    device, _dtype = model_device(model)
+    device = model.device
     with torch.inference_mode():
         lora = model.build_lora(tokens.to(device), kind=kind)
     # clone outside inference mode: plain tensors (usable by any later node, also in-place or with

@@ -366,8 +366,9 @@ def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None
     ``dtype`` None keeps the files' dtype (fp16 for the release).  Strict: every tensor is
     checked against the architecture and for NaN/inf; nothing is unpickled.  Peak RAM is about
     the loaded size (basis streamed tensor by tensor into grouped buffers).  ``resampler_dtype``
-    overrides ``dtype`` for the resampler / projectors only (on CPU, fp16 matmuls are ~3x slower
-    than fp32; the fp32 resampler costs ~150 MB more).  ``heads`` overrides the resampler heads
+    overrides ``dtype`` for the resampler / projectors only (on an AVX2 CPU the fp16 resampler is
+    about 4x and bf16 about 6x slower than fp32, bench/bench_resampler.py --also fp16 bf16; the fp32
+    resampler costs ~150 MB more).  ``heads`` overrides the resampler heads
     (default: the file's ``hyperlora_resampler_heads`` metadata, else the released 12).
     """
     folder = Path(folder)

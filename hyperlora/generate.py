@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cpu_kernel
+from .cache import LRU, digest
 from .errors import ImageInputError, LoraError
 from .lora import normalize_tokens
 from .resampler import IDProjector, Resampler
@@ -41,6 +43,15 @@ from .spec import LORA_LAYERS, HyperLoRAArchitecture, kohya_prefix, token_index
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "mv", "bmm", "native")
+TOKEN_CACHE_SIZE = 32    # token sets kept (each [Q, K] float32: 0.6 MB for the release)
+TOKEN_CACHE: LRU[Tensor] = LRU(TOKEN_CACHE_SIZE)
+"""Resampler outputs by (features, model fingerprint, resampler config, precision, device type);
+a re-queue with the same photos and settings runs no resampler.  See ``HyperLoRAModel.token_key``."""
+
+
+def clear_token_cache() -> None:
+    """Forget every cached token set."""
+    TOKEN_CACHE.clear()
 
 
 @dataclass(frozen=True)
@@ -256,14 +267,54 @@ class HyperLoRAModel(nn.Module):
                                   f"got {list(t.shape)}; check that the encoder matches this HyperLoRA model.")
         return t.to(device=self.device, dtype=self.module_dtype)
 
+    def _weights_untouched(self) -> bool:
+        """True unless a parameter was changed in place since loading (its version counter moved).
+
+        Inference tensors (ComfyUI loads under ``torch.inference_mode``) keep no version counter;
+        they cannot be trained, so they count as untouched.
+        """
+        return all(p.is_inference() or p._version == 0 for p in self.parameters())
+
+    def token_key(self, kind: str, *features: Tensor | None, weights: Tensor | None = None,
+                  chunk: int = 4) -> tuple | None:
+        """The :data:`TOKEN_CACHE` key of ``id_tokens`` / ``base_tokens`` for these inputs, or None (no caching).
+
+        Everything the tokens depend on: the features' bytes, shapes and dtypes (wherever they
+        live), the weights and chunking, the model files (fingerprint), the resampler's config
+        (heads are not in the shapes), its precision and the device type it runs on (CPU and GPU
+        kernels round differently).  A model without a fingerprint (built in memory) or whose
+        weights were changed in place since loading is not cached.
+        """
+        if not self.fingerprint or not self._weights_untouched():
+            return None
+        resampler = self.resampler if kind == "id" else self.base_resampler
+        w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        return (kind, self.fingerprint, resampler.config if resampler is not None else None,
+                str(self.module_dtype), self.device.type, int(chunk), digest(*features, w))
+
+    def _cached(self, key: tuple | None, compute: Callable[[], Tensor]) -> Tensor:
+        hit = TOKEN_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            return hit.to(self.device, copy=True)
+        tokens = compute()
+        if key is not None:
+            TOKEN_CACHE.put(key, tokens.detach().to("cpu", copy=True))
+        return tokens
+
     def id_tokens(self, *, id_embeds: Tensor | None, clip_features: Tensor | None,
-                  weights: Tensor | None = None, chunk: int = 4) -> Tensor:
+                  weights: Tensor | None = None, chunk: int = 4, use_cache: bool = True) -> Tensor:
         """id_embeds ``[N, 512]`` (L2-normalised ArcFace), clip_features ``[N, 257, E]`` -> ``[Q, K]`` float32.
 
         Mean (or ``weights``-weighted mean) of the resampler outputs over the N images, then
         per-token L2 normalisation.  Two-condition models need both inputs; a one-condition
         model uses the ID embedding when it has an id_projector, else the CLIP features.
+        The same inputs again return the cached tokens (bit-identical) without running the resampler.
         """
+        key = self.token_key("id", id_embeds, clip_features, weights=weights, chunk=chunk) if use_cache else None
+        return self._cached(key, lambda: self._id_tokens(id_embeds, clip_features, weights, chunk))
+
+    def _id_tokens(self, id_embeds: Tensor | None, clip_features: Tensor | None, weights: Tensor | None,
+                   chunk: int) -> Tensor:
         cfg = self.arch.resampler
         x = y = None
         if self.id_projector is not None:
@@ -288,13 +339,20 @@ class HyperLoRAModel(nn.Module):
                                           "give both for the same images.")
         return self._mean_tokens(self.resampler, x, y, weights, chunk)
 
-    def base_tokens(self, clip_features: Tensor, weights: Tensor | None = None, *, chunk: int = 4) -> Tensor:
-        """clip_features of the base-condition crops ``[N, 257, E]`` -> ``[Qb, K]`` float32."""
+    def base_tokens(self, clip_features: Tensor, weights: Tensor | None = None, *, chunk: int = 4,
+                    use_cache: bool = True) -> Tensor:
+        """clip_features of the base-condition crops ``[N, 257, E]`` -> ``[Qb, K]`` float32 (cached like ``id_tokens``)."""
         if self.base_resampler is None:
             raise LoraError(f"HyperLoRA model '{self.name}' has no Base-LoRA (no base_resampler.safetensors); "
                             f"use kind 'id' or a model trained with a Base-LoRA.")
-        c = self._prep(clip_features, "clip_features", (_seq_len(clip_features), self.arch.base_resampler.embed_dims[0]))
-        return self._mean_tokens(self.base_resampler, c, None, weights, chunk)
+        resampler = self.base_resampler
+        key = self.token_key("base", clip_features, weights=weights, chunk=chunk) if use_cache else None
+
+        def compute() -> Tensor:
+            c = self._prep(clip_features, "clip_features", (_seq_len(clip_features), resampler.config.embed_dims[0]))
+            return self._mean_tokens(resampler, c, None, weights, chunk)
+
+        return self._cached(key, compute)
 
     # ----------------------------------------------------------------------------- LoRA
 

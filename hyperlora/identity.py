@@ -31,7 +31,7 @@ from torch import Tensor
 from .errors import IdentityFileError
 from .generate import HyperLoRAModel
 from .lora import mix_tokens
-from .safetensors_io import looks_pickled, save_file_atomic
+from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
@@ -152,23 +152,13 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     identity (e.g. a LoRA), a newer format version, missing tensors, tokens
     whose shape differs from the metadata, and NaN/inf values.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise IdentityFileError(f"The identity file '{path}' does not exist; check the file name and folder.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}
-    except (SafetensorError, OSError) as exc:
-        if looks_pickled(path):
-            raise IdentityFileError(
-                f"'{path}' is a pickled PyTorch file, not a HyperLoRA identity; this pack never unpickles files. "
-                "Save the identity again with the HyperLoRA Studio Save Identity node."
-            ) from exc
-        raise IdentityFileError(f"'{path}' is not a readable .safetensors identity file ({exc}).") from exc
+    with open_safetensors(path, error=IdentityFileError, name="identity file",
+                          pickle_fix="Save the identity again with the HyperLoRA Studio Save Identity node.",
+                          fix="save the identity again") as f:
+        meta = dict(f.metadata() or {})
+        keys = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}
 
     if meta.get("format") != IDENTITY_FORMAT:
         what = "a LoRA" if any(k.endswith(".lora_down.weight") for k in keys) else "some other .safetensors file"
@@ -225,13 +215,13 @@ def _describe(identity: Identity) -> str:
     return f"'{name}'"
 
 
-def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base: bool = False, strict: bool = True) -> None:
+def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base: bool = False) -> None:
     """Refuse an identity that was made with another model than ``model``.
 
     Checks the token shapes (``[Q, K]`` of ``model.arch``, and the Base-LoRA
     tokens when both have them) and the model fingerprint.  A fingerprint
     mismatch with fitting shapes is refused too (the tokens of another model
-    mean something else); ``strict=False`` turns that one case into a warning.
+    mean something else).
     ``need_base``: also require Base-LoRA tokens (to build a Base-LoRA).
     Raises :class:`IdentityFileError` with a message naming both models and
     the fix.
@@ -278,9 +268,7 @@ def check_identity_fits(identity: Identity, model: HyperLoRAModel, *, need_base:
                 f"This identity was made with the HyperLoRA model {_describe(identity)}, but the loaded model is "
                 f"'{model.name}'; its tokens mean something else in another model. {fix_same}"
             )
-        if strict:
-            raise IdentityFileError(msg)
-        logger.warning("%s (used anyway because strict=False)", msg)
+        raise IdentityFileError(msg)
 
 
 def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> Identity:

@@ -282,7 +282,7 @@ def weighted_sum(loras: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
     _check_compatible(parts)
 
     out: LoraDict = {}
-    for prefix, (down0, up0, _) in parts[0].items():
+    for prefix, (down0, _, _) in parts[0].items():
         device = down0.device
         dtype = down0.dtype
         for p in parts:

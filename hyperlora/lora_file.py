@@ -10,14 +10,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import LoraError
 from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, SDXL_ARCHITECTURE, SDXL_BASE_VERSION, UP_SUFFIX, LoraDict, _split
-from .safetensors_io import looks_pickled, save_file_atomic
-from .spec import IDENTITY_FORMAT, TRIGGER_WORDS
+from .safetensors_io import open_safetensors, save_file_atomic
+from .spec import IDENTITY_FORMAT, TRIGGER_PREFIX, TRIGGER_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ def lora_metadata(
     model_fingerprint: str = "",
     num_images: int | None = None,
     strength_hint: float | None = None,
-    trigger_words: str = TRIGGER_WORDS,
     description: str = "",
 ) -> dict[str, str]:
     """Descriptive metadata for :func:`save_lora_file` (kohya ``ss_*``, SAI ``modelspec.*``, ``hyperlora_*``).
@@ -43,7 +43,7 @@ def lora_metadata(
                        else "SDXL LoRA exported by HyperLoRA Studio (its generator is not recorded)")
         if num_images is not None:
             description += f" from {num_images} photo{'s' if num_images != 1 else ''}"
-        description += f". Start prompts with '{trigger_words}, '." if trigger_words else "."
+        description += f". Start prompts with '{TRIGGER_PREFIX}'."
     meta = {
         "ss_output_name": title,
         "ss_training_comment": description,
@@ -51,10 +51,9 @@ def lora_metadata(
         "modelspec.description": description,
         "hyperlora_model_name": model_name,
         "hyperlora_model_fingerprint": model_fingerprint,
-        "hyperlora_trigger_words": trigger_words,
+        "hyperlora_trigger_words": TRIGGER_WORDS,
+        "modelspec.trigger_phrase": TRIGGER_WORDS,
     }
-    if trigger_words:
-        meta["modelspec.trigger_phrase"] = trigger_words
     if num_images is not None:
         meta["hyperlora_num_images"] = str(int(num_images))
     if strength_hint is not None:
@@ -129,26 +128,15 @@ def save_lora_file(
     logger.info("Saved LoRA with %d modules to %s", len(parts), path)
 
 
-def _open_safetensors(path: Path, what: str):
-    """``safe_open`` with user-facing errors for missing, pickled and corrupt files."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise LoraError(f"The {what} '{path}' does not exist; check the file name and folder.")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as exc:
-        if looks_pickled(path):
-            raise LoraError(
-                f"'{path}' is a pickled PyTorch file (.ckpt/.pt/.bin). This pack never unpickles files, "
-                "because they can run code; convert it to .safetensors first."
-            ) from exc
-        raise LoraError(f"'{path}' is not a readable .safetensors file ({exc}); re-download or re-export it.") from exc
+def _open_lora(path: Path) -> Any:
+    return open_safetensors(path, error=LoraError, name="LoRA file",
+                            pickle_fix="Convert it to .safetensors first (.ckpt/.pt/.bin files are pickles).",
+                            fix="re-download or re-export it")
 
 
 def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` of a ``.safetensors`` file (empty dict when it has none); reads no tensors."""
-    with _open_safetensors(Path(path), "LoRA file") as f:
+    with _open_lora(Path(path)) as f:
         return dict(f.metadata() or {})
 
 
@@ -161,7 +149,7 @@ def load_lora_file(path: str | os.PathLike[str], *, device: str | torch.device =
     other than plain kohya LoRA, and NaN/inf weights.
     """
     path = Path(path)
-    with _open_safetensors(path, "LoRA file") as f:
+    with _open_lora(path) as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
         if meta.get("format") == IDENTITY_FORMAT or "tokens" in keys:

@@ -12,11 +12,8 @@ re-queuing the same photos with the same settings runs no model at all.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import LRU, digest
 from .encoders import ClipVisionEncoder
 from .errors import FaceNotFoundError, ImageInputError, check_choice
 from .faces import preprocess as pp
@@ -171,39 +169,30 @@ class _Result:
 
 
 class _Cache:
-    """Small thread-safe LRU; entries remember (weakly) the model objects they were made with."""
+    """The result LRU; entries remember (weakly) the model objects they were made with."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], _Result]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru: LRU[tuple[tuple[weakref.ref, ...], _Result]] = LRU(size)
 
     def get(self, key: tuple, models: tuple[Any, ...]) -> _Result | None:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            refs, result = entry
-            if any(r() is not m for r, m in zip(refs, models)):
-                del self._data[key]   # an id() was reused by another object
-                return None
-            self._data.move_to_end(key)
-            return result
+        entry = self._lru.get(key)
+        if entry is None:
+            return None
+        refs, result = entry
+        if any(r() is not m for r, m in zip(refs, models)):
+            self._lru.pop(key)   # an id() was reused by another object
+            return None
+        return result
 
     def put(self, key: tuple, models: tuple[Any, ...], result: _Result) -> None:
         refs = tuple(weakref.ref(m) if m is not None else (lambda: None) for m in models)
-        with self._lock:
-            self._data[key] = (refs, result)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+        self._lru.put(key, (refs, result))
 
     def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
+        self._lru.clear()
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._lru)
 
 
 RESULT_CACHE = _Cache(CACHE_SIZE)
@@ -212,13 +201,6 @@ RESULT_CACHE = _Cache(CACHE_SIZE)
 def clear_cache() -> None:
     """Forget every cached result (e.g. after the models were reloaded in place)."""
     RESULT_CACHE.clear()
-
-
-def _image_digest(image: np.ndarray) -> str:
-    h = hashlib.sha256()   # hardware-accelerated on current CPUs: ~2x faster than blake2b here
-    h.update(repr((image.shape, image.dtype.str)).encode())
-    h.update(np.ascontiguousarray(image).data)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -309,7 +291,7 @@ def extract_conditions(
     results: list[_Result | None] = [None] * total
     keys: list[tuple] = []
     for i, img in enumerate(images):
-        keys.append((_image_digest(img),) + settings)
+        keys.append((digest(img),) + settings)
         if use_cache:
             results[i] = RESULT_CACHE.get(keys[i], models)
     fresh = [i for i in range(total) if results[i] is None]

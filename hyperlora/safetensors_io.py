@@ -10,17 +10,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import ModelFileError
+from .errors import HyperLoRAError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,6 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]  # file order of the header
     metadata: dict[str, str]
     data_start: int  # absolute byte offset of the data section
-    file_size: int
 
 
 def _not_safetensors(path: Path, why: str) -> ModelFileError:
@@ -109,7 +111,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 f"'{path}' is truncated: tensor '{key}' ends at byte {end} of the data but the file holds only "
                 f"{data_size}. The download was interrupted: download the file again.")
         tensors[key] = TensorInfo(code, shape, begin, end)
-    return SafetensorsHeader(path, tensors, dict(metadata), 8 + n, size)
+    return SafetensorsHeader(path, tensors, dict(metadata), 8 + n)
 
 
 class TensorReader:
@@ -190,6 +192,28 @@ def looks_pickled(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return False
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path, *, error: type[HyperLoRAError], name: str, pickle_fix: str,
+                     fix: str) -> Iterator[Any]:
+    """``safetensors.safe_open`` (torch, CPU) whose failures, also while reading inside the
+    ``with`` block, become ``error`` naming the file and the fix: a missing file, a pickled PyTorch
+    file (never opened: unpickling can run code; ``pickle_fix`` says what to do instead) and
+    anything else safetensors cannot read (``fix``).  ``name`` says what the file should be."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise error(f"The {name} '{path}' does not exist; check the file name and folder.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        if looks_pickled(path):
+            article = "an" if name[:1].lower() in "aeiou" else "a"
+            raise error(f"'{path}' is a pickled PyTorch file, not {article} {name}; this pack never unpickles files "
+                        f"(they can run code). {pickle_fix}") from exc
+        raise error(f"'{path}' is not a readable .safetensors {name} ({exc}); {fix}") from exc
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], *,

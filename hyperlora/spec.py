@@ -133,11 +133,6 @@ class HyperLoRAArchitecture:
     def num_tokens(self) -> int:
         return TOKENS_PER_MODULE * len(self.modules)
 
-    def lora_numbers(self, kind: str = "id") -> int:
-        """Number of values of the generated LoRA (down + up matrices), ~11.6 million for the release."""
-        r = self.rank if kind == "id" else (self.base_rank or 0)
-        return sum(r * (m.in_features(L) + m.out_features(L)) for m in self.modules for L in LORA_LAYERS)
-
 
 def token_index(module: int, layer: str) -> int:
     """Index of the down-coefficient token of ``layer`` of module ``module`` (up is the next one)."""

@@ -181,12 +181,12 @@ def guard_sockets(cls: type) -> type:
     return cls
 
 
-def expect_handle(value: Any, input_name: str = "hyper_lora") -> HyperLoRAHandle:
+def expect_handle(value: Any) -> HyperLoRAHandle:
     """``value`` if it is this pack's loaded model; else LoraError naming what arrived and what to connect."""
     if isinstance(value, HyperLoRAHandle):
         return value
     raise LoraError(
-        f"The input '{input_name}' got {_what_is(value)}, not a model of this pack. Connect the "
+        f"The input 'hyper_lora' got {_what_is(value)}, not a model of this pack. Connect the "
         f"'{display_name('Loader')}' node ({node_id('Loader')}) to it instead; the two HyperLoRA packs' objects "
         "do not mix.")
 

@@ -27,7 +27,7 @@ import io
 import logging
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -96,14 +96,8 @@ class FaceStats:
         self.det_sizes = []
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "detector_runs": self.detector_runs,
-            "landmark_runs": self.landmark_runs,
-            "recognition_runs": self.recognition_runs,
-            "padded_runs": self.padded_runs,
-            "model_runs": self.model_runs,
-            "det_sizes": list(self.det_sizes),
-        }
+        """Every counter and ``model_runs`` (what bench/bench_faces.py and bench_preprocess.py print)."""
+        return {**asdict(self), "det_sizes": list(self.det_sizes), "model_runs": self.model_runs}
 
 
 def check_rgb_image(image: Any, what: str = "image") -> np.ndarray:
@@ -346,26 +340,17 @@ class FaceAnalyzer:
                 return self._build(bgr, bboxes, kpss, det_size=size, padded=True, with_embedding=with_embedding)
         return []
 
-    def embedding(self, image_rgb: np.ndarray, *, fallback: bool = False,
-                  choice: str = "largest") -> np.ndarray | None:
+    def embedding(self, image_rgb: np.ndarray, *, choice: str = "largest") -> np.ndarray | None:
         """Released ArcFace step (format §6): detect again at 640 on ``image_rgb`` (the 4l crop),
         take the largest face (``choice="highest_score"``: the surest one, as the released plugin
-        does), return its L2-normalised embedding [512] float32, or None.
-
-        ``fallback=True`` (not the released behaviour): when 640 finds nothing, retry the smaller
-        sizes and padding as :meth:`find_faces` does.
+        does), return its L2-normalised embedding [512] float32, or None when 640 finds no face
+        (as released: no retry at smaller sizes or with padding).
         """
         image = check_rgb_image(image_rgb, "ArcFace crop")
         bgr = _bgr(image)
         bboxes, kpss = self._detect_raw(bgr, EMBEDDING_DET_SIZE)
         if not len(bboxes):
-            if not fallback:
-                return None
-            faces = self.find_faces(image, det_sizes=DETECTION_SIZES[1:])
-            if not faces:
-                return None
-            best = choose_face(faces, choice)
-            return self._embed(bgr, best.bbox, best.kps, best.score)
+            return None
         if choice == "highest_score":
             i = int(np.argmax(bboxes[:, 4]))
         else:

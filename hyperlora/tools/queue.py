@@ -22,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
-ProgressFn = Callable[[dict[str, Any]], None]
+HISTORY_ATTEMPTS = 5   # reads of /history/<id> before a busy server's time-outs count as an error
 
 
 # --------------------------------------------------------------------------- server client
@@ -80,9 +80,9 @@ class ComfyClient:
     def object_info(self) -> dict[str, Any]:
         return self.get_json("/object_info")
 
-    def check_nodes(self, graph: ApiGraph, object_info: dict[str, Any] | None = None) -> None:
+    def check_nodes(self, graph: ApiGraph) -> None:
         """Raise QueueError naming every node type of ``graph`` the server does not have."""
-        info = self.object_info() if object_info is None else object_info
+        info = self.object_info()
         missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
         if not missing:
             return
@@ -130,11 +130,12 @@ class ComfyClient:
             return str(answer["prompt_id"])
         raise QueueError(format_rejection(graph, answer, status))
 
-    def history(self, prompt_id: str, *, attempts: int = 5) -> dict[str, Any] | None:
+    def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The finished prompt's history entry, or None while it runs.
 
-        A busy server (loading a checkpoint) can miss a read timeout: retried ``attempts`` times.
+        A busy server (loading a checkpoint) can miss a read timeout: asked up to ``HISTORY_ATTEMPTS`` times.
         """
+        attempts = HISTORY_ATTEMPTS
         for attempt in range(attempts):
             try:
                 entry = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
@@ -185,8 +186,7 @@ def _log_progress(event: dict[str, Any]) -> None:
         logger.info("cached nodes: %s", ", ".join(map(str, data["nodes"])))
 
 
-def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float,
-             progress: ProgressFn) -> tuple[str, bool]:
+def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float) -> tuple[str, bool]:
     """Connect the websocket first, then submit, then follow events until our prompt ends.
 
     Returns (prompt id, finished); finished is False when the socket closed early (then poll).
@@ -223,7 +223,7 @@ def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: floa
                     data = event.get("data") or {}
                     if data.get("prompt_id") not in (None, prompt_id):
                         continue
-                    progress(event)
+                    _log_progress(event)
                     kind = event.get("type")
                     if kind in ("execution_error", "execution_interrupted", "execution_success"):
                         return prompt_id, True
@@ -275,10 +275,11 @@ def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- public API
 
 def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0, client_id: str | None = None,
-               progress: ProgressFn | None = None, use_websocket: bool = True) -> tuple[str, dict[str, Any]]:
-    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure."""
+               use_websocket: bool = True) -> tuple[str, dict[str, Any]]:
+    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure.
+
+    Progress (websocket events) is logged at INFO."""
     cid = client_id or uuid.uuid4().hex
-    report = progress or _log_progress
     prompt_id: str | None = None
     finished = False
     if use_websocket:
@@ -288,7 +289,7 @@ def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0,
             logger.info("aiohttp not installed: polling /history instead of following the websocket")
         else:
             try:
-                prompt_id, finished = _wait_ws(client, graph, cid, timeout, report)
+                prompt_id, finished = _wait_ws(client, graph, cid, timeout)
             except (OSError, aiohttp.ClientError) as e:
                 if isinstance(e, aiohttp.ClientConnectorError):
                     raise client._down(e) from e
@@ -309,7 +310,7 @@ def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SER
                    checkpoint: str | None = None, steps: int | None = None, width: int | None = None,
                    height: int | None = None, overrides: Sequence[str] = (), out_dir: str | Path = ".",
                    timeout: float = 3600.0, client_id: str | None = None, add_trigger: bool = True,
-                   progress: ProgressFn | None = None, use_websocket: bool = True) -> list[Path]:
+                   use_websocket: bool = True) -> list[Path]:
     """Upload photos, fill and queue an API workflow, wait, and download its output images.
 
     ``workflow``: a shipped workflow name (``t2i_one_photo``), a path, or an API graph dict.
@@ -325,8 +326,7 @@ def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SER
     filled = fill_workflow(graph, images=uploaded, pose_image=pose, prompt=prompt, negative=negative, seed=seed,
                            strength=strength, model=model, checkpoint=checkpoint, steps=steps, width=width,
                            height=height, overrides=overrides, add_trigger=add_trigger)
-    _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, progress=progress,
-                          use_websocket=use_websocket)
+    _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, use_websocket=use_websocket)
     images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
     saved = [img for img in images_out if img.get("type") == "output"] or images_out
     paths = [client.download(img, Path(out_dir)) for img in saved]

@@ -144,3 +144,15 @@ def execution_error(entry: dict[str, Any]) -> dict[str, Any] | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def raised(err: dict[str, Any], cls: type[BaseException]) -> bool:
+    """Whether an ``execution_error`` was raised as exactly the pack's ``cls`` (compared by class, not a name typed in).
+
+    Over HTTP ComfyUI sends only ``exception_type``, the raised class's ``module.qualname``
+    (``execution.full_type_name``). The server imports the pack under its folder's path, so its
+    module ends with ours (``....hyperlora.errors``): the full name of ``cls`` must end the string,
+    after a dot, and a renamed or moved class breaks this at import time, not silently.
+    """
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return err["exception_type"] == name or err["exception_type"].endswith("." + name)

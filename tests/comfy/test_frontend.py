@@ -1,9 +1,11 @@
 """Every UI workflow loads in the real ComfyUI front end (comfyui-frontend-package) in headless Chromium.
 
 The session server serves the front end; Playwright drives Debian's ``chromium`` (``CHROMIUM`` or
-/usr/bin/chromium; never a downloaded browser). For each workflow: no "missing nodes" dialog, every
-node known (no error flag), the widget count the front end builds equals the saved one, all links
-present; a screenshot goes to ``HYPERLORA_SCREENSHOT_DIR`` (default: the pytest temp dir).
+/usr/bin/chromium; never a downloaded browser). For each workflow, asked of the app's own state
+(``window.app.graph``): as many nodes as the file, each with its id, type and title, no error flag,
+the saved widget values, all links; and no "missing nodes" dialog (a test shows that this check does
+fire for an unknown node).  A screenshot for people goes to ``HYPERLORA_SCREENSHOT_DIR`` (default: the
+pytest temp dir).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def test_ui_workflow_loads_without_missing_nodes(name, page, shot_dir):
     page.wait_for_timeout(1200)
     texts = _dialog_texts(page)
     assert not any("Missing" in t for t in texts), texts
+    assert page.evaluate("() => window.app.graph._nodes.length") == len(wf["nodes"])
     loaded = page.evaluate("""() => window.app.graph._nodes.map(n => ({
         id: n.id, type: n.type, title: n.title, errors: !!n.has_errors,
         widgets: (n.widgets || []).length,
@@ -108,5 +111,4 @@ def test_ui_workflow_loads_without_missing_nodes(name, page, shot_dir):
         assert got["widgets"] == len(node["widgets_values"]), (name, node["type"], got["values"])
         assert got["values"] == node["widgets_values"], (name, node["type"])
     assert page.page_errors == []
-    page.screenshot(path=str(shot_dir / f"{name}.png"))
-    assert (shot_dir / f"{name}.png").stat().st_size > 20_000
+    page.screenshot(path=str(shot_dir / f"{name}.png"))   # for people (README); the asserts above are the test

@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.comfy import graphs as g
-from tests.comfy.client import ComfyServer, PromptError, execution_error
+from hyperlora import errors
+from tests.comfy.client import ComfyServer, PromptError, execution_error, raised
 from tests.comfy.models import CLIP_FILE, FULL_MODEL, PACK_DIR_NAME
 
 pytestmark = pytest.mark.comfy
@@ -217,7 +218,7 @@ def test_no_face_policy_error_names_the_photo(comfy_server: ComfyServer):
     assert entry["status"]["status_str"] == "error"
     err = execution_error(entry)
     assert err is not None and err["node_type"] == "HyperLoRAStudioIdentityFromImages"
-    assert err["exception_type"].endswith("FaceNotFoundError")
+    assert raised(err, errors.FaceNotFoundError), err["exception_type"]
     assert "image(s) 2 of 2" in err["exception_message"] and "skip" in err["exception_message"]
 
 

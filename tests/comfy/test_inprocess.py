@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-
 from typing import Any
 
 import pytest
@@ -175,7 +174,7 @@ def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
     blank = torch.full((1, 128, 128, 3), 0.5)
     (empty,) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
     assert empty.shape == (1, 128, 128) and not bool(empty.any())
-    with pytest.raises(Exception, match="No face was found in image 1 of 1"):
+    with pytest.raises(pack.errors.FaceNotFoundError, match="No face was found in image 1 of 1"):
         pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "error", "640")
 
 
@@ -190,7 +189,8 @@ def test_identity_on_prompt_attaches_one_checked_hook_with_window_and_mask(pack,
     pos_out, neg_out, hooks = pack.nodes["HyperLoRAStudioConditioning"]().run(
         cond, neg, lora, 0.85, 0.2, 0.8, mask=mask, mask_strength=0.7, set_cond_area="mask bounds")
     [hook] = hooks.hooks
-    assert type(hook).__name__ == "CheckedLoraHook" and isinstance(hook, comfy.hooks.WeightHook)
+    assert type(hook) is sys.modules[f"{pack.module.__name__}.nodes.hooks"].CheckedLoraHook
+    assert isinstance(hook, comfy.hooks.WeightHook)
     assert hook.weights is lora and hook._strength_model == 0.85 and hook._strength_clip == 0.0
     frames = [(k.strength, k.start_percent) for k in hook.hook_keyframe.keyframes]
     assert frames == [(0.0, 0.0), (1.0, 0.2), (0.0, 0.8)]
@@ -310,7 +310,7 @@ def test_base_lora_of_a_model_without_one_says_so(pack):
     fake = pack.core("identity").Identity(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim),
                                           base_tokens=None, model_name=TINY_MODEL,
                                           model_fingerprint=tiny.model.fingerprint, num_images=1, settings={})
-    with pytest.raises(Exception) as info:
+    with pytest.raises(pack.errors.LoraError) as info:
         pack.nodes["HyperLoRAStudioBuildLoRA"]().run(tiny, fake, "base")
     assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)
 

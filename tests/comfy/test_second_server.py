@@ -16,7 +16,8 @@ from typing import Iterator
 import pytest
 
 from tests.comfy import graphs as g
-from tests.comfy.client import ComfyServer, execution_error, free_port
+from hyperlora import errors
+from tests.comfy.client import ComfyServer, execution_error, free_port, raised
 from tests.comfy.test_http import EXPECTED
 from tests.fixtures.hyperlora_models import write_hyperlora_folder
 
@@ -64,7 +65,7 @@ def test_face_node_says_how_to_install_insightface(server: ComfyServer):
     assert entry["status"]["status_str"] == "error"
     err = execution_error(entry)
     assert err is not None and err["node_type"] == "HyperLoRAStudioIdentityFromImages"
-    assert err["exception_type"].endswith("DependencyError")
+    assert raised(err, errors.DependencyError), err["exception_type"]
     assert "pip install insightface" in err["exception_message"]
     assert "blocked for this test" in err["exception_message"] or "insightface" in err["exception_message"]
 

@@ -10,7 +10,9 @@
   ControlNet), instantid_controlnet with a random-weight SDXL ControlNet in the diffusers file format
   of InstantID's (tests/fixtures/controlnet.py), the face passes (face_detailer, group_photo), the
   concept slider, and the chains save -> load identity and export -> core LoraLoader with the files
-  the first run wrote;
+  the first run wrote; the concept slider, ControlNet, two people and face inpainting runs are also
+  run without their identity nodes and at strength 0: the identity must change the picture and
+  strength 0 must give the plain model's picture exactly;
 * Templates: every UI workflow has a same-name thumbnail, and the server's /workflow_templates lists
   them all for this pack's folder and serves them (and the thumbnails) under /api/workflow_templates/.
 """
@@ -33,6 +35,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hyperlora.tools import queue as q
+from tests.comfy.client import PromptError
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, PACK_DIR_NAME, SMALL_MODEL
 from tests.fixtures.controlnet import sdxl_controlnet
 
@@ -284,6 +287,57 @@ def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     assert "not_there.safetensors" in json.dumps(node_errors[first_loader]["errors"])
 
 
+IDENTITY_NODES = ("HyperLoRAStudioApply", "HyperLoRAStudioApplyFromImages", "HyperLoRAStudioConditioning")
+"""The pack's nodes that put an identity on the model or on a prompt (each has a ``strength``)."""
+
+
+def at_strength_zero(graph: dict[str, Any]) -> dict[str, Any]:
+    """The same graph with every identity applied at strength 0."""
+    out = copy.deepcopy(graph)
+    for nid in (n for t in IDENTITY_NODES for n in _ids(out, t)):
+        out[nid]["inputs"]["strength"] = 0.0
+    return out
+
+
+def without_identity(graph: dict[str, Any]) -> dict[str, Any]:
+    """The same picture on the plain model: Apply nodes bypassed (their MODEL input goes on), Identity on
+    Prompt replaced by the core Cond Pair Set Props with its mask settings; only what SaveImage needs."""
+    out = copy.deepcopy(graph)
+    bypass: dict[tuple[str, int], Any] = {}
+    for nid in _ids(out, "HyperLoRAStudioApply") + _ids(out, "HyperLoRAStudioApplyFromImages"):
+        bypass[(nid, 0)] = out[nid]["inputs"]["model"]
+    for nid in _ids(out, "HyperLoRAStudioConditioning"):
+        old = out[nid]["inputs"]
+        out[nid] = {"class_type": "PairConditioningSetProperties", "inputs": {
+            "positive_NEW": old["positive"], "negative_NEW": old["negative"],
+            "strength": old.get("mask_strength", 1.0), "set_cond_area": old.get("set_cond_area", "default"),
+            **({"mask": old["mask"]} if "mask" in old else {})}}
+
+    def resolve(ref: Any) -> Any:
+        while isinstance(ref, list) and (ref[0], ref[1]) in bypass:
+            ref = bypass[(ref[0], ref[1])]
+        return ref
+
+    for node in out.values():
+        node["inputs"] = {k: resolve(v) for k, v in node["inputs"].items()}
+    keep: set[str] = set()
+    todo = _ids(out, "SaveImage")
+    while todo:
+        nid = todo.pop()
+        if nid not in keep:
+            keep.add(nid)
+            todo += [v[0] for v in out[nid]["inputs"].values() if isinstance(v, list)]
+    assert not any(out[n]["class_type"] in IDENTITY_NODES for n in keep)
+    return {nid: out[nid] for nid in keep}
+
+
+def _pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.int16) for im in images])
+
+
+COMPARED_WITH_PLAIN = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint")
+"""Runs that are repeated without the identity nodes and at strength 0 (see test_api_workflow_runs)."""
+
 RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", "instantid_controlnet",
              "face_detailer", "group_photo", "best_of_n")
 
@@ -311,6 +365,17 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
         assert "missing controlnet keys" not in log and "leftover keys" not in log
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
     assert len(crops) == len(_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
+    if name not in COMPARED_WITH_PLAIN:
+        return
+    # the identity changes the picture; at strength 0 it is the plain model's picture, bit for bit
+    plain_graph = without_identity(graph)
+    plain = _pixels(_saved_images(comfy_server, _run(comfy_server, plain_graph), plain_graph))
+    zero_graph = at_strength_zero(graph)
+    zero = _pixels(_saved_images(comfy_server, _run(comfy_server, zero_graph), zero_graph))
+    with_identity = _pixels(images)
+    assert zero.shape == plain.shape == with_identity.shape
+    assert np.array_equal(zero, plain)
+    assert np.abs(with_identity - plain).max() >= 10, "the identity did not change the image"   # as test_hooks
 
 
 @pytest.mark.slow
@@ -380,7 +445,7 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
 
 def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):
     graph = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
-    with pytest.raises(Exception) as ei:
+    with pytest.raises(PromptError) as ei:
         comfy_server.post_prompt(graph)
     body = ei.value.body
     assert body["error"]["type"] == "prompt_outputs_failed_validation"

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -154,3 +155,20 @@ def max_rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max |ref| (values' scale)."""
     ref = ref.double()
     return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def arcface_crop(img: np.ndarray, lmk: np.ndarray) -> np.ndarray:
+    """Format §6, written out independently: square [c - 2l, c + 2l] around the landmark face box
+    (l = 0.75 x its larger side, centre moved up by l / 8), black outside the image; uint8 RGB."""
+    (x0, y0), (x1, y1) = lmk.min(0), lmk.max(0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = 0.75 * max(x1 - x0, y1 - y0)
+    cy -= 0.125 * half
+    n = max(1, int(round(4 * half)))
+    left, top = int(np.floor(cx - 2 * half)), int(np.floor(cy - 2 * half))
+    out = np.zeros((n, n, 3), np.uint8)
+    h, w = img.shape[:2]
+    xs, ys, xe, ye = max(0, left), max(0, top), min(w, left + n), min(h, top + n)
+    if xe > xs and ye > ys:
+        out[ys - top:ye - top, xs - left:xe - left] = img[ys:ye, xs:xe]
+    return out

@@ -144,7 +144,7 @@ def test_load_refuses_what_is_not_a_lora(tmp_path):
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a safetensors file at all")
-    with pytest.raises(LoraError, match="not a readable .safetensors file"):
+    with pytest.raises(LoraError, match="not a readable .safetensors LoRA file"):
         load_lora_file(junk)
 
     other = tmp_path / "other.safetensors"

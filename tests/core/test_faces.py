@@ -21,6 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureW
 from hyperlora.errors import FaceNotFoundError, ImageInputError, ModelFileError, SettingError  # noqa: E402
 from hyperlora.faces.analysis import DetectedFace, FaceAnalyzer, choose_face, order_faces  # noqa: E402
 from hyperlora.faces.options import DETECTION_SIZES, check_det_size, retry_sizes  # noqa: E402
+from tests.core.ref_hyperlora import arcface_crop as ref_arcface_crop  # noqa: E402
 from tests.fixtures import antelope as A  # noqa: E402
 
 
@@ -319,25 +320,9 @@ def test_describe(two_faces):
 # ----------------------------------------------------------------------------- embeddings
 
 
-def _arcface_crop(img: np.ndarray, lmk: np.ndarray) -> np.ndarray:
-    """Format §6, written out independently: square [c - 2l, c + 2l], black outside the image."""
-    (x0, y0), (x1, y1) = lmk.min(0), lmk.max(0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    half = 0.75 * max(x1 - x0, y1 - y0)
-    cy -= 0.125 * half
-    n = int(round(4 * half))
-    left, top = int(np.floor(cx - 2 * half)), int(np.floor(cy - 2 * half))
-    out = np.zeros((n, n, 3), np.uint8)
-    h, w = img.shape[:2]
-    xs, ys = max(0, left), max(0, top)
-    xe, ye = min(w, left + n), min(h, top + n)
-    out[ys - top:ye - top, xs - left:xe - left] = img[ys:ye, xs:xe]
-    return out
-
-
 def test_embedding_is_normalised_and_matches_reference(analyzer, insight, astronaut):
     face = analyzer.find_faces(astronaut)[0]
-    crop = _arcface_crop(astronaut, face.landmarks_106)
+    crop = ref_arcface_crop(astronaut, face.landmarks_106)
     analyzer.stats.reset()
     emb = analyzer.embedding(crop)
     assert emb is not None and emb.shape == (512,) and emb.dtype == np.float32
@@ -379,13 +364,12 @@ def test_different_people_different_embeddings_same_person_similar(analyzer):
     assert not np.allclose(a1, b, atol=1e-3)
 
 
-def test_embedding_fallback_option(analyzer):
-    img = A.face_image((1024, 1024), [(512, 500, 660)])  # not found at 640
-    assert analyzer.embedding(img) is None  # released behaviour
+def test_embedding_does_not_retry_smaller_sizes(analyzer):
+    img = A.face_image((1024, 1024), [(512, 500, 660)])  # not found at 640, found at 384 (find_faces)
     analyzer.stats.reset()
-    emb = analyzer.embedding(img, fallback=True)
-    assert emb is not None and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
-    assert analyzer.stats.det_sizes == [640, 512, 384]
+    assert analyzer.embedding(img) is None  # released behaviour: one pass at 640, no retry, no padding
+    assert analyzer.stats.det_sizes == [640]
+    assert analyzer.find_faces(img, det_sizes=(512, 384)) != []
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -261,6 +261,32 @@ def test_cache_second_call_runs_no_model(analyzer, clip, monkeypatch):
     assert counter.total() > before
 
 
+def test_requeued_identity_runs_no_model_at_all(analyzer, clip, monkeypatch, tmp_path):
+    """identity_from_images twice: the second run finds no face, runs no CLIP and no resampler."""
+    from dataclasses import replace
+
+    from hyperlora.bundle import identity_from_images
+    from hyperlora.checkpoint import load_hyper_lora
+    from hyperlora.generate import clear_token_cache
+    from tests.fixtures.hyperlora_models import TINY as TINY_HL, write_hyperlora_folder
+
+    model = load_hyper_lora(write_hyperlora_folder(tmp_path / "m", preset=replace(TINY_HL, clip_dim=TINY["hidden_size"]),
+                                                   base=True), dtype=torch.float32)
+    resampler_calls = []
+    for m in (model.resampler, model.base_resampler):
+        m.register_forward_hook(lambda *_: resampler_calls.append(1))
+    counter = Counter(monkeypatch, analyzer, clip)
+    imgs = [one_face(seed=5), one_face(seed=6, centre=(240, 250))]
+    clear_token_cache()
+    first, _ = identity_from_images(model, imgs, analyzer=analyzer, clip=clip)
+    ran, resampled = counter.total(), len(resampler_calls)
+    assert ran > 0 and resampled == 2                               # ID and Base resampler
+    second, _ = identity_from_images(model, [im.copy() for im in imgs], analyzer=analyzer, clip=clip)
+    assert counter.total() == ran and len(resampler_calls) == resampled
+    assert torch.equal(first.tokens, second.tokens) and torch.equal(first.base_tokens, second.base_tokens)
+    clear_token_cache()
+
+
 def test_bfloat16_encoder_output(analyzer, clip, clip_dirs):
     bf16 = type(clip).from_pretrained(clip_dirs.model, dtype=torch.bfloat16, require_vit_l14=False)
     cond = pl.extract_conditions([one_face()], analyzer=analyzer, clip=bf16, **ALL)

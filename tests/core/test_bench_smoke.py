@@ -1,0 +1,53 @@
+"""The bench scripts' quick modes run in CI: they must start, measure and exit 0 (no timings asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bench_resampler_smoke(capsys) -> None:
+    """In this process (torch is imported already): the smoke run measures every row and checks accuracy."""
+    sys.path.insert(0, str(REPO))
+    from bench.bench_resampler import main
+
+    assert main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    diffs = [float(x) for x in re.findall(r"(?:fused|unfused) (\d\.\d+e[-+]\d+)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5              # fused and unfused vs float64, 1 and 2 photos
+    rows = [ln for ln in out.splitlines() if ln.startswith("| fused") or ln.startswith("| unfused")]
+    assert len(rows) == 4
+    assert "| bf16 fused | 1 |" in out
+
+
+def test_resampler_flops_by_hand() -> None:
+    """The bench's analytic FLOP count, for a config small enough to count every matmul by hand."""
+    sys.path.insert(0, str(REPO))
+    from bench.bench_resampler import RELEASED, resampler_flops
+    from hyperlora.spec import ResamplerConfig
+
+    cfg = ResamplerConfig(dim=4, depth=1, heads=1, dim_head=2, ff_mult=2, num_queries=3, output_dim=5,
+                          embed_dims=(6,))
+    # proj_in 2*7*6*4; attn1: q,k,v,out 4*(2*3*4*2), scores+values 2*(2*3*3*2); attn2: q,out 2*(2*3*4*2),
+    # k,v 2*(2*7*4*2), scores+values 2*(2*3*7*2); ff 2*(2*3*4*8); proj_out 2*3*4*5
+    by_hand = 336 + 192 + 72 + 96 + 224 + 168 + 384 + 120
+    assert resampler_flops(cfg, 7, None) == by_hand
+    assert resampler_flops(cfg, 7, None, n=3) == 3 * by_hand
+    # released: about 154 GFLOP per photo
+    assert 150e9 < resampler_flops(RELEASED, 16, 257) < 160e9
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0() -> None:
+    res = _run("bench/gpu_check.py", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr
+    assert "No CUDA device here" in res.stdout and "Nothing was measured" in res.stdout
