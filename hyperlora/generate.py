@@ -174,10 +174,12 @@ def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out
         out = torch.empty(basis.shape[:2], dtype=basis.dtype, device=basis.device)
     triples = list(zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)))
     n = _workers(basis, workers, len(triples))
+    # the caller's inference mode goes along, also on this thread: ``out`` made inside inference mode
+    # is an inference tensor, which may only be written inside it
+    inference = torch.is_inference_mode_enabled()
     if n == 1:
-        _mv_rows(triples)
+        _mv_rows(triples, inference)
     else:
-        inference = torch.is_inference_mode_enabled()
         list(_mv_pool(n).map(_mv_rows, [triples[i::n] for i in range(n)], [inference] * n))
     return out
 
