@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import QueueError
+from ..checks import finite_float
+from ..errors import HyperLoRAError, QueueError
 from ..spec import NODE_PREFIX, PACK_FOLDER
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
     API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
@@ -343,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="positive prompt; the trigger words are prepended when missing")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--seed", type=int)
-    p.add_argument("--strength", type=float, help="LoRA strength (0.75-0.85 typical)")
+    p.add_argument("--strength", type=finite_float, help="LoRA strength (0.75-0.85 typical)")
     p.add_argument("--model", help="HyperLoRA model folder name, e.g. sdxl_hyper_id_lora_v1_fidelity")
     p.add_argument("--checkpoint", help="SDXL checkpoint file name as ComfyUI lists it")
     p.add_argument("--steps", type=int)
@@ -353,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="set any widget, e.g. --set 'Sampler.cfg=4.5'")
     p.add_argument("--no-trigger", action="store_true", help="do not prepend the trigger words")
     p.add_argument("--out", default=".", help="folder for the downloaded images")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    p.add_argument("--timeout", type=finite_float, default=3600.0, help="seconds to wait for the run")
     return p
 
 
@@ -366,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                model=args.model, checkpoint=args.checkpoint, steps=args.steps, width=args.width,
                                height=args.height, overrides=args.overrides, out_dir=args.out,
                                timeout=args.timeout, add_trigger=not args.no_trigger)
-    except QueueError as e:
-        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError)
+    except HyperLoRAError as e:
+        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError / SettingError)
         return 1
     sys.stdout.write("".join(f"{path}\n" for path in paths))   # the result: one image path a line
     return 0
