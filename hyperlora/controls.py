@@ -71,7 +71,8 @@ def keypoint_image(
     faces = find_faces_scaled(analyzer, image, det_size=det_size)
     if not faces:
         if no_face == "error":
-            raise no_face_error(label, det_size, "there are no keypoints to draw", "get a black image instead")
+            raise no_face_error(label, det_size, "there are no keypoints to draw", "get a black image instead",
+                                shape=image.shape)
         logger.warning("HyperLoRA: no face in %s; its keypoint image is black.", label)
         return np.zeros((size[1], size[0], 3), dtype=np.uint8), None
     face = choose_face(faces, face_choice, face_index)
