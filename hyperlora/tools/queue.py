@@ -30,6 +30,7 @@ from .. import __version__
 from ..checks import finite_float
 from ..errors import HyperLoRAError, QueueError
 from ..spec import NODE_PREFIX, PACK_FOLDER
+from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
     API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
     fill_workflow, find_nodes, load_api_workflow, photo_slots, resolve_workflow,
@@ -39,6 +40,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 HISTORY_ATTEMPTS = 5   # reads of /history/<id> before a busy server's time-outs count as an error
+AUTHORS_PREFIX = "HyperLoRA"     # the authors' plugin's node ids (ours add "Studio": NODE_PREFIX)
+AUTHORS_PACK = "ComfyUI-HyperLoRA (github.com/bytedance/ComfyUI-HyperLoRA)"
+
+
+def node_origin(class_type: str) -> str:
+    """Where a node type comes from: ``ours``, ``authors`` (the authors' HyperLoRA plugin), ``core``
+    (ComfyUI 0.3.64's own nodes) or ``other`` (another custom-node pack, or a newer ComfyUI)."""
+    if class_type.startswith(NODE_PREFIX):
+        return "ours"
+    if class_type.startswith(AUTHORS_PREFIX):
+        return "authors"
+    return "core" if class_type in CORE_NODE_TYPES else "other"
 
 
 # --------------------------------------------------------------------------- server client
@@ -82,20 +95,29 @@ class ComfyClient:
         return self.get_json("/object_info")
 
     def check_nodes(self, graph: ApiGraph) -> None:
-        """Raise QueueError naming every node type of ``graph`` the server does not have."""
+        """Raise QueueError naming every node type of ``graph`` the server does not have, grouped by
+        where it comes from (this pack, the authors' plugin, ComfyUI's core, another pack) with the fix."""
         info = self.object_info()
         missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
         if not missing:
             return
-        ours = [m for m in missing if m.startswith(NODE_PREFIX)]
-        core = [m for m in missing if not m.startswith(NODE_PREFIX)]
-        parts = []
-        if ours:
-            parts.append(f"{', '.join(ours)} from {PACK_FOLDER} (this workflow needs version {__version__} or newer): "
-                         f"put the pack in ComfyUI/custom_nodes/{PACK_FOLDER}, install its requirements.txt "
-                         f"and restart ComfyUI; if it is installed, the console shows why it failed to import")
-        if core:
-            parts.append(f"{', '.join(core)}: ComfyUI core node(s), update ComfyUI to 0.3.64 or newer")
+        groups: dict[str, list[str]] = {}
+        for m in missing:
+            groups.setdefault(node_origin(m), []).append(m)
+        fixes = {
+            "ours": f"from {PACK_FOLDER} (this workflow needs version {__version__} or newer): put the pack in "
+                    f"ComfyUI/custom_nodes/{PACK_FOLDER}, install its requirements.txt and restart ComfyUI; if it "
+                    f"is installed, the console shows why it failed to import",
+            "authors": f"from the authors' plugin {AUTHORS_PACK}: install it (it works beside this pack), or convert "
+                       f"the workflow to {PACK_FOLDER}'s nodes with python -m hyperlora.tools.convert_workflow",
+            "core": f"ComfyUI core node(s) (in ComfyUI {CORE_VERSION}): update ComfyUI to {CORE_VERSION} or newer; "
+                    f"if it is that new, its console shows which core module failed to import",
+            "other": f"neither ComfyUI {CORE_VERSION} core nor {PACK_FOLDER} nodes, so they come from another "
+                     f"custom-node pack: install that pack (ComfyUI-Manager's 'Install Missing Custom Nodes' finds "
+                     f"most) and restart ComfyUI; if they are core nodes of a newer ComfyUI, update ComfyUI",
+        }
+        parts = [f"{', '.join(names)}: {fixes[origin]}" for origin in ("ours", "authors", "core", "other")
+                 if (names := groups.get(origin))]
         raise QueueError(f"The ComfyUI server at {self.server} lacks node type(s) used by this workflow: "
                          + "; ".join(parts) + ".")
 
