@@ -19,7 +19,7 @@ from tests.comfy.models import CLIP_FILE, FULL_MODEL, PACK_DIR_NAME
 pytestmark = pytest.mark.comfy
 
 EXPECTED = {  # node id -> (category, output types)
-    "HyperLoRAStudioLoader": ("HyperLoRA Studio/loaders", ["HYPERLORA_STUDIO_MODEL"]),
+    "HyperLoRAStudioLoader": ("HyperLoRA Studio/loaders", ["HYPERLORA_STUDIO_MODEL", "STRING"]),
     "HyperLoRAStudioIdentityFromImages": ("HyperLoRA Studio/identity", ["HYPERLORA_STUDIO_IDENTITY", "IMAGE"]),
     "HyperLoRAStudioFaceMask": ("HyperLoRA Studio/identity", ["MASK"]),
     "HyperLoRAStudioBuildLoRA": ("HyperLoRA Studio/lora", ["LORA_MODEL"]),
@@ -94,6 +94,7 @@ def test_missing_model_is_refused_with_the_fix(comfy_server: ComfyServer, value)
     with pytest.raises(PromptError) as info:
         comfy_server.post_prompt(prompt)
     errors = info.value.body["node_errors"]["hl"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["model"]   # only the input that is wrong
     text = " ".join(e["details"] for e in errors)
     assert str(value) in text and "hyper_lora_modules.json" in text
     assert str(comfy_server.base / "models" / "hyper_lora" / "hyper_lora") in text
