@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,7 @@ def _get_paths(hub: FakeHub) -> list[str]:
 
 def test_checksums_record_what_was_verified(tmp_path):
     files = _release()
-    basis = f"bytedance-research/HyperLoRA/resolve/main/sdxl_hyper_id_lora_v1_fidelity/hyper_lora_modules.safetensors"
+    basis = "bytedance-research/HyperLoRA/resolve/main/sdxl_hyper_id_lora_v1_fidelity/hyper_lora_modules.safetensors"
     with FakeHub(files) as hub:
         hub.linked[basis] = (hashlib.sha256(files[basis]).hexdigest(), len(files[basis]))
         dl.download_all(tmp_path, model="fidelity", base_url=hub.url, backoff=0)
