@@ -117,7 +117,8 @@ class HyperLoRAStudioLoader:
         # (fp16 for the release) instead of doubling to fp32 on the CPU; the resampler and CLIP
         # run in the chosen compute precision.
         basis_dtype = None if dtype == "auto" else torch_dtype
-        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload)
+        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload,
+                                   check_interrupt=check_interrupt)
         bar.update(1)
         check_interrupt()
         width = clip_width_needed(hl_model)

@@ -119,3 +119,4 @@ def test_build_lora_in_inference_mode_with_every_strategy(tiny_folder, strategy,
     for key, want in slow.items():
         if not key.endswith("alpha"):
             assert ref.max_rel_diff(lora[key], want) <= 5 * REL_TOL[dtype] + 1e-6, (key, strategy, dtype)
+
