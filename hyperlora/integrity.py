@@ -137,15 +137,16 @@ def record_files(folder: str | os.PathLike[str], names: Sequence[str], *, source
                              (folder / name).stat().st_size, source) for name in names}
 
 
-def _damaged_record(path: Path, why: str) -> ModelFileError:
-    return ModelFileError(
-        f"The checksum file '{path}' is damaged ({why}), so the model files beside it cannot be checked; the disk "
-        f"may be failing. Delete it and {GENERIC_FIX}.")
-
-
-def read_checksums(folder: str | os.PathLike[str]) -> dict[str, FileRecord] | None:
-    """The record of ``folder`` (None when it has none); :class:`ModelFileError` when it is unreadable."""
+def read_checksums(folder: str | os.PathLike[str], *, fix: str = GENERIC_FIX) -> dict[str, FileRecord] | None:
+    """The record of ``folder`` (None when it has none); :class:`ModelFileError` ending in ``fix`` when it is
+    unreadable."""
     path = Path(folder) / CHECKSUM_FILE
+
+    def _damaged_record(path: Path, why: str) -> ModelFileError:
+        return ModelFileError(
+            f"The checksum file '{path}' is damaged ({why}), so the model files beside it cannot be checked; the "
+            f"disk may be failing. Delete it, then {fix}.")
+
     if not path.is_file():
         return None
     try:
@@ -285,7 +286,7 @@ def verify_folder(folder: str | os.PathLike[str], *, uses: Sequence[str] = (), c
     """
     folder = Path(folder)
     start = time.perf_counter()
-    records = read_checksums(folder)
+    records = read_checksums(folder, fix=fix)
     if records is None:
         key = str(folder.resolve())
         with _log_lock:

@@ -149,7 +149,7 @@ def test_damaged_checksum_file_is_refused_with_the_fix(folder, text, why):
     (folder / CHECKSUM_FILE).write_text(text)
     with pytest.raises(ModelFileError) as ei:
         ig.verify_folder(folder)
-    assert why in str(ei.value) and "Delete it and download the model again" in str(ei.value)
+    assert why in str(ei.value) and "Delete it, then download the model again" in str(ei.value)
 
 
 def test_newer_checksum_format_asks_for_an_update(folder):
