@@ -159,7 +159,12 @@ def test_faceless_photo_with_skip_leaves_the_model_unchanged(comfy_server: Comfy
     plain = _pixels(comfy_server, _images(entry, "save_plain")[0])
     noface = _pixels(comfy_server, _images(entry, "save_noface")[0])
     assert np.array_equal(plain, noface)
-    assert "passed on unchanged" in comfy_server.log_text()
+    assert "No face found in the 1 photo(s) - model passed through unchanged" in comfy_server.log_text()
+    ui = entry["outputs"]["apply_noface"]                  # said on the node too, not only in the console
+    assert ui["text"][0].startswith("No face found in the 1 photo(s) - model passed through unchanged")
+    [shown] = ui["images"]
+    label = _pixels(comfy_server, shown)
+    assert label.shape == (512, 512, 3) and label.std() > 5     # the labelled placeholder (text on gray)
 
 
 def test_saved_identity_and_exported_lora_files(comfy_server: ComfyServer, sdxl_run):

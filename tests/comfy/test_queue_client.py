@@ -72,7 +72,7 @@ def test_missing_node_type_names_the_pack(comfy_server):
         q.queue_workflow(graph, server=comfy_server.url)
     msg = str(ei.value)
     assert f"The ComfyUI server at {comfy_server.url} lacks node type(s)" in msg
-    assert "HyperLoRAStudioFromTheFuture from ComfyUI-HyperLoRA-Studio" in msg and "restart ComfyUI" in msg
+    assert "HyperLoRAStudioFromTheFuture: from ComfyUI-HyperLoRA-Studio" in msg and "restart ComfyUI" in msg
     assert "SomeOtherPackNode: neither ComfyUI 0.3.64 core nor ComfyUI-HyperLoRA-Studio nodes" in msg
 
 
