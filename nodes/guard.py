@@ -9,8 +9,10 @@ Node authors do nothing: :func:`guard_nodes` wraps each registered class's ``FUN
   :func:`hyperlora.checks.check_filename_prefix`;
 
 both raise :class:`~hyperlora.errors.SettingError` naming the input and the node before the node
-runs.  A class with a ``filename_prefix`` input and no ``VALIDATE_INPUTS`` also gets one, so a bad
-prefix typed into the widget is refused when the prompt is queued, on that input only.
+runs.  A class with a ``filename_prefix`` input also gets the prefix check in its ``VALIDATE_INPUTS``
+(see :func:`_install_validation`), so a bad prefix typed into the widget is refused when the prompt
+is queued; and a socket check (``nodes.common.guard_sockets``) on an ``INPUT_IS_LIST`` node is made to
+take the lists ComfyUI then passes.
 """
 
 from __future__ import annotations
@@ -131,6 +133,52 @@ def _validate_prefix(cls: type, filename_prefix: str | None = None) -> bool | st
     return True
 
 
+def _install_validation(cls: type) -> None:
+    """Give ``cls`` a ``VALIDATE_INPUTS`` that checks a typed-in ``filename_prefix`` at queue time.
+
+    A node without one gets :func:`_validate_prefix`.  A node with the socket check of
+    ``nodes.common.guard_sockets`` (``VALIDATE_INPUTS(input_types)``) gets both in one function
+    (ComfyUI calls only one; it lists a failure under every input the function takes, so a wrong wire's
+    message, which names its input, shows under filename_prefix too).  With ``INPUT_IS_LIST`` ComfyUI
+    hands the validation lists as well: each element is checked.  A node's own validation with other
+    arguments is left as it is (its prefix is still checked when it runs).
+    """
+    existing = getattr(cls, "VALIDATE_INPUTS", None)
+    has_prefix = PREFIX_INPUT in declared_inputs(cls)
+    if existing is None:
+        if has_prefix:
+            cls.VALIDATE_INPUTS = classmethod(_validate_prefix)
+        return
+    if getattr(existing, _GUARDED, False) or inspect.getfullargspec(existing).args[1:] != ["input_types"]:
+        return
+    as_list = bool(getattr(cls, "INPUT_IS_LIST", False))
+    if not (has_prefix or as_list):
+        return
+
+    def each(value: Any) -> list[Any]:
+        return value if as_list and isinstance(value, list) else [value]
+
+    def validate(node_cls: type, input_types: Any = None, filename_prefix: Any = None) -> bool | str:
+        for prefix in each(filename_prefix):
+            answer = _validate_prefix(node_cls, prefix)
+            if answer is not True:
+                return answer
+        for types in each(input_types) if input_types is not None else []:
+            answer = existing(input_types=types)
+            if answer is not True:
+                return answer
+        return True
+
+    if has_prefix:
+        def VALIDATE_INPUTS(node_cls: type, input_types: Any = None, filename_prefix: Any = None) -> bool | str:  # noqa: N802
+            return validate(node_cls, input_types, filename_prefix)
+    else:
+        def VALIDATE_INPUTS(node_cls: type, input_types: Any = None) -> bool | str:  # type: ignore[misc]  # noqa: N802
+            return validate(node_cls, input_types)
+    setattr(VALIDATE_INPUTS, _GUARDED, True)
+    cls.VALIDATE_INPUTS = classmethod(VALIDATE_INPUTS)
+
+
 def is_guarded(cls: type) -> bool:
     function = getattr(cls, getattr(cls, "FUNCTION", "") or "", None)
     return bool(getattr(function, _GUARDED, False))
@@ -145,8 +193,7 @@ def guard_node(node_id: str, display_name: str, cls: type) -> None:
         return
     if not is_guarded(cls):
         setattr(cls, cls.FUNCTION, _wrap(getattr(cls, cls.FUNCTION)))
-    if PREFIX_INPUT in declared_inputs(cls) and getattr(cls, "VALIDATE_INPUTS", None) is None:
-        cls.VALIDATE_INPUTS = classmethod(_validate_prefix)
+    _install_validation(cls)
 
 
 def guard_nodes(classes: dict[str, type], display_names: dict[str, str]) -> None:

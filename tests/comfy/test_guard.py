@@ -101,3 +101,24 @@ def test_a_node_registered_later_is_guarded_too(pack, guard):
         LaterNode().go(amount=1.0, filename_prefix="../up")
     guard.guard_node("HyperLoRAStudioLater", "HyperLoRA Studio Later", LaterNode)   # twice: still one wrapper
     assert LaterNode.go.__wrapped__.__name__ == "go" and not hasattr(LaterNode.go.__wrapped__, "__wrapped__")
+
+
+def test_the_socket_check_and_the_prefix_check_share_validate_inputs(pack, guard):
+    """Nodes with our socket types carry nodes.common.guard_sockets' VALIDATE_INPUTS(input_types); the
+    prefix check joins it (ComfyUI calls one function), and list nodes get the lists ComfyUI passes."""
+    import inspect
+
+    save = pack.nodes["HyperLoRAStudioSaveIdentity"]
+    assert inspect.getfullargspec(save.VALIDATE_INPUTS).args == ["node_cls", "input_types", "filename_prefix"]
+    good = {"identity": "HYPERLORA_STUDIO_IDENTITY"}
+    assert save.VALIDATE_INPUTS(input_types=good, filename_prefix="people/anna") is True
+    assert "'..' part" in save.VALIDATE_INPUTS(input_types=good, filename_prefix="../x")
+    assert "The input 'identity' is connected to a IMAGE output" in save.VALIDATE_INPUTS(
+        input_types={"identity": "IMAGE"}, filename_prefix="ok")
+    for node_id in ("HyperLoRAStudioIdentityFromImages", "HyperLoRAStudioApplyFromImages", "HyperLoRAStudioFaceMask"):
+        cls = pack.nodes[node_id]
+        assert cls.INPUT_IS_LIST is True
+        right = {"hyper_lora": "HYPERLORA_STUDIO_MODEL", "images": "IMAGE"}
+        assert cls.VALIDATE_INPUTS(input_types=[right]) is True, node_id          # what ComfyUI passes: a list
+        msg = cls.VALIDATE_INPUTS(input_types=[{"hyper_lora": "HYPER_LORA", "images": "IMAGE"}])
+        assert isinstance(msg, str) and "authors' ComfyUI-HyperLoRA plugin" in msg, node_id
