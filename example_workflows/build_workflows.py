@@ -559,7 +559,7 @@ def best_of_n() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
     wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
     holder: dict[str, Node] = {}
@@ -589,7 +589,7 @@ def refine_identity() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident = identity(wf, hl, photo, "Identity from photos", (380, 300))
     scaled = wf.add("ImageScale", "Photo at 1024x1024", (380, 620), image=photo, upscale_method="lanczos",
                     width=1024, height=1024, crop="center")
