@@ -109,7 +109,7 @@ def test_load_errors(tmp_path):
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(IdentityFileError, match="not a readable .safetensors identity file .*: it is damaged .*"
+    with pytest.raises(IdentityFileError, match="not a readable .safetensors identity file .*; it is damaged .*"
                                                 "Pick another file, or make the identity again from the photos"):
         load_identity(junk)
     cut = tmp_path / "cut.safetensors"            # an interrupted copy of a good file
