@@ -1,6 +1,6 @@
 """Benchmark of the HyperLoRA core on the full-size random fp16 checkpoint (issue 2).
 
-    python bench/bench_core.py [--cache DIR] [--threads N] [--repeat R] [--tokens]
+    python bench/bench_core.py [--cache DIR] [--threads N] [--repeat R] [--tokens] [--smoke]
 
 Everything is measured in this one process (except the load peak, see (c)):
 
@@ -148,10 +148,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--tokens", action="store_true", help="also time id_tokens for one image (fp16 resampler)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the tiny model, 2 rounds, 1 and 2 threads: a quick run that the script works (CI)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder = full_model_folder(args.cache or test_cache_root())
+    if args.smoke:
+        import tempfile
+
+        from tests.fixtures.hyperlora_models import write_hyperlora_folder
+
+        args.repeat = 2
+        folder = write_hyperlora_folder(Path(tempfile.mkdtemp(prefix="bench_core_")) / "tiny_model")
+        for threads in (1, 2):            # the single-thread path once crashed in inference mode ('mv')
+            torch.set_num_threads(threads)
+            model = load_hyper_lora(folder)
+            tokens = normalize_tokens(torch.randn(model.arch.num_tokens, model.arch.hyper_dim))
+            with torch.inference_mode():
+                for strategy in ("auto", "mv", "bmm"):
+                    model.build_lora(tokens, strategy=strategy)
+        torch.set_num_threads(args.threads)
+    else:
+        folder = full_model_folder(args.cache or test_cache_root())
     file_bytes = sum(p.stat().st_size for p in model_files(folder))
     print(f"model: {folder}  files {file_bytes / GB:.2f} GB  threads {args.threads}  "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -1,6 +1,6 @@
 """Face analysis cost: our FaceAnalyzer vs the released recipe, on one 1024x1024 photo.
 
-Run:  python bench/bench_faces.py [--antelope DIR] [--repeat N]
+Run:  python bench/bench_faces.py [--antelope DIR] [--repeat N] [--smoke]
 
 Without ``--antelope`` it uses the hand-weighted test pack (tests/fixtures/antelope.py): run
 counts are exact, times only show the overhead shape (the fake models are far cheaper than the
@@ -128,7 +128,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--antelope", type=Path, default=None, help="a real antelopev2 folder (default: the test pack)")
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions (best is reported)")
+    ap.add_argument("--smoke", action="store_true", help="one repetition: a quick run that the script works (CI)")
     args = ap.parse_args()
+    if args.smoke:
+        args.repeat = 1
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.antelope is None:
         from tests.conftest import test_cache_root

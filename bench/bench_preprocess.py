@@ -1,6 +1,6 @@
 """Benchmark: whole preprocessing of one 1024x1024 photo on this CPU (fake AntelopeV2 + random CLIP).
 
-    python bench/bench_preprocess.py [--tiny-clip] [--repeats 2]
+    python bench/bench_preprocess.py [--tiny-clip] [--repeats 2] [--smoke]
 
 Prints, measured in this one process:
 
@@ -97,7 +97,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP instead of full-size ViT-L/14")
     parser.add_argument("--repeats", type=int, default=2, help="uncached runs (median)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny CLIP, one run: a quick run that the script works (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny_clip, args.repeats = True, 1
 
     cache = test_cache_root()
     analyzer = FaceAnalyzer(cached_antelopev2(cache), provider="CPU")

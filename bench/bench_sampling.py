@@ -4,7 +4,7 @@ HyperLoRA merges its LoRA into the SDXL weights (W + s * 0.5 * up @ down), so a 
 must cost the same as without it (target ratio 1.00 +/- 0.03): no extra attention, no hooks.
 The one-time merge happens when ComfyUI loads the patched model; it is timed separately.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_sampling.py [--size 64] [--steps 2] [--repeat 5]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_sampling.py [--size 64] [--steps 2] [--repeat 5] [--smoke]
 
 Uses the random SDXL checkpoint and HyperLoRA fixtures of the test suite (cached; built on first
 use, about 7 GB) unless --checkpoint / --hyper-lora point at real files.  CPU only here; needs
@@ -62,7 +62,7 @@ def comfy_setup(comfyui: str, tmp: Path, *, checkpoint: str = "", unet_dtype: st
     model, clip, _vae = cn.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[:3]
     print(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s ({type(model.model).__name__})")
     loader = graphs.loader()["inputs"]
-    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(**loader)
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(**loader)
     photo = torch.from_numpy(astronaut()).float().div(255.0)[None]
     identity, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **graphs.FACE)
     (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, identity, "id")
@@ -83,7 +83,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="", help="an SDXL .safetensors (default: the random test checkpoint)")
     ap.add_argument("--unet-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise on a shared machine)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 step, 1 timed run, 1 merged block: a quick run that the script works (CI; still loads "
+                         "the 7 GB random SDXL checkpoint)")
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.steps, args.repeat, args.blocks = 64, 1, 1, 1
     if not args.comfyui or not (Path(args.comfyui) / "nodes.py").is_file():
         sys.exit("Set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout.")
 

@@ -1,6 +1,6 @@
 """One-command GPU check: the pack's hot paths on a CUDA device, in one table (a few minutes).
 
-    python bench/gpu_check.py [--repeat R] [--size 1024]
+    python bench/gpu_check.py [--repeat R] [--size 1024] [--smoke]
     COMFYUI_PATH=/path/to/ComfyUI python bench/gpu_check.py      # adds the sampling rows
 
 On a machine without CUDA it says so and exits 0.  Otherwise, on ``cuda:0``:
@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=1024, help="image size of the sampling rows (px)")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout")
     ap.add_argument("--cache", type=Path, default=None, help="fixture cache (default: the tests' cache)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one round, 256 px sampling rows: a quick run that the script works (CI; without CUDA it "
+                         "says so and exits 0, as always)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeat, args.size = 1, 256
 
     import torch
 

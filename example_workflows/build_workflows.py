@@ -69,6 +69,7 @@ def base_model(wf: Workflow, *, x: float = 0, y: float = 0) -> tuple[Node, Node]
 
 
 def hyper_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
+    """The HyperLoRA Loader; a node under it starts 210 px lower (its two outputs make it that tall)."""
     return wf.add("HyperLoRAStudioLoader", "Load HyperLoRA", (x, y), model=HYPER_MODEL, clip_vision=CLIP_VISION,
                   insightface=INSIGHTFACE, dtype="auto", provider="auto")
 
@@ -130,9 +131,9 @@ def identity(wf: Workflow, hl: Node, images: Out | Node, title: str, pos: tuple[
 
 def two_identities(wf: Workflow, hl: Node, first: tuple[str, str, str],
                    second: tuple[str, str, str]) -> tuple[Node, Node, Node, Node]:
-    """Two photos, at (0, 480) and (0, 840), each with its identity beside it; ``first`` / ``second``
+    """Two photos, at (0, 510) and (0, 840), each with its identity beside it; ``first`` / ``second``
     are (photo title, image file, identity title). Returns (photo 1, photo 2, identity 1, identity 2)."""
-    p1 = face_photo(wf, first[0], (0, 480), first[1])
+    p1 = face_photo(wf, first[0], (0, 510), first[1])
     p2 = face_photo(wf, second[0], (0, 840), second[1])
     i1 = identity(wf, hl, p1, first[2], (380, 480))
     i2 = identity(wf, hl, p2, second[2], (380, 840))
@@ -150,8 +151,8 @@ def two_identity_loras(wf: Workflow, hl: Node, first: tuple[str, str, str],
 
 
 def apply_from_photo(wf: Workflow, model: Out, hl: Node, *, no_face: str = "skip") -> tuple[Node, Node]:
-    """'Face photo' at (0, 480) and Apply from Images beside it (released face options). Returns both."""
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    """'Face photo' at (0, 510) and Apply from Images beside it (released face options). Returns both."""
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     apply = wf.add("HyperLoRAStudioApplyFromImages", "Apply HyperLoRA from images", (380, 300), model=model,
                    hyper_lora=hl, images=photo, strength=0.85, face_choice="largest", face_index=0,
                    remove_background=True, grayscale=False, no_face=no_face, det_size="640")
@@ -195,7 +196,7 @@ def t2i_several_photos() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    p1 = face_photo(wf, "Face photo 1", (0, 480), "face_1.png")
+    p1 = face_photo(wf, "Face photo 1", (0, 510), "face_1.png")
     p2 = face_photo(wf, "Face photo 2", (0, 840), "face_2.png")
     p3 = face_photo(wf, "Face photo 3", (0, 1200), "face_3.png")
     b1 = wf.add("ImageBatch", "Batch photos 1+2", (380, 480), image1=p1, image2=p2)
@@ -257,7 +258,7 @@ def controlnet_pose() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
     wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
     cn = wf.add("ControlNetLoader", "Load pose ControlNet (SDXL)", (760, 680), control_net_name=CONTROLNET)
@@ -277,7 +278,7 @@ def export_lora() -> Workflow:
                   "start for a short (about 50 steps) LoRA fine-tune.")
     note(wf)
     hl = hyper_loader(wf, y=0)
-    photo = face_photo(wf, "Face photo", (0, 220), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 250), "face.png")
     ident = identity(wf, hl, photo, "Identity from photos", (380, 0))
     build = wf.add("HyperLoRAStudioBuildLoRA", "Build identity LoRA", (760, 0), hyper_lora=hl, identity=ident, kind="id")
     export = wf.add("HyperLoRAStudioExportLoRA", "Export LoRA to models/loras", (760, 140), lora=build,
@@ -313,7 +314,7 @@ def identity_save() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
     save = wf.add("HyperLoRAStudioSaveIdentity", "Save identity file", (760, 700), identity=ident,
                   filename_prefix="my_face")
@@ -558,7 +559,7 @@ def best_of_n() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
     wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
     holder: dict[str, Node] = {}
@@ -588,7 +589,7 @@ def refine_identity() -> Workflow:
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
-    photo = face_photo(wf, "Face photo", (0, 480), "face.png")
+    photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident = identity(wf, hl, photo, "Identity from photos", (380, 300))
     scaled = wf.add("ImageScale", "Photo at 1024x1024", (380, 620), image=photo, upscale_method="lanczos",
                     width=1024, height=1024, crop="center")

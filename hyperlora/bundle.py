@@ -7,6 +7,7 @@ The nodes only map ComfyUI types onto these calls:
 * :func:`mix_identities`:      several identities -> one LoRA (coefficient or weight-delta space)
 * :func:`concept_slider`:      edited minus original identity -> signed LoRA
 * :func:`lora_target_shapes`:  the ``[out, in]`` weight shape every LoRA module expects
+* :func:`architecture_target_shapes`: the same for every LoRA a model can make (no LoRA needed)
 
 Everything runs on the device the :class:`~hyperlora.generate.HyperLoRAModel` is on;
 returned identities are float32 on the CPU, returned LoRAs on the CPU.
@@ -29,6 +30,7 @@ from .generate import HyperLoRAModel
 from .identity import Identity, check_identity_fits, mean_face_embedding
 from .lora import DOWN_SUFFIX, UP_SUFFIX, GeneratedLora, difference, lora_prefixes, mix_tokens, weighted_sum
 from .pipeline import FaceConditions, extract_conditions
+from .spec import LORA_LAYERS, HyperLoRAArchitecture, kohya_prefix
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,13 @@ def clip_width_needed(model: HyperLoRAModel) -> int | None:
     return widths.pop() if widths else None
 
 
-def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str]) -> Identity:
+def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str],
+                             check_interrupt: Callable[[], None] | None = None) -> Identity:
     """Resampler tokens of one person from the extracted conditions (mean over the used images).
 
     The identity records the mean ArcFace embedding of the photos when ``cond`` has them
-    (``face_embedding``, for :mod:`hyperlora.similarity`).
+    (``face_embedding``, for :mod:`hyperlora.similarity`).  ``check_interrupt`` is called between
+    resampler chunks.
     """
     device, dtype = model.device, model.module_dtype
 
@@ -79,10 +83,11 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
         return None if t is None else t.to(device=device, dtype=dtype)
 
     with torch.inference_mode():
-        tokens = model.id_tokens(id_embeds=put(cond.id_embeds), clip_features=put(cond.clip_features))
+        tokens = model.id_tokens(id_embeds=put(cond.id_embeds), clip_features=put(cond.clip_features),
+                                 check_interrupt=check_interrupt)
         base = None
         if model.base_resampler is not None and cond.base_clip_features is not None:
-            base = model.base_tokens(put(cond.base_clip_features))
+            base = model.base_tokens(put(cond.base_clip_features), check_interrupt=check_interrupt)
     return Identity(   # clone outside inference mode: plain tensors
         tokens=tokens.detach().float().cpu().clone(),
         base_tokens=None if base is None else base.detach().float().cpu().clone(),
@@ -102,25 +107,28 @@ def identity_from_images(
     clip: ClipVisionEncoder,
     options: FaceOptions = DEFAULTS,
     check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Identity, FaceConditions]:
     """Face photos (uint8 RGB ``[H, W, 3]`` each) -> identity and the conditions used.
 
     ArcFace always runs (also for a model that reads only CLIP), so every identity records the
     person's face embedding.  Raises :class:`FaceNotFoundError` when no image holds a usable face (whatever the
-    no-face policy: with "skip" only the faceless images are dropped).
+    no-face policy: with "skip" only the faceless images are dropped).  ``check_interrupt`` is called
+    between photos, CLIP forwards and resampler chunks; ``progress(done, total)`` after each photo's
+    face analysis.
     """
     _need_id, need_clip, need_base = conditions_needed(model)
     cond = extract_conditions(
         images, analyzer=analyzer, clip=clip, need_id=True, need_clip=need_clip, need_base=need_base,
         face_choice=options.face_choice, face_index=options.face_index,
         remove_background=options.remove_background, grayscale=options.grayscale,
-        no_face=options.no_face, det_size=options.det_size,
+        no_face=options.no_face, det_size=options.det_size, check_interrupt=check_interrupt, progress=progress,
     )
     if check_interrupt is not None:
         check_interrupt()
     settings = options.settings()
     settings["skipped_images"] = ",".join(str(i) for i in cond.skipped)
-    return identity_from_conditions(model, cond, settings=settings), cond
+    return identity_from_conditions(model, cond, settings=settings, check_interrupt=check_interrupt), cond
 
 
 def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor]:
@@ -195,3 +203,10 @@ def lora_target_shapes(lora: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
         up, down = lora[prefix + UP_SUFFIX], lora[prefix + DOWN_SUFFIX]
         shapes[prefix] = (int(up.shape[0]), int(down.shape[-1]) if down.dim() == 2 else int(np.prod(down.shape[1:])))
     return shapes
+
+
+def architecture_target_shapes(arch: HyperLoRAArchitecture) -> dict[str, tuple[int, int]]:
+    """``{prefix: (out, in)}`` of every LoRA module a model of ``arch`` makes, without building one
+    (equal to ``lora_target_shapes`` of any of its LoRAs)."""
+    return {kohya_prefix(m, layer): (m.out_features(layer), m.in_features(layer))
+            for m in arch.modules for layer in LORA_LAYERS}

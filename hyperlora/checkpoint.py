@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,8 @@ def model_fingerprint(folder: str | os.PathLike[str]) -> str:
 
 
 def _load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype | None, device: torch.device,
-               fingerprint: str, resampler_dtype: torch.dtype | None = None) -> HyperLoRAModel:
+               fingerprint: str, resampler_dtype: torch.dtype | None = None,
+               check_interrupt: Callable[[], None] | None = None) -> HyperLoRAModel:
     """Stream a validated folder into a new :class:`HyperLoRAModel` (see ``load_hyper_lora``).
 
     Modules are created on the meta device and receive the loaded tensors with strict
@@ -348,6 +350,8 @@ def _load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype
         for kind in ("id", "base"):
             for g, down_b, up_b in model.basis_groups(kind):
                 for m, (i, layer) in enumerate(g.entries):
+                    if check_interrupt is not None:                                 # ~5 ms per pair (3 GB total)
+                        check_interrupt()
                     src = reader.read(f"{i}.{layer}.{kind}_down_basis")            # [K, in, rank]
                     down_b[m].copy_(src.view(K, -1).t())                            # [in*rank, K]
                     src = reader.read(f"{i}.{layer}.{kind}_up_basis")              # [K, rank, out]
@@ -360,7 +364,8 @@ def _load_model(folder: Path, arch: HyperLoRAArchitecture, *, dtype: torch.dtype
 
 def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", heads: int | None = None,
-                    resampler_dtype: torch.dtype | None = None) -> HyperLoRAModel:
+                    resampler_dtype: torch.dtype | None = None,
+                    check_interrupt: Callable[[], None] | None = None) -> HyperLoRAModel:
     """Validate and load a model folder into a :class:`~hyperlora.generate.HyperLoRAModel`.
 
     ``dtype`` None keeps the files' dtype (fp16 for the release).  Strict: every tensor is
@@ -370,11 +375,13 @@ def load_hyper_lora(folder: str | os.PathLike[str], *, dtype: torch.dtype | None
     about 4x and bf16 about 6x slower than fp32, bench/bench_resampler.py --also fp16 bf16; the fp32
     resampler costs ~150 MB more).  ``heads`` overrides the resampler heads
     (default: the file's ``hyperlora_resampler_heads`` metadata, else the released 12).
+    ``check_interrupt`` is called before each basis matrix pair is read (it raises to stop).
     """
     folder = Path(folder)
     arch = read_architecture(folder, heads=heads)
     return _load_model(folder, arch, dtype=dtype, device=torch.device(device),
-                       fingerprint=model_fingerprint(folder), resampler_dtype=resampler_dtype)
+                       fingerprint=model_fingerprint(folder), resampler_dtype=resampler_dtype,
+                       check_interrupt=check_interrupt)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FaceNotFoundError, SettingError, check_choice
+from .errors import SettingError, check_choice
 from .faces import preprocess as pp
 from .faces.analysis import DetectedFace, FaceAnalyzer, choose_face, order_faces
 from .faces.drawing import describe_faces, draw_analysis, draw_keypoints, place_keypoints
@@ -71,7 +71,8 @@ def keypoint_image(
     faces = find_faces_scaled(analyzer, image, det_size=det_size)
     if not faces:
         if no_face == "error":
-            raise no_face_error(label, det_size, "there are no keypoints to draw", "get a black image instead")
+            raise no_face_error(label, det_size, "there are no keypoints to draw", "get a black image instead",
+                                shape=image.shape)
         logger.warning("HyperLoRA: no face in %s; its keypoint image is black.", label)
         return np.zeros((size[1], size[0], 3), dtype=np.uint8), None
     face = choose_face(faces, face_choice, face_index)
@@ -108,7 +109,7 @@ def face_report(image: np.ndarray, *, analyzer: FaceAnalyzer, options: FaceOptio
     else:
         try:
             face = choose_face(faces, options.face_choice, options.face_index)
-        except FaceNotFoundError as exc:
+        except SettingError as exc:          # face_index beyond the faces found
             reason = str(exc)
         else:
             chosen = next(i for i, f in enumerate(ordered) if f is face)

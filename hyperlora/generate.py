@@ -174,10 +174,12 @@ def batched_matvec(basis: Tensor, coeffs: Tensor, *, strategy: str = "auto", out
         out = torch.empty(basis.shape[:2], dtype=basis.dtype, device=basis.device)
     triples = list(zip(basis.unbind(0), coeffs.unbind(0), out.unbind(0)))
     n = _workers(basis, workers, len(triples))
+    # the caller's inference mode goes along, also on this thread: ``out`` made inside inference mode
+    # is an inference tensor, which may only be written inside it
+    inference = torch.is_inference_mode_enabled()
     if n == 1:
-        _mv_rows(triples)
+        _mv_rows(triples, inference)
     else:
-        inference = torch.is_inference_mode_enabled()
         list(_mv_pool(n).map(_mv_rows, [triples[i::n] for i in range(n)], [inference] * n))
     return out
 
@@ -242,7 +244,7 @@ class HyperLoRAModel(nn.Module):
     # ----------------------------------------------------------------------------- tokens
 
     def _mean_tokens(self, resampler: Resampler, x: Tensor, y: Tensor | None, weights: Tensor | None,
-                     chunk: int) -> Tensor:
+                     chunk: int, check_interrupt: Callable[[], None] | None = None) -> Tensor:
         n = x.shape[0]
         if weights is None:
             w = torch.full((n,), 1.0 / n, dtype=torch.float32)
@@ -256,6 +258,8 @@ class HyperLoRAModel(nn.Module):
         acc = None
         with torch.no_grad():
             for s in range(0, n, chunk):
+                if check_interrupt is not None:
+                    check_interrupt()
                 out = resampler(x[s:s + chunk], None if y is None else y[s:s + chunk]).float()  # [n, Q, K]
                 part = torch.einsum("n,nqk->qk", w[s:s + chunk], out)
                 acc = part if acc is None else acc + part
@@ -302,19 +306,21 @@ class HyperLoRAModel(nn.Module):
         return tokens
 
     def id_tokens(self, *, id_embeds: Tensor | None, clip_features: Tensor | None,
-                  weights: Tensor | None = None, chunk: int = 4, use_cache: bool = True) -> Tensor:
+                  weights: Tensor | None = None, chunk: int = 4, use_cache: bool = True,
+                  check_interrupt: Callable[[], None] | None = None) -> Tensor:
         """id_embeds ``[N, 512]`` (L2-normalised ArcFace), clip_features ``[N, 257, E]`` -> ``[Q, K]`` float32.
 
         Mean (or ``weights``-weighted mean) of the resampler outputs over the N images, then
         per-token L2 normalisation.  Two-condition models need both inputs; a one-condition
         model uses the ID embedding when it has an id_projector, else the CLIP features.
         The same inputs again return the cached tokens (bit-identical) without running the resampler.
+        ``check_interrupt`` is called before each chunk of ``chunk`` images.
         """
         key = self.token_key("id", id_embeds, clip_features, weights=weights, chunk=chunk) if use_cache else None
-        return self._cached(key, lambda: self._id_tokens(id_embeds, clip_features, weights, chunk))
+        return self._cached(key, lambda: self._id_tokens(id_embeds, clip_features, weights, chunk, check_interrupt))
 
     def _id_tokens(self, id_embeds: Tensor | None, clip_features: Tensor | None, weights: Tensor | None,
-                   chunk: int) -> Tensor:
+                   chunk: int, check_interrupt: Callable[[], None] | None = None) -> Tensor:
         cfg = self.arch.resampler
         x = y = None
         if self.id_projector is not None:
@@ -337,11 +343,12 @@ class HyperLoRAModel(nn.Module):
                 if c.shape[0] != x.shape[0]:
                     raise ImageInputError(f"got {x.shape[0]} face embeddings but {c.shape[0]} CLIP feature sets; "
                                           "give both for the same images.")
-        return self._mean_tokens(self.resampler, x, y, weights, chunk)
+        return self._mean_tokens(self.resampler, x, y, weights, chunk, check_interrupt)
 
     def base_tokens(self, clip_features: Tensor, weights: Tensor | None = None, *, chunk: int = 4,
-                    use_cache: bool = True) -> Tensor:
-        """clip_features of the base-condition crops ``[N, 257, E]`` -> ``[Qb, K]`` float32 (cached like ``id_tokens``)."""
+                    use_cache: bool = True, check_interrupt: Callable[[], None] | None = None) -> Tensor:
+        """clip_features of the base-condition crops ``[N, 257, E]`` -> ``[Qb, K]`` float32 (cached like ``id_tokens``;
+        ``check_interrupt`` before each chunk)."""
         if self.base_resampler is None:
             raise LoraError(f"HyperLoRA model '{self.name}' has no Base-LoRA (no base_resampler.safetensors); "
                             f"use kind 'id' or a model trained with a Base-LoRA.")
@@ -350,7 +357,7 @@ class HyperLoRAModel(nn.Module):
 
         def compute() -> Tensor:
             c = self._prep(clip_features, "clip_features", (_seq_len(clip_features), resampler.config.embed_dims[0]))
-            return self._mean_tokens(resampler, c, None, weights, chunk)
+            return self._mean_tokens(resampler, c, None, weights, chunk, check_interrupt)
 
         return self._cached(key, compute)
 

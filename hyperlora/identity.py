@@ -155,7 +155,9 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     path = Path(path)
     with open_safetensors(path, error=IdentityFileError, name="identity file",
                           pickle_fix="Save the identity again with the HyperLoRA Studio Save Identity node.",
-                          fix="save the identity again") as f:
+                          fix="it is damaged (e.g. an interrupted copy) or not an identity file. Pick another file, "
+                              "or make the identity again from the photos (Identity from Images) and save it with "
+                              "the HyperLoRA Studio Save Identity node") as f:
         meta = dict(f.metadata() or {})
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in ("tokens", "base_tokens", "face_embedding") if k in keys}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .cache import LRU, digest
 from .encoders import ClipVisionEncoder
-from .errors import FaceNotFoundError, ImageInputError, check_choice
+from .errors import FaceNotFoundError, ImageInputError, SettingError, check_choice
 from .faces import preprocess as pp
 from .faces.analysis import DetectedFace, FaceAnalyzer, choose_face
 from .faces.options import DEFAULTS, NO_FACE_POLICIES, retry_sizes
@@ -34,8 +34,14 @@ logger = logging.getLogger(__name__)
 MAX_DETECT_SIDE: int | None = None   # None = released: detect on the full photo; an int downscales larger
                                      # photos for detection only (faster, NOT bit-exact with the release)
 CACHE_SIZE = 64             # images kept in the result cache
+CLIP_CHUNK = 8              # crops per CLIP forward: one forward for the usual few photos, an interrupt
+                            # check between forwards for a large batch (~0.5 s per crop for ViT-L on a CPU)
 FIX_HINTS = ("a smaller detection size (e.g. 384 or 256) for close-ups, a photo with more room around the face "
              "(a less tight crop), or a frontal, well-lit photo of one person")
+TINY_SIDE = 128             # photos with a shorter side than this are too small to find a face in reliably
+MIN_FACE_AT_DETECTOR = 20   # about the smallest face (px) the detector finds at its own input size
+LARGE_FACTOR = 3            # photos longer than this many detector sizes: small faces vanish when shrunk
+MAX_REASONS = 4             # photos listed one by one in a no-face message
 
 
 @dataclass
@@ -159,6 +165,8 @@ class _Result:
     """Everything extracted from one image (cached)."""
 
     reason: str | None = None                 # why the image has no usable face; None when it has one
+    index_miss: bool = False                  # faces were found, but fewer than face_index + 1
+    faces_found: int = 0
     note: str = ""
     id_embed: np.ndarray | None = None        # [512]
     clip_crop: np.ndarray | None = None
@@ -223,11 +231,11 @@ def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_c
              det_size: int, base_scales: tuple[float, float, float, float]) -> _Result:
     faces = find_faces_scaled(analyzer, image, det_size=det_size)
     if not faces:
-        return _Result(reason=f"no face found at detector sizes {retry_sizes(det_size)}")
+        return _Result(reason=f"no face found{no_face_hint(image.shape, det_size)}")
     try:
         face = choose_face(faces, face_choice, face_index)
-    except FaceNotFoundError as exc:          # face_index beyond the faces of this photo
-        return _Result(reason=str(exc))
+    except SettingError as exc:               # face_index beyond the faces of this photo
+        return _Result(reason=str(exc), index_miss=True, faces_found=len(faces))
     note = f"took 1 of {len(faces)} face(s) ({face_choice}{f' {face_index}' if face_choice in ('index', 'left_to_right') else ''}): {face.describe()}"
     lm = np.asarray(face.landmarks_106, dtype=np.float64)
     res = _Result(note=note)
@@ -266,11 +274,15 @@ def extract_conditions(
     det_size: int = DEFAULTS.det_size,
     base_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     use_cache: bool = True,
+    check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FaceConditions:
     """Face photos (uint8 RGB ``[H, W, 3]``, any sizes) -> :class:`FaceConditions` of one person.
 
     ``no_face``: "skip" drops faceless photos with a warning naming them, "error" raises
     :class:`FaceNotFoundError` naming them.  No face in any photo always raises.
+    ``check_interrupt`` is called before each photo's face analysis and before each CLIP forward
+    (it raises to stop); ``progress(done, total)`` after each photo.
     """
     _check_images(images)
     check_choice(no_face, NO_FACE_POLICIES, "no_face")
@@ -295,11 +307,15 @@ def extract_conditions(
         if use_cache:
             results[i] = RESULT_CACHE.get(keys[i], models)
     fresh = [i for i in range(total) if results[i] is None]
-    for i in fresh:
-        results[i] = _analyse(images[i], analyzer=analyzer, need_id=need_id, need_clip=need_clip,
-                              need_base=need_base, face_choice=face_choice, face_index=face_index,
-                              remove_background=remove_background, grayscale=grayscale, det_size=det_size,
-                              base_scales=scales)
+    for done_count, i in enumerate(range(total), 1):
+        if results[i] is None:
+            _interrupt(check_interrupt)
+            results[i] = _analyse(images[i], analyzer=analyzer, need_id=need_id, need_clip=need_clip,
+                                  need_base=need_base, face_choice=face_choice, face_index=face_index,
+                                  remove_background=remove_background, grayscale=grayscale, det_size=det_size,
+                                  base_scales=scales)
+        if progress is not None:
+            progress(done_count, total)
     done: list[_Result] = [r for r in results if r is not None]   # every entry is filled by now
     skipped = [i for i, r in enumerate(done) if r.reason is not None]
     used = [i for i, r in enumerate(done) if r.reason is None]
@@ -307,12 +323,13 @@ def extract_conditions(
         for i in fresh:
             if done[i].reason is not None:
                 RESULT_CACHE.put(keys[i], models, done[i])
-    _apply_policy(done, skipped, used, total, no_face=no_face, det_size=det_size)
+    _apply_policy(done, skipped, used, total, no_face=no_face, det_size=det_size, face_choice=face_choice,
+                  face_index=face_index)
 
     todo = [i for i in fresh if done[i].reason is None]
     if todo and (need_clip or need_base):
         batch = [done[i].clip_crop for i in todo if need_clip] + [done[i].base_crop for i in todo if need_base]
-        feats = clip.encode(batch).detach()  # type: ignore[union-attr]  # one forward for all
+        feats = _encode_chunked(clip, batch, check_interrupt)  # type: ignore[arg-type]
         n_clip = len(todo) if need_clip else 0
         for k, i in enumerate(todo):
             if need_clip:
@@ -342,31 +359,98 @@ def extract_conditions(
     )
 
 
+def _interrupt(check_interrupt: Callable[[], None] | None) -> None:
+    if check_interrupt is not None:
+        check_interrupt()
+
+
+def _encode_chunked(clip: ClipVisionEncoder, crops: list[np.ndarray],
+                    check_interrupt: Callable[[], None] | None) -> Tensor:
+    """CLIP features ``[N, 257, E]`` of the crops, ``CLIP_CHUNK`` per forward (one forward for up to 8)."""
+    parts = []
+    for start in range(0, len(crops), CLIP_CHUNK):
+        _interrupt(check_interrupt)
+        parts.append(clip.encode(crops[start:start + CLIP_CHUNK]).detach())
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def no_face_hint(shape: tuple[int, ...], det_size: int) -> str:
+    """What to do about a photo without a face, from its size: '' for an ordinary photo; advice for a
+    tiny photo, or for a very large one in which a small face vanishes when shrunk for the detector."""
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) < TINY_SIDE:
+        return (f" (the photo is only {w}x{h} pixels, too small to find a face reliably: use one at least 256 "
+                f"pixels on its short side, with the face filling a good part of it)")
+    if max(h, w) > LARGE_FACTOR * det_size:
+        smallest = round(MIN_FACE_AT_DETECTOR * max(h, w) / det_size)
+        return (f" (the photo is {w}x{h} pixels; the detector sees it shrunk to {det_size} pixels, so a face "
+                f"narrower than about {smallest} pixels is missed: crop the photo around the person first, e.g. "
+                f"with the core 'ImageCrop' node)")
+    return ""
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - MAX_REASONS
+    return "; ".join(items[:MAX_REASONS]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _index_error(done: list[_Result], index_missed: list[int], no_face_ones: list[int], total: int, *,
+                 face_choice: str, face_index: int) -> SettingError:
+    counted = "largest first" if face_choice == "index" else "from the left"
+    found = _listed([f"image {i + 1} shows {done[i].faces_found} face(s), valid 0 to {done[i].faces_found - 1}"
+                     for i in index_missed])
+    also = f" Image(s) {', '.join(str(i + 1) for i in no_face_ones)} had no face at all." if no_face_ones else ""
+    return SettingError(
+        f"face_index {face_index} (face_choice '{face_choice}', counted {counted}) is beyond the faces found in "
+        f"image(s) {', '.join(str(i + 1) for i in index_missed)} ({found}). Lower face_index (it counts from 0) or "
+        f"set face_choice to 'largest'.{also}")
+
+
 def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], total: int, *, no_face: str,
-                  det_size: int) -> None:
-    names = ", ".join(str(i + 1) for i in skipped)
-    reasons = "; ".join(f"image {i + 1}: {done[i].reason}" for i in skipped)
+                  det_size: int, face_choice: str = DEFAULTS.face_choice,
+                  face_index: int = DEFAULTS.face_index) -> None:
+    """Raise or warn for the photos without a usable face.  A face_index beyond the faces of a photo is
+    reported on its own, as the setting it is (SettingError), apart from photos without any face."""
+    index_missed = [i for i in skipped if done[i].index_miss]
+    no_face_ones = [i for i in skipped if not done[i].index_miss]
+    sizes = ", ".join(map(str, retry_sizes(det_size)))
+    if not used and index_missed:
+        raise _index_error(done, index_missed, no_face_ones, total, face_choice=face_choice, face_index=face_index)
     if not used:
+        reasons = _listed([f"image {i + 1}: {done[i].reason}" for i in no_face_ones])
         raise FaceNotFoundError(
-            f"No usable face was found in any of the {total} image(s) checked ({reasons if total <= 4 else 'none had one'}; "
-            f"detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with padding). Try {FIX_HINTS}.")
+            f"No usable face was found in any of the {total} image(s) checked ({reasons}; detector sizes {sizes}, "
+            f"with padding). Try {FIX_HINTS}.")
     if not skipped:
         return
+    if no_face == "error" and index_missed:
+        raise _index_error(done, index_missed, no_face_ones, total, face_choice=face_choice, face_index=face_index)
     if no_face == "error":
+        names = ", ".join(str(i + 1) for i in no_face_ones)
+        reasons = _listed([f"image {i + 1}: {done[i].reason}" for i in no_face_ones])
         raise FaceNotFoundError(
-            f"No usable face in image(s) {names} of {total} ({reasons}). Remove them, set no_face to 'skip', "
-            f"or try {FIX_HINTS}.")
-    logger.warning("HyperLoRA: skipped image(s) %s of %s without a usable face (%s); using %d image(s).",
-                   names, total, reasons, len(used))
+            f"No usable face in image(s) {names} of {total} ({reasons}; detector sizes {sizes}). Remove them, set "
+            f"no_face to 'skip', or try {FIX_HINTS}.")
+    if no_face_ones:
+        logger.warning("HyperLoRA: skipped image(s) %s of %s without a usable face (%s); using %d image(s).",
+                       ", ".join(str(i + 1) for i in no_face_ones), total,
+                       _listed([f"image {i + 1}: {done[i].reason}" for i in no_face_ones]), len(used))
+    if index_missed:
+        logger.warning("HyperLoRA: skipped image(s) %s of %s with fewer faces than face_index %d + 1 (%s); "
+                       "using %d image(s).", ", ".join(str(i + 1) for i in index_missed), total, face_index,
+                       _listed([f"image {i + 1}: {done[i].reason}" for i in index_missed]), len(used))
 
 
 # ----------------------------------------------------------------------------- inpainting masks
 
 
-def no_face_error(label: str, det_size: int, consequence: str, skip_effect: str) -> FaceNotFoundError:
-    """The error of a per-photo node with ``no_face='error'`` when ``label`` (e.g. "image 2 of 3") has no face."""
+def no_face_error(label: str, det_size: int, consequence: str, skip_effect: str,
+                  shape: tuple[int, ...] | None = None) -> FaceNotFoundError:
+    """The error of a per-photo node with ``no_face='error'`` when ``label`` (e.g. "image 2 of 3") has no face;
+    with the photo's ``shape`` the advice fits it (:func:`no_face_hint`: tiny photo, small face in a huge one)."""
+    hint = no_face_hint(shape, det_size) if shape is not None else ""
     return FaceNotFoundError(
-        f"No face was found in {label} (detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with "
+        f"No face was found in {label}{hint} (detector sizes {', '.join(map(str, retry_sizes(det_size)))}, with "
         f"padding), so {consequence}. Set no_face to 'skip' to {skip_effect}, or try {FIX_HINTS}.")
 
 
@@ -380,12 +464,15 @@ def face_masks(
     grow: float = 1.3,
     feather: float = 8.0,
     no_face: str = DEFAULTS.no_face,
+    check_interrupt: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, list[DetectedFace | None]]:
     """One inpainting mask per photo: float32 ``[N, H, W]`` (photos of one size) and the face used
     in each (None where a photo has none; its mask is all zeros with ``no_face='skip'``).
 
     Faces are found and chosen exactly as for identities (sizes, padding, face_choice); the mask
-    is :func:`hyperlora.faces.preprocess.face_mask` of the chosen face.
+    is :func:`hyperlora.faces.preprocess.face_mask` of the chosen face.  ``check_interrupt`` is
+    called before each photo, ``progress(done, total)`` after each.
     """
     check_choice(no_face, NO_FACE_POLICIES, "no_face")
     _check_images(images)
@@ -397,15 +484,23 @@ def face_masks(
     masks = np.zeros((len(images), h, w), dtype=np.float32)
     chosen: list[DetectedFace | None] = []
     for i, image in enumerate(images):
+        _interrupt(check_interrupt)
+        if progress is not None and i:
+            progress(i, len(images))
         faces = find_faces_scaled(analyzer, image, det_size=det_size)
         if not faces:
             if no_face == "error":
                 raise no_face_error(f"image {i + 1} of {len(images)}", det_size, "it cannot be masked",
-                                    "pass it on with an empty mask")
+                                    "pass it on with an empty mask", shape=image.shape)
             logger.warning("HyperLoRA: no face in image %d of %d; its mask is empty.", i + 1, len(images))
             chosen.append(None)
             continue
-        face = choose_face(faces, face_choice, face_index)
+        try:
+            face = choose_face(faces, face_choice, face_index)
+        except SettingError as exc:
+            raise SettingError(f"Image {i + 1} of {len(images)}: {exc}") from None
         masks[i] = pp.face_mask((w, h), face.landmarks_106, grow=grow, feather=feather)
         chosen.append(face)
+    if progress is not None:
+        progress(len(images), len(images))
     return masks, chosen

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
+import folder_paths
 from comfy_execution.validation import validate_node_input
 
 from ..hyperlora.bundle import identity_from_images
-from ..hyperlora.errors import LoraError
+from ..hyperlora.errors import LoraError, SettingError
 from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity
 from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
@@ -201,11 +205,55 @@ def expect_identity(value: Any, input_name: str = "identity") -> Identity:
 
 
 def check_interrupt() -> None:
+    """The core's ``check_interrupt`` callback: raises ComfyUI's interrupt exception after Cancel."""
     mm.throw_exception_if_processing_interrupted()
 
 
 def progress(total: int) -> comfy.utils.ProgressBar:
     return comfy.utils.ProgressBar(total)
+
+
+def progress_callback(bar: comfy.utils.ProgressBar, offset: int = 0) -> Callable[[int, int], None]:
+    """The core's ``progress(done, total)`` callback drawn on ``bar`` (``offset`` steps already done)."""
+    return lambda done, _total: bar.update_absolute(offset + done)
+
+
+# ----------------------------------------------------------------------------- list inputs (INPUT_IS_LIST)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, (str, int, float, bool)) and type(a) is type(b) and a == b)
+
+
+def single(values: Any, name: str, node: str) -> Any:
+    """One value of an input of an ``INPUT_IS_LIST`` node (every input then arrives as a list).
+
+    A list of one value (the normal case) or of equal values gives that value; an empty list
+    (an optional input left open) None; a value that is not a list (a direct call) itself.
+    Different values raise :class:`SettingError`: such a node makes one result from all photos.
+    """
+    if not isinstance(values, list):
+        return values
+    if not values:
+        return None
+    first = values[0]
+    if all(_same(v, first) for v in values[1:]):
+        return first
+    raise SettingError(
+        f"{node}: the input '{name}' got {len(values)} different values from a list, but this node treats all "
+        f"its photos as one set and takes one {name}. Give it a single value (or run the node once per value).")
+
+
+def photos(images: Any, node: str) -> Any:
+    """The ``images`` of an ``INPUT_IS_LIST`` node: a batch stays a batch; a list of batches (a list
+    node, photos of different sizes) stays a list, which ``images_from_comfy`` takes as one set."""
+    if isinstance(images, list) and len(images) == 1:
+        return images[0]
+    if isinstance(images, list):
+        sizes = ", ".join(f"{t.shape[-2]}x{t.shape[-3]}" if getattr(t, "ndim", 0) >= 3 else "?" for t in images)
+        log.info("%s: %d images arrived as a list (sizes %s); they are used together as photos of one person.",
+                 node, len(images), sizes)
+    return images
 
 
 def images_to_comfy(images: list[Any], *, size: int = 512) -> torch.Tensor:
@@ -225,6 +273,47 @@ def images_to_comfy(images: list[Any], *, size: int = 512) -> torch.Tensor:
                                               align_corners=False)
         out.append(chw[0].permute(1, 2, 0).clamp(0, 1))
     return torch.stack(out)
+
+
+def label_image(lines: list[str], size: int = 512) -> torch.Tensor:
+    """A ``size`` x ``size`` IMAGE ``[1, H, W, 3]`` showing ``lines`` (word-wrapped) on dark gray."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (size, size), (48, 48, 48))
+    draw = ImageDraw.Draw(image)
+    try:
+        font: Any = ImageFont.load_default(size=max(12, size // 20))
+    except TypeError:                       # Pillow < 10.1: a fixed bitmap font
+        font = ImageFont.load_default()
+    margin, y = size // 16, size // 6
+    for n, line in enumerate(lines):
+        words, row = line.split(), ""
+        for word in words + [""]:
+            trial = f"{row} {word}".strip()
+            if word and draw.textlength(trial, font=font) <= size - 2 * margin:
+                row = trial
+                continue
+            draw.text((margin, y), row, fill=(255, 220, 120) if n == 0 else (210, 210, 210), font=font)
+            y += int(font.size * 1.4) if hasattr(font, "size") else 14
+            row = word
+        y += size // 24
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def preview_ui(image: torch.Tensor, prefix: str) -> list[dict[str, str]]:
+    """Save IMAGE ``[B, H, W, 3]`` into ComfyUI's temp folder; the ``ui`` images entries that show it on the node."""
+    from PIL import Image
+
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_temp_directory(), image.shape[2], image.shape[1])
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for i, one in enumerate(image):
+        file = f"{name}_{counter + i:05}_.png"
+        Image.fromarray((one.clamp(0, 1).numpy() * 255).astype(np.uint8)).save(os.path.join(folder, file),
+                                                                            compress_level=1)
+        out.append({"filename": file, "subfolder": subfolder, "type": "temp"})
+    return out
 
 
 def face_inputs() -> dict[str, tuple]:
@@ -275,19 +364,22 @@ def face_options(kwargs: dict[str, Any]) -> FaceOptions:
     )
 
 
-def make_identity(hyper_lora: HyperLoRAHandle, images: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
-    """IMAGE batch -> (Identity, crops IMAGE); progress: analyser, CLIP + resampler, done."""
+def make_identity(hyper_lora: HyperLoRAHandle, images: Any, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+    """IMAGE batch (or a list of them) -> (Identity, crops IMAGE).
+
+    Progress: one step per photo (face analysis), then one for CLIP + resampler; an interrupt
+    is honoured between photos, CLIP forwards and resampler chunks.
+    """
     hyper_lora = expect_handle(hyper_lora)
-    bar = progress(3)
     check_interrupt()
     analyzer = hyper_lora.analyzer()
     arrays = images_from_comfy(images)
-    bar.update(1)
+    bar = progress(len(arrays) + 1)
     hyper_lora.load(clip=True)
     check_interrupt()
     identity, cond = identity_from_images(hyper_lora.model, arrays, analyzer=analyzer, clip=hyper_lora.clip,
-                                          options=face_options(kwargs), check_interrupt=check_interrupt)
-    bar.update(1)
+                                          options=face_options(kwargs), check_interrupt=check_interrupt,
+                                          progress=progress_callback(bar))
     crops = images_to_comfy(list(cond.crops))
-    bar.update(1)
+    bar.update_absolute(len(arrays) + 1)
     return identity, crops

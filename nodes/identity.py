@@ -6,7 +6,10 @@ from typing import Any
 
 import torch
 
-from .common import CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, HyperLoRAHandle, face_inputs, make_identity, mappings
+from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, display_name, face_inputs,
+                     make_identity, mappings, photos, single)
+
+TITLE = "Identity from Images"
 
 
 class HyperLoRAStudioIdentityFromImages:
@@ -22,19 +25,25 @@ class HyperLoRAStudioIdentityFromImages:
         "The face crops the model saw (one per photo used), to check detection and background removal.",
     )
     FUNCTION = "run"
+    # a list of images (a list node, photos of different sizes) is one set of photos of one person,
+    # not one identity per photo: the node is called once with every input as a list
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader."}),
-            "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch)."}),
+            "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch, or a list of photos "
+                                            "of different sizes: all are used together)."}),
             **face_inputs(),
         }}
 
-    def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, **kwargs: Any) -> tuple[Any, torch.Tensor]:
-        identity, crops = make_identity(hyper_lora, images, kwargs)
+    def run(self, hyper_lora: Any, images: Any, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        node = display_name(TITLE)
+        options = {k: single(v, k, node) for k, v in kwargs.items()}
+        identity, crops = make_identity(single(hyper_lora, "hyper_lora", node), photos(images, node), options)
         return (identity, crops)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
-    ("IdentityFromImages", "Identity from Images", HyperLoRAStudioIdentityFromImages))
+    ("IdentityFromImages", TITLE, HyperLoRAStudioIdentityFromImages))

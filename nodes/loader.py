@@ -8,14 +8,21 @@ import torch
 
 import comfy.model_management as mm
 
+from pathlib import Path
+
 from ..hyperlora.bundle import clip_width_needed
 from ..hyperlora.checkpoint import load_hyper_lora
 from ..hyperlora.encoders import ClipVisionEncoder
 from ..hyperlora.errors import ModelFileError
 from ..hyperlora.faces.setup import PROVIDERS, find_antelopev2
-from ..hyperlora.spec import VIT_L14_WIDTH
+from ..hyperlora.generate import HyperLoRAModel
+from ..hyperlora.integrity import IntegrityReport, verify_folder
+from ..hyperlora.spec import ANTELOPE_REQUIRED_FILES, MODEL_FILES, VIT_L14_WIDTH
+from ..hyperlora.tools.download import redownload_hint
 from . import paths
 from .common import CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, mappings, progress
+
+CLIP_FOLDER_FILES = ("config.json", "model.safetensors")
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +47,11 @@ class HyperLoRAStudioLoader:
         "image encoder and the AntelopeV2 face-analysis pack. The architecture is read from the weights; "
         "nothing to type. ComfyUI moves the models to the GPU when used and may offload them for SDXL.")
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (STUDIO_MODEL,)
-    RETURN_NAMES = ("hyper_lora",)
-    OUTPUT_TOOLTIPS = ("The loaded HyperLoRA generator: feed it to the identity and LoRA nodes.",)
+    RETURN_TYPES = (STUDIO_MODEL, "STRING")
+    RETURN_NAMES = ("hyper_lora", "info")
+    OUTPUT_TOOLTIPS = ("The loaded HyperLoRA generator: feed it to the identity and LoRA nodes.",
+                       "What was loaded and whether its files match the SHA-256 recorded at download (verified, "
+                       "or unverified for folders copied by hand); connect it to a Preview Any node to read it.")
     FUNCTION = "load"
 
     @classmethod
@@ -68,28 +77,48 @@ class HyperLoRAStudioLoader:
                            "available, else the CPU."}),
         }}
 
+    # ComfyUI attaches a VALIDATE_INPUTS message to every input the function takes, so only 'model' is
+    # checked here (with where to put a model folder); clip_vision and insightface get ComfyUI's own
+    # "Value not in list" check, which names the input and the choices, and the full help when they run.
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, clip_vision: str, insightface: str) -> bool | str:
+    def VALIDATE_INPUTS(cls, model: str) -> bool | str:
         if model not in paths.list_models():
             return f"HyperLoRA model '{model}' is not available. {paths.model_help()}"
-        if clip_vision not in paths.list_clip_vision():
-            return f"CLIP vision model '{clip_vision}' is not available. {paths.clip_help()}"
-        if insightface not in paths.list_insightface():
-            return f"Face-analysis folder '{insightface}' is not available. {paths.insightface_help()}"
         return True
 
-    def load(self, model: str, clip_vision: str, insightface: str, dtype: str, provider: str) -> tuple[HyperLoRAHandle]:
+    @classmethod
+    def IS_CHANGED(cls, model: str, clip_vision: str, insightface: str, **_: str) -> str:
+        """Load again when a file of the chosen folders changed (size or time), so its check runs again."""
+        try:
+            return files_state([paths.resolve_model(model), paths.resolve_clip(clip_vision)[1],
+                                paths.resolve_insightface(insightface)])
+        except (ModelFileError, OSError):
+            return ""     # the load itself reports what is missing
+
+    def load(self, model: str, clip_vision: str, insightface: str, dtype: str,
+             provider: str) -> tuple[HyperLoRAHandle, str]:
         folder = paths.resolve_model(model)
         clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
         antelope = find_antelopev2(paths.resolve_insightface(insightface))   # all files there? (no insightface import)
         torch_dtype = pick_dtype(dtype)
         offload = mm.unet_offload_device()
-        bar = progress(2)
+        bar = progress(3)
+        checks = {
+            "model": verify_folder(folder, uses=MODEL_FILES, fix=redownload_hint(folder),
+                                   check_interrupt=check_interrupt),
+            "clip": verify_folder(clip_path, uses=CLIP_FOLDER_FILES, fix=redownload_hint(clip_path),
+                                  check_interrupt=check_interrupt) if clip_kind == "folder" else None,
+            "faces": verify_folder(antelope, uses=ANTELOPE_REQUIRED_FILES, fix=redownload_hint(antelope),
+                                   check_interrupt=check_interrupt),
+        }
+        bar.update(1)
+        check_interrupt()
         # The 3 GB basis is only summed (memory-bound): with 'auto' it keeps the file's precision
         # (fp16 for the release) instead of doubling to fp32 on the CPU; the resampler and CLIP
         # run in the chosen compute precision.
         basis_dtype = None if dtype == "auto" else torch_dtype
-        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload)
+        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload,
+                                   check_interrupt=check_interrupt)
         bar.update(1)
         check_interrupt()
         width = clip_width_needed(hl_model)
@@ -106,10 +135,42 @@ class HyperLoRAStudioLoader:
                 f"(OpenAI CLIP ViT-L/14 for the released models).")
         clip = clip.to(offload)
         bar.update(1)
-        log.info("HyperLoRA: loaded %s (%s) with CLIP %s", model, torch_dtype, clip_vision)
+        info = describe_load(hl_model, clip, model=model, clip_vision=clip_vision, insightface=insightface,
+                             provider=provider, checks=checks)
+        log.info("HyperLoRA: loaded %s (%s) with CLIP %s\n%s", model, torch_dtype, clip_vision, info)
         handle = HyperLoRAHandle(model=hl_model, clip=clip, antelope_dir=antelope, provider=provider,
                                  names={"model": model, "clip_vision": clip_vision, "insightface": insightface})
-        return (handle,)
+        return (handle, info)
+
+
+def files_state(paths_: list[Path]) -> str:
+    """(name, size, mtime_ns) of the files in these folders (or of this file): changes when a file does."""
+    parts = []
+    for p in paths_:
+        files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _dtype(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def describe_load(hl_model: HyperLoRAModel, clip: ClipVisionEncoder, *, model: str, clip_vision: str,
+                  insightface: str, provider: str, checks: dict[str, IntegrityReport | None]) -> str:
+    """The Loader's ``info`` text: what was loaded, in which precision, and each folder's integrity state."""
+    arch = hl_model.arch
+    base = f", Base-LoRA rank {arch.base_rank}" if arch.base_rank else ""
+    unverified_file = "unverified (a single file from models/clip_vision; only downloaded folders carry recorded hashes)"
+    states = {k: (r.describe() if r is not None else unverified_file) for k, r in checks.items()}
+    return "\n".join([
+        f"HyperLoRA model '{model}': {len(arch.modules)} modules, K {arch.hyper_dim}, rank {arch.rank}{base}; basis "
+        f"{_dtype(hl_model.basis_dtype)}, resampler {_dtype(hl_model.module_dtype)}. Files: {states['model']}",
+        f"CLIP vision '{clip_vision}': {clip.shape.hidden_size} wide. Files: {states['clip']}",
+        f"Face analysis '{insightface}' (provider {provider}). Files: {states['faces']}",
+    ])
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(("Loader", "Loader", HyperLoRAStudioLoader))

@@ -10,12 +10,13 @@ import torch
 import comfy.lora
 
 from ..hyperlora.blocks import DEFAULT_STRENGTHS, MAX_MULTIPLIER, BlockStrengths, apply_block_strengths
-from ..hyperlora.bundle import lora_from_identity, lora_target_shapes
+from ..hyperlora.bundle import architecture_target_shapes, lora_from_identity, lora_target_shapes
 from ..hyperlora.errors import FaceNotFoundError, LoraError
 from ..hyperlora.lora import DOWN_SUFFIX
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
-                     expect_handle, expect_identity, face_inputs, images_to_comfy, make_identity, mappings)
+                     display_name, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
+                     photos, preview_ui, single)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,19 @@ def check_lora_lands(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, str
     """
     if not lora:
         raise LoraError("The LoRA is empty; connect the output of HyperLoRA Studio Build LoRA (or Mix / Slider).")
-    shapes = lora_target_shapes(lora)
+    return check_shapes_land(model, lora_target_shapes(lora), "This HyperLoRA LoRA does not fit")
+
+
+def check_model_fits(model: Any, hyper_lora: HyperLoRAHandle) -> None:
+    """The landing check of :func:`check_lora_lands` for the LoRAs ``hyper_lora`` makes, without a LoRA
+    (e.g. when no face was found): an SD1.5 or Flux model is refused even then."""
+    check_shapes_land(model, architecture_target_shapes(hyper_lora.model.arch),
+                      f"The LoRAs of the HyperLoRA model '{hyper_lora.model.name}' do not fit")
+
+
+def check_shapes_land(model: Any, shapes: dict[str, tuple[int, int]], subject: str) -> dict[str, str]:
+    """``{prefix: weight key}`` for LoRA modules of ``shapes`` (``{prefix: (out, in)}``), else LoraError
+    starting with ``subject`` ("This HyperLoRA LoRA does not fit")."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     state = model.model.state_dict()
     missing = [p for p in shapes if p not in key_map or key_map[p] not in state]
@@ -88,7 +101,7 @@ def check_lora_lands(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, str
             hint = ("HyperLoRA LoRAs are made for SDXL (SDXL 1.0 and its fine-tunes such as RealVisXL); "
                     "load an SDXL checkpoint instead.")
         raise LoraError(
-            f"This HyperLoRA LoRA does not fit the connected model, which is {kind}: {bad} of {len(shapes)} "
+            f"{subject} the connected model, which is {kind}: {bad} of {len(shapes)} "
             f"LoRA modules do not land on a weight of matching shape (e.g. {'; '.join(examples)}). {hint}")
     return {p: key_map[p] for p in shapes}
 
@@ -165,42 +178,65 @@ class HyperLoRAStudioApply:
         return (apply_lora(model, lora, strength, block_strengths(**blocks)),)
 
 
+APPLY_FROM_IMAGES = "Apply from Images"
+
+
 class HyperLoRAStudioApplyFromImages:
     DESCRIPTION = (
         "One node for the common case: face photos -> identity -> LoRA -> merged into the SDXL model. With "
-        "no_face 'skip' and no face in any photo, the model passes through unchanged.")
+        "no_face 'skip' and no face in any photo, the model passes through unchanged, and the node shows a "
+        "labelled image saying so.")
     CATEGORY = f"{CATEGORY}/lora"
     RETURN_TYPES = ("MODEL", "IMAGE")
     RETURN_NAMES = ("model", "crops")
-    OUTPUT_TOOLTIPS = ("The SDXL model with the identity merged in.", "The face crops the model saw.")
+    OUTPUT_TOOLTIPS = ("The SDXL model with the identity merged in (unchanged when no photo had a face).",
+                       "The face crops the model saw (a labelled placeholder when no photo had a face).")
     FUNCTION = "run"
+    INPUT_IS_LIST = True     # a list of photos (different sizes) is one set of photos of one person
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("MODEL", {"tooltip": "An SDXL model (e.g. from Load Checkpoint)."}),
             "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader."}),
-            "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch)."}),
+            "images": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch, or a list of photos "
+                                            "of different sizes: all are used together)."}),
             "strength": STRENGTH,
             **face_inputs(),
         }}
 
-    def run(self, model: Any, hyper_lora: HyperLoRAHandle, images: torch.Tensor, strength: float,
-            **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    def run(self, model: Any, hyper_lora: Any, images: Any, strength: Any, **kwargs: Any) -> Any:
+        node = display_name(APPLY_FROM_IMAGES)
+        model, hyper_lora = single(model, "model", node), expect_handle(single(hyper_lora, "hyper_lora", node))
+        strength = single(strength, "strength", node)
+        options = {k: single(v, k, node) for k, v in kwargs.items()}
         try:
-            identity, crops = make_identity(hyper_lora, images, kwargs)
+            identity, crops = make_identity(hyper_lora, photos(images, node), options)
         except FaceNotFoundError as e:
-            if kwargs.get("no_face", "skip") != "skip":
+            if options.get("no_face", "skip") != "skip":
                 raise
-            log.warning("HyperLoRA: %s The model is passed on unchanged (no_face = skip).", e)
-            return (model, images_to_comfy([]))
+            return pass_through(model, hyper_lora, images, node, e)
         hyper_lora.load()
         lora = lora_from_identity(hyper_lora.model, identity, kind="id")
         return (apply_lora(model, lora, strength), crops)
 
 
+def pass_through(model: Any, hyper_lora: HyperLoRAHandle, images: Any, node: str, reason: Exception) -> dict:
+    """No face in any photo with no_face 'skip': the model unchanged (after the SDXL check), said on the node
+    itself (a labelled image and text in the UI), not only in the console."""
+    check_model_fits(model, hyper_lora)
+    count = sum(int(b.shape[0]) if getattr(b, "ndim", 0) == 4 else 1
+                for b in (images if isinstance(images, list) else [images]))
+    headline = f"No face found in the {count} photo(s) - model passed through unchanged"
+    log.warning("%s: %s. %s (no_face = skip)", node, headline, reason)
+    placeholder = label_image([headline, "(no_face = skip; set it to 'error' to stop instead)"])
+    return {"ui": {"images": preview_ui(placeholder, "HyperLoRA_no_face"),
+                   "text": [f"{headline}. {reason}"]},
+            "result": (model, placeholder)}
+
+
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
     ("BuildLoRA", "Build LoRA", HyperLoRAStudioBuildLoRA),
     ("Apply", "Apply", HyperLoRAStudioApply),
-    ("ApplyFromImages", "Apply from Images", HyperLoRAStudioApplyFromImages),
+    ("ApplyFromImages", APPLY_FROM_IMAGES, HyperLoRAStudioApplyFromImages),
 )

@@ -46,3 +46,12 @@ test_cache_root.__test__ = False  # not a test
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return test_cache_root()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def integrity_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests (and the ComfyUI servers they start) keep the verified-hash cache of hyperlora.integrity in a
+    temporary folder, never in the user's ``~/.cache/hyperlora``."""
+    folder = tmp_path_factory.mktemp("hyperlora_cache")
+    os.environ["HYPERLORA_CACHE"] = str(folder)
+    return folder

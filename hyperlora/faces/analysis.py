@@ -136,6 +136,9 @@ def choose_face(faces: Sequence[DetectedFace], choice: str = "largest", index: i
       plugin takes this one (the first face insightface returns).
     * ``index``: the ``index``-th largest (0 = largest).
     * ``left_to_right``: the ``index``-th face from the left (0 = leftmost).
+
+    An ``index`` beyond the faces found is a :class:`SettingError` (face_index), no faces at all a
+    :class:`FaceNotFoundError`.
     """
     ordered = order_faces(faces, choice)
     if not ordered:
@@ -144,7 +147,7 @@ def choose_face(faces: Sequence[DetectedFace], choice: str = "largest", index: i
         return ordered[0]
     if not isinstance(index, (int, np.integer)) or index < 0 or index >= len(ordered):
         counted = "largest first" if choice == "index" else "from the left"
-        raise FaceNotFoundError(
+        raise SettingError(
             f"face_index {index} is out of range: {len(ordered)} face(s) were found (valid: 0 to "
             f"{len(ordered) - 1}, counted {counted}); lower face_index or use face_choice 'largest'."
         )

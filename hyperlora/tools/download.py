@@ -15,12 +15,19 @@ lists), the SHA-256 when the server announces one (Hugging Face's X-Linked-Etag
 of an LFS file is its SHA-256) or the table below has one, and the content itself (safetensors header and data
 extent, JSON parse, zip CRCs). ``--base-url`` / ``HYPERLORA_DOWNLOAD_BASE``
 send every request to a mirror that keeps the same paths.
+
+The SHA-256 of every verified file is kept beside it (``hyperlora_checksums.json`` in each folder,
+see :mod:`hyperlora.integrity`), so the Loader can tell a file damaged later. A folder's marker
+file (``hyper_lora_modules.json``, CLIP's ``config.json``), which makes it appear in ComfyUI's
+dropdown, is put in place last, after the checksums: a download that stops half-way never looks
+finished. A re-run checks the files already there against their recorded hashes, fetches damaged
+or missing ones again and deletes the ``.corrupt`` / ``.bad`` leftovers of earlier attempts once a
+file is good. ``--checksums-only`` records the hashes of model files you already have, offline.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import logging
@@ -37,7 +44,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DownloadError
+from ..errors import DownloadError, HyperLoRAError, ModelFileError
+from ..integrity import (GENERIC_FIX, FileRecord, VerifiedCache, default_cache, file_matches, read_checksums,
+                         record_files, sha256_file, verify_folder, write_checksums)
+from ..spec import (ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, PACK_FOLDER,
+                    RESAMPLER_FILE)
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +57,12 @@ GITHUB = "https://github.com"
 HYPERLORA_REPO = "bytedance-research/HyperLoRA"
 CLIP_REPO = "openai/clip-vit-large-patch14"
 MODELS = {"fidelity": "sdxl_hyper_id_lora_v1_fidelity", "edit": "sdxl_hyper_id_lora_v1_edit"}
-MODEL_FILES = ("hyper_lora_modules.json", "hyper_lora_modules.safetensors", "resampler.safetensors",
-               "id_projector.safetensors")
-ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "1k3d68.onnx", "genderage.onnx", "glintr100.onnx")
+MODEL_FILES = (BASIS_FILE, RESAMPLER_FILE, ID_PROJECTOR_FILE, MARKER_FILE)
+"""The released files of a model folder; the marker (it makes the folder a model) last."""
+CLIP_MARKER = "config.json"
+"""What makes a CLIP folder appear in the Loader's list (fetched last in its folder)."""
+ANTELOPEV2_FILES = ANTELOPE_FILES
+LEFTOVER_SUFFIXES = (".corrupt", ".bad")
 ANTELOPEV2_ZIP = "deepinsight/insightface/releases/download/v0.7/antelopev2.zip"
 ANTELOPEV2_DIR = "insightface/models/antelopev2"
 # Known SHA-256 of released files, filled only from public material (none published so far;
@@ -86,10 +100,10 @@ def plan(*, model: str = "fidelity", clip: bool = True, antelopev2: bool = True)
         files += [
             RemoteFile(HF, f"{CLIP_REPO}/resolve/main/preprocessor_config.json",
                        "hyper_lora/clip_processor/clip_vit_large_14_processor/preprocessor_config.json", "json"),
-            RemoteFile(HF, f"{CLIP_REPO}/resolve/main/config.json", "hyper_lora/clip_vit/clip_vit_large_14/config.json",
-                       "json"),
             RemoteFile(HF, f"{CLIP_REPO}/resolve/main/model.safetensors",
                        "hyper_lora/clip_vit/clip_vit_large_14/model.safetensors", "safetensors"),
+            RemoteFile(HF, f"{CLIP_REPO}/resolve/main/{CLIP_MARKER}",
+                       f"hyper_lora/clip_vit/clip_vit_large_14/{CLIP_MARKER}", "json"),
         ]
     if antelopev2:
         files.append(RemoteFile(GITHUB, ANTELOPEV2_ZIP, "insightface/models/antelopev2.zip", "zip"))
@@ -143,14 +157,6 @@ def check_content(path: Path, kind: str) -> None:
             raise DownloadError(f"{path} is not a valid zip file ({e}).") from e
         if bad is not None:
             raise DownloadError(f"{path}: member '{bad}' fails its CRC check.")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -242,20 +248,66 @@ def _transfer(url: str, part: Path, *, timeout: float) -> tuple[int, str | None]
         return (total if total > 0 else done), sha
 
 
+def _clean_leftovers(dest: Path) -> None:
+    """Delete the ``.corrupt`` / ``.bad`` copies earlier attempts left beside ``dest`` (it is good now)."""
+    for suffix in LEFTOVER_SUFFIXES:
+        old = dest.with_name(dest.name + suffix)
+        if old.exists():
+            old.unlink()
+            logger.info("%s: removed %s left by an earlier attempt", dest.name, old.name)
+
+
+def _recorded(folder: Path) -> dict[str, FileRecord]:
+    """The checksum record of ``folder`` for the downloader: {} when there is none or it is damaged (then
+    the files there are checked by format only and recorded again)."""
+    if not folder.is_dir():
+        return {}
+    try:
+        return read_checksums(folder) or {}
+    except ModelFileError as e:
+        logger.warning("%s; it is ignored and written again", e)
+        return {}
+
+
+def existing_record(file: RemoteFile, dest: Path, recorded: FileRecord | None, cache: VerifiedCache) -> FileRecord | None:
+    """The record of a file that is already at ``dest`` and good, else None (a bad one is moved to ``.bad``).
+
+    Good: it passes its format check and, when a hash was recorded for it, has that SHA-256 (checked
+    through the verified cache, so a re-run does not hash unchanged files again).
+    """
+    if not dest.exists():
+        return None
+    try:
+        check_content(dest, file.kind)
+        if recorded is not None and not file_matches(dest, recorded, cache)[0]:
+            raise DownloadError(f"it does not match the SHA-256 recorded in {CHECKSUM_FILE}")
+    except DownloadError as e:
+        logger.warning("%s exists but fails its check (%s); downloading it again", dest, e)
+        dest.replace(dest.with_name(dest.name + ".bad"))
+        return None
+    logger.info("%s: already there", file.dest)
+    _clean_leftovers(dest)
+    if recorded is not None:
+        return recorded
+    return record_files(dest.parent, [dest.name], source="local")[dest.name]
+
+
 def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, retries: int = 5,
-          timeout: float = 60.0, backoff: float = 2.0) -> Path:
-    """Download one file into place, resuming a ``.part``; verified before it gets its final name."""
+          timeout: float = 60.0, backoff: float = 2.0, records: dict[str, FileRecord] | None = None,
+          stage: bool = False) -> Path:
+    """Download one file into place, resuming a ``.part``; verified before it gets its final name.
+
+    ``records`` (optional) receives ``{file name: FileRecord}`` of what was verified.  ``stage``
+    leaves a fresh download under its verified ``.part`` name and returns that path (the caller
+    puts it in place last, see :func:`download_all`).
+    """
     dest = models_dir / file.dest
     url = file.url(base_url)
-    if dest.exists():
-        try:
-            check_content(dest, file.kind)
-        except DownloadError as e:
-            logger.warning("%s exists but fails its check (%s); downloading it again", dest, e)
-            dest.replace(dest.with_name(dest.name + ".bad"))
-        else:
-            logger.info("%s: already there", file.dest)
-            return dest
+    found = existing_record(file, dest, _recorded(dest.parent).get(dest.name), default_cache())
+    if found is not None:
+        if records is not None:
+            records[dest.name] = found
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     linked_sha, linked_size = probe(url, timeout=timeout)
@@ -276,13 +328,15 @@ def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, re
             logger.warning("%s: %s; retry %d of %d", file.dest, reason, attempt, retries)
             time.sleep(backoff * attempt)
     size = part.stat().st_size
-    expected_sha = KNOWN_SHA256.get(file.dest) or linked_sha or sha
+    known = KNOWN_SHA256.get(file.dest)
+    expected_sha = known or linked_sha or sha
+    actual_sha = sha256_file(part)
     problem = None
     if size != total:
         problem = f"has {size} bytes, the server announced {total}"
     elif linked_size is not None and size != linked_size:
         problem = f"has {size} bytes, the repository lists {linked_size}"
-    elif expected_sha is not None and sha256_of(part) != expected_sha:
+    elif expected_sha is not None and actual_sha != expected_sha:
         problem = f"does not have the SHA-256 {expected_sha}"
     if problem is None:
         try:
@@ -294,6 +348,11 @@ def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, re
         part.replace(bad)
         raise DownloadError(f"The download of {url} is corrupt: it {problem}. Kept as {bad} for inspection; "
                             f"delete it and run the command again.")
+    if records is not None:
+        records[dest.name] = FileRecord(actual_sha, size, "known" if known else "server" if expected_sha else "download")
+    _clean_leftovers(dest)
+    if stage:
+        return part
     part.replace(dest)
     logger.info("%s: done (%s)", file.dest, _human(size))
     return dest
@@ -337,25 +396,124 @@ def install_antelopev2(zip_path: Path, models_dir: Path) -> Path:
     return target
 
 
+def _by_folder(files: list[RemoteFile]) -> list[tuple[str, list[RemoteFile]]]:
+    """Plan entries grouped by destination folder, in plan order (a folder's marker is last in it)."""
+    groups: dict[str, list[RemoteFile]] = {}
+    for f in files:
+        groups.setdefault(str(Path(f.dest).parent), []).append(f)
+    return list(groups.items())
+
+
+def _is_marker(file: RemoteFile) -> bool:
+    return Path(file.dest).name in (MARKER_FILE, CLIP_MARKER)
+
+
+def _download_folder(files: list[RemoteFile], models_dir: Path, **kw: object) -> list[Path]:
+    """Fetch one folder's files; its marker last, after the checksums, so a half-done folder never shows
+    up in the Loader's dropdown.  Files already there are checked against their recorded hash."""
+    folder = models_dir / Path(files[0].dest).parent
+    recorded = _recorded(folder)
+    cache = default_cache()
+    records: dict[str, FileRecord] = {}
+    pending: list[RemoteFile] = []
+    for f in files:
+        found = existing_record(f, models_dir / f.dest, recorded.get(Path(f.dest).name), cache)
+        if found is None:
+            pending.append(f)
+        else:
+            records[Path(f.dest).name] = found
+    marker = next((f for f in files if _is_marker(f)), None)
+    if marker is not None and any(f is not marker for f in pending) and (models_dir / marker.dest).exists():
+        logger.info("%s: hidden from ComfyUI until its files are complete", folder)
+        (models_dir / marker.dest).unlink()
+        records.pop(Path(marker.dest).name, None)
+        pending.append(marker)
+    staged: Path | None = None
+    for f in pending:
+        path = fetch(f, models_dir, records=records, stage=f is marker, **kw)  # type: ignore[arg-type]
+        if f is marker and path.name.endswith(".part"):
+            staged = path
+    write_checksums(folder, records)
+    if staged is not None and marker is not None:
+        staged.replace(models_dir / marker.dest)
+        logger.info("%s: done; %s is in ComfyUI's list now", marker.dest, folder.name)
+    return [models_dir / f.dest for f in files]
+
+
+def _antelopev2(file: RemoteFile, models_dir: Path, **kw: object) -> list[Path]:
+    """The AntelopeV2 .onnx files: kept when they are all there and match their record, else from the zip."""
+    target = fix_antelopev2(models_dir)
+    recorded = _recorded(target) or None
+    cache = default_cache()
+    present = all((target / n).is_file() for n in ANTELOPEV2_FILES)
+    good = present and (recorded is None or all(
+        n in recorded and file_matches(target / n, recorded[n], cache)[0] for n in ANTELOPEV2_FILES))
+    if good:
+        logger.info("%s: already there", ANTELOPEV2_DIR)
+        if recorded is None:
+            write_checksums(target, record_files(target, ANTELOPEV2_FILES, source="local"))
+        return [target / n for n in ANTELOPEV2_FILES]
+    if present:
+        logger.warning("%s: a file does not match %s; unpacking the pack again", ANTELOPEV2_DIR, CHECKSUM_FILE)
+    install_antelopev2(fetch(file, models_dir, **kw), models_dir)  # type: ignore[arg-type]
+    write_checksums(target, record_files(target, ANTELOPEV2_FILES, source="zip"))
+    return [target / n for n in ANTELOPEV2_FILES]
+
+
 def download_all(models_dir: str | Path, *, model: str = "fidelity", clip: bool = True, antelopev2: bool = True,
                  base_url: str | None = None, retries: int = 5, timeout: float = 60.0,
                  backoff: float = 2.0) -> list[Path]:
     """Fetch everything ``plan`` lists into ``models_dir`` (ComfyUI's ``models`` folder). Returns final paths."""
     models_dir = Path(models_dir).expanduser()
-    base_url = base_url or os.environ.get("HYPERLORA_DOWNLOAD_BASE") or None
+    kw = dict(base_url=base_url or os.environ.get("HYPERLORA_DOWNLOAD_BASE") or None, retries=retries,
+              timeout=timeout, backoff=backoff)
     out: list[Path] = []
-    for file in plan(model=model, clip=clip, antelopev2=antelopev2):
-        if file.kind == "zip":
-            target = fix_antelopev2(models_dir)
-            if all((target / n).is_file() for n in ANTELOPEV2_FILES):
-                logger.info("%s: already there", ANTELOPEV2_DIR)
-            else:
-                install_antelopev2(fetch(file, models_dir, base_url=base_url, retries=retries, timeout=timeout,
-                                         backoff=backoff), models_dir)
-            out += [target / n for n in ANTELOPEV2_FILES]
+    for _folder, files in _by_folder(plan(model=model, clip=clip, antelopev2=antelopev2)):
+        if files[0].kind == "zip":
+            out += _antelopev2(files[0], models_dir, **kw)
         else:
-            out.append(fetch(file, models_dir, base_url=base_url, retries=retries, timeout=timeout, backoff=backoff))
+            out += _download_folder(files, models_dir, **kw)
     return out
+
+
+def record_existing(models_dir: str | Path, *, model: str = "fidelity", clip: bool = True,
+                    antelopev2: bool = True) -> list[Path]:
+    """``--checksums-only``: write the checksum file of every complete folder of the plan from the files as
+    they are now (source ``local``), offline.  A folder that has a record already is checked against it
+    instead (a damaged file is refused, never recorded as good).  Returns the checksum files written."""
+    models_dir = Path(models_dir).expanduser()
+    written = []
+    for folder_name, files in _by_folder(plan(model=model, clip=clip, antelopev2=antelopev2)):
+        folder = models_dir / (ANTELOPEV2_DIR if files[0].kind == "zip" else folder_name)
+        names = list(ANTELOPEV2_FILES) if files[0].kind == "zip" else [Path(f.dest).name for f in files]
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            logger.info("%s: skipped, %s missing", folder, ", ".join(missing))
+            continue
+        if read_checksums(folder) is not None:
+            verify_folder(folder, uses=names, fix=redownload_hint(folder))
+            logger.info("%s: matches its %s", folder, CHECKSUM_FILE)
+            continue
+        written.append(write_checksums(folder, record_files(folder, names, source="local")))
+        logger.info("%s: recorded the SHA-256 of %d file(s) as they are now", folder, len(names))
+    return written
+
+
+def redownload_hint(folder: str | os.PathLike[str]) -> str:
+    """How to repair a damaged file of ``folder``: the download command for its models folder when the folder
+    sits in the released layout (``<models>/hyper_lora/hyper_lora/<model>`` etc.), else generic advice."""
+    folder = Path(folder)
+    parents = folder.parents
+    layout = (len(parents) >= 3 and
+              ((parents[0].name == "hyper_lora" and parents[1].name == "hyper_lora") or
+               (parents[0].name == "clip_vit" and parents[1].name == "hyper_lora") or
+               (parents[0].name == "models" and parents[1].name == "insightface")))
+    if not layout:
+        return GENERIC_FIX
+    key = next((k for k, v in MODELS.items() if v == folder.name), None)
+    which = f" --model {key}" if key else ""
+    return (f"run python -m hyperlora.tools.download --models-dir \"{parents[2]}\"{which} from the "
+            f"{PACK_FOLDER} folder (it keeps the good files and downloads damaged or missing ones again)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "env HYPERLORA_DOWNLOAD_BASE)")
     p.add_argument("--retries", type=int, default=5)
     p.add_argument("--list", action="store_true", help="only print what would be fetched")
+    p.add_argument("--checksums-only", action="store_true",
+                   help=f"download nothing: record the SHA-256 of the files already there ({CHECKSUM_FILE} in each "
+                        "folder), so the Loader can tell if they get damaged later; folders with a record are "
+                        "checked against it instead")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.list:
@@ -376,9 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"{f.url(args.base_url)} -> {Path(args.models_dir) / f.dest}\n")
         return 0
     try:
+        if args.checksums_only:
+            written = record_existing(args.models_dir, model=args.model, clip=not args.skip_clip,
+                                      antelopev2=not args.skip_antelopev2)
+            sys.stdout.write("".join(f"{p}\n" for p in written))
+            return 0
         paths = download_all(args.models_dir, model=args.model, clip=not args.skip_clip,
                              antelopev2=not args.skip_antelopev2, base_url=args.base_url, retries=args.retries)
-    except DownloadError as e:
+    except HyperLoRAError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
     sys.stdout.write(f"{len(paths)} files in place under {args.models_dir}\n")

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import QueueError
+from ..checks import finite_float
+from ..errors import HyperLoRAError, QueueError
 from ..spec import NODE_PREFIX, PACK_FOLDER
+from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
     API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
     fill_workflow, find_nodes, load_api_workflow, photo_slots, resolve_workflow,
@@ -38,6 +40,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 HISTORY_ATTEMPTS = 5   # reads of /history/<id> before a busy server's time-outs count as an error
+AUTHORS_PREFIX = "HyperLoRA"     # the authors' plugin's node ids (ours add "Studio": NODE_PREFIX)
+AUTHORS_PACK = "ComfyUI-HyperLoRA (github.com/bytedance/ComfyUI-HyperLoRA)"
+
+
+def node_origin(class_type: str) -> str:
+    """Where a node type comes from: ``ours``, ``authors`` (the authors' HyperLoRA plugin), ``core``
+    (ComfyUI 0.3.64's own nodes) or ``other`` (another custom-node pack, or a newer ComfyUI)."""
+    if class_type.startswith(NODE_PREFIX):
+        return "ours"
+    if class_type.startswith(AUTHORS_PREFIX):
+        return "authors"
+    return "core" if class_type in CORE_NODE_TYPES else "other"
 
 
 # --------------------------------------------------------------------------- server client
@@ -81,20 +95,29 @@ class ComfyClient:
         return self.get_json("/object_info")
 
     def check_nodes(self, graph: ApiGraph) -> None:
-        """Raise QueueError naming every node type of ``graph`` the server does not have."""
+        """Raise QueueError naming every node type of ``graph`` the server does not have, grouped by
+        where it comes from (this pack, the authors' plugin, ComfyUI's core, another pack) with the fix."""
         info = self.object_info()
         missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
         if not missing:
             return
-        ours = [m for m in missing if m.startswith(NODE_PREFIX)]
-        core = [m for m in missing if not m.startswith(NODE_PREFIX)]
-        parts = []
-        if ours:
-            parts.append(f"{', '.join(ours)} from {PACK_FOLDER} (this workflow needs version {__version__} or newer): "
-                         f"put the pack in ComfyUI/custom_nodes/{PACK_FOLDER}, install its requirements.txt "
-                         f"and restart ComfyUI; if it is installed, the console shows why it failed to import")
-        if core:
-            parts.append(f"{', '.join(core)}: ComfyUI core node(s), update ComfyUI to 0.3.64 or newer")
+        groups: dict[str, list[str]] = {}
+        for m in missing:
+            groups.setdefault(node_origin(m), []).append(m)
+        fixes = {
+            "ours": f"from {PACK_FOLDER} (this workflow needs version {__version__} or newer): put the pack in "
+                    f"ComfyUI/custom_nodes/{PACK_FOLDER}, install its requirements.txt and restart ComfyUI; if it "
+                    f"is installed, the console shows why it failed to import",
+            "authors": f"from the authors' plugin {AUTHORS_PACK}: install it (it works beside this pack), or convert "
+                       f"the workflow to {PACK_FOLDER}'s nodes with python -m hyperlora.tools.convert_workflow",
+            "core": f"ComfyUI core node(s) (in ComfyUI {CORE_VERSION}): update ComfyUI to {CORE_VERSION} or newer; "
+                    f"if it is that new, its console shows which core module failed to import",
+            "other": f"neither ComfyUI {CORE_VERSION} core nor {PACK_FOLDER} nodes, so they come from another "
+                     f"custom-node pack: install that pack (ComfyUI-Manager's 'Install Missing Custom Nodes' finds "
+                     f"most) and restart ComfyUI; if they are core nodes of a newer ComfyUI, update ComfyUI",
+        }
+        parts = [f"{', '.join(names)}: {fixes[origin]}" for origin in ("ours", "authors", "core", "other")
+                 if (names := groups.get(origin))]
         raise QueueError(f"The ComfyUI server at {self.server} lacks node type(s) used by this workflow: "
                          + "; ".join(parts) + ".")
 
@@ -343,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="positive prompt; the trigger words are prepended when missing")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--seed", type=int)
-    p.add_argument("--strength", type=float, help="LoRA strength (0.75-0.85 typical)")
+    p.add_argument("--strength", type=finite_float, help="LoRA strength (0.75-0.85 typical)")
     p.add_argument("--model", help="HyperLoRA model folder name, e.g. sdxl_hyper_id_lora_v1_fidelity")
     p.add_argument("--checkpoint", help="SDXL checkpoint file name as ComfyUI lists it")
     p.add_argument("--steps", type=int)
@@ -353,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="set any widget, e.g. --set 'Sampler.cfg=4.5'")
     p.add_argument("--no-trigger", action="store_true", help="do not prepend the trigger words")
     p.add_argument("--out", default=".", help="folder for the downloaded images")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    p.add_argument("--timeout", type=finite_float, default=3600.0, help="seconds to wait for the run")
     return p
 
 
@@ -366,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                model=args.model, checkpoint=args.checkpoint, steps=args.steps, width=args.width,
                                height=args.height, overrides=args.overrides, out_dir=args.out,
                                timeout=args.timeout, add_trigger=not args.no_trigger)
-    except QueueError as e:
-        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError)
+    except HyperLoRAError as e:
+        sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError / SettingError)
         return 1
     sys.stdout.write("".join(f"{path}\n" for path in paths))   # the result: one image path a line
     return 0

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_finite, is_finite_number
 from ..errors import QueueError
 from ..spec import TRIGGER_PREFIX
 
@@ -155,6 +156,7 @@ def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: st
             if height is not None:
                 _set_widget(g, nid, "height", int(height))
     if strength is not None:
+        strength = check_finite(strength, "strength (--strength)")
         for nid, node in g.items():
             if "slider" in _title(node).lower():
                 continue
@@ -181,6 +183,9 @@ def apply_override(graph: ApiGraph, item: str) -> None:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    if isinstance(value, float) and not is_finite_number(value):
+        raise QueueError(f"--set '{item}': {raw} is not a finite number; NaN and infinity are refused because "
+                         f"they would silently spoil the result. Give a number such as 0.85.")
     ids = [node_ref] if node_ref in graph else [n for n in graph if _title(graph[n]).lower() == node_ref.lower()]
     if not ids:
         titles = ", ".join(sorted({repr(_title(n)) for n in graph.values()}))

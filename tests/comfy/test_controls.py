@@ -152,7 +152,7 @@ def test_identity_on_prompt_takes_the_block_multipliers(pack, lora):
 
 @pytest.fixture(scope="module")
 def small(pack) -> Any:
-    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
                                                            insightface=ANTELOPE, dtype="fp32", provider="CPU")
     return handle
 

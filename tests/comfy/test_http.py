@@ -19,7 +19,7 @@ from tests.comfy.models import CLIP_FILE, FULL_MODEL, PACK_DIR_NAME
 pytestmark = pytest.mark.comfy
 
 EXPECTED = {  # node id -> (category, output types)
-    "HyperLoRAStudioLoader": ("HyperLoRA Studio/loaders", ["HYPERLORA_STUDIO_MODEL"]),
+    "HyperLoRAStudioLoader": ("HyperLoRA Studio/loaders", ["HYPERLORA_STUDIO_MODEL", "STRING"]),
     "HyperLoRAStudioIdentityFromImages": ("HyperLoRA Studio/identity", ["HYPERLORA_STUDIO_IDENTITY", "IMAGE"]),
     "HyperLoRAStudioFaceMask": ("HyperLoRA Studio/identity", ["MASK"]),
     "HyperLoRAStudioBuildLoRA": ("HyperLoRA Studio/lora", ["LORA_MODEL"]),
@@ -94,6 +94,7 @@ def test_missing_model_is_refused_with_the_fix(comfy_server: ComfyServer, value)
     with pytest.raises(PromptError) as info:
         comfy_server.post_prompt(prompt)
     errors = info.value.body["node_errors"]["hl"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["model"]   # only the input that is wrong
     text = " ".join(e["details"] for e in errors)
     assert str(value) in text and "hyper_lora_modules.json" in text
     assert str(comfy_server.base / "models" / "hyper_lora" / "hyper_lora") in text
@@ -158,7 +159,12 @@ def test_faceless_photo_with_skip_leaves_the_model_unchanged(comfy_server: Comfy
     plain = _pixels(comfy_server, _images(entry, "save_plain")[0])
     noface = _pixels(comfy_server, _images(entry, "save_noface")[0])
     assert np.array_equal(plain, noface)
-    assert "passed on unchanged" in comfy_server.log_text()
+    assert "No face found in the 1 photo(s) - model passed through unchanged" in comfy_server.log_text()
+    ui = entry["outputs"]["apply_noface"]                  # said on the node too, not only in the console
+    assert ui["text"][0].startswith("No face found in the 1 photo(s) - model passed through unchanged")
+    [shown] = ui["images"]
+    label = _pixels(comfy_server, shown)
+    assert label.shape == (512, 512, 3) and label.std() > 5     # the labelled placeholder (text on gray)
 
 
 def test_saved_identity_and_exported_lora_files(comfy_server: ComfyServer, sdxl_run):

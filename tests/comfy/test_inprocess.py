@@ -52,7 +52,7 @@ def _patcher(comfy: Any, kind: str) -> Any:
 
 @pytest.fixture(scope="module")
 def small(pack) -> Any:
-    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE,
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE,
                                                      dtype="fp32", provider="CPU")
     return handle
 
@@ -164,7 +164,7 @@ def test_apply_on_sd15_stops_with_a_clear_error(pack, comfy, identity_and_lora):
 
 
 def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
-    (mask,) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, photo, "largest", 0, 1.3, 8, "skip", "640")
+    ([mask],) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, photo, "largest", 0, 1.3, 8, "skip", "640")
     assert mask.shape == photo.shape[:3] and mask.dtype == torch.float32
     assert float(mask.max()) == 1.0 and float(mask.min()) == 0.0
     ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
@@ -172,7 +172,7 @@ def test_face_mask_node_masks_the_astronauts_face(pack, small, photo):
     assert 160 < float(xs.float().mean()) < 290 and 50 < float(ys.float().mean()) < 200
     assert 0.03 < float((mask[0] > 0.5).float().mean()) < 0.3
     blank = torch.full((1, 128, 128, 3), 0.5)
-    (empty,) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
+    ([empty],) = pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "skip", "640")
     assert empty.shape == (1, 128, 128) and not bool(empty.any())
     with pytest.raises(pack.errors.FaceNotFoundError, match="No face was found in image 1 of 1"):
         pack.nodes["HyperLoRAStudioFaceMask"]().run(small, blank, "largest", 0, 1.3, 8, "error", "640")
@@ -252,7 +252,7 @@ def test_identity_hook_lands_on_sdxl_and_refuses_sd15(pack, comfy, identity_and_
 
 
 def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
-    (tiny,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+    tiny, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")
     q, k = tiny.model.arch.resampler.num_queries, tiny.model.arch.hyper_dim
     tokens = torch.nn.functional.normalize(torch.randn(q, k), dim=-1)
@@ -275,10 +275,10 @@ def test_node_choices_match_the_core(pack):
 
 def test_loader_names_the_folder_to_fill(pack):
     loader = pack.nodes["HyperLoRAStudioLoader"]
-    msg = loader.VALIDATE_INPUTS(model="sdxl_hyper_id_lora_v1_fidelity", clip_vision=CLIP_FOLDER, insightface=ANTELOPE)
+    msg = loader.VALIDATE_INPUTS(model="sdxl_hyper_id_lora_v1_fidelity")
     assert isinstance(msg, str) and "hyper_lora_modules.json" in msg
     assert str(pack.base.models / "hyper_lora" / "hyper_lora") in msg
-    assert loader.VALIDATE_INPUTS(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE) is True
+    assert loader.VALIDATE_INPUTS(model=SMALL_MODEL) is True
     with pytest.raises(pack.errors.ModelFileError) as info:
         loader().load(model="nope", clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="auto")
     assert "Put a HyperLoRA model folder" in str(info.value)
@@ -304,7 +304,7 @@ def test_base_lora_kinds(pack, small, identity_and_lora):
 
 
 def test_base_lora_of_a_model_without_one_says_so(pack):
-    (tiny,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
+    tiny, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")
     arch = tiny.model.arch
     fake = pack.core("identity").Identity(tokens=torch.zeros(arch.resampler.num_queries, arch.hyper_dim),
@@ -319,11 +319,11 @@ def test_auto_dtype_keeps_the_fp16_basis_and_computes_in_fp32_on_the_cpu(pack):
     """'auto' on the CPU: the fp16 basis is not doubled to fp32 (3 GB -> 6 GB for the release);
     the resampler and CLIP compute in fp32.  'fp32' forces fp32 everywhere."""
     loader = pack.nodes["HyperLoRAStudioLoader"]()
-    (auto,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="CPU")
+    auto, _ = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="CPU")
     assert auto.model.basis_dtype == torch.float16          # the fixture files are fp16, as released
     assert auto.model.module_dtype == torch.float32
     assert next(auto.clip.parameters()).dtype == torch.float32
-    (fp32,) = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    fp32, _ = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
     assert fp32.model.basis_dtype == torch.float32
 
 

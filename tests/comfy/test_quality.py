@@ -28,7 +28,7 @@ def person(seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def small(pack) -> Any:
-    (handle,) = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
                                                           insightface=ANTELOPE, dtype="fp32", provider="CPU")
     return handle
 

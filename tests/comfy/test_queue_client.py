@@ -72,8 +72,21 @@ def test_missing_node_type_names_the_pack(comfy_server):
         q.queue_workflow(graph, server=comfy_server.url)
     msg = str(ei.value)
     assert f"The ComfyUI server at {comfy_server.url} lacks node type(s)" in msg
-    assert "HyperLoRAStudioFromTheFuture from ComfyUI-HyperLoRA-Studio" in msg and "restart ComfyUI" in msg
-    assert "SomeOtherPackNode: ComfyUI core node(s), update ComfyUI" in msg
+    assert "HyperLoRAStudioFromTheFuture: from ComfyUI-HyperLoRA-Studio" in msg and "restart ComfyUI" in msg
+    assert "SomeOtherPackNode: neither ComfyUI 0.3.64 core nor ComfyUI-HyperLoRA-Studio nodes" in msg
+
+
+def test_the_core_node_list_matches_the_running_comfyui(comfy_server):
+    """The client's list of core node ids (hyperlora/tools/core_nodes.py) against what the server itself
+    reports as core (python_module 'nodes', 'comfy_extras.*', 'comfy_api_nodes.*') and as a pack's."""
+    from hyperlora.tools.core_nodes import CORE_NODE_TYPES
+
+    info = comfy_server.get_json("/object_info", timeout=120)
+    core = {k for k, v in info.items() if v["python_module"].split(".")[0] in ("nodes", "comfy_extras", "comfy_api_nodes")}
+    packs = {k for k, v in info.items() if v["python_module"].startswith("custom_nodes.")}
+    assert len(core) > 400 and core <= CORE_NODE_TYPES, sorted(core - CORE_NODE_TYPES)
+    assert {q.node_origin(k) for k in core} == {"core"}
+    assert {q.node_origin(k) for k in packs} == {"ours"}
 
 
 def test_rejected_prompt_shows_comfyuis_validation_message(comfy_server, photos):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+# the runnable bench scripts (bench/common.py is a helper module)
+BENCHES = sorted(p for p in (REPO / "bench").glob("*.py") if '__name__ == "__main__"' in p.read_text(encoding="utf-8"))
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -51,3 +56,23 @@ def test_gpu_check_without_cuda_says_so_and_exits_0() -> None:
     res = _run("bench/gpu_check.py", env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, res.stderr
     assert "No CUDA device here" in res.stdout and "Nothing was measured" in res.stdout
+
+
+def test_there_are_benches():
+    assert {"bench_core", "bench_faces", "bench_preprocess", "bench_sampling", "bench_integrity", "bench_resampler",
+            "bench_refine", "eval_identity", "gpu_check"} <= {b.stem for b in BENCHES}
+
+
+@pytest.mark.parametrize("bench", BENCHES, ids=lambda p: p.stem)
+def test_every_bench_has_a_smoke_option(bench):
+    """Every bench script has a quick --smoke mode (so CI can run it and it cannot rot unnoticed)."""
+    tree = ast.parse(bench.read_text(encoding="utf-8"))
+    options = {a.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and getattr(node.func, "attr", "") == "add_argument" for a in node.args if isinstance(a, ast.Constant)}
+    assert "--smoke" in options, f"{bench.name} has no --smoke mode"
+
+
+def test_ci_runs_every_bench_in_smoke_mode():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'for bench in "$repo"/bench/*.py; do' in ci and 'python "$bench" --smoke' in ci
+    assert "__main__" in ci            # helper modules (bench/common.py) are skipped

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hyperlora.bundle import (clip_width_needed, concept_slider, conditions_needed, lora_from_identity,
-                              lora_target_shapes, mix_identities)
+from hyperlora.bundle import (architecture_target_shapes, clip_width_needed, concept_slider, conditions_needed,
+                              lora_from_identity, lora_target_shapes, mix_identities)
 from hyperlora.checkpoint import load_hyper_lora
 from hyperlora.errors import IdentityFileError, LoraError, SettingError
 from hyperlora.identity import Identity
@@ -121,6 +121,8 @@ def test_lora_target_shapes(model):
     assert shapes[f"{name}_to_k"] == (hidden, cross or hidden)
     assert shapes[f"{name}_to_out_0"] == (hidden, hidden)
     assert len(shapes) == 4 * len(TINY.modules)
+    # what the no-face pass-through checks the model against: the same map, without a LoRA
+    assert architecture_target_shapes(model.arch) == shapes
 
 
 def test_model_without_base(tmp_path):

@@ -307,3 +307,23 @@ def test_load_is_strict_and_in_requested_dtype(tiny: Path) -> None:
         for j, (i, layer) in enumerate(g.entries):
             assert torch.equal(down[j], basis[f"{i}.{layer}.id_down_basis"].float().reshape(6, -1).T)
             assert torch.equal(up[j], basis[f"{i}.{layer}.id_up_basis"].float().reshape(6, -1).T)
+
+
+def test_loading_checks_for_an_interrupt_between_basis_matrices(tmp_path):
+    folder = write_hyperlora_folder(tmp_path / "tiny_model", base=True)
+
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        load_hyper_lora(folder, check_interrupt=check)
+    counted: list[int] = []
+    model = load_hyper_lora(folder, check_interrupt=lambda: counted.append(1))
+    assert len(counted) == sum(len(g.entries) for kind in ("id", "base") for g, _, _ in model.basis_groups(kind))

@@ -121,6 +121,10 @@ def _release(nested_zip: bool = True) -> dict[str, bytes]:
     return files
 
 
+CHECKSUMS = "hyperlora_checksums.json"
+FOLDERS = ("hyper_lora/clip_processor/clip_vit_large_14_processor", "hyper_lora/clip_vit/clip_vit_large_14",
+           "hyper_lora/hyper_lora/sdxl_hyper_id_lora_v1_fidelity", "hyper_lora/hyper_lora/sdxl_hyper_id_lora_v1_edit",
+           "insightface/models/antelopev2")
 EXPECTED_TREE = {
     "hyper_lora/clip_processor/clip_vit_large_14_processor/preprocessor_config.json",
     "hyper_lora/clip_vit/clip_vit_large_14/config.json",
@@ -130,7 +134,12 @@ EXPECTED_TREE = {
                 "id_projector.safetensors")),
     *(f"insightface/models/antelopev2/{n}" for n in ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "1k3d68.onnx",
                                                      "genderage.onnx", "glintr100.onnx")),
+    *(f"{folder}/{CHECKSUMS}" for folder in FOLDERS),       # the verified hashes, beside each folder's files
 }
+
+
+def _model_file(name: str, model: str = "fidelity") -> dl.RemoteFile:
+    return next(f for f in dl.plan(model=model, clip=False, antelopev2=False) if f.dest.endswith("/" + name))
 
 
 def _tree(root: Path) -> set[str]:
@@ -145,6 +154,11 @@ def test_plan_urls_point_at_the_released_repos():
     assert "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip" in urls
     assert not any("_edit" in u for u in urls)
     assert len(dl.plan(model="edit", clip=False, antelopev2=False)) == 4
+    # the file that makes a folder appear in ComfyUI's dropdown comes last in its folder
+    assert [f.dest.rsplit("/", 1)[1] for f in dl.plan(model="edit", clip=False, antelopev2=False)][-1] == \
+        "hyper_lora_modules.json"
+    clip_files = [f.dest for f in dl.plan(model="edit", antelopev2=False) if "clip_vit/" in f.dest]
+    assert clip_files[-1].endswith("/config.json")
     with pytest.raises(DownloadError, match="fidelity, edit or all"):
         dl.plan(model="both")
 
@@ -154,7 +168,7 @@ def test_full_download_builds_the_released_layout(tmp_path, caplog):
     with FakeHub(files) as hub, caplog.at_level(logging.INFO, logger="hyperlora.tools.download"):
         paths = dl.download_all(tmp_path, model="all", base_url=hub.url, backoff=0)
     assert _tree(tmp_path) == EXPECTED_TREE          # no .part, no zip, no nested antelopev2 folder left
-    assert len(paths) == len(EXPECTED_TREE)
+    assert len(paths) == len(EXPECTED_TREE) - len(FOLDERS)
     for f in dl.plan(model="all", antelopev2=False):
         assert (tmp_path / f.dest).read_bytes() == files[f.path]
     onnx = tmp_path / "insightface/models/antelopev2/glintr100.onnx"
@@ -171,7 +185,7 @@ def test_full_download_builds_the_released_layout(tmp_path, caplog):
 
 def test_resume_after_cut_connection_uses_range(tmp_path):
     files = _release()
-    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[1]  # hyper_lora_modules.safetensors
+    target = _model_file("hyper_lora_modules.safetensors")
     with FakeHub(files) as hub:
         hub.cut_once.add(target.path)
         out = dl.fetch(target, tmp_path, base_url=hub.url, backoff=0)
@@ -185,7 +199,7 @@ def test_resume_after_cut_connection_uses_range(tmp_path):
 
 def test_resume_across_runs_keeps_the_part_file(tmp_path):
     files = _release()
-    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[2]
+    target = _model_file("resampler.safetensors")
     with FakeHub(files) as hub:
         hub.cut_once.add(target.path)
         with pytest.raises(DownloadError, match="run again to resume"):
@@ -199,7 +213,7 @@ def test_resume_across_runs_keeps_the_part_file(tmp_path):
 
 def test_corrupt_safetensors_is_detected_and_kept_aside(tmp_path):
     files = _release()
-    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[2]
+    target = _model_file("resampler.safetensors")
     good = files[target.path]
     files[target.path] = good[:-100]          # truncated tensor data: header promises more
     with FakeHub(files) as hub:
@@ -211,7 +225,7 @@ def test_corrupt_safetensors_is_detected_and_kept_aside(tmp_path):
 
 def test_sha256_announced_by_the_server_is_checked(tmp_path):
     files = _release()
-    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[3]
+    target = _model_file("id_projector.safetensors")
     with FakeHub(files) as hub:
         hub.etags[target.path] = hashlib.sha256(b"something else").hexdigest()
         with pytest.raises(DownloadError, match="does not have the SHA-256"):
@@ -291,11 +305,12 @@ def test_cli_list_and_env_base(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("HYPERLORA_DOWNLOAD_BASE", hub.url)
         assert dl.main(["--models-dir", str(tmp_path), "--model", "edit", "--skip-clip"]) == 0
     assert _tree(tmp_path) == {e for e in EXPECTED_TREE if "_edit" in e or "antelopev2" in e}
+    assert dl.main(["--models-dir", str(tmp_path), "--model", "edit", "--skip-clip", "--checksums-only"]) == 0
 
 
 def test_hugging_face_linked_sha256_and_size_are_checked(tmp_path):
     files = _release()
-    target = dl.plan(model="fidelity", clip=False, antelopev2=False)[1]
+    target = _model_file("hyper_lora_modules.safetensors")
     data = files[target.path]
     with FakeHub(files) as hub:
         assert dl.probe(f"{hub.url}/{target.path}") == (None, None)        # no announcement: nothing claimed

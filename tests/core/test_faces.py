@@ -297,11 +297,11 @@ def test_extremely_thin_image_finds_nothing_instead_of_crashing(analyzer, shape,
 
 def test_index_out_of_range(two_faces):
     _, faces = two_faces
-    with pytest.raises(FaceNotFoundError, match=r"face_index 2 is out of range: 2 face\(s\) were found \(valid: 0 to 1"):
+    with pytest.raises(SettingError, match=r"face_index 2 is out of range: 2 face\(s\) were found \(valid: 0 to 1"):
         choose_face(faces, "index", 2)
-    with pytest.raises(FaceNotFoundError, match="counted from the left"):
+    with pytest.raises(SettingError, match="counted from the left"):
         choose_face(faces, "left_to_right", 7)
-    with pytest.raises(FaceNotFoundError, match="out of range"):
+    with pytest.raises(SettingError, match="out of range"):
         choose_face(faces, "index", -1)
     with pytest.raises(FaceNotFoundError, match="No face was found"):
         choose_face([], "largest")

@@ -109,8 +109,16 @@ def test_load_errors(tmp_path):
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(IdentityFileError, match="not a readable .safetensors identity file"):
+    with pytest.raises(IdentityFileError, match="not a readable .safetensors identity file .*; it is damaged .*"
+                                                "Pick another file, or make the identity again from the photos"):
         load_identity(junk)
+    cut = tmp_path / "cut.safetensors"            # an interrupted copy of a good file
+    good = Identity(tokens=torch.nn.functional.normalize(torch.randn(40, 6), dim=-1), base_tokens=None,
+                    model_name="m", model_fingerprint="f" * 16, num_images=1, settings={})
+    save_identity(good, tmp_path / "good.safetensors")
+    cut.write_bytes((tmp_path / "good.safetensors").read_bytes()[:-100])
+    with pytest.raises(IdentityFileError, match="Save Identity node"):
+        load_identity(cut)
 
     pickled = tmp_path / "id.pt"
     torch.save({"tokens": torch.zeros(2, 2)}, pickled)

@@ -175,11 +175,22 @@ def test_face_choice_in_a_two_face_photo(analyzer, clip):
     assert abs(chosen_x(largest) - 520) < 30 and abs(chosen_x(left) - 170) < 30 and abs(chosen_x(second) - 170) < 30
     assert not torch.allclose(largest.clip_features, left.clip_features)
     torch.testing.assert_close(left.clip_features, second.clip_features)
-    with pytest.raises(FaceNotFoundError, match="any of the 1 image.*face_index 5 is out of range"):
+    # a face_index beyond the faces found is reported on its own, as the setting it is (not as "no face")
+    with pytest.raises(SettingError) as ei:
         pl.extract_conditions([img], analyzer=analyzer, clip=clip, face_choice="index", face_index=5, **ALL)
+    assert str(ei.value).startswith("face_index 5 (face_choice 'index', counted largest first) is beyond the faces "
+                                    "found in image(s) 1 (image 1 shows 2 face(s), valid 0 to 1). Lower face_index")
+    with pytest.raises(SettingError, match=r"image\(s\) 1 \(.*\)\..*Image\(s\) 2 had no face at all"):
+        pl.extract_conditions([img, blank_image(300, 300)], analyzer=analyzer, clip=clip, face_choice="index",
+                              face_index=5, **ALL)
     # with "skip", a photo with fewer faces than face_index is skipped, the others used
     two = pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip, face_choice="index", face_index=1, **ALL)
     assert two.used == [0] and two.skipped == [1]
+    # with "error" it stops, naming face_index and the photo (not "no face")
+    with pytest.raises(SettingError, match=r"counted from the left\) is beyond the faces found in image\(s\) 2 "
+                                           r"\(image 2 shows 1 face\(s\), valid 0 to 0\)"):
+        pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip, face_choice="left_to_right",
+                              face_index=1, no_face="error", **ALL)
 
 
 def test_only_some_conditions(analyzer, clip):
@@ -370,5 +381,90 @@ def test_face_masks_follow_the_chosen_face(analyzer, caplog):
         pl.face_masks([img, blank_image(400, 720)], analyzer=analyzer, no_face="error")
     with pytest.raises(ImageInputError, match="different sizes"):
         pl.face_masks([img, blank_image(300, 300)], analyzer=analyzer)
-    with pytest.raises(FaceNotFoundError, match="face_index 5 is out of range"):
+    with pytest.raises(SettingError, match=r"Image 1 of 1: face_index 5 is out of range: 2 face\(s\) were found"):
         pl.face_masks([img], analyzer=analyzer, face_choice="index", face_index=5)
+
+
+# ------------------------------------------------------------------ messages that fit the photo, interrupts
+
+
+@pytest.mark.parametrize("shape,hint", [
+    ((40, 60), "the photo is only 60x40 pixels, too small to find a face reliably: use one at least 256 pixels"),
+    ((2400, 3000), "the photo is 3000x2400 pixels; the detector sees it shrunk to 640 pixels, so a face narrower "
+                   "than about 94 pixels is missed: crop the photo around the person first"),
+    ((300, 300), None),
+])
+def test_no_face_message_fits_the_photo(analyzer, clip, shape, hint):
+    with pytest.raises(FaceNotFoundError) as ei:
+        pl.extract_conditions([blank_image(*shape)], analyzer=analyzer, clip=clip, **ALL)
+    msg = str(ei.value)
+    assert msg.startswith("No usable face was found in any of the 1 image(s) checked (image 1: no face found")
+    if hint is None:
+        assert "pixels" not in msg
+    else:
+        assert hint in msg
+    if shape[0] < 1000:   # the mask node gives the same advice
+        with pytest.raises(FaceNotFoundError) as ei:
+            pl.face_masks([blank_image(*shape)], analyzer=analyzer, no_face="error")
+        assert hint is None or hint in str(ei.value)
+
+
+def test_many_faceless_photos_list_four_and_count_the_rest(analyzer, clip):
+    with pytest.raises(FaceNotFoundError) as ei:
+        pl.extract_conditions([blank_image(40, 40 + i) for i in range(7)], analyzer=analyzer, clip=clip, **ALL)
+    msg = str(ei.value)
+    assert "image 4: no face found (the photo is only 43x40" in msg and "image 5" not in msg and "and 3 more" in msg
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupt_is_checked_between_photos_and_progress_reported(analyzer, clip):
+    imgs = [one_face(seed=s, centre=(250 + 3 * s, 240)) for s in range(5)]
+    calls: list[int] = []
+    seen: list[tuple[int, int]] = []
+
+    def check() -> None:
+        calls.append(len(seen))
+        if len(seen) == 2:        # Cancel pressed while the third photo is due
+            raise Stop
+
+    with pytest.raises(Stop):
+        pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, check_interrupt=check,
+                              progress=lambda d, t: seen.append((d, t)), **ALL)
+    assert seen == [(1, 5), (2, 5)] and calls == [0, 1, 2]
+    # uninterrupted: one check per photo, one per CLIP forward of up to CLIP_CHUNK crops
+    calls.clear(), seen.clear()
+    pl.clear_cache()
+    pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, check_interrupt=lambda: calls.append(0),
+                          progress=lambda d, t: seen.append((d, t)), **ALL)
+    forwards = -(-2 * len(imgs) // pl.CLIP_CHUNK)          # ID + base crop per photo
+    assert len(calls) == len(imgs) + forwards and seen[-1] == (5, 5) and len(seen) == 5
+
+
+def test_interrupt_between_masks(analyzer):
+    imgs = [one_face(seed=s) for s in range(4)]
+    seen: list[tuple[int, int]] = []
+
+    def check() -> None:
+        if len(seen) >= 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pl.face_masks(imgs, analyzer=analyzer, check_interrupt=check, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4)]
+    seen.clear()
+    pl.face_masks(imgs, analyzer=analyzer, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_chunked_clip_features_equal_one_forward(analyzer, clip, monkeypatch):
+    imgs = [one_face(seed=s, centre=(240 + 2 * s, 250)) for s in range(5)]
+    one = pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, use_cache=False, **ALL)
+    monkeypatch.setattr(pl, "CLIP_CHUNK", 3)
+    counter = Counter(monkeypatch, analyzer, clip)
+    chunked = pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, use_cache=False, **ALL)
+    assert counter.calls["clip_forward"] == 4 and counter.calls["clip_images"] == 10
+    torch.testing.assert_close(chunked.clip_features, one.clip_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.base_clip_features, one.base_clip_features, atol=1e-5, rtol=1e-5)

@@ -142,3 +142,36 @@ def test_missing_image_file_is_named(tmp_path):
     client = q.ComfyClient("http://127.0.0.1:9")
     with pytest.raises(QueueError, match=r"Cannot read the image .*nope.png"):
         client.upload_image(tmp_path / "nope.png")
+
+
+def test_missing_nodes_are_grouped_by_where_they_come_from():
+    """A node the server lacks is named with its origin and the fix: this pack, the authors' plugin,
+    ComfyUI's core (update ComfyUI) or another custom-node pack (install it)."""
+    assert q.node_origin("HyperLoRAStudioApply") == "ours"
+    assert q.node_origin("HyperLoRALoader") == q.node_origin("HyperLoRAApplyLoRA") == "authors"
+    assert q.node_origin("KSampler") == q.node_origin("LoraModelLoader") == q.node_origin("Epsilon Scaling") == "core"
+    assert q.node_origin("PreviewAny") == q.node_origin("LoadAudio") == "core"
+    assert q.node_origin("ImpactWildcardEncode") == q.node_origin("Ksampler") == "other"
+    graph = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
+    graph["90"] = {"class_type": "HyperLoRALoader", "inputs": {}, "_meta": {"title": "theirs"}}
+    graph["91"] = {"class_type": "ImpactWildcardEncode", "inputs": {}, "_meta": {"title": "third party"}}
+    info = {n["class_type"]: {} for n in graph.values()}
+    for gone in ("KSampler", "HyperLoRAStudioApplyFromImages", "HyperLoRALoader", "ImpactWildcardEncode"):
+        info.pop(gone)
+    client = q.ComfyClient("http://127.0.0.1:1")
+    client.object_info = lambda: info           # the server's answer, without a server
+    with pytest.raises(QueueError) as ei:
+        client.check_nodes(graph)
+    msg = str(ei.value)
+    assert msg.startswith("The ComfyUI server at http://127.0.0.1:1 lacks node type(s) used by this workflow: "
+                          "HyperLoRAStudioApplyFromImages: from ComfyUI-HyperLoRA-Studio")
+    assert "; HyperLoRALoader: from the authors' plugin ComfyUI-HyperLoRA" in msg and "convert_workflow" in msg
+    assert "; KSampler: ComfyUI core node(s) (in ComfyUI 0.3.64): update ComfyUI" in msg
+    assert ("; ImpactWildcardEncode: neither ComfyUI 0.3.64 core nor ComfyUI-HyperLoRA-Studio nodes, so they come "
+            "from another custom-node pack: install that pack") in msg
+
+
+def test_every_node_of_the_shipped_workflows_is_ours_or_core():
+    for path in sorted(q.API_DIR.glob("*.json")):
+        for node in q.load_api_workflow(path).values():
+            assert q.node_origin(node["class_type"]) in ("ours", "core"), (path.name, node["class_type"])

@@ -1,0 +1,111 @@
+"""Cost of the Loader's integrity check (hyperlora.integrity) on the full-size model, in one process.
+
+    python bench/bench_integrity.py [--rounds 5] [--smoke]
+
+A Loader run here is what the Loader node does with the HyperLoRA folder: ``verify_folder`` (the
+SHA-256 recorded at download, see hyperlora/integrity.py) and ``load_hyper_lora``.  Printed:
+
+* load without the check (median of ``--rounds``);
+* load with the first check (a fresh verified cache: every file is hashed once);
+* load with the cached check (the files are only ``stat``ed) - interleaved with the plain load,
+  round by round, so the machine's drift hits both;
+* the cached check alone (median of many calls) as a fraction of the load.  Target: <= 1 %.
+
+The folder is the tests' cached random full-size model (3 GB, built on first use), seen through a
+temporary folder of symlinks that carries the checksum file, so the shared fixture is not changed.
+``--smoke`` uses the tiny model and two rounds (seconds; what CI runs so the script cannot rot).
+Full size needs about 4 GB of RAM: run it under the machine's lock for big fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hyperlora import integrity  # noqa: E402
+from hyperlora.checkpoint import load_hyper_lora, model_files  # noqa: E402
+from tests.conftest import test_cache_root  # noqa: E402
+from tests.fixtures.hyperlora_models import full_model_folder, write_hyperlora_folder  # noqa: E402
+
+
+def linked_copy(source: Path, target: Path) -> Path:
+    """``target`` with a symlink to each model file of ``source`` and its own checksum file."""
+    target.mkdir(parents=True)
+    for f in model_files(source):
+        (target / f.name).symlink_to(f.resolve())
+    integrity.write_checksums(target, integrity.record_files(target, [f.name for f in model_files(target)],
+                                                             source="local"))
+    return target
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of plain and checked loads")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds: a quick run that the script works")
+    args = ap.parse_args()
+    rounds = 2 if args.smoke else args.rounds
+    work = Path(tempfile.mkdtemp(prefix="bench_integrity_"))
+    try:
+        run(work, rounds, args.smoke)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path, rounds: int, smoke: bool) -> None:
+    source = (write_hyperlora_folder(work / "tiny_source", base=True) if smoke
+              else full_model_folder(test_cache_root()))
+    folder = linked_copy(source, work / "checked" / source.name)
+    size = sum(f.stat().st_size for f in model_files(folder))
+    print(f"model: {source.name}, {size / 1e9:.2f} GB in {len(model_files(folder))} files; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    def load() -> None:
+        model = load_hyper_lora(folder)
+        del model
+        gc.collect()
+
+    def check(cache: integrity.VerifiedCache) -> integrity.IntegrityReport:
+        return integrity.verify_folder(folder, uses=[f.name for f in model_files(folder)], cache=cache)
+
+    load()                                                   # warm the page cache and allocator
+    first_caches = [integrity.VerifiedCache(work / f"first{i}.json") for i in range(max(1, rounds // 2))]
+    first_check = [timed(lambda c=c: check(c)) for c in first_caches]
+    cache = integrity.VerifiedCache(work / "cache.json")
+    assert check(cache).hashed                               # filled once
+    plain, checked = [], []
+    for _ in range(rounds):
+        plain.append(timed(load))
+        checked.append(timed(lambda: (check(integrity.VerifiedCache(cache.path)), load())))  # a fresh process' view
+    report = check(integrity.VerifiedCache(cache.path))
+    assert report.state == "verified" and not report.hashed and report.cached
+    alone = [timed(lambda: check(integrity.VerifiedCache(cache.path))) for _ in range(5 if smoke else 50)]
+
+    p, c = statistics.median(plain), statistics.median(checked)
+    f, a = statistics.median(first_check), statistics.median(alone)
+    print(f"\n| Loader run (HyperLoRA folder) | median of {rounds} | vs plain load |")
+    print("|---|---|---|")
+    print(f"| load_hyper_lora, no check | {p:.3f} s | 1.000 |")
+    print(f"| with the first check (hash every file, {size / 1e9:.2f} GB) | {p + f:.3f} s | {(p + f) / p:.3f} |")
+    print(f"| with the cached check (stat only), interleaved | {c:.3f} s | {c / p:.3f} |")
+    print(f"\nfirst check alone: {f:.3f} s ({size / f / 1e9:.2f} GB/s hashed)")
+    print(f"cached check alone: {a * 1000:.2f} ms = {100 * a / p:.3f} % of the load (target <= 1 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Lists of photos through ComfyUI's own node mapping (execution._async_map_node_over_list), in this
+process: mixed sizes are one set of photos for the identity nodes, one mask per photo for Face Mask."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL, astronaut
+
+pytestmark = pytest.mark.comfy
+
+FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
+            det_size="640")
+
+
+@pytest.fixture(scope="module")
+def small(pack) -> Any:
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
+                                                               insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    return handle
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[torch.Tensor]:
+    """The astronaut at 512 px and a 400x300 crop of it: one person, two sizes (a list, not a batch)."""
+    full = torch.from_numpy(astronaut()).float().div(255.0)[None]
+    return [full, full[:, 0:400, 40:340, :].contiguous()]
+
+
+def run_as_comfyui(cls: type, inputs: dict[str, Any]) -> list[Any]:
+    """Call a node the way ComfyUI's executor does for linked list outputs (every input a list)."""
+    import execution
+
+    async def go() -> list[Any]:
+        results = await execution._async_map_node_over_list("p", "n", cls(), inputs, cls.FUNCTION)
+        return await execution.resolve_map_node_over_list_results(results)
+
+    return asyncio.run(go())
+
+
+def test_a_mixed_size_list_is_one_identity(pack, small, photos):
+    cls = pack.nodes["HyperLoRAStudioIdentityFromImages"]
+    results = run_as_comfyui(cls, {"hyper_lora": [small], "images": photos, **{k: [v] for k, v in FACE.items()}})
+    assert len(results) == 1                          # one call: one identity, not one per photo
+    identity, crops = results[0]
+    assert identity.num_images == 2 and crops.shape[0] == 2
+    one, _ = cls().run(small, photos[0], **FACE)
+    assert not torch.allclose(identity.tokens, one.tokens)   # the second photo counts
+
+
+def test_apply_from_images_takes_the_list_and_refuses_different_settings(pack, small, photos):
+    cls = pack.nodes["HyperLoRAStudioApplyFromImages"]
+    inputs = {"model": [object()], "hyper_lora": [small], "images": photos, "strength": [0.8, 0.9],
+              **{k: [v] for k, v in FACE.items()}}
+    with pytest.raises(pack.errors.SettingError, match="the input 'strength' got 2 different values from a list"):
+        run_as_comfyui(cls, inputs)
+
+
+def test_face_mask_gives_one_mask_per_photo_in_its_size(pack, small, photos):
+    cls = pack.nodes["HyperLoRAStudioFaceMask"]
+    inputs = {"hyper_lora": [small], "images": photos, "face_choice": ["largest"], "face_index": [0], "grow": [1.3],
+              "feather": [8], "no_face": ["skip"], "det_size": ["640"]}
+    [(masks,)] = run_as_comfyui(cls, inputs)
+    assert [tuple(m.shape) for m in masks] == [(1, 512, 512), (1, 400, 300)]
+    assert all(float(m.max()) == 1.0 for m in masks)
