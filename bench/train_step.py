@@ -13,14 +13,17 @@ no optimizer step):
   (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), applied through :func:`hyperlora.lora_functional.applied`:
   a classic LoRA training step;
 * ``hyperlora`` per-sample HyperLoRA: coefficient tokens ``[B, Q, K]`` (a leaf tensor with
-  ``requires_grad``, standing in for the resampler's output) and trainable ID (rank 8) and Base
-  (rank 4) bases in the grouped layout -> :func:`hyperlora.lora_functional.basis_factors` ->
-  applied per sample; gradients reach the tokens and the bases;
+  ``requires_grad``, standing in for the resampler's output) and the trainable ID (rank 8) and Base
+  (rank 4) bases of :class:`hyperlora.train.hypernet.TrainableHyperLoRA` (grouped layout) ->
+  :func:`hyperlora.lora_functional.basis_factors` -> applied per sample; gradients reach the tokens
+  and the bases (checked before timing);
 * ``factors``   the factor building alone (basis_factors forward + backward, no UNet): the part of
   ``hyperlora`` that grows with K;
-* ``resampler`` the token generators alone, forward + backward for the batch: the ID resampler
-  (two conditions: 16 ID tokens + 257 CLIP tokens) and the Base resampler (257 CLIP tokens), at the
-  released sizes for SDXL; it does not depend on the image size, so it is reported on its own row.
+* ``resampler`` the generator's token path alone, forward + backward for the batch: ArcFace -> ID
+  projector -> ID resampler (with the CLIP features), and the Base resampler on the blurred-face CLIP
+  features; released sizes for SDXL.  It does not depend on the image size, so it has its own row;
+* ``full``      a whole training step's forward + backward: ``TrainableHyperLoRA.forward`` (both LoRAs
+  from the conditions) + the UNet with them applied (what fit runs per step, minus the optimizer).
 
 It prints the median seconds per step, the ratios ``hyperlora / unet`` (target <= 1.3) and
 ``hyperlora / lora``, and the peak memory of one step of each kind:
@@ -77,12 +80,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from bench.common import interleaved  # noqa: E402
-from hyperlora.generate import make_groups  # noqa: E402
 from hyperlora.lora import normalize_tokens  # noqa: E402
-from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied, basis_factors, diffusers_lora_targets  # noqa: E402
-from hyperlora.resampler import Resampler  # noqa: E402
-from hyperlora.spec import (DEFAULT_HEADS, FACE_EMBEDDING_DIM, LORA_LAYERS, HyperLoRAArchitecture,  # noqa: E402
-                            LoraModuleSpec, ResamplerConfig, kohya_prefix)
+from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets  # noqa: E402
+from hyperlora.spec import DEFAULT_HEADS, FACE_EMBEDDING_DIM, LORA_LAYERS, LoraModuleSpec, kohya_prefix  # noqa: E402
+from hyperlora.train.hypernet import TrainableHyperLoRA, unet_modules  # noqa: E402
+from hyperlora.train.toy.sdxl import tiny_unet  # noqa: E402
 
 SDXL_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=128, in_channels=4, out_channels=4, act_fn="silu", layers_per_block=2,
@@ -120,42 +122,33 @@ def build_unet(kind: str, *, device: str | torch.device = "cpu", dtype: torch.dt
 
     torch.manual_seed(seed)
     if kind == "tiny":
-        try:
-            from hyperlora.train.toy.sdxl import tiny_unet
-            unet = tiny_unet(seed=seed)
-        except ImportError:   # before helper toy's module lands: a tiny SDXL-shaped UNet of our own
-            unet = UNet2DConditionModel(
-                sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4),
-                norm_num_groups=8, cross_attention_dim=64, use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=32 + 6 * 8)
-    elif str(device) == "meta":
+        unet = tiny_unet(seed=seed)
+    else:
+        # built on the meta device, then given memory and random weights one tensor at a time: the peak is the
+        # model itself (10.3 GB in fp32), not the model plus diffusers' init temporaries
         with torch.device("meta"):
             unet = UNet2DConditionModel(**sdxl_unet_config())
-    else:
-        unet = UNet2DConditionModel(**sdxl_unet_config())
+        if str(device) != "meta":
+            unet = unet.to_empty(device=device)
+            random_init(unet, seed=seed)
     unet = unet.to(device=device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     return unet.requires_grad_(False).eval()
 
 
-def lora_modules(unet: nn.Module) -> tuple[LoraModuleSpec, ...]:
-    """The UNet's attention modules in diffusers' ``attn_processors`` order, with kohya names.
-
-    Uses helper model's :func:`hyperlora.train.hypernet.unet_modules` when it exists."""
-    try:
-        from hyperlora.train.hypernet import unet_modules
-        return tuple(unet_modules(unet))
-    except ImportError:
-        pass
-    mods = []
-    for key in unet.attn_processors:                      # "...transformer_blocks.0.attn1.processor"
-        name = key[: -len(".processor")]
-        attn = unet.get_submodule(name)
-        cross = attn.to_k.in_features if name.endswith("attn2") else None
-        mods.append(LoraModuleSpec("lora_unet_" + name.replace(".", "_"), attn.to_q.in_features, cross))
-    return tuple(mods)
+@torch.no_grad()
+def random_init(module: nn.Module, *, seed: int = 0) -> None:
+    """PyTorch-default-like random weights in place: weights ~ N(0, 1/(3 fan_in)) (the variance of the
+    default uniform init), biases 0, norm weights 1."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                p.fill_(1.0 if name == "weight" else 0.0)
+            elif name == "bias" or p.dim() < 2:
+                p.zero_()
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_((3 * fan_in) ** -0.5))
 
 
 def unet_inputs(unet: nn.Module, batch: int, side: int, *, device: torch.device, dtype: torch.dtype,
@@ -277,58 +270,62 @@ class Case:
     resampler: bool = True
 
 
-def resampler_configs(kind: str, num_modules: int, k: int) -> tuple[ResamplerConfig, ResamplerConfig]:
-    """(ID resampler: ID tokens + CLIP tokens, Base resampler: CLIP tokens): released sizes for SDXL, small for tiny."""
-    q = 8 * num_modules
+def hypernet_sizes(kind: str) -> dict[str, int]:
+    """Resampler sizes of the generator: the released ones for SDXL, small ones for the tiny UNet."""
     if kind == "sdxl":
-        return (ResamplerConfig(1024, 4, DEFAULT_HEADS, 64, 4, q, k, (1024, CLIP_DIM)),
-                ResamplerConfig(1024, 4, DEFAULT_HEADS, 64, 4, q, k, (CLIP_DIM,)))
-    return (ResamplerConfig(64, 1, 2, 32, 2, q, k, (64, 128)), ResamplerConfig(64, 1, 2, 32, 2, q, k, (128,)))
+        return dict(clip_dim=CLIP_DIM, dim=1024, depth=4, heads=DEFAULT_HEADS, dim_head=64, ff_mult=4,
+                    num_id_tokens=ID_TOKENS)
+    return dict(clip_dim=128, dim=64, depth=1, heads=2, dim_head=32, ff_mult=2, num_id_tokens=4)
+
+
+def build_hypernet(modules: tuple[LoraModuleSpec, ...], kind: str, k: int, *, seed: int = 0) -> TrainableHyperLoRA:
+    """The trainable generator with ID rank 8, Base rank 4, K ``k``; every basis element random
+    (``down ~ N(0, 1/in)``, ``up ~ N(0, 0.02^2)``: :meth:`TrainableHyperLoRA.new` starts ``up`` at zero,
+    which would leave the down bases without a gradient in a one-step bench; the work is the same)."""
+    net = TrainableHyperLoRA.new(modules, rank=ID_RANK, base_rank=BASE_RANK, hyper_dim=k, seed=seed,
+                                 **hypernet_sizes(kind))
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for kind_ in ("id", "base"):
+            for grp, down, up in net.basis_groups(kind_):
+                down.copy_(torch.randn(down.shape, generator=g) * grp.in_features ** -0.5)
+                up.copy_(torch.randn(up.shape, generator=g) * 0.02)
+    return net.train()
 
 
 class StepBench:
-    """The frozen UNet with the three kinds of step (see the module docstring) on one fixed batch."""
+    """The frozen UNet with the kinds of step of the module docstring, on one fixed batch."""
 
     def __init__(self, case: Case, unet: nn.Module, *, seed: int = 0) -> None:
         self.case, self.unet = case, unet
         dev = case.device
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-        self.modules = lora_modules(unet)
+        self.modules = unet_modules(unet)
         self.targets = diffusers_lora_targets(unet, [kohya_prefix(m, layer) for m in self.modules for layer in LORA_LAYERS])
         k, b = case.hyper_dim, case.batch
-        rcfg, bcfg = resampler_configs(case.kind, len(self.modules), k)
-        self.arch = HyperLoRAArchitecture(self.modules, k, ID_RANK, BASE_RANK, rcfg, bcfg, FACE_EMBEDDING_DIM, ID_TOKENS)
+        self.hyper = build_hypernet(self.modules, case.kind, k, seed=seed)
+        self.hyper.to(dev)
+        if not case.resampler:    # no resampler rows: only the bases need to live on the device / in memory
+            for name in ("resampler", "base_resampler", "id_projector"):
+                if getattr(self.hyper, name, None) is not None:
+                    getattr(self.hyper, name).to("meta")
+        self.arch = self.hyper.arch
+        self.groups = {kind: self.hyper.basis_groups(kind) for kind in ("id", "base")}
         g = torch.Generator().manual_seed(seed)
 
         def param(*shape: int, std: float) -> nn.Parameter:
             return nn.Parameter((torch.randn(*shape, generator=g) * std).to(dev))
 
-        # bases: entries of a LoRA matrix ~ N(0, 1/in) at unit token norm (tokens are L2-normalised over K)
-        self.groups: dict[str, list[tuple[Any, Tensor, Tensor]]] = {}
-        for kind in ("id", "base"):
-            self.groups[kind] = [(grp, param(len(grp.entries), grp.in_features * grp.rank, k, std=grp.in_features ** -0.5),
-                                  param(len(grp.entries), grp.rank * grp.out_features, k, std=0.02))
-                                 for grp in make_groups(self.arch, kind)]
         q = self.arch.num_tokens
         self.tokens = {kind: normalize_tokens(torch.randn(b, q, k, generator=g)).to(dev).requires_grad_(True)
                        for kind in ("id", "base")}
         self.plain = {p: (param(1, PLAIN_RANK, lin.in_features, std=lin.in_features ** -0.5),
                           param(1, lin.out_features, PLAIN_RANK, std=0.02)) for p, lin in self.targets.items()}
         self.inputs = unet_inputs(unet, b, case.side, device=dev, dtype=case.dtype, seed=seed + 1)
-        self.resamplers: tuple[nn.Module, nn.Module] | None = None
-        self.conditions: tuple[Tensor, Tensor, Tensor] | None = None
-        if case.resampler:
-            rs = []
-            for cfg in (rcfg, bcfg):
-                torch.manual_seed(seed + 2)
-                r = Resampler(cfg)
-                with torch.no_grad():
-                    r.latents.normal_(0, cfg.dim ** -0.5)
-                rs.append(r.to(dev).train())
-            self.resamplers = (rs[0], rs[1])
-            self.conditions = (torch.randn(b, ID_TOKENS, rcfg.embed_dims[0], generator=g).to(dev),
-                               torch.randn(b, CLIP_TOKENS, rcfg.embed_dims[1], generator=g).to(dev),
-                               torch.randn(b, CLIP_TOKENS, bcfg.embed_dims[0], generator=g).to(dev))
+        e = self.arch.resampler.embed_dims[-1]
+        self.conditions = (F.normalize(torch.randn(b, FACE_EMBEDDING_DIM, generator=g), dim=-1).to(dev),
+                           torch.randn(b, CLIP_TOKENS, e, generator=g).to(dev),
+                           torch.randn(b, CLIP_TOKENS, e, generator=g).to(dev))
         if case.checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()    # diffusers checkpoints only with grad enabled; train() also matches fit's mode
@@ -339,15 +336,9 @@ class StepBench:
 
     def _params(self) -> list[Tensor]:
         out: list[Tensor] = [*self.tokens.values()]
-        for groups in self.groups.values():
-            for _, d, u in groups:
-                out += [d, u]
         for d, u in self.plain.values():
             out += [d, u]
-        if self.resamplers:
-            for r in self.resamplers:
-                out += list(r.parameters())
-        return out
+        return out + [p for p in self.hyper.parameters() if p.device.type != "meta"]
 
     def zero_grad(self) -> None:
         for p in self._params():
@@ -355,8 +346,7 @@ class StepBench:
 
     def _unet_loss(self, sample: Tensor) -> Tensor:
         inp = self.inputs
-        ctx = self.autocast if self.autocast is not None else _null()
-        with ctx:
+        with self._autocast():
             pred = self.unet(sample, inp["timestep"], inp["encoder_hidden_states"],
                              added_cond_kwargs=inp["added_cond_kwargs"]).sample
         return F.mse_loss(pred.float(), inp["noise"].float())
@@ -372,8 +362,7 @@ class StepBench:
             self._unet_loss(self.inputs["sample"]).backward()
 
     def factors(self) -> tuple[dict, dict]:
-        return (basis_factors(self.tokens["id"], self.groups["id"], self.modules),
-                basis_factors(self.tokens["base"], self.groups["base"], self.modules))
+        return self.hyper.id_factors(self.tokens["id"]), self.hyper.base_factors(self.tokens["base"])
 
     def step_hyperlora(self) -> None:
         self.zero_grad()
@@ -388,22 +377,33 @@ class StepBench:
         loss = sum(d.float().sum() + u.float().sum() for f in (id_f, base_f) for d, u in f.values())
         loss.backward()
 
+    def _autocast(self) -> Any:
+        return self.autocast if self.autocast is not None else _null()
+
     def step_resampler(self) -> None:
-        if self.resamplers is None or self.conditions is None:
-            raise RuntimeError("this bench was built with --no-resampler")
+        """The generator's token path alone: ArcFace + CLIP -> ID tokens, blurred CLIP -> Base tokens."""
         self.zero_grad()
-        ids, clip, clip_base = self.conditions
-        ctx = self.autocast if self.autocast is not None else _null()
-        with ctx:
-            t_id = normalize_tokens(self.resamplers[0](ids, clip).float())
-            t_base = normalize_tokens(self.resamplers[1](clip_base).float())
+        arcface, clip, clip_base = self.conditions
+        with self._autocast():
+            t_id = self.hyper.id_tokens(arcface, clip).float()
+            t_base = self.hyper.base_tokens(clip_base).float()
         (t_id.square().sum() + t_base.square().sum()).backward()
+
+    def step_full(self) -> None:
+        """A whole training step's forward + backward: generator (both LoRAs from the conditions) + UNet."""
+        self.zero_grad()
+        arcface, clip, clip_base = self.conditions
+        with self._autocast():
+            id_f, base_f = self.hyper(arcface, clip, clip_base)
+        with applied(self.targets, [LoraTerm(id_f, LORA_SCALE), LoraTerm(base_f, LORA_SCALE)]):
+            self._unet_loss(self.inputs["sample"]).backward()
 
     def steps(self) -> dict[str, Callable[[], object]]:
         out: dict[str, Callable[[], object]] = {"unet": self.step_unet, "lora": self.step_lora,
                                                 "hyperlora": self.step_hyperlora, "factors": self.step_factors}
-        if self.resamplers:
+        if self.case.resampler:
             out["resampler"] = self.step_resampler
+            out["full"] = self.step_full
         return out
 
     def check_gradients(self) -> None:
@@ -468,9 +468,9 @@ def run_case(case: Case, repeat: int) -> dict[str, Any]:
         scaled = med["hyperlora"] + med["factors"] * (PAPER_K / case.hyper_dim - 1)
         print(f"scaled to K {PAPER_K} (factors row x {PAPER_K / case.hyper_dim:g}, an estimate): hyperlora "
               f"{scaled:.4f} s, ratio hyperlora/unet {scaled / med['unet']:.3f}")
-    if "resampler" in med:
-        print(f"with the resamplers' step added: (hyperlora + resampler)/unet "
-              f"{(med['hyperlora'] + med['resampler']) / med['unet']:.3f}")
+    if "full" in med:
+        print(f"ratio full/unet {med['full'] / med['unet']:.3f} (generator + UNet step; the resampler row does not "
+              f"shrink with the image: at 1024 px its share is smaller)")
     result = {"case": case.name, "median": med, "memory": mem, "ratio": ratio, "scaled_hyperlora": scaled}
     del bench, unet
     gc.collect()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ROW = re.compile(r"^\| (unet|lora|hyperlora|factors|resampler) \| (\d+\.\d{4}) \| (\d+\.\d{4}) \| (\d+) \| "
+ROW = re.compile(r"^\| (unet|lora|hyperlora|factors|resampler|full) \| (\d+\.\d{4}) \| (\d+\.\d{4}) \| (\d+) \| "
                  r"([\d,]+) MB \| ([\d,]+) MB \|$")
 
 
@@ -26,7 +26,7 @@ def smoke() -> str:
 
 def test_smoke_prints_one_row_per_step_kind(smoke):
     rows = {m.group(1): m for m in map(ROW.match, smoke.splitlines()) if m}
-    assert set(rows) == {"unet", "lora", "hyperlora", "factors", "resampler"}, smoke
+    assert set(rows) == {"unet", "lora", "hyperlora", "factors", "resampler", "full"}, smoke
     for name, m in rows.items():
         median, fastest, rounds = float(m.group(2)), float(m.group(3)), int(m.group(4))
         assert rounds == 1 and 0 < fastest <= median < 60, (name, m.group(0))
@@ -51,6 +51,8 @@ def test_smoke_ratios_agree_with_the_table(smoke):
     assert float(ratio.group(3)) == pytest.approx(med["hyperlora"] / med["lora"], rel=0.01, abs=2e-3)
     scaled = re.search(r"^scaled to K 128 \(factors row x 8, an estimate\): hyperlora (\d+\.\d+) s", smoke, re.M)
     assert scaled and float(scaled.group(1)) == pytest.approx(med["hyperlora"] + 7 * med["factors"], rel=0.01, abs=2e-3)
+    full = re.search(r"^ratio full/unet (\d+\.\d+) ", smoke, re.M)
+    assert full and float(full.group(1)) == pytest.approx(med["full"] / med["unet"], rel=0.01, abs=2e-3)
     last = smoke.strip().splitlines()[-1]
     worst = re.fullmatch(r"train_step: 1 case\(s\), worst ratio hyperlora/unet (\d+\.\d+)", last)
     assert worst and worst.group(1) == ratio.group(1)
