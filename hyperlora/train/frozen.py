@@ -145,8 +145,12 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: str, what: 
 
 
 def _freeze(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Any:
+    """requires_grad False, eval, on ``device``; cast to ``dtype`` only where a parameter is not in it yet
+    (diffusers keeps some modules in float32 on purpose when loaded with torch_dtype)."""
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+    if any(p.dtype != dtype for p in model.parameters()) and not getattr(model, "_keep_in_fp32_modules", None):
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval()
 
 
 # ----------------------------------------------------------------------------- UNet / VAE
