@@ -114,7 +114,9 @@ class LaionScorer:
 
     def __init__(self, head_path: str | Path, clip_folder: str | Path, *, device: str | torch.device = "cpu",
                  processor: ClipProcessorConfig | None = None, batch: int = 8) -> None:
-        from transformers import CLIPVisionModelWithProjection
+        import json
+
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         folder = Path(clip_folder)
         if not (folder / "config.json").is_file():
@@ -122,7 +124,14 @@ class LaionScorer:
                 f"The aesthetic scorer's CLIP folder {folder} has no config.json; give a Hugging Face folder of "
                 "openai/clip-vit-large-patch14 (with visual_projection), e.g. the released clip_vit_large_14.")
         try:
-            self.clip = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            vision = dict(raw.get("vision_config", raw))
+            # a full CLIPModel config keeps the projection width at the top level
+            if "vision_config" in raw and "projection_dim" in raw:
+                vision["projection_dim"] = raw["projection_dim"]
+            vision = {k: v for k, v in vision.items() if k not in ("architectures", "model_type", "transformers_version")}
+            self.clip = CLIPVisionModelWithProjection.from_pretrained(
+                str(folder), config=CLIPVisionConfig(**vision), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelFileError(f"{folder}: cannot load a CLIP vision model with projection ({exc}).") from exc
         self.clip = self.clip.to(device).eval().requires_grad_(False)
