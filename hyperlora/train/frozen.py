@@ -172,6 +172,51 @@ def sai_unet_to_diffusers(state: dict[str, Tensor], config: dict[str, Any]) -> d
     return convert_ldm_unet_checkpoint(full, dict(config))
 
 
+PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder 1 (CLIP-L)",
+              "text_encoder_2": "text encoder 2 (CLIP-G)"}
+PART_CONFIGS = {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG,
+                "text_encoder_2": TEXT_ENCODER_2_CONFIG}
+
+
+def convert_sai(part: str, raw: dict[str, Tensor], config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
+    """SAI single-file tensors (full keys; other parts' keys are ignored) of one ``part`` (unet, vae,
+    text_encoder, text_encoder_2) -> (the diffusers / transformers model built on ``meta`` from ``config`` or
+    the shipped SDXL config, its state dict in that model's names).  Works on meta tensors, so full-size key
+    maps are checked without memory (:func:`check_state`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if part not in PART_CONFIGS:
+        raise ValueError(f"unknown SDXL part {part!r}")
+    cfg = dict(config) if config is not None else _read_json(PART_CONFIGS[part])
+    if part == "unet":
+        state = sai_unet_to_diffusers({k: v for k, v in raw.items() if k.startswith(SAI_UNET_PREFIX)}, cfg)
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(cfg), state
+    if part == "vae":
+        state = sfu.convert_ldm_vae_checkpoint({k: v for k, v in raw.items() if k.startswith(SAI_VAE_PREFIX)}, cfg)
+        with torch.device("meta"):
+            return AutoencoderKL.from_config(cfg), state
+    text_cfg = CLIPTextConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "_class_name")})
+    if part == "text_encoder":
+        state = sfu.convert_ldm_clip_checkpoint({k: v for k, v in raw.items() if k.startswith(SAI_CLIP_L_PREFIX)})
+        cls: Any = CLIPTextModel
+    else:
+        class _Hidden:   # convert_open_clip_checkpoint reads config.hidden_size only when text_projection is absent
+            config = type("C", (), {"hidden_size": cfg["hidden_size"]})()
+
+        g = {k: v for k, v in raw.items() if k.startswith(SAI_CLIP_G_PREFIX)}
+        state = sfu.convert_open_clip_checkpoint(_Hidden(), g, prefix=SAI_CLIP_G_PREFIX)
+        cls = CLIPTextModelWithProjection
+    with torch.device("meta"):
+        model = cls(text_cfg)
+    # transformers 4 names the parameters "text_model.<name>", transformers 5 "<name>": follow the model
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    return model, state
+
+
 def load_unet(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", config: dict[str, Any] | None = None) -> Any:
     """Frozen SDXL ``UNet2DConditionModel`` (eval, requires_grad False) from a diffusers folder (``unet/``)
@@ -182,10 +227,7 @@ def load_unet(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.floa
     if not _is_single_file(path):
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True, torch_dtype=dtype)
         return _freeze(unet, dtype, device)
-    cfg = dict(config) if config is not None else _read_json(UNET_CONFIG)
-    state = sai_unet_to_diffusers(_read_prefixed(path, [SAI_UNET_PREFIX], dtype), cfg)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
+    unet, state = convert_sai("unet", _read_prefixed(path, [SAI_UNET_PREFIX], dtype), config)
     _load_strict(unet, state, path.name, "UNet")
     return _freeze(unet, dtype, device)
 
@@ -195,16 +237,12 @@ def load_vae(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     """Frozen SDXL ``AutoencoderKL`` from a diffusers folder (``vae/``) or a single-file checkpoint
     (``first_stage_model.*``; config: ``config`` or the shipped SDXL one, scaling factor 0.13025)."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     path = _check_source(source, "vae")
     if not _is_single_file(path):
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True, torch_dtype=dtype)
         return _freeze(vae, dtype, device)
-    cfg = dict(config) if config is not None else _read_json(VAE_CONFIG)
-    state = convert_ldm_vae_checkpoint(_read_prefixed(path, [SAI_VAE_PREFIX], dtype), cfg)
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(cfg)
+    vae, state = convert_sai("vae", _read_prefixed(path, [SAI_VAE_PREFIX], dtype), config)
     _load_strict(vae, state, path.name, "VAE")
     return _freeze(vae, dtype, device)
 
@@ -297,20 +335,6 @@ def _load_tokenizers(folder: Path) -> tuple[Any, Any]:
     return tok, tok2
 
 
-def _text_model(cls: Any, config: dict[str, Any], state: dict[str, Tensor], source: str, what: str) -> Any:
-    from transformers import CLIPTextConfig
-
-    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    with torch.device("meta"):
-        model = cls(cfg)
-    keys = model.state_dict().keys()
-    # transformers 4 names the parameters "text_model.<name>", transformers 5 "<name>": follow the model
-    if not any(k.startswith("text_model.") for k in keys):
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    _load_strict(model, state, source, what)
-    return model
-
-
 def load_text_encoders(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
                        device: torch.device | str = "cpu", tokenizer: str | os.PathLike[str] | None = None,
                        configs: tuple[dict[str, Any], dict[str, Any]] | None = None) -> TextEncoders:
@@ -329,22 +353,15 @@ def load_text_encoders(source: str | os.PathLike[str], *, dtype: torch.dtype = t
         te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2",
                                                           local_files_only=True, dtype=dtype)
         return TextEncoders(tok, tok2, _freeze(te, dtype, device), _freeze(te2, dtype, device))
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-
     tok, tok2 = _load_tokenizers(_tokenizer_dir(tokenizer))
-    cfg1, cfg2 = configs if configs is not None else (_read_json(TEXT_ENCODER_CONFIG), _read_json(TEXT_ENCODER_2_CONFIG))
+    cfg1, cfg2 = configs if configs is not None else (None, None)
     raw = _read_prefixed(path, [SAI_CLIP_L_PREFIX, SAI_CLIP_G_PREFIX], dtype)
-    state1 = convert_ldm_clip_checkpoint({k: v for k, v in raw.items() if k.startswith(SAI_CLIP_L_PREFIX)})
-    te = _text_model(CLIPTextModel, cfg1, state1, path.name, "text encoder 1 (CLIP-L)")
-
-    class _Hidden:   # convert_open_clip_checkpoint reads config.hidden_size only when text_projection is absent
-        config = type("C", (), {"hidden_size": cfg2["hidden_size"]})()
-
-    g = {k: v for k, v in raw.items() if k.startswith(SAI_CLIP_G_PREFIX)}
-    state2 = convert_open_clip_checkpoint(_Hidden(), g, prefix=SAI_CLIP_G_PREFIX)
-    te2 = _text_model(CLIPTextModelWithProjection, cfg2, state2, path.name, "text encoder 2 (CLIP-G)")
+    te, state1 = convert_sai("text_encoder", raw, cfg1)
+    _load_strict(te, state1, path.name, PART_NAMES["text_encoder"])
+    te2, state2 = convert_sai("text_encoder_2", raw, cfg2)
+    _load_strict(te2, state2, path.name, PART_NAMES["text_encoder_2"])
     return TextEncoders(tok, tok2, _freeze(te, dtype, device), _freeze(te2, dtype, device))
 
 
-__all__ = ["CONFIG_DIR", "TextEncoders", "check_state", "load_noise_scheduler", "load_text_encoders", "load_unet", "load_vae",
+__all__ = ["CONFIG_DIR", "TextEncoders", "check_state", "convert_sai", "load_noise_scheduler", "load_text_encoders", "load_unet", "load_vae",
            "sai_unet_to_diffusers", "unet_config"]
