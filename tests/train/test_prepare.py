@@ -114,11 +114,18 @@ def _jpg(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_every_filter_counted_and_outputs_encoded(models, data, tmp_path):
+@pytest.fixture(scope="module")
+def one_run(models, data, tmp_path_factory):
+    """One prepare run over both inputs (shared by the tests that only read it)."""
     cfg, enc = models
     root, tar_path = data
-    out = tmp_path / "shards"
-    result = prep.prepare([root, tar_path], out, cfg, encoders=enc, show_progress=False)
+    out = tmp_path_factory.mktemp("one") / "shards"
+    return out, prep.prepare([root, tar_path], out, cfg, encoders=enc, show_progress=False)
+
+
+def test_every_filter_counted_and_outputs_encoded(models, one_run):
+    cfg, enc = models
+    out, result = one_run
     m = read_manifest(out)
     assert m.report["seen"] == 16 and m.report["kept"] == 6
     assert m.report["dropped"] == {"corrupt": 2, "no_caption": 1, "small": 1, "plural_caption": 2, "no_face": 1,
@@ -214,11 +221,10 @@ def test_resume_redoes_nothing_and_interrupt_leaves_no_partial_shard(models, dat
         prep.prepare([root, tar_path], out, dataclasses.replace(cfg, min_side=64), encoders=enc, show_progress=False)
 
 
-def test_shard_split_union_equals_one_run(models, data, tmp_path):
+def test_shard_split_union_equals_one_run(models, data, one_run, tmp_path):
     cfg, enc = models
     root, tar_path = data
-    one, split = tmp_path / "one", tmp_path / "split"
-    prep.prepare([root, tar_path], one, cfg, encoders=enc, show_progress=False)
+    one, split = one_run[0], tmp_path / "split"
     r0 = prep.prepare([root, tar_path], split, cfg, shard_index=0, num_shards=2, encoders=enc, show_progress=False)
     assert r0.written == [0, 2] and not r0.manifest.complete
     r1 = prep.prepare([root, tar_path], split, cfg, shard_index=1, num_shards=2, encoders=enc, show_progress=False)
@@ -250,3 +256,20 @@ def test_cli_errors_and_bad_settings(tmp_path, models):
         prep.prepare([tmp_path / "empty"], tmp_path / "o", cfg, encoders=enc, show_progress=False)
     assert prep.main(["--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"), "--sdxl",
                       str(tmp_path / "missing"), "--clip", str(tmp_path), "--antelope", str(tmp_path)]) == 2
+
+
+def test_cli_main_loads_the_encoders_and_reports(models, data, tmp_path, capsys):
+    cfg, _ = models
+    _, tar_path = data
+    out = tmp_path / "cli"
+    argv = ["--input", str(tar_path), "--out", str(out), "--sdxl", str(cfg.sdxl), "--clip", str(cfg.clip),
+            "--clip-processor", str(cfg.clip_processor), "--antelope", str(cfg.antelope), "--min-side", "128",
+            "--size", "64", "--shard-size", "2", "--no-vit-l14-check"]
+    assert prep.main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f"prepare: 2 samples in 2 of 2 shards -> {out}"
+    m = read_manifest(out)
+    assert m.encoders["aesthetic"] == "none" and m.report["dropped"]["corrupt"] == 1
+    assert m.report["dropped"]["plural_caption"] == 1
+    assert prep.main(argv) == 0                    # resumed: nothing to do, same manifest
+    assert read_manifest(out).count == 2
