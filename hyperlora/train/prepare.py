@@ -468,16 +468,17 @@ class PrepareReport:
     interrupted: bool = False
 
 
-def _default_split() -> tuple[int, int]:
-    """accelerate's (process index, process count) when launched by accelerate / torchrun, else (0, 1)."""
-    if not any(k in os.environ for k in ("WORLD_SIZE", "ACCELERATE_USE_CPU", "LOCAL_RANK")):
-        return 0, 1
+def _default_split() -> tuple[int, int, str | None]:
+    """accelerate's (process index, process count, this process's device) when launched by accelerate /
+    torchrun (``WORLD_SIZE`` set), else (0, 1, None)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, None
     try:
         from accelerate import PartialState
     except ImportError:
-        return 0, 1
+        return 0, 1, None
     state = PartialState()
-    return int(state.process_index), int(state.num_processes)
+    return int(state.process_index), int(state.num_processes), str(state.device)
 
 
 def _check_resume(out: Path, settings: dict[str, Any]) -> None:
@@ -577,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="input samples per shard (before filtering)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--det-size", type=int, default=640)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="encoders' device (default: this process's accelerate device, else cuda when present, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--shard-index", type=int, default=None, help="this process's index (default: accelerate's)")
     p.add_argument("--num-shards", type=int, default=None, help="process count (default: accelerate's)")
@@ -589,13 +591,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    index, count, accel_device = _default_split()
+    device = args.device or accel_device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = PrepareConfig(
         sdxl=args.sdxl, clip=args.clip, clip_processor=args.clip_processor, antelope=args.antelope,
         aesthetic=args.aesthetic, aesthetic_clip=args.aesthetic_clip, tokenizer=args.tokenizer,
         min_side=args.min_side, min_aesthetic=args.min_aesthetic, min_face_area=args.min_face_area, size=args.size,
-        shard_size=args.shard_size, det_size=args.det_size, batch_size=args.batch_size, device=args.device,
+        shard_size=args.shard_size, det_size=args.det_size, batch_size=args.batch_size, device=device,
         dtype=args.dtype, require_vit_l14=not args.no_vit_l14_check)
-    index, count = _default_split()
     if args.shard_index is not None or args.num_shards is not None:
         index = args.shard_index if args.shard_index is not None else 0
         count = args.num_shards if args.num_shards is not None else 1

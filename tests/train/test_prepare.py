@@ -273,3 +273,17 @@ def test_cli_main_loads_the_encoders_and_reports(models, data, tmp_path, capsys)
     assert m.report["dropped"]["plural_caption"] == 1
     assert prep.main(argv) == 0                    # resumed: nothing to do, same manifest
     assert read_manifest(out).count == 2
+
+
+def test_default_split_follows_accelerate(monkeypatch):
+    import accelerate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert prep._default_split() == (0, 1, None)
+
+    class FakeState:
+        process_index, num_processes, device = 3, 8, "cuda:3"
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    assert prep._default_split() == (3, 8, "cuda:3")
