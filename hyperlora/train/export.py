@@ -35,6 +35,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,12 +43,16 @@ from torch import Tensor, nn
 from ..errors import HyperLoRAError, SettingError
 from ..safetensors_io import save_file_atomic
 from ..spec import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, LORA_LAYERS, MARKER_FILE,
-                    RESAMPLER_FILE, RESAMPLER_HEADS_META)
+                    RESAMPLER_FILE, RESAMPLER_HEADS_META, HyperLoRAArchitecture, LoraModuleSpec, ResamplerConfig)
 from .hypernet import TrainableHyperLoRA
 
 log = logging.getLogger(__name__)
 
 FORMAT_META = {"format": "pt"}
+STATE_FILE = "trainer_state.json"
+"""fit's trainer state in each checkpoint (step, stage, RNG scheme, architecture); written last."""
+GENERATOR_FILE = "generator.safetensors"
+"""fit's float32 generator weights in each checkpoint (``TrainableHyperLoRA.state_dict()`` keys)."""
 
 
 def _module_tensors(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -152,6 +157,45 @@ def export_folder(model: TrainableHyperLoRA, out: str | os.PathLike[str], *, dty
     return out
 
 
+# --------------------------------------------------------------------------------- checkpoints of fit
+
+
+def arch_to_json(arch: HyperLoRAArchitecture) -> dict[str, Any]:
+    def res(c: ResamplerConfig | None) -> dict[str, Any] | None:
+        return None if c is None else {**c.__dict__, "embed_dims": list(c.embed_dims)}
+
+    return {"modules": [[m.name, m.hidden_size, m.cross_attention_dim] for m in arch.modules],
+            "hyper_dim": arch.hyper_dim, "rank": arch.rank, "base_rank": arch.base_rank,
+            "resampler": res(arch.resampler), "base_resampler": res(arch.base_resampler),
+            "id_embed_dim": arch.id_embed_dim, "num_id_tokens": arch.num_id_tokens}
+
+
+def arch_from_json(d: dict[str, Any]) -> HyperLoRAArchitecture:
+    def res(c: dict[str, Any] | None) -> ResamplerConfig | None:
+        return None if c is None else ResamplerConfig(**{**c, "embed_dims": tuple(c["embed_dims"])})
+
+    return HyperLoRAArchitecture(modules=tuple(LoraModuleSpec(n, h, c) for n, h, c in d["modules"]),
+                                 hyper_dim=d["hyper_dim"], rank=d["rank"], base_rank=d["base_rank"],
+                                 resampler=res(d["resampler"]), base_resampler=res(d["base_resampler"]),
+                                 id_embed_dim=d["id_embed_dim"], num_id_tokens=d["num_id_tokens"])
+
+
+def load_generator_from_checkpoint(ckpt: str | Path) -> TrainableHyperLoRA:
+    """The generator saved in a ``checkpoints/step-XXXXXX`` folder (float32)."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    state_path = ckpt / STATE_FILE
+    if not state_path.is_file() or not (ckpt / GENERATOR_FILE).is_file():
+        raise SettingError(f"'{ckpt}' is not a complete fit checkpoint (needs {STATE_FILE} and {GENERATOR_FILE}); "
+                           f"pass a checkpoints/step-XXXXXX folder of a fit run.")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    model = TrainableHyperLoRA(arch_from_json(state["arch"]))
+    model.load_state_dict(load_file(str(ckpt / GENERATOR_FILE)), strict=True)
+    model.distilled_base = float(state.get("distilled_base", 0.0))
+    return model
+
+
 # --------------------------------------------------------------------------------- CLI
 
 
@@ -166,8 +210,6 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hyperlora.train export --run RUN_DIR [--checkpoint DIR] --out DIR [--dtype fp16|fp32]``."""
-    from .fit import load_generator_from_checkpoint
-
     parser = argparse.ArgumentParser(prog="python -m hyperlora.train export",
                                      description="Export a training run's generator as a released-layout folder.")
     parser.add_argument("--run", type=Path, help="run folder of 'fit' (its newest checkpoint is exported)")
@@ -196,4 +238,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["basis_tensors", "export_folder", "latest_checkpoint", "main", "modules_json"]
+__all__ = ["GENERATOR_FILE", "STATE_FILE", "arch_from_json", "arch_to_json", "basis_tensors", "export_folder",
+           "latest_checkpoint", "load_generator_from_checkpoint", "main", "modules_json"]

@@ -67,14 +67,14 @@ from torch import Tensor, nn
 
 from ..errors import HyperLoRAError, SettingError
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
-from ..spec import HyperLoRAArchitecture, LoraModuleSpec, ResamplerConfig
+from ..spec import LoraModuleSpec
 from .config import SCENARIOS, FitConfig
+from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
+                     load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-GENERATOR_FILE = "generator.safetensors"
 TEACHER_FILE = "distill_teacher.safetensors"
 CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
 SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
@@ -91,45 +91,6 @@ class FitResult:
     interrupted: bool
     export: Path | None
     last_losses: dict[str, float]
-
-
-# --------------------------------------------------------------------------------- architecture json
-
-
-def arch_to_json(arch: HyperLoRAArchitecture) -> dict[str, Any]:
-    def res(c: ResamplerConfig | None) -> dict[str, Any] | None:
-        return None if c is None else {**c.__dict__, "embed_dims": list(c.embed_dims)}
-
-    return {"modules": [[m.name, m.hidden_size, m.cross_attention_dim] for m in arch.modules],
-            "hyper_dim": arch.hyper_dim, "rank": arch.rank, "base_rank": arch.base_rank,
-            "resampler": res(arch.resampler), "base_resampler": res(arch.base_resampler),
-            "id_embed_dim": arch.id_embed_dim, "num_id_tokens": arch.num_id_tokens}
-
-
-def arch_from_json(d: dict[str, Any]) -> HyperLoRAArchitecture:
-    def res(c: dict[str, Any] | None) -> ResamplerConfig | None:
-        return None if c is None else ResamplerConfig(**{**c, "embed_dims": tuple(c["embed_dims"])})
-
-    return HyperLoRAArchitecture(modules=tuple(LoraModuleSpec(n, h, c) for n, h, c in d["modules"]),
-                                 hyper_dim=d["hyper_dim"], rank=d["rank"], base_rank=d["base_rank"],
-                                 resampler=res(d["resampler"]), base_resampler=res(d["base_resampler"]),
-                                 id_embed_dim=d["id_embed_dim"], num_id_tokens=d["num_id_tokens"])
-
-
-def load_generator_from_checkpoint(ckpt: str | Path) -> TrainableHyperLoRA:
-    """The generator saved in a ``checkpoints/step-XXXXXX`` folder (float32)."""
-    from safetensors.torch import load_file
-
-    ckpt = Path(ckpt)
-    state_path = ckpt / STATE_FILE
-    if not state_path.is_file() or not (ckpt / GENERATOR_FILE).is_file():
-        raise SettingError(f"'{ckpt}' is not a complete fit checkpoint (needs {STATE_FILE} and {GENERATOR_FILE}); "
-                           f"pass a checkpoints/step-XXXXXX folder of a fit run.")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
-    model = TrainableHyperLoRA(arch_from_json(state["arch"]))
-    model.load_state_dict(load_file(str(ckpt / GENERATOR_FILE)), strict=True)
-    model.distilled_base = float(state.get("distilled_base", 0.0))
-    return model
 
 
 # --------------------------------------------------------------------------------- data
@@ -303,12 +264,6 @@ def _truncate_csv(path: Path, step: int) -> None:
         csv.writer(f).writerows(keep)
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    from .export import latest_checkpoint as _latest
-
-    return _latest(run)
-
-
 class _StopFlag:
     """Ctrl-C (SIGINT) sets the flag; the loop saves a checkpoint at the next step and returns."""
 
@@ -364,7 +319,6 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     from tqdm.auto import tqdm
 
     from . import plot
-    from .export import export_folder
 
     run = Path(cfg.out)
     accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
