@@ -41,7 +41,7 @@ REASON_TEXT: dict[str, str] = {
     "many_faces": "more than one face",
     "small_face": "face box area / image area not above min_face_area",
     "aesthetic": "aesthetic score not above min_aesthetic",
-    "arcface": "face not found again in its ArcFace crop",
+    "arcface": "face unusable by the released preprocessing (not found again in its ArcFace crop, or a crop failed)",
 }
 
 

@@ -28,6 +28,7 @@ unchanged.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ import os
 import socket
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +51,14 @@ from ..errors import FaceNotFoundError, HyperLoRAError, ModelFileError, SettingE
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
 from .filters import FilterReport
+from .shards import DTYPES as SHARD_DTYPES
 from .shards import (finished_shards, read_manifest, read_shard_info, rebuild_manifest, shard_name, write_shard)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+zlib_error = zlib.error
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -175,6 +179,7 @@ def _tar_key(name: str) -> tuple[str, str] | None:
 
 
 def _tar_items(path: Path) -> list[Item]:
+    """Samples of a webdataset tar; a damaged tar (e.g. a partial download) gives the samples before the damage."""
     groups: dict[str, dict[str, str]] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -184,8 +189,8 @@ def _tar_items(path: Path) -> list[Item]:
                 ke = _tar_key(m.name)
                 if ke is not None:
                     groups.setdefault(ke[0], {})[ke[1]] = m.name
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ModelFileError(f"{path} is not a readable .tar file ({exc}); check the webdataset shard.") from exc
+    except (tarfile.TarError, OSError, EOFError, zlib_error) as exc:
+        logger.warning("prepare: %s is damaged after %d sample(s) (%s); using those.", path, len(groups), exc)
     items = []
     for key, members in groups.items():
         if any(e in members for e in TAR_IMAGE_EXTS):
@@ -281,15 +286,16 @@ def read_item(item: Item, tar: tarfile.TarFile | None = None) -> Raw:
 
 
 def decode_image(data: bytes | None) -> np.ndarray | None:
-    """uint8 RGB ``[H, W, 3]`` or None for anything PIL cannot decode fully."""
+    """uint8 RGB ``[H, W, 3]`` (EXIF orientation applied) or None for anything PIL cannot decode fully."""
     if not data:
         return None
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return np.asarray(img.convert("RGB")).copy()
+            # camera photos: apply the EXIF orientation, as ComfyUI's LoadImage does
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 
@@ -381,13 +387,33 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
             kept.append(c)
     if not kept:
         return [], []
+    def run(images: list[np.ndarray]) -> Any:
+        return extract_conditions(images, analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
+                                  need_base=True, no_face="skip", det_size=cfg.det_size, use_cache=False)
+
     try:
-        conds = extract_conditions([c.image for c in kept], analyzer=enc.analyzer, clip=enc.clip, need_id=True,
-                                   need_clip=True, need_base=True, no_face="skip", det_size=cfg.det_size,
-                                   use_cache=False)
+        conds = run([c.image for c in kept])
         used = list(conds.used)
     except FaceNotFoundError:
         conds, used = None, []
+    except HyperLoRAError as exc:    # one photo's crop failed: find it, keep the others
+        logger.warning("prepare: the released preprocessing failed on a batch (%s); retrying photo by photo.", exc)
+        parts = []
+        for i, c in enumerate(kept):
+            try:
+                one = run([c.image])
+            except HyperLoRAError as err:
+                logger.warning("prepare: %s skipped (%s).", c.item.key, err)
+                continue
+            parts.append((i, one))
+        used = [i for i, _ in parts]
+        conds = None
+        if parts:
+            from ..pipeline import FaceConditions
+
+            conds = FaceConditions(
+                id_embeds=torch.cat([o.id_embeds for _, o in parts]), clip_features=torch.cat([o.clip_features for _, o in parts]),
+                base_clip_features=torch.cat([o.base_clip_features for _, o in parts]), crops=[], used=used, skipped=[])
     for _ in range(len(kept) - len(used)):
         report.drop("arcface")
     if not used:
@@ -402,18 +428,23 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
     text_plain, pooled_plain = enc.text.encode(captions)
     samples, meta = [], []
     for k, c in enumerate(kept):
-        samples.append({
+        samples.append(_stored({
             "arcface": conds.id_embeds[k], "clip_id": conds.clip_features[k].cpu(),
             "clip_base": conds.base_clip_features[k].cpu(), "latents": latents[k],
             "time_ids": torch.tensor(time_ids[k]), "text": text[k].cpu(), "pooled": pooled[k].cpu(),
-            "text_plain": text_plain[k].cpu(), "pooled_plain": pooled_plain[k].cpu()})
+            "text_plain": text_plain[k].cpu(), "pooled_plain": pooled_plain[k].cpu()}))
         meta.append({"key": c.item.key, "identity": c.identity, "caption": c.caption})
         report.kept += 1
     return samples, meta
 
 
+def _stored(sample: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor in its stored dtype at once (own storage): a shard's samples wait in memory at half size."""
+    return {k: v.detach().to("cpu", SHARD_DTYPES[k]).clone() for k, v in sample.items()}
+
+
 def process_shard(items: Sequence[Item], path: Path, cfg: PrepareConfig, enc: Encoders,
-                  progress: Any = None) -> FilterReport:
+                  progress: Any = None, settings: dict[str, Any] | None = None) -> FilterReport:
     """Filter and encode ``items`` into the shard ``path`` (written atomically); returns its report."""
     report = FilterReport()
     samples: list[dict[str, Tensor]] = []
@@ -449,7 +480,7 @@ def process_shard(items: Sequence[Item], path: Path, cfg: PrepareConfig, enc: En
     finally:
         for tar in tars.values():
             tar.close()
-    write_shard(path, samples, meta, report=report, settings=cfg.settings())
+    write_shard(path, samples, meta, report=report, settings=settings if settings is not None else cfg.settings())
     return report
 
 
@@ -498,7 +529,7 @@ def _check_resume(out: Path, settings: dict[str, Any]) -> None:
         raise SettingError(
             f"{out} holds shards prepared with other settings ({', '.join(diff)}: "
             f"{ {k: previous.get(k) for k in diff} } vs now { {k: settings.get(k) for k in diff} }); "
-            "use the same settings to resume, or a new --out folder.")
+            "use the same settings and inputs to resume (plan = the list of input samples), or a new --out folder.")
 
 
 def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, *, shard_index: int = 0, num_shards: int = 1,
@@ -512,12 +543,14 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, *, shard_index: i
         raise SettingError(f"--shard-index {shard_index} / --num-shards {num_shards}: the index must be in "
                            "0..num_shards-1 and num_shards >= 1.")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = cfg.settings()
-    _check_resume(out, settings)
     items = list_items(inputs)
     if not items:
         raise SettingError(f"No images were found in {', '.join(map(str, inputs))}; check --input.")
+    # the plan (which input sample goes to which shard) must not change under a resumed run
+    keys = hashlib.sha1("\n".join(i.key for i in items).encode("utf-8")).hexdigest()
+    settings = {**cfg.settings(), "plan": {"items": len(items), "keys_sha1": keys}}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, settings)
     planned = math.ceil(len(items) / cfg.shard_size)
     mine = [i for i in range(planned) if i % num_shards == shard_index]
     done = finished_shards(out)
@@ -529,7 +562,7 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, *, shard_index: i
     try:
         for i in todo:
             chunk = items[i * cfg.shard_size:(i + 1) * cfg.shard_size]
-            result.report.add(process_shard(chunk, out / shard_name(i), cfg, enc, progress=bar))
+            result.report.add(process_shard(chunk, out / shard_name(i), cfg, enc, progress=bar, settings=settings))
             result.written.append(i)
     except KeyboardInterrupt:
         result.interrupted = True

@@ -219,6 +219,8 @@ def test_resume_redoes_nothing_and_interrupt_leaves_no_partial_shard(models, dat
 
     with pytest.raises(SettingError, match="min_side"):
         prep.prepare([root, tar_path], out, dataclasses.replace(cfg, min_side=64), encoders=enc, show_progress=False)
+    with pytest.raises(SettingError, match="plan"):      # other inputs would shift samples between shards
+        prep.prepare([root], out, cfg, encoders=enc, show_progress=False)
 
 
 def test_shard_split_union_equals_one_run(models, data, one_run, tmp_path):
@@ -287,3 +289,51 @@ def test_default_split_follows_accelerate(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     assert prep._default_split() == (3, 8, "cuda:3")
+
+
+def test_decode_applies_exif_orientation_and_rejects_garbage():
+    img = Image.fromarray(np.zeros((100, 168, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6                       # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert prep.decode_image(buf.getvalue()).shape == (168, 100, 3)
+    assert prep.decode_image(b"GIF89a" + b"\x00" * 10) is None
+    assert prep.decode_image(b"") is None
+    assert prep.decode_image(_png(np.zeros((5, 5, 3), np.uint8))[:40]) is None     # truncated PNG
+
+
+def test_damaged_tar_gives_the_samples_before_the_damage(data, tmp_path):
+    _, tar_path = data
+    whole = prep.list_items([tar_path])
+    assert [i.key for i in whole] == [f"laion-00000/00000{n}" for n in (1, 2, 3, 4)]
+    cut = tmp_path / "laion-00001.tar"
+    raw = tar_path.read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2 + 100])
+    part = prep.list_items([cut])
+    assert 0 < len(part) < 4 and [i.key.split("/")[1] for i in part] == [i.key.split("/")[1] for i in whole[:len(part)]]
+
+
+def test_a_photo_whose_crop_fails_is_dropped_not_the_batch(models, data, tmp_path, monkeypatch):
+    import hyperlora.pipeline as pipeline
+    from hyperlora.errors import ImageInputError
+
+    cfg, enc = models
+    root, _ = data
+    real = pipeline.extract_conditions
+    bad = _good(2)
+
+    def failing(images, **kwargs):
+        if any(im.shape == bad.shape and np.array_equal(im, bad) for im in images):
+            raise ImageInputError("the base-condition crop is empty")
+        return real(images, **kwargs)
+
+    monkeypatch.setattr(pipeline, "extract_conditions", failing)
+    prep.prepare([root], tmp_path / "s", cfg, encoders=enc, show_progress=False)
+    ds = ShardDataset(tmp_path / "s")
+    assert sorted(ds.meta(i)["key"] for i in range(len(ds))) == ["people/alice/a1", "people/bob/b1", "people/bob/b2"]
+    assert read_manifest(tmp_path / "s").report["dropped"]["arcface"] == 1
+    a1 = next(ds[i] for i in range(len(ds)) if ds.meta(i)["key"] == "people/alice/a1")
+    ref = real([_good(1)], analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True, need_base=True,
+               use_cache=False)
+    assert torch.allclose(a1["arcface"], ref.id_embeds[0], atol=1e-6)
