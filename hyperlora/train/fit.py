@@ -316,13 +316,23 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
+
+    accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
+                    on_step=on_step)
+    finally:
+        _release_accelerator(accel)
+
+
+def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
+         unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None) -> FitResult:
     from tqdm.auto import tqdm
 
     from . import plot
 
     run = Path(cfg.out)
-    accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     device = accel.device
     if accel.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -490,6 +500,15 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     accel.wait_for_everyone()
     accel.end_training()
     return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last)
+
+
+def _release_accelerator(accel: Any) -> None:
+    """In a single process, forget accelerate's process-wide state so a later ``fit`` in the same Python
+    (the demo, tests, a notebook) may choose another mixed precision.  Launched runs end with the process."""
+    if accel.num_processes == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # --------------------------------------------------------------------------------- samples (CUDA)
