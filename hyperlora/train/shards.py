@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,15 @@ def shard_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per host and process (several machines may share the folder);
+    it does not match :data:`SHARD_RE`, so it is never taken for a finished shard."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    return path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -99,7 +107,7 @@ def write_shard(path: str | os.PathLike[str], samples: list[dict[str, Tensor]], 
                 "report": json.dumps((report or FilterReport()).as_dict()),
                 "settings": json.dumps(dict(settings or {}), sort_keys=True, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
