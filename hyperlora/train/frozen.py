@@ -156,6 +156,21 @@ def _freeze(model: nn.Module, dtype: torch.dtype, device: torch.device | str) ->
 # ----------------------------------------------------------------------------- UNet / VAE
 
 
+def _from_folder(cls: Any, path: Path, sub: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path, subfolder=sub)`` offline; a folder holding only the ``fp16`` variant
+    (``*.fp16.safetensors``, as stabilityai's repo has for some parts) is read too."""
+    try:
+        return cls.from_pretrained(str(path), subfolder=sub, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as first:
+        if any((path / sub).glob("*.fp16.safetensors")):
+            try:
+                return cls.from_pretrained(str(path), subfolder=sub, local_files_only=True, variant="fp16", **kwargs)
+            except (OSError, ValueError):
+                pass
+        raise ModelFileError(f"{path / sub} cannot be loaded as {cls.__name__} ({first}); it must hold config.json and "
+                             ".safetensors weights of a diffusers SDXL folder.") from first
+
+
 def unet_config(source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The diffusers UNet config of ``source`` (its ``unet/config.json``) or SDXL's shipped one."""
     if source is not None and Path(source).is_dir():
@@ -225,7 +240,7 @@ def load_unet(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.floa
 
     path = _check_source(source, "unet")
     if not _is_single_file(path):
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True, torch_dtype=dtype)
+        unet = _from_folder(UNet2DConditionModel, path, "unet", torch_dtype=dtype)
         return _freeze(unet, dtype, device)
     unet, state = convert_sai("unet", _read_prefixed(path, [SAI_UNET_PREFIX], dtype), config)
     _load_strict(unet, state, path.name, "UNet")
@@ -240,7 +255,7 @@ def load_vae(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
 
     path = _check_source(source, "vae")
     if not _is_single_file(path):
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        vae = _from_folder(AutoencoderKL, path, "vae", torch_dtype=dtype)
         return _freeze(vae, dtype, device)
     vae, state = convert_sai("vae", _read_prefixed(path, [SAI_VAE_PREFIX], dtype), config)
     _load_strict(vae, state, path.name, "VAE")
@@ -349,9 +364,8 @@ def load_text_encoders(source: str | os.PathLike[str], *, dtype: torch.dtype = t
                 raise ModelFileError(f"{path} has no {sub}/ folder; a diffusers SDXL folder needs it.")
         tok = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
         tok2 = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer_2", local_files_only=True)
-        te = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True, dtype=dtype)
-        te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2",
-                                                          local_files_only=True, dtype=dtype)
+        te = _from_folder(CLIPTextModel, path, "text_encoder", dtype=dtype)
+        te2 = _from_folder(CLIPTextModelWithProjection, path, "text_encoder_2", dtype=dtype)
         return TextEncoders(tok, tok2, _freeze(te, dtype, device), _freeze(te2, dtype, device))
     tok, tok2 = _load_tokenizers(_tokenizer_dir(tokenizer))
     cfg1, cfg2 = configs if configs is not None else (None, None)

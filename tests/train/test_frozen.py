@@ -192,3 +192,17 @@ def test_comfyui_sdxl_checkpoint_layout_converts_on_meta(tmp_path):
     assert te2.config.hidden_size == 1280 and te2.config.num_hidden_layers == 32
     # all but logit_scale (unused) and CLIP-G's fused in_proj (split into q, k, v: 2 keys -> 6) are consumed
     assert used == len(raw) - 1 + 32 * 4
+
+
+def test_folder_with_only_the_fp16_variant_and_broken_part(sdxl, tmp_path):
+    import shutil
+
+    folder = tmp_path / "variant"
+    shutil.copytree(sdxl, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    unet = frozen.load_unet(folder)
+    _same_state(unet, frozen.load_unet(sdxl))
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="vae"):
+        frozen.load_vae(folder)
