@@ -40,8 +40,8 @@ Cases:
 * ``tiny``: the toy UNet (:func:`hyperlora.train.toy.sdxl.tiny_unet`, 14 modules) at 128 px, K = 128.
 * ``sdxl``: a full-size SDXL UNet (SDXL base 1.0's config, 2.57 B parameters, random weights, built
   offline) at reduced resolution on CPU (default 256 px = 32 x 32 latents, batch 2).  It needs about
-  12-14 GB: run it under ``flock /tmp/bigmem.lock``.  The full bases at K = 128 (1.49 B numbers, 6 GB
-  in fp32, 6 GB more for their gradients) do not fit beside it in a small machine, so this case uses
+  12-13 GB: run it under ``flock /tmp/bigmem.lock``.  The full bases at K = 128 (ID 1.49 B + Base 0.74 B
+  numbers, 8.9 GB in fp32, as much again for their gradients) do not fit beside it in a small machine, so this case uses
   ``--hyper-dim`` (default 16): the hooks' cost does not depend on K; the ``factors`` row, which grows
   linearly with K, is printed scaled to K = 128 as well (marked as scaled).
 * ``cuda`` (when a CUDA device is present): SDXL at 1024 px, bf16 (UNet weights bf16, bases and
@@ -467,6 +467,8 @@ def run_case(case: Case, repeat: int) -> dict[str, Any]:
     print(f"fastest-round ratios (less sensitive to load from other processes): hyperlora/unet "
           f"{fast['hyperlora'] / fast['unet']:.3f}, hyperlora/lora {fast['hyperlora'] / fast['lora']:.3f}"
           + (f", full/unet {fast['full'] / fast['unet']:.3f}" if "full" in fast else ""))
+    paired = statistics.median(h / u for h, u in zip(times["hyperlora"], times["unet"]))
+    print(f"paired ratio hyperlora/unet (median over rounds of the ratio within a round): {paired:.3f}")
     scaled = None
     if case.hyper_dim != PAPER_K:
         scaled = med["hyperlora"] + med["factors"] * (PAPER_K / case.hyper_dim - 1)
@@ -476,7 +478,7 @@ def run_case(case: Case, repeat: int) -> dict[str, Any]:
     if "full" in med:
         print(f"ratio full/unet {med['full'] / med['unet']:.3f} (generator + UNet step; the resampler row does not "
               f"shrink with the image: at 1024 px its share is smaller)")
-    result = {"case": case.name, "median": med, "fastest": fast, "memory": mem, "ratio": ratio, "scaled_hyperlora": scaled}
+    result = {"case": case.name, "median": med, "fastest": fast, "paired": paired, "memory": mem, "ratio": ratio, "scaled_hyperlora": scaled}
     del bench, unet
     gc.collect()
     if case.device.type == "cuda":
