@@ -18,7 +18,9 @@
     with ``python -c "import torch, safetensors.torch as s; s.save_file(torch.load('h.pth', weights_only=True),
     'h.safetensors')"``.  The CLIP model (``aesthetic_clip``) is a Hugging Face folder holding a ViT-L/14 with
     its ``visual_projection`` (``openai/clip-vit-large-patch14``: a ``CLIPModel`` or
-    ``CLIPVisionModelWithProjection`` folder); preprocessing is this pack's CLIP preprocessing.
+    ``CLIPVisionModelWithProjection`` folder) or ComfyUI's ``clip_vision_l.safetensors`` (HF or open_clip keys
+    with the projection); a checkpoint without the projection is refused.  Preprocessing is this pack's CLIP
+    preprocessing.
 """
 
 from __future__ import annotations
@@ -109,37 +111,91 @@ def load_head(path: str | Path) -> nn.Sequential:
     return nn.Sequential(*modules).eval().requires_grad_(False)
 
 
+def _projection(state: dict[str, Tensor]) -> Tensor | None:
+    """The image projection ``[proj, hidden]`` of a CLIP checkpoint (HF/ComfyUI ``visual_projection.weight``,
+    open_clip ``visual.proj`` = its transpose), or None."""
+    if "visual_projection.weight" in state:
+        return state["visual_projection.weight"]
+    if "visual.proj" in state:
+        return state["visual.proj"].T.contiguous()
+    return None
+
+
+def load_projected_clip(source: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """``transformers.CLIPVisionModelWithProjection`` (eval, frozen) from a Hugging Face CLIP folder
+    (``config.json`` + ``model.safetensors``, a CLIPModel or a vision model with projection) or a ComfyUI
+    ``models/clip_vision`` file (HF or open_clip keys).  The pack's own key canonicalisation is used; a
+    checkpoint without the image projection is refused (the LAION heads read the projected embedding)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ..encoders import canonical_vision_state_dict, read_vision_shape
+
+    source = Path(source)
+    config: dict = {}
+    if source.is_dir():
+        weights = source / "model.safetensors"
+        if (source / "config.json").is_file():
+            try:
+                raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelFileError(f"{source / 'config.json'} is not readable JSON ({exc}).") from exc
+            config = dict(raw.get("vision_config", raw))
+    else:
+        weights = source
+    if not weights.is_file():
+        raise ModelFileError(
+            f"The aesthetic scorer's CLIP {source} has no {weights.name}; give a Hugging Face folder of "
+            "openai/clip-vit-large-patch14 or ComfyUI's clip_vision_l.safetensors.")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(f"{weights} is not a readable .safetensors file ({exc}).") from exc
+    proj = _projection(state)
+    if proj is None:
+        raise ModelFileError(
+            f"{weights} has no image projection (visual_projection.weight): the LAION aesthetic heads read the "
+            "projected CLIP embedding. Give --aesthetic-clip a full openai/clip-vit-large-patch14 folder or "
+            "ComfyUI's clip_vision_l.safetensors.")
+    vision = canonical_vision_state_dict(state, source=str(weights))
+    shape = read_vision_shape(vision, source=str(weights), num_heads=config.get("num_attention_heads"))
+    cfg = CLIPVisionConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                           num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                           image_size=shape.image_size, patch_size=shape.patch_size, projection_dim=int(proj.shape[0]),
+                           hidden_act=config.get("hidden_act", "quick_gelu"),
+                           layer_norm_eps=config.get("layer_norm_eps", 1e-5))
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(cfg)
+    expected = model.state_dict()
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in expected) else ""
+    full = {prefix + k: v for k, v in vision.items()}
+    full["visual_projection.weight"] = proj
+    wanted = {k for k in expected if not k.endswith("position_ids")}
+    if wanted != set(full) or any(tuple(full[k].shape) != tuple(expected[k].shape) for k in wanted):
+        raise ModelFileError(f"{weights}: the CLIP tensors do not form a vision model with projection "
+                             f"({shape.describe()}); the file may be damaged.")
+    model.load_state_dict({k: v.float() for k, v in full.items()}, strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name.endswith("position_ids"):
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(1, -1), persistent=False)
+    return model.to(device).eval().requires_grad_(False)
+
+
 class LaionScorer:
     """CLIP ViT-L/14 image embedding (projected, L2-normalised) -> head -> score."""
 
-    def __init__(self, head_path: str | Path, clip_folder: str | Path, *, device: str | torch.device = "cpu",
+    def __init__(self, head_path: str | Path, clip_source: str | Path, *, device: str | torch.device = "cpu",
                  processor: ClipProcessorConfig | None = None, batch: int = 8) -> None:
-        import json
-
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        folder = Path(clip_folder)
-        if not (folder / "config.json").is_file():
-            raise ModelFileError(
-                f"The aesthetic scorer's CLIP folder {folder} has no config.json; give a Hugging Face folder of "
-                "openai/clip-vit-large-patch14 (with visual_projection), e.g. the released clip_vit_large_14.")
-        try:
-            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            vision = dict(raw.get("vision_config", raw))
-            # a full CLIPModel config keeps the projection width at the top level
-            if "vision_config" in raw and "projection_dim" in raw:
-                vision["projection_dim"] = raw["projection_dim"]
-            vision = {k: v for k, v in vision.items() if k not in ("architectures", "model_type", "transformers_version")}
-            self.clip = CLIPVisionModelWithProjection.from_pretrained(
-                str(folder), config=CLIPVisionConfig(**vision), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{folder}: cannot load a CLIP vision model with projection ({exc}).") from exc
-        self.clip = self.clip.to(device).eval().requires_grad_(False)
+        self.clip = load_projected_clip(clip_source, device=device)
         self.head = load_head(head_path).to(device)
         dim = int(self.clip.config.projection_dim)
         if self.head[0].in_features != dim:
             raise ModelFileError(
-                f"The aesthetic head {head_path} reads {self.head[0].in_features}-d embeddings but {folder} gives "
+                f"The aesthetic head {head_path} reads {self.head[0].in_features}-d embeddings but {clip_source} gives "
                 f"{dim}-d ones; the LAION heads need CLIP ViT-L/14 (768).")
         self.processor = processor or ClipProcessorConfig()
         self.batch = int(batch)
@@ -174,4 +230,4 @@ def load_scorer(spec: str | Path, *, clip_folder: str | Path | None, device: str
     return LaionScorer(spec, clip_folder, device=device)
 
 
-__all__ = ["LaionScorer", "NONE", "NoScorer", "Scorer", "load_head", "load_scorer"]
+__all__ = ["LaionScorer", "NONE", "NoScorer", "Scorer", "load_head", "load_projected_clip", "load_scorer"]

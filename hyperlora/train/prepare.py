@@ -74,7 +74,7 @@ class PrepareConfig:
     clip_processor: Path | None = None  # folder with preprocessor_config.json (None: standard ViT-L/14 values)
     antelope: Path | None = None        # insightface antelopev2 folder
     aesthetic: str = "none"             # "none" or a LAION aesthetic head .safetensors
-    aesthetic_clip: Path | None = None  # CLIP ViT-L/14 folder with visual_projection (default: clip)
+    aesthetic_clip: Path | None = None  # CLIP ViT-L/14 with visual_projection, folder or file (default: clip)
     tokenizer: Path | None = None       # CLIP BPE folder for a single-file SDXL
     min_side: int = 768
     min_aesthetic: float = 5.5
@@ -141,7 +141,7 @@ class Encoders:
             clip=clip,
             vae=load_vae(cfg.sdxl, dtype=torch.float32, device=cfg.device),  # type: ignore[arg-type]
             text=load_text_encoders(cfg.sdxl, dtype=dtype, device=cfg.device, tokenizer=cfg.tokenizer),  # type: ignore[arg-type]
-            scorer=load_scorer(cfg.aesthetic, clip_folder=cfg.aesthetic_clip or (clip_path if clip_path.is_dir() else None),
+            scorer=load_scorer(cfg.aesthetic, clip_folder=cfg.aesthetic_clip or clip_path,
                                device=cfg.device),
         )
 
@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aesthetic", default="none",
                    help="'none' (keep everything) or a LAION aesthetic head .safetensors (linear 768->1 or MLP)")
     p.add_argument("--aesthetic-clip", type=Path, default=None,
-                   help="CLIP ViT-L/14 folder with visual_projection for the aesthetic scorer (default: --clip)")
+                   help="CLIP ViT-L/14 with its image projection for the aesthetic scorer: HF folder or ComfyUI "
+                        "clip_vision file (default: --clip)")
     p.add_argument("--tokenizer", type=Path, default=None, help="CLIP tokenizer folder (single-file SDXL only)")
     p.add_argument("--min-side", type=int, default=768)
     p.add_argument("--min-aesthetic", type=float, default=5.5)

@@ -120,3 +120,34 @@ def test_laion_scorer_on_normalised_projected_clip_embedding(tmp_path):
     save_file({"weight": torch.randn(1, 768), "bias": b}, str(tmp_path / "l14.safetensors"))
     with pytest.raises(ModelFileError, match="768"):
         aesthetic.load_scorer(tmp_path / "l14.safetensors", clip_folder=folder)
+
+
+@pytest.mark.parametrize("layout", ["comfy", "open_clip"])
+def test_projected_clip_from_comfyui_clip_vision_files(tmp_path, layout):
+    """ComfyUI's clip_vision files (HF keys + visual_projection, or open_clip with visual.proj) give the
+    same projected embedding as the weights put into transformers by hand; a file without projection is refused."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from tests.fixtures.clip import TINY, make_clip_vision_file, make_clip_folder
+
+    path = make_clip_vision_file(tmp_path / f"{layout}.safetensors", layout)
+    model = aesthetic.load_projected_clip(path)
+    assert model.config.projection_dim == TINY["projection_dim"] and model.config.num_hidden_layers == 3
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    proj = state["visual_projection.weight"] if layout == "comfy" else state["visual.proj"].T
+    comfy = load_file(str(make_clip_vision_file(tmp_path / "ref.safetensors", "comfy")))
+    ref = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        **{k: v for k, v in TINY.items() if k != "projection_dim"}, projection_dim=TINY["projection_dim"],
+        hidden_act="quick_gelu")).eval()
+    sd = ref.state_dict()
+    pre = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
+    ref.load_state_dict({**{pre + k[len("vision_model."):]: v for k, v in comfy.items() if k.startswith("vision_model.")},
+                         "visual_projection.weight": proj}, strict=False)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=x).image_embeds, ref(pixel_values=x).image_embeds, atol=1e-4)
+    folders = make_clip_folder(tmp_path / "released")      # vision tower only: no projection
+    with pytest.raises(ModelFileError, match="no image projection"):
+        aesthetic.load_projected_clip(folders.model)
