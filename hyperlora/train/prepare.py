@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import FaceNotFoundError, HyperLoRAError, ModelFileError, SettingError
+from ..errors import FaceNotFoundError, HyperLoRAError, SettingError
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
 from .filters import FilterReport
@@ -517,7 +517,8 @@ def _check_resume(out: Path, settings: dict[str, Any]) -> None:
     previous: dict[str, Any] | None = None
     if (out / "manifest.json").is_file():
         try:
-            previous = read_manifest(out).settings or None
+            m = read_manifest(out)
+            previous = (m.settings or None) if m.shards else None    # nothing finished yet: nothing to match
         except HyperLoRAError:
             previous = None
     if previous is None:

@@ -19,7 +19,7 @@ from PIL import Image
 from hyperlora.spec import TRIGGER_PREFIX
 from hyperlora.train import prepare as prep
 from hyperlora.train.data import ShardDataset
-from hyperlora.train.shards import read_manifest, read_shard_info, shard_name
+from hyperlora.train.shards import read_manifest, shard_name
 from hyperlora.train.toy.sdxl import tiny_sdxl_folder
 from tests.fixtures.antelope import cached_antelopev2, face_image
 from tests.fixtures.clip import make_clip_folder
