@@ -121,6 +121,23 @@ class BatchPlan:
         return self._cache[1][start:start + self.batch]
 
 
+class PlanSampler:
+    """An endless batch sampler over :class:`BatchPlan` from micro-batch ``start`` (for ``DataLoader``)."""
+
+    def __init__(self, plan: BatchPlan, start: int) -> None:
+        self.plan, self.start = plan, start
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of index lists
+        m = self.start
+        while True:
+            yield self.plan.indices(m)
+            m += 1
+
+
+def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(items)
+
+
 def collate(samples: Sequence[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
     """Stack the per-sample tensors (float32, on ``device``); ``identity`` strings are dropped."""
     out: dict[str, Tensor] = {}
@@ -422,6 +439,10 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         accel.wait_for_everyone()
         return d
 
+    # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=PlanSampler(plan, micro), num_workers=cfg.num_workers,
+                                         collate_fn=_as_list)
+    batches = iter(loader)
     stage, parts = cfg.stage_at(step)
     last: dict[str, float] = {}
     interrupted = False
@@ -437,7 +458,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 group["lr"] = lr
             sums: dict[str, list[float]] = {}
             for _ in range(cfg.gradient_accumulation):
-                batch = collate([dataset[i] for i in plan.indices(micro)], device)
+                batch = collate(next(batches), device)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accel.process_index * 7919 + micro)
                 with accel.accumulate(model), accel.autocast():
                     res = trainer.loss(stage, batch, gen, accel.backward)
@@ -491,6 +512,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 save(step, stage)
     bar.close()
+    del batches, loader                      # stops the loader's worker processes
     export = None
     if not interrupted:
         save(step, stage)
@@ -599,5 +621,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BatchPlan", "FitResult", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
+__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
            "load_generator_from_checkpoint", "main", "sample_images"]

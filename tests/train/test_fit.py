@@ -202,3 +202,14 @@ def test_sample_images_code_path(unet: torch.nn.Module, tmp_path: Path) -> None:
 
     px = torch.from_numpy(np.asarray(img, dtype=np.float32))
     assert float(px.std()) > 1.0                         # not a blank image
+
+
+def test_loader_workers_change_nothing(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """num_workers reads ahead in the same plan: the same parameters as reading in the main process."""
+    res = []
+    for workers in (0, 1):
+        cfg = toy_config(tmp_path / f"w{workers}", stages=[{"stage": 2, "steps": 2}], checkpoint_every=0,
+                         num_workers=workers)
+        fit(cfg, dataset=ToyDataset(4), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+        res.append(load_file(str(tmp_path / f"w{workers}" / "checkpoints" / "step-000002" / "generator.safetensors")))
+    assert all(torch.equal(res[0][k], res[1][k]) for k in res[0])
