@@ -180,24 +180,24 @@ def test_training_crop_and_time_ids():
     assert tids == [300.0, 200.0, 25.0, 0.0, 100.0, 100.0]   # resized to 100 x 150, centre: top 25
 
 
-def test_resume_redoes_nothing_and_interrupt_leaves_no_partial_shard(models, data, tmp_path, monkeypatch):
+def test_resume_redoes_nothing_and_interrupt_leaves_no_partial_shard(models, data, tmp_path):
     cfg, enc = models
     root, tar_path = data
     out = tmp_path / "shards"
 
-    real = prep.process_shard
-    calls = []
+    class InterruptingScorer(FixedScorer):   # Ctrl-C in the middle of the third shard (its aesthetic pass)
+        def score(self, images):
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().score(images)
 
-    def interrupting(items, path, *args, **kwargs):   # Ctrl-C while the third shard is being written
-        calls.append(path.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(items, path, *args, **kwargs)
-
-    monkeypatch.setattr(prep, "process_shard", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        prep.prepare([root, tar_path], out, cfg, encoders=enc, show_progress=False)
-    monkeypatch.setattr(prep, "process_shard", real)
+    normal = enc.scorer
+    enc.scorer = InterruptingScorer()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prep.prepare([root, tar_path], out, cfg, encoders=enc, show_progress=False)
+    finally:
+        enc.scorer = normal
     files = sorted(p.name for p in out.iterdir())
     assert files == ["manifest.json", shard_name(0), shard_name(1)]    # no temporary / half shard
     m = read_manifest(out)
