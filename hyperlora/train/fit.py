@@ -586,7 +586,8 @@ def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, no
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fit --config FILE [--init-from DIR] [--out DIR] [--max-steps N] [--no-resume]``."""
+    """``fit --config FILE [--init-from DIR] [--out DIR] [--max-steps N] [--no-resume] [--distill-base F
+    --distill-steps N]``."""
     parser = argparse.ArgumentParser(prog="python -m hyperlora.train fit",
                                      description="Train a HyperLoRA generator (three stages) from prepared shards.")
     parser.add_argument("--config", type=Path, required=True, help="fit JSON (see hyperlora/train/configs/)")
@@ -594,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="run folder (overrides the config's 'out')")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
+    parser.add_argument("--distill-base", type=float, help="after stage 3, fold this fraction of the Base-LoRA into "
+                        "the ID-LoRA (the release used 0.25); the export then has no Base-LoRA")
+    parser.add_argument("--distill-steps", type=int, help="optimizer steps of the distil stage (with --distill-base)")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -610,6 +614,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_steps < 1:
                 raise SettingError(f"--max-steps is {args.max_steps}; give a positive number of steps.")
             cfg.max_steps = args.max_steps
+        if args.distill_base is not None or args.distill_steps is not None:
+            raw = cfg.to_json()
+            if args.distill_base is not None:
+                raw["distill_base"] = args.distill_base
+            if args.distill_steps is not None:
+                raw["distill_steps"] = args.distill_steps
+            cfg = FitConfig.from_dict(raw, where=f"{args.config} with --distill-base/--distill-steps")
         result = fit(cfg, resume=not args.no_resume)
     except HyperLoRAError as exc:
         sys.stderr.write(f"fit: {exc}\n")

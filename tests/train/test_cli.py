@@ -86,6 +86,10 @@ def test_config_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     good = _config(tmp_path)
     assert cli(["fit", "--config", str(good), "--init-from", str(tmp_path / "nowhere")]) == 2
     assert "--init-from" in capsys.readouterr().err
+    assert cli(["fit", "--config", str(good), "--distill-base", "0.25"]) == 2
+    assert "'distill_steps' is 0" in capsys.readouterr().err
+    assert cli(["fit", "--config", str(good), "--max-steps", "0"]) == 2
+    assert "--max-steps is 0" in capsys.readouterr().err
     cfg = FitConfig.from_json(good)
     assert cfg.base_model == str(tmp_path / "sdxl") and cfg.shards == [str(tmp_path / "shards")]
     assert [(s.stage, s.steps) for s in cfg.stages] == [(1, 20000), (2, 15000), (3, 55000)]
