@@ -125,3 +125,20 @@ def test_distilled_generator_exports_without_base(unet: torch.nn.Module, tmp_pat
     assert read_architecture(folder).base_rank is None
     with pytest.raises(SettingError, match="absorbed 0.25"):
         export_folder(gen, tmp_path / "n", distill_base=0.5)
+
+
+def test_default_sizes_are_the_released_architecture(tmp_path: Path) -> None:
+    """TrainableHyperLoRA.new on SDXL's UNet with the defaults has the released architecture exactly
+    (the 140 modules in order, K 128, rank 8, 1024-wide depth-4 12x64 resampler, 16 ID tokens)."""
+    from diffusers import UNet2DConditionModel
+
+    from hyperlora.train.frozen import unet_config
+
+    with torch.device("meta"):
+        sdxl = UNet2DConditionModel.from_config(unet_config())
+    gen = TrainableHyperLoRA.new(unet_modules(sdxl), base_rank=None, device="meta")
+    released = write_hyperlora_folder(tmp_path / "full", preset="full", sparse=True)   # headers only
+    assert gen.arch == read_architecture(released)
+    from tests.fixtures.hyperlora_models import FULL, iter_basis_numbers
+
+    assert sum(p.numel() for n, p in gen.named_parameters() if n.startswith("id_")) == sum(iter_basis_numbers(FULL))
