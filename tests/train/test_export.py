@@ -141,4 +141,5 @@ def test_default_sizes_are_the_released_architecture(tmp_path: Path) -> None:
     assert gen.arch == read_architecture(released)
     from tests.fixtures.hyperlora_models import FULL, iter_basis_numbers
 
-    assert sum(p.numel() for n, p in gen.named_parameters() if n.startswith("id_")) == sum(iter_basis_numbers(FULL))
+    assert sum(p.numel() for n, p in gen.named_parameters() if n.startswith(("id_down_", "id_up_"))) == \
+        sum(iter_basis_numbers(FULL))
