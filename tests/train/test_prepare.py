@@ -337,3 +337,38 @@ def test_a_photo_whose_crop_fails_is_dropped_not_the_batch(models, data, tmp_pat
     ref = real([_good(1)], analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True, need_base=True,
                use_cache=False)
     assert torch.allclose(a1["arcface"], ref.id_embeds[0], atol=1e-6)
+
+
+def test_two_processes_at_once_union_equals_one_run(models, data, tmp_path):
+    """Two real processes (the CLI, --shard-index 0/1 of 2) writing into one folder at the same time give what
+    one in-process run gives."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    cfg, enc = models
+    _, tar_path = data
+    out, ref_out = tmp_path / "two", tmp_path / "one"
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    base = [sys.executable, "-m", "hyperlora.train", "prepare", "--input", str(tar_path),
+            "--out", str(out), "--sdxl", str(cfg.sdxl), "--clip", str(cfg.clip), "--clip-processor",
+            str(cfg.clip_processor), "--antelope", str(cfg.antelope), "--min-side", str(MIN_SIDE), "--size",
+            str(SIZE), "--shard-size", "2", "--batch-size", "3", "--no-vit-l14-check", "--num-shards", "2"]
+    procs = [subprocess.Popen(base + ["--shard-index", str(k)], env=env, cwd=str(repo), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    prep.prepare([tar_path], ref_out, dataclasses.replace(cfg, shard_size=2), encoders=enc, show_progress=False)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    m = read_manifest(out)
+    assert m.complete and len(m.shards) == 2 and m.report == read_manifest(ref_out).report
+    two, one = ShardDataset(out), ShardDataset(ref_out)
+    assert len(two) == len(one) == 2
+    for i in range(len(one)):
+        a, b = one[i], two[i]
+        assert a["key"] == b["key"] and a["identity"] == b["identity"]
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.allclose(v.float(), b[k].float(), atol=1e-3), (a["key"], k)
