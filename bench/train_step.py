@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=256, help="image side in px of the CPU sdxl case (multiple of 64)")
     ap.add_argument("--cuda-size", type=int, default=1024, help="image side in px of the cuda case")
     ap.add_argument("--cuda-batch", type=int, default=1)
+    ap.add_argument("--cuda-hyper-dim", type=int, default=PAPER_K, help="K of the cuda case (128 needs about 18 GB "
+                    "for the bases and their gradients beside the 5 GB bf16 UNet: lower it on a small GPU)")
     ap.add_argument("--hyper-dim", type=int, default=CPU_SDXL_K, help="K of the CPU sdxl case's bases (tiny and "
                     "cuda use 128); the factors row is also printed scaled to 128")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (after one warm-up round)")
@@ -528,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             dev = torch.device("cuda")
             for ckpt in (False, True):
                 cases.append(Case(f"sdxl-cuda{'-checkpointing' if ckpt else ''}", "sdxl", dev, args.cuda_batch,
-                                  args.cuda_size // 8, PAPER_K, dtype=torch.bfloat16, checkpointing=ckpt,
+                                  args.cuda_size // 8, args.cuda_hyper_dim, dtype=torch.bfloat16, checkpointing=ckpt,
                                   resampler=not args.no_resampler))
     results = [run_case(c, args.repeat) for c in cases]
     for kind, side in sorted({(c.kind, c.side) for c in cases} | ({("sdxl", 128)} if not args.smoke else set())):
