@@ -174,6 +174,18 @@ def toy_fit_config(*, base_model: Path, shards: Path, out: Path, name: str, stag
 
 
 @dataclass
+class Prepared:
+    """Steps 1-4 done: the tree, the photos, the shards and the pre-trained base UNet."""
+
+    tree: Tree
+    data: Any           # toy.faces.ToyDataset
+    train_set: Any      # data.ShardDataset of the training photos
+    eval_set: Any       # data.ShardDataset of the evaluation photos
+    unet: nn.Module     # the pre-trained toy base UNet (frozen, eval), also saved in the tree
+    scheduler: Any      # the SDXL noise schedule (DDPM)
+
+
+@dataclass
 class DemoResult:
     tree: Tree
     export: Path
@@ -182,18 +194,15 @@ class DemoResult:
     seconds: float
 
 
-def run_demo(out: Path, *, work: Path | None = None, size: DemoSize = FULL, stages: tuple[int, int, int] | None = None,
-             seed: int = 0, name: str = MODEL_NAME, progress: bool = True) -> DemoResult:
-    """The demo (module docstring); returns the tree, the export and the evaluation."""
+def prepare_toy(out: Path, *, work: Path | None = None, size: DemoSize = FULL, seed: int = 0,
+                progress: bool = True) -> Prepared:
+    """Demo steps 1-4: models tree, synthetic identities, prepare, base UNet pre-training."""
     from .data import ShardDataset
-    from .evaluate import evaluate_export, reference_features_from_photos
-    from .fit import fit
     from .frozen import load_noise_scheduler, load_unet
     from .prepare import Encoders, PrepareConfig, prepare
     from .toy.faces import make_toy_dataset
     from .toy.sdxl import TOY_SIZE
 
-    start = time.monotonic()
     out = Path(out)
     work = Path(work) if work is not None else out / WORK_NAME
     torch.manual_seed(seed)
@@ -236,32 +245,64 @@ def run_demo(out: Path, *, work: Path | None = None, size: DemoSize = FULL, stag
         k = max(1, len(losses) // 10)
         log.info("pre-training loss: first %.4f, last %.4f", sum(losses[:k]) / k, sum(losses[-k:]) / k)
     unet.save_pretrained(tree.sdxl / "unet")
+    return Prepared(tree=tree, data=ds, train_set=train_set, eval_set=eval_set, unet=unet, scheduler=scheduler)
 
-    log.info("demo 5/6: fit, three stages %s", stages or size.stages)
-    run = work / "run"
+
+def train_toy(prep: Prepared, run: Path, *, stages: tuple[int, int, int], seed: int = 0,
+              name: str = MODEL_NAME) -> Path:
+    """Demo step 5: fit all three stages into ``run`` (started afresh); returns the run's export folder."""
+    from .fit import fit
+
+    log.info("demo 5/6: fit, three stages %s", stages)
     if run.exists():
         shutil.rmtree(run)
-    cfg = toy_fit_config(base_model=tree.sdxl, shards=work / "shards" / "train", out=run, name=name,
-                         stages=stages or size.stages, seed=seed)
-    result = fit(cfg, resume=False, dataset=train_set, unet=unet, noise_scheduler=scheduler)
+    cfg = toy_fit_config(base_model=prep.tree.sdxl, shards=Path(prep.train_set.folder), out=run, name=name,
+                         stages=stages, seed=seed)
+    result = fit(cfg, resume=False, dataset=prep.train_set, unet=prep.unet, noise_scheduler=prep.scheduler)
     if result.export is None:
         raise SettingError("fit was interrupted; nothing was exported. Run the demo again.")
-    export = tree.model(name)
-    if export.exists():
-        shutil.rmtree(export)
-    shutil.copytree(result.export, export)
-    log.info("exported %s (losses at the end: %s)", export, {k: round(v, 4) for k, v in result.last_losses.items()})
+    log.info("fit done (losses at the end: %s)", {k: round(v, 4) for k, v in result.last_losses.items()})
+    return result.export
+
+
+def reference_features(prep: Prepared) -> dict[str, Any]:
+    """Every identity's reference photos through the pack's face pipeline (evaluate.Features per identity)."""
+    from .evaluate import reference_features_from_photos
+
+    everyone = prep.data.train_identities + prep.data.unseen_identities
+    return reference_features_from_photos(prep.data.reference, everyone, antelope=prep.tree.antelope,
+                                          clip_folder=prep.tree.clip, clip_processor=prep.tree.clip_processor)
+
+
+def evaluate_toy(prep: Prepared, export: Path, *, features: dict[str, Any] | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Demo step 6: ``{"training": GroupLoss, "unseen": GroupLoss (with two or more unseen identities)}``."""
+    from .evaluate import evaluate_export
 
     log.info("demo 6/6: evaluate on held-out photos (own LoRA / another identity's / none)")
-    everyone = ds.train_identities + ds.unseen_identities
-    features = reference_features_from_photos(ds.reference, everyone, antelope=tree.antelope, clip_folder=tree.clip,
-                                              clip_processor=tree.clip_processor)
-    groups = {"training": ds.train_identities}
-    if len(ds.unseen_identities) >= 2:
-        groups["unseen"] = ds.unseen_identities
-    samples = [eval_set[i] for i in range(len(eval_set))]
-    res = evaluate_export(export, unet, scheduler.alphas_cumprod, samples, features, groups, seed=seed)
-    return DemoResult(tree=tree, export=export, training=res["training"], unseen=res.get("unseen"),
+    features = features if features is not None else reference_features(prep)
+    groups = {"training": prep.data.train_identities}
+    if len(prep.data.unseen_identities) >= 2:
+        groups["unseen"] = prep.data.unseen_identities
+    samples = [prep.eval_set[i] for i in range(len(prep.eval_set))]
+    return evaluate_export(export, prep.unet, prep.scheduler.alphas_cumprod, samples, features, groups, seed=seed)
+
+
+def run_demo(out: Path, *, work: Path | None = None, size: DemoSize = FULL, stages: tuple[int, int, int] | None = None,
+             seed: int = 0, name: str = MODEL_NAME, progress: bool = True) -> DemoResult:
+    """The demo (module docstring); returns the tree, the export and the evaluation."""
+    start = time.monotonic()
+    out = Path(out)
+    work = Path(work) if work is not None else out / WORK_NAME
+    prep = prepare_toy(out, work=work, size=size, seed=seed, progress=progress)
+    trained = train_toy(prep, work / "run", stages=stages or size.stages, seed=seed, name=name)
+    export = prep.tree.model(name)
+    if export.exists():
+        shutil.rmtree(export)
+    shutil.copytree(trained, export)
+    log.info("exported %s", export)
+    res = evaluate_toy(prep, export, seed=seed)
+    return DemoResult(tree=prep.tree, export=export, training=res["training"], unseen=res.get("unseen"),
                       seconds=time.monotonic() - start)
 
 
@@ -305,5 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CLIP_NAME", "DEMO_MIN_SIDE", "DemoResult", "DemoSize", "FULL", "MODEL_NAME", "QUICK", "SDXL_NAME", "Tree",
-           "build_parser", "build_tree", "main", "pretrain_unet", "run_demo", "toy_fit_config"]
+__all__ = ["CLIP_NAME", "DEMO_MIN_SIDE", "DemoResult", "DemoSize", "FULL", "MODEL_NAME", "Prepared", "QUICK", "SDXL_NAME",
+           "Tree", "build_parser", "build_tree", "evaluate_toy", "main", "prepare_toy", "pretrain_unet",
+           "reference_features", "run_demo", "toy_fit_config", "train_toy"]

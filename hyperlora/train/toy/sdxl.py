@@ -10,6 +10,9 @@ without a network.  The shapes follow SDXL with small widths:
   SDXL: ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1`` ...);
   ``cross_attention_dim`` = 32 + 32 (both text encoders' hidden sizes, concatenated as SDXL does),
   ``addition_embed_type="text_time"`` with the pooled width of text encoder 2 (32) and six time ids.
+  As in SDXL, GroupNorms have 32 groups and attention heads are 64 wide (here one head per block), so
+  ComfyUI's own SDXL model class built with the same sizes computes exactly the same function
+  (tests/comfy/test_train_demo_tree.py).
   A forward + backward pass at 16 x 16 latents, batch 4, takes a few tens of milliseconds on a CPU.
 * VAE: ``AutoencoderKL`` with four levels (factor 8) and 4 latent channels; its ``scaling_factor``
   is chosen so that latents of toy images (:data:`TOY_SIZE` px) have roughly unit spread.
@@ -63,7 +66,7 @@ def unet_config() -> dict[str, Any]:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=1,
-        attention_head_dim=(2, 4, 4), norm_num_groups=8, cross_attention_dim=2 * TEXT_HIDDEN,
+        attention_head_dim=(1, 1, 1), norm_num_groups=32, cross_attention_dim=2 * TEXT_HIDDEN,
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
     )
