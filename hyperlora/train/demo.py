@@ -158,11 +158,13 @@ def pretrain_unet(unet: nn.Module, dataset: Any, *, steps: int, batch_size: int 
 
 
 def toy_fit_config(*, base_model: Path, shards: Path, out: Path, name: str, stages: tuple[int, int, int],
-                   seed: int = 0) -> Any:
-    """``configs/fit_toy.json`` with the demo's paths, stage lengths and seed (a :class:`FitConfig`)."""
+                   seed: int = 0, overrides: dict[str, Any] | None = None) -> Any:
+    """``configs/fit_toy.json`` with the demo's paths, stage lengths and seed (a :class:`FitConfig`);
+    ``overrides``: other keys of the fit JSON to replace."""
     from .config import FitConfig
 
     raw = json.loads((Path(__file__).parent / "configs" / "fit_toy.json").read_text(encoding="utf-8"))
+    raw.update(overrides or {})
     raw.update(base_model=str(base_model), shards=[str(shards)], out=str(out), name=name, seed=seed)
     raw["stages"] = [{"stage": i + 1, "steps": s} for i, s in enumerate(stages)]
     every = max(1, sum(stages) // 4)
@@ -249,7 +251,7 @@ def prepare_toy(out: Path, *, work: Path | None = None, size: DemoSize = FULL, s
 
 
 def train_toy(prep: Prepared, run: Path, *, stages: tuple[int, int, int], seed: int = 0,
-              name: str = MODEL_NAME) -> Path:
+              name: str = MODEL_NAME, overrides: dict[str, Any] | None = None) -> Path:
     """Demo step 5: fit all three stages into ``run`` (started afresh); returns the run's export folder."""
     from .fit import fit
 
@@ -257,7 +259,7 @@ def train_toy(prep: Prepared, run: Path, *, stages: tuple[int, int, int], seed: 
     if run.exists():
         shutil.rmtree(run)
     cfg = toy_fit_config(base_model=prep.tree.sdxl, shards=Path(prep.train_set.folder), out=run, name=name,
-                         stages=stages, seed=seed)
+                         stages=stages, seed=seed, overrides=overrides)
     result = fit(cfg, resume=False, dataset=prep.train_set, unet=prep.unet, noise_scheduler=prep.scheduler)
     if result.export is None:
         raise SettingError("fit was interrupted; nothing was exported. Run the demo again.")

@@ -16,7 +16,7 @@ What a user gets is measured, through the pack's own inference path:
    the same for all three conditions, so only the LoRA differs:
 
    * ``own``: the photo's identity's LoRA;
-   * ``other``: every other identity's LoRA of the same group (mean over them);
+   * ``other``: the LoRAs of the next :data:`MAX_OTHERS` identities of the same group (mean over them);
    * ``none``: no LoRA.
 
 Only the ID-LoRA is applied: the Base-LoRA would be made from the evaluated photo itself (it carries
@@ -40,9 +40,11 @@ from ..lora_functional import Factors, LoraTerm, applied, diffusers_lora_targets
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMESTEPS = (100, 250, 400, 550, 700, 850)
+DEFAULT_TIMESTEPS = (200, 400, 600, 800)
 """Fixed timesteps of every evaluation photo (spread over the schedule where identity matters)."""
 EVAL_KEYS = ("latents", "time_ids", "text", "pooled")
+MAX_OTHERS = 3
+""""Another identity's LoRA" = the next ``MAX_OTHERS`` identities of the group (cyclically), mean over them."""
 
 
 @dataclass
@@ -191,7 +193,9 @@ def group_loss(unet: nn.Module, alphas_cumprod: Tensor, samples: Sequence[Mappin
 
         none = run(None)
         own = run(loras[name])
-        others = torch.stack([run(loras[o]) for o in identities if o != name]).mean(0)
+        j = list(identities).index(name)
+        picks = [identities[(j + k) % len(identities)] for k in range(1, min(MAX_OTHERS, len(identities) - 1) + 1)]
+        others = torch.stack([run(loras[o]) for o in picks]).mean(0)
         per[name] = {"own": float(own.mean()), "other": float(others.mean()), "none": float(none.mean())}
         own_all.append(own)
         other_all.append(others)
