@@ -173,19 +173,36 @@ def unet_inputs(unet: nn.Module, batch: int, side: int, *, device: torch.device,
     )
 
 
-def count_flops(kind: str, side: int) -> tuple[float, float]:
-    """(forward, forward + backward to the activations) FLOPs of the UNet for one sample at ``side``
-    latents, counted on the meta device (no memory, no weights)."""
+def count_flops(kind: str, side: int, *, hyper_dim: int | None = None) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs of one sample at ``side`` latents, counted on the meta device
+    (no memory, no weights).  Without ``hyper_dim``: the plain UNet, backward to the input latents.  With it:
+    the step with per-sample HyperLoRA (ID rank 8 + Base rank 4 factors built from tokens and bases of that K,
+    applied through the hooks), backward to the tokens and bases."""
+    import contextlib
+
     from torch.utils.flop_counter import FlopCounterMode
 
+    meta = torch.device("meta")
     unet = build_unet(kind, device="meta")
-    inp = unet_inputs(unet, 1, side, device=torch.device("meta"), dtype=torch.float32)
-    x = inp["sample"].requires_grad_(True)
+    inp = unet_inputs(unet, 1, side, device=meta, dtype=torch.float32)
+    ctx: Any = contextlib.nullcontext()
     with FlopCounterMode(display=False) as fc:
-        out = unet(x, inp["timestep"], inp["encoder_hidden_states"], added_cond_kwargs=inp["added_cond_kwargs"]).sample
-        fwd = fc.get_total_flops()
-        out.square().mean().backward()
-        both = fc.get_total_flops()
+        x = inp["sample"]
+        if hyper_dim is None:
+            x = x.requires_grad_(True)
+        else:
+            modules = unet_modules(unet)
+            net = TrainableHyperLoRA.new(modules, rank=ID_RANK, base_rank=BASE_RANK, hyper_dim=hyper_dim,
+                                         device="meta", **hypernet_sizes(kind))
+            tokens = torch.randn(1, 8 * len(modules), hyper_dim, device=meta, requires_grad=True)
+            targets = diffusers_lora_targets(unet, [kohya_prefix(m, layer) for m in modules for layer in LORA_LAYERS])
+            ctx = applied(targets, [LoraTerm(net.id_factors(tokens), LORA_SCALE),
+                                    LoraTerm(net.base_factors(tokens), LORA_SCALE)])
+        with ctx:
+            out = unet(x, inp["timestep"], inp["encoder_hidden_states"], added_cond_kwargs=inp["added_cond_kwargs"]).sample
+            fwd = fc.get_total_flops()
+            out.square().mean().backward()
+            both = fc.get_total_flops()
     return float(fwd), float(both)
 
 
@@ -537,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         fwd, both = count_flops(kind, side)
         print(f"flops {kind} {side * 8} px per sample: forward {fwd / 1e9:.5g} GFLOP, forward+backward "
               f"{both / 1e9:.5g} GFLOP (torch.utils.flop_counter, meta device)")
+        k = 16 if args.smoke else PAPER_K
+        hf, hb = count_flops(kind, side, hyper_dim=k)
+        print(f"flops {kind} {side * 8} px per sample with per-sample HyperLoRA (K {k}, factors included): forward "
+              f"{hf / 1e9:.5g} GFLOP, forward+backward {hb / 1e9:.5g} GFLOP, ratio to the plain UNet {hb / both:.4f}")
     worst = max(r["ratio"] for r in results) if results else float("nan")
     print(f"train_step: {len(results)} case(s), worst ratio hyperlora/unet {worst:.3f}")
     return 0

@@ -64,3 +64,13 @@ def test_smoke_counts_flops_of_the_tiny_unet(smoke):
     assert m, smoke
     fwd, both = float(m.group(1)), float(m.group(2))
     assert 0 < fwd < both            # the backward adds work
+
+
+def test_smoke_counts_the_hyperlora_flops_above_the_plain_unet(smoke):
+    plain = re.search(r"^flops tiny 128 px per sample: forward ([\d.]+) GFLOP, forward\+backward ([\d.]+) GFLOP", smoke, re.M)
+    hyper = re.search(r"^flops tiny 128 px per sample with per-sample HyperLoRA \(K 16, factors included\): forward "
+                      r"([\d.]+) GFLOP, forward\+backward ([\d.]+) GFLOP, ratio to the plain UNet ([\d.]+)$", smoke, re.M)
+    assert plain and hyper, smoke
+    assert float(hyper.group(1)) > float(plain.group(1)) and float(hyper.group(2)) > float(plain.group(2))
+    assert float(hyper.group(3)) == pytest.approx(float(hyper.group(2)) / float(plain.group(2)), rel=1e-3)
+    assert 1.0 < float(hyper.group(3)) < 1.5          # the LoRA work is a small addition to the UNet's
