@@ -244,8 +244,11 @@ class MemoryProbe:
     device: torch.device
     exact: bool = field(default=False, init=False)    # CPU: True when VmHWM could be reset
 
-    def measure(self, fn: Callable[[], object]) -> tuple[float, float]:
-        """-> (peak above the start, resident/allocated at the start), bytes."""
+    def measure(self, fn: Callable[[], object], before: Callable[[], object] | None = None) -> tuple[float, float]:
+        """-> (peak above the start, resident/allocated at the start), bytes.  ``before`` (e.g. dropping the
+        previous step's gradients) runs first, so the start does not hold another step's leftovers."""
+        if before is not None:
+            before()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -468,7 +471,7 @@ def run_case(case: Case, repeat: int) -> dict[str, Any]:
     times = interleaved(bench.steps(), repeat, sync)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     probe = MemoryProbe(case.device)
-    mem = {name: probe.measure(fn) for name, fn in bench.steps().items()}
+    mem = {name: probe.measure(fn, before=bench.zero_grad) for name, fn in bench.steps().items()}
     what = ("CUDA max_memory_allocated above the allocated start" if case.device.type == "cuda" else
             "peak RSS (VmHWM) above the RSS at the start" if probe.exact else
             "process ru_maxrss (clear_refs not writable: NOT a per-step figure)")
