@@ -42,8 +42,8 @@ Cases:
   offline) at reduced resolution on CPU (default 256 px = 32 x 32 latents, batch 2).  It needs about
   12-13 GB: run it under ``flock /tmp/bigmem.lock``.  The full bases at K = 128 (ID 1.49 B + Base 0.74 B
   numbers, 8.9 GB in fp32, as much again for their gradients) do not fit beside it in a small machine, so this case uses
-  ``--hyper-dim`` (default 16): the hooks' cost does not depend on K; the ``factors`` row, which grows
-  linearly with K, is printed scaled to K = 128 as well (marked as scaled).
+  ``--hyper-dim`` (default 16): the hooks' cost does not depend on K; an upper bound at K = 128 is printed
+  with the ``factors`` row scaled by 128 / K (only part of that row grows with K).
 * ``cuda`` (when a CUDA device is present): SDXL at 1024 px, bf16 (UNet weights bf16, bases and
   tokens fp32 under autocast), K = 128, without and with gradient checkpointing.
 
@@ -492,7 +492,7 @@ def run_case(case: Case, repeat: int) -> dict[str, Any]:
     scaled = None
     if case.hyper_dim != PAPER_K:
         scaled = med["hyperlora"] + med["factors"] * (PAPER_K / case.hyper_dim - 1)
-        print(f"scaled to K {PAPER_K} (factors row x {PAPER_K / case.hyper_dim:g}, an estimate): hyperlora "
+        print(f"upper bound at K {PAPER_K} (factors row x {PAPER_K / case.hyper_dim:g}; only part of it grows with K): hyperlora "
               f"{scaled:.4f} s, ratio hyperlora/unet {scaled / med['unet']:.3f} (fastest rounds: "
               f"{(fast['hyperlora'] + fast['factors'] * (PAPER_K / case.hyper_dim - 1)) / fast['unet']:.3f})")
     if "full" in med:
