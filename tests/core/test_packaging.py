@@ -49,3 +49,13 @@ def test_installed_queue_client_finds_the_workflows(wheel, tmp_path):
     found, api_dir = proc.stdout.split()
     assert Path(found).is_file() and Path(found).parent == Path(api_dir)
     assert Path(api_dir).is_relative_to(target), "the workflows came from the checkout, not the installed package"
+
+
+def test_wheel_holds_the_training_configs(wheel):
+    """The SDXL part configs (offline loading), the fit JSONs and the accelerate YAMLs ship in the wheel."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "hyperlora" / "train" / "configs").iterdir()
+                     if p.suffix in (".json", ".yaml"))
+    assert "hyperlora/train/configs/fit_paper.json" in configs and "hyperlora/train/configs/accelerate_8gpu.yaml" in configs
+    missing = [c for c in configs if c not in names]
+    assert not missing, f"pyproject.toml's package-data misses {missing}"

@@ -1,0 +1,93 @@
+"""Training samples from a prepared shard folder (:mod:`hyperlora.train.shards`), memory-mapped.
+
+Each item is a dict of the per-sample tensors of :data:`hyperlora.train.shards.TENSOR_KEYS` (stored
+dtypes) plus ``"identity"``, ``"key"`` and ``"caption"`` strings; ``torch.utils.data.default_collate``
+batches them.  Tensors are read row by row through ``safetensors.safe_open`` (memory-mapped), so a
+dataset of any size costs only its index in memory; open files are per process (DataLoader workers
+reopen them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SettingError
+from .shards import TENSOR_KEYS, Manifest, read_manifest, read_shard_info
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Samples of the shards listed in ``folder``'s manifest, optionally only of some ``identities``."""
+
+    def __init__(self, folder: str | os.PathLike[str], *, identities: Collection[str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest: Manifest = read_manifest(self.folder)
+        self._files: list[Path] = []
+        self._index: list[tuple[int, int]] = []     # (file number, row)
+        self._meta: list[dict[str, str]] = []
+        wanted = None if identities is None else {str(i) for i in identities}
+        for entry in self.manifest.shards:
+            path = self.folder / entry["file"]
+            info = read_shard_info(path)
+            f = len(self._files)
+            self._files.append(path)
+            for row, sample in enumerate(info.samples):
+                if wanted is None or sample["identity"] in wanted:
+                    self._index.append((f, row))
+                    self._meta.append(sample)
+        if wanted is not None and not self._index:
+            known = sorted(self.identities_in_manifest())
+            raise SettingError(
+                f"None of the identities {sorted(wanted)[:5]} is in {self.folder} (it has {len(known)}: "
+                f"{known[:5]}{'...' if len(known) > 5 else ''}); fix the identity list.")
+        self._handles: dict[int, Any] = {}
+
+    def identities_in_manifest(self) -> set[str]:
+        """Every identity of the folder (whatever the filter)."""
+        out: set[str] = set()
+        for path in self._files:
+            out.update(s["identity"] for s in read_shard_info(path).samples)
+        return out
+
+    @property
+    def identities(self) -> list[str]:
+        """Identities of this dataset's samples, sorted."""
+        return sorted({m["identity"] for m in self._meta})
+
+    def meta(self, i: int) -> dict[str, str]:
+        """``{"key", "identity", "caption"}`` of sample ``i``."""
+        return dict(self._meta[i])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _open(self, f: int) -> Any:
+        from safetensors import safe_open
+
+        handle = self._handles.get(f)
+        if handle is None:
+            handle = safe_open(str(self._files[f]), framework="pt")
+            self._handles[f] = handle
+        return handle
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | str]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        f, row = self._index[i]
+        handle = self._open(f)
+        item: dict[str, Tensor | str] = {k: handle.get_slice(k)[row:row + 1][0] for k in TENSOR_KEYS}
+        item.update(self._meta[i])
+        return item
+
+    def __getstate__(self) -> dict[str, Any]:   # DataLoader workers / spawn: file handles are not picklable
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+__all__ = ["ShardDataset"]

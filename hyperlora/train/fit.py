@@ -1,0 +1,636 @@
+"""Train a HyperLoRA generator: the paper's three stages on precomputed shards, with accelerate.
+
+``python -m hyperlora.train fit --config FILE`` on a CPU, ``accelerate launch -m hyperlora.train fit
+--config FILE`` on GPUs (DDP by default; FSDP / DeepSpeed through an accelerate config file: nothing here
+launches processes).
+
+**What trains.** Only :class:`~hyperlora.train.hypernet.TrainableHyperLoRA` (resamplers, ID projector, ID
+and Base bases).  The SDXL UNet is frozen (``requires_grad False``, eval).  Every sample of a batch gets
+its own LoRA: per-sample factors from :meth:`TrainableHyperLoRA.forward`, applied inside ``to_q``,
+``to_k``, ``to_v``, ``to_out.0`` of every module by :func:`hyperlora.lora_functional.applied` (low-rank,
+never an ``[out, in]`` matrix per sample) at scale ``LORA_SCALE`` (strength 1, alpha = rank / 2).
+
+**Stages** (lengths in the config; the parts each trains: :data:`hyperlora.train.config.STAGE_PARTS`).
+Freezing is done by the optimizer: the parts outside the stage get no update (their gradients are
+dropped before every step), so one optimizer and one DDP wrapper serve all stages.
+
+1. *Base-LoRA only*: the Base resampler reads the CLIP features of the blurred-face crop; the face
+   encoder (ID resampler, ArcFace) is bypassed, i.e. not run.  Loss: the UNet with the Base-LoRA,
+   caption with trigger words, predicts the noise of the training image.
+2. *ID-LoRA from CLIP*: the ID resampler reads the gray-background face crop's CLIP features; the
+   ArcFace branch is bypassed (zeros into its condition, its attention output projection is zero and
+   frozen, so it adds exactly nothing: see :meth:`TrainableHyperLoRA.id_tokens`).
+3. *ArcFace added*: the ArcFace embedding goes through the ID projector into the ArcFace branch, which
+   now trains (from its zero start); the CLIP branch (``proj_in_2``, ``attn3`` and their norms) is frozen.
+   The Base-LoRA stays frozen in stages 2 and 3.
+
+**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities, each its own loss
+term ``weight_s x mean over its samples``):
+
+* ``recon``: caption *with* trigger words, Base + ID applied, target = the noise (SDXL epsilon loss).
+* ``id_only``: caption *without* trigger words, ID alone, target = the frozen UNet's prediction.
+* ``base_id``: caption without trigger words, Base + ID, target = the Base-only prediction.
+
+Targets are computed under ``no_grad`` in one extra UNet pass (per-sample Base scale 0 or 1).
+Noise, timesteps (uniform over the 1000 DDPM steps, SDXL's scaled-linear schedule) and scenarios come
+from a generator seeded by (seed, process, micro-batch index): a resumed run draws exactly what the
+uninterrupted run would have drawn.
+
+**Optional distil stage** (``distill_base`` > 0, ``distill_steps``): see :mod:`hyperlora.train.export`.
+
+Run folder: ``checkpoints/step-XXXXXX/`` (``accelerator.save_state`` + ``generator.safetensors`` +
+``trainer_state.json``, written last), ``loss.csv``, ``loss.png``, ``samples/`` (CUDA only: sampling 20
+DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``export/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import HyperLoRAError, SettingError
+from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
+from ..spec import LoraModuleSpec
+from .config import SCENARIOS, FitConfig
+from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
+                     load_generator_from_checkpoint)
+from .hypernet import TrainableHyperLoRA, unet_modules
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "distill_teacher.safetensors"
+CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
+SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
+               "pooled_plain")
+
+
+@dataclass
+class FitResult:
+    """What a run did: optimizer steps reached, the stage then, the export folder (None if interrupted)."""
+
+    run: Path
+    steps: int
+    stage: str
+    interrupted: bool
+    export: Path | None
+    last_losses: dict[str, float]
+
+
+# --------------------------------------------------------------------------------- data
+
+
+class BatchPlan:
+    """Deterministic batches: micro-batch ``m`` of process ``rank`` -> dataset indices.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``; the global batch of ``batch x world``
+    indices is cut into one slice per process; incomplete global batches at the end of an epoch are
+    dropped.  A function of ``m`` alone, so resuming needs nothing but the micro-batch counter.
+    """
+
+    def __init__(self, n: int, batch: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch < 1:
+            raise SettingError(f"the shards hold {n} samples, fewer than one global batch ({batch} x {world} "
+                               f"processes); lower 'batch_size' or prepare more data.")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self._cache: tuple[int, list[int]] | None = None
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
+        start = (j * self.world + self.rank) * self.batch
+        return self._cache[1][start:start + self.batch]
+
+
+class PlanSampler:
+    """An endless batch sampler over :class:`BatchPlan` from micro-batch ``start`` (for ``DataLoader``)."""
+
+    def __init__(self, plan: BatchPlan, start: int) -> None:
+        self.plan, self.start = plan, start
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of index lists
+        m = self.start
+        while True:
+            yield self.plan.indices(m)
+            m += 1
+
+
+def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(items)
+
+
+def collate(samples: Sequence[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
+    """Stack the per-sample tensors (float32, on ``device``); ``identity`` strings are dropped."""
+    out: dict[str, Tensor] = {}
+    for key in SAMPLE_KEYS:
+        if key not in samples[0]:
+            raise SettingError(f"training samples lack '{key}'; the shards were not written by "
+                               f"'python -m hyperlora.train prepare' (format in docs/training.md).")
+        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device=device, dtype=torch.float32)
+    return out
+
+
+def open_dataset(cfg: FitConfig) -> torch.utils.data.Dataset:
+    from .data import ShardDataset
+
+    parts = [ShardDataset(Path(s), identities=cfg.identities) for s in cfg.shards]
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+# --------------------------------------------------------------------------------- one micro-batch
+
+
+class Trainer:
+    """The frozen UNet, the generator and the loss of one micro-batch (no accelerate inside)."""
+
+    def __init__(self, unet: nn.Module, model: nn.Module, noise_scheduler: Any, cfg: FitConfig) -> None:
+        self.unet = unet
+        self.model = model                      # possibly wrapped (DDP): call it, never its methods
+        self.cfg = cfg
+        gen = model.module if hasattr(model, "module") else model
+        self.generator: TrainableHyperLoRA = gen
+        self.targets = diffusers_lora_targets(unet, [f"{m.name}_{lay}" for m in gen.arch.modules
+                                                     for lay in ("to_q", "to_k", "to_v", "to_out_0")])
+        self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float32)
+        self.num_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self.teacher: TrainableHyperLoRA | None = None
+
+    def _unet(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(x.to(dtype), t, encoder_hidden_states=text.to(dtype),
+                        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+        return out.float()
+
+    def noise(self, batch: dict[str, Tensor], gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(noisy latents, noise, timesteps): DDPM forward process ``sqrt(a) x0 + sqrt(1 - a) eps``."""
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=gen)
+        a = self.alphas_cumprod[t].to(x0.device).view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, t.to(x0.device)
+
+    def scenarios(self, stage: str, b: int, gen: torch.Generator) -> list[str]:
+        if stage == "1":
+            return ["base"] * b
+        if stage == "distill":
+            return ["distill"] * b
+        probs = torch.tensor([self.cfg.scenarios[s] for s in SCENARIOS], dtype=torch.float64)
+        idx = torch.multinomial(probs, b, replacement=True, generator=gen)
+        return [SCENARIOS[i] for i in idx.tolist()]
+
+    def loss(self, stage: str, batch: dict[str, Tensor], gen: torch.Generator,
+             backward: Callable[[Tensor], None]) -> dict[str, tuple[float, int]]:
+        """One micro-batch: forward, ``backward(loss)`` inside the LoRA context; returns per-scenario (sum, n)."""
+        noisy, noise, t = self.noise(batch, gen)
+        b = noisy.shape[0]
+        scen = self.scenarios(stage, b, gen)
+        dev = noisy.device
+        mask = {s: torch.tensor([x == s for x in scen], device=dev) for s in set(scen)}
+        g = self.generator
+        if stage == "1":
+            _, basef = self.model(None, None, batch["clip_base"], want_id=False, want_base=True)
+            terms = [LoraTerm(basef, LORA_SCALE)]
+            text, pooled, target = batch["text"], batch["pooled"], noise
+        elif stage == "distill":
+            if self.teacher is None:
+                raise RuntimeError("distil stage without a teacher")
+            with torch.no_grad():
+                t_id, t_base = self.teacher(batch["arcface"], batch["clip_id"], batch["clip_base"])
+                with applied(self.targets, [LoraTerm(t_id, LORA_SCALE),
+                                            LoraTerm(t_base, LORA_SCALE * self.cfg.distill_base)]):
+                    target = self._unet(noisy, t, batch["text"], batch["pooled"], batch["time_ids"])
+            idf, _ = self.model(batch["arcface"], batch["clip_id"], None, want_id=True, want_base=False)
+            terms = [LoraTerm(idf, LORA_SCALE)]
+            text, pooled = batch["text"], batch["pooled"]
+        else:
+            arc = batch["arcface"] if stage == "3" else None
+            has_base = g.has_base
+            idf, basef = self.model(arc, batch["clip_id"], batch["clip_base"] if has_base else None,
+                                    want_id=True, want_base=has_base, base_grad=False)
+            recon = mask.get("recon", torch.zeros(b, dtype=torch.bool, device=dev))
+            sel = recon.view(-1, 1, 1)
+            text = torch.where(sel, batch["text"], batch["text_plain"])
+            pooled = torch.where(recon.view(-1, 1), batch["pooled"], batch["pooled_plain"])
+            target = noise
+            if not bool(recon.all()):
+                with torch.no_grad():
+                    if basef is not None:
+                        bscale = LORA_SCALE * mask.get("base_id", torch.zeros(b, dtype=torch.bool, device=dev)).float()
+                        with applied(self.targets, [LoraTerm(basef, bscale)]):
+                            teacher = self._unet(noisy, t, text, pooled, batch["time_ids"])
+                    else:
+                        teacher = self._unet(noisy, t, text, pooled, batch["time_ids"])
+                target = torch.where(recon.view(-1, 1, 1, 1), noise, teacher)
+            terms = [LoraTerm(idf, LORA_SCALE)]
+            if basef is not None:
+                terms.append(LoraTerm(basef, LORA_SCALE * (~mask.get("id_only", torch.zeros(b, dtype=torch.bool,
+                                                                                            device=dev))).float()))
+        with applied(self.targets, terms):
+            pred = self._unet(noisy, t, text, pooled, batch["time_ids"])
+            per = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))  # [B]
+            total = pred.new_zeros(())
+            out: dict[str, tuple[float, int]] = {}
+            for s, m in mask.items():
+                n = int(m.sum())
+                ls = per[m].mean()
+                total = total + self.cfg.scenario_weights.get(s, 1.0) * ls
+                out[s] = (float(per[m].detach().sum()), n)
+            backward(total)                      # inside the context: checkpointed blocks re-run the hooks
+        return out
+
+
+# --------------------------------------------------------------------------------- run folder
+
+
+def _write_csv_rows(path: Path, rows: list[tuple[Any, ...]]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(CSV_HEADER)
+        w.writerows(rows)
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows after ``step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(keep)
+
+
+class _StopFlag:
+    """Ctrl-C (SIGINT) sets the flag; the loop saves a checkpoint at the next step and returns."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:                                  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.set = True
+        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort).")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# --------------------------------------------------------------------------------- fit
+
+
+def _build_model(cfg: FitConfig, modules: tuple[LoraModuleSpec, ...], clip_dim: int) -> TrainableHyperLoRA:
+    if cfg.init_from:
+        model = TrainableHyperLoRA.from_released(cfg.init_from)
+        theirs = [(m.name, m.hidden_size, m.cross_attention_dim) for m in model.arch.modules]
+        ours = [(m.name, m.hidden_size, m.cross_attention_dim) for m in modules]
+        if theirs != ours:
+            raise SettingError(f"init_from '{cfg.init_from}' was made for another UNet ({len(theirs)} modules vs "
+                               f"{len(ours)} in the base model); use a folder trained for this base model.")
+        return model
+    m = cfg.model
+    return TrainableHyperLoRA.new(modules, rank=m.rank, base_rank=m.base_rank or None, hyper_dim=m.hyper_dim,
+                                  clip_dim=clip_dim, heads=m.heads, dim=m.dim, depth=m.depth, dim_head=m.dim_head,
+                                  ff_mult=m.ff_mult, num_id_tokens=m.num_id_tokens, id_token_dim=m.id_token_dim,
+                                  seed=cfg.seed)
+
+
+def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Dataset | None = None,
+        unet: nn.Module | None = None, noise_scheduler: Any = None,
+        on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train (or resume) the run of ``cfg``; see the module docstring.
+
+    ``dataset`` / ``unet`` / ``noise_scheduler`` override what ``cfg`` names (tests); ``on_step(step)`` is
+    called after every optimizer step.  Returns a :class:`FitResult`; Ctrl-C stops after a checkpoint.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
+                    on_step=on_step)
+    finally:
+        _release_accelerator(accel)
+
+
+def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
+         unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None) -> FitResult:
+    from tqdm.auto import tqdm
+
+    from . import plot
+
+    run = Path(cfg.out)
+    device = accel.device
+    if accel.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
+
+    weight_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    if unet is None:
+        from .frozen import load_unet
+
+        unet = load_unet(Path(cfg.base_model), dtype=weight_dtype, device=device)
+    else:
+        unet = unet.to(device=device, dtype=weight_dtype)
+    unet.requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if noise_scheduler is None:
+        from .frozen import load_noise_scheduler
+
+        noise_scheduler = load_noise_scheduler(Path(cfg.base_model))
+    if dataset is None:
+        dataset = open_dataset(cfg)
+    if len(dataset) == 0:
+        raise SettingError(f"the shards {cfg.shards} hold no samples; run prepare (or check 'identities').")
+    clip_dim = int(torch.as_tensor(dataset[0]["clip_id"]).shape[-1])
+
+    modules = unet_modules(unet)
+    ckpt = latest_checkpoint(run) if resume else None
+    if ckpt is not None:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        model = TrainableHyperLoRA(arch_from_json(state["arch"]))
+        if [m.name for m in model.arch.modules] != [m.name for m in modules]:
+            raise SettingError(f"the checkpoint '{ckpt}' was made for another base model; use a new 'out' folder.")
+    else:
+        model = _build_model(cfg, modules, clip_dim)
+        state = None
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accel.prepare(model, optimizer)
+    gen_model: TrainableHyperLoRA = accel.unwrap_model(model)
+
+    step = 0
+    micro = 0
+    if ckpt is not None and state is not None:
+        accel.load_state(str(ckpt))
+        step, micro = int(state["step"]), int(state["micro"])
+        gen_model.distilled_base = float(state.get("distilled_base", 0.0))
+        log.info("resumed from '%s' at step %d (stage %s)", ckpt, step, state["stage"])
+        if accel.is_main_process:
+            _truncate_csv(run / "loss.csv", step)
+
+    trainer = Trainer(unet, model, noise_scheduler, cfg)
+    if ckpt is not None and (ckpt / TEACHER_FILE).is_file():
+        from safetensors.torch import load_file
+
+        trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False)
+        trainer.teacher.load_state_dict(load_file(str(ckpt / TEACHER_FILE)), strict=True)
+
+    plan = BatchPlan(len(dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
+                     world=accel.num_processes)
+    total = cfg.total_steps
+    full_length = sum(n for _, n, _ in cfg.schedule())
+    names = {n: p for n, p in gen_model.named_parameters()}
+
+    def save(step_: int, stage_: str) -> Path:
+        d = run / "checkpoints" / f"step-{step_:06d}"
+        accel.wait_for_everyone()
+        accel.save_state(str(d))
+        sd = accel.get_state_dict(model)
+        if accel.is_main_process:
+            from ..safetensors_io import save_file_atomic
+
+            save_file_atomic({k: v.detach().cpu().contiguous() for k, v in sd.items()}, d / GENERATOR_FILE)
+            if trainer.teacher is not None:
+                save_file_atomic({k: v.detach().cpu().contiguous() for k, v in trainer.teacher.state_dict().items()},
+                                 d / TEACHER_FILE)
+            st = {"step": step_, "micro": micro, "stage": stage_, "seed": cfg.seed,
+                  "rng": "noise/timesteps/scenarios: torch.Generator seeded by (seed, process, micro-batch index); "
+                         "batches: permutation seeded by (seed, epoch)",
+                  "torch_rng_state": torch.get_rng_state().tolist()[:16],
+                  "distilled_base": gen_model.distilled_base, "arch": arch_to_json(gen_model.arch),
+                  "time": time.time()}
+            (d / STATE_FILE).write_text(json.dumps(st, indent=1), encoding="utf-8")
+            old = sorted(p for p in (run / "checkpoints").glob("step-*") if p != d)
+            for p in old[:max(0, len(old) - (cfg.keep_checkpoints - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+            plot.plot_losses(run / "loss.csv", run / "loss.png")
+        accel.wait_for_everyone()
+        return d
+
+    # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=PlanSampler(plan, micro), num_workers=cfg.num_workers,
+                                         collate_fn=_as_list)
+    batches = iter(loader)
+    stage, parts = cfg.stage_at(step)
+    last: dict[str, float] = {}
+    interrupted = False
+    bar = tqdm(total=total, initial=step, disable=not accel.is_local_main_process, desc="fit", unit="step")
+    with _StopFlag() as stop:
+        while step < total:
+            stage, parts = cfg.stage_at(step)
+            if stage == "distill" and trainer.teacher is None:
+                trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False).eval()
+            trainable = {n for n, _ in gen_model.part_parameters(parts)}
+            lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, list[float]] = {}
+            for _ in range(cfg.gradient_accumulation):
+                batch = collate(next(batches), device)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accel.process_index * 7919 + micro)
+                with accel.accumulate(model), accel.autocast():
+                    res = trainer.loss(stage, batch, gen, accel.backward)
+                    if accel.sync_gradients:
+                        for n, p in names.items():
+                            if n not in trainable:
+                                p.grad = None
+                        if cfg.max_grad_norm > 0:
+                            accel.clip_grad_norm_([names[n] for n in trainable if names[n].grad is not None],
+                                                  cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                for s, (v, n) in res.items():
+                    acc = sums.setdefault(s, [0.0, 0])
+                    acc[0] += v
+                    acc[1] += n
+            step += 1
+            if stage == "distill" and step >= full_length:
+                gen_model.distilled_base = cfg.distill_base      # the whole distil stage ran
+            if accel.num_processes > 1:
+                # scenario sets differ between processes: reduce a fixed layout
+                full = torch.zeros(2 * (len(SCENARIOS) + 2), dtype=torch.float64, device=device)
+                keys = list(SCENARIOS) + ["base", "distill"]
+                for s, (v, n) in sums.items():
+                    full[2 * keys.index(s)] = v
+                    full[2 * keys.index(s) + 1] = n
+                full = accel.reduce(full, "sum")
+                sums = {k: [float(full[2 * i]), int(full[2 * i + 1])] for i, k in enumerate(keys) if full[2 * i + 1] > 0}
+            last = {s: v / max(n, 1) for s, (v, n) in sums.items()}
+            if accel.is_main_process:
+                _write_csv_rows(run / "loss.csv", [(step, stage, s, f"{last[s]:.6g}", f"{lr:.6g}") for s in sorted(last)])
+            bar.update(1)
+            bar.set_postfix(stage=stage, **{s: f"{v:.4f}" for s, v in last.items()})
+            if not all(math.isfinite(v) for v in last.values()):
+                raise SettingError(f"the loss became {last} at step {step}; lower 'lr' or use mixed_precision \"no\", "
+                                   f"and resume from the last checkpoint.")
+            if on_step is not None:
+                on_step(step)
+            if cfg.sample_every and step % cfg.sample_every == 0 and torch.cuda.is_available():
+                sample_images(cfg, gen_model, unet, noise_scheduler, dataset, run / "samples" / f"step-{step:06d}.png",
+                              device=device, is_main=accel.is_main_process)
+            stop_now = stop.set
+            if accel.num_processes > 1:
+                flag = accel.reduce(torch.tensor([1.0 if stop.set else 0.0], device=device), "sum")
+                stop_now = bool(flag.item() > 0)
+            if stop_now:
+                save(step, stage)
+                interrupted = True
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save(step, stage)
+    bar.close()
+    del batches, loader                      # stops the loader's worker processes
+    export = None
+    if not interrupted:
+        save(step, stage)
+        if accel.is_main_process:
+            export = export_folder(gen_model, run / "export" / cfg.name,
+                                   distill_base=gen_model.distilled_base)
+    accel.wait_for_everyone()
+    accel.end_training()
+    return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last)
+
+
+def _release_accelerator(accel: Any) -> None:
+    """In a single process, forget accelerate's process-wide state so a later ``fit`` in the same Python
+    (the demo, tests, a notebook) may choose another mixed precision.  Launched runs end with the process."""
+    if accel.num_processes == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# --------------------------------------------------------------------------------- samples (CUDA)
+
+
+@torch.no_grad()
+def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, noise_scheduler: Any,
+                  dataset: torch.utils.data.Dataset, path: Path, *, device: torch.device, is_main: bool = True,
+                  count: int = 4, steps: int = 20) -> Path | None:
+    """A row of ``count`` images: each of the first ``count`` samples with its own generated LoRA (ID +
+    Base), its caption with trigger words, 20 DDIM steps (eta 0) from seeded noise, decoded by the VAE.
+
+    Called every ``sample_every`` steps when CUDA is present (slow on a CPU, but it runs there too).
+    """
+    if not is_main:
+        return None
+    from PIL import Image
+
+    from .frozen import load_vae
+
+    vae = load_vae(Path(cfg.base_model), device=device)
+    batch = collate([dataset[i] for i in range(min(count, len(dataset)))], device)
+    b = batch["latents"].shape[0]
+    idf, basef = model(batch["arcface"], batch["clip_id"], batch["clip_base"] if model.has_base else None,
+                       want_base=model.has_base)
+    terms = [LoraTerm(idf, LORA_SCALE)] + ([LoraTerm(basef, LORA_SCALE)] if basef is not None else [])
+    targets = diffusers_lora_targets(unet)
+    ac = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    T = ac.shape[0]
+    ts = list(range(T - 1, -1, -T // steps))
+    x = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    dtype = next(unet.parameters()).dtype
+    with applied(targets, terms, strict=False):
+        for j, t in enumerate(ts):
+            a = ac[t]
+            a_prev = ac[ts[j + 1]] if j + 1 < len(ts) else torch.tensor(1.0, device=device)
+            eps = unet(x.to(dtype), torch.full((b,), t, device=device), encoder_hidden_states=batch["text"].to(dtype),
+                       added_cond_kwargs={"text_embeds": batch["pooled"].to(dtype),
+                                          "time_ids": batch["time_ids"].to(dtype)}).sample.float()
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    img = vae.decode(x / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    img = ((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    row = Image.new("RGB", (img.shape[2] * b, img.shape[1]))
+    for i in range(b):
+        row.paste(Image.fromarray(img[i]), (i * img.shape[2], 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fit --config FILE [--init-from DIR] [--out DIR] [--max-steps N] [--no-resume] [--distill-base F
+    --distill-steps N]``."""
+    parser = argparse.ArgumentParser(prog="python -m hyperlora.train fit",
+                                     description="Train a HyperLoRA generator (three stages) from prepared shards.")
+    parser.add_argument("--config", type=Path, required=True, help="fit JSON (see hyperlora/train/configs/)")
+    parser.add_argument("--init-from", type=Path, help="start from a released-layout HyperLoRA folder")
+    parser.add_argument("--out", type=Path, help="run folder (overrides the config's 'out')")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
+    parser.add_argument("--distill-base", type=float, help="after stage 3, fold this fraction of the Base-LoRA into "
+                        "the ID-LoRA (the release used 0.25); the export then has no Base-LoRA")
+    parser.add_argument("--distill-steps", type=int, help="optimizer steps of the distil stage (with --distill-base)")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = FitConfig.from_json(args.config)
+        if args.init_from is not None:
+            if not args.init_from.is_dir():
+                raise SettingError(f"--init-from '{args.init_from}' is not a folder; give a released-layout "
+                                   f"HyperLoRA folder (the one holding hyper_lora_modules.json).")
+            cfg.init_from = str(args.init_from)
+        if args.out is not None:
+            cfg.out = str(args.out)
+        if args.max_steps is not None:
+            if args.max_steps < 1:
+                raise SettingError(f"--max-steps is {args.max_steps}; give a positive number of steps.")
+            cfg.max_steps = args.max_steps
+        if args.distill_base is not None or args.distill_steps is not None:
+            raw = cfg.to_json()
+            if args.distill_base is not None:
+                raw["distill_base"] = args.distill_base
+            if args.distill_steps is not None:
+                raw["distill_steps"] = args.distill_steps
+            cfg = FitConfig.from_dict(raw, where=f"{args.config} with --distill-base/--distill-steps")
+        result = fit(cfg, resume=not args.no_resume)
+    except HyperLoRAError as exc:
+        sys.stderr.write(f"fit: {exc}\n")
+        return 2
+    if result.interrupted:
+        sys.stdout.write(f"fit: interrupted at step {result.steps}; run the same command again to resume.\n")
+        return 130
+    sys.stdout.write(f"fit: {result.steps} steps done; exported {result.export}\n")
+    return 0
+
+
+__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
+           "load_generator_from_checkpoint", "main", "sample_images"]

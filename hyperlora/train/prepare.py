@@ -1,0 +1,659 @@
+"""``python -m hyperlora.train prepare``: raw photos + captions -> training shards (:mod:`hyperlora.train.shards`).
+
+Inputs (``--input``, repeatable, in the order given):
+
+* a **kohya folder**: every image (``.jpg .jpeg .png .webp .bmp``) under it, with the same-name ``.txt``
+  caption beside it.  Identity = the image's parent folder relative to the input root (the root's own
+  name for images directly in it), unless a same-name ``.json`` beside the image has ``"identity"``;
+* a **webdataset ``.tar``** (LAION convention, read with the standard ``tarfile`` module): members grouped by
+  key (the path up to the first dot of the file name); image = ``jpg/jpeg/png/webp``, caption = ``txt`` or
+  ``json["caption"]`` (or ``"text"``); identity = ``json["identity"]``, else the key.
+
+Each sample goes through the A.5 filters (:mod:`hyperlora.train.filters`, counted per reason), then every
+frozen encoder runs once: ArcFace + CLIP ID + CLIP Base through the pack's released preprocessing
+(:func:`hyperlora.pipeline.extract_conditions`), the SDXL VAE on the training crop (shorter side resized to
+``--size`` with PIL bicubic, centre crop; latent mean * scaling_factor; SDXL time ids
+``(orig h, orig w, crop top, crop left, size, size)``) and both text encoders with and without
+``hyperlora.spec.TRIGGER_PREFIX``.
+
+Work is cut into shards of ``--shard-size`` *input* samples (before filtering), numbered in input order, so
+every process computes the same plan; process ``k`` of ``n`` does the shards ``i % n == k``
+(``--shard-index/--num-shards``, by default accelerate's process index / count when launched by accelerate).
+A finished shard is never redone (resume = run the same command again); Ctrl-C leaves no half-written shard;
+``manifest.json`` is rebuilt from the finished shards at the end of every run.  Face detection runs twice on
+a kept image (once for the face filter, once inside the released preprocessing): the price of reusing it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import FaceNotFoundError, HyperLoRAError, SettingError
+from ..spec import TRIGGER_PREFIX
+from . import filters as flt
+from .filters import FilterReport
+from .shards import DTYPES as SHARD_DTYPES
+from .shards import (finished_shards, read_manifest, read_shard_info, rebuild_manifest, shard_name, write_shard)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+zlib_error = zlib.error
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class PrepareConfig:
+    """Encoders, filter thresholds and sizes of a prepare run (paper values as defaults)."""
+
+    sdxl: Path | None = None            # diffusers SDXL folder or single-file .safetensors
+    clip: Path | None = None            # CLIP ViT-L/14 HF folder (released clip_vit/<name>) or clip_vision file
+    clip_processor: Path | None = None  # folder with preprocessor_config.json (None: standard ViT-L/14 values)
+    antelope: Path | None = None        # insightface antelopev2 folder
+    aesthetic: str = "none"             # "none" or a LAION aesthetic head .safetensors
+    aesthetic_clip: Path | None = None  # CLIP ViT-L/14 with visual_projection, folder or file (default: clip)
+    tokenizer: Path | None = None       # CLIP BPE folder for a single-file SDXL
+    min_side: int = 768
+    min_aesthetic: float = 5.5
+    min_face_area: float = 0.03
+    size: int = 1024
+    shard_size: int = 256
+    det_size: int = 640
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"              # encoders' dtype (the VAE always runs in float32)
+    require_vit_l14: bool = True        # False only for the toy's tiny CLIP
+
+    def check(self) -> None:
+        if not (isinstance(self.min_side, int) and self.min_side >= 1):
+            raise SettingError(f"min_side is {self.min_side!r}; use a whole number of pixels (paper: 768).")
+        if not (isinstance(self.size, int) and self.size >= 8 and self.size % 8 == 0):
+            raise SettingError(f"size is {self.size!r}; use a multiple of 8 (SDXL: 1024).")
+        if not (isinstance(self.shard_size, int) and self.shard_size >= 1):
+            raise SettingError(f"shard_size is {self.shard_size!r}; use a whole number >= 1.")
+        if not (0.0 <= float(self.min_face_area) < 1.0):
+            raise SettingError(f"min_face_area is {self.min_face_area!r}; use a fraction in 0..1 (paper: 0.03).")
+        if self.dtype not in DTYPES:
+            raise SettingError(f"dtype is {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if int(self.batch_size) < 1:
+            raise SettingError(f"batch_size is {self.batch_size!r}; use a whole number >= 1.")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the shards' content (a resumed run must use the same)."""
+        keys = ("aesthetic", "min_side", "min_aesthetic", "min_face_area", "size", "shard_size", "det_size")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Encoders:
+    """The frozen models prepare runs (load once with :meth:`load`, or hand in your own)."""
+
+    analyzer: Any       # hyperlora.faces.analysis.FaceAnalyzer
+    clip: Any           # hyperlora.encoders.ClipVisionEncoder
+    vae: Any            # diffusers AutoencoderKL
+    text: Any           # hyperlora.train.frozen.TextEncoders
+    scorer: Any         # hyperlora.train.aesthetic.Scorer
+
+    @classmethod
+    def load(cls, cfg: PrepareConfig) -> Encoders:
+        from ..encoders import ClipVisionEncoder
+        from ..faces.analysis import FaceAnalyzer
+        from .aesthetic import load_scorer
+        from .frozen import load_text_encoders, load_vae
+
+        for name in ("sdxl", "clip", "antelope"):
+            if getattr(cfg, name) is None:
+                raise SettingError(f"prepare needs --{name} (see `python -m hyperlora.train prepare --help`).")
+        dtype = DTYPES[cfg.dtype]
+        clip_path = Path(cfg.clip)  # type: ignore[arg-type]
+        if clip_path.is_dir():
+            clip = ClipVisionEncoder.from_pretrained(clip_path, cfg.clip_processor, dtype=dtype, device=cfg.device,
+                                                     require_vit_l14=cfg.require_vit_l14)
+        else:
+            clip = ClipVisionEncoder.from_single_file(clip_path, dtype=dtype, device=cfg.device,
+                                                      require_vit_l14=cfg.require_vit_l14,
+                                                      processor_folder=cfg.clip_processor)
+        return cls(
+            analyzer=FaceAnalyzer(cfg.antelope),  # type: ignore[arg-type]
+            clip=clip,
+            vae=load_vae(cfg.sdxl, dtype=torch.float32, device=cfg.device),  # type: ignore[arg-type]
+            text=load_text_encoders(cfg.sdxl, dtype=dtype, device=cfg.device, tokenizer=cfg.tokenizer),  # type: ignore[arg-type]
+            scorer=load_scorer(cfg.aesthetic, clip_folder=cfg.aesthetic_clip or clip_path,
+                               device=cfg.device),
+        )
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input sample: where its image and caption are."""
+
+    key: str                      # unique name: "<input name>/<relative path or tar key>"
+    source: Path                  # kohya: the image file; webdataset: the .tar
+    identity: str | None          # known from the layout (kohya folder); None: read from json / key
+    members: tuple[tuple[str, str], ...] = ()   # webdataset: (ext, member name) of the key
+
+
+def _kohya_items(root: Path) -> list[Item]:
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = path.relative_to(root)
+        parent = rel.parent.as_posix()
+        identity = root.name if parent == "." else parent
+        items.append(Item(key=f"{root.name}/{rel.with_suffix('').as_posix()}", source=path, identity=identity))
+    return items
+
+
+def _tar_key(name: str) -> tuple[str, str] | None:
+    """webdataset key and extension of a member name (``dir/k.ext`` -> ``("dir/k", "ext")``)."""
+    head, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _tar_items(path: Path) -> list[Item]:
+    """Samples of a webdataset tar; a damaged tar (e.g. a partial download) gives the samples before the damage."""
+    groups: dict[str, dict[str, str]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                ke = _tar_key(m.name)
+                if ke is not None:
+                    groups.setdefault(ke[0], {})[ke[1]] = m.name
+    except (tarfile.TarError, OSError, EOFError, zlib_error) as exc:
+        logger.warning("prepare: %s is damaged after %d sample(s) (%s); using those.", path, len(groups), exc)
+    items = []
+    for key, members in groups.items():
+        if any(e in members for e in TAR_IMAGE_EXTS):
+            items.append(Item(key=f"{path.stem}/{key}", source=path, identity=None,
+                              members=tuple(sorted(members.items()))))
+    return items
+
+
+def list_items(inputs: Sequence[str | os.PathLike[str]]) -> list[Item]:
+    """Every input sample in a fixed order (the order of ``inputs``, then sorted paths / tar order)."""
+    items: list[Item] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            items += _kohya_items(path)
+        elif path.is_file() and path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+            items += _tar_items(path)
+        else:
+            raise SettingError(f"--input {path} is neither a folder of images nor a webdataset .tar; fix the path.")
+    keys = [i.key for i in items]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise SettingError(f"Two inputs give the sample key {dup!r}; give inputs with different folder/tar names.")
+    return items
+
+
+@dataclass
+class Raw:
+    """What was read for one item (image bytes may be corrupt; decoded later)."""
+
+    data: bytes | None
+    caption: str | None
+    identity: str
+
+
+def _caption_from_json(meta: dict[str, Any]) -> str | None:
+    for k in ("caption", "text", "prompt"):
+        if isinstance(meta.get(k), str):
+            return meta[k]
+    return None
+
+
+def read_item(item: Item, tar: tarfile.TarFile | None = None) -> Raw:
+    """Image bytes, caption and identity of ``item`` (``data`` None when the image cannot be read)."""
+    if not item.members:   # kohya
+        try:
+            data: bytes | None = item.source.read_bytes()
+        except OSError:
+            data = None
+        txt = item.source.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
+        identity = item.identity or item.source.parent.name
+        side = item.source.with_suffix(".json")
+        if side.is_file():
+            try:
+                meta = json.loads(side.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                meta = {}
+            if isinstance(meta, dict) and isinstance(meta.get("identity"), (str, int)):
+                identity = str(meta["identity"])
+            if caption is None and isinstance(meta, dict):
+                caption = _caption_from_json(meta)
+        return Raw(data, caption, identity)
+    members = dict(item.members)
+    if tar is None:
+        raise ValueError("a webdataset item needs its open tar")
+
+    def member(ext: str) -> bytes | None:
+        try:
+            f = tar.extractfile(members[ext])
+            return f.read() if f is not None else None
+        except (KeyError, tarfile.TarError, OSError, EOFError):
+            return None
+
+    image_ext = next(e for e in TAR_IMAGE_EXTS if e in members)
+    data = member(image_ext)
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        raw = member("json")
+        try:
+            loaded = json.loads(raw.decode("utf-8")) if raw else {}
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    caption = None
+    if "txt" in members:
+        raw = member("txt")
+        caption = raw.decode("utf-8", errors="replace").strip() if raw is not None else None
+    if caption is None:
+        caption = _caption_from_json(meta)
+    identity = str(meta["identity"]) if isinstance(meta.get("identity"), (str, int)) else item.key.split("/", 1)[1]
+    return Raw(data, caption, identity)
+
+
+def decode_image(data: bytes | None) -> np.ndarray | None:
+    """uint8 RGB ``[H, W, 3]`` (EXIF orientation applied) or None for anything PIL cannot decode fully."""
+    if not data:
+        return None
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            # camera photos: apply the EXIF orientation, as ComfyUI's LoadImage does
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def training_crop(image: np.ndarray, size: int) -> tuple[np.ndarray, list[float]]:
+    """Resize the shorter side to ``size`` (PIL bicubic), centre crop ``size`` x ``size``.
+
+    Returns the crop ``[size, size, 3]`` uint8 and SDXL's time ids ``[orig h, orig w, crop top, crop left,
+    size, size]`` (crop corner in resized pixels, as SDXL's training did).
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)))
+    return crop, [float(h), float(w), float(top), float(left), float(size), float(size)]
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, crops: Sequence[np.ndarray]) -> Tensor:
+    """Training crops -> ``[N, 4, size/8, size/8]`` latent means * scaling_factor (float32, CPU)."""
+    device = next(vae.parameters()).device
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    dist = vae.encode(x.to(device=device, dtype=next(vae.parameters()).dtype)).latent_dist
+    return (dist.mean.float() * float(vae.config.scaling_factor)).cpu()
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), n):
+        yield seq[start:start + n]
+
+
+@dataclass
+class _Candidate:
+    item: Item
+    image: np.ndarray
+    caption: str
+    identity: str
+
+
+def _filter(item: Item, raw: Raw, cfg: PrepareConfig, enc: Encoders, report: FilterReport) -> _Candidate | None:
+    from ..pipeline import find_faces_scaled
+
+    image = decode_image(raw.data)
+    if image is None:
+        logger.warning("prepare: %s is unreadable or corrupt; skipped.", item.key)
+        report.drop("corrupt")
+        return None
+    if not raw.caption:
+        report.drop("no_caption")
+        return None
+    h, w = image.shape[:2]
+    if not flt.big_enough(h, w, cfg.min_side):
+        report.drop("small")
+        return None
+    if flt.has_plural_pronoun(raw.caption):
+        report.drop("plural_caption")
+        return None
+    try:
+        faces = find_faces_scaled(enc.analyzer, image, det_size=cfg.det_size)
+    except HyperLoRAError as exc:
+        logger.warning("prepare: face detection failed on %s (%s); skipped.", item.key, exc)
+        report.drop("no_face")
+        return None
+    reason = flt.face_reason([f.bbox for f in faces], h, w, cfg.min_face_area)
+    if reason is not None:
+        report.drop(reason)
+        return None
+    return _Candidate(item, image, raw.caption, raw.identity)
+
+
+def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
+            report: FilterReport) -> tuple[list[dict[str, Tensor]], list[dict[str, str]]]:
+    """Aesthetic filter, then every encoder, on a batch of candidates that passed the cheap filters."""
+    from ..pipeline import extract_conditions
+
+    scores = enc.scorer.score([c.image for c in cands])
+    kept = []
+    for c, s in zip(cands, scores):
+        if not s > cfg.min_aesthetic:
+            report.drop("aesthetic")
+        else:
+            kept.append(c)
+    if not kept:
+        return [], []
+    def run(images: list[np.ndarray]) -> Any:
+        return extract_conditions(images, analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
+                                  need_base=True, no_face="skip", det_size=cfg.det_size, use_cache=False)
+
+    try:
+        conds = run([c.image for c in kept])
+        used = list(conds.used)
+    except FaceNotFoundError:
+        conds, used = None, []
+    except HyperLoRAError as exc:    # one photo's crop failed: find it, keep the others
+        logger.warning("prepare: the released preprocessing failed on a batch (%s); retrying photo by photo.", exc)
+        parts = []
+        for i, c in enumerate(kept):
+            try:
+                one = run([c.image])
+            except HyperLoRAError as err:
+                logger.warning("prepare: %s skipped (%s).", c.item.key, err)
+                continue
+            parts.append((i, one))
+        used = [i for i, _ in parts]
+        conds = None
+        if parts:
+            from ..pipeline import FaceConditions
+
+            conds = FaceConditions(
+                id_embeds=torch.cat([o.id_embeds for _, o in parts]), clip_features=torch.cat([o.clip_features for _, o in parts]),
+                base_clip_features=torch.cat([o.base_clip_features for _, o in parts]), crops=[], used=used, skipped=[])
+    for _ in range(len(kept) - len(used)):
+        report.drop("arcface")
+    if not used:
+        return [], []
+    kept = [kept[i] for i in used]
+    assert conds is not None and conds.id_embeds is not None and conds.clip_features is not None \
+        and conds.base_clip_features is not None
+    crops, time_ids = zip(*(training_crop(c.image, cfg.size) for c in kept))
+    latents = encode_latents(enc.vae, crops)
+    captions = [c.caption for c in kept]
+    text, pooled = enc.text.encode([TRIGGER_PREFIX + c for c in captions])
+    text_plain, pooled_plain = enc.text.encode(captions)
+    samples, meta = [], []
+    for k, c in enumerate(kept):
+        samples.append(_stored({
+            "arcface": conds.id_embeds[k], "clip_id": conds.clip_features[k].cpu(),
+            "clip_base": conds.base_clip_features[k].cpu(), "latents": latents[k],
+            "time_ids": torch.tensor(time_ids[k]), "text": text[k].cpu(), "pooled": pooled[k].cpu(),
+            "text_plain": text_plain[k].cpu(), "pooled_plain": pooled_plain[k].cpu()}))
+        meta.append({"key": c.item.key, "identity": c.identity, "caption": c.caption})
+        report.kept += 1
+    return samples, meta
+
+
+def _stored(sample: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor in its stored dtype at once (own storage): a shard's samples wait in memory at half size."""
+    return {k: v.detach().to("cpu", SHARD_DTYPES[k]).clone() for k, v in sample.items()}
+
+
+def process_shard(items: Sequence[Item], path: Path, cfg: PrepareConfig, enc: Encoders,
+                  progress: Any = None, settings: dict[str, Any] | None = None) -> FilterReport:
+    """Filter and encode ``items`` into the shard ``path`` (written atomically); returns its report."""
+    report = FilterReport()
+    samples: list[dict[str, Tensor]] = []
+    meta: list[dict[str, str]] = []
+    pending: list[_Candidate] = []
+    tars: dict[Path, tarfile.TarFile] = {}
+    try:
+        for item in items:
+            report.seen += 1
+            tar = None
+            if item.members:
+                tar = tars.get(item.source)
+                if tar is None:
+                    try:
+                        tar = tars[item.source] = tarfile.open(item.source, "r:*")
+                    except (tarfile.TarError, OSError, EOFError):
+                        tar = None
+            raw = read_item(item, tar) if (tar is not None or not item.members) else Raw(None, None, "")
+            cand = _filter(item, raw, cfg, enc, report)
+            if cand is not None:
+                pending.append(cand)
+            if len(pending) >= cfg.batch_size:
+                s, m = _encode(pending, cfg, enc, report)
+                samples += s
+                meta += m
+                pending = []
+            if progress is not None:
+                progress.update(1)
+        if pending:
+            s, m = _encode(pending, cfg, enc, report)
+            samples += s
+            meta += m
+    finally:
+        for tar in tars.values():
+            tar.close()
+    write_shard(path, samples, meta, report=report, settings=settings if settings is not None else cfg.settings())
+    return report
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class PrepareReport:
+    """What one prepare call did: shards written now / found finished, the filter counts of the shards it
+    wrote, and the manifest rebuilt at the end (all finished shards of the folder, every process)."""
+
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    report: FilterReport = field(default_factory=FilterReport)
+    manifest: Any = None
+    interrupted: bool = False
+
+
+def _default_split() -> tuple[int, int, str | None]:
+    """accelerate's (process index, process count, this process's device) when launched by accelerate /
+    torchrun (``WORLD_SIZE`` set), else (0, 1, None)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return 0, 1, None
+    state = PartialState()
+    return int(state.process_index), int(state.num_processes), str(state.device)
+
+
+def _check_resume(out: Path, settings: dict[str, Any]) -> None:
+    """A resumed run must use the settings the finished shards were made with."""
+    previous: dict[str, Any] | None = None
+    if (out / "manifest.json").is_file():
+        try:
+            m = read_manifest(out)
+            previous = (m.settings or None) if m.shards else None    # nothing finished yet: nothing to match
+        except HyperLoRAError:
+            previous = None
+    if previous is None:
+        done = finished_shards(out)
+        if done:
+            previous = read_shard_info(next(iter(done.values()))).settings
+    if previous is not None and json.loads(json.dumps(previous)) != json.loads(json.dumps(settings, default=str)):
+        diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise SettingError(
+            f"{out} holds shards prepared with other settings ({', '.join(diff)}: "
+            f"{ {k: previous.get(k) for k in diff} } vs now { {k: settings.get(k) for k in diff} }); "
+            "use the same settings and inputs to resume (plan = the list of input samples), or a new --out folder.")
+
+
+def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, *, shard_index: int = 0, num_shards: int = 1,
+            encoders: Encoders | None = None, show_progress: bool = True) -> PrepareReport:
+    """Write this process's shards of ``inputs`` into ``out`` (resumable) and rebuild the manifest."""
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard_index, int)
+            and 0 <= shard_index < num_shards):
+        raise SettingError(f"--shard-index {shard_index} / --num-shards {num_shards}: the index must be in "
+                           "0..num_shards-1 and num_shards >= 1.")
+    out = Path(out)
+    items = list_items(inputs)
+    if not items:
+        raise SettingError(f"No images were found in {', '.join(map(str, inputs))}; check --input.")
+    # the plan (which input sample goes to which shard) must not change under a resumed run
+    keys = hashlib.sha1("\n".join(i.key for i in items).encode("utf-8")).hexdigest()
+    settings = {**cfg.settings(), "plan": {"items": len(items), "keys_sha1": keys}}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, settings)
+    planned = math.ceil(len(items) / cfg.shard_size)
+    mine = [i for i in range(planned) if i % num_shards == shard_index]
+    done = finished_shards(out)
+    result = PrepareReport(skipped=[i for i in mine if i in done])
+    todo = [i for i in mine if i not in done]
+    enc = encoders or Encoders.load(cfg)
+    total = sum(len(items[i * cfg.shard_size:(i + 1) * cfg.shard_size]) for i in todo)
+    bar = tqdm(total=total, desc=f"prepare {shard_index + 1}/{num_shards}", unit="img", disable=not show_progress)
+    try:
+        for i in todo:
+            chunk = items[i * cfg.shard_size:(i + 1) * cfg.shard_size]
+            result.report.add(process_shard(chunk, out / shard_name(i), cfg, enc, progress=bar, settings=settings))
+            result.written.append(i)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        logger.warning("prepare: interrupted; %d shard(s) finished, none half-written. Run the same command "
+                       "again to resume.", len(result.written))
+    finally:
+        bar.close()
+        C, P = enc.text.dims
+        encoders_info = {
+            "sdxl": str(cfg.sdxl), "clip": str(cfg.clip), "antelope": str(cfg.antelope),
+            "aesthetic": getattr(enc.scorer, "name", str(cfg.aesthetic)), "clip_dim": int(enc.clip.shape.hidden_size),
+            "text_dim": int(C), "pooled_dim": int(P), "vae_scaling_factor": float(enc.vae.config.scaling_factor),
+            "trigger_prefix": TRIGGER_PREFIX, "host": socket.gethostname(),
+        }
+        sizes = {"size": cfg.size, "latent": [int(enc.vae.config.latent_channels), cfg.size // 8, cfg.size // 8],
+                 "tokens": 77}
+        result.manifest = rebuild_manifest(out, planned=planned, encoders=encoders_info, sizes=sizes,
+                                           settings=settings)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hyperlora.train prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", action="append", required=True, type=Path,
+                   help="kohya image folder or webdataset .tar (repeat for several)")
+    p.add_argument("--out", required=True, type=Path, help="shard folder (created; resumed when it exists)")
+    p.add_argument("--sdxl", required=True, type=Path, help="SDXL single-file .safetensors or diffusers folder")
+    p.add_argument("--clip", required=True, type=Path, help="CLIP ViT-L/14 folder (released clip_vit/<name>) or file")
+    p.add_argument("--clip-processor", type=Path, default=None, help="folder with preprocessor_config.json")
+    p.add_argument("--antelope", required=True, type=Path, help="insightface antelopev2 folder")
+    p.add_argument("--aesthetic", default="none",
+                   help="'none' (keep everything) or a LAION aesthetic head .safetensors (linear 768->1 or MLP)")
+    p.add_argument("--aesthetic-clip", type=Path, default=None,
+                   help="CLIP ViT-L/14 with its image projection for the aesthetic scorer: HF folder or ComfyUI "
+                        "clip_vision file (default: --clip)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="CLIP tokenizer folder (single-file SDXL only)")
+    p.add_argument("--min-side", type=int, default=768)
+    p.add_argument("--min-aesthetic", type=float, default=5.5)
+    p.add_argument("--min-face-area", type=float, default=0.03)
+    p.add_argument("--size", type=int, default=1024, help="training crop side (px)")
+    p.add_argument("--shard-size", type=int, default=256, help="input samples per shard (before filtering)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--det-size", type=int, default=640)
+    p.add_argument("--device", default=None,
+                   help="encoders' device (default: this process's accelerate device, else cuda when present, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--shard-index", type=int, default=None, help="this process's index (default: accelerate's)")
+    p.add_argument("--num-shards", type=int, default=None, help="process count (default: accelerate's)")
+    p.add_argument("--no-vit-l14-check", action="store_true", help="allow a non-ViT-L/14 CLIP (toy models)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    index, count, accel_device = _default_split()
+    device = args.device or accel_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = PrepareConfig(
+        sdxl=args.sdxl, clip=args.clip, clip_processor=args.clip_processor, antelope=args.antelope,
+        aesthetic=args.aesthetic, aesthetic_clip=args.aesthetic_clip, tokenizer=args.tokenizer,
+        min_side=args.min_side, min_aesthetic=args.min_aesthetic, min_face_area=args.min_face_area, size=args.size,
+        shard_size=args.shard_size, det_size=args.det_size, batch_size=args.batch_size, device=device,
+        dtype=args.dtype, require_vit_l14=not args.no_vit_l14_check)
+    if args.shard_index is not None or args.num_shards is not None:
+        index = args.shard_index if args.shard_index is not None else 0
+        count = args.num_shards if args.num_shards is not None else 1
+    try:
+        result = prepare(list(args.input), args.out, cfg, shard_index=index, num_shards=count)
+    except KeyboardInterrupt:
+        sys.stderr.write("prepare: interrupted; finished shards are kept. Run the same command to resume.\n")
+        return 130
+    except HyperLoRAError as exc:
+        sys.stderr.write(f"prepare: {exc}\n")
+        return 2
+    rep = FilterReport.from_dict(result.manifest.report)
+    for line in ["this run: shards written " + str(len(result.written)) + ", already done " + str(len(result.skipped)),
+                 "whole folder (manifest): " + rep.lines()[0], *rep.lines()[1:]]:
+        logger.info("%s", line)
+    sys.stdout.write(f"prepare: {result.manifest.count} samples in {len(result.manifest.shards)} of "
+                     f"{result.manifest.planned} shards{'' if result.manifest.complete else ' (incomplete)'} -> "
+                     f"{args.out}\n")
+    return 0
+
+
+__all__ = ["Encoders", "Item", "PrepareConfig", "PrepareReport", "list_items", "main", "prepare", "process_shard",
+           "read_item", "training_crop"]

@@ -1,0 +1,132 @@
+"""The shard format: write/read, atomic writes, manifest rebuilt from finished shards, ShardDataset."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from hyperlora.errors import ModelFileError, SettingError
+from hyperlora.train import shards
+from hyperlora.train.data import ShardDataset
+from hyperlora.train.filters import FilterReport
+
+
+def _sample(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"arcface": torch.randn(512, generator=g), "clip_id": torch.randn(257, 16, generator=g),
+            "clip_base": torch.randn(257, 16, generator=g), "latents": torch.randn(4, 8, 8, generator=g),
+            "time_ids": torch.tensor([64.0, 80, 0, 8, 64, 64]), "text": torch.randn(77, 12, generator=g),
+            "pooled": torch.randn(6, generator=g), "text_plain": torch.randn(77, 12, generator=g),
+            "pooled_plain": torch.randn(6, generator=g)}
+
+
+def _meta(i: int, identity: str) -> dict[str, str]:
+    return {"key": f"k{i}", "identity": identity, "caption": f"caption {i}"}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    report = FilterReport(seen=4, kept=3)
+    report.drop("small")
+    shards.write_shard(tmp_path / shards.shard_name(0), [_sample(0), _sample(1)], [_meta(0, "ann"), _meta(1, "bo")],
+                       report=report, settings={"size": 64})
+    shards.write_shard(tmp_path / shards.shard_name(1), [_sample(2)], [_meta(2, "ann")],
+                       report=FilterReport(seen=1, kept=1), settings={"size": 64})
+    shards.write_shard(tmp_path / shards.shard_name(2), [], [], report=FilterReport(seen=2), settings={"size": 64})
+    shards.rebuild_manifest(tmp_path, planned=3, encoders={"clip_dim": 16}, sizes={"size": 64},
+                            settings={"size": 64})
+    return tmp_path
+
+
+def test_write_read_round_trip_dtypes_and_metadata(folder):
+    info = shards.read_shard_info(folder / shards.shard_name(0))
+    assert info.count == 2 and [s["identity"] for s in info.samples] == ["ann", "bo"]
+    assert info.report.dropped["small"] == 1 and info.settings == {"size": 64}
+    assert info.shapes["clip_id"] == (2, 257, 16) and info.shapes["latents"] == (2, 4, 8, 8)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / shards.shard_name(0)), framework="pt") as f:
+        for key, dtype in shards.DTYPES.items():
+            assert f.get_tensor(key).dtype == dtype
+        assert torch.equal(f.get_tensor("arcface")[1], _sample(1)["arcface"])
+        assert torch.equal(f.get_tensor("text")[0], _sample(0)["text"].half())
+    empty = shards.read_shard_info(folder / shards.shard_name(2))
+    assert empty.count == 0 and empty.shapes == {}
+
+
+def test_manifest_from_finished_shards(folder):
+    m = shards.read_manifest(folder)
+    assert m.count == 3 and m.complete and m.planned == 3
+    assert [s["file"] for s in m.shards] == [shards.shard_name(i) for i in range(3)]
+    assert m.report["seen"] == 7 and m.report["kept"] == 4 and m.report["dropped"]["small"] == 1
+    data = json.loads((folder / "manifest.json").read_text())
+    assert data["format"] == "hyperlora.train.shards" and data["version"] == 1 and data["count"] == 3
+    # a temporary file of an interrupted write is not a shard
+    (folder / f".{shards.shard_name(3)}.tmp-123").write_bytes(b"partial")
+    assert list(shards.finished_shards(folder)) == [0, 1, 2]
+    m = shards.rebuild_manifest(folder, planned=5, encoders={}, sizes={}, settings={})
+    assert not m.complete and m.count == 3
+
+
+def test_manifest_errors_name_the_folder(tmp_path, folder):
+    with pytest.raises(SettingError, match="does not exist"):
+        shards.read_manifest(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match="no manifest.json"):
+        shards.read_manifest(tmp_path / "empty")
+    (folder / shards.shard_name(1)).unlink()
+    with pytest.raises(ModelFileError, match="shard-00001.safetensors .* is missing"):
+        shards.read_manifest(folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not readable JSON"):
+        shards.read_manifest(folder)
+    (folder / "manifest.json").write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ModelFileError, match="version-1"):
+        shards.read_manifest(folder)
+    (folder / shards.shard_name(5)).write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelFileError, match="delete it"):
+        shards.read_shard_info(folder / shards.shard_name(5))
+
+
+def test_write_shard_is_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shard(tmp_path / shards.shard_name(0), [_sample(0)], [_meta(0, "a")])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="no 'pooled'"):
+        bad = _sample(1)
+        del bad["pooled"]
+        monkeypatch.undo()
+        shards.write_shard(tmp_path / shards.shard_name(0), [bad], [_meta(0, "a")])
+
+
+def test_dataset_rows_identity_filter_and_workers(folder):
+    ds = ShardDataset(folder)
+    assert len(ds) == 3 and ds.identities == ["ann", "bo"]
+    item = ds[1]
+    assert item["key"] == "k1" and item["identity"] == "bo" and item["caption"] == "caption 1"
+    assert torch.equal(item["latents"], _sample(1)["latents"])
+    assert torch.equal(item["clip_id"], _sample(1)["clip_id"].half())
+    assert set(item) == set(shards.TENSOR_KEYS) | {"key", "identity", "caption"}
+    ann = ShardDataset(folder, identities={"ann"})
+    assert [ann[i]["key"] for i in range(len(ann))] == ["k0", "k2"]
+    assert torch.equal(ann[1]["arcface"], _sample(2)["arcface"])
+    with pytest.raises(IndexError):
+        ann[2]
+    with pytest.raises(SettingError, match="zed"):
+        ShardDataset(folder, identities=["zed"])
+    clone = pickle.loads(pickle.dumps(ds))          # DataLoader workers get a copy without open files
+    assert torch.equal(clone[2]["text"], ds[2]["text"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    batches = list(loader)
+    assert batches[0]["arcface"].shape == (2, 512) and batches[1]["key"] == ["k2"]
