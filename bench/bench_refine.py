@@ -52,7 +52,7 @@ def build_unet(comfy_root: str, channels: int, depth: str, device: torch.device)
     from tests.fixtures.sdxl import import_comfy, model_config
 
     comfy = import_comfy(comfy_root)
-    import comfy.lora
+    import comfy.lora  # noqa: F811  (the submodule, after import_comfy put ComfyUI on sys.path)
 
     config = model_config(comfy, "SDXL", dtype=torch.float32)
     config.unet_config = dict(config.unet_config, model_channels=channels)

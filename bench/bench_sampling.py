@@ -39,7 +39,7 @@ def comfy_setup(comfyui: str, tmp: Path, *, checkpoint: str = "", unet_dtype: st
     from tests.fixtures.sdxl import import_comfy
 
     comfy = import_comfy(comfyui)
-    import comfy.cli_args
+    import comfy.cli_args  # noqa: F811  (the submodule)
 
     setattr(comfy.cli_args.args, f"{unet_dtype}_unet", unet_dtype != "fp32")
     import torch

@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
