@@ -10,7 +10,8 @@ The stand-in face analysis of :mod:`.encoders` sees these faces:
   with margin; hair, clothes and backgrounds never are), so every image has exactly one face, and
   its size (36-54 px in a 128 px image) gives a face box area above 3 % of the image;
 * the fake ArcFace projects the 8x8-pooled aligned face crop: skin tone, eye and mouth colours and
-  shapes, markings and the hair around the face change it; pose and background change it little;
+  shapes and the face paint change it; hair (drawn per photo, not per identity), pose and background
+  change it little;
 * the fake CLIP sees the gray-background face crop: the same traits inside the face outline.
 
 So identities are told apart by features the stand-in encoders see, as real ones are by real encoders.
@@ -50,7 +51,10 @@ _HAIR = ((20, 15, 10), (240, 220, 110), (170, 60, 20), (200, 200, 205), (40, 60,
          (110, 70, 40), (140, 30, 110))
 _HAIR_NAMES = ("black", "blond", "red", "white", "blue", "green", "brown", "purple")
 HAIR_STYLES = ("short", "long", "bald", "bun", "spiky")
-MARKINGS = ("none", "freckles", "stripe", "cheeks", "spot")
+MARKINGS = ("band", "chin", "cheeks", "forehead", "vertical", "freckles")
+_PAINT = ((40, 90, 220), (30, 170, 60), (150, 40, 190), (20, 20, 20), (250, 250, 250), (0, 160, 170), (230, 200, 20),
+          (190, 20, 30))
+"""Face-paint colours: saturated, none of them inside the stand-in detector's skin rule."""
 _BACKGROUNDS = (((70, 90, 120), "blue"), ((60, 120, 70), "green"), ((130, 130, 130), "gray"),
                 ((40, 40, 50), "dark"), ((150, 110, 60), "brown"), ((100, 60, 120), "purple"),
                 ((30, 100, 110), "teal"), ((170, 170, 120), "beige"))
@@ -94,7 +98,8 @@ def make_identities(count: int, *, seed: int = 0, prefix: str = "person") -> lis
     rng = np.random.default_rng(seed)
     perm = {k: rng.permutation(n) for k, n in (("skin", len(_SKIN)), ("eyes", len(_EYES)), ("mouth", len(_MOUTHS)),
                                                   ("hair", len(_HAIR)), ("style", len(HAIR_STYLES)),
-                                                  ("mark", len(MARKINGS)), ("who", len(_PEOPLE)))}
+                                                  ("mark", len(MARKINGS)), ("who", len(_PEOPLE)),
+                                                  ("paint", len(_PAINT)))}
     out = []
     for i in range(count):
         def pick(key: str, stride: int) -> int:
@@ -108,8 +113,8 @@ def make_identities(count: int, *, seed: int = 0, prefix: str = "person") -> lis
             eye_shape=(float(rng.uniform(0.09, 0.2)), float(rng.uniform(0.05, 0.12))),
             mouth=_MOUTHS[pick("mouth", 1)], mouth_width=float(rng.uniform(0.2, 0.45)),
             hair=_HAIR[hair], hair_name=_HAIR_NAMES[hair], hair_style=HAIR_STYLES[pick("style", 2)],
-            marking=MARKINGS[pick("mark", 3)],
-            marking_color=tuple(int(v) for v in rng.integers(0, 120, size=3)),  # type: ignore[arg-type]
+            marking=MARKINGS[pick("mark", 1)],
+            marking_color=_PAINT[pick("paint", 3)],
             seed=int(rng.integers(0, 2 ** 31 - 1)),
         ))
     return out
@@ -161,8 +166,11 @@ def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = T
     img[_ellipse(xx, yy, cx, cy + b + 1.25 * b, 2.0 * a, 1.1 * b) & (yy > cy + b + 3 * k)] = clothes
 
     # hair behind and around the face (drawn first; the face ellipse covers its middle)
-    hair = np.asarray(identity.hair, np.uint8)
-    style = identity.hair_style
+    # hair varies per photo, not per identity: what tells identities apart lives inside the face (skin,
+    # eyes, mouth, face paint), where the ID branch looks (the Base branch's blurred crop sees the hair)
+    hair_i = int(rng.integers(len(_HAIR)))
+    hair = np.asarray(_HAIR[hair_i], np.uint8)
+    style = HAIR_STYLES[int(rng.integers(len(HAIR_STYLES)))]
     if style == "short":
         img[_ellipse(xx, yy, cx, cy - 0.25 * b, a_face * 1.25, b * 0.95) & (yy < cy - 0.1 * b)] = hair
     elif style == "long":
@@ -184,29 +192,32 @@ def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = T
     def spot(px: float, py: float, rx: float, ry: float, col: Sequence[int]) -> None:
         img[_ellipse(xx, yy, px, py, rx, ry) & face] = np.asarray(col, np.uint8)
 
+    # face paint: the identity's largest trait (a fifth to a quarter of the face), drawn under the eyes and mouth
+    mark = identity.marking_color
+    if identity.marking == "band":
+        spot(cx + shift, fy - 0.02 * b, 0.95 * a_face, 0.14 * b, mark)
+    elif identity.marking == "chin":
+        spot(cx + shift, fy + 0.75 * b, 0.6 * a_face, 0.2 * b, mark)
+    elif identity.marking == "cheeks":
+        for side in (-1, 1):
+            spot(cx + shift + side * 0.52 * a_face, fy + 0.15 * b, 0.24 * a, 0.2 * b, mark)
+    elif identity.marking == "forehead":
+        spot(cx + shift, fy - 0.62 * b, 0.6 * a_face, 0.17 * b, mark)
+    elif identity.marking == "vertical":
+        spot(cx + shift, fy + 0.05 * b, 0.14 * a_face, 0.75 * b, mark)
+    elif identity.marking == "freckles":
+        frng = np.random.default_rng(identity.seed)
+        for _ in range(9):
+            spot(cx + shift + frng.uniform(-0.6, 0.6) * a_face, fy + frng.uniform(-0.05, 0.3) * b,
+                 0.09 * a, 0.08 * b, mark)
+
     ex, ey = identity.eye_shape
     for side in (-1, 1):
         spot(cx + shift + side * 0.36 * a_face, fy - 0.25 * b, ex * a * 1.3, ey * b * 1.3, (250, 250, 250))
         spot(cx + shift + side * 0.36 * a_face, fy - 0.25 * b, ex * a, ey * b, identity.eyes)
     spot(cx + shift, fy + 0.45 * b, identity.mouth_width * a_face, 0.07 * b, identity.mouth)
-    mark = np.asarray(identity.marking_color, np.uint8)
-    if identity.marking == "freckles":
-        frng = np.random.default_rng(identity.seed)
-        for _ in range(7):
-            spot(cx + shift + frng.uniform(-0.55, 0.55) * a_face, fy + frng.uniform(-0.05, 0.25) * b,
-                 0.05 * a, 0.04 * b, mark)
-    elif identity.marking == "stripe":
-        spot(cx + shift, fy - 0.05 * b, 0.75 * a_face, 0.05 * b, mark)
-    elif identity.marking == "cheeks":
-        for side in (-1, 1):
-            spot(cx + shift + side * 0.5 * a_face, fy + 0.15 * b, 0.16 * a, 0.1 * b, (235, 110, 120))
-    elif identity.marking == "spot":
-        srng = np.random.default_rng(identity.seed)
-        side = 1 if srng.random() < 0.5 else -1
-        spot(cx + shift + side * 0.45 * a_face, fy - 0.55 * b, 0.14 * a, 0.1 * b, mark)
-
     template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    caption = template.format(who=identity.who, hair="no" if style == "bald" else identity.hair_name, bg=bg_name)
+    caption = template.format(who=identity.who, hair="no" if style == "bald" else _HAIR_NAMES[hair_i], bg=bg_name)
     return img, caption
 
 
