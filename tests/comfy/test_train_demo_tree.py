@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
