@@ -31,6 +31,7 @@ def _optimizer(run: Path) -> dict:
 
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     unet = tiny_unet(seed=0).requires_grad_(False).eval()
+    handler_before = signal.getsignal(signal.SIGINT)   # SIG_IGN when the suite runs as a background job
     kw = dict(stages=STAGES, gradient_accumulation=2, checkpoint_every=0, warmup_steps=2)
     straight = toy_config(tmp_path / "straight", **kw)
     fit(straight, dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
@@ -45,7 +46,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     first = fit(cfg, dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(), on_step=ctrl_c)
     assert first.interrupted and first.steps == 2 and first.export is None
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before                # handler restored
     # rows a crashed run might have written after its checkpoint are dropped on resume
     with open(run / "loss.csv", "a") as f:
         f.write("3,2,recon,9.9,0.001\n")
