@@ -38,6 +38,15 @@ from torch import Tensor, nn
 
 from ..encoders import ClipProcessorConfig, clip_preprocess
 from ..errors import ModelFileError, SettingError
+from ..safetensors_io import open_safetensors
+
+
+def _read_tensors(path: Path, name: str, fix: str) -> dict[str, Tensor]:
+    """Every tensor of ``path`` through the pack's shared opener (clear errors, never a pickle)."""
+    with open_safetensors(path, error=ModelFileError, name=name,
+                          pickle_fix="Convert it once to .safetensors (see hyperlora/train/aesthetic.py) or "
+                                     "use --aesthetic none.", fix=fix) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +73,12 @@ class NoScorer:
 
 def load_head(path: str | Path) -> nn.Sequential:
     """The predictor head of ``path`` (.safetensors) as ``nn.Sequential`` of Linear layers (eval, float32)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"Aesthetic predictor {path} does not exist; give its .safetensors file or 'none'.")
-    if path.suffix.lower() != ".safetensors":
+    if path.is_file() and path.suffix.lower() != ".safetensors":
         raise ModelFileError(
             f"{path.name} is not a .safetensors file; convert the published .pth head once (see "
             "hyperlora/train/aesthetic.py) or use --aesthetic none.")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelFileError(f"{path} is not a readable .safetensors file ({exc}).") from exc
+    state = _read_tensors(path, "aesthetic predictor", "give its .safetensors file or use --aesthetic none.")
     if set(state) == {"weight", "bias"}:
         layers = {0: (state["weight"], state["bias"])}
     else:
@@ -128,8 +129,6 @@ def load_projected_clip(source: str | Path, *, device: str | torch.device = "cpu
     checkpoint without the image projection is refused (the LAION heads read the projected embedding)."""
     import json
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from ..encoders import canonical_vision_state_dict, read_vision_shape
@@ -150,10 +149,8 @@ def load_projected_clip(source: str | Path, *, device: str | torch.device = "cpu
         raise ModelFileError(
             f"The aesthetic scorer's CLIP {source} has no {weights.name}; give a Hugging Face folder of "
             "openai/clip-vit-large-patch14 or ComfyUI's clip_vision_l.safetensors.")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ModelFileError(f"{weights} is not a readable .safetensors file ({exc}).") from exc
+    state = _read_tensors(weights, "CLIP vision file", "give openai/clip-vit-large-patch14 as a Hugging Face "
+                          "folder or ComfyUI's clip_vision_l.safetensors.")
     proj = _projection(state)
     if proj is None:
         raise ModelFileError(
