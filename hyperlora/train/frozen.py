@@ -232,19 +232,24 @@ def convert_sai(part: str, raw: dict[str, Tensor], config: dict[str, Any] | None
     return model, state
 
 
+def _load_part(cls: Any, source: str | os.PathLike[str], part: str, sai_prefix: str, what: str,
+               dtype: torch.dtype, device: torch.device | str, config: dict[str, Any] | None) -> Any:
+    """One frozen part (``unet`` / ``vae``) from a diffusers folder's subfolder or a single-file checkpoint."""
+    path = _check_source(source, part)
+    if not _is_single_file(path):
+        return _freeze(_from_folder(cls, path, part, torch_dtype=dtype), dtype, device)
+    model, state = convert_sai(part, _read_prefixed(path, [sai_prefix], dtype), config)
+    _load_strict(model, state, path.name, what)
+    return _freeze(model, dtype, device)
+
+
 def load_unet(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu", config: dict[str, Any] | None = None) -> Any:
     """Frozen SDXL ``UNet2DConditionModel`` (eval, requires_grad False) from a diffusers folder (``unet/``)
     or a single-file SAI checkpoint (config: ``config`` or the shipped SDXL one)."""
     from diffusers import UNet2DConditionModel
 
-    path = _check_source(source, "unet")
-    if not _is_single_file(path):
-        unet = _from_folder(UNet2DConditionModel, path, "unet", torch_dtype=dtype)
-        return _freeze(unet, dtype, device)
-    unet, state = convert_sai("unet", _read_prefixed(path, [SAI_UNET_PREFIX], dtype), config)
-    _load_strict(unet, state, path.name, "UNet")
-    return _freeze(unet, dtype, device)
+    return _load_part(UNet2DConditionModel, source, "unet", SAI_UNET_PREFIX, "UNet", dtype, device, config)
 
 
 def load_vae(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
@@ -253,13 +258,7 @@ def load_vae(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float
     (``first_stage_model.*``; config: ``config`` or the shipped SDXL one, scaling factor 0.13025)."""
     from diffusers import AutoencoderKL
 
-    path = _check_source(source, "vae")
-    if not _is_single_file(path):
-        vae = _from_folder(AutoencoderKL, path, "vae", torch_dtype=dtype)
-        return _freeze(vae, dtype, device)
-    vae, state = convert_sai("vae", _read_prefixed(path, [SAI_VAE_PREFIX], dtype), config)
-    _load_strict(vae, state, path.name, "VAE")
-    return _freeze(vae, dtype, device)
+    return _load_part(AutoencoderKL, source, "vae", SAI_VAE_PREFIX, "VAE", dtype, device, config)
 
 
 def load_noise_scheduler(source: str | os.PathLike[str] | None = None) -> Any:
