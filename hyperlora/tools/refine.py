@@ -146,17 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HyperLoRAError as exc:
         logger.error("%s", exc)
         return 1
-    print(result.report())
+    sys.stdout.write(result.report() + "\n")
     if result.identity is not None and args.out is not None:
         save_identity(result.identity, args.out)
-        print(f"refined identity written to {args.out}")
+        sys.stdout.write(f"refined identity written to {args.out}\n")
     if args.lora_out is not None:
         info = result.lora.provenance
         save_lora_file(result.lora, args.lora_out, metadata=lora_metadata(
             title=args.lora_out.stem, model_name=info.get("model_name", ""),
             model_fingerprint=info.get("model_fingerprint", ""), num_images=identity.num_images),
             dtype=torch.float16)
-        print(f"refined LoRA written to {args.lora_out}")
+        sys.stdout.write(f"refined LoRA written to {args.lora_out}\n")
     return 0
 
 
