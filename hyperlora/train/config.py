@@ -21,6 +21,11 @@ Stages (see :mod:`hyperlora.train.fit`): ``1`` Base-LoRA only, ``2`` ID-LoRA fro
 Scenarios (each its own loss term, drawn per sample with these probabilities in stages 2 and 3):
 ``recon`` (trigger words, Base + ID reconstruct the image), ``id_only`` (no trigger words, the ID-LoRA
 alone matches the frozen UNet), ``base_id`` (no trigger words, Base + ID match the Base-only prediction).
+
+``id_photo`` (not in the paper, default ``"same"`` = the paper): ``"other"`` feeds the ID branch the
+ArcFace and CLIP features of *another* photo of the same identity (drawn per sample, deterministically),
+so the ID-LoRA can only carry what the photos of a person share; the Base branch keeps the photo's own
+blurred-face features.  Samples whose identity has one photo keep their own.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ DISTILL_PARTS = ("id_projector", "arcface_branch", "clip_branch", "resampler_cor
 SCENARIOS = ("recon", "id_only", "base_id")
 PAPER_STAGES = ((1, 20000), (2, 15000), (3, 55000))
 MIXED_PRECISION = ("no", "bf16")
+ID_PHOTO = ("same", "other")
+"""Where the ID branch's features come from: the training photo itself (paper) or another photo of its identity."""
 
 
 @dataclass
@@ -106,6 +113,7 @@ class FitConfig:
     distill_steps: int = 0
     num_workers: int = 0
     identities: list[str] | None = None
+    id_photo: str = "same"
 
     # ------------------------------------------------------------------------- derived
 
@@ -224,6 +232,12 @@ class FitConfig:
             if mp not in MIXED_PRECISION:
                 raise SettingError(f"{where}: 'mixed_precision' is {mp!r}; use \"no\" (float32) or \"bf16\".")
             kw["mixed_precision"] = mp
+        if "id_photo" in raw:
+            if raw["id_photo"] not in ID_PHOTO:
+                raise SettingError(f"{where}: 'id_photo' is {raw['id_photo']!r}; use \"same\" (the ID features of the "
+                                   f"training photo itself, as in the paper) or \"other\" (of another photo of the same "
+                                   f"identity).")
+            kw["id_photo"] = raw["id_photo"]
         if "gradient_checkpointing" in raw:
             kw["gradient_checkpointing"] = _typed(raw, "gradient_checkpointing", bool, where)
         if raw.get("init_from") is not None:
@@ -324,5 +338,5 @@ def _scenarios(raw: Any, key: str, where: str, *, probabilities: bool) -> dict[s
     return out
 
 
-__all__ = ["DISTILL_PARTS", "FitConfig", "MIXED_PRECISION", "ModelConfig", "PAPER_STAGES", "SCENARIOS",
+__all__ = ["DISTILL_PARTS", "FitConfig", "ID_PHOTO", "MIXED_PRECISION", "ModelConfig", "PAPER_STAGES", "SCENARIOS",
            "STAGE_PARTS", "StageConfig"]

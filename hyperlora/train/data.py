@@ -90,4 +90,60 @@ class ShardDataset(torch.utils.data.Dataset):
         return state
 
 
-__all__ = ["ShardDataset"]
+def sample_identities(dataset: torch.utils.data.Dataset) -> list[str]:
+    """The identity of every sample of ``dataset``: a :class:`ShardDataset` (from its index, no tensor read),
+    a ``ConcatDataset`` of datasets, or any dataset whose items carry ``"identity"``."""
+    if isinstance(dataset, ShardDataset):
+        return [m["identity"] for m in dataset._meta]
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [i for part in dataset.datasets for i in sample_identities(part)]
+    return [str(dataset[i]["identity"]) for i in range(len(dataset))]   # type: ignore[arg-type]
+
+
+class OtherPhotos:
+    """For ``"id_photo": "other"``: each sample's ID features (:data:`ID_KEYS`) replaced by those of another
+    photo of the same identity.
+
+    ``pick`` draws, for sample index ``i``, a different index of the same identity with ``gen`` (uniform
+    over the others); an identity with a single photo keeps its own.  Deterministic in ``gen``.
+    """
+
+    ID_KEYS = ("arcface", "clip_id")
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        self.identity = sample_identities(dataset)
+        self.groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.identity):
+            self.groups.setdefault(name, []).append(i)
+
+    @property
+    def singletons(self) -> int:
+        """Number of samples whose identity has no other photo."""
+        return sum(len(g) for g in self.groups.values() if len(g) == 1)
+
+    def pick(self, i: int, gen: torch.Generator) -> int:
+        group = self.groups[self.identity[i]]
+        if len(group) == 1:
+            return i
+        k = int(torch.randint(0, len(group) - 1, (1,), generator=gen))
+        j = group[k]
+        return group[-1] if j == i else j      # uniform over the other len - 1 photos
+
+    def apply(self, samples: list[dict[str, Any]], indices: list[int], gen: torch.Generator) -> list[dict[str, Any]]:
+        """``samples`` (the items of ``indices``) with the ID features of other photos (new dicts)."""
+        if len(samples) != len(indices):
+            raise ValueError(f"{len(samples)} samples but {len(indices)} indices")
+        out = []
+        for item, i in zip(samples, indices):
+            j = self.pick(i, gen)
+            new = dict(item)
+            if j != i:
+                other = self.dataset[j]
+                new.update({k: other[k] for k in self.ID_KEYS})
+                new["id_source"] = j
+            out.append(new)
+        return out
+
+
+__all__ = ["OtherPhotos", "ShardDataset", "sample_identities"]

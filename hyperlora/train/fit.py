@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 
 TEACHER_FILE = "distill_teacher.safetensors"
 CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
+OTHER_PHOTO_SEED = 500_009
+"""Offset of the generator that picks the other photos (``id_photo`` "other"), apart from the noise's."""
 SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
                "pooled_plain")
 
@@ -439,6 +441,14 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         accel.wait_for_everyone()
         return d
 
+    other_photos = None
+    if cfg.id_photo == "other":
+        from .data import OtherPhotos
+
+        other_photos = OtherPhotos(dataset)
+        if other_photos.singletons:
+            log.warning("id_photo 'other': %d of %d samples are their identity's only photo and keep their own "
+                        "ID features", other_photos.singletons, len(dataset))
     # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=PlanSampler(plan, micro), num_workers=cfg.num_workers,
                                          collate_fn=_as_list)
@@ -458,8 +468,13 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 group["lr"] = lr
             sums: dict[str, list[float]] = {}
             for _ in range(cfg.gradient_accumulation):
-                batch = collate(next(batches), device)
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accel.process_index * 7919 + micro)
+                samples = next(batches)
+                seed = cfg.seed * 1_000_003 + accel.process_index * 7919 + micro
+                if other_photos is not None:
+                    samples = other_photos.apply(samples, plan.indices(micro),
+                                                 torch.Generator().manual_seed(seed + OTHER_PHOTO_SEED))
+                batch = collate(samples, device)
+                gen = torch.Generator().manual_seed(seed)
                 with accel.accumulate(model), accel.autocast():
                     res = trainer.loss(stage, batch, gen, accel.backward)
                     if accel.sync_gradients:

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from hyperlora.checkpoint import load_hyper_lora
+from hyperlora.errors import SettingError
 from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from hyperlora.spec import BASE_RESAMPLER_FILE
 from hyperlora.train.config import STAGE_PARTS, FitConfig
@@ -213,3 +214,23 @@ def test_loader_workers_change_nothing(unet: torch.nn.Module, tmp_path: Path) ->
         fit(cfg, dataset=ToyDataset(4), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
         res.append(load_file(str(tmp_path / f"w{workers}" / "checkpoints" / "step-000002" / "generator.safetensors")))
     assert all(torch.equal(res[0][k], res[1][k]) for k in res[0])
+
+
+def test_id_photo_other_feeds_the_id_branch_another_photo(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """With two photos per identity, "id_photo": "other" trains exactly like "same" on a dataset whose ArcFace
+    and CLIP-ID features were swapped within each identity by hand (stages 2 and 3 read both); it differs from
+    "same" on the unswapped data."""
+    data = ToyDataset(4, ids=2)                          # id0: 0, 2   id1: 1, 3
+    swapped = ToyDataset(4, ids=2)
+    for i, j in ((0, 2), (2, 0), (1, 3), (3, 1)):
+        swapped.items[i] = {**data.items[i], "arcface": data.items[j]["arcface"], "clip_id": data.items[j]["clip_id"]}
+    stages = [{"stage": 2, "steps": 2}, {"stage": 3, "steps": 2}]
+    runs = {}
+    for name, ds, mode in (("other", data, "other"), ("by_hand", swapped, "same"), ("same", data, "same")):
+        cfg = toy_config(tmp_path / name, stages=stages, checkpoint_every=0, id_photo=mode)
+        fit(cfg, dataset=ds, unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+        runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-000004" / "generator.safetensors"))
+    assert all(torch.equal(runs["other"][k], runs["by_hand"][k]) for k in runs["other"])
+    assert any(not torch.equal(runs["other"][k], runs["same"][k]) for k in runs["other"])
+    with pytest.raises(SettingError, match="id_photo"):
+        toy_config(tmp_path / "bad", id_photo="another")

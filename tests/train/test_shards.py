@@ -130,3 +130,34 @@ def test_dataset_rows_identity_filter_and_workers(folder):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
     batches = list(loader)
     assert batches[0]["arcface"].shape == (2, 512) and batches[1]["key"] == ["k2"]
+
+
+def test_sample_identities_and_other_photos(folder):
+    """Identities are read from the index (ShardDataset, ConcatDataset); another photo is always one of the
+    same identity, never the sample itself while the identity has another, and the ID features only change."""
+    from hyperlora.train.data import OtherPhotos, sample_identities
+
+    ds = ShardDataset(folder)
+    assert sample_identities(ds) == ["ann", "bo", "ann"]
+    both = torch.utils.data.ConcatDataset([ds, ShardDataset(folder, identities={"bo"})])
+    assert sample_identities(both) == ["ann", "bo", "ann", "bo"]
+    assert sample_identities([{"identity": "x"}, {"identity": 3}]) == ["x", "3"]   # any indexable dataset
+
+    photos = OtherPhotos(ds)
+    assert photos.groups == {"ann": [0, 2], "bo": [1]} and photos.singletons == 1
+    gen = torch.Generator().manual_seed(0)
+    assert {photos.pick(0, gen) for _ in range(20)} == {2} and {photos.pick(2, gen) for _ in range(20)} == {0}
+    assert photos.pick(1, gen) == 1                     # bo has one photo: keeps its own
+    out = photos.apply([ds[0], ds[1]], [0, 1], torch.Generator().manual_seed(0))
+    assert torch.equal(out[0]["arcface"], ds[2]["arcface"]) and torch.equal(out[0]["clip_id"], ds[2]["clip_id"])
+    assert torch.equal(out[0]["latents"], ds[0]["latents"]) and torch.equal(out[0]["clip_base"], ds[0]["clip_base"])
+    assert out[0]["id_source"] == 2 and "id_source" not in out[1]
+    assert torch.equal(out[1]["arcface"], ds[1]["arcface"])
+    with pytest.raises(ValueError):
+        photos.apply([ds[0]], [0, 1], gen)
+
+    # uniform over the others: every other photo of a bigger group is drawn, the sample itself never
+    many = OtherPhotos([{"identity": "a"}] * 5)
+    g = torch.Generator().manual_seed(1)
+    drawn = [many.pick(3, g) for _ in range(400)]
+    assert set(drawn) == {0, 1, 2, 4} and min(drawn.count(k) for k in (0, 1, 2, 4)) > 60
