@@ -67,7 +67,7 @@ class GroupLoss:
     per_identity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def line(self, label: str = "demo") -> str:
-        return f"{label}: loss own {self.own:.4f}, other {self.other:.4f}, none {self.none:.4f}"
+        return f"{label}: loss own {self.own:.5f}, other {self.other:.5f}, none {self.none:.5f}"
 
 
 # --------------------------------------------------------------------------------- reference features
@@ -225,7 +225,7 @@ def evaluate_export(export: Path, unet: nn.Module, alphas_cumprod: Tensor, sampl
     out: dict[str, GroupLoss] = {}
     for group, names in groups.items():
         out[group] = group_loss(unet, alphas_cumprod, samples, loras, list(names), timesteps=timesteps, seed=seed)
-        log.info("evaluation (%s identities, %d photos): own %.4f, other %.4f, none %.4f", group,
+        log.info("evaluation (%s identities, %d photos): own %.5f, other %.5f, none %.5f", group,
                  out[group].photos, out[group].own, out[group].other, out[group].none)
     return out
 

@@ -2,16 +2,25 @@
 
 An identity (:class:`ToyIdentity`) is a fixed set of facial traits; every image of it varies what a
 photo varies: position, size, pose (a yaw turn shifts the features sideways and narrows the face,
-a small tilt moves them up or down), clothing, background (colour, gradient, shapes) and caption.
+a small tilt moves them up or down), hair, clothing, background (colour, gradient, shapes) and caption.
+The traits: skin tone, eye and mouth colours and shapes, a face paint (colour and place) and face
+stripes (direction and period, fixed to the face and scaled with it, in a skin-rule colour): the
+stripes are the finest trait, gone from the blurred-face crop the Base branch sees, like the fine
+facial detail that tells real people apart.
+
+Photos are close-up portraits: the face is :data:`FACE_HEIGHT` (70-100 px of a 128 px image, about a
+third of the image area), so that who the person is decides a good part of what a denoiser must
+predict (latents of the same photo with another identity's traits differ by about a third of the
+latents' variance).
 
 The stand-in face analysis of :mod:`.encoders` sees these faces:
 
-* the detector finds the skin-coloured ellipse (every identity's skin colour is inside its skin rule
-  with margin; hair, clothes and backgrounds never are), so every image has exactly one face, and
-  its size (36-54 px in a 128 px image) gives a face box area above 3 % of the image;
+* the detector finds the skin-coloured ellipse (every identity's skin colour, and the stripe colour,
+  are inside its skin rule with margin; hair, clothes and backgrounds never are), so every image has
+  exactly one face (found at a smaller detector size than 640 when it is large: the pack's retry),
+  and its box area is far above 3 % of the image;
 * the fake ArcFace projects the 8x8-pooled aligned face crop: skin tone, eye and mouth colours and
-  shapes and the face paint change it; hair (drawn per photo, not per identity), pose and background
-  change it little;
+  shapes, the paint and the stripes change it; pose and background change it too, less;
 * the fake CLIP sees the gray-background face crop: the same traits inside the face outline.
 
 So identities are told apart by features the stand-in encoders see, as real ones are by real encoders.
@@ -37,6 +46,8 @@ from .sdxl import TOY_SIZE
 
 logger = logging.getLogger(__name__)
 
+FACE_HEIGHT = (70.0, 100.0)
+"""Range of the face height in px of a :data:`TOY_SIZE` image (scaled with the image size): close-ups."""
 DATASET_FILE = "toy_dataset.json"
 """Written at the dataset root: identities, splits and folders (see :class:`ToyDataset`)."""
 
@@ -55,6 +66,12 @@ MARKINGS = ("band", "chin", "cheeks", "forehead", "vertical", "freckles")
 _PAINT = ((40, 90, 220), (30, 170, 60), (150, 40, 190), (20, 20, 20), (250, 250, 250), (0, 160, 170), (230, 200, 20),
           (190, 20, 30))
 """Face-paint colours: saturated, none of them inside the stand-in detector's skin rule."""
+STRIPE_ANGLES = (0.0, 30.0, 60.0, 90.0, 120.0, 150.0)
+STRIPE_PERIODS = (0.2, 0.32)
+STRIPE_COLOR = (198, 140, 104)
+"""Stripes: the identity's finest trait (direction x period, fixed to the face), a colour outside the skin rule."""
+STRIPE_DUTY = 0.4
+"""Fraction of each stripe period that is painted."""
 _BACKGROUNDS = (((70, 90, 120), "blue"), ((60, 120, 70), "green"), ((130, 130, 130), "gray"),
                 ((40, 40, 50), "dark"), ((150, 110, 60), "brown"), ((100, 60, 120), "purple"),
                 ((30, 100, 110), "teal"), ((170, 170, 120), "beige"))
@@ -87,19 +104,23 @@ class ToyIdentity:
     marking: str
     marking_color: tuple[int, int, int]
     seed: int                             # places the markings
+    stripe_angle: float = 0.0             # face stripes: direction in degrees (0 = horizontal bands)
+    stripe_period: float = 0.0            # stripe period as a fraction of the face height; 0 = no stripes
 
 
 def make_identities(count: int, *, seed: int = 0, prefix: str = "person") -> list[ToyIdentity]:
     """``count`` identities with distinct trait combinations (names ``{prefix}{i:02d}``).
 
     Neighbouring identities differ in several traits at once: skin, eyes, mouth and hair colours
-    are taken from shuffled palettes at different strides, style and marking likewise.
+    are taken from shuffled palettes at different strides, style, marking and stripes likewise (12
+    stripe patterns: 6 directions x 2 periods).
     """
     rng = np.random.default_rng(seed)
     perm = {k: rng.permutation(n) for k, n in (("skin", len(_SKIN)), ("eyes", len(_EYES)), ("mouth", len(_MOUTHS)),
                                                   ("hair", len(_HAIR)), ("style", len(HAIR_STYLES)),
                                                   ("mark", len(MARKINGS)), ("who", len(_PEOPLE)),
-                                                  ("paint", len(_PAINT)))}
+                                                  ("paint", len(_PAINT)),
+                                                  ("stripes", len(STRIPE_ANGLES) * len(STRIPE_PERIODS)))}
     out = []
     for i in range(count):
         def pick(key: str, stride: int) -> int:
@@ -107,6 +128,7 @@ def make_identities(count: int, *, seed: int = 0, prefix: str = "person") -> lis
             return int(p[(i * stride + i // len(p)) % len(p)])
 
         hair = pick("hair", 1)
+        stripes = pick("stripes", 1)
         out.append(ToyIdentity(
             name=f"{prefix}{i:02d}", who=_PEOPLE[pick("who", 1)], skin=_SKIN[pick("skin", 3)],
             eyes=_EYES[pick("eyes", 5)],
@@ -116,6 +138,8 @@ def make_identities(count: int, *, seed: int = 0, prefix: str = "person") -> lis
             marking=MARKINGS[pick("mark", 1)],
             marking_color=_PAINT[pick("paint", 3)],
             seed=int(rng.integers(0, 2 ** 31 - 1)),
+            stripe_angle=STRIPE_ANGLES[stripes % len(STRIPE_ANGLES)],
+            stripe_period=STRIPE_PERIODS[stripes // len(STRIPE_ANGLES)],
         ))
     return out
 
@@ -128,11 +152,12 @@ def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, rx: float, ry
     return (u / max(rx, 0.5)) ** 2 + (v / max(ry, 0.5)) ** 2 <= 1.0
 
 
-def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = TOY_SIZE) -> tuple[np.ndarray, str]:
+def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = TOY_SIZE,
+               face_height: tuple[float, float] = FACE_HEIGHT) -> tuple[np.ndarray, str]:
     """One photo of ``identity``: uint8 RGB ``[size, size, 3]`` and its caption.
 
-    Face height 36-54 px (scaled with ``size`` / 128), centre kept so the face and its hair stay inside
-    the frame; yaw in [-0.35, 0.35] (features shift by ``yaw`` face half-widths), tilt in [-0.1, 0.1].
+    Face height drawn from ``face_height`` (px of a 128 px image, scaled with ``size`` / 128), centre kept
+    so the face and its hair stay inside the frame; yaw in [-0.35, 0.35] (features shift by ``yaw`` face half-widths), tilt in [-0.1, 0.1].
     """
     k = size / TOY_SIZE
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -152,7 +177,7 @@ def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = T
         img[m] = np.clip(col, 0, 255)
     img = img.astype(np.uint8)
 
-    height = rng.uniform(36, 54) * k
+    height = rng.uniform(*face_height) * k
     a, b = 0.4 * height, 0.5 * height
     yaw = float(rng.uniform(-0.35, 0.35))
     tilt = float(rng.uniform(-0.1, 0.1))
@@ -192,6 +217,10 @@ def draw_image(identity: ToyIdentity, rng: np.random.Generator, *, size: int = T
     def spot(px: float, py: float, rx: float, ry: float, col: Sequence[int]) -> None:
         img[_ellipse(xx, yy, px, py, rx, ry) & face] = np.asarray(col, np.uint8)
 
+    if identity.stripe_period > 0:
+        th = np.deg2rad(identity.stripe_angle)
+        u = ((xx - cx - shift) * np.cos(th) + (yy - fy) * np.sin(th)) / (identity.stripe_period * 2 * b)
+        img[face & ((u - np.floor(u)) < STRIPE_DUTY)] = np.asarray(STRIPE_COLOR, np.uint8)
     # face paint: the identity's largest trait (a fifth to a quarter of the face), drawn under the eyes and mouth
     mark = identity.marking_color
     if identity.marking == "band":
@@ -251,18 +280,19 @@ class ToyDataset:
                    unseen_identities=list(data["unseen_identities"]), identities=ids)
 
 
-def _write(folder: Path, identity: ToyIdentity, rng: np.random.Generator, count: int, size: int) -> None:
+def _write(folder: Path, identity: ToyIdentity, rng: np.random.Generator, count: int, size: int,
+           face_height: tuple[float, float]) -> None:
     target = folder / identity.name
     target.mkdir(parents=True, exist_ok=True)
     for n in range(count):
-        img, caption = draw_image(identity, rng, size=size)
+        img, caption = draw_image(identity, rng, size=size, face_height=face_height)
         Image.fromarray(img).save(target / f"{n}.png")
         (target / f"{n}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
 def make_toy_dataset(root: Path, *, identities: int = 8, unseen: int = 3, train_per_identity: int = 12,
                      reference_per_identity: int = 2, evaluate_per_identity: int = 3, size: int = TOY_SIZE,
-                     seed: int = 0) -> ToyDataset:
+                     face_height: tuple[float, float] = FACE_HEIGHT, seed: int = 0) -> ToyDataset:
     """Draw ``identities`` training and ``unseen`` held-out identities into ``root`` (see the module docstring).
 
     Every identity gets ``reference_per_identity`` + ``evaluate_per_identity`` held-out photos; training
@@ -276,9 +306,9 @@ def make_toy_dataset(root: Path, *, identities: int = 8, unseen: int = 3, train_
                     unseen_identities=[p.name for p in people[identities:]], identities=people)
     for person in people:
         if person.name in ds.train_identities:
-            _write(ds.train, person, rng, train_per_identity, size)
-        _write(ds.reference, person, rng, reference_per_identity, size)
-        _write(ds.evaluate, person, rng, evaluate_per_identity, size)
+            _write(ds.train, person, rng, train_per_identity, size, face_height)
+        _write(ds.reference, person, rng, reference_per_identity, size, face_height)
+        _write(ds.evaluate, person, rng, evaluate_per_identity, size, face_height)
     ds.save()
     logger.info("toy data: %d training identities x %d photos, %d unseen identities, %d + %d held-out photos each, in %s",
                 identities, train_per_identity, unseen, reference_per_identity, evaluate_per_identity, root)
