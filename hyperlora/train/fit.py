@@ -51,6 +51,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -93,6 +94,8 @@ class FitResult:
     interrupted: bool
     export: Path | None
     last_losses: dict[str, float]
+    main_process: bool = True
+    """False in the other processes of a multi-process run (only the main one reports)."""
 
 
 # --------------------------------------------------------------------------------- data
@@ -336,7 +339,11 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+    # several processes (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo, not N
+    # independent runs (Accelerate only picks the CPU process group when told the run is on the CPU)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accel = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+                        gradient_accumulation_steps=cfg.gradient_accumulation,
                         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     try:
         return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
@@ -536,7 +543,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                                    distill_base=gen_model.distilled_base)
     accel.wait_for_everyone()
     accel.end_training()
-    return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last)
+    return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last,
+                     main_process=bool(accel.is_main_process))
 
 
 def _release_accelerator(accel: Any) -> None:
@@ -641,9 +649,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fit: {exc}\n")
         return 2
     if result.interrupted:
-        sys.stdout.write(f"fit: interrupted at step {result.steps}; run the same command again to resume.\n")
+        if result.main_process:
+            sys.stdout.write(f"fit: interrupted at step {result.steps}; run the same command again to resume.\n")
         return 130
-    sys.stdout.write(f"fit: {result.steps} steps done; exported {result.export}\n")
+    if result.main_process:
+        sys.stdout.write(f"fit: {result.steps} steps done; exported {result.export}\n")
     return 0
 
 
