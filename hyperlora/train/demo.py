@@ -11,7 +11,7 @@ Steps (each logged, long ones with a progress bar):
 3. **prepare** (:func:`hyperlora.train.prepare.prepare`) of the training photos and of the evaluation photos
    into ``<work>/shards/{train,evaluate}``.  The A.5 thresholds are the paper's except the shorter side:
    toy photos are 128 px, so ``min_side`` is 128 (the paper's 768 would drop them all).
-4. **Base model pre-training** (toy only): the random tiny UNet is first trained for a few hundred steps
+4. **Base model pre-training** (toy only): the random tiny UNet is first trained (2,000 steps by default)
    (whole UNet, epsilon loss, plain captions) on the training photos, so that it is a model of these photos
    and "no LoRA" is a sensible baseline (a random UNet's loss would be meaningless).  It is saved back into
    ``diffusers/hyper_lora_toy_sdxl/unet/`` and is the frozen base model of the next step.
@@ -362,7 +362,7 @@ def run_demo(out: Path, *, work: Path | None = None, size: DemoSize = FULL, stag
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hyperlora.train demo",
-                                description="The whole training pipeline at toy scale on this CPU (a few minutes).")
+                                description="The whole training pipeline at toy scale on this CPU (about 8 minutes on 2 cores).")
     p.add_argument("--out", type=Path, required=True,
                    help="folder to write as a ComfyUI models/ tree (the trained model, CLIP, AntelopeV2)")
     p.add_argument("--work", type=Path, help=f"folder for photos, shards and the run (default: OUT/{WORK_NAME})")
