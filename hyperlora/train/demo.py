@@ -328,13 +328,12 @@ def train_seeds(prep: Prepared, runs: Path, seeds: tuple[int, ...], *, stages: t
     ``features``: :func:`reference_features` of ``prep`` when already computed.
     """
     features = features if features is not None else reference_features(prep)
-    work = Path(prep.train_set.folder).parent.parent
-    jobs = [{"tree": str(prep.tree.root), "work": str(work), "run": str(Path(runs) / f"seed{k}"), "seed": k,
-             "stages": list(stages), "name": name, "overrides": overrides, "features": features,
-             "threads": 1 if processes > 1 else torch.get_num_threads()} for k in seeds]
     if processes <= 1:
         return {k: evaluate_toy(prep, train_toy(prep, Path(runs) / f"seed{k}", stages=stages, seed=k, name=name,
                                                 overrides=overrides), features=features, seed=0) for k in seeds}
+    jobs = [{"tree": str(prep.tree.root), "work": str(prep.data.root.parent), "run": str(Path(runs) / f"seed{k}"),
+             "seed": k, "stages": list(stages), "name": name, "overrides": overrides, "features": features,
+             "threads": 1} for k in seeds]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
