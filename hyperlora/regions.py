@@ -64,18 +64,38 @@ class MaskCrop:
     mask: Tensor
 
 
-def as_masks(mask: Tensor) -> Tensor:
-    """``[H, W]`` or ``[B, H, W]`` float mask -> ``[B, H, W]`` float32 clamped to 0..1."""
+def _finite(t: Tensor, what: str, fix: str) -> None:
+    """ImageInputError when ``t`` holds NaN or infinite values (they would spread into every pixel they touch)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ImageInputError(f"The {what} holds {int(bad.sum())} NaN or infinite value(s) (of {t.numel()}); {fix}")
+
+
+def as_masks(mask: Tensor, what: str = "mask") -> Tensor:
+    """``[H, W]`` or ``[B, H, W]`` float mask -> ``[B, H, W]`` float32 clamped to 0..1.
+
+    ImageInputError for another shape, an empty batch (``B = 0``) or NaN / infinite values
+    (NaN is neither inside nor outside: it would pass the bounds and spoil the blend)."""
     if not isinstance(mask, Tensor) or mask.ndim not in (2, 3) or min(mask.shape[-2:]) < 1:
         raise ImageInputError(f"Expected a MASK [B, H, W], got {getattr(mask, 'shape', type(mask).__name__)}.")
     m = mask if mask.ndim == 3 else mask[None]
+    if m.shape[0] == 0:
+        raise ImageInputError(f"The {what} batch is empty (shape {list(m.shape)}); connect a mask node that made "
+                              "at least one mask.")
+    _finite(m, what, "make the mask again (e.g. with Face Mask) or check the node it comes from.")
     return m.float().clamp(0.0, 1.0)
 
 
 def _check_images(images: Tensor, what: str) -> Tensor:
+    """``images`` if it is a non-empty IMAGE ``[B >= 1, H, W, C]`` of finite values, else ImageInputError."""
     if not isinstance(images, Tensor) or images.ndim != 4 or min(images.shape[1:3]) < 1:
         raise ImageInputError(f"The {what} must be an IMAGE [B, H, W, C], got "
                               f"{getattr(images, 'shape', type(images).__name__)}.")
+    if images.shape[0] == 0:
+        raise ImageInputError(f"The {what} batch is empty (shape {list(images.shape)}); connect a node that gives "
+                              "at least one image.")
+    _finite(images, what, "check the node it comes from (a VAE Decode in fp16 can overflow: run the VAE in fp32, "
+                           "e.g. ComfyUI's --fp32-vae).")
     return images
 
 
