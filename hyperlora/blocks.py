@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .checks import MAX_STRENGTH, check_strength
 from .errors import LoraError, SettingError
 from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, LoraDict, lora_prefixes
 
@@ -43,7 +44,6 @@ _BLOCK_NAMES = {"down_blocks": "input", "input_blocks": "input", "mid_block": "m
                 "up_blocks": "output", "output_blocks": "output"}
 _BLOCK_RE = re.compile(r"^lora_unet_(down_blocks|input_blocks|mid_block|middle_block|up_blocks|output_blocks)(?:_|$)")
 _ATTN_RE = re.compile(r"_attn([12])(?:_|$)")
-MAX_MULTIPLIER = 4.0
 
 
 def classify_prefix(prefix: str) -> tuple[str, str | None]:
@@ -79,10 +79,10 @@ class BlockStrengths:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or abs(value) > MAX_MULTIPLIER:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingError(f"The block multiplier '{f.name}' is {value!r}; use a number from "
-                                   f"-{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g} (1 = unchanged, 0 = off).")
+                                   f"{-MAX_STRENGTH:g} to {MAX_STRENGTH:g} (1 = unchanged, 0 = off).")
+            check_strength(value, f"The block multiplier '{f.name}'")
 
     @property
     def is_identity(self) -> bool:

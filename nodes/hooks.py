@@ -12,7 +12,11 @@ import comfy.hooks
 from ..hyperlora.blocks import apply_block_strengths
 from ..hyperlora.lora import step_window
 from .common import CATEGORY, LORA_MODEL, mappings
-from .lora import BLOCK_INPUTS, STRENGTH, block_strengths, check_lora_lands
+from ..hyperlora.checks import check_strength
+from .lora import BLOCK_INPUTS, STRENGTH, block_strengths, check_lora_lands, node_label
+
+
+TITLE = "Identity on Prompt (regions, steps)"
 
 
 class CheckedLoraHook(comfy.hooks.WeightHook):
@@ -88,6 +92,7 @@ class HyperLoRAStudioConditioning:
     def run(self, positive: list, negative: list, lora: dict[str, torch.Tensor], strength: float,
             start_percent: float, end_percent: float, mask: torch.Tensor | None = None, mask_strength: float = 1.0,
             set_cond_area: str = "default", **blocks: float) -> tuple[list, list, comfy.hooks.HookGroup]:
+        strength = check_strength(strength, "strength", where=node_label("Conditioning", TITLE))
         lora = apply_block_strengths(lora, block_strengths(**blocks))
         hooks = identity_hooks(lora, strength, start_percent, end_percent)
         # strength 0 (or every block at 0): no hook at all (nothing to patch per step); the mask still applies
@@ -98,4 +103,4 @@ class HyperLoRAStudioConditioning:
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
-    ("Conditioning", "Identity on Prompt (regions, steps)", HyperLoRAStudioConditioning))
+    ("Conditioning", TITLE, HyperLoRAStudioConditioning))

@@ -9,19 +9,20 @@ import torch
 
 import comfy.lora
 
-from ..hyperlora.blocks import DEFAULT_STRENGTHS, MAX_MULTIPLIER, BlockStrengths, apply_block_strengths
+from ..hyperlora.blocks import DEFAULT_STRENGTHS, BlockStrengths, apply_block_strengths
+from ..hyperlora.checks import MAX_STRENGTH, check_strength
 from ..hyperlora.bundle import architecture_target_shapes, lora_from_identity, lora_target_shapes
 from ..hyperlora.errors import FaceNotFoundError, LoraError
 from ..hyperlora.lora import DOWN_SUFFIX
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
-                     display_name, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
+                     display_name, node_id, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
                      photos, preview_ui, single)
 
 log = logging.getLogger(__name__)
 
 STRENGTH = ("FLOAT", {
-    "default": 0.85, "min": -4.0, "max": 4.0, "step": 0.01,
+    "default": 0.85, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
     "tooltip": "How strongly the identity LoRA changes the model. 0.75-0.85 is typical; lower keeps the prompt "
                f"editable, higher gives more likeness. Prompts need the trigger words '{TRIGGER_PREFIX}'."})
 
@@ -40,7 +41,7 @@ _BLOCK_TOOLTIPS = {
                        "new subject.",
 }
 BLOCK_INPUTS: dict[str, tuple] = {
-    name: ("FLOAT", {"default": 1.0, "min": -MAX_MULTIPLIER, "max": MAX_MULTIPLIER, "step": 0.05,
+    name: ("FLOAT", {"default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.05,
                      "tooltip": tooltip + " 1 = as released (bit for bit), 0 = off. Each patched weight is W + strength "
                                           "x multiplier x 0.5 x up @ down, a module's multiplier being its block's "
                                           "times its attention kind's. What a block carries is a tendency the "
@@ -106,10 +107,18 @@ def check_shapes_land(model: Any, shapes: dict[str, tuple[int, int]], subject: s
     return {p: key_map[p] for p in shapes}
 
 
+def node_label(short: str, title: str) -> str:
+    """``HyperLoRA Studio <title> (HyperLoRAStudio<short>)``: how errors name a node of this pack."""
+    return f"{display_name(title)} ({node_id(short)})"
+
+
 def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float,
-               blocks: BlockStrengths = DEFAULT_STRENGTHS) -> Any:
+               blocks: BlockStrengths = DEFAULT_STRENGTHS, *, where: str = "") -> Any:
     """Check, then patch a clone of ``model``: ``W + strength * m * (alpha/rank) * up @ down`` per module,
-    ``m`` its block multiplier (1 by default: the LoRA passes as it is; 0: the module is not patched)."""
+    ``m`` its block multiplier (1 by default: the LoRA passes as it is; 0: the module is not patched).
+    ``strength`` obeys :func:`hyperlora.checks.check_strength` (SettingError naming ``where``, a node's label;
+    default: Apply's)."""
+    strength = check_strength(strength, "strength", where=where or node_label("Apply", "Apply"))
     targets = check_lora_lands(model, lora)
     lora = apply_block_strengths(lora, blocks)
     targets = {p: key for p, key in targets.items() if p + DOWN_SUFFIX in lora}
@@ -208,7 +217,8 @@ class HyperLoRAStudioApplyFromImages:
     def run(self, model: Any, hyper_lora: Any, images: Any, strength: Any, **kwargs: Any) -> Any:
         node = display_name(APPLY_FROM_IMAGES)
         model, hyper_lora = single(model, "model", node), expect_handle(single(hyper_lora, "hyper_lora", node))
-        strength = single(strength, "strength", node)
+        strength = check_strength(single(strength, "strength", node), "strength",
+                                  where=node_label("ApplyFromImages", APPLY_FROM_IMAGES))   # before the photos
         options = {k: single(v, k, node) for k, v in kwargs.items()}
         try:
             identity, crops = make_identity(hyper_lora, photos(images, node), options)
@@ -218,7 +228,7 @@ class HyperLoRAStudioApplyFromImages:
             return pass_through(model, hyper_lora, images, node, e)
         hyper_lora.load()
         lora = lora_from_identity(hyper_lora.model, identity, kind="id")
-        return (apply_lora(model, lora, strength), crops)
+        return (apply_lora(model, lora, strength, where=node_label("ApplyFromImages", APPLY_FROM_IMAGES)), crops)
 
 
 def pass_through(model: Any, hyper_lora: HyperLoRAHandle, images: Any, node: str, reason: Exception) -> dict:

@@ -17,13 +17,14 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..hyperlora import similarity as sim
+from ..hyperlora.checks import check_strength
 from ..hyperlora.errors import LoraError, SettingError
 from ..hyperlora.pipeline import images_from_comfy
 from ..hyperlora.refine import DEFAULT_LEARNING_RATE, DEFAULT_STEPS, MAX_STEPS, MODES, DenoiseTask, refine
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, LORA_MODEL, STUDIO_IDENTITY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt,
                      expect_handle, expect_identity, face_inputs, face_options, images_to_comfy, mappings, progress)
-from .lora import STRENGTH, model_kind
+from .lora import STRENGTH, model_kind, node_label
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class HyperLoRAStudioRefineIdentity:
 
     def run(self, model: Any, hyper_lora: HyperLoRAHandle, identity: Any, latent: dict, positive: list, mode: str,
             steps: int, learning_rate: float, strength: float, seed: int) -> dict:
+        strength = check_strength(strength, "strength", where=node_label("RefineIdentity", "Refine Identity"))
         hyper_lora = expect_handle(hyper_lora)
         identity = expect_identity(identity)
         sampling = model.model.model_sampling
