@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import IdentityFileError
 from .generate import HyperLoRAModel
-from .lora import mix_tokens
+from .lora import TOKEN_NORM_TOLERANCE, mix_tokens, token_norm_deviation
 from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
@@ -90,6 +90,26 @@ def _check_tokens(t: Tensor, what: str, where: str) -> None:
         raise IdentityFileError(f"{where}: {what} is empty ({_shape(t)}).")
     if not bool(torch.isfinite(t).all()):
         raise IdentityFileError(f"{where}: {what} contain NaN or infinite values; re-create the identity from the photos.")
+    _check_unit_tokens(t, what, where)
+
+
+def _check_unit_tokens(t: Tensor, what: str, where: str) -> None:
+    """IdentityFileError unless every token has L2 norm 1 (within :data:`TOKEN_NORM_TOLERANCE`), as every
+    resampler output has (:func:`hyperlora.lora.normalize_tokens`).  All-zero tokens would build a LoRA that
+    changes nothing, scaled ones a LoRA whose weight changes are scaled as much."""
+    deviation = token_norm_deviation(t)
+    bad = torch.nonzero(deviation > TOKEN_NORM_TOLERANCE).flatten()
+    if bad.numel() == 0:
+        return
+    norms = t.float().norm(dim=-1)
+    first = int(bad[0])
+    state = ("all zero" if not bool(norms.any()) else
+             f"not unit vectors: token {first} has length {float(norms[first]):.4g}")
+    raise IdentityFileError(
+        f"{where}: {what} are {state} ({bad.numel()} of {t.shape[0]} tokens off), but every token the resampler "
+        f"makes has length 1 (within {TOKEN_NORM_TOLERANCE:g}). Such a file would build a LoRA that does nothing "
+        "or one that wrecks the model; re-create the identity from the photos (Identity from Images) and save it "
+        "with the HyperLoRA Studio Save Identity node.")
 
 
 def _check_embedding(t: Tensor, where: str) -> None:

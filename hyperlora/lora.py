@@ -320,6 +320,18 @@ def normalize_tokens(t: Tensor) -> Tensor:
     return t / torch.sqrt(t.square().sum(-1, keepdim=True) + NORM_EPS)
 
 
+TOKEN_NORM_TOLERANCE = 1e-2
+"""How far a stored token's L2 norm may lie from 1.  Every token the resampler outputs went through
+:func:`normalize_tokens` last, whose result has norm ``|t| / sqrt(|t|^2 + NORM_EPS)``: 1 up to float rounding
+(about 1e-3 in float16) for any token that is not all but zero."""
+
+
+def token_norm_deviation(t: Tensor) -> Tensor:
+    """``[..., K]`` tokens -> ``[...]`` float32: how far each token's L2 norm is from 1, the norm
+    :func:`normalize_tokens` gives; above :data:`TOKEN_NORM_TOLERANCE` a token is not a resampler output."""
+    return (t.float().norm(dim=-1) - 1.0).abs()
+
+
 def mix_tokens(tokens: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Interpolate identities in coefficient space.
 

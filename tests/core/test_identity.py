@@ -97,7 +97,7 @@ def test_save_converts_to_float32_and_refuses_bad_identities(tmp_path):
     flat = Identity(torch.ones(6), None, "m", "x", 1, {})
     with pytest.raises(IdentityFileError, match=r"2-D float matrix \[Q, K\], got \[6\]"):
         save_identity(flat, tmp_path / "flat.safetensors")
-    odd_base = Identity(ident.tokens, torch.ones(4, 5), "m", "x", 1, {})
+    odd_base = Identity(ident.tokens, torch.ones(4, 5) / 5 ** 0.5, "m", "x", 1, {})
     with pytest.raises(IdentityFileError, match="different sizes K"):
         save_identity(odd_base, tmp_path / "odd.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half.safetensors"]
@@ -141,7 +141,7 @@ def test_load_errors(tmp_path):
         load_identity(nan)
 
     shape = tmp_path / "shape.safetensors"
-    write_raw(shape, {"tokens": torch.zeros(8, 6)}, num_queries="16")
+    write_raw(shape, {"tokens": random_tokens(8, 6)}, num_queries="16")
     with pytest.raises(IdentityFileError, match=r"tokens are \[8, 6\] but its metadata says \[16, 6\]"):
         load_identity(shape)
 
@@ -189,7 +189,7 @@ def test_bad_face_embeddings_are_refused(tmp_path, bad, match):
     with pytest.raises(IdentityFileError, match="Cannot save the identity.*" + match):
         save_identity(make_identity(face_embedding=bad), tmp_path / "bad.safetensors")
     path = tmp_path / "raw.safetensors"
-    write_raw(path, {"tokens": torch.zeros(8, 6), "face_embedding": bad}, format_version="2")
+    write_raw(path, {"tokens": random_tokens(8, 6), "face_embedding": bad}, format_version="2")
     with pytest.raises(IdentityFileError, match="damaged.*" + match):
         load_identity(path)
 
@@ -346,3 +346,33 @@ def test_algebra_on_generated_loras(models):
     for prefix, dw in got.items():
         want = 0.85 * (ra[prefix] + rb[prefix])
         assert (dw - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("scale, says", [(0.0, "its tokens are all zero"),
+                                         (1e6, "its tokens are not unit vectors: token 0 has length 1e\\+06"),
+                                         (0.5, "token 0 has length 0.5")])
+def test_tokens_that_are_not_unit_vectors_are_refused_at_load_and_save(tmp_path, scale, says):
+    """The resampler's tokens all have length 1 (normalize_tokens is its last step): all-zero tokens would
+    build a LoRA that does nothing, tokens x 1e6 one whose weight changes are 1e6 times too large."""
+    tokens = random_tokens(8, 6) * scale
+    path = tmp_path / "scaled.safetensors"
+    write_raw(path, {"tokens": tokens})
+    with pytest.raises(IdentityFileError, match=f"damaged: .*{says}.*length 1 .*Identity from Images"):
+        load_identity(path)
+    with pytest.raises(IdentityFileError, match=f"Cannot save the identity.*{says}"):
+        save_identity(Identity(tokens, None, "m", "x", 1, {}), tmp_path / "out.safetensors")
+    base = tmp_path / "base.safetensors"
+    write_raw(base, {"tokens": random_tokens(8, 6), "base_tokens": random_tokens(4, 6) * scale}, base_num_queries="4")
+    with pytest.raises(IdentityFileError, match="its Base-LoRA tokens are"):
+        load_identity(base)
+
+
+def test_unit_tokens_in_float16_still_load(tmp_path):
+    """float16 rounding moves a unit token's length by about 1e-3, inside the tolerance."""
+    from hyperlora.lora import TOKEN_NORM_TOLERANCE, normalize_tokens, token_norm_deviation
+
+    tokens = normalize_tokens(torch.randn(1120, 128, generator=torch.Generator().manual_seed(0))).half()
+    assert float(token_norm_deviation(tokens).max()) < TOKEN_NORM_TOLERANCE
+    path = tmp_path / "half.safetensors"
+    write_raw(path, {"tokens": tokens}, num_queries="1120", hyper_dim="128")
+    assert load_identity(path).tokens.shape == (1120, 128)
