@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import atomic_temp_name
 from .errors import HyperLoRAError, ModelFileError
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,20 @@ def open_safetensors(path: Path, *, error: type[HyperLoRAError], name: str, pick
         raise error(f"'{path}' is not a readable .safetensors {name} ({exc}); {fix}") from exc
 
 
+def current_umask() -> int:
+    """The process's umask (e.g. ``0o022``): from ``/proc/self/status`` where there is one (no change to the
+    process), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], *,
                      metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` as a .safetensors file at ``path`` atomically.
@@ -223,15 +238,18 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[s
     The file is written next to its destination under a temporary name and renamed into
     place, so an interrupted save never leaves a half-written file under the real name
     (the previous file, if any, survives).  Tensors must be contiguous, on the CPU, and
-    must not share storage (``safetensors`` refuses that).
+    must not share storage (``safetensors`` refuses that).  The file gets the mode a plain ``open()``
+    gives a new file (``0o666`` less the umask, as ComfyUI's own outputs), not the ``0o600`` that
+    ``safetensors.torch.save_file`` leaves.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(atomic_temp_name(path.name))
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

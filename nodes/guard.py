@@ -57,6 +57,13 @@ def _plan(cls: type) -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
     return float_inputs(cls), tuple(prefix_inputs(cls))
 
 
+def output_folder(cls: type) -> str | None:
+    """The folder a saving node writes into (its ``output_folder()``), whose file system's name limit the
+    prefix check uses; None for a node without one (the common 255-byte limit)."""
+    get = getattr(cls, "output_folder", None)
+    return str(get()) if callable(get) else None
+
+
 def node_label(cls: type) -> str:
     node_id, display = _NAMES.get(cls, (cls.__name__, cls.__name__))
     return f"{display} ({node_id})"
@@ -83,7 +90,7 @@ def check_inputs(cls: type, arguments: dict[str, Any]) -> None:
     for name in prefixes:
         for value in _values(arguments.get(name), as_list):
             if value is not None:
-                check_filename_prefix(value, name, where=where)
+                check_filename_prefix(value, name, where=where, folder=output_folder(cls))
 
 
 def _arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +134,7 @@ def _validate_prefix(cls: type, filename_prefix: str | None = None) -> bool | st
     if filename_prefix is None:
         return True
     try:
-        check_filename_prefix(filename_prefix, where=node_label(cls))
+        check_filename_prefix(filename_prefix, where=node_label(cls), folder=output_folder(cls))
     except SettingError as exc:
         return str(exc)
     return True

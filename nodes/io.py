@@ -55,6 +55,11 @@ class HyperLoRAStudioSaveIdentity:
                                                       "May hold a subfolder, e.g. people/anna."}),
         }}
 
+    @classmethod
+    def output_folder(cls) -> str:
+        """Where the identities go (the prefix check asks its file system's name limit)."""
+        return paths.identity_output_dir()
+
     def run(self, identity: Any, filename_prefix: str) -> dict:
         identity = expect_identity(identity)
         path, subfolder = _next_path(filename_prefix, Path(paths.identity_output_dir()))
@@ -116,6 +121,11 @@ class HyperLoRAStudioExportLoRA:
             "dtype": (["fp16", "fp32"], {"default": "fp16",
                                          "tooltip": "Precision of the saved matrices; fp16 halves the file."}),
         }}
+
+    @classmethod
+    def output_folder(cls) -> str:
+        """Where the LoRAs go (the prefix check asks its file system's name limit)."""
+        return str(paths.lora_output_dir())
 
     def run(self, lora: dict[str, torch.Tensor], filename_prefix: str, dtype: str) -> dict:
         out_dir = paths.lora_output_dir()

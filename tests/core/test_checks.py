@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hyperlora.checks import (COUNTER_SUFFIX_BYTES, MAX_NAME_BYTES, check_filename_prefix, check_finite,
+                              longest_prefix_name,
                               finite_float, is_finite_number)
 from hyperlora.errors import QueueError, SettingError
 from hyperlora.tools import queue as q
@@ -37,7 +38,7 @@ def test_check_finite_without_a_node_has_no_link_hint():
 
 
 @pytest.mark.parametrize("prefix", ["identity", "people/anna", "hyperlora/identity", "a b/c-d_e.f", "ü/名前",
-                                    "x" * (MAX_NAME_BYTES - COUNTER_SUFFIX_BYTES), "./x", "a\\b"])
+                                    "x" * longest_prefix_name(), "./x", "a\\b"])
 def test_good_prefixes_pass(prefix):
     assert check_filename_prefix(prefix) == prefix
 
@@ -56,7 +57,10 @@ def test_good_prefixes_pass(prefix):
     ("a\nb", "contains the control character '\\n' (position 2)"),
     ("a\x00b", "control character"),
     ("tab\there", "control character"),
-    ("x" * (MAX_NAME_BYTES - COUNTER_SUFFIX_BYTES + 1), "longer than the file system allows"),
+    ("x" * (longest_prefix_name() + 1), "longer than the file system allows"),
+    ("x" * (MAX_NAME_BYTES - COUNTER_SUFFIX_BYTES), "longer than the file system allows"),   # no room for the temp
+    (".", "starting with '.', which would write a hidden file"),
+    ("people/.anna", "starting with '.', which would write a hidden file"),
     ("é" * 200, "longer than the file system allows"),          # 400 bytes in UTF-8
     ("x" * 300 + "/name", "longer than the file system allows"),
 ])
