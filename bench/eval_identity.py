@@ -45,6 +45,7 @@ from PIL import Image  # noqa: E402
 from hyperlora import similarity as sim  # noqa: E402
 from hyperlora.faces import preprocess as pp  # noqa: E402
 from hyperlora.faces.analysis import FaceAnalyzer  # noqa: E402
+from hyperlora.image_files import read_image  # noqa: E402
 from hyperlora.spec import TRIGGER_PREFIX  # noqa: E402
 
 COLUMNS = ("model", "pair", "photo", "prompt", "image", "face_found", "id_sim", "clip_i", "clip_t")
@@ -65,7 +66,7 @@ def read_pairs(path: Path) -> list[Pair]:
 
 
 def rgb(path: Path) -> np.ndarray:
-    return np.array(Image.open(path).convert("RGB"), dtype=np.uint8)
+    return read_image(path)              # the size is checked before decoding
 
 
 class Clip:

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..checkpoint import load_hyper_lora
 from ..errors import DependencyError, HyperLoRAError, ImageInputError
 from ..identity import load_identity, save_identity
+from ..image_files import read_image
 from ..lora_file import lora_metadata, save_lora_file
 from ..lora_functional import diffusers_lora_targets
 from ..refine import DEFAULT_STEPS, MODES, DenoiseTask, refine
@@ -41,10 +42,7 @@ def load_photos(paths: Sequence[str | Path], size: int) -> Tensor:
 
     out = []
     for p in paths:
-        try:
-            img = Image.open(p).convert("RGB")
-        except OSError as exc:
-            raise ImageInputError(f"The photo '{p}' cannot be read ({exc}); give a JPEG or PNG file.") from exc
+        img = Image.fromarray(read_image(p))       # the size is checked before decoding
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)

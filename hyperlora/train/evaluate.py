@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SettingError
+from ..image_files import read_image
 from ..lora_functional import Factors, LoraTerm, applied, diffusers_lora_targets, factors_from_lora
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,6 @@ def reference_features_from_photos(folder: Path, identities: Sequence[str], *, a
 
     ``antelope``: the AntelopeV2 folder; ``clip_folder``: a Hugging Face CLIP vision folder.
     """
-    from PIL import Image
-
     from ..encoders import ClipVisionEncoder
     from ..faces.analysis import FaceAnalyzer
     from ..pipeline import extract_conditions
@@ -92,7 +91,7 @@ def reference_features_from_photos(folder: Path, identities: Sequence[str], *, a
         photos = sorted(p for p in (Path(folder) / name).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not photos:
             raise SettingError(f"no reference photos in '{Path(folder) / name}'; put one or more face photos there.")
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
+        images = [read_image(p) for p in photos]            # the size is checked before decoding
         cond = extract_conditions(images, analyzer=analyzer, clip=clip, need_id=True, need_clip=True, need_base=False,
                                   no_face="skip", use_cache=False)
         out[name] = Features(cond.id_embeds, None if cond.clip_features is None else cond.clip_features.float())

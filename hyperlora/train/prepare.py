@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import FaceNotFoundError, HyperLoRAError, SettingError
+from ..errors import FaceNotFoundError, HyperLoRAError, ImageInputError, SettingError
+from ..image_files import read_image
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
 from .filters import FilterReport
@@ -286,17 +287,14 @@ def read_item(item: Item, tar: tarfile.TarFile | None = None) -> Raw:
 
 
 def decode_image(data: bytes | None) -> np.ndarray | None:
-    """uint8 RGB ``[H, W, 3]`` (EXIF orientation applied) or None for anything PIL cannot decode fully."""
+    """uint8 RGB ``[H, W, 3]`` (EXIF orientation applied) or None for anything PIL cannot decode fully or
+    that is larger than :data:`hyperlora.image_files.MAX_IMAGE_PIXELS` (checked before decoding)."""
     if not data:
         return None
-    from PIL import Image, ImageOps
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            # camera photos: apply the EXIF orientation, as ComfyUI's LoadImage does
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return read_image(data)
+    except ImageInputError as exc:
+        logger.debug("skipped an image: %s", exc)
         return None
 
 
