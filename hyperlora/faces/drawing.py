@@ -107,12 +107,46 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: object, fill: tuple[int, int, int]) -> None:
-    """Text on a dark box so it reads on any photo."""
+MIN_FONT_SIZE = 8
+"""Smallest font a label is shrunk to before its text is shortened (``...``) to fit its region."""
+
+
+def fit_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: object,
+              bounds: tuple[float, float, float, float]) -> tuple[tuple[float, float], str, object,
+                                                                   tuple[float, float, float, float]]:
+    """Where and how a label goes so that its dark box lies inside ``bounds`` ``(x0, y0, x1, y1)`` (the image,
+    or its panel): moved left / up as far as needed, then drawn with a smaller font, then shortened.
+
+    Returns ``((x, y) to draw at, text, font, box)``; ``box`` ``(left, top, right, bottom)`` is the dark box,
+    inside ``bounds`` whenever the region can hold a label at all."""
+    x0, y0, x1, y1 = bounds
+
+    def measure(t: str, f: object) -> tuple[float, float, float, float, int]:
+        left, top, right, bottom = draw.textbbox((0, 0), t, font=f)
+        return left, top, right, bottom, max(2, (bottom - top) // 5)
+
+    room = x1 - x0
+    left, top, right, bottom, pad = measure(text, font)
+    size = getattr(font, "size", None)
+    while right - left + 2 * pad > room and isinstance(size, (int, float)) and size > MIN_FONT_SIZE \
+            and hasattr(font, "font_variant"):
+        size = max(MIN_FONT_SIZE, int(size * 0.85))
+        font = font.font_variant(size=size)                  # type: ignore[attr-defined]
+        left, top, right, bottom, pad = measure(text, font)
+    while right - left + 2 * pad > room and len(text) > 1:
+        text = text[:-4].rstrip() + "..." if len(text) > 4 else text[:-1]
+        left, top, right, bottom, pad = measure(text, font)
     x, y = xy
-    left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-    pad = max(2, (bottom - top) // 5)
-    draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=(0, 0, 0))
+    x = max(x0 + pad - left, min(x, x1 - pad - right))       # the box's right edge inside, then its left edge
+    y = max(y0 + pad - top, min(y, y1 - pad - bottom))
+    return (x, y), text, font, (x + left - pad, y + top - pad, x + right + pad, y + bottom + pad)
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: object, fill: tuple[int, int, int],
+           bounds: tuple[float, float, float, float]) -> None:
+    """Text on a dark box so it reads on any photo, kept inside ``bounds`` (see :func:`fit_label`)."""
+    (x, y), text, font, box = fit_label(draw, xy, text, font, bounds)
+    draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(0, 0, 0))
     draw.text((x, y), text, fill=fill, font=font)
 
 
@@ -143,7 +177,8 @@ def draw_analysis(image_rgb: np.ndarray, faces: Sequence[DetectedFace], chosen: 
         colour = CHOSEN_RGB if is_chosen else OTHER_RGB
         x1, y1, x2, y2 = (float(v) for v in face.bbox)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=(2 if is_chosen else 1) * unit)
-        _label(draw, (x1 + 2 * unit, max(0.0, y1) + 2 * unit), face_label(i, face, is_chosen), font, colour)
+        _label(draw, (x1 + 2 * unit, max(0.0, y1) + 2 * unit), face_label(i, face, is_chosen), font, colour,
+               (0, 0, w, h))
     if chosen is not None:
         face = faces[chosen]
         r = max(1, unit)
@@ -152,7 +187,7 @@ def draw_analysis(image_rgb: np.ndarray, faces: Sequence[DetectedFace], chosen: 
         for (x, y), colour in zip(np.asarray(face.kps, dtype=np.float64), KPS_COLORS):
             draw.ellipse((x - 2 * r, y - 2 * r, x + 2 * r, y + 2 * r), outline=colour, width=r)
     if title:
-        _label(draw, (3 * unit, 3 * unit), title, font, TEXT_RGB if faces else NO_FACE_RGB)
+        _label(draw, (3 * unit, 3 * unit), title, font, TEXT_RGB if faces else NO_FACE_RGB, (0, 0, w, h))
     if not crops:
         return np.asarray(photo)
     panel_w = max(64, min(h // max(1, len(crops)), w // 2, 512))
@@ -168,7 +203,7 @@ def draw_analysis(image_rgb: np.ndarray, faces: Sequence[DetectedFace], chosen: 
             break
         tile = Image.fromarray(np.ascontiguousarray(arr), mode="RGB").resize((side, side))
         canvas.paste(tile, (w, y))
-        _label(cdraw, (w + 2 * unit, y + 2 * unit), label, font, TEXT_RGB)
+        _label(cdraw, (w + 2 * unit, y + 2 * unit), label, font, TEXT_RGB, (w, y, w + panel_w, y + side))
         y += side
     return np.asarray(canvas)
 
@@ -195,4 +230,4 @@ def describe_faces(faces: Sequence[DetectedFace], chosen: int | None, *, order: 
 
 
 __all__ = ["KPS_COLORS", "KPS_LIMBS", "LIMB_DIM", "LIMB_HALF_WIDTH", "POINT_RADIUS", "describe_faces",
-           "draw_analysis", "draw_keypoints", "face_label", "place_keypoints"]
+           "draw_analysis", "draw_keypoints", "face_label", "fit_label", "place_keypoints"]

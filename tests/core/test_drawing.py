@@ -10,7 +10,9 @@ import pytest
 
 from hyperlora.errors import ImageInputError, SettingError
 from hyperlora.faces.analysis import DetectedFace
-from hyperlora.faces.drawing import describe_faces, draw_analysis, draw_keypoints, place_keypoints
+from hyperlora.faces.drawing import (_font, describe_faces, draw_analysis, draw_keypoints, face_label, fit_label,
+                                      place_keypoints)
+from PIL import Image, ImageDraw
 
 # the published recipe, restated as data for the reference below
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
@@ -150,3 +152,35 @@ def test_preview_without_faces_and_text():
     assert lines[0] == "image 1 of 1:" and "2 face(s) in the 400x300 image" in lines[1] and "chosen: #0" in lines[1]
     assert lines[2] == "  #0: box (40, 80)-(140, 200), 100x120 px, score 0.910  <- chosen"
     assert lines[3] == "  #1: box (240, 60)-(370, 220), 130x160 px, score 0.970"
+
+
+def test_labels_on_the_right_stay_inside_the_image_and_the_panel():
+    """A face at the right edge and the crop labels of a narrow panel (a portrait photo) used to run past
+    the right edge, cut off; every label's dark box now lies inside its region, all its text drawn."""
+    h, w = 1024, 768                                         # portrait: the panel is w // 2 = 384 px wide
+    image = np.full((h, w, 3), 90, np.uint8)
+    faces = [_face(600, 300, 767, 500, 0.97)]                # the chosen face touches the right edge
+    crop = np.full((512, 512, 3), 200, np.uint8)
+    crops = [("CLIP input (ID condition)", crop), ("ArcFace input (4x face box)", crop)]
+    out = draw_analysis(image, faces, 0, crops=crops, title="1 face(s); took #0")
+    panel = out.shape[1] - w
+    assert panel == 384
+    font = _font(7 * 3 + 5)                                  # the preview's font for a 1024 px image
+    draw = ImageDraw.Draw(Image.new("RGB", (w + panel, h)))
+    for xy, text, bounds in [((600 + 6, 306), face_label(0, faces[0], True), (0, 0, w, h)),
+                             ((w + 6, panel + 6), crops[1][0], (w, panel, w + panel, 2 * panel)),
+                             ((w + 6, 6), "x" * 400, (w, 0, w + 40, 30))]:       # too long even when small
+        (x, y), shown, used, box = fit_label(draw, xy, text, font, bounds)
+        assert bounds[0] <= box[0] < box[2] <= bounds[2] and bounds[1] <= box[1] < box[3] <= bounds[3], text
+        left, top, right, bottom = draw.textbbox((x, y), shown, font=used)
+        assert box[0] <= left and right <= box[2] and box[1] <= top and bottom <= box[3]
+        if text == crops[1][0]:                  # every pixel of the label's text is on the preview
+            alone = Image.new("RGB", (w + panel, h))
+            ImageDraw.Draw(alone).text((x, y), shown, fill=(255, 255, 255), font=used)
+            expected = np.all(np.asarray(alone) == 255, axis=-1)
+            assert shown == text and expected.sum() > 300
+            assert np.array_equal(np.all(out == 255, axis=-1)[panel:2 * panel], expected[panel:2 * panel])
+    assert shown.endswith("...") and len(shown) < 40
+    green = np.all(out[:, :w] == np.array([40, 230, 90]), axis=-1)
+    label_rows = green[306:340, 600:w - 8]                   # the face label's text, inside the image
+    assert label_rows.sum() > 100
