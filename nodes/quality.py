@@ -23,7 +23,8 @@ from ..hyperlora.pipeline import images_from_comfy
 from ..hyperlora.refine import DEFAULT_LEARNING_RATE, DEFAULT_STEPS, MAX_STEPS, MODES, DenoiseTask, refine
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, LORA_MODEL, STUDIO_IDENTITY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt,
-                     expect_handle, expect_identity, face_inputs, face_options, images_to_comfy, mappings, progress)
+                     display_name, expect_handle, expect_identity, face_inputs, face_options, images_to_comfy,
+                     mappings, photos, progress, single)
 from .lora import STRENGTH, model_kind, node_label
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,32 @@ def reference_inputs() -> dict[str, dict[str, tuple]]:
     }
 
 
-def score(hyper_lora: HyperLoRAHandle, images: torch.Tensor, identity: Any, reference_images: torch.Tensor | None,
-          kwargs: dict[str, Any]) -> tuple[list[np.ndarray], list[sim.ImageScore], str]:
-    """``(images as uint8 arrays, one score each, where the reference came from)``, with progress."""
-    hyper_lora = expect_handle(hyper_lora)
-    options = face_options(kwargs)
-    arrays = images_from_comfy(images)
+def _options(kwargs: dict[str, Any], node: str) -> dict[str, Any]:
+    """The face options of an ``INPUT_IS_LIST`` node, one value each (see :func:`nodes.common.single`)."""
+    return {k: single(v, k, node) for k, v in kwargs.items()}
+
+
+def frames(images: Any) -> list[torch.Tensor]:
+    """IMAGE batch or list of batches (a list node, images of different sizes) -> one ``[1, H, W, C]`` per image,
+    in order: the images a scoring node ranks as one set."""
+    return [b[i:i + 1] for b in (images if isinstance(images, list) else [images]) for i in range(b.shape[0])]
+
+
+def score(hyper_lora: Any, images: Any, identity: Any, reference_images: Any, kwargs: dict[str, Any],
+          node: str) -> tuple[list[np.ndarray], list[sim.ImageScore], str]:
+    """``(images as uint8 arrays, one score each, where the reference came from)``, with progress.
+
+    The inputs arrive as ComfyUI passes them to an ``INPUT_IS_LIST`` node: ``images`` and
+    ``reference_images`` may be lists of batches of different sizes, each taken as one set (every
+    image scored once, one reference from all photos); every other input must have one value."""
+    hyper_lora = expect_handle(single(hyper_lora, "hyper_lora", node))
+    identity = single(identity, "identity", node)
+    if isinstance(reference_images, list) and not reference_images:
+        reference_images = None                   # the optional input left open
+    if reference_images is not None:
+        reference_images = photos(reference_images, node)
+    options = face_options(_options(kwargs, node))
+    arrays = images_from_comfy(photos(images, node))
     bar = progress(len(arrays) + 1)
     check_interrupt()
     analyzer = hyper_lora.analyzer()
@@ -81,12 +102,17 @@ def floats(scores: list[sim.ImageScore]) -> list[float]:
     return [NO_SCORE if s.score is None else float(s.score) for s in scores]
 
 
+SIMILARITY = "Face Similarity"
+BEST_OF_N = "Best of N"
+
+
 class HyperLoRAStudioFaceSimilarity:
     DESCRIPTION = (
         "Scores how much each image looks like the person: the ArcFace cosine similarity (1 = the same face as "
         "the reference, about 0.3-0.5 and below: someone else for real ArcFace) between the reference and the "
         "best-matching face of each image, with the same AntelopeV2 models and crops as the identity. Images "
-        "without a face are marked 'no face'.")
+        "without a face are marked 'no face'. A list of images (different sizes) is scored as one set, and a "
+        "list of reference photos makes one reference.")
     CATEGORY = f"{CATEGORY}/quality"
     RETURN_TYPES = ("FLOAT", "STRING", "IMAGE")
     RETURN_NAMES = ("scores", "report", "annotated")
@@ -94,16 +120,21 @@ class HyperLoRAStudioFaceSimilarity:
     OUTPUT_TOOLTIPS = (
         "One score per image, in image order (a list); NaN (not a number) for an image without a face.",
         "One line per image: its score, which face (numbered largest first) or 'no face'.",
-        "The images with the scored face boxed and the score (or 'no face') written on them.")
+        "The images with the scored face boxed and the score (or 'no face') written on them (images of "
+        "different sizes are scaled to 512x512 to make one batch).")
     FUNCTION = "run"
+    # the images (and the reference photos) are one set even when they arrive as a list of different sizes:
+    # called once with every input as a list, each image gets one score against one reference
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return reference_inputs()
 
-    def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, identity: Any = None,
-            reference_images: torch.Tensor | None = None, **kwargs: Any) -> tuple[list[float], str, torch.Tensor]:
-        arrays, scores, source = score(hyper_lora, images, identity, reference_images, kwargs)
+    def run(self, hyper_lora: Any, images: Any, identity: Any = None, reference_images: Any = None,
+            **kwargs: Any) -> tuple[list[float], str, torch.Tensor]:
+        arrays, scores, source = score(hyper_lora, images, identity, reference_images, kwargs,
+                                       display_name(SIMILARITY))
         report = f"{source}\n{sim.describe(scores)}"
         log.info("HyperLoRA Studio Face Similarity:\n%s", report)
         annotated = images_to_comfy([sim.annotate(a, s) for a, s in zip(arrays, scores)])
@@ -113,16 +144,19 @@ class HyperLoRAStudioFaceSimilarity:
 class HyperLoRAStudioBestOfN:
     DESCRIPTION = (
         "Keeps the images that look most like the person: scores a batch as Face Similarity does and passes on "
-        "the 'keep' best, most alike first, with their scores. Generate 8, keep 2.")
+        "the 'keep' best, most alike first, with their scores. Generate 8, keep 2. A list of images (different "
+        "sizes) is ranked as one set.")
     CATEGORY = f"{CATEGORY}/quality"
     RETURN_TYPES = ("IMAGE", "FLOAT", "STRING")
     RETURN_NAMES = ("images", "scores", "report")
-    OUTPUT_IS_LIST = (False, True, False)
+    OUTPUT_IS_LIST = (True, True, False)
     OUTPUT_TOOLTIPS = (
-        "The kept images, most alike first (images without a face only if fewer faces than 'keep' were found).",
+        "The kept images, most alike first (images without a face only if fewer faces than 'keep' were found): "
+        "one batch when they have one size, else a list with one image each.",
         "The kept images' scores, in the same order (a list; NaN for a kept image without a face).",
         "Every image's score in rank order, and which were kept.")
     FUNCTION = "run"
+    INPUT_IS_LIST = True     # a list of images is ranked as one set: 'keep' best of all of them, not of each
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -134,18 +168,23 @@ class HyperLoRAStudioBestOfN:
                               "keep": keep, **required}
         return inputs
 
-    def run(self, hyper_lora: HyperLoRAHandle, images: torch.Tensor, keep: int, identity: Any = None,
-            reference_images: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, list[float], str]:
-        _arrays, scores, source = score(hyper_lora, images, identity, reference_images, kwargs)
+    def run(self, hyper_lora: Any, images: Any, keep: Any, identity: Any = None, reference_images: Any = None,
+            **kwargs: Any) -> tuple[list[torch.Tensor], list[float], str]:
+        node = display_name(BEST_OF_N)
+        keep = int(single(keep, "keep", node))
+        _arrays, scores, source = score(hyper_lora, images, identity, reference_images, kwargs, node)
         order = sim.rank(scores)
-        kept = order[:int(keep)]
+        kept = order[:keep]
         lines = [f"{source}; kept {len(kept)} of {len(scores)}"]
         lines += [f"{'kept' if r < len(kept) else '    '} #{r + 1}: image {i + 1}: {scores[i].label()}"
                   for r, i in enumerate(order)]
         report = "\n".join(lines)
         log.info("HyperLoRA Studio Best of N:\n%s", report)
-        index = torch.tensor(kept, dtype=torch.long, device=images.device)
-        return (images.index_select(0, index), floats([scores[i] for i in kept]), report)
+        every = frames(images)
+        chosen = [every[i] for i in kept]
+        same_size = len({tuple(t.shape[1:]) for t in chosen}) == 1
+        out = [torch.cat(chosen)] if same_size else chosen
+        return (out, floats([scores[i] for i in kept]), report)
 
 
 # --------------------------------------------------------------------------- refine
@@ -295,7 +334,7 @@ class HyperLoRAStudioRefineIdentity:
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = mappings(
-    ("FaceSimilarity", "Face Similarity", HyperLoRAStudioFaceSimilarity),
-    ("BestOfN", "Best of N", HyperLoRAStudioBestOfN),
+    ("FaceSimilarity", SIMILARITY, HyperLoRAStudioFaceSimilarity),
+    ("BestOfN", BEST_OF_N, HyperLoRAStudioBestOfN),
     ("RefineIdentity", "Refine Identity", HyperLoRAStudioRefineIdentity),
 )

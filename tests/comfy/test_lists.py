@@ -67,3 +67,49 @@ def test_face_mask_gives_one_mask_per_photo_in_its_size(pack, small, photos):
     [(masks,)] = run_as_comfyui(cls, inputs)
     assert [tuple(m.shape) for m in masks] == [(1, 512, 512), (1, 400, 300)]
     assert all(float(m.max()) == 1.0 for m in masks)
+
+
+SCORE = {"face_choice": ["largest"], "face_index": [0], "det_size": ["640"]}
+
+
+def test_best_of_n_ranks_a_mixed_size_list_as_one_set(pack, small, photos):
+    """keep=1 of a list of two images (two sizes) is one image, not one per list item; keep=2 gives both,
+    most alike first, each in its own size (a batch needs one size)."""
+    cls = pack.nodes["HyperLoRAStudioBestOfN"]
+    inputs = {"hyper_lora": [small], "images": photos, "reference_images": [photos[0]], **SCORE}
+    [(kept, scores, report)] = run_as_comfyui(cls, {**inputs, "keep": [1]})      # one call for the whole list
+    assert len(kept) == 1 and tuple(kept[0].shape) == (1, 512, 512, 3) and torch.equal(kept[0], photos[0])
+    assert len(scores) == 1 and scores[0] == pytest.approx(1.0, abs=1e-4)
+    assert report.splitlines()[0] == "reference: 1 photo(s); kept 1 of 2"
+    [(kept, scores, _)] = run_as_comfyui(cls, {**inputs, "keep": [2]})
+    assert [tuple(k.shape) for k in kept] == [(1, 512, 512, 3), (1, 400, 300, 3)]
+    assert torch.equal(kept[1], photos[1]) and scores[0] > scores[1]
+
+
+def test_face_similarity_gives_each_image_one_score_against_a_mixed_size_reference_list(pack, small, photos):
+    cls = pack.nodes["HyperLoRAStudioFaceSimilarity"]
+    inputs = {"hyper_lora": [small], "images": [photos[0]], "reference_images": photos, **SCORE}
+    [(scores, report, annotated)] = run_as_comfyui(cls, inputs)        # one reference from both photos
+    assert len(scores) == 1 and 0.5 < scores[0] <= 1.0
+    assert report.startswith("reference: 2 photo(s)\nimage 1: ")
+    assert tuple(annotated.shape) == (1, 512, 512, 3)
+    [(scores, report, annotated)] = run_as_comfyui(cls, {**inputs, "images": photos, "reference_images": [photos[0]]})
+    assert len(scores) == 2 and scores[0] == pytest.approx(1.0, abs=1e-4) and len(report.splitlines()) == 3
+    assert tuple(annotated.shape) == (2, 512, 512, 3)                  # two sizes: scaled to one batch
+
+
+def test_a_list_of_too_many_photos_is_refused_before_any_is_converted(pack, small):
+    """10,000 photos used to be converted up front (RSS 1 -> 9.3 GB, kept); past MAX_PHOTOS the node says
+    why before converting or analysing any."""
+    import time
+
+    limit = pack.core("identity").MAX_PHOTOS
+    cls = pack.nodes["HyperLoRAStudioIdentityFromImages"]
+    tiny = [torch.zeros(1, 8, 8, 3)] * (limit + 1)
+    started = time.monotonic()
+    with pytest.raises(pack.errors.ImageInputError, match=f"Got {limit + 1} photos; one identity is made from at "
+                                                          f"most {limit}. It is the mean"):
+        run_as_comfyui(cls, {"hyper_lora": [small], "images": tiny, **{k: [v] for k, v in FACE.items()}})
+    with pytest.raises(pack.errors.ImageInputError, match=f"Got {limit + 1} photos"):
+        cls().run(small, torch.zeros(limit + 1, 8, 8, 3), **FACE)              # one batch: the same limit
+    assert time.monotonic() - started < 5.0

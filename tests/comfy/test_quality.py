@@ -71,7 +71,7 @@ def test_best_of_n_keeps_exactly_the_top_k_in_score_order(pack, small):
     expected = sorted((i for i in range(5) if not math.isnan(all_scores[i])), key=lambda i: -all_scores[i])
     assert expected[0] == 2 and 1 not in expected
     for keep in (1, 2, 4):
-        kept, scores, report = best.run(small, images, keep, reference_images=reference, **FACE)
+        [kept], scores, report = best.run(small, images, keep, reference_images=reference, **FACE)
         assert kept.shape[0] == keep == len(scores)
         for rank, i in enumerate(expected[:keep]):
             assert torch.equal(kept[rank], images[i])
@@ -79,5 +79,5 @@ def test_best_of_n_keeps_exactly_the_top_k_in_score_order(pack, small):
         assert scores == sorted(scores, reverse=True)
         assert report.count("\nkept ") == keep
     # more than there are faces: the faceless image comes last, marked NaN
-    kept, scores, _ = best.run(small, images, 9, reference_images=reference, **FACE)
+    [kept], scores, _ = best.run(small, images, 9, reference_images=reference, **FACE)
     assert kept.shape[0] == 5 and torch.equal(kept[4], images[1]) and math.isnan(scores[4])
