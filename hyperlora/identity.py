@@ -28,13 +28,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import IdentityFileError
+from .errors import IdentityFileError, ImageInputError
 from .generate import HyperLoRAModel
 from .lora import TOKEN_NORM_TOLERANCE, mix_tokens, token_norm_deviation
 from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
+
+MAX_PHOTOS = 1000
+"""Most photos one identity is made from.  An identity is the mean over its photos: past a few dozen good
+photos more change it little, while every photo is converted and analysed (about 0.5 s and up to a few MB
+each), so a list of 10,000 photos would hold gigabytes for nothing."""
+
+
+def check_photo_count(count: int, where: str = "") -> int:
+    """``count`` if one identity may be made from that many photos (1 to :data:`MAX_PHOTOS`), else
+    :class:`~hyperlora.errors.ImageInputError` saying why; checked before any photo is converted."""
+    if count > MAX_PHOTOS:
+        start = f"{where}: got" if where else "Got"
+        raise ImageInputError(
+            f"{start} {count} photos; one identity is made from at most {MAX_PHOTOS}. It is the mean over the "
+            "photos, so more than a few dozen good ones change it little, while each is converted and analysed "
+            "(memory and time grow with every photo). Pick the best photos (sharp, front-facing, one person), "
+            "or make identities from parts of the set and join them with Mix Identities.")
+    return count
 
 
 @dataclass
@@ -336,7 +354,9 @@ __all__ = [
     "IDENTITY_FORMAT",
     "IDENTITY_FORMAT_VERSION",
     "Identity",
+    "MAX_PHOTOS",
     "check_identity_fits",
+    "check_photo_count",
     "load_identity",
     "mean_face_embedding",
     "mix_identities",

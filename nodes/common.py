@@ -20,7 +20,7 @@ from comfy_execution.validation import validate_node_input
 from ..hyperlora.bundle import identity_from_images
 from ..hyperlora.errors import LoraError, SettingError
 from ..hyperlora.faces.analysis import FaceAnalyzer
-from ..hyperlora.identity import Identity
+from ..hyperlora.identity import Identity, check_photo_count
 from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
 from ..hyperlora.pipeline import images_from_comfy
 from ..hyperlora.spec import CROP_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
@@ -256,6 +256,13 @@ def photos(images: Any, node: str) -> Any:
     return images
 
 
+def count_images(images: Any) -> int:
+    """How many images an IMAGE batch or a list of them (or of single ``[H, W, C]`` images) holds, without
+    converting any."""
+    items = images if isinstance(images, list) else [images]
+    return sum(int(t.shape[0]) if getattr(t, "ndim", 0) == 4 else 1 for t in items)
+
+
 def images_to_comfy(images: list[Any], *, size: int = 512) -> torch.Tensor:
     """uint8 RGB arrays ``[H, W, 3]`` -> ComfyUI IMAGE ``[B, H, W, 3]`` float 0..1.
 
@@ -371,6 +378,7 @@ def make_identity(hyper_lora: HyperLoRAHandle, images: Any, kwargs: dict[str, An
     is honoured between photos, CLIP forwards and resampler chunks.
     """
     hyper_lora = expect_handle(hyper_lora)
+    check_photo_count(count_images(images))                  # before any photo is converted
     check_interrupt()
     analyzer = hyper_lora.analyzer()
     arrays = images_from_comfy(images)
