@@ -146,6 +146,14 @@ CASES = [
          "value_smaller_than_min"),
     Case("nan_strength_on_identity_on_prompt", lambda: prompt_strength(strength=NAN), "execution", "cond",
          "strength", "SettingError", ("Identity on Prompt",)),
+    # a finite number far out of range through a link (ComfyUI checks only typed-in values): one strength rule
+    Case("huge_strength_from_a_link", lambda: {**apply_strength(["num", 0]),
+                                               "num": {"class_type": "PrimitiveFloat", "inputs": {"value": 1e9}}},
+         "execution", "apply", "strength", "SettingError",
+         ("HyperLoRA Studio Apply (HyperLoRAStudioApply): strength is 1e+09", "from -4 to 4")),
+    Case("huge_strength_on_identity_on_prompt", lambda: {
+        **prompt_strength(strength=["num", 0]), "num": {"class_type": "PrimitiveFloat", "inputs": {"value": 1e9}}},
+         "execution", "cond", "strength", "SettingError", ("Identity on Prompt", "from -4 to 4")),
     Case("nan_start_percent", lambda: prompt_strength(start_percent=NAN), "execution", "cond", "start_percent",
          "SettingError"),
     Case("nan_optional_mask_strength", lambda: prompt_strength(mask_strength=NAN), "execution", "cond",
@@ -165,6 +173,8 @@ CASES = [
          "custom_validation_failed", ("absolute path",)),
     Case("too_long_prefix", lambda: save_prefix("n" * 300), "validation", "save", "filename_prefix",
          "custom_validation_failed", ("longer than the file system allows",)),
+    Case("dot_prefix_writes_no_hidden_file", lambda: save_prefix("."), "validation", "save", "filename_prefix",
+         "custom_validation_failed", ("which would write a hidden file",)),
     Case("control_character_prefix", lambda: save_prefix("bad\x07name"), "validation", "save", "filename_prefix",
          "custom_validation_failed", ("control character",)),
     Case("dotdot_prefix_on_export", lambda: export_prefix("../loras_outside/x"), "validation", "export",
