@@ -24,7 +24,6 @@ same), and a module whose multiplier is 0 is left out, so its weight is not patc
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields

@@ -16,8 +16,8 @@ from ..hyperlora.errors import FaceNotFoundError, LoraError
 from ..hyperlora.lora import DOWN_SUFFIX
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
-                     display_name, node_id, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
-                     photos, preview_ui, single)
+                     display_name, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
+                     node_id, photos, preview_ui, single)
 
 log = logging.getLogger(__name__)
 
