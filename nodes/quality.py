@@ -158,8 +158,12 @@ def _plain_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def trainable_patcher(model: Any) -> tuple[Any, list[torch.nn.Module], list[tuple[torch.nn.Module, str]]]:
-    """``(patcher, wrapped slots, other slots)`` (a slot: ``(module, attribute)``) that let autograd run through ``model`` whatever the
+Slot = tuple[torch.nn.Module, str]
+"""A parameter or buffer: ``(module, attribute name)``."""
+
+
+def trainable_patcher(model: Any) -> tuple[Any, list[Slot], list[Slot]]:
+    """``(patcher, wrapped slots, other slots)`` that let autograd run through ``model`` whatever the
     precision ComfyUI loaded it in: every weight and bias of ComfyUI's cast layers (Linear, Conv, GroupNorm,
     LayerNorm, ...) made in inference mode gets :func:`_plain_weight` on a clone of the patcher, so each
     call copies just that layer's tensor (no copy of the whole UNet); any other parameter or buffer made in
@@ -169,8 +173,8 @@ def trainable_patcher(model: Any) -> tuple[Any, list[torch.nn.Module], list[tupl
     if not slots:
         return model, [], []
     patcher = model.clone()       # the input MODEL keeps its own patcher; only the clone has the wrappers
-    wrapped: list[tuple[torch.nn.Module, str]] = []
-    others: list[tuple[torch.nn.Module, str]] = []
+    wrapped: list[Slot] = []
+    others: list[Slot] = []
     for name, module, attr in slots:
         if attr in ("weight", "bias") and hasattr(module, f"{attr}_function") and name:
             patcher.add_weight_wrapper(f"{name}.{attr}", _plain_weight)
@@ -180,7 +184,7 @@ def trainable_patcher(model: Any) -> tuple[Any, list[torch.nn.Module], list[tupl
     return patcher, wrapped, others
 
 
-def unwrapped(slots: list[tuple[torch.nn.Module, str]]) -> list[tuple[torch.nn.Module, str]]:
+def unwrapped(slots: list[Slot]) -> list[Slot]:
     """The slots whose layer did not get :func:`_plain_weight` when ComfyUI loaded the clone."""
     return [(m, a) for m, a in slots if not any(f is _plain_weight for f in getattr(m, f"{a}_function", []))]
 
