@@ -19,9 +19,11 @@ Flags and what a CPU does with them (``--cpu``): the default, ``--fp32-unet`` an
 in that dtype without manual cast; ``--fp16-unet``, ``--bf16-unet`` and the fp8 storage flags
 (``--fp8_e4m3fn-unet``, ``--fp8_e5m2-unet``) store the weights so and manual-cast them to fp32 at each
 layer (the CPU has no fast fp16 / bf16 / fp8 compute in ComfyUI's eyes).  ``--fp8_e8m0fnu-unet`` is
-a format of exponents only (no sign, no zero, no mantissa: made for block scales), so a UNet stored
-in it is not a model any more on any device: the node must then stop with its clear error (the model
-gives NaN before any tuning), not a crash.
+a format of exponents only (no sign, no zero, no mantissa: made for block scales): the CPU runs it
+(ComfyUI casts it to fp32 like the other fp8 formats), but a UNet stored in it has lost its signs, so
+its pictures are noise on any device; the node still runs through it.  Fast fp8 compute
+(``--fast fp8_matrix_mult``) needs a CUDA GPU of compute capability 8.9 or newer; a CPU never takes
+that path (``model_management.supports_fp8_compute`` is False), so it is not covered here.
 """
 
 from __future__ import annotations
@@ -183,14 +185,10 @@ def test_refine_runs_at_every_unet_precision(flag, pack, comfy, handle, unet_sd,
     assert (dm.input_blocks[0][0].weight.dtype, patcher.model.manual_cast_dtype) == expected
     assert all(p.is_inference() for p in dm.parameters())           # as ComfyUI's loader leaves them
     before = _state(patcher)
-    if flag == "fp8_e8m0fnu_unet":
-        with pytest.raises(pack.errors.SettingError, match="is nan before any tuning: the model itself gives NaN"):
-            refine_in_inference_mode(pack, patcher, handle)
-    else:
-        out = refine_in_inference_mode(pack, patcher, handle)
-        report = out["result"][2]
-        assert f"{STEPS} steps" in report and math.isfinite(float(report.split("after ")[1].split(" ")[0])), report
-        assert out["result"][0].settings["refined"].startswith(f"coefficients, {STEPS} steps")
+    out = refine_in_inference_mode(pack, patcher, handle)
+    report = out["result"][2]
+    assert f"{STEPS} steps" in report and math.isfinite(float(report.split("after ")[1].split(" ")[0])), report
+    assert out["result"][0].settings["refined"].startswith(f"coefficients, {STEPS} steps")
     assert _state(patcher) == before        # the same tensors (still inference-mode), no wrapper left on a layer
 
 
