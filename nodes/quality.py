@@ -325,8 +325,11 @@ class HyperLoRAStudioRefineIdentity:
                     return torch.cat([patcher.model.apply_model(x[j:j + 1], sigma[j:j + 1], **conds[int(images[j])])
                                       for j in range(x.shape[0])])
 
-                blocks = [*getattr(dm, "input_blocks", []), *([dm.middle_block] if hasattr(dm, "middle_block") else []),
-                          *getattr(dm, "output_blocks", [])]
+                # the layers inside each block: ComfyUI's UNet calls them one by one (forward_timestep_embed), never
+                # the block's own forward, so checkpointing the blocks themselves would never engage
+                blocks = [layer for block in (*getattr(dm, "input_blocks", []),
+                                              *([dm.middle_block] if hasattr(dm, "middle_block") else []),
+                                              *getattr(dm, "output_blocks", [])) for layer in block]
                 task = DenoiseTask(denoise, latents, sampling.sigmas.detach().to(device).float().clone())
                 bar.update(1)
                 result = refine(hyper_lora.model, identity, targets, task, mode=mode, steps=int(steps),

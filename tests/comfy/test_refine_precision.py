@@ -294,3 +294,24 @@ def test_refine_refuses_a_nan_latent_and_a_16_channel_latent_with_the_fix(pack, 
                                                        r"connected SDXL model works on 4-channel latents.*Connect the "
                                                        r"VAE output of the SDXL checkpoint"):
         refine_in_inference_mode(pack, patcher, handle, samples=torch.randn(1, 16, 8, 8))
+
+
+def test_activation_checkpointing_engages_in_comfyuis_unet(pack, comfy, handle, unet_sd, monkeypatch):
+    """ComfyUI's UNet calls the layers of each block, never the block's forward: checkpointing the blocks
+    never engaged, so the backward kept every activation and every weight copy (an fp32 SDXL server was
+    killed for memory).  Now every ResBlock / SpatialTransformer call with gradients is checkpointed."""
+    _flags(monkeypatch, None)
+    patcher = load_like_checkpoint_loader(comfy, unet_sd)
+    refine_core = pack.core("refine")
+    calls = []
+    original = refine_core.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(refine_core, "checkpoint", counting)
+    refine_in_inference_mode(pack, patcher, handle, steps=1)
+    layers = sum(len(b) for b in (*patcher.model.diffusion_model.input_blocks, patcher.model.diffusion_model.middle_block,
+                                  *patcher.model.diffusion_model.output_blocks))
+    assert len(calls) >= layers, (len(calls), layers)      # every layer at least once in the one training step
