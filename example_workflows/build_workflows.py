@@ -555,13 +555,15 @@ def best_of_n() -> Workflow:
                   "Load a clear photo of the person in 'Face photo'. The sampler makes 8 images (batch of 8); Best "
                   "of N scores each against the identity with the same face models the identity was made with and "
                   "keeps the 2 most alike, best first. Raise 'keep' or the batch size as you like; images without "
-                  "a face come last.")
+                  "a face come last. After a run, 'Ranking' shows every image's score and which were kept, 'Best "
+                  "score' the first kept image's score, and 'HyperLoRA model info' what the Loader loaded.")
     note(wf)
     ckpt, skip = base_model(wf)
     hl = hyper_loader(wf)
     photo = face_photo(wf, "Face photo", (0, 510), "face.png")
     ident, build, apply, crops = _identity_lora_chain(wf, hl, photo, ckpt[0], x=380, y=300)
-    wf.group("Identity", [hl, photo, ident, build, apply, crops], "#8A8")
+    info = loader_info(wf, hl)
+    wf.group("Identity", [hl, photo, info, ident, build, apply, crops], "#8A8")
     holder: dict[str, Node] = {}
 
     def keep_best(decode: Node) -> Out:
@@ -571,8 +573,16 @@ def best_of_n() -> Workflow:
         return best[0]
 
     sampling(wf, apply, skip, ckpt[2], x=760, prefix="HyperLoRA/best_of_n", batch_size=8, pick=keep_best)
-    wf.group("Best of N", [holder["best"]], "#a1309b")
+    best = holder["best"]
+    ranking = wf.add("PreviewAny", "Ranking (every image's score)", (1560, 760), node_width=420, source=best[2])
+    top = wf.add("PreviewAny", "Best score (first of the kept scores)", (1560, 1010), node_width=420, source=best[1])
+    wf.group("Best of N", [best, ranking, top], "#a1309b")
     return wf
+
+
+def loader_info(wf: Workflow, hl: Node) -> Node:
+    """The Loader's ``info`` (model, CLIP, face models, file checks) shown under the face photo."""
+    return wf.add("PreviewAny", "HyperLoRA model info", (0, 700), source=hl[1])
 
 
 def refine_identity() -> Workflow:
@@ -582,7 +592,8 @@ def refine_identity() -> Workflow:
                   "Load a photo of the person in 'Face photo' (more photos: batch them, as in t2i_several_photos). "
                   "The photo is scaled to 1024x1024 and encoded by the VAE; Refine Identity tunes the identity's "
                   "coefficients for 50 steps on it with the prompt 'fcsks fxhks fhyks, a photo of a person' (use a "
-                  "class word that fits: man, woman, ...). The report shows the denoising loss before and after. "
+                  "class word that fits: man, woman, ...). 'Refine report' shows the denoising loss before and after "
+                  "(and 'HyperLoRA model info' what the Loader loaded). "
                   "The refined identity is saved to output/hyper_lora_identities/my_face_refined_00001_.safetensors "
                   "and used for the image. mode 'lora' tunes the LoRA matrices instead (no identity file then). "
                   "Each step is a forward and backward pass of the SDXL UNet: use a GPU.")
@@ -596,7 +607,8 @@ def refine_identity() -> Workflow:
     encode = wf.add("VAEEncode", "Encode the photo", (380, 800), pixels=scaled, vae=ckpt[2])
     prompt = wf.add("CLIPTextEncode", "Prompt of the photos (trigger words + class word)", (380, 920), node_width=400,
                     clip=skip, text=TRIGGER + "a photo of a person")
-    wf.group("Identity and photos", [hl, photo, ident, scaled, encode, prompt], "#8A8")
+    info = loader_info(wf, hl)
+    wf.group("Identity and photos", [hl, photo, info, ident, scaled, encode, prompt], "#8A8")
     refine = wf.add("HyperLoRAStudioRefineIdentity", "Refine identity (50 steps)", (820, 620), model=ckpt[0],
                     hyper_lora=hl, identity=ident, latent=encode, positive=prompt, mode="coefficients", steps=50,
                     learning_rate=0.0, strength=0.85, seed=0)
@@ -605,6 +617,9 @@ def refine_identity() -> Workflow:
     apply = wf.add("HyperLoRAStudioApply", "Apply refined LoRA", (820, 1140), model=ckpt[0], lora=refine[1],
                    strength=0.85)
     wf.group("Refine", [refine, save, apply], "#a1309b")
+    report = wf.add("PreviewAny", "Refine report (loss before and after)", (1260, 720), node_width=400,
+                    source=refine[2])
+    wf.group("Refine report", [report], "#a1309b")
     sampling(wf, apply, skip, ckpt[2], x=1260, prefix="HyperLoRA/refined")
     return wf
 

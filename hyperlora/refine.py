@@ -137,6 +137,54 @@ def checkpointed(modules: Sequence[nn.Module]) -> Iterator[None]:
                 module.forward = previous  # type: ignore[method-assign]
 
 
+def inference_tensors(root: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every parameter and buffer of ``root`` (any depth) made in inference mode, as
+    ``(qualified module name, module, attribute name)``; ``""`` names ``root`` itself.
+
+    Autograd refuses to save such a tensor for backward ("Inference tensors cannot be saved for
+    backward"), and ComfyUI makes every weight of a loaded model in inference mode.
+    """
+    found: list[tuple[str, nn.Module, str]] = []
+    for name, module in root.named_modules():
+        for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+            if isinstance(t, Tensor) and t.is_inference():
+                found.append((name, module, attr))
+    return found
+
+
+@contextlib.contextmanager
+def plain_copies(slots: Sequence[tuple[nn.Module, str]]) -> Iterator[int]:
+    """Within the block, each ``(module, attribute)`` parameter or buffer is a plain (not inference-mode)
+    copy that autograd can save; on exit the very same tensors as before are back.  Yields the bytes
+    copied.  Call inside ``torch.inference_mode(False)`` (copies made in inference mode would be
+    inference tensors again)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("plain_copies needs torch.inference_mode(False): copies made in inference mode "
+                           "cannot be saved for backward either")
+    saved: list[tuple[nn.Module, str, bool, Tensor]] = []
+    copied = 0
+    try:
+        for module, attr in slots:
+            is_param = attr in module._parameters
+            old = module._parameters[attr] if is_param else module._buffers[attr]
+            if old is None:
+                continue
+            saved.append((module, attr, is_param, old))
+            fresh = old.detach().clone()
+            if is_param:
+                module._parameters[attr] = nn.Parameter(fresh, requires_grad=False)
+            else:
+                module._buffers[attr] = fresh
+            copied += fresh.numel() * fresh.element_size()
+        yield copied
+    finally:
+        for module, attr, is_param, old in reversed(saved):
+            if is_param:
+                module._parameters[attr] = old  # type: ignore[assignment]
+            else:
+                module._buffers[attr] = old
+
+
 @dataclass(frozen=True)
 class Draw:
     """One noisy sample: which photo, which discrete timestep, which noise (a seed)."""
@@ -370,6 +418,10 @@ def refine(
     if task.latents.dim() != 4 or n == 0:
         raise SettingError(f"The photos' latents have shape {list(task.latents.shape)}; connect VAE Encode of at "
                            "least one photo ([N, C, H, W]).")
+    bad = int((~torch.isfinite(task.latents)).sum())
+    if bad:
+        raise SettingError(f"The photos' latents hold {bad} NaN or infinite values (of {task.latents.numel()}); encode "
+                           "the photos again with the SDXL VAE in full precision (fp32: it overflows in fp16).")
     num_t = int(task.sigmas.shape[0])
     train, fixed = training_draws(n, steps, num_t, seed), eval_draws(n, num_t, seed)
     with torch.inference_mode(False), torch.enable_grad():
@@ -379,6 +431,11 @@ def refine(
         losses: list[float] = []
         with refiner:
             before = refiner.evaluate(task, fixed)
+            if not math.isfinite(before):
+                raise SettingError(
+                    f"The diffusion model's denoising loss on the photos is {before} before any tuning: the model "
+                    "itself gives NaN or infinite outputs, so there is nothing to tune. Load the SDXL model at a "
+                    "precision it computes in (fp32, fp16 or bf16; fp8_e8m0fnu, for instance, holds no usable weights).")
             for step, draw in enumerate(train):
                 if check_interrupt is not None:
                     check_interrupt()
@@ -392,5 +449,5 @@ def refine(
 
 
 __all__ = ["DEFAULT_LEARNING_RATE", "DEFAULT_STEPS", "DenoiseTask", "Draw", "EVAL_DRAWS", "MODES", "RefineResult",
-           "Refiner", "checkpointed", "epsilon_loss", "eval_draws", "plain_task", "refine", "token_factors",
-           "training_draws"]
+           "Refiner", "checkpointed", "epsilon_loss", "eval_draws", "inference_tensors", "plain_copies", "plain_task",
+           "refine", "token_factors", "training_draws"]

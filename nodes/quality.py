@@ -20,7 +20,8 @@ from ..hyperlora import similarity as sim
 from ..hyperlora.checks import check_strength
 from ..hyperlora.errors import LoraError, SettingError
 from ..hyperlora.pipeline import images_from_comfy
-from ..hyperlora.refine import DEFAULT_LEARNING_RATE, DEFAULT_STEPS, MAX_STEPS, MODES, DenoiseTask, refine
+from ..hyperlora.refine import (DEFAULT_LEARNING_RATE, DEFAULT_STEPS, MAX_STEPS, MODES, DenoiseTask, inference_tensors,
+                                plain_copies, refine)
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, LORA_MODEL, STUDIO_IDENTITY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt,
                      display_name, expect_handle, expect_identity, face_inputs, face_options, images_to_comfy,
@@ -191,9 +192,41 @@ class HyperLoRAStudioBestOfN:
 
 
 def _plain_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A weight wrapper that changes nothing: its presence makes ComfyUI hand the layer a fresh copy of
-    the weight, which autograd can keep (weights loaded in inference mode cannot be saved for backward)."""
+    """A weight / bias wrapper that changes nothing: its presence makes ComfyUI hand the layer a fresh copy
+    of the tensor at each call (``cast_bias_weight`` copies when a function is set), which autograd can
+    keep (tensors loaded in inference mode cannot be saved for backward)."""
     return weight
+
+
+Slot = tuple[torch.nn.Module, str]
+"""A parameter or buffer: ``(module, attribute name)``."""
+
+
+def trainable_patcher(model: Any) -> tuple[Any, list[Slot], list[Slot]]:
+    """``(patcher, wrapped slots, other slots)`` that let autograd run through ``model`` whatever the
+    precision ComfyUI loaded it in: every weight and bias of ComfyUI's cast layers (Linear, Conv, GroupNorm,
+    LayerNorm, ...) made in inference mode gets :func:`_plain_weight` on a clone of the patcher, so each
+    call copies just that layer's tensor (no copy of the whole UNet); any other parameter or buffer made in
+    inference mode is returned as a slot for :func:`hyperlora.refine.plain_copies`.  The input patcher is
+    not changed (without inference tensors it is returned as it is)."""
+    slots = inference_tensors(model.model)
+    if not slots:
+        return model, [], []
+    patcher = model.clone()       # the input MODEL keeps its own patcher; only the clone has the wrappers
+    wrapped: list[Slot] = []
+    others: list[Slot] = []
+    for name, module, attr in slots:
+        if attr in ("weight", "bias") and hasattr(module, f"{attr}_function") and name:
+            patcher.add_weight_wrapper(f"{name}.{attr}", _plain_weight)
+            wrapped.append((module, attr))
+        else:
+            others.append((module, attr))
+    return patcher, wrapped, others
+
+
+def unwrapped(slots: list[Slot]) -> list[Slot]:
+    """The slots whose layer did not get :func:`_plain_weight` when ComfyUI loaded the clone."""
+    return [(m, a) for m, a in slots if not any(f is _plain_weight for f in getattr(m, f"{a}_function", []))]
 
 
 def lora_targets(model: Any) -> dict[str, torch.nn.Module]:
@@ -221,9 +254,32 @@ def model_inputs(model: Any, positive: list, latents: torch.Tensor, device: torc
         if c.get("area") is not None or c.get("mask") is not None or c.get("control") is not None:
             raise SettingError("Refine Identity takes a plain prompt: connect CLIP Text Encode directly (no area, "
                                "mask or ControlNet on the conditioning).")
-        out.append({k: v.process_cond(batch_size=1, device=device, area=None).cond.to(device)
+        # plain copies: the conditioning was made in inference mode, and autograd saves what meets the LoRA
+        out.append({k: v.process_cond(batch_size=1, device=device, area=None).cond.to(device).clone()
                     for k, v in c["model_conds"].items()})
     return out
+
+
+def check_latent(model: Any, latent: dict) -> torch.Tensor:
+    """The ``samples [N, C, H, W]`` of Refine Identity's latent input, or a :class:`SettingError` that says what
+    is wrong with it and how to make a good one (the SDXL checkpoint's own VAE through VAE Encode)."""
+    samples = latent["samples"]
+    if samples.dim() != 4 or samples.shape[0] == 0:
+        raise SettingError(f"Refine Identity: the latent input has shape {list(samples.shape)}; connect VAE Encode "
+                           "of the photos (one size per batch).")
+    channels = int(getattr(model.model.latent_format, "latent_channels", 4))
+    if samples.shape[1] != channels:
+        raise SettingError(
+            f"Refine Identity: the latent input has {samples.shape[1]} channels but the connected SDXL model works on "
+            f"{channels}-channel latents: the photos were encoded with another model's VAE (16 channels: SD3 or "
+            "Flux). Connect the VAE output of the SDXL checkpoint (Load Checkpoint) to the VAE Encode of the photos.")
+    bad = int((~torch.isfinite(samples)).sum())
+    if bad:
+        raise SettingError(
+            f"Refine Identity: the latent input holds {bad} NaN or infinite values (of {samples.numel()}), so there "
+            "is nothing to learn from. Encode the photos again: load them afresh and use the SDXL checkpoint's VAE "
+            "in full precision (start ComfyUI with --fp32-vae: the SDXL VAE overflows in fp16).")
+    return samples
 
 
 class HyperLoRAStudioRefineIdentity:
@@ -282,29 +338,24 @@ class HyperLoRAStudioRefineIdentity:
             raise LoraError(f"Refine Identity trains with the epsilon objective of SDXL; the connected model is "
                             f"{model_kind(model)} ({type(sampling).__name__}). Connect an SDXL checkpoint.")
         targets = lora_targets(model)
-        samples = latent["samples"]
-        if samples.dim() != 4 or samples.shape[0] == 0:
-            raise SettingError(f"The latent has shape {list(samples.shape)}; connect VAE Encode of the photos.")
+        samples = check_latent(model, latent)
         n = samples.shape[0]
         if len(positive) not in (1, n):
             raise SettingError(f"Got {len(positive)} prompts for {n} photos; connect one prompt for all photos or one "
                                "per photo.")
         check_interrupt()
         hyper_lora.load()
-        patcher, wrapped = model, []
+        # with or without manual cast: a tensor already in the compute dtype is not copied by ComfyUI's cast
+        patcher, wrapped, others = trainable_patcher(model)
         dm = model.model.diffusion_model
-        if model.model.manual_cast_dtype is None and any(p.is_inference() for p in dm.parameters()):
-            patcher = model.clone()       # the input MODEL keeps its own patcher; only the clone has the wrappers
-            for name, module in dm.named_modules():
-                w = getattr(module, "weight", None)
-                if hasattr(module, "weight_function") and isinstance(w, torch.Tensor) and w.is_inference():
-                    patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", _plain_weight)
-                    wrapped.append(module)
-        mm.load_models_gpu([patcher], force_full_load=True)
-        device = patcher.load_device
-        bar = progress(steps + 2)
         try:
-            with torch.inference_mode(False):
+            mm.load_models_gpu([patcher], force_full_load=True)
+            others += unwrapped(wrapped)          # a layer ComfyUI did not wrap: a copy of its tensor instead
+            device = patcher.load_device
+            bar = progress(steps + 2)
+            with torch.inference_mode(False), plain_copies(others) as copied:
+                if copied:
+                    log.debug("Refine Identity: %d bytes of other inference-mode tensors copied", copied)
                 latents = patcher.model.process_latent_in(samples.to(device).float()).clone()
                 conds = model_inputs(patcher, positive, latents, device)
 
@@ -315,8 +366,11 @@ class HyperLoRAStudioRefineIdentity:
                     return torch.cat([patcher.model.apply_model(x[j:j + 1], sigma[j:j + 1], **conds[int(images[j])])
                                       for j in range(x.shape[0])])
 
-                blocks = [*getattr(dm, "input_blocks", []), *([dm.middle_block] if hasattr(dm, "middle_block") else []),
-                          *getattr(dm, "output_blocks", [])]
+                # the layers inside each block: ComfyUI's UNet calls them one by one (forward_timestep_embed), never
+                # the block's own forward, so checkpointing the blocks themselves would never engage
+                blocks = [layer for block in (*getattr(dm, "input_blocks", []),
+                                              *([dm.middle_block] if hasattr(dm, "middle_block") else []),
+                                              *getattr(dm, "output_blocks", [])) for layer in block]
                 task = DenoiseTask(denoise, latents, sampling.sigmas.detach().to(device).float().clone())
                 bar.update(1)
                 result = refine(hyper_lora.model, identity, targets, task, mode=mode, steps=int(steps),
@@ -324,8 +378,10 @@ class HyperLoRAStudioRefineIdentity:
                                 checkpoint_modules=blocks, check_interrupt=check_interrupt,
                                 on_step=lambda _i, _loss: bar.update(1))
         finally:
-            for module in wrapped:                    # what ComfyUI attached for the clone, taken off again
-                module.weight_function = [f for f in module.weight_function if f is not _plain_weight]
+            for module, attr in wrapped:             # what ComfyUI attached for the clone, taken off again
+                functions = getattr(module, f"{attr}_function", [])
+                if any(f is _plain_weight for f in functions):
+                    setattr(module, f"{attr}_function", [f for f in functions if f is not _plain_weight])
         bar.update(1)
         report = result.report()
         log.info("HyperLoRA Studio Refine Identity: %s", report.replace("\n", "; "))

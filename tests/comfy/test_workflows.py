@@ -203,7 +203,8 @@ def test_ui_workflow_agrees_with_object_info(name, object_info):
         seen_links.add(link_id)
         out = nodes[origin]["outputs"][o_slot]
         inp = nodes[target]["inputs"][t_slot]
-        assert out["type"] == type_ == inp["type"] == object_info[nodes[origin]["type"]]["output"][o_slot]
+        assert out["type"] == type_ == object_info[nodes[origin]["type"]]["output"][o_slot]
+        assert inp["type"] in (type_, "*")             # '*': an input that takes any type (core Preview Any)
         assert link_id in out["links"] and inp["link"] == link_id
     for node in wf["nodes"]:
         for inp in node["inputs"]:
@@ -250,7 +251,7 @@ def validate(pack, comfy_base, fixture_files):
 
     # core nodes that live in comfy_extras (the server loads them all; this process only what the workflows use)
     extras = Path(comfy_nodes.__file__).resolve().parent / "comfy_extras"
-    for extra in ("nodes_mask.py", "nodes_post_processing.py"):
+    for extra in ("nodes_mask.py", "nodes_post_processing.py", "nodes_preview_any.py"):
         if not asyncio.run(comfy_nodes.load_custom_node(str(extras / extra), module_parent="comfy_extras")):
             raise RuntimeError(f"ComfyUI could not load comfy_extras/{extra}")
     folder_paths.add_model_folder_path("controlnet", str(comfy_base.models / "controlnet"), is_default=True)
@@ -444,6 +445,33 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
     assert refined.settings["refined"].startswith(f"coefficients, {REFINE_STEPS} steps")
     assert refined.face_embedding is not None and refined.tokens.shape == (8 * 140, 4)
     assert "lora key not loaded" not in comfy_server.log_text()
+    shown = _previews(entry, graph)                    # what the front end shows in the Preview Any nodes
+    assert shown["Refine report (loss before and after)"] == [report]
+    assert shown["HyperLoRA model info"][0].startswith(f"HyperLoRA model '{SMALL_MODEL}': "), shown
+
+
+def _previews(entry: dict[str, Any], graph: dict[str, Any]) -> dict[str, list[str]]:
+    """``{title: text list}`` of the core Preview Any nodes after a run (the front end shows the first text)."""
+    return {graph[nid]["_meta"]["title"]: entry["outputs"][nid]["text"] for nid in _ids(graph, "PreviewAny")}
+
+
+@pytest.mark.slow
+def test_best_of_n_shows_the_ranking_the_best_score_and_the_loader_info(comfy_server, fixture_files):
+    """best_of_n at 64 px, 1 step: the kept images are saved, and the ranking, the first kept score and the
+    Loader's info reach the UI through core Preview Any nodes (random weights draw no face: 'no face', NaN)."""
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("best_of_n")), fixture_files)
+    (best,) = _ids(graph, "HyperLoRAStudioBestOfN")
+    assert {graph[nid]["_meta"]["title"] for nid in _ids(graph, "PreviewAny")} == {
+        "Ranking (every image's score)", "Best score (first of the kept scores)", "HyperLoRA model info"}
+    entry = _run(comfy_server, graph)
+    assert len(_saved_images(comfy_server, entry, graph)) == graph[best]["inputs"]["keep"]
+    shown = _previews(entry, graph)
+    (ranking,) = shown["Ranking (every image's score)"]
+    lines = ranking.splitlines()
+    assert lines[0].endswith(f"kept {graph[best]['inputs']['keep']} of 8") and len(lines) == 9, ranking
+    assert all(re.match(r"(kept|    ) #\d: image \d: ", ln) for ln in lines[1:]), ranking
+    assert len(shown["Best score (first of the kept scores)"]) == graph[best]["inputs"]["keep"]
+    assert shown["HyperLoRA model info"][0].startswith(f"HyperLoRA model '{SMALL_MODEL}': "), shown
 
 
 def test_shipped_model_names_are_refused_with_comfyuis_message_when_absent(comfy_server):

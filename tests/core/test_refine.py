@@ -22,8 +22,8 @@ from hyperlora.errors import IdentityFileError, LoraError, SettingError
 from hyperlora.identity import Identity, load_identity, save_identity
 from hyperlora.lora import normalize_tokens
 from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied
-from hyperlora.refine import (DenoiseTask, checkpointed, epsilon_loss, eval_draws, refine, token_factors,
-                              training_draws)
+from hyperlora.refine import (DenoiseTask, checkpointed, epsilon_loss, eval_draws, inference_tensors, plain_copies,
+                              refine, token_factors, training_draws)
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 from tests.fixtures.loras import random_tokens
 
@@ -251,3 +251,52 @@ def test_refine_stops_on_interrupt_and_cleans_up(model):
     assert len(calls) == 3                                  # checked before every step, stopped at the third
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     assert all(not m._forward_hooks for m in net.modules()) and all("forward" not in b.__dict__ for b in net.blocks)
+
+
+def test_refine_refuses_non_finite_latents_with_the_fix(model):
+    _net, targets, task = toy_setup()
+    bad = task.latents.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    bad[1, 0, 0, 0] = float("inf")
+    with pytest.raises(SettingError, match=r"latents hold 2 NaN or infinite values \(of 288\); encode the photos "
+                                           r"again with the SDXL VAE in full precision"):
+        refine(model, identity_of(model), targets, DenoiseTask(task.denoise, bad, task.sigmas), steps=1)
+
+
+def test_a_network_made_in_inference_mode_trains_through_plain_copies(model):
+    """Every parameter and buffer made in inference mode (as ComfyUI loads models), biases and norms too,
+    is found; with plain copies of them a LoRA trains through the network, and afterwards the very same
+    inference tensors are back."""
+    with torch.inference_mode():
+        net, targets, task = toy_setup()
+        norm = nn.LayerNorm(4)
+        norm.register_buffer("shift", torch.full((4,), 0.01))
+    net.norm = norm
+    found = {(name, attr) for name, _m, attr in inference_tensors(net)}
+    assert ("norm", "bias") in found and ("norm", "shift") in found and ("ins.0", "bias") in found
+    assert len(found) == len(list(net.parameters())) + 1
+    before = {k: id(v) for k, v in [*net.named_parameters(), *net.named_buffers()]}
+    slots = [(m, a) for _n, m, a in inference_tensors(net)]
+    with torch.inference_mode(False):
+        task = DenoiseTask(task.denoise, task.latents.clone(), task.sigmas.clone())
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            refine(model, identity_of(model), targets, task, steps=1)
+        with plain_copies(slots) as copied:
+            assert copied == sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+            assert not any(t.is_inference() for t in [*net.parameters(), *net.buffers()])
+            result = refine(model, identity_of(model), targets, task, steps=2)
+    assert len(result.losses) == 2 and math.isfinite(result.loss_after)
+    assert {k: id(v) for k, v in [*net.named_parameters(), *net.named_buffers()]} == before
+    assert all(t.is_inference() for t in [*net.parameters(), *net.buffers()])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="needs torch.inference_mode\\(False\\)"):
+        with plain_copies(slots):
+            pass
+
+
+def test_refine_refuses_a_model_that_gives_nan_before_tuning(model):
+    """Not "lower the learning rate": the model's own outputs are NaN before any step."""
+    net, targets, task = toy_setup()
+    with torch.no_grad():
+        net.outs[0].bias[0] = float("nan")
+    with pytest.raises(SettingError, match="denoising loss on the photos is nan before any tuning: the model itself"):
+        refine(model, identity_of(model), targets, task, steps=1)
