@@ -70,12 +70,14 @@ def clip_width_needed(model: HyperLoRAModel) -> int | None:
 
 
 def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str],
+                             face_models: str = "",
                              check_interrupt: Callable[[], None] | None = None) -> Identity:
     """Resampler tokens of one person from the extracted conditions (mean over the used images).
 
     The identity records the mean ArcFace embedding of the photos when ``cond`` has them
-    (``face_embedding``, for :mod:`hyperlora.similarity`).  ``check_interrupt`` is called between
-    resampler chunks.
+    (``face_embedding``, for :mod:`hyperlora.similarity`) and ``face_models``, the fingerprint of
+    the face models that made it (:attr:`FaceAnalyzer.fingerprint`).  ``check_interrupt`` is called
+    between resampler chunks.
     """
     device, dtype = model.device, model.module_dtype
 
@@ -96,6 +98,7 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
         num_images=len(cond.used),
         settings=dict(settings),
         face_embedding=None if cond.id_embeds is None else mean_face_embedding(cond.id_embeds),
+        face_models=face_models if cond.id_embeds is not None else "",
     )
 
 
@@ -128,7 +131,8 @@ def identity_from_images(
         check_interrupt()
     settings = options.settings()
     settings["skipped_images"] = ",".join(str(i) for i in cond.skipped)
-    return identity_from_conditions(model, cond, settings=settings, check_interrupt=check_interrupt), cond
+    return identity_from_conditions(model, cond, settings=settings, face_models=analyzer.fingerprint,
+                                    check_interrupt=check_interrupt), cond
 
 
 def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor]:

@@ -37,6 +37,9 @@ IDENTITY_FORMAT = "hyperlora.identity"
 IDENTITY_FORMAT_VERSION = 2
 """Version written.  1: tokens (+ base_tokens).  2: adds the optional ``face_embedding`` tensor; version 1
 files are still read (they have no embedding)."""
+FACE_MODELS_META = "face_models"
+"""Metadata key of identity files holding the fingerprint of the face models that made the face embedding
+(optional: files written before it was recorded lack it and still load)."""
 FACE_EMBEDDING_DIM = 512
 """Width of an ArcFace (AntelopeV2 glintr100) embedding."""
 
@@ -146,7 +149,7 @@ def kohya_prefix(module: LoraModuleSpec, layer: str) -> str:
 
 __all__ = [
     "ANTELOPE_DETECTOR_FILE", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
-    "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM",
+    "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM", "FACE_MODELS_META",
     "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
     "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
     "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",

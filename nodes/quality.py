@@ -65,7 +65,7 @@ def score(hyper_lora: HyperLoRAHandle, images: torch.Tensor, identity: Any, refe
                                                      options=options)
         source = f"reference: {len(notes)} photo(s)" + (" (the identity input is not used)" if identity is not None else "")
     elif identity is not None:
-        reference = sim.reference_from_identity(expect_identity(identity))
+        reference = sim.reference_from_identity(expect_identity(identity), analyzer=analyzer)
         source = f"reference: the identity ({identity.num_images} photo(s))"
     else:
         raise SettingError("Connect the person to compare with: an identity (identity input) or photos of them "

@@ -12,9 +12,11 @@ used (detector, 106-point landmarks, recognition).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -142,6 +144,44 @@ def resolve_providers(provider: str = "auto", available: Sequence[str] | None = 
     if picked != "CPUExecutionProvider" and "CPUExecutionProvider" in available:
         providers.append("CPUExecutionProvider")
     return providers
+
+
+FINGERPRINT_CHUNK = 8 << 20
+"""Bytes read per step while hashing a face-model file."""
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+_FINGERPRINT_LOCK = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of one file, remembered per (resolved path, size, mtime_ns) for the life of the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _FINGERPRINT_LOCK:
+        known = _FINGERPRINTS.get(key)
+    if known is not None:
+        return known
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(FINGERPRINT_CHUNK):
+            h.update(chunk)
+    with _FINGERPRINT_LOCK:
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def face_models_fingerprint(folder: str | Path) -> str:
+    """16 hex digits naming the face models in ``folder`` (an AntelopeV2 folder, see :func:`find_antelopev2`):
+    a hash of the SHA-256 of the three files this pack loads (detector, landmarks, recognition).
+
+    Two folders with the same files give the same fingerprint wherever they are; any changed byte
+    gives another.  Each file is hashed once per process (about a second for the 280 MB of the
+    released pack) and remembered by path, size and modification time.
+    """
+    base = find_antelopev2(folder)
+    h = hashlib.sha256(b"hyperlora-face-models-v1")
+    for name in ANTELOPE_REQUIRED_FILES:
+        h.update(f"{name}:{_file_sha256(base / name)}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _has_required(folder: Path) -> bool:

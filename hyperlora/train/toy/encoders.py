@@ -304,12 +304,16 @@ def build_landmark(path: Path) -> None:
 # --------------------------------------------------------------------------- recognition
 
 
-def build_recognition(path: Path) -> None:
+RECOGNITION_SEED = 106
+"""Seed of the fake recognition model's projection; another seed gives a second, incompatible face pack."""
+
+
+def build_recognition(path: Path, *, seed: int = RECOGNITION_SEED) -> None:
     g = _Graph("fake_glintr100")
     x = "input.1"
     pooled = g.op("Flatten", [g.op("AveragePool", [x], kernel_shape=[14, 14], strides=[14, 14])])  # [N, 192]
     pooled = g.op("Sub", [pooled, g.op("ReduceMean", [pooled], axes=[1], keepdims=1)])  # pattern, not brightness
-    rng = np.random.default_rng(106)
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((192, 512)).astype(np.float32)
     b = rng.standard_normal((512,)).astype(np.float32) * 0.5
     g.op("Add", [g.op("MatMul", [pooled, g.const(w)]), g.const(b)], out="683")
@@ -327,26 +331,31 @@ def _build_pool_linear(path: Path, *, size: int, out: int, seed: int, name: str)
 # --------------------------------------------------------------------------- folders
 
 
-def make_antelopev2(folder: str | os.PathLike[str], *, nested: bool = False, extras: bool = True) -> Path:
+def make_antelopev2(folder: str | os.PathLike[str], *, nested: bool = False, extras: bool = True,
+                    recognition_seed: int = RECOGNITION_SEED) -> Path:
     """Write the fake pack into ``folder`` (created) and return the folder holding the files.
 
     ``nested=True`` reproduces the too-deep unzip: files in ``folder/antelopev2/``.
     ``extras=False`` leaves out the two files the pipeline does not use.
+    ``recognition_seed``: another seed makes another recognition model (same detector and landmarks),
+    whose embeddings cannot be compared with the default one's: a second face pack.
     """
     target = Path(folder) / "antelopev2" if nested else Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     build_detector(target / DETECTOR_FILE)
     build_landmark(target / LANDMARK_FILE)
-    build_recognition(target / RECOGNITION_FILE)
+    build_recognition(target / RECOGNITION_FILE, seed=recognition_seed)
     if extras:
         _build_pool_linear(target / LANDMARK_3D_FILE, size=192, out=3309, seed=68, name="fake_1k3d68")
         _build_pool_linear(target / GENDERAGE_FILE, size=96, out=3, seed=3, name="fake_genderage")
     return target
 
 
-def cached_antelopev2(cache_dir: str | os.PathLike[str]) -> Path:
-    """The fake pack in ``cache_dir/<FIXTURE_VERSION>/antelopev2`` (built once, process-safe)."""
-    root = Path(cache_dir) / FIXTURE_VERSION
+def cached_antelopev2(cache_dir: str | os.PathLike[str], *, recognition_seed: int = RECOGNITION_SEED) -> Path:
+    """The fake pack in ``cache_dir/<FIXTURE_VERSION>/antelopev2`` (built once, process-safe); with another
+    ``recognition_seed`` (a second face pack) in ``cache_dir/<FIXTURE_VERSION>-rec<seed>/antelopev2``."""
+    suffix = "" if recognition_seed == RECOGNITION_SEED else f"-rec{int(recognition_seed)}"
+    root = Path(cache_dir) / (FIXTURE_VERSION + suffix)
     root.mkdir(parents=True, exist_ok=True)
     final = root / "antelopev2"
     with open(root / ".lock", "w") as lock:
@@ -354,7 +363,7 @@ def cached_antelopev2(cache_dir: str | os.PathLike[str]) -> Path:
         if not (final / ".complete").exists():
             tmp = root / f"tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            make_antelopev2(tmp)
+            make_antelopev2(tmp, recognition_seed=recognition_seed)
             (tmp / ".complete").write_text(FIXTURE_VERSION, encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -490,7 +499,7 @@ def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, na
 __all__ = [
     "BACKGROUND_RGB", "BORDER", "CELL", "ClipFolders", "DET_STRIDE", "DETECTOR_FILE", "FIXTURE_VERSION", "GENDERAGE_FILE",
     "KPS_TEMPLATE", "LANDMARK_3D_FILE", "LANDMARK_FILE", "MIN_MASS", "OPSET", "PACK_FILES", "PROCESSOR_CONFIG",
-    "RECOGNITION_FILE", "SKIN_RGB", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
+    "RECOGNITION_FILE", "RECOGNITION_SEED", "SKIN_RGB", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
     "build_recognition", "cached_antelopev2", "face_image", "landmark_template", "make_antelopev2", "make_clip_folder",
     "paint_face", "random_vision_state", "vision_config",
 ]
