@@ -123,9 +123,7 @@ def identity_from_images(
     _need_id, need_clip, need_base = conditions_needed(model)
     cond = extract_conditions(
         images, analyzer=analyzer, clip=clip, need_id=True, need_clip=need_clip, need_base=need_base,
-        face_choice=options.face_choice, face_index=options.face_index,
-        remove_background=options.remove_background, grayscale=options.grayscale,
-        no_face=options.no_face, det_size=options.det_size, check_interrupt=check_interrupt, progress=progress,
+        options=options, check_interrupt=check_interrupt, progress=progress,
     )
     if check_interrupt is not None:
         check_interrupt()

@@ -123,8 +123,7 @@ def reference_from_photos(photos: Sequence[np.ndarray], *, analyzer: FaceAnalyze
     a face (and, with ``options.no_face='error'``, when any photo lacks one).
     """
     cond = extract_conditions(photos, analyzer=analyzer, clip=None, need_id=True, need_clip=False, need_base=False,
-                              face_choice=options.face_choice, face_index=options.face_index, no_face=options.no_face,
-                              det_size=options.det_size)
+                              options=options)
     if cond.id_embeds is None or not cond.used:   # extract_conditions raises first; kept for type checkers
         raise FaceNotFoundError("No face was found in the reference photos; connect a clear photo of the person.")
     return mean_face_embedding(cond.id_embeds), list(cond.notes)

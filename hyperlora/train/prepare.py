@@ -376,6 +376,7 @@ def _filter(item: Item, raw: Raw, cfg: PrepareConfig, enc: Encoders, report: Fil
 def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
             report: FilterReport) -> tuple[list[dict[str, Tensor]], list[dict[str, str]]]:
     """Aesthetic filter, then every encoder, on a batch of candidates that passed the cheap filters."""
+    from ..faces.options import FaceOptions
     from ..pipeline import extract_conditions
 
     scores = enc.scorer.score([c.image for c in cands])
@@ -389,7 +390,8 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
         return [], []
     def run(images: list[np.ndarray]) -> Any:
         return extract_conditions(images, analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
-                                  need_base=True, no_face="skip", det_size=cfg.det_size, use_cache=False)
+                                  need_base=True, options=FaceOptions(no_face="skip", det_size=cfg.det_size),
+                                  use_cache=False)
 
     try:
         conds = run([c.image for c in kept])
