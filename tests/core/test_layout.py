@@ -1,6 +1,6 @@
 """The layout's rules, checked on the source: no import cycles in the core (function-local imports
-included), a leaf spec module, no ComfyUI in the core, training never reached from the nodes, no
-machine-specific paths in tracked files."""
+included), a leaf spec module, no ComfyUI in the core, the core (hyperlora/ except tools/ and train/) never
+importing tools/ or train/, training never reached from the nodes, no machine-specific paths in tracked files."""
 
 from __future__ import annotations
 
@@ -81,6 +81,31 @@ def test_cycle_finder_sees_function_local_imports(tmp_path):
 def test_spec_is_a_leaf():
     assert _graph()["hyperlora.spec"] == set()
     assert _graph()["hyperlora.errors"] == set()
+
+
+OUTSIDE_CORE = ("hyperlora.tools", "hyperlora.train")
+"""Packages under hyperlora/ that are not the core: the command-line tools and training build on the core."""
+
+
+def _outside_core(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in OUTSIDE_CORE)
+
+
+def test_core_never_imports_tools_or_training():
+    """Core = hyperlora/* except tools/ and train/; function-local imports count, and so does the package's
+    own __init__ (which the cycle graph leaves out as a package importing its submodules)."""
+    files = {_module_name(p): p for p in CORE.rglob("*.py")}
+    core = [m for m in files if not _outside_core(m)]
+    assert "hyperlora" in core and "hyperlora.pipeline" in core and "hyperlora.tools.download" in files
+    bad = {m: sorted(t for t in _imports(files[m]) if _outside_core(t)) for m in core}
+    assert not {m: t for m, t in bad.items() if t}, "the core imports tools/ or train/"
+
+
+def test_the_core_check_sees_imports_of_tools(tmp_path):
+    mod = tmp_path / "x.py"
+    mod.write_text("def f():\n    from .tools.download import main\n    import hyperlora.train.fit\n", encoding="utf-8")
+    assert [t for t in sorted(_imports(mod, "hyperlora.x")) if _outside_core(t)] == [
+        "hyperlora.tools.download", "hyperlora.tools.download.main", "hyperlora.train.fit"]
 
 
 def test_core_never_imports_comfyui():
