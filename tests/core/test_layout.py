@@ -108,6 +108,36 @@ def test_the_core_check_sees_imports_of_tools(tmp_path):
         "hyperlora.tools.download", "hyperlora.tools.download.main", "hyperlora.train.fit"]
 
 
+PRIVATE_CHECKED = ("hyperlora", "nodes", "bench", "example_workflows", "tests/fixtures", "tests/comfy")
+"""Where no module imports another module's private (``_name``) names."""
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from <pack or test module> import _name`` statements of ``path`` (``__future__`` etc. are not ours)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in
+                                                 ("hyperlora", "nodes", "tests", "bench")):
+            found += [f"{'.' * node.level}{node.module or ''}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    hits = []
+    for folder in PRIVATE_CHECKED:
+        for path in (REPO / folder).rglob("*.py"):
+            hits += [f"{path.relative_to(REPO)}: {name}" for name in private_imports(path)]
+    assert not hits, "private names imported from another module (make them public or move them): " + str(hits)
+
+
+def test_the_private_import_check_sees_them(tmp_path):
+    mod = tmp_path / "x.py"
+    mod.write_text("from .lora import LoraDict, _split\nfrom tests.fixtures.sdxl import _value\n"
+                   "from __future__ import annotations\nfrom os import _exit\n", encoding="utf-8")
+    assert private_imports(mod) == [".lora._split", "tests.fixtures.sdxl._value"]
+
+
 def test_core_never_imports_comfyui():
     bad = []
     for path in CORE.rglob("*.py"):
