@@ -111,7 +111,7 @@ class Tree:
 
 def build_tree(out: Path, *, seed: int = 0) -> Tree:
     """Write the stand-in encoders and the tiny SDXL into ``out`` (see the module docstring)."""
-    from .toy.encoders import make_antelopev2, make_clip_folder
+    from ..standins import make_antelopev2, make_clip_folder
     from .toy.sdxl import tiny_sdxl_folder
 
     tree = Tree(Path(out))

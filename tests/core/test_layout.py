@@ -138,6 +138,17 @@ def test_the_private_import_check_sees_them(tmp_path):
     assert private_imports(mod) == [".lora._split", "tests.fixtures.sdxl._value"]
 
 
+def test_core_tests_and_fixtures_need_no_training_code():
+    """The stand-ins the core's tests use live in hyperlora.standins (shared with the training demo), so
+    tests/core and tests/fixtures never import hyperlora.train."""
+    hits = []
+    for folder in ("tests/core", "tests/fixtures"):
+        for path in (REPO / folder).rglob("*.py"):
+            hits += [f"{path.relative_to(REPO)}: {t}" for t in _imports(path, "tests.x") if _outside_core(t)
+                     and t.startswith("hyperlora.train")]
+    assert not hits, hits
+
+
 def test_core_never_imports_comfyui():
     bad = []
     for path in CORE.rglob("*.py"):

@@ -1,8 +1,12 @@
-"""Stand-in encoders for toy training and tests: a fake AntelopeV2 pack and a tiny CLIP vision folder.
+"""Stand-in models for tests and the toy training demo: a fake AntelopeV2 pack, a tiny CLIP vision folder
+and a tiny CLIP tokenizer.
 
-Both are random or hand-weighted, built offline in seconds, and load through the pack's real code
-(insightface for the ONNX files, transformers for CLIP), so a toy run exercises the same paths as a
-real one.  ``tests/fixtures/antelope.py`` and ``tests/fixtures/clip.py`` re-export from here.
+All are random or hand-weighted, built offline in seconds, and load through the pack's real code
+(insightface for the ONNX files, transformers for CLIP), so a toy run or a test exercises the same paths
+as a real one.  They live outside ``hyperlora.train`` so the core's tests need no training code:
+``tests/fixtures/antelope.py`` and ``tests/fixtures/clip.py`` re-export from here, and the training demo
+(:mod:`hyperlora.train.demo`, :mod:`hyperlora.train.toy.sdxl`) imports from here.  Nothing of the node
+pack imports this module.
 
 Fake AntelopeV2 (:func:`make_antelopev2`, :func:`cached_antelopev2`)
 --------------------------------------------------------------------
@@ -64,13 +68,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ...spec import ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import CLIPTokenizer
+
+from .spec import ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE
 
 
 FIXTURE_VERSION = "antelope-fake-v2"
@@ -496,10 +503,39 @@ def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, na
     return ClipFolders(model=model_dir, processor=proc_dir)
 
 
+
+# --------------------------------------------------------------------------- tiny CLIP tokenizer
+
+TEXT_HIDDEN = 32
+"""Hidden size of each tiny text encoder (the toy SDXL's UNet reads both, concatenated: 64)."""
+
+
+def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """A CLIP tokenizer in ``folder`` (``vocab.json``, ``merges.txt``) with a hand-made byte-level vocabulary
+    (every byte alone and word-final, no merges): real CLIP BPE behaviour, one token per character."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # byte-level BPE alphabet: printable bytes stand for themselves, the others map to 256 + n (GPT-2 / CLIP)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **extra: object) -> dict[str, object]:
+    """A tiny CLIP text tower (hidden 32, 2 layers) for :func:`write_tiny_tokenizer`'s vocabulary."""
+    return dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=TEXT_HIDDEN, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+
 __all__ = [
     "BACKGROUND_RGB", "BORDER", "CELL", "ClipFolders", "DET_STRIDE", "DETECTOR_FILE", "FIXTURE_VERSION", "GENDERAGE_FILE",
     "KPS_TEMPLATE", "LANDMARK_3D_FILE", "LANDMARK_FILE", "MIN_MASS", "OPSET", "PACK_FILES", "PROCESSOR_CONFIG",
-    "RECOGNITION_FILE", "RECOGNITION_SEED", "SKIN_RGB", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
+    "RECOGNITION_FILE", "RECOGNITION_SEED", "SKIN_RGB", "TEXT_HIDDEN", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
     "build_recognition", "cached_antelopev2", "face_image", "landmark_template", "make_antelopev2", "make_clip_folder",
-    "paint_face", "random_vision_state", "vision_config",
+    "paint_face", "random_vision_state", "tiny_text_config", "vision_config", "write_tiny_tokenizer",
 ]
