@@ -64,6 +64,22 @@ LN_EPS = 1e-5
 """Epsilon of every LayerNorm of the resampler and the ID projector."""
 VIT_L14_WIDTH = 1024
 """Hidden size of OpenAI CLIP ViT-L/14, the image encoder the released models read."""
+RELEASED_HYPER_DIM = 128
+"""K: coefficients per token of the released models (the width of every basis and resampler output)."""
+RELEASED_RANK = 8
+"""Rank of the released ID-LoRA."""
+RELEASED_BASE_RANK = 4
+"""Rank of the released Base-LoRA."""
+RELEASED_RESAMPLER_DIM = 1024
+"""Width of the released resamplers (their latent queries), not to be confused with the CLIP width."""
+RELEASED_RESAMPLER_DEPTH = 4
+"""Perceiver layers of the released resamplers."""
+RELEASED_DIM_HEAD = 64
+"""Attention head width of the released resamplers (``DEFAULT_HEADS`` x 64 = 768)."""
+RELEASED_FF_MULT = 4
+"""Feed-forward expansion of the released resamplers."""
+RELEASED_ID_TOKENS = 16
+"""Tokens the released ID projector makes from one ArcFace embedding."""
 TRIGGER_WORDS = "fcsks fxhks fhyks"
 """The trigger words the released models were trained with; prompts start with ``TRIGGER_PREFIX``."""
 TRIGGER_PREFIX = TRIGGER_WORDS + ", "
@@ -152,6 +168,7 @@ __all__ = [
     "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM", "FACE_MODELS_META",
     "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
     "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
-    "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
+    "RELEASED_BASE_RANK", "RELEASED_DIM_HEAD", "RELEASED_FF_MULT", "RELEASED_HYPER_DIM", "RELEASED_ID_TOKENS",
+    "RELEASED_RANK", "RELEASED_RESAMPLER_DEPTH", "RELEASED_RESAMPLER_DIM", "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
     "token_index",
 ]

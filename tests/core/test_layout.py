@@ -149,6 +149,28 @@ def test_core_tests_and_fixtures_need_no_training_code():
     assert not hits, hits
 
 
+RELEASED_SIZES = {"hyper_dim": 128, "rank": 8, "base_rank": 4, "dim": 1024, "depth": 4, "dim_head": 64,
+                  "ff_mult": 4, "num_id_tokens": 16}
+"""The released sizes as keyword / field names (their one home: the RELEASED_* constants of hyperlora/spec.py)."""
+_SIZE_RETYPED = re.compile(r"\b(" + "|".join(RELEASED_SIZES) + r")\s*(?::\s*[\w| ]+?)?\s*=\s*(\d+)\b")
+
+
+def retyped_sizes(text: str) -> list[str]:
+    """Lines that set a released size by its number (``rank: int = 8``, ``hyper_dim=128``) instead of importing it."""
+    return [line.strip() for line in text.splitlines()
+            for m in _SIZE_RETYPED.finditer(line) if int(m.group(2)) == RELEASED_SIZES[m.group(1)]]
+
+
+def test_released_sizes_are_not_retyped():
+    hits = []
+    for folder in ("hyperlora", "nodes", "bench", "tests/fixtures"):
+        for path in (REPO / folder).rglob("*.py"):
+            hits += [f"{path.relative_to(REPO)}: {line}" for line in retyped_sizes(path.read_text(encoding="utf-8"))]
+    assert not hits, "released sizes typed again (import hyperlora.spec.RELEASED_* instead): " + str(hits)
+    assert retyped_sizes("    rank: int = 8\n    hyper_dim=128, dim=64,\n    depth: int = 2\n") == [
+        "rank: int = 8", "hyper_dim=128, dim=64,"]
+
+
 def test_core_never_imports_comfyui():
     bad = []
     for path in CORE.rglob("*.py"):
