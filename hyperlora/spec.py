@@ -32,6 +32,51 @@ ANTELOPE_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOG
 ANTELOPE_REQUIRED_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE)
 """The three this pack loads (detection, 106-point landmarks, recognition): a folder is usable iff it has them."""
 
+# ---------------------------------------------------------------------------- the models folder (format §1)
+# Paths below ComfyUI's models/ folder, "/"-separated (pathlib joins them on every system).
+
+HYPER_LORA_DIR = "hyper_lora"
+"""``models/hyper_lora``: the released tree below it (also the ComfyUI folder key of the pack)."""
+MODELS_SUBDIR = "hyper_lora"
+"""``models/hyper_lora/hyper_lora/<model>/``: the HyperLoRA model folders."""
+CLIP_VIT_SUBDIR = "clip_vit"
+"""``models/hyper_lora/clip_vit/<name>/``: Hugging Face CLIP vision folders."""
+CLIP_PROCESSOR_SUBDIR = "clip_processor"
+"""``models/hyper_lora/clip_processor/<name>_processor/``: their preprocessor configs."""
+PROCESSOR_SUFFIX = "_processor"
+IDENTITIES_SUBDIR = "identities"
+"""``models/hyper_lora/identities``: identity files (this pack's, not a released folder)."""
+RELEASED_CLIP_NAME = "clip_vit_large_14"
+"""The released CLIP vision folder's name."""
+INSIGHTFACE_DIR = "insightface"
+"""``models/insightface``: insightface's root (also the ComfyUI folder key)."""
+ANTELOPE_NAME = "antelopev2"
+ANTELOPE_SUBDIR = f"models/{ANTELOPE_NAME}"
+"""The AntelopeV2 pack below insightface's root."""
+ANTELOPE_DIR = f"{INSIGHTFACE_DIR}/{ANTELOPE_SUBDIR}"
+"""``models/insightface/models/antelopev2``: the AntelopeV2 pack's five files."""
+
+
+def model_dir(name: str) -> str:
+    """``hyper_lora/hyper_lora/<name>``: a HyperLoRA model folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{MODELS_SUBDIR}/{name}"
+
+
+def clip_dir(name: str = RELEASED_CLIP_NAME) -> str:
+    """``hyper_lora/clip_vit/<name>``: a CLIP vision folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{CLIP_VIT_SUBDIR}/{name}"
+
+
+def clip_processor_name(clip_name: str = RELEASED_CLIP_NAME) -> str:
+    """``<clip name>_processor``: the preprocessor folder's name that belongs to a CLIP folder."""
+    return clip_name + PROCESSOR_SUFFIX
+
+
+def clip_processor_dir(clip_name: str = RELEASED_CLIP_NAME) -> str:
+    """``hyper_lora/clip_processor/<clip name>_processor``: its preprocessor folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{CLIP_PROCESSOR_SUBDIR}/{clip_processor_name(clip_name)}"
+
+
 IDENTITY_FORMAT = "hyperlora.identity"
 """``format`` metadata of this pack's identity files (not a released file type)."""
 IDENTITY_FORMAT_VERSION = 2
@@ -164,7 +209,9 @@ def kohya_prefix(module: LoraModuleSpec, layer: str) -> str:
 
 
 __all__ = [
-    "ANTELOPE_DETECTOR_FILE", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
+    "ANTELOPE_DETECTOR_FILE", "ANTELOPE_DIR", "ANTELOPE_NAME", "ANTELOPE_SUBDIR", "CLIP_PROCESSOR_SUBDIR",
+    "CLIP_VIT_SUBDIR", "HYPER_LORA_DIR", "IDENTITIES_SUBDIR", "INSIGHTFACE_DIR", "MODELS_SUBDIR", "PROCESSOR_SUFFIX",
+    "RELEASED_CLIP_NAME", "clip_dir", "clip_processor_dir", "clip_processor_name", "model_dir", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
     "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM", "FACE_MODELS_META",
     "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
     "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",

@@ -77,7 +77,9 @@ from safetensors.torch import save_file
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTokenizer
 
-from .spec import ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE
+from .spec import (ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_NAME,
+                   ANTELOPE_RECOGNITION_FILE, CLIP_PROCESSOR_SUBDIR, CLIP_VIT_SUBDIR, RELEASED_CLIP_NAME,
+                   clip_processor_name)
 
 
 FIXTURE_VERSION = "antelope-fake-v2"
@@ -347,7 +349,7 @@ def make_antelopev2(folder: str | os.PathLike[str], *, nested: bool = False, ext
     ``recognition_seed``: another seed makes another recognition model (same detector and landmarks),
     whose embeddings cannot be compared with the default one's: a second face pack.
     """
-    target = Path(folder) / "antelopev2" if nested else Path(folder)
+    target = Path(folder) / ANTELOPE_NAME if nested else Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     build_detector(target / DETECTOR_FILE)
     build_landmark(target / LANDMARK_FILE)
@@ -364,7 +366,7 @@ def cached_antelopev2(cache_dir: str | os.PathLike[str], *, recognition_seed: in
     suffix = "" if recognition_seed == RECOGNITION_SEED else f"-rec{int(recognition_seed)}"
     root = Path(cache_dir) / (FIXTURE_VERSION + suffix)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / "antelopev2"
+    final = root / ANTELOPE_NAME
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / ".complete").exists():
@@ -484,15 +486,15 @@ def random_vision_state(dims: dict[str, int], *, seed: int = 0, dtype: torch.dty
     return state
 
 
-def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, name: str = "clip_vit_large_14",
+def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, name: str = RELEASED_CLIP_NAME,
                      with_processor: bool = True) -> ClipFolders:
     """Write ``folder/clip_vit/<name>/`` (+ ``folder/clip_processor/<name>_processor/``), released layout."""
     if not tiny:
         raise ValueError("the full-size model is only built as a single file: "
                          "use tests.fixtures.clip.full_vit_l14_file(cache_dir)")
     folder = Path(folder)
-    model_dir = folder / "clip_vit" / name
-    proc_dir = folder / "clip_processor" / f"{name}_processor"
+    model_dir = folder / CLIP_VIT_SUBDIR / name
+    proc_dir = folder / CLIP_PROCESSOR_SUBDIR / clip_processor_name(name)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(vision_config(TINY), indent=2))
     state = {f"vision_model.{k}": v for k, v in random_vision_state(TINY, seed=seed).items()}

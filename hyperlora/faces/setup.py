@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DependencyError, ModelFileError, SettingError
-from ..spec import ANTELOPE_FILES, ANTELOPE_REQUIRED_FILES
+from ..spec import ANTELOPE_DIR, ANTELOPE_FILES, ANTELOPE_NAME, ANTELOPE_REQUIRED_FILES, ANTELOPE_SUBDIR
 
 logger = logging.getLogger(__name__)
 
-PACK_LOCATION = "ComfyUI/models/insightface/models/antelopev2/"
+PACK_LOCATION = f"ComfyUI/models/{ANTELOPE_DIR}/"
+NESTED = f"{ANTELOPE_NAME}/{ANTELOPE_NAME}/"
+"""The too-deep unzip that is found too."""
 
 PROVIDERS = ("auto", "CUDA", "ROCm", "CoreML", "CPU")
 PROVIDER_CHOICES: dict[str, tuple[str, ...]] = {
@@ -189,8 +191,7 @@ def _has_required(folder: Path) -> bool:
 
 
 def _candidates(base: Path) -> list[Path]:
-    return [base, base / "antelopev2", base / base.name, base / "models" / "antelopev2",
-            base / "models" / "antelopev2" / "antelopev2"]
+    return [base, base / ANTELOPE_NAME, base / base.name, base / ANTELOPE_SUBDIR, base / ANTELOPE_SUBDIR / ANTELOPE_NAME]
 
 
 def antelopev2_dir(folder: str | Path) -> Path | None:
@@ -236,11 +237,11 @@ def find_antelopev2(folder: str | Path) -> Path:
         raise ModelFileError(
             f"The insightface AntelopeV2 folder {present} lacks {', '.join(missing)}. The pack has five files "
             f"({', '.join(ANTELOPE_FILES)}); HyperLoRA needs {', '.join(ANTELOPE_REQUIRED_FILES)}. Put them in "
-            f"{PACK_LOCATION} (a folder antelopev2/antelopev2/ from the zip works too)."
+            f"{PACK_LOCATION} (a folder {NESTED} from the zip works too)."
         )
     where = "does not exist" if not base.exists() else "holds no AntelopeV2 .onnx files"
     raise ModelFileError(
         f"The insightface AntelopeV2 folder {base} {where}. Download the antelopev2 pack and put its five "
-        f"files ({', '.join(ANTELOPE_FILES)}) in {PACK_LOCATION} (a folder antelopev2/antelopev2/ from the zip "
-        "works too). HyperLoRA never downloads them by itself."
+        f"files ({', '.join(ANTELOPE_FILES)}) in {PACK_LOCATION} (a folder {NESTED} from the zip works too). "
+        "HyperLoRA never downloads them by itself."
     )
