@@ -1,4 +1,5 @@
-"""The released HyperLoRA format as data: file names, fixed numbers and the architecture types.
+"""The released HyperLoRA format as data: file names, the models-folder layout, fixed numbers, the released
+sizes and the architecture types.
 
 This module is the leaf of the package: it imports nothing from the pack, so every other
 module can take its constants from here and no two modules need each other for them.  The

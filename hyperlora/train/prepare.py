@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FaceNotFoundError, HyperLoRAError, SettingError
+from ..faces.options import DEFAULTS
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
 from .filters import FilterReport
@@ -81,7 +82,7 @@ class PrepareConfig:
     min_face_area: float = 0.03
     size: int = 1024
     shard_size: int = 256
-    det_size: int = 640
+    det_size: int = DEFAULTS.det_size
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"              # encoders' dtype (the VAE always runs in float32)
