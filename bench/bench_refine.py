@@ -42,6 +42,7 @@ from hyperlora.checkpoint import load_hyper_lora  # noqa: E402
 from hyperlora.identity import Identity  # noqa: E402
 from hyperlora.lora import normalize_tokens  # noqa: E402
 from hyperlora.refine import DEFAULT_LEARNING_RATE, DenoiseTask, Refiner, epsilon_loss, plain_task  # noqa: E402
+from hyperlora.spec import RELEASED_HYPER_DIM, RELEASED_RANK  # noqa: E402
 from tests.fixtures.hyperlora_models import Preset, write_hyperlora_folder  # noqa: E402
 
 MB = 1e6
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels", type=int, default=64, help="UNet model_channels (320 = SDXL)")
     ap.add_argument("--depth", choices=("one", "full"), default="one", help="transformer blocks per level")
     ap.add_argument("--size", type=int, default=64, help="photo size in pixels (latent = size / 8)")
-    ap.add_argument("--hyper-dim", type=int, default=128, help="K (128 as released)")
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (8 as released)")
+    ap.add_argument("--hyper-dim", type=int, default=RELEASED_HYPER_DIM, help=f"K ({RELEASED_HYPER_DIM} as released)")
+    ap.add_argument("--rank", type=int, default=RELEASED_RANK, help=f"LoRA rank ({RELEASED_RANK} as released)")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds (interleaved)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="seconds: tiny UNet, K=8, rank 2, 2 rounds")

@@ -38,10 +38,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import interleaved  # noqa: E402
 from hyperlora.resampler import Attention, Resampler  # noqa: E402
-from hyperlora.spec import DEFAULT_HEADS, ResamplerConfig  # noqa: E402
+from hyperlora.spec import (DEFAULT_HEADS, RELEASED_DIM_HEAD, RELEASED_FF_MULT, RELEASED_HYPER_DIM,  # noqa: E402
+                            RELEASED_RESAMPLER_DEPTH, RELEASED_RESAMPLER_DIM, VIT_L14_WIDTH, ResamplerConfig)
 
-RELEASED = ResamplerConfig(dim=1024, depth=4, heads=DEFAULT_HEADS, dim_head=64, ff_mult=4, num_queries=1120,
-                           output_dim=128, embed_dims=(1024, 1024))
+RELEASED = ResamplerConfig(dim=RELEASED_RESAMPLER_DIM, depth=RELEASED_RESAMPLER_DEPTH, heads=DEFAULT_HEADS,
+                           dim_head=RELEASED_DIM_HEAD, ff_mult=RELEASED_FF_MULT, num_queries=1120,
+                           output_dim=RELEASED_HYPER_DIM, embed_dims=(VIT_L14_WIDTH, VIT_L14_WIDTH))
 ID_TOKENS, CLIP_TOKENS = 16, 257      # the ID projector's tokens and CLIP ViT-L/14's 256 patches + class token
 SMOKE = ResamplerConfig(dim=64, depth=1, heads=2, dim_head=32, ff_mult=2, num_queries=32, output_dim=8,
                         embed_dims=(48, 40))

@@ -82,7 +82,10 @@ from torch import Tensor, nn  # noqa: E402
 from bench.common import interleaved  # noqa: E402
 from hyperlora.lora import normalize_tokens  # noqa: E402
 from hyperlora.lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets  # noqa: E402
-from hyperlora.spec import DEFAULT_HEADS, FACE_EMBEDDING_DIM, LORA_LAYERS, LoraModuleSpec, kohya_prefix  # noqa: E402
+from hyperlora.spec import (DEFAULT_HEADS, FACE_EMBEDDING_DIM, LORA_LAYERS, RELEASED_BASE_RANK,  # noqa: E402
+                            RELEASED_DIM_HEAD, RELEASED_FF_MULT, RELEASED_HYPER_DIM, RELEASED_ID_TOKENS, RELEASED_RANK,
+                            RELEASED_RESAMPLER_DEPTH, RELEASED_RESAMPLER_DIM, VIT_L14_WIDTH, LoraModuleSpec,
+                            kohya_prefix)
 from hyperlora.train.hypernet import TrainableHyperLoRA, unet_modules  # noqa: E402
 from hyperlora.train.toy.sdxl import tiny_unet  # noqa: E402
 
@@ -99,8 +102,8 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
 ``hyperlora/train/configs/sdxl_unet_config.json`` exists, that one is used."""
 
 SHIPPED_SDXL_CONFIG = REPO / "hyperlora" / "train" / "configs" / "sdxl_unet_config.json"
-ID_TOKENS, CLIP_TOKENS, CLIP_DIM = 16, 257, 1024          # ID projector tokens, ViT-L/14 patches + class token
-ID_RANK, BASE_RANK, PLAIN_RANK, PAPER_K = 8, 4, 12, 128
+ID_TOKENS, CLIP_TOKENS, CLIP_DIM = RELEASED_ID_TOKENS, 257, VIT_L14_WIDTH   # ID projector tokens, ViT-L/14 patches + class
+ID_RANK, BASE_RANK, PLAIN_RANK, PAPER_K = RELEASED_RANK, RELEASED_BASE_RANK, 12, RELEASED_HYPER_DIM
 CPU_SDXL_K = 16
 
 
@@ -293,8 +296,8 @@ class Case:
 def hypernet_sizes(kind: str) -> dict[str, int]:
     """Resampler sizes of the generator: the released ones for SDXL, small ones for the tiny UNet."""
     if kind == "sdxl":
-        return dict(clip_dim=CLIP_DIM, dim=1024, depth=4, heads=DEFAULT_HEADS, dim_head=64, ff_mult=4,
-                    num_id_tokens=ID_TOKENS)
+        return dict(clip_dim=CLIP_DIM, dim=RELEASED_RESAMPLER_DIM, depth=RELEASED_RESAMPLER_DEPTH, heads=DEFAULT_HEADS,
+                    dim_head=RELEASED_DIM_HEAD, ff_mult=RELEASED_FF_MULT, num_id_tokens=ID_TOKENS)
     return dict(clip_dim=128, dim=64, depth=1, heads=2, dim_head=32, ff_mult=2, num_id_tokens=4)
 
 

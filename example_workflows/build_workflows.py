@@ -30,7 +30,7 @@ if str(HERE.parent) not in sys.path:
 
 from hyperlora.spec import NODE_PREFIX  # noqa: E402
 from hyperlora.tools.graph_format import (  # noqa: E402,F401  (re-exported for the tests)
-    CORE_NODES_IN_SPECS, NODE_SPECS_FILE, NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, _note_height, build,
+    CORE_NODES_IN_SPECS, NODE_SPECS_FILE, NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, note_height, build,
     expected_widget_count, input_specs, is_widget, node_specs, widget_extras,
 )
 
@@ -117,7 +117,7 @@ def sampling_with_controlnet(wf: Workflow, model: Out | Node, clip: Node, ckpt: 
 def note(wf: Workflow, *, x: float = 0, y: float = -90) -> None:
     """The 'Read me' note, placed so that its bottom edge is at ``y``."""
     text = f"{wf.title}\n\n{wf.usage}\n\n{RELEASE_NOTE}"
-    wf.add("Note", "Read me", (x, y - _note_height(text)), node_width=NOTE_WIDTH, text=text)
+    wf.add("Note", "Read me", (x, y - note_height(text)), node_width=NOTE_WIDTH, text=text)
 
 
 def face_photo(wf: Workflow, title: str, pos: tuple[float, float], image: str) -> Node:

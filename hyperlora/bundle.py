@@ -70,12 +70,14 @@ def clip_width_needed(model: HyperLoRAModel) -> int | None:
 
 
 def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, settings: dict[str, str],
+                             face_models: str = "",
                              check_interrupt: Callable[[], None] | None = None) -> Identity:
     """Resampler tokens of one person from the extracted conditions (mean over the used images).
 
     The identity records the mean ArcFace embedding of the photos when ``cond`` has them
-    (``face_embedding``, for :mod:`hyperlora.similarity`).  ``check_interrupt`` is called between
-    resampler chunks.
+    (``face_embedding``, for :mod:`hyperlora.similarity`) and ``face_models``, the fingerprint of
+    the face models that made it (:attr:`FaceAnalyzer.fingerprint`).  ``check_interrupt`` is called
+    between resampler chunks.
     """
     device, dtype = model.device, model.module_dtype
 
@@ -96,6 +98,7 @@ def identity_from_conditions(model: HyperLoRAModel, cond: FaceConditions, *, set
         num_images=len(cond.used),
         settings=dict(settings),
         face_embedding=None if cond.id_embeds is None else mean_face_embedding(cond.id_embeds),
+        face_models=face_models if cond.id_embeds is not None else "",
     )
 
 
@@ -120,15 +123,14 @@ def identity_from_images(
     _need_id, need_clip, need_base = conditions_needed(model)
     cond = extract_conditions(
         images, analyzer=analyzer, clip=clip, need_id=True, need_clip=need_clip, need_base=need_base,
-        face_choice=options.face_choice, face_index=options.face_index,
-        remove_background=options.remove_background, grayscale=options.grayscale,
-        no_face=options.no_face, det_size=options.det_size, check_interrupt=check_interrupt, progress=progress,
+        options=options, check_interrupt=check_interrupt, progress=progress,
     )
     if check_interrupt is not None:
         check_interrupt()
     settings = options.settings()
     settings["skipped_images"] = ",".join(str(i) for i in cond.skipped)
-    return identity_from_conditions(model, cond, settings=settings, check_interrupt=check_interrupt), cond
+    return identity_from_conditions(model, cond, settings=settings, face_models=analyzer.fingerprint,
+                                    check_interrupt=check_interrupt), cond
 
 
 def _build(model: HyperLoRAModel, tokens: Tensor, kind: str) -> dict[str, Tensor]:

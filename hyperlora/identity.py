@@ -32,7 +32,7 @@ from .errors import IdentityFileError, ImageInputError
 from .generate import HyperLoRAModel
 from .lora import TOKEN_NORM_TOLERANCE, mix_tokens, token_norm_deviation
 from .safetensors_io import open_safetensors, save_file_atomic
-from .spec import FACE_EMBEDDING_DIM, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
+from .spec import FACE_EMBEDDING_DIM, FACE_MODELS_META, IDENTITY_FORMAT, IDENTITY_FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class Identity:
     ``face_embedding``: ``[512]`` float32, the L2-normalised mean ArcFace embedding of the photos
     (:func:`mean_face_embedding`), or None for identities saved before it was recorded
     (identity format version 1).
+    ``face_models``: the fingerprint of the face models that made ``face_embedding``
+    (:attr:`hyperlora.faces.analysis.FaceAnalyzer.fingerprint`); embeddings of other face models
+    cannot be compared with it.  "" when unknown (identities saved before it was recorded).
     """
 
     tokens: Tensor
@@ -76,6 +79,7 @@ class Identity:
     num_images: int
     settings: dict[str, str] = field(default_factory=dict)
     face_embedding: Tensor | None = None
+    face_models: str = ""
 
 
 def mean_face_embedding(embeds: Tensor, weights: Sequence[float] | None = None) -> Tensor:
@@ -176,6 +180,8 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
     }
     if identity.base_tokens is not None:
         meta["base_num_queries"] = str(identity.base_tokens.shape[0])
+    if identity.face_embedding is not None and identity.face_models:
+        meta[FACE_MODELS_META] = str(identity.face_models)
     save_file_atomic(tensors, path, metadata=meta)
     logger.info("Saved identity (%d images, model %s) to %s", identity.num_images, identity.model_name, path)
 
@@ -183,7 +189,8 @@ def save_identity(identity: Identity, path: str | os.PathLike[str]) -> None:
 def load_identity(path: str | os.PathLike[str]) -> Identity:
     """Read an identity file written by :func:`save_identity`; tokens come back float32 on the CPU.
 
-    Version 1 files (before face embeddings were recorded) load with ``face_embedding=None``.
+    Version 1 files (before face embeddings were recorded) load with ``face_embedding=None``; files
+    without the face-model fingerprint (written before it was recorded) with ``face_models=""``.
 
     Raises :class:`IdentityFileError` for a missing file, a file that is not
     safetensors (pickles are never opened), a safetensors file that is not an
@@ -247,6 +254,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
         num_images=num_images,
         settings=settings,
         face_embedding=None if embedding is None else embedding.to(torch.float32),
+        face_models=meta.get(FACE_MODELS_META, "") if embedding is not None else "",
     )
 
 
@@ -334,7 +342,11 @@ def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> 
     base = mix_tokens(bases, weights) if all(b is not None for b in bases) else None  # type: ignore[arg-type]
     embeds = [i.face_embedding for i in identities]
     embedding = None
-    if all(e is not None for e in embeds):
+    known = {i.face_models for i in identities if i.face_models}
+    if len(known) > 1:     # embeddings of different face models: their mean is no face at all
+        logger.warning("HyperLoRA: the mixed identities were made with different face models; the mix records "
+                       "no face embedding (score it with reference photos).")
+    elif all(e is not None for e in embeds):
         try:
             embedding = mean_face_embedding(torch.stack(embeds), weights)  # type: ignore[arg-type]
         except IdentityFileError:          # weights that cancel out: the mix has no single face to record
@@ -347,6 +359,7 @@ def mix_identities(identities: Sequence[Identity], weights: Sequence[float]) -> 
         num_images=sum(i.num_images for i in identities),
         settings={"mix_weights": json.dumps([float(w) for w in weights]), "mixed": str(len(identities))},
         face_embedding=embedding,
+        face_models=first.face_models if embedding is not None and all(i.face_models for i in identities) else "",
     )
 
 

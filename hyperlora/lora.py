@@ -75,7 +75,7 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def _split(lora: Mapping[str, Tensor], label: str = "The LoRA") -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
+def split_lora(lora: Mapping[str, Tensor], label: str = "The LoRA") -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
     """Group a kohya LoRA by module prefix: ``{prefix: (down [r, in], up [out, r], alpha [] or None)}``.
 
     Prefix order is the insertion order of the ``lora_down`` keys.  Raises
@@ -143,18 +143,18 @@ def lora_prefixes(lora: Mapping[str, Tensor]) -> list[str]:
 
     ``lora_unet_..._attn1_to_q.lora_down.weight`` -> ``lora_unet_..._attn1_to_q``.
     """
-    return list(_split(lora))
+    return list(split_lora(lora))
 
 
 def lora_rank(lora: Mapping[str, Tensor]) -> int | None:
     """The common rank of every module, or ``None`` when ranks differ."""
-    ranks = {down.shape[0] for down, _, _ in _split(lora).values()}
+    ranks = {down.shape[0] for down, _, _ in split_lora(lora).values()}
     return ranks.pop() if len(ranks) == 1 else None
 
 
 def lora_num_params(lora: Mapping[str, Tensor]) -> int:
     """Number of values in the down and up matrices (alphas not counted)."""
-    return sum(down.numel() + up.numel() for down, up, _ in _split(lora).values())
+    return sum(down.numel() + up.numel() for down, up, _ in split_lora(lora).values())
 
 
 def lora_delta(lora: Mapping[str, Tensor], prefix: str) -> Tensor:
@@ -171,7 +171,7 @@ def lora_delta(lora: Mapping[str, Tensor], prefix: str) -> Tensor:
     sub = {k: lora[k] for k in (prefix + DOWN_SUFFIX, prefix + UP_SUFFIX, prefix + ALPHA_SUFFIX) if k in lora}
     if prefix + UP_SUFFIX not in sub:
         raise LoraError(f"The LoRA has '{prefix}{DOWN_SUFFIX}' but no '{prefix}{UP_SUFFIX}'.")
-    down, up, alpha = _split(sub)[prefix]
+    down, up, alpha = split_lora(sub)[prefix]
     ctype = torch.promote_types(torch.promote_types(down.dtype, up.dtype), torch.float32)
     return (up.to(ctype) @ down.to(ctype)) * _scale_of(down, alpha)
 
@@ -198,7 +198,7 @@ def scale_lora(lora: Mapping[str, Tensor], s: float) -> LoraDict:
     """
     s = _check_number(s, "The LoRA scale")
     out: LoraDict = {}
-    for prefix, (down, up, alpha) in _split(lora).items():
+    for prefix, (down, up, alpha) in split_lora(lora).items():
         out[prefix + DOWN_SUFFIX] = down
         out[prefix + UP_SUFFIX] = _scaled(up, s, up.dtype, up.device)
         if alpha is not None:
@@ -278,7 +278,7 @@ def weighted_sum(loras: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
     if isinstance(loras, Mapping):
         raise LoraError("weighted_sum takes a list of LoRAs, not a single LoRA.")
     loras, ws = _paired_weights(loras, weights, noun="LoRA", nouns="LoRAs", verb="combine")
-    parts = [_split(lora, f"LoRA {j}") for j, lora in enumerate(loras, start=1)]
+    parts = [split_lora(lora, f"LoRA {j}") for j, lora in enumerate(loras, start=1)]
     _check_compatible(parts)
 
     out: LoraDict = {}
@@ -390,6 +390,7 @@ __all__ = [
     "mix_tokens",
     "normalize_tokens",
     "provenance_of",
+    "split_lora",
     "scale_lora",
     "weighted_sum",
     "step_window",

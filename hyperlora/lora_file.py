@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import LoraError
-from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, SDXL_ARCHITECTURE, SDXL_BASE_VERSION, UP_SUFFIX, LoraDict, _split
+from .lora import ALPHA_SUFFIX, DOWN_SUFFIX, SDXL_ARCHITECTURE, SDXL_BASE_VERSION, UP_SUFFIX, LoraDict, split_lora
 from .safetensors_io import open_safetensors, save_file_atomic
 from .spec import IDENTITY_FORMAT, TRIGGER_PREFIX, TRIGGER_WORDS
 
@@ -104,7 +104,7 @@ def save_lora_file(
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise LoraError(f"LoRA files are written as .safetensors; '{path}' has another extension.")
-    parts = _split(lora)
+    parts = split_lora(lora)
     if dtype is not None and not dtype.is_floating_point:
         raise LoraError(f"A LoRA file must hold floating-point weights; dtype {dtype} is not one.")
     tensors: dict[str, Tensor] = {}
@@ -168,7 +168,7 @@ def load_lora_file(path: str | os.PathLike[str], *, device: str | torch.device =
                 "choose a LoRA file."
             )
         lora = {k: f.get_tensor(k) for k in keys}
-    parts = _split(lora, f"The LoRA file '{path}'")
+    parts = split_lora(lora, f"The LoRA file '{path}'")
     for prefix, (down, up, _) in parts.items():
         for key, t in ((prefix + DOWN_SUFFIX, down), (prefix + UP_SUFFIX, up)):
             if not bool(torch.isfinite(t).all()):

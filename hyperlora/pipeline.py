@@ -27,7 +27,7 @@ from .encoders import ClipVisionEncoder
 from .errors import FaceNotFoundError, ImageInputError, SettingError, check_choice
 from .faces import preprocess as pp
 from .faces.analysis import DetectedFace, FaceAnalyzer, choose_face
-from .faces.options import DEFAULTS, NO_FACE_POLICIES, retry_sizes
+from .faces.options import DEFAULTS, NO_FACE_POLICIES, FaceOptions, retry_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -227,11 +227,11 @@ def _check_images(images: Sequence[np.ndarray]) -> None:
 
 
 def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_clip: bool,
-             need_base: bool, face_choice: str, face_index: int, remove_background: bool, grayscale: bool,
-             det_size: int, base_scales: tuple[float, float, float, float]) -> _Result:
-    faces = find_faces_scaled(analyzer, image, det_size=det_size)
+             need_base: bool, options: FaceOptions, base_scales: tuple[float, float, float, float]) -> _Result:
+    face_choice, face_index = options.face_choice, options.face_index
+    faces = find_faces_scaled(analyzer, image, det_size=options.det_size)
     if not faces:
-        return _Result(reason=f"no face found{no_face_hint(image.shape, det_size)}")
+        return _Result(reason=f"no face found{no_face_hint(image.shape, options.det_size)}")
     try:
         face = choose_face(faces, face_choice, face_index)
     except SettingError as exc:               # face_index beyond the faces of this photo
@@ -248,7 +248,7 @@ def _analyse(image: np.ndarray, *, analyzer: FaceAnalyzer, need_id: bool, need_c
         res.id_embed = emb / max(float(np.linalg.norm(emb)), 1e-12)
         res.preview = pp.preview(arc)
     if need_clip:
-        res.clip_crop = pp.clip_crop(image, lm, remove_bg=remove_background, grayscale=grayscale)
+        res.clip_crop = pp.clip_crop(image, lm, remove_bg=options.remove_background, grayscale=options.grayscale)
         res.preview = pp.preview(res.clip_crop)   # what CLIP saw, before its own 224 px resize
     if need_base:
         res.base_crop = pp.base_crop(image, lm, base_scales)
@@ -266,12 +266,7 @@ def extract_conditions(
     need_id: bool,
     need_clip: bool,
     need_base: bool,
-    face_choice: str = DEFAULTS.face_choice,
-    face_index: int = DEFAULTS.face_index,
-    remove_background: bool = DEFAULTS.remove_background,
-    grayscale: bool = DEFAULTS.grayscale,
-    no_face: str = DEFAULTS.no_face,
-    det_size: int = DEFAULTS.det_size,
+    options: FaceOptions = DEFAULTS,
     base_scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     use_cache: bool = True,
     check_interrupt: Callable[[], None] | None = None,
@@ -279,26 +274,28 @@ def extract_conditions(
 ) -> FaceConditions:
     """Face photos (uint8 RGB ``[H, W, 3]``, any sizes) -> :class:`FaceConditions` of one person.
 
-    ``no_face``: "skip" drops faceless photos with a warning naming them, "error" raises
-    :class:`FaceNotFoundError` naming them.  No face in any photo always raises.
+    ``options``: how faces are found, chosen and prepared (:class:`FaceOptions`); its ``no_face``:
+    "skip" drops faceless photos with a warning naming them, "error" raises :class:`FaceNotFoundError`
+    naming them.  No face in any photo always raises.  Results are cached per photo, keyed by the
+    photo's bytes, :meth:`FaceOptions.cache_key`, the conditions asked for and the model objects.
     ``check_interrupt`` is called before each photo's face analysis and before each CLIP forward
     (it raises to stop); ``progress(done, total)`` after each photo.
     """
     _check_images(images)
-    check_choice(no_face, NO_FACE_POLICIES, "no_face")
+    if not isinstance(options, FaceOptions):
+        raise SettingError(f"options must be a FaceOptions, got {type(options).__name__}; build it with "
+                           "FaceOptions(face_choice=..., ...).")
     if not (need_id or need_clip or need_base):
         raise ValueError("extract_conditions needs at least one of need_id, need_clip, need_base")
     if (need_clip or need_base) and clip is None:
         raise ValueError("a CLIP encoder is needed for the CLIP / base conditions")
-    retry_sizes(det_size)    # validates det_size (HyperLoRAError naming the setting)
     scales = pp.check_base_scales(base_scales)
     total = len(images)
     models = (analyzer, clip if (need_clip or need_base) else None)
     # dtype changes the features, the device (ComfyUI moves models on and off the GPU) does not
     clip_key = str(clip.dtype) if models[1] is not None else None
-    settings = (need_id, need_clip, need_base, face_choice, int(face_index), bool(remove_background),
-                bool(grayscale), int(det_size), scales if need_base else None,
-                id(models[0]), id(models[1]), clip_key)
+    settings = (need_id, need_clip, need_base, type(options).__name__, options.cache_key(),
+                scales if need_base else None, id(models[0]), id(models[1]), clip_key)
 
     results: list[_Result | None] = [None] * total
     keys: list[tuple] = []
@@ -311,9 +308,7 @@ def extract_conditions(
         if results[i] is None:
             _interrupt(check_interrupt)
             results[i] = _analyse(images[i], analyzer=analyzer, need_id=need_id, need_clip=need_clip,
-                                  need_base=need_base, face_choice=face_choice, face_index=face_index,
-                                  remove_background=remove_background, grayscale=grayscale, det_size=det_size,
-                                  base_scales=scales)
+                                  need_base=need_base, options=options, base_scales=scales)
         if progress is not None:
             progress(done_count, total)
     done: list[_Result] = [r for r in results if r is not None]   # every entry is filled by now
@@ -323,8 +318,7 @@ def extract_conditions(
         for i in fresh:
             if done[i].reason is not None:
                 RESULT_CACHE.put(keys[i], models, done[i])
-    _apply_policy(done, skipped, used, total, no_face=no_face, det_size=det_size, face_choice=face_choice,
-                  face_index=face_index)
+    _apply_policy(done, skipped, used, total, options=options)
 
     todo = [i for i in fresh if done[i].reason is None]
     if todo and (need_clip or need_base):
@@ -406,11 +400,11 @@ def _index_error(done: list[_Result], index_missed: list[int], no_face_ones: lis
         f"set face_choice to 'largest'.{also}")
 
 
-def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], total: int, *, no_face: str,
-                  det_size: int, face_choice: str = DEFAULTS.face_choice,
-                  face_index: int = DEFAULTS.face_index) -> None:
+def _apply_policy(done: list[_Result], skipped: list[int], used: list[int], total: int, *,
+                  options: FaceOptions) -> None:
     """Raise or warn for the photos without a usable face.  A face_index beyond the faces of a photo is
     reported on its own, as the setting it is (SettingError), apart from photos without any face."""
+    no_face, det_size, face_choice, face_index = options.no_face, options.det_size, options.face_choice, options.face_index
     index_missed = [i for i in skipped if done[i].index_miss]
     no_face_ones = [i for i in skipped if not done[i].index_miss]
     sizes = ", ".join(map(str, retry_sizes(det_size)))

@@ -373,7 +373,8 @@ class Refiner:
             refined = Identity(tokens=normalize_tokens(self.tokens.detach()).float().cpu().clone(),
                                base_tokens=identity.base_tokens, model_name=identity.model_name,
                                model_fingerprint=identity.model_fingerprint, num_images=identity.num_images,
-                               settings=settings, face_embedding=identity.face_embedding)
+                               settings=settings, face_embedding=identity.face_embedding,
+                               face_models=identity.face_models)
             return RefineResult(refined, lora_from_identity(self.model, refined, kind="id"), before, after, losses,
                                 self.mode, steps, lr)
         tensors: dict[str, Tensor] = {}

@@ -1,7 +1,8 @@
 """Identity similarity: how much each image looks like the person, as ArcFace sees it.
 
 The reference is a person's ArcFace embedding ``[512]``: the ``face_embedding`` an identity
-records, or the same thing made from reference photos by the identity's own recipe
+records (refused when the identity records other face models than the scoring analyzer's:
+:func:`check_face_models`), or the same thing made from reference photos by the identity's own recipe
 (:func:`reference_from_photos`: the chosen face of each photo, its 4l ArcFace crop, detection
 again at 640, the L2-normalised mean over the photos; format §6).
 
@@ -42,6 +43,9 @@ FACE_ORDER = "largest"
 """Faces of a scored image are numbered largest first (``face_choice='index'`` counts the same way)."""
 OLD_IDENTITY = ("this identity was saved before HyperLoRA Studio recorded face embeddings; connect reference "
                 "photos or make the identity again")
+UNKNOWN_FACE_MODELS = ("this identity does not record which face models made its face embedding (it was saved "
+                       "before HyperLoRA Studio recorded them); its scores mean something only if the Loader's "
+                       "insightface folder holds the same AntelopeV2 files. Make the identity again to have it checked")
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,35 @@ def _unit(embedding: Tensor | np.ndarray, what: str) -> np.ndarray:
     return e / norm
 
 
-def reference_from_identity(identity: Identity) -> Tensor:
-    """The identity's face embedding ``[512]``; :class:`IdentityFileError` for identities without one."""
+def check_face_models(identity: Identity, analyzer: FaceAnalyzer) -> None:
+    """Refuse to score against an identity whose face embedding was made by other face models.
+
+    ArcFace embeddings of two different recognition models live in unrelated spaces: the same photo
+    scores near 0 instead of 1, a number that looks like a real score.  So a known fingerprint
+    (:attr:`Identity.face_models`) that differs from ``analyzer.fingerprint`` raises
+    :class:`IdentityFileError` naming both and the fixes; an unknown one (older identities) is
+    logged as a warning and scored.
+    """
+    if not identity.face_models:
+        logger.warning("HyperLoRA: %s.", UNKNOWN_FACE_MODELS[0].upper() + UNKNOWN_FACE_MODELS[1:])
+        return
+    if identity.face_models != analyzer.fingerprint:
+        raise IdentityFileError(
+            f"This identity's face embedding was made with other face models (AntelopeV2 files with fingerprint "
+            f"{identity.face_models}) than the Loader's ({analyzer.fingerprint}, in {analyzer.model_dir}); "
+            "embeddings of different face models cannot be compared, so every score would be meaningless. "
+            "Pick the insightface folder the identity was made with in the Loader, connect reference photos "
+            "(reference_images) instead of the identity, or make the identity again with this Loader.")
+
+
+def reference_from_identity(identity: Identity, *, analyzer: FaceAnalyzer) -> Tensor:
+    """The identity's face embedding ``[512]``, to be scored with ``analyzer``'s face models.
+
+    :class:`IdentityFileError` for identities without one and for identities made with other face
+    models (:func:`check_face_models`)."""
     if identity.face_embedding is None:
         raise IdentityFileError(OLD_IDENTITY[0].upper() + OLD_IDENTITY[1:] + ".")
+    check_face_models(identity, analyzer)
     return identity.face_embedding.detach().to(device="cpu", dtype=torch.float32)
 
 
@@ -94,8 +123,7 @@ def reference_from_photos(photos: Sequence[np.ndarray], *, analyzer: FaceAnalyze
     a face (and, with ``options.no_face='error'``, when any photo lacks one).
     """
     cond = extract_conditions(photos, analyzer=analyzer, clip=None, need_id=True, need_clip=False, need_base=False,
-                              face_choice=options.face_choice, face_index=options.face_index, no_face=options.no_face,
-                              det_size=options.det_size)
+                              options=options)
     if cond.id_embeds is None or not cond.used:   # extract_conditions raises first; kept for type checkers
         raise FaceNotFoundError("No face was found in the reference photos; connect a clear photo of the person.")
     return mean_face_embedding(cond.id_embeds), list(cond.notes)
@@ -201,5 +229,6 @@ def annotate(image: np.ndarray, score: ImageScore) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8).copy()
 
 
-__all__ = ["FACE_ORDER", "ImageScore", "NO_FACE", "OLD_IDENTITY", "annotate", "describe", "image_faces", "rank",
+__all__ = ["FACE_ORDER", "ImageScore", "NO_FACE", "OLD_IDENTITY", "UNKNOWN_FACE_MODELS", "annotate", "check_face_models",
+           "describe", "image_faces", "rank",
            "reference_from_identity", "reference_from_photos", "score_image", "score_images"]

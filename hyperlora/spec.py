@@ -1,4 +1,5 @@
-"""The released HyperLoRA format as data: file names, fixed numbers and the architecture types.
+"""The released HyperLoRA format as data: file names, the models-folder layout, fixed numbers, the released
+sizes and the architecture types.
 
 This module is the leaf of the package: it imports nothing from the pack, so every other
 module can take its constants from here and no two modules need each other for them.  The
@@ -32,11 +33,59 @@ ANTELOPE_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOG
 ANTELOPE_REQUIRED_FILES = (ANTELOPE_DETECTOR_FILE, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE)
 """The three this pack loads (detection, 106-point landmarks, recognition): a folder is usable iff it has them."""
 
+# ---------------------------------------------------------------------------- the models folder (format §1)
+# Paths below ComfyUI's models/ folder, "/"-separated (pathlib joins them on every system).
+
+HYPER_LORA_DIR = "hyper_lora"
+"""``models/hyper_lora``: the released tree below it (also the ComfyUI folder key of the pack)."""
+MODELS_SUBDIR = "hyper_lora"
+"""``models/hyper_lora/hyper_lora/<model>/``: the HyperLoRA model folders."""
+CLIP_VIT_SUBDIR = "clip_vit"
+"""``models/hyper_lora/clip_vit/<name>/``: Hugging Face CLIP vision folders."""
+CLIP_PROCESSOR_SUBDIR = "clip_processor"
+"""``models/hyper_lora/clip_processor/<name>_processor/``: their preprocessor configs."""
+PROCESSOR_SUFFIX = "_processor"
+IDENTITIES_SUBDIR = "identities"
+"""``models/hyper_lora/identities``: identity files (this pack's, not a released folder)."""
+RELEASED_CLIP_NAME = "clip_vit_large_14"
+"""The released CLIP vision folder's name."""
+INSIGHTFACE_DIR = "insightface"
+"""``models/insightface``: insightface's root (also the ComfyUI folder key)."""
+ANTELOPE_NAME = "antelopev2"
+ANTELOPE_SUBDIR = f"models/{ANTELOPE_NAME}"
+"""The AntelopeV2 pack below insightface's root."""
+ANTELOPE_DIR = f"{INSIGHTFACE_DIR}/{ANTELOPE_SUBDIR}"
+"""``models/insightface/models/antelopev2``: the AntelopeV2 pack's five files."""
+
+
+def model_dir(name: str) -> str:
+    """``hyper_lora/hyper_lora/<name>``: a HyperLoRA model folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{MODELS_SUBDIR}/{name}"
+
+
+def clip_dir(name: str = RELEASED_CLIP_NAME) -> str:
+    """``hyper_lora/clip_vit/<name>``: a CLIP vision folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{CLIP_VIT_SUBDIR}/{name}"
+
+
+def clip_processor_name(clip_name: str = RELEASED_CLIP_NAME) -> str:
+    """``<clip name>_processor``: the preprocessor folder's name that belongs to a CLIP folder."""
+    return clip_name + PROCESSOR_SUFFIX
+
+
+def clip_processor_dir(clip_name: str = RELEASED_CLIP_NAME) -> str:
+    """``hyper_lora/clip_processor/<clip name>_processor``: its preprocessor folder, below models/."""
+    return f"{HYPER_LORA_DIR}/{CLIP_PROCESSOR_SUBDIR}/{clip_processor_name(clip_name)}"
+
+
 IDENTITY_FORMAT = "hyperlora.identity"
 """``format`` metadata of this pack's identity files (not a released file type)."""
 IDENTITY_FORMAT_VERSION = 2
 """Version written.  1: tokens (+ base_tokens).  2: adds the optional ``face_embedding`` tensor; version 1
 files are still read (they have no embedding)."""
+FACE_MODELS_META = "face_models"
+"""Metadata key of identity files holding the fingerprint of the face models that made the face embedding
+(optional: files written before it was recorded lack it and still load)."""
 FACE_EMBEDDING_DIM = 512
 """Width of an ArcFace (AntelopeV2 glintr100) embedding."""
 
@@ -61,6 +110,22 @@ LN_EPS = 1e-5
 """Epsilon of every LayerNorm of the resampler and the ID projector."""
 VIT_L14_WIDTH = 1024
 """Hidden size of OpenAI CLIP ViT-L/14, the image encoder the released models read."""
+RELEASED_HYPER_DIM = 128
+"""K: coefficients per token of the released models (the width of every basis and resampler output)."""
+RELEASED_RANK = 8
+"""Rank of the released ID-LoRA."""
+RELEASED_BASE_RANK = 4
+"""Rank of the released Base-LoRA."""
+RELEASED_RESAMPLER_DIM = 1024
+"""Width of the released resamplers (their latent queries), not to be confused with the CLIP width."""
+RELEASED_RESAMPLER_DEPTH = 4
+"""Perceiver layers of the released resamplers."""
+RELEASED_DIM_HEAD = 64
+"""Attention head width of the released resamplers (``DEFAULT_HEADS`` x 64 = 768)."""
+RELEASED_FF_MULT = 4
+"""Feed-forward expansion of the released resamplers."""
+RELEASED_ID_TOKENS = 16
+"""Tokens the released ID projector makes from one ArcFace embedding."""
 TRIGGER_WORDS = "fcsks fxhks fhyks"
 """The trigger words the released models were trained with; prompts start with ``TRIGGER_PREFIX``."""
 TRIGGER_PREFIX = TRIGGER_WORDS + ", "
@@ -145,10 +210,13 @@ def kohya_prefix(module: LoraModuleSpec, layer: str) -> str:
 
 
 __all__ = [
-    "ANTELOPE_DETECTOR_FILE", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
-    "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM",
+    "ANTELOPE_DETECTOR_FILE", "ANTELOPE_DIR", "ANTELOPE_NAME", "ANTELOPE_SUBDIR", "CLIP_PROCESSOR_SUBDIR",
+    "CLIP_VIT_SUBDIR", "HYPER_LORA_DIR", "IDENTITIES_SUBDIR", "INSIGHTFACE_DIR", "MODELS_SUBDIR", "PROCESSOR_SUFFIX",
+    "RELEASED_CLIP_NAME", "clip_dir", "clip_processor_dir", "clip_processor_name", "model_dir", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
+    "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM", "FACE_MODELS_META",
     "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
     "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
-    "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
+    "RELEASED_BASE_RANK", "RELEASED_DIM_HEAD", "RELEASED_FF_MULT", "RELEASED_HYPER_DIM", "RELEASED_ID_TOKENS",
+    "RELEASED_RANK", "RELEASED_RESAMPLER_DEPTH", "RELEASED_RESAMPLER_DIM", "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
     "token_index",
 ]

@@ -21,7 +21,7 @@ from ..hyperlora.bundle import identity_from_images
 from ..hyperlora.errors import LoraError, SettingError
 from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity, check_photo_count
-from ..hyperlora.faces.options import DEFAULTS, DETECTION_SIZES, FACE_CHOICES, MAX_FACE_INDEX, NO_FACE_POLICIES, FaceOptions
+from ..hyperlora.faces.options import DEFAULTS, NO_FACE_POLICIES, FaceOptions, OptionSpec, option_specs
 from ..hyperlora.pipeline import images_from_comfy
 from ..hyperlora.spec import CROP_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
 
@@ -323,33 +323,25 @@ def preview_ui(image: torch.Tensor, prefix: str) -> list[dict[str, str]]:
     return out
 
 
-def face_inputs() -> dict[str, tuple]:
-    """The face options shared by the identity nodes (the fields of ``FaceOptions``, its defaults)."""
-    return {
-        "face_choice": (list(FACE_CHOICES), {
-            "default": DEFAULTS.face_choice,
-            "tooltip": "Which face to use when a photo shows several: the largest, or (with 'index') "
-                       "the face_index-th largest; 'left_to_right' takes the face_index-th from the left; "
-                       "'highest_score' takes the face the detector is surest of, as the authors' plugin does."}),
-        "face_index": ("INT", {"default": DEFAULTS.face_index, "min": 0, "max": MAX_FACE_INDEX, "step": 1,
-                               "tooltip": "0-based face number for 'index' and 'left_to_right'."}),
-        "remove_background": ("BOOLEAN", {
-            "default": DEFAULTS.remove_background,
-            "tooltip": "Replace everything outside the face outline by gray before CLIP sees it, as the "
-                       "released models were trained (recommended)."}),
-        "grayscale": ("BOOLEAN", {
-            "default": DEFAULTS.grayscale,
-            "tooltip": "Give CLIP a grayscale face, so the colours of the photo (lighting, make-up) carry "
-                       "over less."}),
-        "no_face": (list(NO_FACE_POLICIES), {
-            "default": DEFAULTS.no_face,
-            "tooltip": "A photo without a detectable face: 'skip' drops it and uses the others, 'error' stops "
-                       "the queue naming the photo."}),
-        "det_size": ([str(s) for s in DETECTION_SIZES], {
-            "default": str(DEFAULTS.det_size),
-            "tooltip": "Face-detector input size. 640 as released; if nothing is found the smaller sizes "
-                       "are tried too. Pick a smaller size first for tight close-ups."}),
-    }
+def face_input(spec: OptionSpec) -> tuple:
+    """One face option (a field of ``FaceOptions``) as a ComfyUI input: a dropdown for options with choices
+    (as strings, e.g. det_size "640"), BOOLEAN, INT (with its range) or STRING, its default and help."""
+    extra: dict[str, Any] = {"tooltip": spec.help}
+    if spec.choices is not None:
+        return ([str(c) for c in spec.choices], {"default": str(spec.default), **extra})
+    if spec.kind is bool:
+        return ("BOOLEAN", {"default": spec.default, **extra})
+    if spec.kind in (int, float):
+        bounds = {k: v for k, v in (("min", spec.low), ("max", spec.high)) if v is not None}
+        return ("INT" if spec.kind is int else "FLOAT", {"default": spec.default, **bounds,
+                                                         "step": 1 if spec.kind is int else 0.01, **extra})
+    return ("STRING", {"default": spec.default, **extra})
+
+
+def face_inputs(options: type[FaceOptions] = FaceOptions) -> dict[str, tuple]:
+    """The face options shared by the identity nodes: every field of ``FaceOptions``, in its order, with
+    its default (made from the fields, so a new option needs no change here)."""
+    return {spec.name: face_input(spec) for spec in option_specs(options)}
 
 
 def no_face_input(skip_effect: str) -> tuple:
@@ -359,16 +351,9 @@ def no_face_input(skip_effect: str) -> tuple:
         "tooltip": f"A photo without a face: 'skip' {skip_effect}, 'error' stops the queue naming the photo."})
 
 
-def face_options(kwargs: dict[str, Any]) -> FaceOptions:
+def face_options(kwargs: dict[str, Any], options: type[FaceOptions] = FaceOptions) -> FaceOptions:
     """The node's face inputs as ``FaceOptions`` (inputs a node does not have keep their defaults)."""
-    return FaceOptions(
-        face_choice=kwargs.get("face_choice", DEFAULTS.face_choice),
-        face_index=int(kwargs.get("face_index", DEFAULTS.face_index)),
-        remove_background=bool(kwargs.get("remove_background", DEFAULTS.remove_background)),
-        grayscale=bool(kwargs.get("grayscale", DEFAULTS.grayscale)),
-        no_face=kwargs.get("no_face", DEFAULTS.no_face),
-        det_size=int(kwargs.get("det_size", DEFAULTS.det_size)),
-    )
+    return options.from_values(kwargs)
 
 
 def make_identity(hyper_lora: HyperLoRAHandle, images: Any, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:

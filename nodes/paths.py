@@ -24,12 +24,14 @@ import folder_paths
 
 from ..hyperlora.errors import ModelFileError
 from ..hyperlora.faces.setup import is_antelopev2_entry
-from ..hyperlora.spec import ANTELOPE_FILES, MARKER_FILE
+from ..hyperlora.spec import (ANTELOPE_DIR, ANTELOPE_FILES, ANTELOPE_SUBDIR, CLIP_PROCESSOR_SUBDIR, CLIP_VIT_SUBDIR,
+                              HYPER_LORA_DIR, IDENTITIES_SUBDIR, INSIGHTFACE_DIR, MARKER_FILE, MODELS_SUBDIR,
+                              RELEASED_CLIP_NAME, clip_processor_name)
 
 log = logging.getLogger(__name__)
 
-HYPER_LORA_KEY = "hyper_lora"
-INSIGHTFACE_KEY = "insightface"
+HYPER_LORA_KEY = HYPER_LORA_DIR
+INSIGHTFACE_KEY = INSIGHTFACE_DIR
 IDENTITY_KEY = "hyper_lora_identities"
 IDENTITY_SUBFOLDER = "hyper_lora_identities"
 CLIP_VISION_PREFIX = "clip_vision/"
@@ -38,9 +40,9 @@ CLIP_VISION_PREFIX = "clip_vision/"
 def register_folders() -> None:
     """Add the pack's default folders after whatever ``extra_model_paths.yaml`` already set."""
     models_dir = folder_paths.models_dir
-    folder_paths.add_model_folder_path(HYPER_LORA_KEY, os.path.join(models_dir, "hyper_lora"))
-    folder_paths.add_model_folder_path(INSIGHTFACE_KEY, os.path.join(models_dir, "insightface"))
-    folder_paths.add_model_folder_path(IDENTITY_KEY, os.path.join(models_dir, "hyper_lora", "identities"))
+    folder_paths.add_model_folder_path(HYPER_LORA_KEY, os.path.join(models_dir, HYPER_LORA_DIR))
+    folder_paths.add_model_folder_path(INSIGHTFACE_KEY, os.path.join(models_dir, INSIGHTFACE_DIR))
+    folder_paths.add_model_folder_path(IDENTITY_KEY, os.path.join(models_dir, HYPER_LORA_DIR, IDENTITIES_SUBDIR))
     folder_paths.add_model_folder_path(IDENTITY_KEY, identity_output_dir())
     folder_paths.folder_names_and_paths[IDENTITY_KEY][1].add(".safetensors")
 
@@ -70,7 +72,7 @@ def _model_dirs() -> dict[str, Path]:
     """Model folders by their dropdown name; the first root wins on a name clash."""
     found: dict[str, Path] = {}
     for root in _roots(HYPER_LORA_KEY):
-        for parent in (root / "hyper_lora", root):
+        for parent in (root / MODELS_SUBDIR, root):
             for d in _subdirs(parent):
                 if (d / MARKER_FILE).is_file() and d.name not in found:
                     found[d.name] = d
@@ -83,7 +85,7 @@ def list_models() -> list[str]:
 
 
 def model_help() -> str:
-    where = " or ".join(str(r / "hyper_lora") for r in _roots(HYPER_LORA_KEY)) or "models/hyper_lora/hyper_lora"
+    where = " or ".join(str(r / MODELS_SUBDIR) for r in _roots(HYPER_LORA_KEY)) or f"models/{HYPER_LORA_DIR}/{MODELS_SUBDIR}"
     return (f"Put a HyperLoRA model folder (for example sdxl_hyper_id_lora_v1_fidelity, holding "
             f"{MARKER_FILE} and the .safetensors files) into {where}, then press R in ComfyUI to refresh "
             f"(python -m hyperlora.tools.download can fetch the released models).")
@@ -105,7 +107,7 @@ def resolve_model(name: str) -> Path:
 def _clip_dirs() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in _roots(HYPER_LORA_KEY):
-        for d in _subdirs(root / "clip_vit"):
+        for d in _subdirs(root / CLIP_VIT_SUBDIR):
             if (d / "config.json").is_file() and d.name not in found:
                 found[d.name] = d
     return found
@@ -122,10 +124,10 @@ def list_clip_vision() -> list[str]:
 
 
 def clip_help() -> str:
-    hf = " or ".join(str(r / "clip_vit") for r in _roots(HYPER_LORA_KEY)) or "models/hyper_lora/clip_vit"
+    hf = " or ".join(str(r / CLIP_VIT_SUBDIR) for r in _roots(HYPER_LORA_KEY)) or f"models/{HYPER_LORA_DIR}/{CLIP_VIT_SUBDIR}"
     cv = " or ".join(str(r) for r in _roots("clip_vision")) or "models/clip_vision"
     return (f"Put the OpenAI CLIP ViT-L/14 vision model either as a Hugging Face folder "
-            f"(config.json + model.safetensors, e.g. clip_vit_large_14) into {hf}, or as a single "
+            f"(config.json + model.safetensors, e.g. {RELEASED_CLIP_NAME}) into {hf}, or as a single "
             f"ViT-L/14 .safetensors file into {cv}, then press R to refresh.")
 
 
@@ -148,16 +150,16 @@ def _processor_dir(clip_name: str) -> Path | None:
     """The ``clip_processor`` folder matching ``clip_name`` (``<name>_processor`` or ``<name>``), else the only one."""
     candidates: list[Path] = []
     for root in _roots(HYPER_LORA_KEY):
-        candidates += [d for d in _subdirs(root / "clip_processor") if (d / "preprocessor_config.json").is_file()]
+        candidates += [d for d in _subdirs(root / CLIP_PROCESSOR_SUBDIR) if (d / "preprocessor_config.json").is_file()]
     for d in candidates:
-        if d.name in (f"{clip_name}_processor", clip_name):
+        if d.name in (clip_processor_name(clip_name), clip_name):
             return d
     return candidates[0] if len(candidates) == 1 else None
 
 
 def default_processor_dir() -> Path | None:
     """The released ``clip_processor/clip_vit_large_14_processor`` (or the only processor folder), if any."""
-    return _processor_dir("clip_vit_large_14")
+    return _processor_dir(RELEASED_CLIP_NAME)
 
 
 # --------------------------------------------------------------------------- AntelopeV2
@@ -166,7 +168,7 @@ def default_processor_dir() -> Path | None:
 def _antelope_dirs() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for root in _roots(INSIGHTFACE_KEY):
-        for parent in (root / "models", root):
+        for parent in (root / Path(ANTELOPE_SUBDIR).parent, root):
             for d in _subdirs(parent):
                 if d.name not in found and is_antelopev2_entry(d):
                     found[d.name] = d
@@ -179,8 +181,7 @@ def list_insightface() -> list[str]:
 
 
 def insightface_help() -> str:
-    where = " or ".join(str(r / "models" / "antelopev2") for r in _roots(INSIGHTFACE_KEY)) \
-        or "models/insightface/models/antelopev2"
+    where = " or ".join(str(r / ANTELOPE_SUBDIR) for r in _roots(INSIGHTFACE_KEY)) or f"models/{ANTELOPE_DIR}"
     return (f"Unzip the insightface antelopev2 pack ({', '.join(ANTELOPE_FILES)}) so that the .onnx files are in "
             f"{where}, then press R to refresh.")
 

@@ -88,7 +88,7 @@ def score(hyper_lora: Any, images: Any, identity: Any, reference_images: Any, kw
                                                      options=options)
         source = f"reference: {len(notes)} photo(s)" + (" (the identity input is not used)" if identity is not None else "")
     elif identity is not None:
-        reference = sim.reference_from_identity(expect_identity(identity))
+        reference = sim.reference_from_identity(expect_identity(identity), analyzer=analyzer)
         source = f"reference: the identity ({identity.num_images} photo(s))"
     else:
         raise SettingError("Connect the person to compare with: an identity (identity input) or photos of them "

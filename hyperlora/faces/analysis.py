@@ -15,6 +15,8 @@ ArcFace embeddings.
   landmarks computed on the original image with the mapped box equal those on the padded one.
 * :meth:`FaceAnalyzer.embedding` is the released ArcFace step: detect again at 640 on the given
   crop, take the largest face, L2-normalised 512-d embedding.
+* :attr:`FaceAnalyzer.fingerprint` names the three files (identities record it; embeddings of
+  different face models cannot be compared).
 * :attr:`FaceAnalyzer.stats` counts detector passes and model runs (for bench/bench_faces.py).
 
 Images are ``np.ndarray`` uint8 ``[H, W, 3]`` RGB; other shapes raise :class:`ImageInputError`.
@@ -36,7 +38,7 @@ import numpy as np
 from ..errors import FaceNotFoundError, ImageInputError, ModelFileError, SettingError, check_choice
 from ..spec import ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE
 from .options import DETECTION_SIZES, FACE_CHOICES, check_det_size
-from .setup import PACK_LOCATION, find_antelopev2, import_backend, insightface_major, resolve_providers
+from .setup import PACK_LOCATION, face_models_fingerprint, find_antelopev2, import_backend, insightface_major, resolve_providers
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +196,7 @@ class FaceAnalyzer:
         self.det_thresh = float(det_thresh)
         self.stats = FaceStats()
         self._lock = threading.RLock()
+        self._fingerprint: str | None = None
         with contextlib.suppress(AttributeError):
             backend.onnxruntime.set_default_logger_severity(3)
         self._det = self._load(backend, ANTELOPE_DETECTOR_FILE, "detection")
@@ -239,6 +242,14 @@ class FaceAnalyzer:
                 f"replace it with the original file from the antelopev2 pack."
             )
         return model
+
+    @property
+    def fingerprint(self) -> str:
+        """The face models' fingerprint (:func:`~hyperlora.faces.setup.face_models_fingerprint` of
+        :attr:`model_dir`): identities record it, scoring compares it.  Hashed on first use."""
+        if self._fingerprint is None:
+            self._fingerprint = face_models_fingerprint(self.model_dir)
+        return self._fingerprint
 
     @property
     def insightface_major(self) -> int:

@@ -1,12 +1,16 @@
 """How faces are found, chosen and prepared: the choices and their defaults, in one place.
 
-Nodes build their inputs from these, the core functions take their defaults from
-:data:`DEFAULTS`, and identity files record :meth:`FaceOptions.settings`.
+Each option is one field of :class:`FaceOptions` (its default, its choices or range and its help text):
+nodes build their inputs from :func:`option_specs`, the core functions take a whole
+:class:`FaceOptions` (default :data:`DEFAULTS`), the result cache is keyed by
+:meth:`FaceOptions.cache_key` and identity files record :meth:`FaceOptions.settings`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from ..errors import SettingError, check_choice
 
@@ -46,16 +50,59 @@ def retry_sizes(det_size: int = DETECTION_SIZES[0]) -> tuple[int, ...]:
     return (first,) + tuple(s for s in DETECTION_SIZES if s < first)
 
 
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, low: int | None = None,
+           high: int | None = None, cached: bool = True) -> Any:
+    """A :class:`FaceOptions` field: its default and what the nodes show for it.
+
+    ``help``: the input's tooltip.  ``choices``: the allowed values (a dropdown; for an int field the
+    node lists them as strings, as ComfyUI's combos are).  ``low`` / ``high``: the range of an int.
+    ``cached=False``: the option does not change what is extracted from one photo (it is applied
+    after the result cache), so it is left out of :meth:`FaceOptions.cache_key`.
+    """
+    return field(default=default, metadata={"help": help, "choices": None if choices is None else tuple(choices),
+                                            "low": low, "high": high, "cached": cached})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One face option as the nodes present it (from the field of :class:`FaceOptions`)."""
+
+    name: str
+    kind: type            # bool, int, float or str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    low: int | None = None
+    high: int | None = None
+    cached: bool = True
+
+
 @dataclass(frozen=True)
 class FaceOptions:
-    """Face finding and preparation; the defaults are the released behaviour (format §6)."""
+    """Face finding and preparation; the defaults are the released behaviour (format §6).
 
-    face_choice: str = "largest"
-    face_index: int = 0
-    remove_background: bool = True
-    grayscale: bool = False
-    no_face: str = "skip"
-    det_size: int = DETECTION_SIZES[0]
+    The one place where a face option is declared: the nodes make their inputs from
+    :func:`option_specs`, read them back with :meth:`from_values`; :func:`hyperlora.pipeline.extract_conditions`
+    takes the options whole and keys its cache with :meth:`cache_key`; identity files record
+    :meth:`settings`.  A new option is a new field here (with :func:`option`).
+    """
+
+    face_choice: str = option(
+        "largest", "Which face to use when a photo shows several: the largest, or (with 'index') the face_index-th "
+        "largest; 'left_to_right' takes the face_index-th from the left; 'highest_score' takes the face the "
+        "detector is surest of, as the authors' plugin does.", choices=FACE_CHOICES)
+    face_index: int = option(0, "0-based face number for 'index' and 'left_to_right'.", low=0, high=MAX_FACE_INDEX)
+    remove_background: bool = option(
+        True, "Replace everything outside the face outline by gray before CLIP sees it, as the released models "
+              "were trained (recommended).")
+    grayscale: bool = option(
+        False, "Give CLIP a grayscale face, so the colours of the photo (lighting, make-up) carry over less.")
+    no_face: str = option(
+        "skip", "A photo without a detectable face: 'skip' drops it and uses the others, 'error' stops the queue "
+                "naming the photo.", choices=NO_FACE_POLICIES, cached=False)
+    det_size: int = option(
+        DETECTION_SIZES[0], "Face-detector input size. 640 as released; if nothing is found the smaller sizes are "
+                            "tried too. Pick a smaller size first for tight close-ups.", choices=DETECTION_SIZES)
 
     def __post_init__(self) -> None:
         check_choice(self.face_choice, FACE_CHOICES, "face_choice")
@@ -65,12 +112,45 @@ class FaceOptions:
             raise SettingError(f"face_index is {self.face_index!r}; use a whole number from 0 to {MAX_FACE_INDEX}.")
         check_det_size(self.det_size)
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> FaceOptions:
+        """The options from a node's inputs (``{name: value}``; other keys are ignored, options a node does
+        not have keep their defaults).  Values are converted to the field's type (det_size arrives as the
+        string of a dropdown)."""
+        given = {}
+        for spec in option_specs(cls):
+            if spec.name in values:
+                value = values[spec.name]
+                given[spec.name] = spec.kind(value) if spec.kind in (int, float, bool) else value
+        return cls(**given)
+
+    def cache_key(self) -> tuple[Any, ...]:
+        """``((name, value), ...)`` of every option that changes what is extracted from a photo."""
+        return tuple((spec.name, getattr(self, spec.name)) for spec in option_specs(type(self)) if spec.cached)
+
     def settings(self) -> dict[str, str]:
         """The options as strings, stored in identity files."""
         return {k: str(v) for k, v in asdict(self).items()}
 
 
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def option_specs(cls: type[FaceOptions] = FaceOptions) -> tuple[OptionSpec, ...]:
+    """Every field of ``cls`` (:class:`FaceOptions` or a subclass) as an :class:`OptionSpec`, in field order."""
+    out = []
+    for f in fields(cls):
+        kind = f.type if isinstance(f.type, type) else _KINDS.get(str(f.type))
+        if kind is None:
+            raise TypeError(f"FaceOptions.{f.name}: annotate it as bool, int, float or str, not {f.type!r}")
+        meta = f.metadata
+        out.append(OptionSpec(name=f.name, kind=kind, default=f.default, help=meta.get("help", ""),
+                              choices=meta.get("choices"), low=meta.get("low"), high=meta.get("high"),
+                              cached=meta.get("cached", True)))
+    return tuple(out)
+
+
 DEFAULTS = FaceOptions()
 
 __all__ = ["DEFAULTS", "DETECTION_SIZES", "FACE_CHOICES", "FACE_ORDERS", "FaceOptions", "MAX_FACE_INDEX", "NO_FACE_POLICIES",
-           "check_det_size", "retry_sizes"]
+           "OptionSpec", "check_det_size", "option", "option_specs", "retry_sizes"]

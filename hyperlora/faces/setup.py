@@ -12,19 +12,23 @@ used (detector, 106-point landmarks, recognition).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DependencyError, ModelFileError, SettingError
-from ..spec import ANTELOPE_FILES, ANTELOPE_REQUIRED_FILES
+from ..spec import ANTELOPE_DIR, ANTELOPE_FILES, ANTELOPE_NAME, ANTELOPE_REQUIRED_FILES, ANTELOPE_SUBDIR
 
 logger = logging.getLogger(__name__)
 
-PACK_LOCATION = "ComfyUI/models/insightface/models/antelopev2/"
+PACK_LOCATION = f"ComfyUI/models/{ANTELOPE_DIR}/"
+NESTED = f"{ANTELOPE_NAME}/{ANTELOPE_NAME}/"
+"""The too-deep unzip that is found too."""
 
 PROVIDERS = ("auto", "CUDA", "ROCm", "CoreML", "CPU")
 PROVIDER_CHOICES: dict[str, tuple[str, ...]] = {
@@ -144,13 +148,50 @@ def resolve_providers(provider: str = "auto", available: Sequence[str] | None = 
     return providers
 
 
+FINGERPRINT_CHUNK = 8 << 20
+"""Bytes read per step while hashing a face-model file."""
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+_FINGERPRINT_LOCK = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of one file, remembered per (resolved path, size, mtime_ns) for the life of the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _FINGERPRINT_LOCK:
+        known = _FINGERPRINTS.get(key)
+    if known is not None:
+        return known
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(FINGERPRINT_CHUNK):
+            h.update(chunk)
+    with _FINGERPRINT_LOCK:
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def face_models_fingerprint(folder: str | Path) -> str:
+    """16 hex digits naming the face models in ``folder`` (an AntelopeV2 folder, see :func:`find_antelopev2`):
+    a hash of the SHA-256 of the three files this pack loads (detector, landmarks, recognition).
+
+    Two folders with the same files give the same fingerprint wherever they are; any changed byte
+    gives another.  Each file is hashed once per process (about a second for the 280 MB of the
+    released pack) and remembered by path, size and modification time.
+    """
+    base = find_antelopev2(folder)
+    h = hashlib.sha256(b"hyperlora-face-models-v1")
+    for name in ANTELOPE_REQUIRED_FILES:
+        h.update(f"{name}:{_file_sha256(base / name)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _has_required(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ANTELOPE_REQUIRED_FILES)
 
 
 def _candidates(base: Path) -> list[Path]:
-    return [base, base / "antelopev2", base / base.name, base / "models" / "antelopev2",
-            base / "models" / "antelopev2" / "antelopev2"]
+    return [base, base / ANTELOPE_NAME, base / base.name, base / ANTELOPE_SUBDIR, base / ANTELOPE_SUBDIR / ANTELOPE_NAME]
 
 
 def antelopev2_dir(folder: str | Path) -> Path | None:
@@ -196,11 +237,11 @@ def find_antelopev2(folder: str | Path) -> Path:
         raise ModelFileError(
             f"The insightface AntelopeV2 folder {present} lacks {', '.join(missing)}. The pack has five files "
             f"({', '.join(ANTELOPE_FILES)}); HyperLoRA needs {', '.join(ANTELOPE_REQUIRED_FILES)}. Put them in "
-            f"{PACK_LOCATION} (a folder antelopev2/antelopev2/ from the zip works too)."
+            f"{PACK_LOCATION} (a folder {NESTED} from the zip works too)."
         )
     where = "does not exist" if not base.exists() else "holds no AntelopeV2 .onnx files"
     raise ModelFileError(
         f"The insightface AntelopeV2 folder {base} {where}. Download the antelopev2 pack and put its five "
-        f"files ({', '.join(ANTELOPE_FILES)}) in {PACK_LOCATION} (a folder antelopev2/antelopev2/ from the zip "
-        "works too). HyperLoRA never downloads them by itself."
+        f"files ({', '.join(ANTELOPE_FILES)}) in {PACK_LOCATION} (a folder {NESTED} from the zip works too). "
+        "HyperLoRA never downloads them by itself."
     )

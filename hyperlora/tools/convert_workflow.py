@@ -37,7 +37,7 @@ from typing import Any
 
 from ..errors import HyperLoRAError, WorkflowError
 from ..spec import NODE_PREFIX
-from .graph_format import (NOTE_WIDTH, Node, Out, Workflow, _note_height, build_api, build_ui, input_specs,
+from .graph_format import (NOTE_WIDTH, Node, Out, Workflow, note_height, build_api, build_ui, input_specs,
                            is_api_link, is_widget, load_node_specs)
 
 log = logging.getLogger(__name__)
@@ -710,7 +710,7 @@ def convert(doc: Any, *, source: str = "the workflow", core_nodes: bool = False,
                                                   if isinstance(g, dict) and "bounding" in g])
         left = min(n.pos[0] for n in wf.nodes)
         wf.nodes.insert(0, Node(conv.new_id(), "Note", "Converted from the authors' HyperLoRA plugin",
-                                (left, top - _note_height(note) - 60), values={"text": note}, width=NOTE_WIDTH))
+                                (left, top - note_height(note) - 60), values={"text": note}, width=NOTE_WIDTH))
         wf.kept_groups = [g for g in doc.get("groups") or [] if isinstance(g, dict)]
         wf.extra = {k: v for k, v in (doc.get("extra") or {}).items() if k != "ds"}
         wf.extra["hyperlora_converted_from"] = Path(source).name

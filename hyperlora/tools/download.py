@@ -47,8 +47,8 @@ from pathlib import Path
 from ..errors import DownloadError, HyperLoRAError, ModelFileError
 from ..integrity import (GENERIC_FIX, FileRecord, VerifiedCache, default_cache, file_matches, read_checksums,
                          record_files, sha256_file, verify_folder, write_checksums)
-from ..spec import (ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, PACK_FOLDER,
-                    RESAMPLER_FILE)
+from ..spec import (ANTELOPE_DIR, ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, PACK_FOLDER,
+                    RESAMPLER_FILE, clip_dir, clip_processor_dir, model_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ CLIP_MARKER = "config.json"
 ANTELOPEV2_FILES = ANTELOPE_FILES
 LEFTOVER_SUFFIXES = (".corrupt", ".bad")
 ANTELOPEV2_ZIP = "deepinsight/insightface/releases/download/v0.7/antelopev2.zip"
-ANTELOPEV2_DIR = "insightface/models/antelopev2"
+ANTELOPEV2_DIR = ANTELOPE_DIR
 # Known SHA-256 of released files, filled only from public material (none published so far;
 # Hugging Face still proves LFS files through the ETag it sends, see _announced_sha256).
 KNOWN_SHA256: dict[str, str] = {}
@@ -95,18 +95,18 @@ def plan(*, model: str = "fidelity", clip: bool = True, antelopev2: bool = True)
         for name in MODEL_FILES:
             kind = "json" if name.endswith(".json") else "safetensors"
             files.append(RemoteFile(HF, f"{HYPERLORA_REPO}/resolve/main/{folder}/{name}",
-                                    f"hyper_lora/hyper_lora/{folder}/{name}", kind))
+                                    f"{model_dir(folder)}/{name}", kind))
     if clip:
         files += [
             RemoteFile(HF, f"{CLIP_REPO}/resolve/main/preprocessor_config.json",
-                       "hyper_lora/clip_processor/clip_vit_large_14_processor/preprocessor_config.json", "json"),
+                       f"{clip_processor_dir()}/preprocessor_config.json", "json"),
             RemoteFile(HF, f"{CLIP_REPO}/resolve/main/model.safetensors",
-                       "hyper_lora/clip_vit/clip_vit_large_14/model.safetensors", "safetensors"),
+                       f"{clip_dir()}/model.safetensors", "safetensors"),
             RemoteFile(HF, f"{CLIP_REPO}/resolve/main/{CLIP_MARKER}",
-                       f"hyper_lora/clip_vit/clip_vit_large_14/{CLIP_MARKER}", "json"),
+                       f"{clip_dir()}/{CLIP_MARKER}", "json"),
         ]
     if antelopev2:
-        files.append(RemoteFile(GITHUB, ANTELOPEV2_ZIP, "insightface/models/antelopev2.zip", "zip"))
+        files.append(RemoteFile(GITHUB, ANTELOPEV2_ZIP, f"{ANTELOPE_DIR}.zip", "zip"))
     return files
 
 

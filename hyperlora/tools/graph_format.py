@@ -78,7 +78,7 @@ class Workflow:
         self.groups.append((title, nodes, color))
 
 
-def _note_height(text: str) -> float:
+def note_height(text: str) -> float:
     return 40 + 18 * sum(max(1, -(-len(line) // 95)) for line in text.split("\n"))
 
 
@@ -225,7 +225,7 @@ def build_ui(wf: Workflow, object_info: dict[str, Any]) -> dict[str, Any]:
                 "mode": node.mode, "title": node.title}
         if node.type == "Note":
             text = node.values["text"]
-            ui_nodes.append({**base, "size": [node.width, _note_height(text)],
+            ui_nodes.append({**base, "size": [node.width, note_height(text)],
                              "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
                              "color": NOTE_COLOR[0], "bgcolor": NOTE_COLOR[1]})
             continue

@@ -32,7 +32,7 @@ from ..errors import HyperLoRAError, QueueError
 from ..spec import NODE_PREFIX, PACK_FOLDER
 from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
-    API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
+    API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, node_title, apply_override,
     fill_workflow, find_nodes, load_api_workflow, photo_slots, resolve_workflow,
 )
 
@@ -190,7 +190,7 @@ def format_rejection(graph: ApiGraph, answer: dict[str, Any], status: int) -> st
              + (f" - {err['details']}" if err.get("details") else "")]
     for nid, ne in (answer.get("node_errors") or {}).items():
         node = graph.get(nid, {})
-        label = f"node {nid} ({ne.get('class_type', node.get('class_type', '?'))} '{_title(node)}')"
+        label = f"node {nid} ({ne.get('class_type', node.get('class_type', '?'))} '{node_title(node)}')"
         for e in ne.get("errors", []):
             lines.append(f"  {label}: {e.get('message', '')}: {e.get('details', '')}".rstrip(": "))
     return "\n".join(lines)
@@ -288,7 +288,7 @@ def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
             nid = str(data.get("node_id"))
-            raise QueueError(f"ComfyUI failed in node {nid} ({data.get('node_type')} '{_title(graph.get(nid, {}))}'): "
+            raise QueueError(f"ComfyUI failed in node {nid} ({data.get('node_type')} '{node_title(graph.get(nid, {}))}'): "
                              f"{data.get('exception_type', 'Error')}: {data.get('exception_message', '').strip()}")
         if kind == "execution_interrupted":
             raise QueueError("The run was interrupted on the ComfyUI server (someone pressed Cancel or the queue was cleared).")

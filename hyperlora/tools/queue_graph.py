@@ -82,7 +82,7 @@ def load_api_workflow(path: str | Path) -> ApiGraph:
     return data
 
 
-def _title(node: dict[str, Any]) -> str:
+def node_title(node: dict[str, Any]) -> str:
     return str(node.get("_meta", {}).get("title", ""))
 
 
@@ -92,7 +92,7 @@ def find_nodes(graph: ApiGraph, class_type: str | Sequence[str] | None = None,
     types = (class_type,) if isinstance(class_type, str) else class_type
     out = [nid for nid, n in graph.items()
            if (types is None or n["class_type"] in types)
-           and (title is None or title.lower() in _title(n).lower())]
+           and (title is None or title.lower() in node_title(n).lower())]
     return sorted(out, key=lambda nid: (0, int(nid), "") if nid.isdigit() else (1, 0, nid))
 
 
@@ -104,7 +104,7 @@ def photo_slots(graph: ApiGraph) -> list[str]:
 def _set_widget(graph: ApiGraph, nid: str, key: str, value: Any) -> None:
     inputs = graph[nid].setdefault("inputs", {})
     if isinstance(inputs.get(key), list):
-        raise QueueError(f"Node {nid} ('{_title(graph[nid])}') gets '{key}' from a link; it cannot be set.")
+        raise QueueError(f"Node {nid} ('{node_title(graph[nid])}') gets '{key}' from a link; it cannot be set.")
     inputs[key] = value
 
 
@@ -118,7 +118,7 @@ def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: st
     if images:
         slots = photo_slots(g)
         if len(images) != len(slots):
-            names = ", ".join(f"'{_title(g[s])}'" for s in slots) or "none"
+            names = ", ".join(f"'{node_title(g[s])}'" for s in slots) or "none"
             raise QueueError(f"This workflow takes {len(slots)} face photo(s) ({names}) but {len(images)} "
                              f"were given; pass --image once per slot or pick another workflow "
                              f"(t2i_one_photo takes 1, t2i_several_photos takes 3).")
@@ -158,7 +158,7 @@ def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: st
     if strength is not None:
         strength = check_finite(strength, "strength (--strength)")
         for nid, node in g.items():
-            if "slider" in _title(node).lower():
+            if "slider" in node_title(node).lower():
                 continue
             for key in STRENGTH_INPUTS.get(node["class_type"], ()):
                 _set_widget(g, nid, key, float(strength))
@@ -186,9 +186,9 @@ def apply_override(graph: ApiGraph, item: str) -> None:
     if isinstance(value, float) and not is_finite_number(value):
         raise QueueError(f"--set '{item}': {raw} is not a finite number; NaN and infinity are refused because "
                          f"they would silently spoil the result. Give a number such as 0.85.")
-    ids = [node_ref] if node_ref in graph else [n for n in graph if _title(graph[n]).lower() == node_ref.lower()]
+    ids = [node_ref] if node_ref in graph else [n for n in graph if node_title(graph[n]).lower() == node_ref.lower()]
     if not ids:
-        titles = ", ".join(sorted({repr(_title(n)) for n in graph.values()}))
+        titles = ", ".join(sorted({repr(node_title(n)) for n in graph.values()}))
         raise QueueError(f"--set '{item}': no node with id or title '{node_ref}'; titles are {titles}.")
     for nid in ids:
         _set_widget(graph, nid, key, value)

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingError
+from ..spec import (DEFAULT_HEADS, RELEASED_BASE_RANK, RELEASED_DIM_HEAD, RELEASED_FF_MULT, RELEASED_HYPER_DIM,
+                    RELEASED_ID_TOKENS, RELEASED_RANK, RELEASED_RESAMPLER_DEPTH, RELEASED_RESAMPLER_DIM)
 from .hypernet import PARTS
 
 STAGE_PARTS: dict[int, tuple[str, ...]] = {
@@ -60,15 +62,15 @@ ID_PHOTO = ("same", "other")
 class ModelConfig:
     """Sizes of the generator (the released ones by default)."""
 
-    rank: int = 8
-    base_rank: int = 4
-    hyper_dim: int = 128
-    heads: int = 12
-    dim: int = 1024
-    depth: int = 4
-    dim_head: int = 64
-    ff_mult: int = 4
-    num_id_tokens: int = 16
+    rank: int = RELEASED_RANK
+    base_rank: int = RELEASED_BASE_RANK
+    hyper_dim: int = RELEASED_HYPER_DIM
+    heads: int = DEFAULT_HEADS
+    dim: int = RELEASED_RESAMPLER_DIM
+    depth: int = RELEASED_RESAMPLER_DEPTH
+    dim_head: int = RELEASED_DIM_HEAD
+    ff_mult: int = RELEASED_FF_MULT
+    num_id_tokens: int = RELEASED_ID_TOKENS
     id_token_dim: int | None = None    # E_x; None = the CLIP width, as released
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import HyperLoRAError, SettingError
+from ..spec import ANTELOPE_DIR, HYPER_LORA_DIR, clip_dir, clip_processor_dir, model_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,32 +92,32 @@ class Tree:
 
     @property
     def antelope(self) -> Path:
-        return self.root / "insightface" / "models" / "antelopev2"
+        return self.root / ANTELOPE_DIR
 
     @property
     def clip(self) -> Path:
-        return self.root / "hyper_lora" / "clip_vit" / CLIP_NAME
+        return self.root / clip_dir(CLIP_NAME)
 
     @property
     def clip_processor(self) -> Path:
-        return self.root / "hyper_lora" / "clip_processor" / f"{CLIP_NAME}_processor"
+        return self.root / clip_processor_dir(CLIP_NAME)
 
     @property
     def sdxl(self) -> Path:
         return self.root / "diffusers" / SDXL_NAME
 
     def model(self, name: str) -> Path:
-        return self.root / "hyper_lora" / "hyper_lora" / name
+        return self.root / model_dir(name)
 
 
 def build_tree(out: Path, *, seed: int = 0) -> Tree:
     """Write the stand-in encoders and the tiny SDXL into ``out`` (see the module docstring)."""
-    from .toy.encoders import make_antelopev2, make_clip_folder
+    from ..standins import make_antelopev2, make_clip_folder
     from .toy.sdxl import tiny_sdxl_folder
 
     tree = Tree(Path(out))
     make_antelopev2(tree.antelope)
-    make_clip_folder(tree.root / "hyper_lora", name=CLIP_NAME, seed=seed)
+    make_clip_folder(tree.root / HYPER_LORA_DIR, name=CLIP_NAME, seed=seed)
     tiny_sdxl_folder(tree.sdxl, seed=seed)
     return tree
 

@@ -81,6 +81,7 @@ def reference_features_from_photos(folder: Path, identities: Sequence[str], *, a
     """
     from ..encoders import ClipVisionEncoder
     from ..faces.analysis import FaceAnalyzer
+    from ..faces.options import FaceOptions
     from ..pipeline import extract_conditions
 
     analyzer = FaceAnalyzer(antelope)
@@ -92,7 +93,7 @@ def reference_features_from_photos(folder: Path, identities: Sequence[str], *, a
             raise SettingError(f"no reference photos in '{Path(folder) / name}'; put one or more face photos there.")
         images = [read_image(p) for p in photos]            # the size is checked before decoding
         cond = extract_conditions(images, analyzer=analyzer, clip=clip, need_id=True, need_clip=True, need_base=False,
-                                  no_face="skip", use_cache=False)
+                                  options=FaceOptions(no_face="skip"), use_cache=False)
         out[name] = Features(cond.id_embeds, None if cond.clip_features is None else cond.clip_features.float())
     return out
 

@@ -50,8 +50,10 @@ from ..generate import BasisGroup, make_groups
 from ..lora import normalize_tokens
 from ..lora_functional import Factors, basis_factors
 from ..resampler import IDProjector, Resampler
-from ..spec import (DEFAULT_HEADS, FACE_EMBEDDING_DIM, TOKENS_PER_MODULE, VIT_L14_WIDTH, HyperLoRAArchitecture,
-                    LoraModuleSpec, ResamplerConfig)
+from ..spec import (DEFAULT_HEADS, FACE_EMBEDDING_DIM, RELEASED_BASE_RANK, RELEASED_DIM_HEAD, RELEASED_FF_MULT,
+                    RELEASED_HYPER_DIM, RELEASED_ID_TOKENS, RELEASED_RANK, RELEASED_RESAMPLER_DEPTH,
+                    RELEASED_RESAMPLER_DIM, TOKENS_PER_MODULE, VIT_L14_WIDTH, HyperLoRAArchitecture, LoraModuleSpec,
+                    ResamplerConfig)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +99,11 @@ class TrainableHyperLoRA(nn.Module):
     # ----------------------------------------------------------------------------- construction
 
     @classmethod
-    def new(cls, modules: Sequence[LoraModuleSpec], *, rank: int = 8, base_rank: int | None = 4,
-            hyper_dim: int = 128, clip_dim: int = VIT_L14_WIDTH, heads: int = DEFAULT_HEADS, dim: int = 1024,
-            depth: int = 4, dim_head: int = 64, ff_mult: int = 4, id_embed_dim: int | None = FACE_EMBEDDING_DIM,
-            num_id_tokens: int = 16, id_token_dim: int | None = None, seed: int = 0,
+    def new(cls, modules: Sequence[LoraModuleSpec], *, rank: int = RELEASED_RANK,
+            base_rank: int | None = RELEASED_BASE_RANK, hyper_dim: int = RELEASED_HYPER_DIM,
+            clip_dim: int = VIT_L14_WIDTH, heads: int = DEFAULT_HEADS, dim: int = RELEASED_RESAMPLER_DIM,
+            depth: int = RELEASED_RESAMPLER_DEPTH, dim_head: int = RELEASED_DIM_HEAD, ff_mult: int = RELEASED_FF_MULT,
+            id_embed_dim: int | None = FACE_EMBEDDING_DIM, num_id_tokens: int = RELEASED_ID_TOKENS, id_token_dim: int | None = None, seed: int = 0,
             device: str | torch.device | None = None) -> TrainableHyperLoRA:
         """A freshly initialised generator (see the module docstring for the initialisation).
 

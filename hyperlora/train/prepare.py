@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FaceNotFoundError, HyperLoRAError, ImageInputError, SettingError
+from ..faces.options import DEFAULTS
 from ..image_files import read_image
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
@@ -81,7 +82,7 @@ class PrepareConfig:
     min_face_area: float = 0.03
     size: int = 1024
     shard_size: int = 256
-    det_size: int = 640
+    det_size: int = DEFAULTS.det_size
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"              # encoders' dtype (the VAE always runs in float32)
@@ -373,6 +374,7 @@ def _filter(item: Item, raw: Raw, cfg: PrepareConfig, enc: Encoders, report: Fil
 def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
             report: FilterReport) -> tuple[list[dict[str, Tensor]], list[dict[str, str]]]:
     """Aesthetic filter, then every encoder, on a batch of candidates that passed the cheap filters."""
+    from ..faces.options import FaceOptions
     from ..pipeline import extract_conditions
 
     scores = enc.scorer.score([c.image for c in cands])
@@ -386,7 +388,8 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
         return [], []
     def run(images: list[np.ndarray]) -> Any:
         return extract_conditions(images, analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
-                                  need_base=True, no_face="skip", det_size=cfg.det_size, use_cache=False)
+                                  need_base=True, options=FaceOptions(no_face="skip", det_size=cfg.det_size),
+                                  use_cache=False)
 
     try:
         conds = run([c.image for c in kept])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.core.test_bench_quality import _script
+from tests.core.test_bench_quality import bench_script
 
 pytestmark = pytest.mark.comfy
 
@@ -15,7 +15,7 @@ def test_bench_refine_smoke(comfy_root, capsys):
     from tests.comfy.conftest import comfy_checkout
 
     root, _reason = comfy_checkout()
-    assert _script("bench_refine").main(["--smoke", "--comfyui", str(root)]) == 0
+    assert bench_script("bench_refine").main(["--smoke", "--comfyui", str(root)]) == 0
     out = capsys.readouterr().out
     for name in ("plain fwd+bwd", "lora step", "coefficients step"):
         assert re.search(rf"^{re.escape(name)}\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out, re.M), out
@@ -31,7 +31,7 @@ def test_eval_identity_through_the_server(comfy_server, comfy_base, tmp_path, ca
     from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL, astronaut
     from tests.fixtures.clip import make_full_clip_folder
 
-    ev = _script("eval_identity")
+    ev = bench_script("eval_identity")
     Image.fromarray(astronaut()).save(tmp_path / "astronaut.png")
     (tmp_path / "pairs.csv").write_text("photo,prompt\nastronaut.png,fcsks fxhks fhyks, a photo of an astronaut\n")
     argv = ["--pairs", str(tmp_path / "pairs.csv"), "--server", comfy_server.url, "--models", SMALL_MODEL,

@@ -4,6 +4,7 @@ real IMAGE batches of painted stand-in faces and the astronaut photo, the fake A
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL, astronaut
-from tests.fixtures.antelope import blank_image, face_image
+from tests.fixtures.antelope import RECOGNITION_SEED, blank_image, cached_antelopev2, face_image
 
 pytestmark = pytest.mark.comfy
 
@@ -59,6 +60,47 @@ def test_similarity_refuses_old_identities_and_a_missing_reference(pack, small):
         node.run(small, batch(astronaut()), identity=identity, **FACE)
     with pytest.raises(pack.errors.SettingError, match="Connect the person to compare with"):
         node.run(small, batch(astronaut()), **FACE)
+
+
+OTHER_ANTELOPE = "antelopev2_other"
+"""A second face pack, only while the test below runs (the Loader's list is scanned on every call)."""
+
+
+@pytest.fixture(scope="module")
+def other_faces(pack, cache_dir) -> Any:
+    """A Loader on another AntelopeV2 pack: the same detector and landmarks, another recognition model."""
+    link = pack.base.models / "insightface" / "models" / OTHER_ANTELOPE
+    os.symlink(cached_antelopev2(cache_dir, recognition_seed=RECOGNITION_SEED + 1), link)
+    try:
+        handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
+                                                                   insightface=OTHER_ANTELOPE, dtype="fp32",
+                                                                   provider="CPU")
+        yield handle
+    finally:
+        link.unlink()
+
+
+def test_scoring_refuses_an_identity_made_with_other_face_models(pack, small, other_faces):
+    photo = batch(astronaut())
+    made, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(small, photo, remove_background=True,
+                                                                    grayscale=False, no_face="skip", **FACE)
+    saved = pack.nodes["HyperLoRAStudioSaveIdentity"]().run(made, "faces_check")
+    name = saved["ui"]["hyper_lora_files"][0]["load_name"]
+    (identity,) = pack.nodes["HyperLoRAStudioLoadIdentity"]().run(name)
+    assert identity.face_models == made.face_models == small.analyzer().fingerprint != other_faces.analyzer().fingerprint
+    similarity, best = pack.nodes["HyperLoRAStudioFaceSimilarity"](), pack.nodes["HyperLoRAStudioBestOfN"]()
+    with pytest.raises(pack.errors.IdentityFileError, match="other face models"):
+        similarity.run(other_faces, photo, identity=identity, **FACE)
+    with pytest.raises(pack.errors.IdentityFileError, match=f"{identity.face_models}.*reference_images"):
+        best.run(other_faces, photo, 1, identity=identity, **FACE)
+    # the Loader it was made with scores it 1; the other one scores the photos themselves 1
+    scores, _, _ = similarity.run(small, photo, identity=identity, **FACE)
+    assert scores[0] == pytest.approx(1.0, abs=1e-4)
+    scores, _, _ = similarity.run(other_faces, photo, reference_images=photo, **FACE)
+    assert scores[0] == pytest.approx(1.0, abs=1e-4)
+    # the reason for refusing: the other pack's embedding of the same photo is unrelated to the identity's
+    unchecked = pack.core("similarity").score_image(astronaut(), identity.face_embedding, analyzer=other_faces.analyzer())
+    assert unchecked.score is not None and unchecked.score < 0.5
 
 
 def test_best_of_n_keeps_exactly_the_top_k_in_score_order(pack, small):

@@ -11,7 +11,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _script(name: str):
+def bench_script(name: str):
     spec = importlib.util.spec_from_file_location(f"hyperlora_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -20,7 +20,7 @@ def _script(name: str):
 
 
 def test_eval_identity_smoke_prints_the_table_and_writes_the_csv(tmp_path, capsys):
-    ev = _script("eval_identity")
+    ev = bench_script("eval_identity")
     args = ev.smoke(tmp_path)
     argv = ["--pairs", str(args.pairs), "--generated", str(args.generated), "--models", *args.models,
             "--insightface", str(args.insightface), "--clip", str(args.clip), "--provider", "CPU",

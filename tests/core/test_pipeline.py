@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from hyperlora import pipeline as pl
-from hyperlora.faces.options import retry_sizes
+from hyperlora.faces.options import FaceOptions, option, retry_sizes
 from hyperlora.faces import preprocess as pp
 from hyperlora.errors import FaceNotFoundError, ImageInputError, SettingError
 from tests.fixtures.antelope import blank_image, cached_antelopev2, face_image, paint_face
@@ -169,28 +170,31 @@ def test_face_choice_in_a_two_face_photo(analyzer, clip):
         return (x1 + x2) / 2
 
     largest = pl.extract_conditions([img], analyzer=analyzer, clip=clip, **ALL)
-    left = pl.extract_conditions([img], analyzer=analyzer, clip=clip, face_choice="left_to_right", face_index=0, **ALL)
-    second = pl.extract_conditions([img], analyzer=analyzer, clip=clip, face_choice="index", face_index=1, **ALL)
+    left = pl.extract_conditions([img], analyzer=analyzer, clip=clip,
+                                 options=FaceOptions(face_choice="left_to_right", face_index=0), **ALL)
+    second = pl.extract_conditions([img], analyzer=analyzer, clip=clip,
+                                   options=FaceOptions(face_choice="index", face_index=1), **ALL)
     assert "took 1 of 2 face(s)" in largest.notes[0]
     assert abs(chosen_x(largest) - 520) < 30 and abs(chosen_x(left) - 170) < 30 and abs(chosen_x(second) - 170) < 30
     assert not torch.allclose(largest.clip_features, left.clip_features)
     torch.testing.assert_close(left.clip_features, second.clip_features)
     # a face_index beyond the faces found is reported on its own, as the setting it is (not as "no face")
     with pytest.raises(SettingError) as ei:
-        pl.extract_conditions([img], analyzer=analyzer, clip=clip, face_choice="index", face_index=5, **ALL)
+        pl.extract_conditions([img], analyzer=analyzer, clip=clip, options=FaceOptions(face_choice="index", face_index=5), **ALL)
     assert str(ei.value).startswith("face_index 5 (face_choice 'index', counted largest first) is beyond the faces "
                                     "found in image(s) 1 (image 1 shows 2 face(s), valid 0 to 1). Lower face_index")
     with pytest.raises(SettingError, match=r"image\(s\) 1 \(.*\)\..*Image\(s\) 2 had no face at all"):
-        pl.extract_conditions([img, blank_image(300, 300)], analyzer=analyzer, clip=clip, face_choice="index",
-                              face_index=5, **ALL)
+        pl.extract_conditions([img, blank_image(300, 300)], analyzer=analyzer, clip=clip,
+                              options=FaceOptions(face_choice="index", face_index=5), **ALL)
     # with "skip", a photo with fewer faces than face_index is skipped, the others used
-    two = pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip, face_choice="index", face_index=1, **ALL)
+    two = pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip,
+                                options=FaceOptions(face_choice="index", face_index=1), **ALL)
     assert two.used == [0] and two.skipped == [1]
     # with "error" it stops, naming face_index and the photo (not "no face")
     with pytest.raises(SettingError, match=r"counted from the left\) is beyond the faces found in image\(s\) 2 "
                                            r"\(image 2 shows 1 face\(s\), valid 0 to 0\)"):
-        pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip, face_choice="left_to_right",
-                              face_index=1, no_face="error", **ALL)
+        pl.extract_conditions([img, one_face()], analyzer=analyzer, clip=clip,
+                              options=FaceOptions(face_choice="left_to_right", face_index=1, no_face="error"), **ALL)
 
 
 def test_only_some_conditions(analyzer, clip):
@@ -206,8 +210,9 @@ def test_only_some_conditions(analyzer, clip):
 def test_options_change_the_crops(analyzer, clip):
     img = one_face()
     plain = pl.extract_conditions([img], analyzer=analyzer, clip=clip, **ALL)
-    gray = pl.extract_conditions([img], analyzer=analyzer, clip=clip, grayscale=True, **ALL)
-    nobg = pl.extract_conditions([img], analyzer=analyzer, clip=clip, remove_background=False, **ALL)
+    gray = pl.extract_conditions([img], analyzer=analyzer, clip=clip, options=FaceOptions(grayscale=True), **ALL)
+    nobg = pl.extract_conditions([img], analyzer=analyzer, clip=clip, options=FaceOptions(remove_background=False),
+                                 **ALL)
     g = gray.crops[0]
     assert (g[..., 0] == g[..., 1]).all() and not (plain.crops[0][..., 0] == plain.crops[0][..., 1]).all()
     assert not torch.allclose(plain.clip_features, gray.clip_features)
@@ -226,9 +231,9 @@ def test_skip_and_error_policies(analyzer, clip, caplog):
     assert cond.id_embeds.shape[0] == 2 and cond.clip_features.shape[0] == 2 and len(cond.crops) == 2
     assert "image(s) 2, 4 of 4" in caplog.text
     with pytest.raises(FaceNotFoundError, match=r"image\(s\) 2, 4 of 4.*no_face"):
-        pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, no_face="error", **ALL)
+        pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, options=FaceOptions(no_face="error"), **ALL)
     with pytest.raises(SettingError, match="no_face is 'ignore'"):
-        pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, no_face="ignore", **ALL)
+        pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, options=FaceOptions(no_face="ignore"), **ALL)
 
 
 def test_no_face_anywhere(analyzer, clip):
@@ -259,7 +264,7 @@ def test_cache_second_call_runs_no_model(analyzer, clip, monkeypatch):
     torch.testing.assert_close(first.id_embeds, second.id_embeds, atol=0, rtol=0)
     assert second.used == first.used and second.skipped == first.skipped
     # another setting, or one changed image, recomputes only what changed
-    pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, grayscale=True, **ALL)
+    pl.extract_conditions(imgs, analyzer=analyzer, clip=clip, options=FaceOptions(grayscale=True), **ALL)
     assert counter.total() > ran
     before = dict(counter.calls)
     changed = imgs[2].copy()
@@ -359,7 +364,7 @@ def test_bad_images_for_extract(analyzer, clip):
     with pytest.raises(ImageInputError, match=r"Image 1 of 1"):
         pl.extract_conditions([np.zeros((10, 10), np.uint8)], analyzer=analyzer, clip=clip, **ALL)
     with pytest.raises(SettingError, match="det_size 100"):
-        pl.extract_conditions([one_face()], analyzer=analyzer, clip=clip, det_size=100, **ALL)
+        pl.extract_conditions([one_face()], analyzer=analyzer, clip=clip, options=FaceOptions(det_size=100), **ALL)
 
 
 def test_face_masks_follow_the_chosen_face(analyzer, caplog):
@@ -468,3 +473,31 @@ def test_chunked_clip_features_equal_one_forward(analyzer, clip, monkeypatch):
     assert counter.calls["clip_forward"] == 4 and counter.calls["clip_images"] == 10
     torch.testing.assert_close(chunked.clip_features, one.clip_features, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.base_clip_features, one.base_clip_features, atol=1e-5, rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithBlur(FaceOptions):
+    """FaceOptions with one more field, as a new face option would be added."""
+
+    blur: int = option(0, "A new option that changes the crops.", low=0, high=10)
+    note: str = option("", "A new option applied after the cache.", cached=False)
+
+
+def test_a_new_face_option_reaches_the_cache_key(analyzer):
+    """Adding a field to FaceOptions is enough for the result cache to tell its values apart."""
+    assert WithBlur(blur=1).cache_key() == DEFAULT_KEY + (("blur", 1),)
+    assert WithBlur(blur=1, note="x").cache_key() == WithBlur(blur=1).cache_key()      # cached=False
+    assert FaceOptions().cache_key() == DEFAULT_KEY
+    img = one_face()
+    need = dict(need_id=True, need_clip=False, need_base=False)
+    pl.extract_conditions([img], analyzer=analyzer, clip=None, options=WithBlur(blur=1), **need)
+    assert len(pl.RESULT_CACHE) == 1
+    pl.extract_conditions([img], analyzer=analyzer, clip=None, options=WithBlur(blur=1, note="y"), **need)
+    assert len(pl.RESULT_CACHE) == 1                       # the same crops: a cache hit
+    pl.extract_conditions([img], analyzer=analyzer, clip=None, options=WithBlur(blur=2), **need)
+    assert len(pl.RESULT_CACHE) == 2                       # another value of the new option: another entry
+    assert WithBlur.from_values({"blur": "3", "det_size": "512", "other": 1}) == WithBlur(blur=3, det_size=512)
+
+
+DEFAULT_KEY = (("face_choice", "largest"), ("face_index", 0), ("remove_background", True), ("grayscale", False),
+               ("det_size", 640))

@@ -46,7 +46,7 @@ def identity_of(model, seed: int = 3) -> Identity:
     q, k = model.arch.resampler.num_queries, model.arch.hyper_dim
     emb = torch.randn(512, generator=torch.Generator().manual_seed(seed))
     return Identity(normalize_tokens(random_tokens(q, k, seed=seed)), None, model.name, model.fingerprint, 2,
-                    {"face_choice": "largest"}, face_embedding=emb / emb.norm())
+                    {"face_choice": "largest"}, face_embedding=emb / emb.norm(), face_models="0123456789abcdef")
 
 
 class Attention(nn.Module):
@@ -205,6 +205,7 @@ def test_refine_lowers_the_loss_and_leaves_the_network_untouched(model, mode, lr
         save_identity(new, tmp_path / "refined.safetensors")
         back = load_identity(tmp_path / "refined.safetensors")
         assert torch.equal(back.tokens, new.tokens) and torch.equal(back.face_embedding, ident.face_embedding)
+        assert back.face_models == new.face_models == ident.face_models      # still scored with its face models
         assert torch.equal(lora_from_identity(model, back)["" + next(iter(targets)) + ".lora_up.weight"],
                            result.lora[next(iter(targets)) + ".lora_up.weight"])
     else:

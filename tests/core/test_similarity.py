@@ -20,8 +20,9 @@ from hyperlora.errors import FaceNotFoundError, IdentityFileError, SettingError
 from hyperlora.faces import preprocess as pp
 from hyperlora.faces.analysis import FaceAnalyzer
 from hyperlora.faces.options import FaceOptions
-from hyperlora.identity import Identity
-from tests.fixtures.antelope import blank_image, cached_antelopev2, face_image
+from hyperlora.faces.setup import face_models_fingerprint
+from hyperlora.identity import Identity, load_identity, mix_identities, save_identity
+from tests.fixtures.antelope import RECOGNITION_SEED, blank_image, cached_antelopev2, face_image
 from tests.fixtures.clip import TINY as TINY_CLIP
 from tests.fixtures.hyperlora_models import TINY, write_hyperlora_folder
 
@@ -144,8 +145,65 @@ def test_identity_records_the_reference_of_its_photos(analyzer, clip, tiny_model
     ref, _ = sim.reference_from_photos(photos, analyzer=analyzer)
     assert identity.face_embedding is not None
     torch.testing.assert_close(identity.face_embedding, ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(sim.reference_from_identity(identity), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sim.reference_from_identity(identity, analyzer=analyzer), ref, atol=1e-6, rtol=0)
     old = Identity(identity.tokens, None, "m", "f", 1, {})
     with pytest.raises(IdentityFileError, match="saved before HyperLoRA Studio recorded face embeddings; connect "
                                                 "reference photos or make the identity again"):
-        sim.reference_from_identity(old)
+        sim.reference_from_identity(old, analyzer=analyzer)
+
+
+# ----------------------------------------------------------------------------- face models of the identity
+
+
+@pytest.fixture(scope="module")
+def other_analyzer(cache_dir):
+    """A second face pack: the same detector and landmarks, another recognition model."""
+    return FaceAnalyzer(cached_antelopev2(cache_dir, recognition_seed=RECOGNITION_SEED + 1), provider="CPU")
+
+
+def test_the_face_models_fingerprint_names_the_files(analyzer, other_analyzer, tmp_path):
+    assert len(analyzer.fingerprint) == 16 and analyzer.fingerprint != other_analyzer.fingerprint
+    copy = tmp_path / "antelopev2"
+    copy.mkdir()
+    for f in analyzer.model_dir.iterdir():
+        if f.suffix == ".onnx":
+            (copy / f.name).write_bytes(f.read_bytes())
+    assert face_models_fingerprint(copy) == analyzer.fingerprint          # the files count, not where they are
+    data = bytearray((copy / "glintr100.onnx").read_bytes())
+    data[-1] ^= 1
+    (copy / "glintr100.onnx").write_bytes(bytes(data))
+    assert face_models_fingerprint(copy) != analyzer.fingerprint          # one changed byte
+
+
+def test_scoring_refuses_an_identity_made_with_other_face_models(analyzer, other_analyzer, clip, tiny_model,
+                                                                  tmp_path, caplog):
+    photo = person(1)
+    identity, _ = identity_from_images(tiny_model, [photo], analyzer=analyzer, clip=clip)
+    assert identity.face_models == analyzer.fingerprint
+    # the problem: the other pack's embedding of the very same photo is unrelated to the identity's
+    wrong = sim.score_image(photo, identity.face_embedding, analyzer=other_analyzer)
+    assert wrong.score is not None and wrong.score < 0.5
+    with pytest.raises(IdentityFileError, match=f"other face models .*{identity.face_models}.*"
+                                                f"{other_analyzer.fingerprint}.*reference_images"):
+        sim.reference_from_identity(identity, analyzer=other_analyzer)
+    ref = sim.reference_from_identity(identity, analyzer=analyzer)
+    assert sim.score_image(photo, ref, analyzer=analyzer).score == pytest.approx(1.0, abs=1e-5)
+    # saved and loaded, the identity still knows its face models
+    save_identity(identity, tmp_path / "me.safetensors")
+    loaded = load_identity(tmp_path / "me.safetensors")
+    assert loaded.face_models == analyzer.fingerprint
+    with pytest.raises(IdentityFileError, match="other face models"):
+        sim.reference_from_identity(loaded, analyzer=other_analyzer)
+    # an identity that does not record them (saved before) is scored, with a warning
+    old = dataclasses.replace(identity, face_models="")
+    save_identity(old, tmp_path / "old.safetensors")
+    assert load_identity(tmp_path / "old.safetensors").face_models == ""
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(sim.reference_from_identity(old, analyzer=other_analyzer), ref)
+    assert "does not record which face models" in caplog.text
+    # a mix keeps the fingerprint of its parts; parts of different face models leave no face embedding
+    same = mix_identities([identity, identity], [0.5, 0.5])
+    assert same.face_models == analyzer.fingerprint and same.face_embedding is not None
+    other = dataclasses.replace(identity, face_models=other_analyzer.fingerprint)
+    mixed = mix_identities([identity, other], [0.5, 0.5])
+    assert mixed.face_embedding is None and mixed.face_models == ""

@@ -32,16 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...standins import TEXT_HIDDEN, tiny_text_config, write_tiny_tokenizer
+
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTokenizer
 
 TOY_SIZE = 128
 """Side of a toy image in pixels; latents are ``TOY_SIZE // 8`` = 16 pixels wide."""
 VAE_FACTOR = 8
 LATENT_CHANNELS = 4
-TEXT_HIDDEN = 32
-"""Hidden size of each tiny text encoder; the UNet's context is both concatenated (64)."""
 POOLED_DIM = 32
 """Projection width of text encoder 2 (the pooled text embedding)."""
 TIME_EMBED_DIM = 8
@@ -110,29 +109,6 @@ def _calibrated_vae(seed: int) -> AutoencoderKL:
     std = float(latents.std())
     vae.register_to_config(scaling_factor=round(1.0 / max(std, 1e-6), 5))
     return vae
-
-
-def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A CLIP tokenizer in ``folder`` (``vocab.json``, ``merges.txt``) with a hand-made byte-level vocabulary
-    (every byte alone and word-final, no merges): real CLIP BPE behaviour, one token per character."""
-    from transformers import CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # byte-level BPE alphabet: printable bytes stand for themselves, the others map to 256 + n (GPT-2 / CLIP)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def tiny_text_config(tokenizer: CLIPTokenizer, **extra: object) -> dict[str, object]:
-    """A tiny CLIP text tower (hidden 32, 2 layers) for :func:`write_tiny_tokenizer`'s vocabulary."""
-    return dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=TEXT_HIDDEN, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
 
 
 def tiny_sdxl_folder(folder: Path, *, seed: int = 0) -> Path:

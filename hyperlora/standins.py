@@ -1,8 +1,12 @@
-"""Stand-in encoders for toy training and tests: a fake AntelopeV2 pack and a tiny CLIP vision folder.
+"""Stand-in models for tests and the toy training demo: a fake AntelopeV2 pack, a tiny CLIP vision folder
+and a tiny CLIP tokenizer.
 
-Both are random or hand-weighted, built offline in seconds, and load through the pack's real code
-(insightface for the ONNX files, transformers for CLIP), so a toy run exercises the same paths as a
-real one.  ``tests/fixtures/antelope.py`` and ``tests/fixtures/clip.py`` re-export from here.
+All are random or hand-weighted, built offline in seconds, and load through the pack's real code
+(insightface for the ONNX files, transformers for CLIP), so a toy run or a test exercises the same paths
+as a real one.  They live outside ``hyperlora.train`` so the core's tests need no training code:
+``tests/fixtures/antelope.py`` and ``tests/fixtures/clip.py`` re-export from here, and the training demo
+(:mod:`hyperlora.train.demo`, :mod:`hyperlora.train.toy.sdxl`) imports from here.  Nothing of the node
+pack imports this module.
 
 Fake AntelopeV2 (:func:`make_antelopev2`, :func:`cached_antelopev2`)
 --------------------------------------------------------------------
@@ -64,13 +68,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ...spec import ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_RECOGNITION_FILE
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import CLIPTokenizer
+
+from .spec import (ANTELOPE_DETECTOR_FILE, ANTELOPE_FILES, ANTELOPE_LANDMARK_FILE, ANTELOPE_NAME,
+                   ANTELOPE_RECOGNITION_FILE, CLIP_PROCESSOR_SUBDIR, CLIP_VIT_SUBDIR, RELEASED_CLIP_NAME,
+                   clip_processor_name)
 
 
 FIXTURE_VERSION = "antelope-fake-v2"
@@ -304,12 +313,16 @@ def build_landmark(path: Path) -> None:
 # --------------------------------------------------------------------------- recognition
 
 
-def build_recognition(path: Path) -> None:
+RECOGNITION_SEED = 106
+"""Seed of the fake recognition model's projection; another seed gives a second, incompatible face pack."""
+
+
+def build_recognition(path: Path, *, seed: int = RECOGNITION_SEED) -> None:
     g = _Graph("fake_glintr100")
     x = "input.1"
     pooled = g.op("Flatten", [g.op("AveragePool", [x], kernel_shape=[14, 14], strides=[14, 14])])  # [N, 192]
     pooled = g.op("Sub", [pooled, g.op("ReduceMean", [pooled], axes=[1], keepdims=1)])  # pattern, not brightness
-    rng = np.random.default_rng(106)
+    rng = np.random.default_rng(seed)
     w = rng.standard_normal((192, 512)).astype(np.float32)
     b = rng.standard_normal((512,)).astype(np.float32) * 0.5
     g.op("Add", [g.op("MatMul", [pooled, g.const(w)]), g.const(b)], out="683")
@@ -327,34 +340,39 @@ def _build_pool_linear(path: Path, *, size: int, out: int, seed: int, name: str)
 # --------------------------------------------------------------------------- folders
 
 
-def make_antelopev2(folder: str | os.PathLike[str], *, nested: bool = False, extras: bool = True) -> Path:
+def make_antelopev2(folder: str | os.PathLike[str], *, nested: bool = False, extras: bool = True,
+                    recognition_seed: int = RECOGNITION_SEED) -> Path:
     """Write the fake pack into ``folder`` (created) and return the folder holding the files.
 
     ``nested=True`` reproduces the too-deep unzip: files in ``folder/antelopev2/``.
     ``extras=False`` leaves out the two files the pipeline does not use.
+    ``recognition_seed``: another seed makes another recognition model (same detector and landmarks),
+    whose embeddings cannot be compared with the default one's: a second face pack.
     """
-    target = Path(folder) / "antelopev2" if nested else Path(folder)
+    target = Path(folder) / ANTELOPE_NAME if nested else Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     build_detector(target / DETECTOR_FILE)
     build_landmark(target / LANDMARK_FILE)
-    build_recognition(target / RECOGNITION_FILE)
+    build_recognition(target / RECOGNITION_FILE, seed=recognition_seed)
     if extras:
         _build_pool_linear(target / LANDMARK_3D_FILE, size=192, out=3309, seed=68, name="fake_1k3d68")
         _build_pool_linear(target / GENDERAGE_FILE, size=96, out=3, seed=3, name="fake_genderage")
     return target
 
 
-def cached_antelopev2(cache_dir: str | os.PathLike[str]) -> Path:
-    """The fake pack in ``cache_dir/<FIXTURE_VERSION>/antelopev2`` (built once, process-safe)."""
-    root = Path(cache_dir) / FIXTURE_VERSION
+def cached_antelopev2(cache_dir: str | os.PathLike[str], *, recognition_seed: int = RECOGNITION_SEED) -> Path:
+    """The fake pack in ``cache_dir/<FIXTURE_VERSION>/antelopev2`` (built once, process-safe); with another
+    ``recognition_seed`` (a second face pack) in ``cache_dir/<FIXTURE_VERSION>-rec<seed>/antelopev2``."""
+    suffix = "" if recognition_seed == RECOGNITION_SEED else f"-rec{int(recognition_seed)}"
+    root = Path(cache_dir) / (FIXTURE_VERSION + suffix)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / "antelopev2"
+    final = root / ANTELOPE_NAME
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / ".complete").exists():
             tmp = root / f"tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            make_antelopev2(tmp)
+            make_antelopev2(tmp, recognition_seed=recognition_seed)
             (tmp / ".complete").write_text(FIXTURE_VERSION, encoding="utf-8")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -468,15 +486,15 @@ def random_vision_state(dims: dict[str, int], *, seed: int = 0, dtype: torch.dty
     return state
 
 
-def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, name: str = "clip_vit_large_14",
+def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, name: str = RELEASED_CLIP_NAME,
                      with_processor: bool = True) -> ClipFolders:
     """Write ``folder/clip_vit/<name>/`` (+ ``folder/clip_processor/<name>_processor/``), released layout."""
     if not tiny:
         raise ValueError("the full-size model is only built as a single file: "
                          "use tests.fixtures.clip.full_vit_l14_file(cache_dir)")
     folder = Path(folder)
-    model_dir = folder / "clip_vit" / name
-    proc_dir = folder / "clip_processor" / f"{name}_processor"
+    model_dir = folder / CLIP_VIT_SUBDIR / name
+    proc_dir = folder / CLIP_PROCESSOR_SUBDIR / clip_processor_name(name)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(vision_config(TINY), indent=2))
     state = {f"vision_model.{k}": v for k, v in random_vision_state(TINY, seed=seed).items()}
@@ -487,10 +505,39 @@ def make_clip_folder(folder: str | Path, *, tiny: bool = True, seed: int = 0, na
     return ClipFolders(model=model_dir, processor=proc_dir)
 
 
+
+# --------------------------------------------------------------------------- tiny CLIP tokenizer
+
+TEXT_HIDDEN = 32
+"""Hidden size of each tiny text encoder (the toy SDXL's UNet reads both, concatenated: 64)."""
+
+
+def write_tiny_tokenizer(folder: str | Path) -> CLIPTokenizer:
+    """A CLIP tokenizer in ``folder`` (``vocab.json``, ``merges.txt``) with a hand-made byte-level vocabulary
+    (every byte alone and word-final, no merges): real CLIP BPE behaviour, one token per character."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # byte-level BPE alphabet: printable bytes stand for themselves, the others map to 256 + n (GPT-2 / CLIP)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **extra: object) -> dict[str, object]:
+    """A tiny CLIP text tower (hidden 32, 2 layers) for :func:`write_tiny_tokenizer`'s vocabulary."""
+    return dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=TEXT_HIDDEN, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+
 __all__ = [
     "BACKGROUND_RGB", "BORDER", "CELL", "ClipFolders", "DET_STRIDE", "DETECTOR_FILE", "FIXTURE_VERSION", "GENDERAGE_FILE",
     "KPS_TEMPLATE", "LANDMARK_3D_FILE", "LANDMARK_FILE", "MIN_MASS", "OPSET", "PACK_FILES", "PROCESSOR_CONFIG",
-    "RECOGNITION_FILE", "SKIN_RGB", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
+    "RECOGNITION_FILE", "RECOGNITION_SEED", "SKIN_RGB", "TEXT_HIDDEN", "TINY", "WINDOW_RADIUS", "blank_image", "build_detector", "build_landmark",
     "build_recognition", "cached_antelopev2", "face_image", "landmark_template", "make_antelopev2", "make_clip_folder",
-    "paint_face", "random_vision_state", "vision_config",
+    "paint_face", "random_vision_state", "tiny_text_config", "vision_config", "write_tiny_tokenizer",
 ]
