@@ -80,9 +80,27 @@ def test_gpu_check_smoke_without_cuda_runs_every_part_on_the_cpu() -> None:
     assert by_what["merged / plain step time"].startswith("skipped: set COMFYUI_PATH")
 
 
+def test_bench_vs_authors_smoke_prints_the_table(capsys) -> None:
+    """The issue-21 table: identity + LoRA with its four stages, the load, the build against its floor;
+    the CPU's model and flags and the auto decision printed (the authors' column is skipped in --smoke)."""
+    sys.path.insert(0, str(REPO))
+    from bench.bench_vs_authors import clip_flops, main
+
+    assert main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^CPU: .+ threads", out, re.M) and re.search(r"^flags: ", out, re.M)
+    assert "ours 'auto' on this CPU: fp" in out
+    for row in ("**identity + LoRA from one photo**", "- face analysis", "- CLIP", "- resampler", "- build",
+                "load model + CLIP + faces"):
+        assert re.search(rf"^\| {re.escape(row)} \| \**\d+\.\d\d s", out, re.M), row
+    assert re.search(r"^\| - build \|.*GB/s\); ours \d+\.\dx \|$", out, re.M)
+    # ViT-L/14 up to its penultimate layer: about 155 GFLOP per photo
+    assert 150e9 < clip_flops(23) < 160e9
+
+
 def test_there_are_benches():
     assert {"bench_core", "bench_faces", "bench_preprocess", "bench_sampling", "bench_integrity", "bench_resampler",
-            "bench_refine", "eval_identity", "gpu_check", "bench_precision"} <= {b.stem for b in BENCHES}
+            "bench_refine", "eval_identity", "gpu_check", "bench_precision", "bench_vs_authors", "bench_graph_memory"} <= {b.stem for b in BENCHES}
 
 
 @pytest.mark.parametrize("bench", BENCHES, ids=lambda p: p.stem)
