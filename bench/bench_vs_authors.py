@@ -173,8 +173,10 @@ def authors_child(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from tests.fixtures.sdxl import import_comfy
+
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, spec["comfyui"])
+    import_comfy(spec["comfyui"])          # ComfyUI's root first on sys.path, CPU selected
     import folder_paths
 
     folder_paths.models_dir = spec["models"]
