@@ -17,6 +17,7 @@ from ..hyperlora.errors import ModelFileError
 from ..hyperlora.faces.setup import PROVIDERS, find_antelopev2
 from ..hyperlora.generate import HyperLoRAModel
 from ..hyperlora.integrity import IntegrityReport, verify_folder
+from ..hyperlora.precision import PRECISIONS, TOLERANCE, auto_precision
 from ..hyperlora.spec import ANTELOPE_REQUIRED_FILES, MODEL_FILES, VIT_L14_WIDTH
 from ..hyperlora.tools.download import redownload_hint
 from . import paths
@@ -30,15 +31,14 @@ DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
 def pick_dtype(name: str) -> torch.dtype:
-    """``auto``: fp16 where ComfyUI would run fp16 on its device, else bf16, else fp32 (CPU)."""
+    """``auto``: on the CPU the fastest precision within tolerance of fp32 for this CPU (decided once,
+    hyperlora.precision); on a GPU fp16 or bf16 where ComfyUI would run them, else fp32."""
     if name != "auto":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        return PRECISIONS[name]
     device = mm.get_torch_device()
-    if mm.should_use_fp16(device):
-        return torch.float16
-    if mm.should_use_bf16(device):
-        return torch.bfloat16
-    return torch.float32
+    prefers = [d for d, ok in ((torch.float16, mm.should_use_fp16(device)),
+                               (torch.bfloat16, mm.should_use_bf16(device))) if ok]
+    return auto_precision(device, device_prefers=prefers).dtype
 
 
 class HyperLoRAStudioLoader:
@@ -69,8 +69,10 @@ class HyperLoRAStudioLoader:
             "dtype": (list(DTYPES), {
                 "default": "auto",
                 "tooltip": "Precision of the HyperLoRA and CLIP weights: auto keeps the LoRA basis as stored "
-                           "(fp16) and runs the resampler and CLIP in fp16 on GPUs that handle it well, fp32 on the "
-                           "CPU; fp16/bf16/fp32 force one precision for everything."}),
+                           f"(fp16) and runs the resampler and CLIP in the fastest precision within {TOLERANCE:.0%} of fp32 "
+                           "on this device: fp16/bf16 as ComfyUI runs on a GPU; on the CPU bf16 where it has bf16 matrix "
+                           "hardware (AMX, AVX512-BF16), else fp32. fp16/bf16/fp32 force one precision for "
+                           "everything (fp32 is exact)."}),
             "provider": (list(PROVIDERS), {
                 "default": "auto",
                 "tooltip": "Where face analysis (onnxruntime) runs: auto picks CUDA, ROCm or CoreML when "

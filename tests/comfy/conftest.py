@@ -6,7 +6,9 @@
 * ``comfy_base``: a temporary ComfyUI base directory with this pack linked into
   ``custom_nodes/`` and random-weight models in the released layouts (see ``models.py``).
 * ``comfy_server``: ComfyUI started once on 127.0.0.1 (CPU, fp16 UNet/text encoders to halve
-  the RAM of the random SDXL checkpoint), stopped at the end of the session.
+  the RAM of the random SDXL checkpoint), stopped at the end of the session.  Its memory is sampled
+  (tests/comfy/memory.py) and printed at the end of the run; ``HYPERLORA_SERVER_RSS_LIMIT_GB`` makes
+  a higher peak fail the run.
 * ``pack``: the pack loaded through ComfyUI's own custom-node loader *in this process*
   (ComfyUI's root first on ``sys.path``, so its ``nodes.py`` is not shadowed by our ``nodes/``).
 """
@@ -29,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 # fp16 weights halve the RAM of the random SDXL checkpoint on the CPU (about 5 GB instead of 10 GB)
 SERVER_ARGS = ("--fp16-unet", "--fp16-text-enc")
+RSS_LIMIT_ENV = "HYPERLORA_SERVER_RSS_LIMIT_GB"
+_servers: list[Any] = []          # (server, sampler) of this session, for the summary
 
 
 COMFY_FILES = ("main.py", "nodes.py", "folder_paths.py", "comfy/model_patcher.py")
@@ -91,6 +95,8 @@ def comfy_base(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, comfy:
 def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path) -> Iterator[ComfyServer]:
     """The SDXL-capable server.  A lock file in the test cache makes concurrent test sessions
     on one machine take turns (two SDXL servers need about 2 x 10 GB of RAM)."""
+    from tests.comfy.memory import RssSampler
+
     server = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(),
                          log_path=comfy_base.base / "server.log", extra_args=SERVER_ARGS)
     with open(cache_dir / ".comfy_sdxl_server.lock", "w") as lock:
@@ -102,10 +108,36 @@ def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             server.start()
+            sampler = RssSampler(server.proc.pid).start()
+            _servers.append((server, sampler))
             yield server
         finally:
+            if _servers and _servers[-1][0] is server:
+                _servers[-1][1].stop()
             server.stop()
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _over_limit() -> list[str]:
+    from tests.comfy.memory import GB
+
+    limit = os.environ.get(RSS_LIMIT_ENV)
+    if not limit:
+        return []
+    return [f"the ComfyUI server's peak RSS {max(s.peak['VmRSS'], s.peak['VmHWM']) / GB:.2f} GB is above "
+            f"{RSS_LIMIT_ENV}={limit}" for _srv, s in _servers if max(s.peak["VmRSS"], s.peak["VmHWM"]) > float(limit) * GB]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _over_limit() and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for _server, sampler in _servers:
+        terminalreporter.write_line(f"[tests/comfy] ComfyUI server memory: {sampler.describe()}")
+    for line in _over_limit():
+        terminalreporter.write_line(f"[tests/comfy] FAILED: {line}", red=True)
 
 
 @pytest.fixture(scope="session")

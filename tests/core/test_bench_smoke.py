@@ -58,9 +58,49 @@ def test_gpu_check_without_cuda_says_so_and_exits_0() -> None:
     assert "No CUDA device here" in res.stdout and "Nothing was measured" in res.stdout
 
 
+def test_gpu_check_smoke_without_cuda_runs_every_part_on_the_cpu() -> None:
+    """--smoke on a machine without CUDA runs the check's code end to end on the CPU; the CUDA-only
+    measurements are skipped, each with a row saying so (before, it printed only "No CUDA device here")."""
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    res = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "On the CPU (no CUDA device here" in res.stdout
+    rows = [ln.split(" | ") for ln in res.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| part")]
+    by_what = {r[1]: r[2] for r in rows}
+    measured = [w for w in by_what if w.startswith(("build_lora", "floor: one streaming", "id_tokens, 1 photo",
+                                                     "id_tokens, 4 photo", "face analysis with CPU",
+                                                     "face analysis + tiny CLIP"))]
+    assert len(measured) == 6, by_what
+    for what in measured:
+        assert re.fullmatch(r"\d+\.\d ms", by_what[what]), (what, by_what[what])
+    skipped = [w for w, v in by_what.items() if v.startswith("skipped: CUDA only")]
+    assert {"theoretical floor (memory clock x bus width)", "CUDA execution provider of onnxruntime",
+            "peak GPU memory: CLIP", "peak GPU memory: model, build, resampler"} <= set(skipped)
+    assert by_what["merged / plain step time"].startswith("skipped: set COMFYUI_PATH")
+
+
+def test_bench_vs_authors_smoke_prints_the_table(capsys) -> None:
+    """The issue-21 table: identity + LoRA with its four stages, the load, the build against its floor;
+    the CPU's model and flags and the auto decision printed (the authors' column is skipped in --smoke)."""
+    sys.path.insert(0, str(REPO))
+    from bench.bench_vs_authors import clip_flops, main
+
+    assert main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^CPU: .+ threads", out, re.M) and re.search(r"^flags: ", out, re.M)
+    assert "ours 'auto' on this CPU: fp" in out
+    for row in ("**identity + LoRA from one photo**", "- face analysis", "- CLIP", "- resampler", "- build",
+                "load model + CLIP + faces"):
+        assert re.search(rf"^\| {re.escape(row)} \| \**\d+\.\d\d s", out, re.M), row
+    assert re.search(r"^\| - build \|.*GB/s\); ours \d+\.\dx \|$", out, re.M)
+    # ViT-L/14 up to its penultimate layer: about 155 GFLOP per photo
+    assert 150e9 < clip_flops(23) < 160e9
+
+
 def test_there_are_benches():
     assert {"bench_core", "bench_faces", "bench_preprocess", "bench_sampling", "bench_integrity", "bench_resampler",
-            "bench_refine", "eval_identity", "gpu_check"} <= {b.stem for b in BENCHES}
+            "bench_refine", "eval_identity", "gpu_check", "bench_precision", "bench_vs_authors", "bench_graph_memory"} <= {b.stem for b in BENCHES}
 
 
 @pytest.mark.parametrize("bench", BENCHES, ids=lambda p: p.stem)
