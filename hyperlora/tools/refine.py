@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_hyper_lora
-from ..errors import DependencyError, HyperLoRAError, ImageInputError
+from ..errors import DependencyError, HyperLoRAError
 from ..identity import load_identity, save_identity
 from ..image_files import read_image
 from ..lora_file import lora_metadata, save_lora_file
