@@ -40,7 +40,8 @@ from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
 from .graph_format import is_ui_workflow, ui_node_types
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
     API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, _title, apply_override,
-    fill_workflow, find_nodes, load_api_workflow, photo_slots, read_workflow, resolve_workflow, ui_to_api_graph,
+    fill_workflow, find_nodes, in_shipped_order, load_api_workflow, photo_slots, read_workflow, resolve_workflow,
+    shipped_order, ui_to_api_graph,
 )
 
 logger = logging.getLogger(__name__)

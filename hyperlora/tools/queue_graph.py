@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,24 @@ def _workflow_dir() -> Path:
 
 WORKFLOW_DIR = _workflow_dir()
 API_DIR = WORKFLOW_DIR / "api"
+WORKFLOW_README = WORKFLOW_DIR / "README.md"   # its table: the shipped workflows in the README's order
+
+
+def shipped_order(readme: Path = WORKFLOW_README) -> list[str]:
+    """Names of the shipped workflows in the order of ``example_workflows/README.md``'s table, which
+    build_workflows.py writes from its list of workflows (the order of the README's Workflows section:
+    the first one a newcomer needs first). Empty when the file is absent."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return re.findall(r"^\| `([A-Za-z0-9_]+)` \|", text, flags=re.MULTILINE)
+
+
+def in_shipped_order(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """``names`` with those of ``order`` first, in that order, then any others alphabetically."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(names, key=lambda n: (0, rank[n], "") if n in rank else (1, 0, n))
 
 # Nodes whose widget input receives --strength (except nodes titled '... slider ...').
 STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {

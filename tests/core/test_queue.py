@@ -323,3 +323,18 @@ def test_ui_workflow_becomes_the_api_graph_the_front_end_queues():
     ui["nodes"].append(_ui_node(10, "5a1f"))
     with pytest.raises(QueueError, match=r"x.json has subgraph node\(s\) #10 'My part'.*Unpack Subgraph"):
         q.ui_to_api_graph(ui, info, "x.json")
+
+
+def test_shipped_order_is_the_readmes_and_orders_a_templates_listing():
+    """The Templates menu order (nodes/templates.py; ComfyUI tier: the server's answer) is the README's."""
+    from pathlib import Path
+
+    order = q.shipped_order()
+    assert order[0] == "t2i_one_photo"
+    assert sorted(order) == sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json")) and len(order) == 16
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Workflows\n", 1)[1].split("\n## ", 1)[0]
+    assert [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")] == order
+    glob_like = ["identity_load", "concept_slider", "zz_users_own", "t2i_one_photo", "aa_users_own"]
+    assert q.in_shipped_order(glob_like, order) == ["t2i_one_photo", "concept_slider", "identity_load",
+                                                    "aa_users_own", "zz_users_own"]
