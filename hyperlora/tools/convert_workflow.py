@@ -121,14 +121,14 @@ OTHER_PACK_NODES: dict[str, OtherPackNode] = {
         "ComfyUI-Impact-Pack", "the core 'Batch Images' node, as in workflow t2i_several_photos (put in without "
         "--keep-other-packs; it resizes later photos to the first one's size)"),
     "FaceDetailer": OtherPackNode(
-        "ComfyUI-Impact-Pack", "workflow face_inpaint: HyperLoRA Studio Face Mask + the core inpainting nodes "
-        "re-paint only the face with the identity"),
+        "ComfyUI-Impact-Pack", "workflow face_detailer: the face cropped, re-rendered with the identity and pasted "
+        "back by core nodes and HyperLoRA Studio's Face Mask, Crop by Mask and Paste by Mask (or face_inpaint)"),
     "UltralyticsDetectorProvider": OtherPackNode(
         "ComfyUI-Impact-Subpack", "HyperLoRA Studio Face Mask, which finds the face with the Loader's face "
         "analyser (workflow face_inpaint)"),
     "InstantIDModelLoader": OtherPackNode(
-        "ComfyUI_InstantID", "no core-only equivalent; workflow controlnet_pose steers the pose with a core "
-        "ControlNet instead"),
+        "ComfyUI_InstantID", "workflow instantid_controlnet: InstantID's keypoint ControlNet through the core "
+        "ControlNet nodes and HyperLoRA Studio Face Keypoints (no core node gives InstantID's face embedding)"),
     "InstantIDFaceAnalysis": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
     "ApplyInstantID": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
     "ApplyInstantIDAdvanced": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
@@ -713,8 +713,11 @@ def needs_packs_lines(conv: "_Converter") -> list[str]:
             lines.append(f"#{node.id} {t} needs {other.pack} (kept by --keep-other-packs): without that option "
                          f"{CORE_REPLACED[t]} replaces it")
         else:
+            instead = other.instead
+            if instead.startswith("as for ") and instead[7:] in OTHER_PACK_NODES:
+                instead = OTHER_PACK_NODES[instead[7:]].instead
             lines.append(f"#{node.id} {t} needs {other.pack}, which no core node replaces: install that pack, or "
-                         f"instead use {other.instead}")
+                         f"instead use {instead}")
     return lines
 
 

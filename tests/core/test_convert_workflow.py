@@ -274,7 +274,7 @@ def test_core_nodes_option_keeps_what_core_cannot_do():
     ui = convert("HyperLoRA-T2I-FaceDetailer", core_nodes=True).workflow
     assert of_type(ui, "FaceDetailer") and of_type(ui, "UltralyticsDetectorProvider")
     note = of_type(ui, "Note")[0]["widgets_values"][0]
-    assert "#18 FaceDetailer (ComfyUI-Impact-Pack): instead, workflow face_inpaint" in note
+    assert "#18 FaceDetailer (ComfyUI-Impact-Pack): instead, workflow face_detailer" in note
 
 
 def test_make_image_batch_of_three_becomes_a_chain_of_core_batches():
