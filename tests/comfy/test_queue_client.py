@@ -13,7 +13,6 @@ from PIL import Image
 from hyperlora.tools import convert_workflow as cw
 from hyperlora.tools import queue as q
 from hyperlora.errors import QueueError
-from hyperlora.tools.graph_format import api_from_ui
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL, astronaut, faceless_photo
 from tests.fixtures.authors import example
 
@@ -145,6 +144,8 @@ def test_half_run_exits_non_zero_naming_the_node_the_file_and_the_outputs_never_
 
 def test_every_shipped_ui_workflow_becomes_its_api_twin(comfy_server):
     """The client's UI -> API conversion with the server's /object_info gives the committed API twins."""
+    from hyperlora.tools.graph_format import api_from_ui
+
     info = comfy_server.get_json("/object_info", timeout=120)
     names = sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json"))
     assert len(names) >= 16
