@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,13 @@ def _our_keys(listing: dict[str, Any]) -> list[str]:
 
 def register_template_order() -> bool:
     """Add the middleware to ComfyUI's server; False (and a debug line) without a server (tests in-process)."""
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
-    app = getattr(server, "app", None)
+    server_module = sys.modules.get("server")      # ComfyUI's server.py, imported before it loads custom nodes
+    prompt_server = getattr(server_module, "PromptServer", None)
+    app = getattr(getattr(prompt_server, "instance", None), "app", None)
     if app is None or app.frozen:
         log.debug("no ComfyUI server to order the Templates menu in")
         return False
+    from aiohttp import web
     order = shipped_order(PACK_DIR / "example_workflows" / "README.md")
 
     @web.middleware
