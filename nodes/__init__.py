@@ -13,6 +13,7 @@ paths.register_folders()
 
 from . import faces, hooks, identity, io, loader, lora, masks, mix, quality, regions  # noqa: E402  (folders first)
 from .guard import guard_nodes  # noqa: E402
+from .templates import register_template_order  # noqa: E402
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -21,5 +22,6 @@ for _family in (loader, identity, masks, faces, regions, lora, hooks, mix, io, q
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 # every node, also one added later: finite FLOAT inputs and safe filename prefixes, checked before it runs
 guard_nodes(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
+register_template_order()   # the Templates menu lists our workflows in the README's order
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,6 +1,6 @@
 """Open the authors' ComfyUI-HyperLoRA workflows with this pack's nodes.
 
-    python -m hyperlora.tools.convert_workflow THEIRS.json OURS.json [--core-nodes]
+    python -m hyperlora.tools.convert_workflow THEIRS.json OURS.json [--keep-other-packs]
 
 rewrites a workflow built from the authors' plugin (UI format: what ComfyUI saves; or API format:
 what 'Export (API)' writes) into HyperLoRA Studio's nodes:
@@ -12,9 +12,11 @@ what 'Export (API)' writes) into HyperLoRA Studio's nodes:
   (kind id / base); Apply LoRA -> Apply; Uni Generate ID LoRA -> Identity from Images + Build LoRA,
   or, when it feeds a single Apply LoRA, both -> Apply from Images; Save LoRA -> Export LoRA.
   Their ``LORA`` becomes the core ``LORA_MODEL`` this pack's Build LoRA gives.
-* Nodes of other packs are kept as they are; a note names the core-only way this pack ships.
-  ``--core-nodes`` also replaces the ones with a core equivalent (the advanced CLIP text encoder,
-  Impact's Make Image Batch).
+* Nodes of other packs that have a core equivalent are replaced by core nodes (the advanced CLIP
+  text encoder -> CLIP Text Encode, Impact's Make Image Batch -> Batch Images), so the result opens
+  with nothing missing in ComfyUI with only this pack; ``--keep-other-packs`` keeps them as they are.
+  A node no core node replaces (InstantID, FaceDetailer, ...) is kept, and the command names each one
+  in a line of its own, with the pack it needs and the core-only way this pack ships instead.
 * Workflows of this pack saved before its node ids were renamed (``HyperLoRALoader`` ... ->
   ``HyperLoRAStudioLoader`` ...) are updated too.
 
@@ -37,8 +39,9 @@ from typing import Any
 
 from ..errors import HyperLoRAError, WorkflowError
 from ..spec import NODE_PREFIX
-from .graph_format import (NOTE_WIDTH, Node, Out, Workflow, note_height, build_api, build_ui, input_specs,
-                           is_api_link, is_widget, load_node_specs)
+from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
+from .graph_format import (NOTE_WIDTH, VIRTUAL_NODES, Node, Out, Workflow, note_height, build_api, build_ui,
+                           input_specs, is_api_link, is_widget, load_node_specs)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,10 @@ BUILD = NODE_PREFIX + "BuildLoRA"
 APPLY = NODE_PREFIX + "Apply"
 APPLY_IMAGES = NODE_PREFIX + "ApplyFromImages"
 EXPORT = NODE_PREFIX + "ExportLoRA"
-TEXT_ENCODE = "CLIPTextEncode"        # core replacements of --core-nodes
+TEXT_ENCODE = "CLIPTextEncode"        # core replacements of other packs' nodes (unless --keep-other-packs)
 IMAGE_BATCH = "ImageBatch"
+CORE_REPLACED = {"BNK_CLIPTextEncodeAdvanced": "core CLIP Text Encode (Prompt)",   # other packs' node -> core
+                 "ImpactMakeImageBatch": "core Batch Images"}
 
 AUTHORS_FACE_CHOICE = "highest_score"   # their plugin takes the first face insightface returns: the surest one
 AUTHORS_DTYPE_DEFAULT = "fp16"          # the first entry of their dtype list
@@ -110,20 +115,20 @@ class OtherPackNode:
 
 OTHER_PACK_NODES: dict[str, OtherPackNode] = {
     "BNK_CLIPTextEncodeAdvanced": OtherPackNode(
-        "ComfyUI_ADV_CLIP_emb", "the core 'CLIP Text Encode (Prompt)' node (--core-nodes puts it in; the text "
-        "carries over, token_normalization and weight_interpretation do not: core reads (word:1.2) its own way)"),
+        "ComfyUI_ADV_CLIP_emb", "the core 'CLIP Text Encode (Prompt)' node (put in without --keep-other-packs; the "
+        "text carries over, token_normalization and weight_interpretation do not: core reads (word:1.2) its own way)"),
     "ImpactMakeImageBatch": OtherPackNode(
-        "ComfyUI-Impact-Pack", "the core 'Batch Images' node, as in workflow t2i_several_photos (--core-nodes puts "
-        "it in; it resizes later photos to the first one's size)"),
+        "ComfyUI-Impact-Pack", "the core 'Batch Images' node, as in workflow t2i_several_photos (put in without "
+        "--keep-other-packs; it resizes later photos to the first one's size)"),
     "FaceDetailer": OtherPackNode(
-        "ComfyUI-Impact-Pack", "workflow face_inpaint: HyperLoRA Studio Face Mask + the core inpainting nodes "
-        "re-paint only the face with the identity"),
+        "ComfyUI-Impact-Pack", "workflow face_detailer: the face cropped, re-rendered with the identity and pasted "
+        "back by core nodes and HyperLoRA Studio's Face Mask, Crop by Mask and Paste by Mask (or face_inpaint)"),
     "UltralyticsDetectorProvider": OtherPackNode(
         "ComfyUI-Impact-Subpack", "HyperLoRA Studio Face Mask, which finds the face with the Loader's face "
         "analyser (workflow face_inpaint)"),
     "InstantIDModelLoader": OtherPackNode(
-        "ComfyUI_InstantID", "no core-only equivalent; workflow controlnet_pose steers the pose with a core "
-        "ControlNet instead"),
+        "ComfyUI_InstantID", "workflow instantid_controlnet: InstantID's keypoint ControlNet through the core "
+        "ControlNet nodes and HyperLoRA Studio Face Keypoints (no core node gives InstantID's face embedding)"),
     "InstantIDFaceAnalysis": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
     "ApplyInstantID": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
     "ApplyInstantIDAdvanced": OtherPackNode("ComfyUI_InstantID", "as for InstantIDModelLoader"),
@@ -168,6 +173,7 @@ class Conversion:
     note: str
     replaced: list[str]
     kept_other_packs: list[str]
+    needs_packs: list[str] = field(default_factory=list)   # one line per kept node that core ComfyUI lacks
 
 
 def _xy(value: Any, default: tuple[float, float]) -> tuple[float, float]:
@@ -691,9 +697,36 @@ def _note_text(conv: _Converter, source: str) -> str:
     return "\n".join(lines)
 
 
-def convert(doc: Any, *, source: str = "the workflow", core_nodes: bool = False,
+def needs_packs_lines(conv: "_Converter") -> list[str]:
+    """One line per node of the result that neither ComfyUI's core (version ``CORE_VERSION``) nor this
+    pack registers: the pack it needs and what to do instead, in node-id order."""
+    lines = []
+    for node in sorted(conv.out_nodes, key=lambda n: _first_number(f"#{n.id}")):
+        t = node.type
+        if t in CORE_NODE_TYPES or t in VIRTUAL_NODES or t.startswith(NODE_PREFIX) or t in conv.specs:
+            continue
+        other = OTHER_PACK_NODES.get(t)
+        if other is None:
+            lines.append(f"#{node.id} {t} needs a custom-node pack (it is not a node of ComfyUI {CORE_VERSION} nor "
+                         f"of this pack): install that pack, or replace the node by hand")
+        elif t in CORE_REPLACED:
+            lines.append(f"#{node.id} {t} needs {other.pack} (kept by --keep-other-packs): without that option "
+                         f"{CORE_REPLACED[t]} replaces it")
+        else:
+            instead = other.instead
+            if instead.startswith("as for ") and instead[7:] in OTHER_PACK_NODES:
+                instead = OTHER_PACK_NODES[instead[7:]].instead
+            lines.append(f"#{node.id} {t} needs {other.pack}, which no core node replaces: install that pack, or "
+                         f"instead use {instead}")
+    return lines
+
+
+def convert(doc: Any, *, source: str = "the workflow", core_nodes: bool = True,
             specs: dict[str, Any] | None = None) -> Conversion:
-    """Convert a loaded workflow (UI or API format) of the authors' plugin; ``source`` names it in messages."""
+    """Convert a loaded workflow (UI or API format) of the authors' plugin; ``source`` names it in messages.
+
+    ``core_nodes`` (the default): other packs' nodes with a core equivalent become core nodes;
+    False keeps them (``--keep-other-packs``)."""
     specs = load_node_specs() if specs is None else specs
     if isinstance(doc, dict) and isinstance(doc.get("prompt"), dict) and "nodes" not in doc:
         doc = doc["prompt"]
@@ -717,7 +750,7 @@ def convert(doc: Any, *, source: str = "the workflow", core_nodes: bool = False,
         result = build_ui(wf, specs)
     else:
         result = build_api(wf, specs)
-    return Conversion(result, fmt, note, conv.replaced, sorted(conv.other))
+    return Conversion(result, fmt, note, conv.replaced, sorted(conv.other), needs_packs_lines(conv))
 
 
 def _check_subgraphs(doc: dict[str, Any], source: str) -> None:
@@ -733,7 +766,7 @@ def _check_subgraphs(doc: dict[str, Any], source: str) -> None:
                 f"Unpack Subgraph), save the workflow and convert that file.")
 
 
-def convert_file(src: str | Path, dst: str | Path, *, core_nodes: bool = False) -> Conversion:
+def convert_file(src: str | Path, dst: str | Path, *, core_nodes: bool = True) -> Conversion:
     """Read ``src``, convert it, write ``dst`` (same format).  :class:`WorkflowError` names the file and the fix."""
     src, dst = Path(src), Path(dst)
     try:
@@ -744,17 +777,21 @@ def convert_file(src: str | Path, dst: str | Path, *, core_nodes: bool = False) 
     except UnicodeDecodeError as e:
         raise WorkflowError(f"{src} is not a text file ({e.reason}); give the workflow .json saved from ComfyUI "
                             f"(Workflow > Save), not an image or another file.") from e
+    if src.resolve() == dst.resolve():
+        raise WorkflowError(f"The output {dst} is the input file; give another name so the original stays as it is.")
     try:
         doc = json.loads(text)
+        conv = convert(doc, source=src.name, core_nodes=core_nodes)
+        out = json.dumps(conv.workflow, indent=2, ensure_ascii=False) + "\n"
     except json.JSONDecodeError as e:
         raise WorkflowError(f"{src} is not JSON (line {e.lineno}, column {e.colno}: {e.msg}); give the workflow .json "
                             f"saved from ComfyUI (Workflow > Save or Export (API)).") from e
-    if src.resolve() == dst.resolve():
-        raise WorkflowError(f"The output {dst} is the input file; give another name so the original stays as it is.")
-    conv = convert(doc, source=src.name, core_nodes=core_nodes)
+    except RecursionError as e:
+        raise WorkflowError(f"{src} is JSON nested too deeply to be a ComfyUI workflow; give the workflow .json "
+                            f"saved from ComfyUI (Workflow > Save or Export (API)).") from e
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(json.dumps(conv.workflow, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        dst.write_text(out, encoding="utf-8")
     except OSError as e:
         raise WorkflowError(f"Cannot write {dst}: {e.strerror or e}. Choose a folder you can write to.") from e
     return conv
@@ -763,20 +800,26 @@ def convert_file(src: str | Path, dst: str | Path, *, core_nodes: bool = False) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=TOOL, description="Rewrite a workflow of the authors' ComfyUI-HyperLoRA plugin (UI or API format) "
-                               "into HyperLoRA Studio's nodes.")
+                               "into HyperLoRA Studio's nodes and core ComfyUI nodes.")
     parser.add_argument("theirs", type=Path, help="the authors' workflow .json")
     parser.add_argument("ours", type=Path, help="where to write the converted workflow (same format)")
+    parser.add_argument("--keep-other-packs", action="store_true",
+                        help="keep other packs' nodes that have a core equivalent (advanced CLIP text encoder, "
+                             "Impact's Make Image Batch) instead of replacing them by core nodes")
     parser.add_argument("--core-nodes", action="store_true",
-                        help="also replace other packs' nodes that have a core equivalent (advanced CLIP text "
-                             "encoder -> CLIP Text Encode, Impact's Make Image Batch -> Batch Images)")
+                        help="replace other packs' nodes by core ones where one exists (now the default; the "
+                             "option is kept for old scripts)")
     args = parser.parse_args(argv)
+    if args.keep_other_packs and args.core_nodes:
+        parser.error("--keep-other-packs and --core-nodes contradict each other; give one")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        conv = convert_file(args.theirs, args.ours, core_nodes=args.core_nodes)
+        conv = convert_file(args.theirs, args.ours, core_nodes=not args.keep_other_packs)
     except HyperLoRAError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    sys.stdout.write(f"wrote {args.ours} ({conv.fmt.upper()} format)\n\n{conv.note}\n")
+    needs = "".join(f"needs a pack: {line}\n" for line in conv.needs_packs)
+    sys.stdout.write(f"wrote {args.ours} ({conv.fmt.upper()} format)\n{needs}\n{conv.note}\n")
     return 0
 
 

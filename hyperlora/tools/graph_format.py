@@ -333,3 +333,95 @@ def _topological(wf: Workflow) -> dict[int, int]:
     for node in wf.nodes:
         visit(node)
     return order
+
+
+# --------------------------------------------------------------------------- UI -> API (what 'Queue' sends)
+
+MUTED, BYPASSED = 2, 4     # UI node modes: muted nodes are left out, bypassed ones pass their inputs on
+
+
+def api_from_ui(ui: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
+    """The API form of a UI workflow, as the front end's queue button makes it.
+
+    Widget values are named by ``object_info`` (the front end's extras, a seed's 'fixed' or an image's
+    upload button, are skipped); links become ``[node id, output]``, followed through Reroutes and
+    bypassed nodes (to their first input of the output's type); front-end-only nodes and muted nodes
+    are left out, and a widget fed by a PrimitiveNode keeps the value saved with the workflow.
+    ``ValueError`` naming the node for a node ``object_info`` lacks or whose widget count differs.
+    """
+    nodes = {n["id"]: n for n in ui.get("nodes") or [] if isinstance(n, dict) and "id" in n}
+    links: dict[Any, tuple[Any, int]] = {}
+    for link in ui.get("links") or []:
+        if isinstance(link, list) and len(link) >= 3:
+            links[link[0]] = (link[1], link[2])
+        elif isinstance(link, dict) and {"id", "origin_id", "origin_slot"} <= set(link):
+            links[link["id"]] = (link["origin_id"], link["origin_slot"])
+
+    def label(node: dict[str, Any]) -> str:
+        return f"node #{node['id']} '{node.get('title') or node['type']}' ({node['type']})"
+
+    def source(link_id: Any, seen: frozenset = frozenset()) -> list[Any] | None:
+        """``[node id, output]`` a link carries once Reroutes and bypassed nodes are passed, else None."""
+        if link_id not in links or link_id in seen:
+            return None
+        origin_id, slot = links[link_id]
+        origin = nodes.get(origin_id)
+        if origin is None or origin.get("mode") == MUTED or origin["type"] == "PrimitiveNode":
+            return None
+        seen = seen | {link_id}
+        inputs = origin.get("inputs") or []
+        if origin["type"] == "Reroute":
+            return source(inputs[0].get("link"), seen) if inputs else None
+        if origin.get("mode") == BYPASSED:
+            outputs = origin.get("outputs") or []
+            type_ = outputs[slot].get("type") if slot < len(outputs) else None
+            same_slot = [inputs[slot]] if slot < len(inputs) and inputs[slot].get("type") == type_ else []
+            for inp in same_slot + [i for i in inputs if i.get("type") == type_]:
+                if inp.get("link") is not None:
+                    return source(inp["link"], seen)
+            return None
+        return [str(origin_id), slot]
+
+    api: dict[str, Any] = {}
+    for node in nodes.values():
+        if node["type"] in VIRTUAL_NODES or node.get("mode") in (MUTED, BYPASSED):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise ValueError(f"{label(node)}: the server has no node type {node['type']}")
+        specs = input_specs(info)
+        saved = node.get("widgets_values")
+        inputs: dict[str, Any] = {}
+        if isinstance(saved, dict):
+            inputs = {n: saved[n] for n, t, o, _ in specs if is_widget(t, o) and n in saved}
+        else:
+            values = list(saved or [])
+            expected = expected_widget_count(info)
+            if len(values) != expected:
+                raise ValueError(f"{label(node)} has {len(values)} widget values but the server's {node['type']} "
+                                 f"takes {expected}: the workflow was saved with another version of that node; open "
+                                 f"it in ComfyUI, save it again and queue that file")
+            for name, type_, opts, _ in specs:
+                if is_widget(type_, opts):
+                    inputs[name] = values.pop(0)
+                    del values[:len(widget_extras(name, opts))]
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            linked = source(inp["link"])
+            if linked is not None:
+                inputs[inp["name"]] = linked
+        api[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
+                                "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
+    return api
+
+
+def ui_node_types(ui: dict[str, Any]) -> list[str]:
+    """The node types a UI workflow queues (front-end-only, muted and bypassed nodes left out), in node order."""
+    return [n["type"] for n in ui.get("nodes") or []
+            if isinstance(n, dict) and n.get("type") not in VIRTUAL_NODES and n.get("mode") not in (MUTED, BYPASSED)]
+
+
+def is_ui_workflow(doc: Any) -> bool:
+    """A UI workflow (what Workflow > Save writes): an object with 'nodes' and 'links' lists."""
+    return isinstance(doc, dict) and isinstance(doc.get("nodes"), list) and isinstance(doc.get("links"), list)

@@ -5,6 +5,12 @@ uploads the photo(s), fills the workflow (found by node ``class_type`` and
 ``_meta.title``, never by fixed node ids), queues it with ``POST /prompt``,
 follows the run on the ``/ws`` websocket (falls back to polling ``/history``
 when no websocket client is available) and downloads the produced images.
+A UI workflow (what Workflow > Save writes, e.g. one made by ``convert_workflow``) is turned into
+the API format with the server's own ``/object_info``, as the front end's queue button does.
+
+A run that ComfyUI accepted but started without some nodes (``node_errors`` in its answer to
+``POST /prompt``: a missing model file, say) is never reported as a success: after downloading what
+did run, :class:`PartialRunError` names each failing node, its missing file and the outputs never made.
 
 Only the standard library is needed for HTTP; the websocket uses ``aiohttp``,
 which every ComfyUI install already has.
@@ -31,14 +37,17 @@ from ..checks import finite_float
 from ..errors import HyperLoRAError, QueueError
 from ..spec import NODE_PREFIX, PACK_FOLDER
 from .core_nodes import CORE_NODE_TYPES, CORE_VERSION
+from .graph_format import is_ui_workflow, ui_node_types
 from .queue_graph import (  # noqa: F401  (re-exported: hyperlora.tools.queue is the public module)
     API_DIR, LATENTS, SAMPLERS, STRENGTH_INPUTS, WORKFLOW_DIR, ApiGraph, node_title, apply_override,
-    fill_workflow, find_nodes, load_api_workflow, photo_slots, resolve_workflow,
+    fill_workflow, find_nodes, in_shipped_order, load_api_workflow, photo_slots, read_workflow, resolve_workflow,
+    shipped_order, ui_to_api_graph,
 )
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
+PARTIAL_EXIT = 3       # exit code of a run ComfyUI started without some of its outputs (1: nothing ran)
 HISTORY_ATTEMPTS = 5   # reads of /history/<id> before a busy server's time-outs count as an error
 AUTHORS_PREFIX = "HyperLoRA"     # the authors' plugin's node ids (ours add "Studio": NODE_PREFIX)
 AUTHORS_PACK = "ComfyUI-HyperLoRA (github.com/bytedance/ComfyUI-HyperLoRA)"
@@ -94,11 +103,13 @@ class ComfyClient:
     def object_info(self) -> dict[str, Any]:
         return self.get_json("/object_info")
 
-    def check_nodes(self, graph: ApiGraph) -> None:
-        """Raise QueueError naming every node type of ``graph`` the server does not have, grouped by
-        where it comes from (this pack, the authors' plugin, ComfyUI's core, another pack) with the fix."""
-        info = self.object_info()
-        missing = sorted({n["class_type"] for n in graph.values() if n["class_type"] not in info})
+    def check_nodes(self, graph: ApiGraph | list[str], info: dict[str, Any] | None = None) -> None:
+        """Raise QueueError naming every node type of ``graph`` (an API graph, or a list of node types)
+        the server does not have, grouped by where it comes from (this pack, the authors' plugin,
+        ComfyUI's core, another pack) with the fix. ``info``: the server's ``/object_info``, if fetched."""
+        info = self.object_info() if info is None else info
+        types = graph if isinstance(graph, list) else [n["class_type"] for n in graph.values()]
+        missing = sorted({t for t in types if t not in info})
         if not missing:
             return
         groups: dict[str, list[str]] = {}
@@ -143,6 +154,14 @@ class ComfyClient:
 
     def submit(self, graph: ApiGraph, *, client_id: str) -> str:
         """POST /prompt; returns the prompt id or raises QueueError with ComfyUI's validation messages."""
+        return self.submit_prompt(graph, client_id=client_id)[0]
+
+    def submit_prompt(self, graph: ApiGraph, *, client_id: str) -> tuple[str, dict[str, Any]]:
+        """POST /prompt; (prompt id, node errors) or QueueError with ComfyUI's validation messages.
+
+        The node errors are those of a prompt ComfyUI accepted with some outputs dropped (their nodes
+        failed validation: ``{node id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}``);
+        empty when the whole prompt runs."""
         body = json.dumps({"prompt": graph, "client_id": client_id}).encode()
         status, data = self.request("POST", "/prompt", body=body, headers={"Content-Type": "application/json"})
         try:
@@ -150,7 +169,8 @@ class ComfyClient:
         except json.JSONDecodeError:
             answer = {}
         if status == 200 and "prompt_id" in answer:
-            return str(answer["prompt_id"])
+            node_errors = answer.get("node_errors") or {}
+            return str(answer["prompt_id"]), node_errors if isinstance(node_errors, dict) else {}
         raise QueueError(format_rejection(graph, answer, status))
 
     def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -196,23 +216,88 @@ def format_rejection(graph: ApiGraph, answer: dict[str, Any], status: int) -> st
     return "\n".join(lines)
 
 
+# Where ComfyUI looks for the files of common loader inputs (a value the server lacks names its folder).
+FILE_FOLDERS = {"ckpt_name": "models/checkpoints", "control_net_name": "models/controlnet", "lora_name": "models/loras",
+                "vae_name": "models/vae", "clip_name": "models/clip_vision or models/text_encoders",
+                "unet_name": "models/diffusion_models", "model_name": "models/upscale_models",
+                "image": "the input folder (pass a local photo with --image or --pose)"}
+
+
+def _node_label(graph: ApiGraph, nid: str) -> str:
+    node = graph.get(nid, {})
+    return f"node {nid} '{node_title(node) or node.get('class_type', '?')}' ({node.get('class_type', '?')})"
+
+
+def _node_error_text(error: dict[str, Any]) -> str:
+    """One ComfyUI validation error, the missing file named first when it is one."""
+    extra = error.get("extra_info") or {}
+    if error.get("type") == "value_not_in_list" and "received_value" in extra:
+        name = extra.get("input_name", "?")
+        where = FILE_FOLDERS.get(name)
+        fix = f": put it into ComfyUI's {where}" if where else ""
+        return f"{name} '{extra['received_value']}' is not on the server{fix}"
+    details = str(error.get("details", "")).strip()
+    return f"{error.get('message', 'invalid')}" + (f": {details}" if details else "")
+
+
+def never_made(graph: ApiGraph, node_errors: dict[str, Any]) -> list[str]:
+    """Ids of the output nodes ComfyUI dropped (they depend on a node that failed validation), in id order."""
+    ids = {str(o) for ne in node_errors.values() for o in ne.get("dependent_outputs", [])}
+    return [nid for nid in find_nodes(graph) if nid in ids] + sorted(ids - set(graph))
+
+
+def format_partial(graph: ApiGraph, node_errors: dict[str, Any]) -> str:
+    """One line: the nodes ComfyUI dropped before running (with the missing file) and the outputs never made."""
+    failures = []
+    for nid, ne in node_errors.items():
+        texts = "; ".join(_node_error_text(e) for e in ne.get("errors", [])) or "failed validation"
+        failures.append(f"{_node_label(graph, str(nid))}: {texts}")
+    outputs = ", ".join(_node_label(graph, nid) for nid in never_made(graph, node_errors)) or "(none named)"
+    return (f"ComfyUI ran only part of the workflow: {' | '.join(failures)}. Outputs never made: {outputs}. "
+            f"Fix the node(s) above and queue again.")
+
+
+class PartialRunError(QueueError):
+    """ComfyUI accepted the prompt but ran it without some outputs (``node_errors``); ``paths`` are the
+    images that did run and were downloaded, ``never_made`` the ids of the output nodes dropped."""
+
+    def __init__(self, message: str, *, prompt_id: str, entry: dict[str, Any], node_errors: dict[str, Any],
+                 never_made: list[str], paths: Sequence[Path] = ()) -> None:
+        super().__init__(message)
+        self.prompt_id = prompt_id
+        self.entry = entry
+        self.node_errors = node_errors
+        self.never_made = never_made
+        self.paths = list(paths)
+
+
 # --------------------------------------------------------------------------- waiting
 
-def _log_progress(event: dict[str, Any]) -> None:
+def _name(graph: ApiGraph, nid: Any) -> str:
+    """A node as the progress lines name it: its title, else its type (the id only for unknown nodes)."""
+    node = graph.get(str(nid))
+    if node is None:
+        return f"node {nid}"
+    return node_title(node) or str(node.get("class_type", f"node {nid}"))
+
+
+def _log_progress(event: dict[str, Any], graph: ApiGraph) -> None:
     kind = event["type"]
     data = event.get("data", {})
     if kind == "progress":
-        logger.info("node %s: step %s/%s", data.get("node"), data.get("value"), data.get("max"))
+        logger.info("%s: step %s/%s", _name(graph, data.get("node")), data.get("value"), data.get("max"))
     elif kind == "executing" and data.get("node") is not None:
-        logger.info("running node %s", data.get("node"))
+        logger.info("running %s", _name(graph, data.get("node")))
     elif kind == "execution_cached" and data.get("nodes"):
-        logger.info("cached nodes: %s", ", ".join(map(str, data["nodes"])))
+        logger.info("cached: %s", ", ".join(_name(graph, n) for n in data["nodes"]))
 
 
-def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: float) -> tuple[str, bool]:
+def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str,
+             timeout: float) -> tuple[str, dict[str, Any], bool]:
     """Connect the websocket first, then submit, then follow events until our prompt ends.
 
-    Returns (prompt id, finished); finished is False when the socket closed early (then poll).
+    Returns (prompt id, node errors of the submission, finished); finished is False when the socket
+    closed early (then poll).
     """
     import asyncio
 
@@ -220,13 +305,13 @@ def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: floa
 
     ws_url = client.server.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
 
-    async def run() -> tuple[str, bool]:
+    async def run() -> tuple[str, dict[str, Any], bool]:
         async with aiohttp.ClientSession() as session:
             # no heartbeat: a server busy loading a checkpoint may answer pings late
             async with session.ws_connect(ws_url, heartbeat=None, max_msg_size=0) as ws:
-                prompt_id = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: client.submit(graph, client_id=client_id))
-                logger.info("queued prompt %s on %s", prompt_id, client.server)
+                prompt_id, node_errors = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: client.submit_prompt(graph, client_id=client_id))
+                _log_queued(client, graph, prompt_id, node_errors)
                 deadline = time.monotonic() + timeout
                 while True:
                     remaining = deadline - time.monotonic()
@@ -239,21 +324,28 @@ def _wait_ws(client: ComfyClient, graph: ApiGraph, client_id: str, timeout: floa
                         continue
                     if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING):
                         logger.info("the websocket closed while prompt %s ran; polling /history", prompt_id)
-                        return prompt_id, False
+                        return prompt_id, node_errors, False
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         continue  # binary previews
                     event = json.loads(msg.data)
                     data = event.get("data") or {}
                     if data.get("prompt_id") not in (None, prompt_id):
                         continue
-                    _log_progress(event)
+                    _log_progress(event, graph)
                     kind = event.get("type")
                     if kind in ("execution_error", "execution_interrupted", "execution_success"):
-                        return prompt_id, True
+                        return prompt_id, node_errors, True
                     if kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                        return prompt_id, True
+                        return prompt_id, node_errors, True
 
     return asyncio.run(run())
+
+
+def _log_queued(client: ComfyClient, graph: ApiGraph, prompt_id: str, node_errors: dict[str, Any]) -> None:
+    logger.info("queued prompt %s on %s", prompt_id, client.server)
+    if node_errors:
+        logger.warning("ComfyUI dropped %s before running the rest (failed validation; the error at the end "
+                       "says why)", ", ".join(_node_label(graph, str(n)) for n in node_errors))
 
 
 def _wait_poll(client: ComfyClient, prompt_id: str, timeout: float) -> None:
@@ -299,11 +391,13 @@ def raise_for_failure(graph: ApiGraph, entry: dict[str, Any]) -> None:
 
 def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0, client_id: str | None = None,
                use_websocket: bool = True) -> tuple[str, dict[str, Any]]:
-    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure.
+    """Queue a filled API graph and wait for it; returns (prompt id, history entry). QueueError on failure,
+    :class:`PartialRunError` (after the run) when ComfyUI ran it without some of its outputs.
 
-    Progress (websocket events) is logged at INFO."""
+    Progress (websocket events) is logged at INFO, nodes named by their titles."""
     cid = client_id or uuid.uuid4().hex
     prompt_id: str | None = None
+    node_errors: dict[str, Any] = {}
     finished = False
     if use_websocket:
         try:
@@ -312,22 +406,49 @@ def run_prompt(client: ComfyClient, graph: ApiGraph, *, timeout: float = 3600.0,
             logger.info("aiohttp not installed: polling /history instead of following the websocket")
         else:
             try:
-                prompt_id, finished = _wait_ws(client, graph, cid, timeout)
+                prompt_id, node_errors, finished = _wait_ws(client, graph, cid, timeout)
             except (OSError, aiohttp.ClientError) as e:
                 if isinstance(e, aiohttp.ClientConnectorError):
                     raise client._down(e) from e
                 logger.info("websocket unavailable (%s): polling /history", e)
     if prompt_id is None:
-        prompt_id = client.submit(graph, client_id=cid)
-        logger.info("queued prompt %s on %s", prompt_id, client.server)
+        prompt_id, node_errors = client.submit_prompt(graph, client_id=cid)
+        _log_queued(client, graph, prompt_id, node_errors)
     if not finished:
         _wait_poll(client, prompt_id, timeout)
     entry = _history_when_ready(client, prompt_id)
     raise_for_failure(graph, entry)
+    if node_errors:
+        raise PartialRunError(format_partial(graph, node_errors), prompt_id=prompt_id, entry=entry,
+                              node_errors=node_errors, never_made=never_made(graph, node_errors))
     return prompt_id, entry
 
 
-def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SERVER, images: Sequence[str | Path] = (),
+def _load(workflow: str | Path | dict[str, Any], client: ComfyClient) -> ApiGraph:
+    """The API graph of a workflow name, file or loaded dict (a UI workflow converted with the server's
+    ``/object_info``); QueueError when the server lacks one of its node types."""
+    source = "the workflow"
+    if isinstance(workflow, (str, Path)):
+        path = resolve_workflow(workflow)
+        source = str(path)
+        workflow = read_workflow(path)
+    if not is_ui_workflow(workflow):
+        client.check_nodes(workflow)
+        return workflow
+    info = client.object_info()
+    client.check_nodes(ui_node_types(workflow), info)
+    graph = ui_to_api_graph(workflow, info, source)
+    logger.info("turned the UI workflow %s into API format with the server's node definitions", source)
+    return graph
+
+
+def _images(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The images a run gave: those of output nodes such as SaveImage, previews only when none was saved."""
+    images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+    return [img for img in images_out if img.get("type") == "output"] or images_out
+
+
+def queue_workflow(workflow: str | Path | dict[str, Any], *, server: str = DEFAULT_SERVER, images: Sequence[str | Path] = (),
                    pose_image: str | Path | None = None, prompt: str | None = None, negative: str | None = None,
                    seed: int | None = None, strength: float | None = None, model: str | None = None,
                    checkpoint: str | None = None, steps: int | None = None, width: int | None = None,
@@ -336,31 +457,44 @@ def queue_workflow(workflow: str | Path | ApiGraph, *, server: str = DEFAULT_SER
                    use_websocket: bool = True) -> list[Path]:
     """Upload photos, fill and queue an API workflow, wait, and download its output images.
 
-    ``workflow``: a shipped workflow name (``t2i_one_photo``), a path, or an API graph dict.
-    ``images``: local photo files, one per photo slot (LoadImage nodes titled '... photo ...', in node-id order).
+    ``workflow``: a shipped workflow name (``t2i_one_photo``), a path (API or UI format), or a loaded
+    API graph or UI workflow dict (a UI one is turned into API format with the server's ``/object_info``).
+    ``images``: local photo files, one per photo slot (LoadImage nodes titled '... photo ...', in node-id
+    order; in a workflow without such titles, those feeding an identity node's images).
     Returns the paths of the downloaded images (those of output nodes such as SaveImage;
-    preview images only when the workflow saves none).
+    preview images only when the workflow saves none). :class:`PartialRunError` when ComfyUI ran the
+    workflow without some of its outputs (its ``paths``: the images that did run, downloaded).
     """
-    graph = load_api_workflow(resolve_workflow(workflow)) if isinstance(workflow, (str, Path)) else workflow
     client = ComfyClient(server)
-    client.check_nodes(graph)
+    graph = _load(workflow, client)
     uploaded = [client.upload_image(p) for p in images]
     pose = client.upload_image(pose_image) if pose_image is not None else None
     filled = fill_workflow(graph, images=uploaded, pose_image=pose, prompt=prompt, negative=negative, seed=seed,
                            strength=strength, model=model, checkpoint=checkpoint, steps=steps, width=width,
                            height=height, overrides=overrides, add_trigger=add_trigger)
-    _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, use_websocket=use_websocket)
-    images_out = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
-    saved = [img for img in images_out if img.get("type") == "output"] or images_out
-    paths = [client.download(img, Path(out_dir)) for img in saved]
+    try:
+        _, entry = run_prompt(client, filled, timeout=timeout, client_id=client_id, use_websocket=use_websocket)
+    except PartialRunError as e:          # keep what did run, then report the half run
+        e.paths = [client.download(img, Path(out_dir)) for img in _images(e.entry)]
+        if e.paths:
+            e.args = (f"{e.args[0]} The {len(e.paths)} image(s) that did run were downloaded into {out_dir}: "
+                      + ", ".join(p.name for p in e.paths) + ".",)
+        raise
+    paths = [client.download(img, Path(out_dir)) for img in _images(entry)]
     logger.info("downloaded %d image(s) into %s", len(paths), out_dir)
     return paths
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hyperlora.tools.queue", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hyperlora.tools.queue", description=__doc__.split("\n\n")[0],
+                                epilog=f"Exit codes: 0 every output was made (their paths are printed, one a line); "
+                                       f"1 the workflow did not run; {PARTIAL_EXIT} ComfyUI ran only part of it (a node "
+                                       f"failed validation, e.g. a missing model file): the error names the node, "
+                                       f"the file and the outputs never made.")
     p.add_argument("--server", default=DEFAULT_SERVER, help="ComfyUI address (default %(default)s)")
-    p.add_argument("--workflow", required=True, help="name of a shipped API workflow (see example_workflows/README.md) or a path")
+    p.add_argument("--workflow", required=True,
+                   help="name of a shipped workflow (see example_workflows/README.md) or the path of a workflow "
+                        "file: API format, or UI format (Workflow > Save, or what convert_workflow writes)")
     p.add_argument("--image", action="append", default=[], help="face photo; once per photo slot of the workflow")
     p.add_argument("--pose", help="pose image for the ControlNet workflow")
     p.add_argument("--prompt", help="positive prompt; the trigger words are prepended when missing")
@@ -389,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                model=args.model, checkpoint=args.checkpoint, steps=args.steps, width=args.width,
                                height=args.height, overrides=args.overrides, out_dir=args.out,
                                timeout=args.timeout, add_trigger=not args.no_trigger)
+    except PartialRunError as e:
+        sys.stderr.write(f"error: {e}\n")   # a half run is not a success: what ran is named in the message
+        return PARTIAL_EXIT
     except HyperLoRAError as e:
         sys.stderr.write(f"error: {e}\n")   # the CLI's own report (the library raises QueueError / SettingError)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 
 from ..checks import check_finite, is_finite_number
 from ..errors import QueueError
-from ..spec import TRIGGER_PREFIX
+from ..spec import NODE_PREFIX, TRIGGER_PREFIX
+from .graph_format import api_from_ui, is_api_link, is_ui_workflow
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,24 @@ def _workflow_dir() -> Path:
 
 WORKFLOW_DIR = _workflow_dir()
 API_DIR = WORKFLOW_DIR / "api"
+WORKFLOW_README = WORKFLOW_DIR / "README.md"   # its table: the shipped workflows in the README's order
+
+
+def shipped_order(readme: Path = WORKFLOW_README) -> list[str]:
+    """Names of the shipped workflows in the order of ``example_workflows/README.md``'s table, which
+    build_workflows.py writes from its list of workflows (the order of the README's Workflows section:
+    the first one a newcomer needs first). Empty when the file is absent."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return re.findall(r"^\| `([A-Za-z0-9_]+)` \|", text, flags=re.MULTILINE)
+
+
+def in_shipped_order(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """``names`` with those of ``order`` first, in that order, then any others alphabetically."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(names, key=lambda n: (0, rank[n], "") if n in rank else (1, 0, n))
 
 # Nodes whose widget input receives --strength (except nodes titled '... slider ...').
 STRENGTH_INPUTS: dict[str, tuple[str, ...]] = {
@@ -65,21 +85,61 @@ def resolve_workflow(name_or_path: str | Path) -> Path:
                      f"shipped ones: {', '.join(shipped) or '(none found in ' + str(API_DIR) + ')'}.")
 
 
-def load_api_workflow(path: str | Path) -> ApiGraph:
-    """Read an API-format workflow (``{node_id: {class_type, inputs, _meta}}``)."""
+def read_workflow(path: str | Path) -> dict[str, Any]:
+    """Read a workflow file: an API graph (``{node_id: {class_type, inputs, _meta}}``, also inside a
+    ``{"prompt": ...}`` body) or a UI workflow (``{"nodes": [...], "links": [...]}``) as it is."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise QueueError(f"Cannot read the workflow {path}: {e}.") from e
-    if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise QueueError(f"{path} is a UI workflow (for dragging onto the canvas); queue its API twin "
-                         f"({WORKFLOW_FOLDER}/api/{path.name} for a shipped one, or export it with 'Export (API)') instead.")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QueueError(f"Cannot read the workflow {path}: {e}. Give a workflow .json saved from ComfyUI "
+                         f"(Workflow > Save, or Export (API)).") from e
+    except RecursionError as e:
+        raise QueueError(f"Cannot read the workflow {path}: its JSON is nested too deeply to be a ComfyUI "
+                         f"workflow. Give a workflow .json saved from ComfyUI (Workflow > Save, or Export (API)).") from e
+    if is_ui_workflow(data):
+        return data
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
-        raise QueueError(f"{path} is not an API workflow: expected an object of nodes with 'class_type'.")
+    if not isinstance(data, dict) or not data or not all(isinstance(v, dict) and "class_type" in v
+                                                         for v in data.values()):
+        raise QueueError(f"{path} is not a ComfyUI workflow: expected an API workflow (an object of nodes with "
+                         f"'class_type', what Export (API) writes) or a UI workflow (an object with 'nodes' and "
+                         f"'links', what Workflow > Save writes).")
     return data
+
+
+def load_api_workflow(path: str | Path) -> ApiGraph:
+    """Read an API-format workflow (``{node_id: {class_type, inputs, _meta}}``).
+
+    A UI workflow needs a server's node definitions to become API format: :class:`QueueError`
+    (``queue_workflow`` and the CLI take UI workflows and convert them with the server's ``/object_info``).
+    """
+    path = Path(path)
+    data = read_workflow(path)
+    if is_ui_workflow(data):
+        raise QueueError(f"{path} is a UI workflow (for dragging onto the canvas); its API form needs the node "
+                         f"definitions of a running ComfyUI: queue it with python -m hyperlora.tools.queue "
+                         f"--workflow {path}, or load its API twin ({WORKFLOW_FOLDER}/api/{path.name} for a shipped "
+                         f"one).")
+    return data
+
+
+def ui_to_api_graph(ui: dict[str, Any], object_info: dict[str, Any], source: str = "the workflow") -> ApiGraph:
+    """The API form of a UI workflow with the server's ``object_info``; :class:`QueueError` names the node."""
+    definitions = ui.get("definitions") if isinstance(ui.get("definitions"), dict) else {}
+    subgraphs = {str(sg.get("id")): sg.get("name") or sg.get("id") for sg in definitions.get("subgraphs") or []
+                 if isinstance(sg, dict)}
+    inside = [f"#{n['id']} '{subgraphs[str(n['type'])]}'" for n in ui["nodes"]
+              if isinstance(n, dict) and str(n.get("type")) in subgraphs]
+    if inside:
+        raise QueueError(f"{source} has subgraph node(s) {', '.join(inside)}, which this client does not open. In "
+                         f"ComfyUI, unpack them (right-click > Unpack Subgraph), save the workflow and queue that "
+                         f"file, or export it with Workflow > Export (API).")
+    try:
+        return api_from_ui(ui, object_info)
+    except ValueError as e:
+        raise QueueError(f"{source}: {e}.") from e
 
 
 def node_title(node: dict[str, Any]) -> str:
@@ -96,9 +156,31 @@ def find_nodes(graph: ApiGraph, class_type: str | Sequence[str] | None = None,
     return sorted(out, key=lambda nid: (0, int(nid), "") if nid.isdigit() else (1, 0, nid))
 
 
+# Our nodes whose 'images' input takes the face photos (an identity is made of them).
+IDENTITY_PHOTO_INPUTS = {NODE_PREFIX + "IdentityFromImages": "images", NODE_PREFIX + "ApplyFromImages": "images"}
+
+
 def photo_slots(graph: ApiGraph) -> list[str]:
-    """LoadImage nodes that take a face photo: their title contains 'photo'."""
-    return find_nodes(graph, "LoadImage", "photo")
+    """LoadImage nodes that take a face photo: their title contains 'photo'; in a graph without such
+    titles (a converted workflow of the authors' plugin), the LoadImage nodes whose image reaches an
+    identity node's 'images' input (through batch nodes, reroutes and the like)."""
+    titled = find_nodes(graph, "LoadImage", "photo")
+    if titled:
+        return titled
+    found: set[str] = set()
+    todo = [node["inputs"][name] for node in graph.values()
+            if (name := IDENTITY_PHOTO_INPUTS.get(node["class_type"])) and is_api_link(node.get("inputs", {}).get(name))]
+    seen: set[str] = set()
+    while todo:
+        nid = str(todo.pop()[0])
+        if nid in seen or nid not in graph:
+            continue
+        seen.add(nid)
+        if graph[nid]["class_type"] == "LoadImage":
+            found.add(nid)
+            continue
+        todo += [v for v in graph[nid].get("inputs", {}).values() if is_api_link(v)]
+    return [nid for nid in find_nodes(graph, "LoadImage") if nid in found]
 
 
 def _set_widget(graph: ApiGraph, nid: str, key: str, value: Any) -> None:
@@ -117,6 +199,11 @@ def fill_workflow(graph: ApiGraph, *, images: Sequence[str] = (), pose_image: st
     g = copy.deepcopy(graph)
     if images:
         slots = photo_slots(g)
+        if not slots:
+            raise QueueError(f"This workflow has no face photo slot: no LoadImage node titled '... photo ...' and "
+                             f"none whose image reaches a HyperLoRA Studio identity node, so --image cannot tell "
+                             f"where {len(images)} photo(s) go. Put the photo into ComfyUI's input folder and set it "
+                             f"with --set 'Load Image.image=me.png' (the LoadImage node's title or id).")
         if len(images) != len(slots):
             names = ", ".join(f"'{node_title(g[s])}'" for s in slots) or "none"
             raise QueueError(f"This workflow takes {len(slots)} face photo(s) ({names}) but {len(images)} "

@@ -13,7 +13,9 @@ folders are the session's (tests/comfy/models.py).
 * the authors' loader connected to one of our nodes is refused with our message naming the fix;
 * each of the authors' five example workflows converts: every node of ours exists in /object_info with
   the widget count it reports, the links are consistent, and where no other pack is left (the T2I and
-  ControlNet examples with --core-nodes) the API form passes ComfyUI's validation with the fixture models;
+  ControlNet examples, by default) the API form passes ComfyUI's validation with the fixture models;
+* by default each example converts to node types that the session's server (core ComfyUI 0.3.64 and this
+  pack only) registers, except the nodes no core node replaces, each named in one line;
   slow: the converted T2I example also runs on the session's SDXL server (64 px, 1 step).
 """
 
@@ -174,7 +176,7 @@ def test_authors_loader_into_our_node_names_the_fix(coexist):
 
 # --------------------------------------------------------------------------- the authors' examples, converted
 
-@pytest.mark.parametrize("core_nodes", [False, True], ids=["as_is", "core_nodes"])
+@pytest.mark.parametrize("core_nodes", [False, True], ids=["keep_other_packs", "default"])
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_authors_example_converted_fits_this_server(name, core_nodes, coexist, validate, fixture_files):  # noqa: F811
     conv = cw.convert(json.loads(example(name).read_text(encoding="utf-8")), source=f"{name}.json",
@@ -204,10 +206,31 @@ def test_authors_example_converted_fits_this_server(name, core_nodes, coexist, v
     assert "not_there" in json.dumps(node_errors[loader]["errors"])
 
 
+@pytest.fixture(scope="module")
+def core_and_ours(comfy_server) -> dict[str, Any]:
+    """/object_info of the session's server: core ComfyUI 0.3.64 and this pack, nothing else."""
+    info = comfy_server.get_json("/object_info", timeout=120)
+    modules = {v["python_module"] for v in info.values()}
+    assert {m for m in modules if m.startswith("custom_nodes.")} == {_module(PACK_DIR_NAME)}
+    return info
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_default_conversion_needs_only_core_comfyui_and_this_pack(name, core_and_ours):
+    conv = cw.convert(json.loads(example(name).read_text(encoding="utf-8")), source=f"{name}.json")
+    missing = sorted((n["id"], n["type"]) for n in conv.workflow["nodes"]
+                     if n["type"] not in core_and_ours and n["type"] not in VIRTUAL_NODES)
+    assert bool(missing) == (name in NEEDS_OTHER_PACKS)
+    assert all(t in cw.OTHER_PACK_NODES and t not in cw.CORE_REPLACED for _, t in missing), missing
+    assert [line.split(" needs ")[0] for line in conv.needs_packs] == [f"#{i} {t}" for i, t in missing]
+    for line, (_, t) in zip(conv.needs_packs, missing):
+        assert f"needs {cw.OTHER_PACK_NODES[t].pack}, which no core node replaces" in line
+
+
 @pytest.mark.slow
 def test_converted_t2i_example_runs(comfy_server):
     conv = cw.convert(json.loads(example("HyperLoRA-T2I").read_text(encoding="utf-8")),
-                      source="HyperLoRA-T2I.json", core_nodes=True)
+                      source="HyperLoRA-T2I.json")
     api = for_fixture_models(ui_to_api(conv.workflow, comfy_server.get_json("/object_info", timeout=120)))
     entry = comfy_server.run(api, timeout=1200)
     (preview,) = [nid for nid, n in api.items() if n["class_type"] == "PreviewImage"]

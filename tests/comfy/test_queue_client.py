@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from hyperlora.tools import convert_workflow as cw
 from hyperlora.tools import queue as q
 from hyperlora.errors import QueueError
 from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, SMALL_MODEL, astronaut, faceless_photo
+from tests.fixtures.authors import example
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,10 @@ def test_cli_uploads_fills_queues_follows_and_downloads(comfy_server, photos, tm
     assert '"strength": 0.8' in ran and '"seed": 11' in ran and "me.png" in ran
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("queued prompt ") for m in messages)
-    assert any(m.startswith("running node ") for m in messages)          # websocket progress events
-    assert any("step 1/1" in m for m in messages)
+    # websocket progress events, nodes named by their titles
+    assert "running Apply HyperLoRA from images" in messages and "running Save image" in messages
+    assert "Sampler (authors' settings): step 1/1" in messages
+    assert not any(m.startswith("running node ") for m in messages)
     assert messages[-1].startswith("downloaded 1 image(s)")
 
 
@@ -107,3 +112,67 @@ def test_execution_error_shows_exception_and_node(comfy_server, photos):
     assert msg.startswith("ComfyUI failed in node ")
     assert "(HyperLoRAStudioApplyFromImages 'Apply HyperLoRA from images'): " in msg
     assert "face" in msg.lower()
+
+
+def test_half_run_exits_non_zero_naming_the_node_the_file_and_the_outputs_never_made(comfy_server, photos, tmp_path,
+                                                                                     capsys):
+    """controlnet_pose without its ControlNet file: ComfyUI accepts the prompt, drops the sampling
+    branch (node_errors) and runs only the face-crops preview; the client downloads that and fails."""
+    out = tmp_path / "out"
+    args = ["--server", comfy_server.url, "--workflow", "controlnet_pose", "--image", str(photos / "me.png"),
+            "--pose", str(photos / "me.png"), "--model", SMALL_MODEL, "--checkpoint", CHECKPOINT, "--steps", "1",
+            "--width", "64", "--height", "64", "--out", str(out), "--timeout", "1200",
+            "--set", "Load pose ControlNet (SDXL).control_net_name=no_such_controlnet.safetensors"]
+    for s in FIXTURE_SETTINGS:
+        args += ["--set", s]
+    assert q.main(args) == q.PARTIAL_EXIT != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""                                  # no image path is offered as the result
+    err = captured.err
+    assert err.startswith("error: ComfyUI ran only part of the workflow: ") and err.count("\n") == 1
+    graph = q.load_api_workflow(q.resolve_workflow("controlnet_pose"))
+    (cn,) = q.find_nodes(graph, "ControlNetLoader")
+    (save,) = q.find_nodes(graph, "SaveImage")
+    assert (f"node {cn} 'Load pose ControlNet (SDXL)' (ControlNetLoader): control_net_name "
+            f"'no_such_controlnet.safetensors' is not on the server: put it into ComfyUI's models/controlnet") in err
+    assert f"Outputs never made: node {save} 'Save image' (SaveImage)." in err
+    previews = sorted(out.iterdir())
+    assert len(previews) == 1 and f"{previews[0].name}." in err          # what did run is kept, and named
+    with Image.open(previews[0]) as im:
+        assert im.size[0] > 0
+
+
+def test_every_shipped_ui_workflow_becomes_its_api_twin(comfy_server):
+    """The client's UI -> API conversion with the server's /object_info gives the committed API twins."""
+    from hyperlora.tools.graph_format import api_from_ui
+
+    info = comfy_server.get_json("/object_info", timeout=120)
+    names = sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json"))
+    assert len(names) >= 16
+    for name in names:
+        ui = json.loads((q.WORKFLOW_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        assert api_from_ui(ui, info) == q.load_api_workflow(q.API_DIR / f"{name}.json"), name
+
+
+def test_converted_authors_workflow_is_queued_from_its_ui_file(comfy_server, photos, tmp_path, capsys, caplog):
+    """A newcomer's path: convert the authors' T2I example (UI, default: core nodes only), queue the file
+    as it is with --image (the photo node is found through the identity node it feeds)."""
+    ours = tmp_path / "HyperLoRA-T2I-studio.json"
+    assert cw.main([str(example("HyperLoRA-T2I")), str(ours)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    args = ["--server", comfy_server.url, "--workflow", str(ours), "--image", str(photos / "me.png"),
+            "--model", SMALL_MODEL, "--checkpoint", CHECKPOINT, "--steps", "1", "--width", "64", "--height", "64",
+            "--seed", "5", "--out", str(out), "--timeout", "1200",
+            "--set", f"HyperLoRA Studio Loader.clip_vision={CLIP_FOLDER}",
+            "--set", f"HyperLoRA Studio Loader.insightface={ANTELOPE}"]
+    with caplog.at_level(logging.INFO, logger="hyperlora.tools.queue"):
+        assert q.main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 1                                   # the authors' example previews its one image
+    with Image.open(printed[0]) as im:
+        assert im.size == (64, 64)
+        ran = json.loads(im.info["prompt"])
+    photo_nodes = [n for n in ran.values() if n["class_type"] == "LoadImage"]
+    assert [n["inputs"]["image"] for n in photo_nodes] == ["me.png"]
+    assert any(m.startswith("turned the UI workflow ") for m in (r.getMessage() for r in caplog.records))

@@ -166,6 +166,9 @@ def test_every_workflow_has_a_thumbnail_for_the_templates_menu(name):
 def test_templates_route_lists_and_serves_every_workflow(comfy_server):
     listed = comfy_server.get_json("/workflow_templates")
     assert sorted(listed[PACK_DIR_NAME]) == UI_NAMES          # api/ twins are not templates
+    # in the README's order (nodes/templates.py), not the file system's: the front end shows it as listed
+    assert listed[PACK_DIR_NAME] == q.shipped_order() and listed[PACK_DIR_NAME][0] == "t2i_one_photo"
+    assert comfy_server.get_json("/api/workflow_templates") == listed
     for name in UI_NAMES:
         served = comfy_server.get_bytes(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert served == (WORKFLOWS / f"{name}.json").read_bytes()

@@ -143,7 +143,7 @@ def test_authors_example_converts(name):
 
 def test_t2i_carries_settings_and_places():
     original = load("HyperLoRA-T2I")
-    ui = convert("HyperLoRA-T2I").workflow
+    ui = convert("HyperLoRA-T2I", core_nodes=False).workflow
     nodes, old = by_id(ui), by_id(original)
     (loader,) = of_type(ui, cw.LOADER)
     (ident,) = of_type(ui, cw.IDENTITY)
@@ -177,7 +177,7 @@ def test_t2i_carries_settings_and_places():
 
 def test_concept_slider_becomes_three_apply_from_images():
     original = load("HyperLoRA-T2I-ConceptSlider")
-    ui = convert("HyperLoRA-T2I-ConceptSlider").workflow
+    ui = convert("HyperLoRA-T2I-ConceptSlider", core_nodes=False).workflow
     old = by_id(original)
     applies = {n["id"]: n for n in of_type(ui, cw.APPLY_IMAGES)}
     assert sorted(applies) == [9, 24, 25]                          # at the Apply LoRA nodes
@@ -198,11 +198,14 @@ def test_concept_slider_becomes_three_apply_from_images():
 
 
 @pytest.mark.parametrize("name", ["HyperLoRA-T2I", "HyperLoRA-T2I-ControlNet"])
-def test_core_nodes_option_leaves_no_other_pack(name):
+def test_default_leaves_no_other_pack(name):
     original = load(name)
-    ui = convert(name, core_nodes=True).workflow
+    conv = convert(name)
+    ui = conv.workflow
+    assert ui == convert(name, core_nodes=True).workflow           # the old option's result is the default now
     check_links(ui)
     assert {n["type"] for n in ui["nodes"]} <= set(SPECS) | CORE_TYPES
+    assert conv.needs_packs == []
     texts = {n["id"]: n["widgets_values"][0] for n in original["nodes"] if n["type"] == "BNK_CLIPTextEncodeAdvanced"}
     encoders = {n["id"]: n for n in of_type(ui, cw.TEXT_ENCODE)}
     assert sorted(encoders) == sorted(texts)
@@ -215,11 +218,63 @@ def test_core_nodes_option_leaves_no_other_pack(name):
     assert "token_normalization" in note and "Nodes of other packs" not in note
 
 
+# what no core node replaces, per example: (node id, type, pack)
+UNREPLACEABLE = {
+    "HyperLoRA-T2I": [], "HyperLoRA-T2I-ControlNet": [],
+    "HyperLoRA-T2I-FaceDetailer": [(18, "FaceDetailer", "ComfyUI-Impact-Pack"),
+                                   (19, "UltralyticsDetectorProvider", "ComfyUI-Impact-Subpack")],
+    "HyperLoRA-T2I-ConceptSlider": [(18, "FaceDetailer", "ComfyUI-Impact-Pack"),
+                                    (19, "UltralyticsDetectorProvider", "ComfyUI-Impact-Subpack")],
+    "HyperLoRA-T2I-InstantID": [(18, "ApplyInstantIDAdvanced", "ComfyUI_InstantID"),
+                                (19, "InstantIDModelLoader", "ComfyUI_InstantID"),
+                                (20, "InstantIDFaceAnalysis", "ComfyUI_InstantID")],
+}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_default_conversion_has_only_core_and_our_nodes_and_names_each_unreplaceable_one(name):
+    """Core ComfyUI 0.3.64 + this pack, except the nodes no core node replaces: each named in one line
+    (tests/comfy/test_coexist.py checks the same against a running ComfyUI's node list)."""
+    from hyperlora.tools.core_nodes import CORE_NODE_TYPES
+    from hyperlora.tools.graph_format import VIRTUAL_NODES
+
+    conv = convert(name)
+    ui = conv.workflow
+    check_links(ui)
+    foreign = sorted((n["id"], n["type"]) for n in ui["nodes"]
+                     if n["type"] not in CORE_NODE_TYPES | set(VIRTUAL_NODES) and not n["type"].startswith(NODE_PREFIX))
+    expected = UNREPLACEABLE[name]
+    assert foreign == [(i, t) for i, t, _ in expected]
+    assert [(i, t) for i, t, _ in expected] == sorted((n["id"], n["type"]) for n in ui["nodes"]
+                                                     if n["type"] in cw.OTHER_PACK_NODES)
+    assert len(conv.needs_packs) == len(expected)
+    for line, (nid, type_, pack) in zip(conv.needs_packs, expected):
+        assert line.startswith(f"#{nid} {type_} needs {pack}, which no core node replaces: install that pack, or "
+                               f"instead use ")
+        assert "\n" not in line
+
+
+def test_keep_other_packs_names_each_kept_node():
+    conv = convert("HyperLoRA-T2I", core_nodes=False)
+    assert conv.needs_packs == [
+        "#5 ImpactMakeImageBatch needs ComfyUI-Impact-Pack (kept by --keep-other-packs): without that option core "
+        "Batch Images replaces it",
+        "#12 BNK_CLIPTextEncodeAdvanced needs ComfyUI_ADV_CLIP_emb (kept by --keep-other-packs): without that "
+        "option core CLIP Text Encode (Prompt) replaces it",
+        "#13 BNK_CLIPTextEncodeAdvanced needs ComfyUI_ADV_CLIP_emb (kept by --keep-other-packs): without that "
+        "option core CLIP Text Encode (Prompt) replaces it"]
+    wf = load("HyperLoRA-T2I")
+    by_id(wf)[11]["type"] = "SomePackSampler"                 # a node of a pack the converter does not know
+    (line,) = cw.convert(wf, source="x.json").needs_packs
+    assert line.startswith("#11 SomePackSampler needs a custom-node pack (it is not a node of ComfyUI 0.3.64 nor "
+                           "of this pack)")
+
+
 def test_core_nodes_option_keeps_what_core_cannot_do():
     ui = convert("HyperLoRA-T2I-FaceDetailer", core_nodes=True).workflow
     assert of_type(ui, "FaceDetailer") and of_type(ui, "UltralyticsDetectorProvider")
     note = of_type(ui, "Note")[0]["widgets_values"][0]
-    assert "#18 FaceDetailer (ComfyUI-Impact-Pack): instead, workflow face_inpaint" in note
+    assert "#18 FaceDetailer (ComfyUI-Impact-Pack): instead, workflow face_detailer" in note
 
 
 def test_make_image_batch_of_three_becomes_a_chain_of_core_batches():
@@ -505,12 +560,45 @@ def test_cli(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written == cw.convert(load("HyperLoRA-T2I-InstantID"), source="theirs.json").workflow
     stdout = capsys.readouterr().out
-    assert f"wrote {out}" in stdout and "ApplyInstantIDAdvanced (ComfyUI_InstantID)" in stdout
+    lines = stdout.splitlines()
+    assert lines[0] == f"wrote {out} (UI format)"
+    assert [line.split(" needs ")[0] for line in lines[1:4]] == [
+        "needs a pack: #18 ApplyInstantIDAdvanced", "needs a pack: #19 InstantIDModelLoader",
+        "needs a pack: #20 InstantIDFaceAnalysis"]
+    assert "ApplyInstantIDAdvanced (ComfyUI_InstantID)" in stdout
+    assert not [n for n in written["nodes"] if n["type"] in cw.CORE_REPLACED]       # core nodes by default
+
+    kept = tmp_path / "kept.json"
+    assert cw.main([str(src), str(kept), "--keep-other-packs"]) == 0
+    assert "needs a pack: #12 BNK_CLIPTextEncodeAdvanced needs ComfyUI_ADV_CLIP_emb" in capsys.readouterr().out
+    assert sorted(n["id"] for n in json.loads(kept.read_text())["nodes"]
+                  if n["type"] == "BNK_CLIPTextEncodeAdvanced") == [12, 13]
+    assert cw.main([str(src), str(tmp_path / "same.json"), "--core-nodes"]) == 0            # old scripts still work
+    assert json.loads((tmp_path / "same.json").read_text()) == written
 
     bad = _write(tmp_path, "bad.json", "[]")
+    capsys.readouterr()
     assert cw.main([str(bad), str(tmp_path / "never.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.json" in err and not (tmp_path / "never.json").exists()
     assert cw.main([str(tmp_path / "missing.json"), str(tmp_path / "never.json")]) == 2
     assert "Cannot read the workflow" in capsys.readouterr().err
     assert issubclass(WorkflowError, HyperLoRAError)
+
+
+@pytest.mark.parametrize("where", ["top", "inside_a_node"])
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path, capsys, where):
+    if where == "top":
+        text = "[" * 100_000 + "]" * 100_000
+    else:                                   # parses, but nested deeper than converting can go
+        wf = load("HyperLoRA-T2I")
+        (sampler,) = of_type(wf, "KSampler")                  # a node kept as it was
+        sampler["widgets_values"][0] = "DEEP"
+        text = json.dumps(wf).replace('"DEEP"', "[" * 900 + "]" * 900)
+    src = _write(tmp_path, "deep.json", text)
+    with pytest.raises(WorkflowError, match="deep.json is JSON nested too deeply"):
+        cw.convert_file(src, tmp_path / "out.json")
+    assert cw.main([str(src), str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "deep.json is JSON nested too deeply" in err and err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import pytest
@@ -32,14 +33,26 @@ def test_unknown_workflow_lists_the_shipped_ones():
         q.resolve_workflow("no_such_flow")
 
 
-def test_ui_workflow_is_refused_with_a_pointer_to_its_api_twin(tmp_path):
+def test_ui_workflow_needs_a_server_and_bad_files_are_named(tmp_path):
     ui = q.WORKFLOW_DIR / "t2i_one_photo.json"
-    with pytest.raises(QueueError, match=r"UI workflow.*example_workflows/api/t2i_one_photo.json"):
-        q.load_api_workflow(ui)
+    assert q.read_workflow(ui)["nodes"]                          # the CLI reads it as it is ...
+    with pytest.raises(QueueError, match=r"UI workflow.*queue it with python -m hyperlora.tools.queue.*"
+                                         r"example_workflows/api/t2i_one_photo.json"):
+        q.load_api_workflow(ui)                                  # ... the API loader alone cannot convert it
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"1": {"inputs": {}}}))
-    with pytest.raises(QueueError, match="not an API workflow"):
+    with pytest.raises(QueueError, match="bad.json is not a ComfyUI workflow"):
         q.load_api_workflow(bad)
+
+
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(QueueError, match=r"deep.json: its JSON is nested too deeply"):
+        q.read_workflow(deep)
+    assert q.main(["--workflow", str(deep), "--server", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot read the workflow") and err.count("\n") == 1
 
 
 def test_fill_sets_photos_prompt_seed_strength_models_by_title_and_type():
@@ -175,3 +188,153 @@ def test_every_node_of_the_shipped_workflows_is_ours_or_core():
     for path in sorted(q.API_DIR.glob("*.json")):
         for node in q.load_api_workflow(path).values():
             assert q.node_origin(node["class_type"]) in ("ours", "core"), (path.name, node["class_type"])
+
+
+def _controlnet_node_errors(graph):
+    """ComfyUI 0.3.64's node_errors when the ControlNet file is missing (the shape execution.py gives)."""
+    loader = q.find_nodes(graph, "ControlNetLoader")[0]
+    save = q.find_nodes(graph, "SaveImage")[0]
+    return loader, save, {loader: {
+        "errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                    "details": "control_net_name: 'OpenPoseXL2.safetensors' not in []",
+                    "extra_info": {"input_name": "control_net_name", "input_config": None,
+                                   "received_value": "OpenPoseXL2.safetensors"}}],
+        "dependent_outputs": [save], "class_type": "ControlNetLoader"}}
+
+
+def test_half_run_message_names_the_node_the_file_and_the_outputs_never_made():
+    g = q.load_api_workflow(q.resolve_workflow("controlnet_pose"))
+    loader, save, node_errors = _controlnet_node_errors(g)
+    assert q.never_made(g, node_errors) == [save]
+    msg = q.format_partial(g, node_errors)
+    assert "\n" not in msg
+    assert msg == (f"ComfyUI ran only part of the workflow: node {loader} 'Load pose ControlNet (SDXL)' "
+                   f"(ControlNetLoader): control_net_name 'OpenPoseXL2.safetensors' is not on the server: put it "
+                   f"into ComfyUI's models/controlnet. Outputs never made: node {save} 'Save image' (SaveImage). "
+                   f"Fix the node(s) above and queue again.")
+    other = {loader: {"errors": [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                                  "details": "image - Invalid image file: x.png", "extra_info": {}}],
+                      "dependent_outputs": [save, "77"], "class_type": "ControlNetLoader"}}
+    assert ("(ControlNetLoader): Custom validation failed for node: image - Invalid image file: x.png. Outputs "
+            f"never made: node {save} 'Save image' (SaveImage), node 77 '?' (?).") in q.format_partial(g, other)
+    assert issubclass(q.PartialRunError, QueueError)
+
+
+def test_progress_lines_name_nodes_by_title(caplog):
+    g = q.load_api_workflow(q.resolve_workflow("t2i_one_photo"))
+    ks = q.find_nodes(g, "KSampler")[0]
+    ckpt = q.find_nodes(g, "CheckpointLoaderSimple")[0]
+    with caplog.at_level(logging.INFO, logger="hyperlora.tools.queue"):
+        q._log_progress({"type": "executing", "data": {"node": ckpt, "prompt_id": "p"}}, g)
+        q._log_progress({"type": "progress", "data": {"node": ks, "value": 3, "max": 20}}, g)
+        q._log_progress({"type": "execution_cached", "data": {"nodes": [ckpt, "999"]}}, g)
+        q._log_progress({"type": "executing", "data": {"node": "999"}}, g)
+    assert [r.getMessage() for r in caplog.records] == [
+        "running Load SDXL checkpoint", "Sampler (authors' settings): step 3/20",
+        "cached: Load SDXL checkpoint, node 999", "running node 999"]
+
+
+def test_photo_slots_of_a_converted_workflow_follow_the_images_into_the_identity():
+    from hyperlora.tools import convert_workflow as cw
+    from tests.core.test_convert_workflow import authors_api
+
+    theirs = authors_api()
+    theirs["4"]["_meta"] = {"title": "Load Image"}
+    theirs["30"] = {"class_type": "LoadImage", "inputs": {"image": "second.png"}, "_meta": {"title": "Load Image"}}
+    theirs["31"] = {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["30", 0]}}
+    theirs["32"] = {"class_type": "LoadImage", "inputs": {"image": "pose.png"}, "_meta": {"title": "Load Image"}}
+    for nid in ("5", "6", "8"):
+        theirs[nid]["inputs"]["images"] = ["31", 0]
+    g = cw.convert(theirs, source="theirs_api.json").workflow
+    assert not q.find_nodes(g, "LoadImage", "photo")
+    assert q.photo_slots(g) == ["4", "30"]                     # not the pose image (#32): it feeds no identity
+    filled = q.fill_workflow(g, images=["a.png", "b.png"])
+    assert (filled["4"]["inputs"]["image"], filled["30"]["inputs"]["image"], filled["32"]["inputs"]["image"]) == \
+        ("a.png", "b.png", "pose.png")
+    del g["6"], g["8"]                                         # no identity node left: no slot, and --set is named
+    with pytest.raises(QueueError, match=r"no face photo slot.*--set 'Load Image.image=me.png'"):
+        q.fill_workflow(g, images=["a.png"])
+
+
+def _ui_node(nid, type_, widgets=(), inputs=(), outputs=(), mode=0, title=None):
+    node = {"id": nid, "type": type_, "pos": [0, 0], "size": [300, 100], "flags": {}, "order": nid, "mode": mode,
+            "inputs": [dict(i) for i in inputs], "outputs": [dict(o) for o in outputs],
+            "properties": {}, "widgets_values": list(widgets)}
+    if title:
+        node["title"] = title
+    return node
+
+
+def test_ui_workflow_becomes_the_api_graph_the_front_end_queues():
+    """Reroutes and bypassed nodes are passed, muted and front-end-only nodes left out, a widget fed by
+    a primitive keeps its saved value, seed and upload extras skipped (ComfyUI tier: every shipped workflow)."""
+    from hyperlora.tools.graph_format import api_from_ui, load_node_specs, ui_node_types
+
+    info = load_node_specs()
+    info["LoadImage"] = {"input": {"required": {"image": [["me.png"], {"image_upload": True}]}},
+                         "output": ["IMAGE", "MASK"], "output_name": ["IMAGE", "MASK"], "display_name": "Load Image"}
+    loader = ["m", "clip_vit_large_14", "antelopev2", "auto", "auto"]
+    face = ["largest", 0, True, False, "skip", "640"]
+    ui = {"nodes": [
+        _ui_node(1, "HyperLoRAStudioLoader", loader, outputs=[{"name": "hyper_lora", "type": "HYPERLORA_STUDIO_MODEL",
+                                                             "links": [1]}]),
+        _ui_node(2, "LoadImage", ["me.png", "image"], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}],
+                 title="Face photo"),
+        _ui_node(3, "Reroute", inputs=[{"name": "", "type": "*", "link": 2}],
+                 outputs=[{"name": "", "type": "IMAGE", "links": [3]}]),
+        _ui_node(4, "ImageBatch", mode=4, inputs=[{"name": "image1", "type": "IMAGE", "link": 3},
+                                                  {"name": "image2", "type": "IMAGE", "link": None}],
+                 outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [4]}]),
+        _ui_node(5, "HyperLoRAStudioIdentityFromImages", face,
+                 inputs=[{"name": "hyper_lora", "type": "HYPERLORA_STUDIO_MODEL", "link": 1},
+                         {"name": "images", "type": "IMAGE", "link": 4}]),
+        _ui_node(6, "PrimitiveNode", ["from the primitive"],
+                 outputs=[{"name": "STRING", "type": "STRING", "links": [5], "widget": {"name": "text"}}]),
+        _ui_node(7, "CLIPTextEncode", ["from the primitive"],
+                 inputs=[{"name": "clip", "type": "CLIP", "link": 6},
+                         {"name": "text", "type": "STRING", "link": 5, "widget": {"name": "text"}}]),
+        _ui_node(8, "CheckpointLoaderSimple", ["x.safetensors"], mode=2,
+                 outputs=[{"name": "CLIP", "type": "CLIP", "links": [6]}]),
+        _ui_node(9, "Note", ["a note"]),
+    ], "links": [[1, 1, 0, 5, 0, "HYPERLORA_STUDIO_MODEL"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
+                 [4, 4, 0, 5, 1, "IMAGE"], [5, 6, 0, 7, 1, "STRING"], [6, 8, 0, 7, 0, "CLIP"]]}
+    assert ui_node_types(ui) == ["HyperLoRAStudioLoader", "LoadImage", "HyperLoRAStudioIdentityFromImages",
+                                 "CLIPTextEncode"]
+    api = api_from_ui(ui, info)
+    assert api == {
+        "1": {"inputs": dict(zip(["model", "clip_vision", "insightface", "dtype", "provider"], loader)),
+              "class_type": "HyperLoRAStudioLoader", "_meta": {"title": "HyperLoRA Studio Loader"}},
+        "2": {"inputs": {"image": "me.png"}, "class_type": "LoadImage", "_meta": {"title": "Face photo"}},
+        "5": {"inputs": {**dict(zip(["face_choice", "face_index", "remove_background", "grayscale", "no_face",
+                                     "det_size"], face)), "hyper_lora": ["1", 0], "images": ["2", 0]},
+              "class_type": "HyperLoRAStudioIdentityFromImages",
+              "_meta": {"title": "HyperLoRA Studio Identity from Images"}},
+        "7": {"inputs": {"text": "from the primitive"}, "class_type": "CLIPTextEncode",
+              "_meta": {"title": "CLIP Text Encode (Prompt)"}},
+    }
+    ui["nodes"][4]["widgets_values"] = face[:-1]               # saved by another version of the node
+    with pytest.raises(ValueError, match=r"node #5 'HyperLoRAStudioIdentityFromImages' .* has 5 widget values but "
+                                         r"the server's HyperLoRAStudioIdentityFromImages takes 6"):
+        api_from_ui(ui, info)
+    del info["LoadImage"]
+    with pytest.raises(ValueError, match=r"node #2 'Face photo' \(LoadImage\): the server has no node type LoadImage"):
+        api_from_ui(ui, info)
+    ui["definitions"] = {"subgraphs": [{"id": "5a1f", "name": "My part"}]}
+    ui["nodes"].append(_ui_node(10, "5a1f"))
+    with pytest.raises(QueueError, match=r"x.json has subgraph node\(s\) #10 'My part'.*Unpack Subgraph"):
+        q.ui_to_api_graph(ui, info, "x.json")
+
+
+def test_shipped_order_is_the_readmes_and_orders_a_templates_listing():
+    """The Templates menu order (nodes/templates.py; ComfyUI tier: the server's answer) is the README's."""
+    from pathlib import Path
+
+    order = q.shipped_order()
+    assert order[0] == "t2i_one_photo"
+    assert sorted(order) == sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json")) and len(order) == 16
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Workflows\n", 1)[1].split("\n## ", 1)[0]
+    assert [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")] == order
+    glob_like = ["identity_load", "concept_slider", "zz_users_own", "t2i_one_photo", "aa_users_own"]
+    assert q.in_shipped_order(glob_like, order) == ["t2i_one_photo", "concept_slider", "identity_load",
+                                                    "aa_users_own", "zz_users_own"]
