@@ -80,8 +80,48 @@ TEACHER_FILE = "distill_teacher.safetensors"
 CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
 OTHER_PHOTO_SEED = 500_009
 """Offset of the generator that picks the other photos (``id_photo`` "other"), apart from the noise's."""
+RESUME_FREE_KEYS = frozenset({"out", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+                              "num_workers"})
+"""Config keys a resumed run may change: where and how long it runs, how often it saves; nothing it learns."""
 SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
                "pooled_plain")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"rank": 8}}`` -> ``{"model.rank": 8}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "scenarios" and k != "scenario_weights":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(run: Path, cfg: FitConfig) -> None:
+    """Refuse to resume the run in ``run`` with a config that differs from the one it was started with
+    (``run/config.json``) in a key outside :data:`RESUME_FREE_KEYS`: the checkpoint holds a generator built and
+    trained with the old values, and continuing would export it under the new ones.  Raises
+    :class:`SettingError` naming each key with both values, and the fixes."""
+    path = run / "config.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingError(f"'{path}' (the config the run was started with) is unreadable ({exc}), so resuming its "
+                           f"checkpoint cannot be checked; give a new --out, or --no-resume to start over in "
+                           f"'{run}'.") from exc
+    before, now = _flat(old), _flat(cfg.to_json())
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if k.split(".")[0] not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
+    if changed:
+        what = "; ".join(f"{k}: {json.dumps(before.get(k))} in the run, {json.dumps(now.get(k))} now" for k in changed)
+        raise SettingError(
+            f"the run folder '{run}' holds a checkpoint trained with another config ({what}). Resuming would "
+            f"continue the old generator and export it as the new config. Give a new --out (or 'out') to start a "
+            f"run with the new values, put the old values back to resume, or pass --no-resume to start over in "
+            f"'{run}' (its checkpoints are then replaced).")
 
 
 @dataclass
@@ -360,6 +400,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
 
     run = Path(cfg.out)
     device = accel.device
+    if resume and latest_checkpoint(run) is not None:
+        check_resume_config(run, cfg)                       # every process: all stop alike
     if accel.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
@@ -657,5 +699,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
+__all__ = ["BatchPlan", "FitResult", "PlanSampler", "RESUME_FREE_KEYS", "Trainer", "arch_from_json", "arch_to_json",
+           "check_resume_config", "collate", "fit",
            "load_generator_from_checkpoint", "main", "sample_images"]
