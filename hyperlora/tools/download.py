@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DownloadError, HyperLoRAError, ModelFileError
+from ..errors import DownloadError, HyperLoRAError, ModelFileError, SettingError, check_folder_option, os_error_line
 from ..integrity import (RELEASED_MODELS, FileRecord, VerifiedCache, default_cache, file_matches, read_checksums,
                          record_files, redownload_hint, sha256_file, verify_folder, write_checksums)
 from ..spec import ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, RESAMPLER_FILE
@@ -533,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"{f.url(args.base_url)} -> {Path(args.models_dir) / f.dest}\n")
         return 0
     try:
+        check_folder_option(args.models_dir, "--models-dir")
+        if args.checksums_only and not Path(args.models_dir).expanduser().is_dir():
+            raise SettingError(f"--models-dir '{args.models_dir}' does not exist; give ComfyUI's models folder "
+                               f"(e.g. ComfyUI/models), which holds the files to record.")
         if args.checksums_only:
             written = record_existing(args.models_dir, model=args.model, clip=not args.skip_clip,
                                       antelopev2=not args.skip_antelopev2)
@@ -542,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              antelopev2=not args.skip_antelopev2, base_url=args.base_url, retries=args.retries)
     except HyperLoRAError as e:
         sys.stderr.write(f"error: {e}\n")
+        return 1
+    except OSError as e:                         # permissions, a full disk: one line, the path and the fix
+        sys.stderr.write(f"error: {os_error_line(e)}\n")
         return 1
     sys.stdout.write(f"{len(paths)} files in place under {args.models_dir}\n")
     return 0

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import HyperLoRAError, SettingError
+from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
 from .config import SCENARIOS, FitConfig
@@ -686,9 +686,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.distill_steps is not None:
                 raw["distill_steps"] = args.distill_steps
             cfg = FitConfig.from_dict(raw, where=f"{args.config} with --distill-base/--distill-steps")
+        check_folder_option(cfg.out, "--out" if args.out is not None else f"'out' of {args.config}")
         result = fit(cfg, resume=not args.no_resume)
     except HyperLoRAError as exc:
         sys.stderr.write(f"fit: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"fit: {os_error_line(exc)}\n")
         return 2
     if result.interrupted:
         if result.main_process:
