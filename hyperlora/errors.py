@@ -7,7 +7,10 @@ setting at fault and says what to do.  ComfyUI shows the message as is.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class HyperLoRAError(Exception):
@@ -59,3 +62,39 @@ class DownloadError(HyperLoRAError):
 
 class WorkflowError(HyperLoRAError):
     """A workflow file cannot be read or converted (tools/convert_workflow.py)."""
+
+
+# --------------------------------------------------------------------------- command lines
+
+_OS_FIXES = {
+    errno.ENOTDIR: "a file stands where a folder is needed; give a folder path (or move that file away)",
+    errno.EEXIST: "a file stands where a folder is needed; give a folder path (or move that file away)",
+    errno.EISDIR: "it is a folder where a file is needed; give a file path",
+    errno.ENOENT: "it does not exist; check the path",
+    errno.EACCES: "you may not read or write there; choose another place or fix its permissions",
+    errno.EPERM: "you may not read or write there; choose another place or fix its permissions",
+    errno.EROFS: "the disk is read-only; choose another place",
+    errno.ENOSPC: "the disk is full; free some space or choose another disk",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a command line tool about a file-system error on a path the user gave: the path, the
+    system's reason and the fix (no traceback)."""
+    where = f"'{exc.filename}'" if exc.filename else "a path"
+    reason = exc.strerror or str(exc)
+    fix = _OS_FIXES.get(exc.errno or 0, "check the path and its permissions")
+    return f"cannot use {where} ({reason}): {fix}."
+
+
+def check_folder_option(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` (an output folder a command creates or reuses) as a Path; :class:`SettingError` naming ``option``
+    when it, or a folder above it, is an existing file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == path else f"is inside '{p}', which is a file"
+            raise SettingError(f"{option} '{path}' {what}; give a folder path (it is created when missing).")
+        if p.exists():
+            break
+    return path

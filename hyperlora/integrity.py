@@ -14,9 +14,22 @@ bytes that passed the size and format checks), ``zip`` (extracted from a CRC-che
 
 :func:`verify_folder` compares the files with their record.  Hashing 3 GB takes seconds, so a file
 that matched is remembered in a user cache (``$HYPERLORA_CACHE/integrity.json``, else
-``~/.cache/hyperlora/integrity.json``) keyed by (path, size, modification time in ns): a normal load
-only ``stat``s the files.  A folder without a record (copied by hand) is reported as unverified and
-loads as before.
+``~/.cache/hyperlora/integrity.json``) keyed by the file's identity and change times as ``stat`` gives
+them: (path, device, inode, size, modification time, status-change time, all times in ns), see
+:func:`file_state`.  A normal load only ``stat``s the files (``bench/bench_integrity.py`` measures it).
+
+Why the status-change time (``st_ctime`` on Linux and macOS): anyone can put a file's modification time
+back (``touch -d``, ``os.utime``) after editing it, but the kernel sets the ctime to "now" on every write,
+``utime``, rename or permission change, and only root can set it back (by changing the system clock or
+editing the file system offline).  A file replaced by another one (a copy renamed over it) has another
+inode.  So an edit made with ordinary rights is always hashed again; false alarms (a ``chmod``, a move)
+only cost one more hash.  Limit: on Windows ``st_ctime`` is the creation time before Python 3.12, so
+there the key protects against a replaced file (new creation time) but not against an in-place edit
+whose modification time was restored; damage below the file system (a failing disk) changes no time
+anywhere - the downloader's re-run (:func:`verify_folder` on a fresh cache) hashes everything again.
+
+A folder without a record (copied by hand) loads as before, reported as unverified with a logged
+warning that names the command recording its hashes (:func:`verify_command`).
 """
 
 from __future__ import annotations
@@ -33,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError
-from .spec import CHECKSUM_FILE
+from .spec import (ANTELOPE_SUBDIR, CHECKSUM_FILE, CLIP_VIT_SUBDIR, HYPER_LORA_DIR, INSIGHTFACE_DIR, MODELS_SUBDIR,
+                   PACK_FOLDER)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +56,11 @@ CHECKSUM_VERSION = 1
 SOURCES = ("server", "known", "download", "zip", "local")
 CACHE_ENV = "HYPERLORA_CACHE"
 CACHE_FILE = "integrity.json"
+CACHE_VERSION = 2                 # 1: keyed by (path, size, mtime) only; its entries are dropped
 CACHE_LIMIT = 512                 # entries kept in the verified cache (oldest dropped)
 CHUNK = 8 << 20                   # bytes hashed between interrupt checks (~5 ms)
+RELEASED_MODELS = {"fidelity": "sdxl_hyper_id_lora_v1_fidelity", "edit": "sdxl_hyper_id_lora_v1_edit"}
+"""``--model`` of the downloader -> the released model's folder name."""
 GENERIC_FIX = ("download the model again (python -m hyperlora.tools.download --models-dir <ComfyUI models folder> "
                "replaces damaged files), or delete the folder and copy it again from a good source")
 
@@ -80,16 +97,59 @@ class IntegrityReport:
         return "partly verified" if self.unlisted else "verified"
 
     def describe(self) -> str:
-        """One line for the Loader's info output."""
+        """One line for the Loader's info output (for an unverified folder: how to verify it)."""
         if not self.recorded:
-            return f"unverified (no {CHECKSUM_FILE}: copied by hand or downloaded by another tool)"
+            return (f"UNVERIFIED (no {CHECKSUM_FILE}: copied by hand or downloaded by another tool, so a damaged "
+                    f"file would not be noticed). To verify it, {verify_hint(self.folder)}")
         n = len(self.hashed) + len(self.cached)
         how = (f"SHA-256 checked now in {self.seconds:.1f} s" if self.hashed else
-               "unchanged since an earlier check (size and modification time)")
+               "unchanged since an earlier check: same file, size, modification and change times")
         text = f"{self.state}: {n} file(s) match {CHECKSUM_FILE} ({how})"
         if self.unlisted:
             text += f"; not recorded: {', '.join(self.unlisted)}"
         return text
+
+
+# --------------------------------------------------------------------------- advice
+
+
+def _download_command(folder: Path) -> str | None:
+    """The downloader's command line for ``folder`` when it sits in the released layout
+    (``<models>/hyper_lora/hyper_lora/<model>``, ``<models>/hyper_lora/clip_vit/<name>``,
+    ``<models>/insightface/models/<name>``), else None."""
+    parents = folder.parents
+    released = ((HYPER_LORA_DIR, MODELS_SUBDIR), (HYPER_LORA_DIR, CLIP_VIT_SUBDIR),
+                (INSIGHTFACE_DIR, ANTELOPE_SUBDIR.split("/")[0]))
+    layout = len(parents) >= 3 and (parents[1].name, parents[0].name) in released
+    if not layout:
+        return None
+    key = next((k for k, v in RELEASED_MODELS.items() if v == folder.name), None)
+    which = f" --model {key}" if key else ""
+    return f"python -m hyperlora.tools.download --models-dir \"{parents[2]}\"{which}"
+
+
+def redownload_hint(folder: str | os.PathLike[str]) -> str:
+    """How to repair a damaged file of ``folder``: the download command for its models folder when the folder
+    sits in the released layout, else :data:`GENERIC_FIX`."""
+    command = _download_command(Path(folder))
+    if command is None:
+        return GENERIC_FIX
+    return (f"run {command} from the {PACK_FOLDER} folder (it keeps the good files and downloads damaged or "
+            f"missing ones again)")
+
+
+def verify_hint(folder: str | os.PathLike[str]) -> str:
+    """How to verify a folder that has no CHECKSUM_FILE: the download command (it compares the files with the
+    SHA-256 the server announces, fetches differing ones again and records the hashes) in the released layout,
+    else comparing with a good copy and recording the hashes."""
+    folder = Path(folder)
+    command = _download_command(folder)
+    if command is None:
+        return ("put it in ComfyUI's models folder in the README's layout (models/hyper_lora/hyper_lora/<model>) and "
+                "run python -m hyperlora.tools.download --models-dir <ComfyUI models folder> from the "
+                f"{PACK_FOLDER} folder, or compare its files with a good copy (sha256sum).")
+    return (f"run {command} from the {PACK_FOLDER} folder: it compares the files with the SHA-256 Hugging Face "
+            f"announces, downloads differing ones again and records their hashes in {CHECKSUM_FILE}.")
 
 
 # --------------------------------------------------------------------------- files
@@ -180,8 +240,18 @@ def cache_path() -> Path:
     return Path(root) / CACHE_FILE
 
 
+def file_state(st: os.stat_result) -> dict[str, int]:
+    """What the verified cache compares: ``{"size", "mtime_ns", "ctime_ns", "ino", "dev"}`` of a ``stat``.
+
+    Equal states mean the same file (device, inode) not written since (size, mtime and the status-change
+    time, which the kernel sets on every write or ``utime`` and only root can put back; see the module
+    docstring for the Windows limit)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "dev": st.st_dev}
+
+
 class VerifiedCache:
-    """Files whose SHA-256 matched their record, keyed by (resolved path, size, mtime_ns).
+    """Files whose SHA-256 matched their record: resolved path -> :func:`file_state` and SHA-256.
 
     Read lazily, tolerant of a missing or corrupt file (it is simply rebuilt), written atomically
     (merged with what another process may have written meanwhile).  Thread-safe.
@@ -195,7 +265,9 @@ class VerifiedCache:
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            entries = data["entries"] if isinstance(data, dict) and data.get("version") == 1 else None
+            if isinstance(data, dict) and data.get("version") == 1:
+                return {}                                   # the old (path, size, mtime) key: hash again once
+            entries = data["entries"] if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
             if isinstance(entries, dict):
                 return {k: v for k, v in entries.items() if isinstance(v, dict)}
         except FileNotFoundError:
@@ -215,19 +287,19 @@ class VerifiedCache:
     def key(path: Path) -> str:
         return str(path.resolve())
 
-    def get(self, path: Path, size: int, mtime_ns: int) -> str | None:
-        """The SHA-256 this file had when it last matched, if it is unchanged since."""
+    def get(self, path: Path, state: dict[str, int]) -> str | None:
+        """The SHA-256 this file had when it last matched, if its :func:`file_state` is still ``state``."""
         with self._lock:
             entry = self._loaded().get(self.key(path))
-        if entry and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns:
+        if entry and all(entry.get(k) == v for k, v in state.items()):
             sha = entry.get("sha256")
             return sha if isinstance(sha, str) else None
         return None
 
-    def put(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
+    def put(self, path: Path, state: dict[str, int], sha256: str) -> None:
+        """Remember that ``path`` with :func:`file_state` ``state`` has ``sha256``."""
         with self._lock:
-            self._loaded()[self.key(path)] = {"size": size, "mtime_ns": mtime_ns, "sha256": sha256,
-                                              "checked": time.time()}
+            self._loaded()[self.key(path)] = {**state, "sha256": sha256, "checked": time.time()}
 
     def save(self) -> None:
         """Merge into the file on disk and write it atomically; a read-only cache folder only logs."""
@@ -239,7 +311,7 @@ class VerifiedCache:
                 merged = dict(keep)
             self._entries = merged
             try:
-                write_text_atomic(self.path, json.dumps({"version": 1, "entries": merged}, indent=1) + "\n")
+                write_text_atomic(self.path, json.dumps({"version": CACHE_VERSION, "entries": merged}, indent=1) + "\n")
             except OSError as exc:
                 log.warning("HyperLoRA: cannot write the integrity cache %s (%s); files will be hashed again "
                             "next time", self.path, exc)
@@ -266,11 +338,12 @@ def file_matches(path: Path, record: FileRecord, cache: VerifiedCache, *,
     st = path.stat()
     if st.st_size != record.size:
         return False, False
-    if cache.get(path, st.st_size, st.st_mtime_ns) == record.sha256:
+    state = file_state(st)
+    if cache.get(path, state) == record.sha256:
         return True, True
     if sha256_file(path, check_interrupt=check_interrupt) != record.sha256:
         return False, False
-    cache.put(path, st.st_size, st.st_mtime_ns, record.sha256)
+    cache.put(path, state, record.sha256)
     return True, False
 
 
@@ -293,8 +366,9 @@ def verify_folder(folder: str | os.PathLike[str], *, uses: Sequence[str] = (), c
             first = key not in _unverified_logged
             _unverified_logged.add(key)
         if first:
-            log.info("HyperLoRA: %s has no %s (copied by hand?): its files are loaded unverified. Downloading "
-                     "with python -m hyperlora.tools.download records their hashes.", folder, CHECKSUM_FILE)
+            log.warning("HyperLoRA: %s has no %s (copied by hand?): its files are loaded UNVERIFIED, a damaged file "
+                        "would give wrong LoRAs without any other sign. To verify it, %s", folder, CHECKSUM_FILE,
+                        verify_hint(folder))
         return IntegrityReport(folder, recorded=False, unlisted=tuple(n for n in uses if (folder / n).is_file()))
     cache = cache or default_cache()
     hashed, cached = [], []
@@ -325,6 +399,6 @@ def verify_folder(folder: str | os.PathLike[str], *, uses: Sequence[str] = (), c
                            seconds=time.perf_counter() - start)
 
 
-__all__ = ["CHECKSUM_FORMAT", "FileRecord", "IntegrityReport", "VerifiedCache", "cache_path", "default_cache",
-           "file_matches", "read_checksums", "record_files", "sha256_file", "verify_folder", "write_checksums",
-           "write_text_atomic"]
+__all__ = ["CHECKSUM_FORMAT", "FileRecord", "IntegrityReport", "RELEASED_MODELS", "VerifiedCache", "cache_path",
+           "default_cache", "file_matches", "file_state", "read_checksums", "record_files", "redownload_hint",
+           "sha256_file", "verify_folder", "verify_hint", "write_checksums", "write_text_atomic"]

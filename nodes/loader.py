@@ -16,10 +16,9 @@ from ..hyperlora.encoders import ClipVisionEncoder
 from ..hyperlora.errors import ModelFileError
 from ..hyperlora.faces.setup import PROVIDERS, find_antelopev2
 from ..hyperlora.generate import HyperLoRAModel
-from ..hyperlora.integrity import IntegrityReport, verify_folder
+from ..hyperlora.integrity import IntegrityReport, redownload_hint, verify_folder
 from ..hyperlora.precision import PRECISIONS, TOLERANCE, auto_precision
 from ..hyperlora.spec import ANTELOPE_REQUIRED_FILES, MODEL_FILES, VIT_L14_WIDTH
-from ..hyperlora.tools.download import redownload_hint
 from . import paths
 from .common import CATEGORY, STUDIO_MODEL, HyperLoRAHandle, check_interrupt, mappings, progress
 
@@ -146,13 +145,14 @@ class HyperLoRAStudioLoader:
 
 
 def files_state(paths_: list[Path]) -> str:
-    """(name, size, mtime_ns) of the files in these folders (or of this file): changes when a file does."""
+    """(name, size, mtime, ctime, inode) of the files in these folders (or of this file): changes when a file does,
+    even when its modification time was put back (see hyperlora.integrity.file_state)."""
     parts = []
     for p in paths_:
         files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
         for f in files:
             st = f.stat()
-            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
     return "|".join(parts)
 
 

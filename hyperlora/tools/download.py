@@ -20,7 +20,8 @@ The SHA-256 of every verified file is kept beside it (``hyperlora_checksums.json
 see :mod:`hyperlora.integrity`), so the Loader can tell a file damaged later. A folder's marker
 file (``hyper_lora_modules.json``, CLIP's ``config.json``), which makes it appear in ComfyUI's
 dropdown, is put in place last, after the checksums: a download that stops half-way never looks
-finished. A re-run checks the files already there against their recorded hashes, fetches damaged
+finished. A re-run checks the files already there against their recorded hashes (files without a
+record, copied by hand: against the SHA-256 the server announces, when it announces one), fetches damaged
 or missing ones again and deletes the ``.corrupt`` / ``.bad`` leftovers of earlier attempts once a
 file is good. ``--checksums-only`` records the hashes of model files you already have, offline.
 """
@@ -44,11 +45,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DownloadError, HyperLoRAError, ModelFileError
-from ..integrity import (GENERIC_FIX, FileRecord, VerifiedCache, default_cache, file_matches, read_checksums,
-                         record_files, sha256_file, verify_folder, write_checksums)
-from ..spec import (ANTELOPE_DIR, ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, PACK_FOLDER,
-                    RESAMPLER_FILE, clip_dir, clip_processor_dir, model_dir)
+from ..errors import DownloadError, HyperLoRAError, ModelFileError, SettingError, check_folder_option, os_error_line
+from ..integrity import (RELEASED_MODELS, FileRecord, VerifiedCache, default_cache, file_matches,
+                         read_checksums, record_files, redownload_hint, sha256_file, verify_folder, write_checksums)
+from ..spec import (ANTELOPE_DIR, ANTELOPE_FILES, BASIS_FILE, CHECKSUM_FILE, ID_PROJECTOR_FILE, MARKER_FILE, RESAMPLER_FILE, clip_dir, clip_processor_dir, model_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ HF = "https://huggingface.co"
 GITHUB = "https://github.com"
 HYPERLORA_REPO = "bytedance-research/HyperLoRA"
 CLIP_REPO = "openai/clip-vit-large-patch14"
-MODELS = {"fidelity": "sdxl_hyper_id_lora_v1_fidelity", "edit": "sdxl_hyper_id_lora_v1_edit"}
+MODELS = RELEASED_MODELS
 MODEL_FILES = (BASIS_FILE, RESAMPLER_FILE, ID_PROJECTOR_FILE, MARKER_FILE)
 """The released files of a model folder; the marker (it makes the folder a model) last."""
 CLIP_MARKER = "config.json"
@@ -269,26 +269,36 @@ def _recorded(folder: Path) -> dict[str, FileRecord]:
         return {}
 
 
-def existing_record(file: RemoteFile, dest: Path, recorded: FileRecord | None, cache: VerifiedCache) -> FileRecord | None:
+def existing_record(file: RemoteFile, dest: Path, recorded: FileRecord | None, cache: VerifiedCache, *,
+                    url: str | None = None, timeout: float = 30.0) -> FileRecord | None:
     """The record of a file that is already at ``dest`` and good, else None (a bad one is moved to ``.bad``).
 
     Good: it passes its format check and, when a hash was recorded for it, has that SHA-256 (checked
-    through the verified cache, so a re-run does not hash unchanged files again).
+    through the verified cache, so a re-run does not hash unchanged files again).  Without a record
+    (a folder copied by hand) and with ``url``: it has the SHA-256 this pack's table or the server
+    announces for ``url`` (recorded with source ``known`` / ``server``); nothing announced: ``local``.
     """
     if not dest.exists():
         return None
+    announced = None
     try:
         check_content(dest, file.kind)
         if recorded is not None and not file_matches(dest, recorded, cache)[0]:
             raise DownloadError(f"it does not match the SHA-256 recorded in {CHECKSUM_FILE}")
+        if recorded is None and url is not None:
+            announced = KNOWN_SHA256.get(file.dest) or probe(url, timeout=timeout)[0]
+            if announced is not None and sha256_file(dest) != announced:
+                raise DownloadError(f"it does not have the SHA-256 the server announces ({announced[:16]}...)")
     except DownloadError as e:
         logger.warning("%s exists but fails its check (%s); downloading it again", dest, e)
         dest.replace(dest.with_name(dest.name + ".bad"))
         return None
-    logger.info("%s: already there", file.dest)
+    logger.info("%s: already there%s", file.dest, " (matches the SHA-256 the server announces)" if announced else "")
     _clean_leftovers(dest)
     if recorded is not None:
         return recorded
+    if announced is not None:
+        return FileRecord(announced, dest.stat().st_size, "known" if KNOWN_SHA256.get(file.dest) else "server")
     return record_files(dest.parent, [dest.name], source="local")[dest.name]
 
 
@@ -303,7 +313,8 @@ def fetch(file: RemoteFile, models_dir: Path, *, base_url: str | None = None, re
     """
     dest = models_dir / file.dest
     url = file.url(base_url)
-    found = existing_record(file, dest, _recorded(dest.parent).get(dest.name), default_cache())
+    found = existing_record(file, dest, _recorded(dest.parent).get(dest.name), default_cache(), url=url,
+                            timeout=timeout)
     if found is not None:
         if records is not None:
             records[dest.name] = found
@@ -417,7 +428,8 @@ def _download_folder(files: list[RemoteFile], models_dir: Path, **kw: object) ->
     records: dict[str, FileRecord] = {}
     pending: list[RemoteFile] = []
     for f in files:
-        found = existing_record(f, models_dir / f.dest, recorded.get(Path(f.dest).name), cache)
+        found = existing_record(f, models_dir / f.dest, recorded.get(Path(f.dest).name), cache,
+                                url=f.url(kw.get("base_url")), timeout=kw.get("timeout", 60.0))  # type: ignore[arg-type]
         if found is None:
             pending.append(f)
         else:
@@ -499,23 +511,6 @@ def record_existing(models_dir: str | Path, *, model: str = "fidelity", clip: bo
     return written
 
 
-def redownload_hint(folder: str | os.PathLike[str]) -> str:
-    """How to repair a damaged file of ``folder``: the download command for its models folder when the folder
-    sits in the released layout (``<models>/hyper_lora/hyper_lora/<model>`` etc.), else generic advice."""
-    folder = Path(folder)
-    parents = folder.parents
-    layout = (len(parents) >= 3 and
-              ((parents[0].name == "hyper_lora" and parents[1].name == "hyper_lora") or
-               (parents[0].name == "clip_vit" and parents[1].name == "hyper_lora") or
-               (parents[0].name == "models" and parents[1].name == "insightface")))
-    if not layout:
-        return GENERIC_FIX
-    key = next((k for k, v in MODELS.items() if v == folder.name), None)
-    which = f" --model {key}" if key else ""
-    return (f"run python -m hyperlora.tools.download --models-dir \"{parents[2]}\"{which} from the "
-            f"{PACK_FOLDER} folder (it keeps the good files and downloads damaged or missing ones again)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hyperlora.tools.download", description=__doc__.split("\n\n")[0])
     p.add_argument("--models-dir", required=True, help="ComfyUI's models folder, e.g. ComfyUI/models")
@@ -538,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"{f.url(args.base_url)} -> {Path(args.models_dir) / f.dest}\n")
         return 0
     try:
+        check_folder_option(args.models_dir, "--models-dir")
+        if args.checksums_only and not Path(args.models_dir).expanduser().is_dir():
+            raise SettingError(f"--models-dir '{args.models_dir}' does not exist; give ComfyUI's models folder "
+                               f"(e.g. ComfyUI/models), which holds the files to record.")
         if args.checksums_only:
             written = record_existing(args.models_dir, model=args.model, clip=not args.skip_clip,
                                       antelopev2=not args.skip_antelopev2)
@@ -547,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              antelopev2=not args.skip_antelopev2, base_url=args.base_url, retries=args.retries)
     except HyperLoRAError as e:
         sys.stderr.write(f"error: {e}\n")
+        return 1
+    except OSError as e:                         # permissions, a full disk: one line, the path and the fix
+        sys.stderr.write(f"error: {os_error_line(e)}\n")
         return 1
     sys.stdout.write(f"{len(paths)} files in place under {args.models_dir}\n")
     return 0

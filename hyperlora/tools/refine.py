@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_hyper_lora
-from ..errors import DependencyError, HyperLoRAError
+from ..errors import (DependencyError, HyperLoRAError, SettingError, check_folder_option,
+                      os_error_line)
 from ..identity import load_identity, save_identity
 from ..image_files import read_image
 from ..lora_file import lora_metadata, save_lora_file
@@ -115,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "lora" and args.lora_out is None:
         ap.error("lora mode writes a LoRA: give --lora-out")
     try:
+        for option, path in (("--out", args.out), ("--lora-out", args.lora_out)):
+            if path is not None:                 # checked before minutes of refining, not after
+                check_folder_option(path.parent, f"the folder of {option}")
+                if path.is_dir():
+                    raise SettingError(f"{option} '{path}' is a folder; give a file path to write.")
+                path.parent.mkdir(parents=True, exist_ok=True)
         device = torch.device(args.device)
         model = load_hyper_lora(args.hyper_lora, device=device)
         identity = load_identity(args.identity)
@@ -143,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         on_step=lambda i, loss: logger.info("step %d/%d: loss %.5f", i + 1, args.steps, loss))
     except HyperLoRAError as exc:
         logger.error("%s", exc)
+        return 1
+    except OSError as exc:
+        logger.error("%s", os_error_line(exc))
         return 1
     sys.stdout.write(result.report() + "\n")
     if result.identity is not None and args.out is not None:

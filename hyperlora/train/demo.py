@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import HyperLoRAError, SettingError
+from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..spec import ANTELOPE_DIR, HYPER_LORA_DIR, clip_dir, clip_processor_dir, model_dir
 
 log = logging.getLogger(__name__)
@@ -385,9 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(size.stages)
         stages = tuple(max(1, round(args.steps * s / total)) for s in size.stages)
     try:
+        check_folder_option(args.out, "--out")
+        if args.work is not None:
+            check_folder_option(args.work, "--work")
         res = run_demo(args.out, work=args.work, size=size, stages=stages, seed=args.seed, name=args.name)  # type: ignore[arg-type]
     except HyperLoRAError as exc:
         sys.stderr.write(f"demo: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"demo: {os_error_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("demo: interrupted\n")

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import HyperLoRAError, SettingError
+from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..safetensors_io import save_file_atomic
 from ..spec import (BASE_RESAMPLER_FILE, BASIS_FILE, ID_PROJECTOR_FILE, LORA_LAYERS, MARKER_FILE,
                     RESAMPLER_FILE, RESAMPLER_HEADS_META, HyperLoRAArchitecture, LoraModuleSpec, ResamplerConfig)
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of the Base-LoRA folded into the ID-LoRA by fit's distil stage (e.g. 0.25)")
     args = parser.parse_args(argv)
     try:
+        check_folder_option(args.out, "--out")
         ckpt = args.checkpoint
         if ckpt is None:
             if args.run is None:
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         export_folder(model, args.out, dtype=dtype, distill_base=args.distill_base)
     except HyperLoRAError as exc:
         sys.stderr.write(f"export: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"export: {os_error_line(exc)}\n")
         return 2
     sys.stdout.write(f"exported {args.out}\n")
     return 0

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import HyperLoRAError, SettingError
+from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
 from .config import SCENARIOS, FitConfig
@@ -80,8 +80,48 @@ TEACHER_FILE = "distill_teacher.safetensors"
 CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
 OTHER_PHOTO_SEED = 500_009
 """Offset of the generator that picks the other photos (``id_photo`` "other"), apart from the noise's."""
+RESUME_FREE_KEYS = frozenset({"out", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
+                              "num_workers"})
+"""Config keys a resumed run may change: where and how long it runs, how often it saves; nothing it learns."""
 SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
                "pooled_plain")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"rank": 8}}`` -> ``{"model.rank": 8}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "scenarios" and k != "scenario_weights":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(run: Path, cfg: FitConfig) -> None:
+    """Refuse to resume the run in ``run`` with a config that differs from the one it was started with
+    (``run/config.json``) in a key outside :data:`RESUME_FREE_KEYS`: the checkpoint holds a generator built and
+    trained with the old values, and continuing would export it under the new ones.  Raises
+    :class:`SettingError` naming each key with both values, and the fixes."""
+    path = run / "config.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingError(f"'{path}' (the config the run was started with) is unreadable ({exc}), so resuming its "
+                           f"checkpoint cannot be checked; give a new --out, or --no-resume to start over in "
+                           f"'{run}'.") from exc
+    before, now = _flat(old), _flat(cfg.to_json())
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if k.split(".")[0] not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
+    if changed:
+        what = "; ".join(f"{k}: {json.dumps(before.get(k))} in the run, {json.dumps(now.get(k))} now" for k in changed)
+        raise SettingError(
+            f"the run folder '{run}' holds a checkpoint trained with another config ({what}). Resuming would "
+            f"continue the old generator and export it as the new config. Give a new --out (or 'out') to start a "
+            f"run with the new values, put the old values back to resume, or pass --no-resume to start over in "
+            f"'{run}' (its checkpoints are then replaced).")
 
 
 @dataclass
@@ -360,6 +400,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
 
     run = Path(cfg.out)
     device = accel.device
+    if resume and latest_checkpoint(run) is not None:
+        check_resume_config(run, cfg)                       # every process: all stop alike
     if accel.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2), encoding="utf-8")
@@ -644,9 +686,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.distill_steps is not None:
                 raw["distill_steps"] = args.distill_steps
             cfg = FitConfig.from_dict(raw, where=f"{args.config} with --distill-base/--distill-steps")
+        check_folder_option(cfg.out, "--out" if args.out is not None else f"'out' of {args.config}")
         result = fit(cfg, resume=not args.no_resume)
     except HyperLoRAError as exc:
         sys.stderr.write(f"fit: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"fit: {os_error_line(exc)}\n")
         return 2
     if result.interrupted:
         if result.main_process:
@@ -657,5 +703,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
+__all__ = ["BatchPlan", "FitResult", "PlanSampler", "RESUME_FREE_KEYS", "Trainer", "arch_from_json", "arch_to_json",
+           "check_resume_config", "collate", "fit",
            "load_generator_from_checkpoint", "main", "sample_images"]

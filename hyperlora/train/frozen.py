@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelFileError, SettingError
+from ..spec import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +157,28 @@ def _freeze(model: nn.Module, dtype: torch.dtype, device: torch.device | str) ->
 # ----------------------------------------------------------------------------- UNet / VAE
 
 
+def refuse_pickled_weights(folder: Path) -> None:
+    """Raise :class:`ModelFileError` when ``folder`` (a part of a diffusers folder) holds pickled PyTorch weights
+    (``.bin``, ``.pt``, ...) and no ``.safetensors``: unpickling can run code hidden in the file, so this pack
+    never hands one to diffusers or transformers (whatever their own ``weights_only`` defaults are)."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelFileError(
+            f"'{pickled[0]}' is a pickled PyTorch file and '{folder}' has no .safetensors weights; HyperLoRA Studio "
+            f"never opens pickles (loading one can run code hidden in it). Use the .safetensors weights of this "
+            f"model (Hugging Face's SDXL repositories ship them, e.g. {folder.name}/"
+            f"diffusion_pytorch_model.safetensors or model.safetensors), or give the single-file SDXL .safetensors "
+            f"checkpoint from ComfyUI's models/checkpoints as 'base_model'.")
+
+
 def _from_folder(cls: Any, path: Path, sub: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(path, subfolder=sub)`` offline; a folder holding only the ``fp16`` variant
+    """``cls.from_pretrained(path, subfolder=sub)`` offline and from ``.safetensors`` only (pickled weights are
+    refused first, see :func:`refuse_pickled_weights`); a folder holding only the ``fp16`` variant
     (``*.fp16.safetensors``, as stabilityai's repo has for some parts) is read too."""
+    refuse_pickled_weights(path / sub)
+    kwargs = {**kwargs, "use_safetensors": True}
     try:
         return cls.from_pretrained(str(path), subfolder=sub, local_files_only=True, **kwargs)
     except (OSError, ValueError) as first:
@@ -376,5 +396,5 @@ def load_text_encoders(source: str | os.PathLike[str], *, dtype: torch.dtype = t
     return TextEncoders(tok, tok2, _freeze(te, dtype, device), _freeze(te2, dtype, device))
 
 
-__all__ = ["CONFIG_DIR", "TextEncoders", "check_state", "convert_sai", "load_noise_scheduler", "load_text_encoders", "load_unet", "load_vae",
+__all__ = ["CONFIG_DIR", "TextEncoders", "check_state", "convert_sai", "refuse_pickled_weights", "load_noise_scheduler", "load_text_encoders", "load_unet", "load_vae",
            "sai_unet_to_diffusers", "unet_config"]

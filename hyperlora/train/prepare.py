@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import FaceNotFoundError, HyperLoRAError, ImageInputError, SettingError
+from ..errors import FaceNotFoundError, HyperLoRAError, ImageInputError, SettingError, check_folder_option, os_error_line
 from ..faces.options import DEFAULTS
 from ..image_files import read_image
 from ..spec import TRIGGER_PREFIX
@@ -638,12 +638,16 @@ def main(argv: list[str] | None = None) -> int:
         index = args.shard_index if args.shard_index is not None else 0
         count = args.num_shards if args.num_shards is not None else 1
     try:
+        check_folder_option(args.out, "--out")
         result = prepare(list(args.input), args.out, cfg, shard_index=index, num_shards=count)
     except KeyboardInterrupt:
         sys.stderr.write("prepare: interrupted; finished shards are kept. Run the same command to resume.\n")
         return 130
     except HyperLoRAError as exc:
         sys.stderr.write(f"prepare: {exc}\n")
+        return 2
+    except OSError as exc:                       # a path the checks above could not foresee (permissions, disk)
+        sys.stderr.write(f"prepare: {os_error_line(exc)}\n")
         return 2
     rep = FilterReport.from_dict(result.manifest.report)
     for line in ["this run: shards written " + str(len(result.written)) + ", already done " + str(len(result.skipped)),

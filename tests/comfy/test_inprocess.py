@@ -77,6 +77,25 @@ def test_loader_registers_every_node_with_comfyui(pack):
         assert cls.CATEGORY.startswith("HyperLoRA Studio/"), node_id
 
 
+def test_loader_runs_again_when_a_file_changed_with_its_mtime_put_back(pack, tmp_path):
+    """Issue 18: the Loader's IS_CHANGED state was (name, size, mtime), so ComfyUI kept the cached load of a folder
+    edited in place with its modification time restored; the status-change time (and inode) now count too."""
+    import os
+
+    loader_module = sys.modules[pack.nodes["HyperLoRAStudioLoader"].__module__]
+    weights = tmp_path / "model" / "resampler.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(bytes(4096))
+    before = loader_module.files_state([weights.parent])
+    st = weights.stat()
+    with open(weights, "r+b") as f:
+        f.write(b"\xff" * 16)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert loader_module.files_state([weights.parent]) != before
+    assert loader_module.files_state([weights]) == loader_module.files_state([weights])     # stable when unchanged
+
+
 def test_identity_from_a_real_photo(identity_and_lora, small, comfy):
     import comfy.model_management as mm
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.comfy
 DAMAGED = "sdxl_small_damaged"          # a recorded copy of sdxl_small with zeros written into the basis
 BAD_RECORD = "sdxl_small_bad_record"    # a copy whose checksum file is not JSON
 RECORDED = "sdxl_small_recorded"        # an intact recorded copy
+HAND_COPIED = "sdxl_small_hand_copied"  # a copy without checksum file, zeros written into the basis (issue 18)
 BROKEN_IDENTITY = "reliability_broken.safetensors"
 
 
@@ -135,6 +136,19 @@ def _loader_info(state: str) -> Callable[[dict[str, Any], SimpleNamespace], None
     return check
 
 
+def _hand_copied_info(entry: dict[str, Any], base: SimpleNamespace) -> None:
+    """Issue 18: the info output and a console warning say the hand-copied folder is unverified and give the
+    command that verifies it (the downloader compares the files with the SHA-256 the server announces)."""
+    [text] = entry["outputs"]["out"]["text"]
+    model_line = text.splitlines()[0]
+    assert model_line.startswith(f"HyperLoRA model '{HAND_COPIED}'"), text
+    command = "python -m hyperlora.tools.download --models-dir "
+    assert "Files: UNVERIFIED (no hyperlora_checksums.json" in model_line and f"To verify it, run {command}" in model_line
+    log = (base.base / "server.log").read_text(encoding="utf-8", errors="replace")
+    warning = [ln for ln in log.splitlines() if HAND_COPIED in ln and "loaded UNVERIFIED" in ln]
+    assert len(warning) == 1 and command in warning[0], log[-3000:]
+
+
 NAN, INF = math.nan, math.inf
 CASES = [
     # non-finite numbers: ComfyUI's min/max check lets NaN through (comparisons are False), refuses +-inf
@@ -195,7 +209,8 @@ CASES = [
          (f"{BAD_RECORD}/hyperlora_checksums.json' is damaged",)),
     Case("loader_info_verified", lambda: loader_only(model=RECORDED), "success", check=_loader_info("verified")),
     Case("loader_info_unverified", lambda: loader_only(model=SMALL_MODEL), "success",
-         check=_loader_info("unverified (no hyperlora_checksums.json")),
+         check=_loader_info("UNVERIFIED (no hyperlora_checksums.json")),
+    Case("loader_info_hand_copied_damaged", lambda: loader_only(model=HAND_COPIED), "success", check=_hand_copied_info),
     # faces
     Case("face_index_out_of_range", lambda: identity_of(g.load_image("astronaut.png"), face_choice="index",
                                                        face_index=5), "execution", "id", "face_index", "SettingError",
@@ -259,6 +274,13 @@ def prepared(comfy_server: ComfyServer, comfy_base: SimpleNamespace) -> SimpleNa
         f.seek(basis.stat().st_size - 8192)
         f.write(bytes(4096))
     (root / BAD_RECORD / "hyperlora_checksums.json").write_text("{not json")
+    shutil.copytree(root / SMALL_MODEL, root / HAND_COPIED)
+    (root / HAND_COPIED / "hyperlora_checksums.json").unlink(missing_ok=True)
+    made.append(root / HAND_COPIED)
+    basis = root / HAND_COPIED / "hyper_lora_modules.safetensors"
+    with open(basis, "r+b") as f:                      # loads: only the missing record can tell
+        f.seek(basis.stat().st_size - 8192)
+        f.write(bytes(4096))
     identities = comfy_base.base / "output" / "hyper_lora_identities"
     identities.mkdir(parents=True, exist_ok=True)
     (identities / BROKEN_IDENTITY).write_bytes(b"\x00" * 100)

@@ -123,11 +123,37 @@ def test_checksums_only_records_a_hand_copied_folder_and_refuses_a_damaged_one(t
 
 
 def test_redownload_hint_names_the_command_for_the_released_layout(tmp_path):
-    hint = dl.redownload_hint(tmp_path / FIDELITY)
+    hint = ig.redownload_hint(tmp_path / FIDELITY)
     assert hint.startswith(f'run python -m hyperlora.tools.download --models-dir "{tmp_path}" --model fidelity from ')
-    assert dl.redownload_hint(tmp_path / "insightface/models/antelopev2").startswith(
+    assert ig.redownload_hint(tmp_path / "insightface/models/antelopev2").startswith(
         f'run python -m hyperlora.tools.download --models-dir "{tmp_path}" from')
-    assert dl.redownload_hint(tmp_path / "somewhere/else") == ig.GENERIC_FIX
+    assert ig.redownload_hint(tmp_path / "somewhere/else") == ig.GENERIC_FIX
+    assert not hasattr(dl, "redownload_hint") or dl.redownload_hint is ig.redownload_hint   # one definition
+
+
+def test_the_verify_command_checks_a_hand_copied_folder_against_the_server(tmp_path):
+    """Issue 18: the command the Loader names for an unverified (hand-copied) folder must tell a zeroed region:
+    files without a record are compared with the SHA-256 the server announces and fetched again if they differ."""
+    files = _release()
+    prefix = "bytedance-research/HyperLoRA/resolve/main/sdxl_hyper_id_lora_v1_fidelity/"
+    with FakeHub(files) as hub:
+        dl.download_all(tmp_path, model="fidelity", clip=False, antelopev2=False, base_url=hub.url, backoff=0)
+    folder = tmp_path / FIDELITY
+    (folder / CHECKSUMS).unlink()                                   # as if copied by hand ...
+    with open(folder / "resampler.safetensors", "r+b") as f:        # ... with a zeroed region
+        f.seek(-64, 2)
+        f.write(bytes(32))
+    assert ig.verify_folder(folder).state == "unverified"
+    with FakeHub(files) as hub:
+        for name in ("resampler.safetensors", "hyper_lora_modules.safetensors"):
+            hub.linked[prefix + name] = (hashlib.sha256(files[prefix + name]).hexdigest(), len(files[prefix + name]))
+        dl.download_all(tmp_path, model="fidelity", clip=False, antelopev2=False, base_url=hub.url, backoff=0)
+    assert [p.rsplit("/", 1)[1] for p in _get_paths(hub)] == ["resampler.safetensors", "hyper_lora_modules.json"]
+    assert (folder / "resampler.safetensors").read_bytes() == files[prefix + "resampler.safetensors"]
+    record = ig.read_checksums(folder)
+    assert record is not None and record["hyper_lora_modules.safetensors"].source == "server"
+    assert record["resampler.safetensors"].source == "server" and record["id_projector.safetensors"].source == "local"
+    assert ig.verify_folder(folder).state == "verified"
 
 
 def test_a_damaged_checksum_file_does_not_stop_the_downloader(tmp_path):

@@ -1,4 +1,5 @@
-"""hyperlora.integrity: recorded SHA-256 beside a model, checked once and then cached by (path, size, mtime).
+"""hyperlora.integrity: recorded SHA-256 beside a model, checked once and then cached by the file's identity and its
+modification and status-change times (what ``stat`` gives; the ctime cannot be put back without root).
 
 A file with a region overwritten by zeros keeps its size and stays finite: only the hash tells."""
 
@@ -91,17 +92,61 @@ def test_zeroed_region_is_refused_naming_the_file_and_the_fix(folder, cache):
     assert "would give wrong LoRAs" in msg and msg.endswith("To repair it, run the downloader again.")
 
 
-def test_damage_keeping_size_and_mtime_is_trusted_from_the_cache_by_design(folder, cache):
-    """The cache key is (path, size, mtime_ns): a change that restores the modification time is not seen
-    until the cache entry goes (documented limit; what makes a cached check cost a stat)."""
+def test_damage_with_the_mtime_put_back_is_hashed_again_and_refused(folder, cache, hashing):
+    """Issue 18: the cache key was (path, size, mtime_ns), so a file damaged after its first check whose
+    modification time was restored stayed "verified".  The status-change time moves on every write and
+    ``utime`` (only root can set it back), so the file is hashed again."""
     _record(folder)
-    ig.verify_folder(folder, cache=cache)
+    assert ig.verify_folder(folder, cache=cache).state == "verified"
     st = (folder / RESAMPLER_FILE).stat()
     _zero_region(folder / RESAMPLER_FILE)
     os.utime(folder / RESAMPLER_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert ig.verify_folder(folder, cache=cache).state == "verified"
-    with pytest.raises(ModelFileError, match="does not have the SHA-256"):
-        ig.verify_folder(folder, cache=ig.VerifiedCache(cache.path.parent / "fresh.json"))
+    after = (folder / RESAMPLER_FILE).stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and after.st_ctime_ns != st.st_ctime_ns
+    hashing.clear()
+    with pytest.raises(ModelFileError, match=f"{RESAMPLER_FILE}' does not have the SHA-256"):
+        ig.verify_folder(folder, cache=ig.VerifiedCache(cache.path))     # a later load (another process)
+    assert hashing == [RESAMPLER_FILE]                                   # only the changed file is hashed again
+
+
+def test_a_damaged_copy_renamed_over_the_file_with_its_times_is_refused(folder, cache):
+    """Another inode (a copy put in place with the old times, as ``cp -p`` + ``mv`` does) is hashed again."""
+    _record(folder)
+    ig.verify_folder(folder, cache=cache)
+    target = folder / BASIS_FILE
+    st = target.stat()
+    copy = folder / "copy.tmp"
+    copy.write_bytes(target.read_bytes())
+    _zero_region(copy)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(copy, target)
+    assert target.stat().st_ino != st.st_ino and target.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ModelFileError, match=f"{BASIS_FILE}' does not have the SHA-256"):
+        ig.verify_folder(folder, cache=cache)
+
+
+def test_file_state_is_what_the_cache_compares(folder, cache):
+    _record(folder)
+    ig.verify_folder(folder, cache=cache)
+    entry = json.loads(cache.path.read_text())["entries"][str((folder / BASIS_FILE).resolve())]
+    st = (folder / BASIS_FILE).stat()
+    assert ig.file_state(st) == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                                 "ino": st.st_ino, "dev": st.st_dev}
+    assert {k: entry[k] for k in ig.file_state(st)} == ig.file_state(st)
+    assert cache.get(folder / BASIS_FILE, {**ig.file_state(st), "ctime_ns": st.st_ctime_ns + 1}) is None
+    assert cache.get(folder / BASIS_FILE, ig.file_state(st)) == entry["sha256"]
+
+
+def test_an_old_cache_keyed_by_mtime_only_is_dropped(folder, cache, hashing):
+    _record(folder)
+    ig.verify_folder(folder, cache=cache)
+    data = json.loads(cache.path.read_text())
+    old = {k: {"size": v["size"], "mtime_ns": v["mtime_ns"], "sha256": v["sha256"], "checked": 1.0}
+           for k, v in data["entries"].items()}
+    cache.path.write_text(json.dumps({"version": 1, "entries": old}))
+    hashing.clear()
+    report = ig.verify_folder(folder, cache=ig.VerifiedCache(cache.path))
+    assert len(hashing) == 5 and len(report.hashed) == 5 and json.loads(cache.path.read_text())["version"] == 2
 
 
 def test_other_size_missing_file_and_unused_files(folder, cache):
@@ -119,13 +164,28 @@ def test_other_size_missing_file_and_unused_files(folder, cache):
     assert report.state == "verified" and "base_resampler.safetensors" not in report.hashed + report.cached
 
 
-def test_unrecorded_folder_loads_unverified_with_one_info_line(folder, cache, caplog):
+def test_unrecorded_folder_loads_unverified_with_one_warning_naming_the_command(tmp_path, cache, caplog):
+    """Issue 18: a hand-copied folder with a zeroed region loads; the info and a logged warning say it is
+    unverified and which command verifies it."""
+    folder = write_hyperlora_folder(tmp_path / "ComfyUI" / "models" / "hyper_lora" / "hyper_lora" /
+                                    "sdxl_hyper_id_lora_v1_fidelity", base=True)
+    _zero_region(folder / RESAMPLER_FILE)
+    command = f'python -m hyperlora.tools.download --models-dir "{tmp_path / "ComfyUI" / "models"}" --model fidelity'
     with caplog.at_level(logging.INFO, logger="hyperlora.integrity"):
         a = ig.verify_folder(folder, uses=MODEL_FILES, cache=cache)
         b = ig.verify_folder(folder, uses=MODEL_FILES, cache=cache)
-    assert a.state == b.state == "unverified" and a.describe().startswith("unverified (no hyperlora_checksums.json")
-    assert sum("loaded unverified" in r.getMessage() for r in caplog.records) == 1
+    assert a.state == b.state == "unverified"
+    text = a.describe()
+    assert text.startswith("UNVERIFIED (no hyperlora_checksums.json") and f"To verify it, run {command} from" in text
+    warnings = [r for r in caplog.records if "loaded UNVERIFIED" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING and command in warnings[0].getMessage()
     assert set(a.unlisted) == {n for n in MODEL_FILES if (folder / n).exists()}
+
+
+def test_verify_and_repair_hints_outside_the_released_layout(tmp_path):
+    assert ig.redownload_hint(tmp_path / "somewhere" / "else") == ig.GENERIC_FIX
+    hint = ig.verify_hint(tmp_path / "somewhere" / "else")
+    assert "models/hyper_lora/hyper_lora/<model>" in hint and "python -m hyperlora.tools.download --models-dir" in hint
 
 
 def test_a_file_the_record_lacks_is_reported(folder, cache):
@@ -165,7 +225,7 @@ def test_corrupt_cache_file_is_rebuilt(folder, cache, hashing):
     hashing.clear()
     assert ig.verify_folder(folder, cache=cache).state == "verified" and len(hashing) == 5
     data = json.loads(cache.path.read_text())
-    assert data["version"] == 1 and len(data["entries"]) == 5
+    assert data["version"] == 2 and len(data["entries"]) == 5
     assert not list(cache.path.parent.glob("*.tmp"))          # written atomically (temp file renamed)
 
 

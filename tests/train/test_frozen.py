@@ -206,3 +206,30 @@ def test_folder_with_only_the_fp16_variant_and_broken_part(sdxl, tmp_path):
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ModelFileError, match="vae"):
         frozen.load_vae(folder)
+
+
+@pytest.mark.parametrize("part,weights", [("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")])
+def test_a_folder_with_only_pickled_weights_is_refused_before_any_unpickling(sdxl, tmp_path, monkeypatch, part,
+                                                                             weights):
+    """Issue 18: a diffusers folder whose part holds only a .bin was handed to diffusers, and only diffusers'
+    weights_only default stopped it.  The pack refuses it itself, naming the file and the fix."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(sdxl, folder)
+    st = folder / part / f"{weights}.safetensors"
+    torch.save(load_file(str(st)), folder / part / f"{weights}.bin")
+    st.unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickled file was opened")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    load = frozen.load_unet if part == "unet" else frozen.load_text_encoders
+    with pytest.raises(ModelFileError) as ei:
+        load(folder)
+    msg = str(ei.value)
+    assert f"'{folder / part / weights}.bin' is a pickled PyTorch file" in msg
+    assert "never opens pickles" in msg and "single-file SDXL .safetensors checkpoint" in msg

@@ -93,3 +93,28 @@ def test_resume_from_another_base_model_is_refused(tmp_path: Path) -> None:
                                     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")})
     with pytest.raises(SettingError, match="another base model"):
         fit(cfg, dataset=ToyDataset(4), unet=other, noise_scheduler=scheduler())
+
+
+def test_resume_with_another_model_config_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    """Issue 18: resuming with rank 4 -> 8 exported the rank-4 checkpoint and rewrote config.json to say 8."""
+    from hyperlora.errors import SettingError
+    from .test_fit import MODEL
+
+    unet = tiny_unet(seed=0).requires_grad_(False).eval()
+    run = tmp_path / "run"
+    kw = dict(stages=[{"stage": 2, "steps": 1}], checkpoint_every=0)
+    fit(toy_config(run, **kw), dataset=ToyDataset(4), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    written = (run / "config.json").read_text()
+    changed = toy_config(run, **kw, model={**MODEL, "rank": MODEL["rank"] * 2}, lr=5e-4)
+    with pytest.raises(SettingError) as ei:
+        fit(changed, dataset=ToyDataset(4), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    msg = str(ei.value)
+    assert f"model.rank: {MODEL['rank']} in the run, {MODEL['rank'] * 2} now" in msg
+    assert "lr: 0.001 in the run, 0.0005 now" in msg and "new --out" in msg and "put the old values back" in msg
+    assert (run / "config.json").read_text() == written                     # the run's record is kept
+    # keys that do not change what is learnt may differ; --no-resume starts over with the new values
+    again = fit(toy_config(run, **kw, keep_checkpoints=5, max_steps=1), dataset=ToyDataset(4),
+                unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    assert again.steps == 1
+    fresh = fit(changed, resume=False, dataset=ToyDataset(4), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    assert fresh.steps == 1 and '"rank": %d' % (MODEL["rank"] * 2) in (run / "config.json").read_text()
