@@ -43,7 +43,7 @@ import torch
 from hyperlora.tools import queue as q
 from tests.comfy.client import ComfyServer, free_port
 from tests.comfy.models import ANTELOPE, CLIP_FOLDER
-from tests.comfy.test_workflows import REFINE_STEPS, _ids, _run, for_fixtures
+from tests.comfy.test_workflows import REFINE_STEPS, for_fixtures, node_ids, run_graph
 from tests.fixtures.hyperlora_models import Preset, write_hyperlora_folder
 from tests.fixtures.sdxl import model_config
 
@@ -264,9 +264,9 @@ def default_server(comfy_root, comfy_base, comfy_server, tmp_path_factory) -> It
 @pytest.mark.slow
 def test_refine_identity_workflow_in_comfyui_started_with_its_defaults(default_server):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("refine_identity")), {})
-    (ckpt,) = _ids(graph, "CheckpointLoaderSimple")
-    (refine_node,) = _ids(graph, "HyperLoRAStudioRefineIdentity")
-    entry = _run(default_server, graph)
+    (ckpt,) = node_ids(graph, "CheckpointLoaderSimple")
+    (refine_node,) = node_ids(graph, "HyperLoRAStudioRefineIdentity")
+    entry = run_graph(default_server, graph)
     log = default_server.log_text()
     assert "model weight dtype torch.float32, manual cast: None" in log, log[-3000:]   # the failing setup
     assert graph[ckpt]["class_type"] == "CheckpointLoaderSimple"
@@ -274,7 +274,7 @@ def test_refine_identity_workflow_in_comfyui_started_with_its_defaults(default_s
     m = re.search(r"before ([0-9.]+), after ([0-9.]+)", report)
     assert m and f"{REFINE_STEPS} steps" in report, report
     assert math.isfinite(float(m.group(1))) and float(m.group(2)) < float(m.group(1)), report
-    (preview,) = [entry["outputs"][n]["text"] for n in _ids(graph, "PreviewAny")
+    (preview,) = [entry["outputs"][n]["text"] for n in node_ids(graph, "PreviewAny")
                   if graph[n]["_meta"]["title"].startswith("Refine report")]
     assert preview == [report]
     assert "Inference tensors" not in log

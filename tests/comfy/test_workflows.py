@@ -125,19 +125,19 @@ def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]
                            checkpoint=CHECKPOINT, steps=1, width=64, height=64, seed=3, overrides=overrides)
 
 
-def _ids(graph: dict[str, Any], class_type: str) -> list[str]:
+def node_ids(graph: dict[str, Any], class_type: str) -> list[str]:
     return q.find_nodes(graph, class_type)
 
 
 def _saved_images(comfy_server, entry: dict[str, Any], graph: dict[str, Any]) -> list[Image.Image]:
     images = []
-    for nid in _ids(graph, "SaveImage"):
+    for nid in node_ids(graph, "SaveImage"):
         for img in entry["outputs"][nid]["images"]:
             images.append(Image.open(io.BytesIO(comfy_server.view(img))))
     return images
 
 
-def _run(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
+def run_graph(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
     """Queue and wait with the pack's own client (websocket progress, tolerant of a busy server)."""
     try:
         _, entry = q.run_prompt(q.ComfyClient(comfy_server.url, timeout=120), graph, timeout=1200)
@@ -276,15 +276,15 @@ def validate(pack, comfy_base, fixture_files):
 @pytest.mark.parametrize("name", API_NAMES)
 def test_api_workflow_passes_comfyuis_validation(name, validate, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
-    for nid in _ids(graph, "LoraLoader"):
+    for nid in node_ids(graph, "LoraLoader"):
         graph[nid]["inputs"]["lora_name"] = "hyperlora/validation_only_00001_.safetensors"
-    for nid in _ids(graph, "HyperLoRAStudioLoadIdentity"):
+    for nid in node_ids(graph, "HyperLoRAStudioLoadIdentity"):
         graph[nid]["inputs"]["identity_file"] = "validation_only_00001_.safetensors"
     ok, error, node_errors = validate(graph)
     assert ok, (error, node_errors)
     # and the check can fail: a shipped name the fixture server lacks is refused
     broken = copy.deepcopy(graph)
-    (first_loader,) = _ids(broken, "CheckpointLoaderSimple")[:1] or _ids(broken, "HyperLoRAStudioLoader")[:1]
+    (first_loader,) = node_ids(broken, "CheckpointLoaderSimple")[:1] or node_ids(broken, "HyperLoRAStudioLoader")[:1]
     key = "ckpt_name" if broken[first_loader]["class_type"] == "CheckpointLoaderSimple" else "model"
     broken[first_loader]["inputs"][key] = "not_there.safetensors"
     _, _, node_errors = validate(broken)
@@ -298,7 +298,7 @@ IDENTITY_NODES = ("HyperLoRAStudioApply", "HyperLoRAStudioApplyFromImages", "Hyp
 def at_strength_zero(graph: dict[str, Any]) -> dict[str, Any]:
     """The same graph with every identity applied at strength 0."""
     out = copy.deepcopy(graph)
-    for nid in (n for t in IDENTITY_NODES for n in _ids(out, t)):
+    for nid in (n for t in IDENTITY_NODES for n in node_ids(out, t)):
         out[nid]["inputs"]["strength"] = 0.0
     return out
 
@@ -308,9 +308,9 @@ def without_identity(graph: dict[str, Any]) -> dict[str, Any]:
     Prompt replaced by the core Cond Pair Set Props with its mask settings; only what SaveImage needs."""
     out = copy.deepcopy(graph)
     bypass: dict[tuple[str, int], Any] = {}
-    for nid in _ids(out, "HyperLoRAStudioApply") + _ids(out, "HyperLoRAStudioApplyFromImages"):
+    for nid in node_ids(out, "HyperLoRAStudioApply") + node_ids(out, "HyperLoRAStudioApplyFromImages"):
         bypass[(nid, 0)] = out[nid]["inputs"]["model"]
-    for nid in _ids(out, "HyperLoRAStudioConditioning"):
+    for nid in node_ids(out, "HyperLoRAStudioConditioning"):
         old = out[nid]["inputs"]
         out[nid] = {"class_type": "PairConditioningSetProperties", "inputs": {
             "positive_NEW": old["positive"], "negative_NEW": old["negative"],
@@ -325,7 +325,7 @@ def without_identity(graph: dict[str, Any]) -> dict[str, Any]:
     for node in out.values():
         node["inputs"] = {k: resolve(v) for k, v in node["inputs"].items()}
     keep: set[str] = set()
-    todo = _ids(out, "SaveImage")
+    todo = node_ids(out, "SaveImage")
     while todo:
         nid = todo.pop()
         if nid not in keep:
@@ -350,12 +350,12 @@ RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", 
 @pytest.mark.parametrize("name", RUN_ALONE)
 def test_api_workflow_runs(name, comfy_server, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
-    entry = _run(comfy_server, graph)
+    entry = run_graph(comfy_server, graph)
     images = _saved_images(comfy_server, entry, graph)
     if name == "best_of_n":             # one SaveImage node, a batch of the kept pictures
-        assert len(_ids(graph, "SaveImage")) == 1
+        assert len(node_ids(graph, "SaveImage")) == 1
     else:
-        assert len(images) == len(_ids(graph, "SaveImage"))
+        assert len(images) == len(node_ids(graph, "SaveImage"))
     if name == "face_inpaint":          # the target photo's size after Scale to Total Pixels (0.04 MP)
         [(w, h)] = [im.size for im in images]
         assert w == h and 180 <= w <= 230
@@ -371,14 +371,14 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
         log = comfy_server.log_text()
         assert "missing controlnet keys" not in log and "leftover keys" not in log
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
-    assert len(crops) == len(_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
+    assert len(crops) == len(node_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
     if name not in COMPARED_WITH_PLAIN:
         return
     # the identity changes the picture; at strength 0 it is the plain model's picture, bit for bit
     plain_graph = without_identity(graph)
-    plain = _pixels(_saved_images(comfy_server, _run(comfy_server, plain_graph), plain_graph))
+    plain = _pixels(_saved_images(comfy_server, run_graph(comfy_server, plain_graph), plain_graph))
     zero_graph = at_strength_zero(graph)
-    zero = _pixels(_saved_images(comfy_server, _run(comfy_server, zero_graph), zero_graph))
+    zero = _pixels(_saved_images(comfy_server, run_graph(comfy_server, zero_graph), zero_graph))
     with_identity = _pixels(images)
     assert zero.shape == plain.shape == with_identity.shape
     assert np.array_equal(zero, plain)
@@ -388,19 +388,19 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
 @pytest.mark.slow
 def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, fixture_files):
     export = for_fixtures(q.load_api_workflow(q.resolve_workflow("export_lora")), fixture_files)
-    entry = _run(comfy_server, export)
-    (nid,) = _ids(export, "HyperLoRAStudioExportLoRA")
+    entry = run_graph(comfy_server, export)
+    (nid,) = node_ids(export, "HyperLoRAStudioExportLoRA")
     (written,) = entry["outputs"][nid]["hyper_lora_files"]
     rel = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
     assert rel.startswith("hyperlora/my_face_") and rel.endswith("_.safetensors")
     assert (comfy_base.models / "loras" / rel).is_file()
 
     reuse = q.load_api_workflow(q.resolve_workflow("reuse_exported_lora"))
-    (lora_node,) = _ids(reuse, "LoraLoader")
+    (lora_node,) = node_ids(reuse, "LoraLoader")
     assert reuse[lora_node]["inputs"]["lora_name"] == "hyperlora/my_face_00001_.safetensors"   # what a first export writes
     reuse = for_fixtures(reuse, fixture_files)
     reuse[lora_node]["inputs"]["lora_name"] = rel
-    entry = _run(comfy_server, reuse)
+    entry = run_graph(comfy_server, reuse)
     assert [im.size for im in _saved_images(comfy_server, entry, reuse)] == [(64, 64)]
     assert "lora key not loaded" not in comfy_server.log_text()
 
@@ -408,18 +408,18 @@ def test_export_lora_then_reuse_with_core_lora_loader(comfy_server, comfy_base, 
 @pytest.mark.slow
 def test_identity_save_then_load(comfy_server, fixture_files):
     save = for_fixtures(q.load_api_workflow(q.resolve_workflow("identity_save")), fixture_files)
-    entry = _run(comfy_server, save)
-    (nid,) = _ids(save, "HyperLoRAStudioSaveIdentity")
+    entry = run_graph(comfy_server, save)
+    (nid,) = node_ids(save, "HyperLoRAStudioSaveIdentity")
     (written,) = entry["outputs"][nid]["hyper_lora_files"]
     name = f"{written['subfolder']}/{written['filename']}" if written["subfolder"] else written["filename"]
     assert name.startswith("my_face_")
     saved = _saved_images(comfy_server, entry, save)
 
     load = q.load_api_workflow(q.resolve_workflow("identity_load"))
-    (load_node,) = _ids(load, "HyperLoRAStudioLoadIdentity")
+    (load_node,) = node_ids(load, "HyperLoRAStudioLoadIdentity")
     load = for_fixtures(load, fixture_files)
     load[load_node]["inputs"]["identity_file"] = name
-    entry = _run(comfy_server, load)
+    entry = run_graph(comfy_server, load)
     loaded = _saved_images(comfy_server, entry, load)
     assert [im.size for im in loaded] == [(64, 64)]
     # same identity, seed, prompt and model: the reloaded identity gives the very same image
@@ -432,16 +432,16 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
     from hyperlora.identity import load_identity
 
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("refine_identity")), fixture_files)
-    (refine_node,) = _ids(graph, "HyperLoRAStudioRefineIdentity")
+    (refine_node,) = node_ids(graph, "HyperLoRAStudioRefineIdentity")
     assert graph[refine_node]["inputs"]["mode"] == "coefficients" and graph[refine_node]["inputs"]["steps"] == REFINE_STEPS
-    entry = _run(comfy_server, graph)
+    entry = run_graph(comfy_server, graph)
     (report,) = entry["outputs"][refine_node]["text"]
     m = re.search(r"before ([0-9.]+), after ([0-9.]+)", report)
     assert m and f"{REFINE_STEPS} steps" in report, report
     before, after = float(m.group(1)), float(m.group(2))
     assert after < before, report            # the same fixed draws: the refined identity denoises the photo better
     assert [im.size for im in _saved_images(comfy_server, entry, graph)] == [(64, 64)]
-    (save_node,) = _ids(graph, "HyperLoRAStudioSaveIdentity")
+    (save_node,) = node_ids(graph, "HyperLoRAStudioSaveIdentity")
     (written,) = entry["outputs"][save_node]["hyper_lora_files"]
     path = comfy_base.base / "output" / "hyper_lora_identities" / written["subfolder"] / written["filename"]
     refined = load_identity(path)
@@ -455,7 +455,7 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
 
 def _previews(entry: dict[str, Any], graph: dict[str, Any]) -> dict[str, list[str]]:
     """``{title: text list}`` of the core Preview Any nodes after a run (the front end shows the first text)."""
-    return {graph[nid]["_meta"]["title"]: entry["outputs"][nid]["text"] for nid in _ids(graph, "PreviewAny")}
+    return {graph[nid]["_meta"]["title"]: entry["outputs"][nid]["text"] for nid in node_ids(graph, "PreviewAny")}
 
 
 @pytest.mark.slow
@@ -463,10 +463,10 @@ def test_best_of_n_shows_the_ranking_the_best_score_and_the_loader_info(comfy_se
     """best_of_n at 64 px, 1 step: the kept images are saved, and the ranking, the first kept score and the
     Loader's info reach the UI through core Preview Any nodes (random weights draw no face: 'no face', NaN)."""
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("best_of_n")), fixture_files)
-    (best,) = _ids(graph, "HyperLoRAStudioBestOfN")
-    assert {graph[nid]["_meta"]["title"] for nid in _ids(graph, "PreviewAny")} == {
+    (best,) = node_ids(graph, "HyperLoRAStudioBestOfN")
+    assert {graph[nid]["_meta"]["title"] for nid in node_ids(graph, "PreviewAny")} == {
         "Ranking (every image's score)", "Best score (first of the kept scores)", "HyperLoRA model info"}
-    entry = _run(comfy_server, graph)
+    entry = run_graph(comfy_server, graph)
     assert len(_saved_images(comfy_server, entry, graph)) == graph[best]["inputs"]["keep"]
     shown = _previews(entry, graph)
     (ranking,) = shown["Ranking (every image's score)"]
