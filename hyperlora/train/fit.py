@@ -11,8 +11,9 @@ its own LoRA: per-sample factors from :meth:`TrainableHyperLoRA.forward`, applie
 never an ``[out, in]`` matrix per sample) at scale ``LORA_SCALE`` (strength 1, alpha = rank / 2).
 
 **Stages** (lengths in the config; the parts each trains: :data:`hyperlora.train.config.STAGE_PARTS`).
-Freezing is done by the optimizer: the parts outside the stage get no update (their gradients are
-dropped before every step), so one optimizer and one DDP wrapper serve all stages.
+Freezing (:func:`hyperlora.train.engine.enter_stage`): the parts outside the stage get ``requires_grad
+False`` and learning rate 0 in their own optimizer parameter group, so no engine (DDP, FSDP2, DeepSpeed)
+moves them; one optimizer and one engine wrapper serve all stages.
 
 1. *Base-LoRA only*: the Base resampler reads the CLIP features of the blurred-face crop; the face
    encoder (ID resampler, ArcFace) is bypassed, i.e. not run.  Loss: the UNet with the Base-LoRA,
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 from ..errors import HyperLoRAError, SettingError
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
+from . import engine
 from .config import SCENARIOS, FitConfig
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
@@ -395,7 +397,9 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         model = _build_model(cfg, modules, clip_dim)
         state = None
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # one group per part: a stage freezes the others by requires_grad and lr 0 (engine.enter_stage)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     model, optimizer = accel.prepare(model, optimizer)
     gen_model: TrainableHyperLoRA = accel.unwrap_model(model)
 
@@ -420,7 +424,6 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                      world=accel.num_processes)
     total = cfg.total_steps
     full_length = sum(n for _, n, _ in cfg.schedule())
-    names = {n: p for n, p in gen_model.named_parameters()}
 
     def save(step_: int, stage_: str) -> Path:
         d = run / "checkpoints" / f"step-{step_:06d}"
@@ -469,10 +472,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             stage, parts = cfg.stage_at(step)
             if stage == "distill" and trainer.teacher is None:
                 trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False).eval()
-            trainable = {n for n, _ in gen_model.part_parameters(parts)}
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
             sums: dict[str, list[float]] = {}
             for _ in range(cfg.gradient_accumulation):
                 samples = next(batches)
@@ -484,13 +485,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 gen = torch.Generator().manual_seed(seed)
                 with accel.accumulate(model), accel.autocast():
                     res = trainer.loss(stage, batch, gen, accel.backward)
-                    if accel.sync_gradients:
-                        for n, p in names.items():
-                            if n not in trainable:
-                                p.grad = None
-                        if cfg.max_grad_norm > 0:
-                            accel.clip_grad_norm_([names[n] for n in trainable if names[n].grad is not None],
-                                                  cfg.max_grad_norm)
+                    if accel.sync_gradients and cfg.max_grad_norm > 0:
+                        accel.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1

@@ -29,7 +29,8 @@ def main() -> None:
     model = {k: v for k, v in TINY.items() if k != "clip_dim"}
     cfg = FitConfig.from_dict({"base_model": "unused", "shards": ["unused"], "out": str(out / "run"), "model": model,
                                "stages": [{"stage": 1, "steps": 2}, {"stage": 2, "steps": 2}, {"stage": 3, "steps": 2}],
-                               "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "seed": 0})
+                               "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "keep_checkpoints": 10,
+                               "seed": 0})
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     captured: dict = {}
 

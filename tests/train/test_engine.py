@@ -1,0 +1,82 @@
+"""hyperlora.train.engine: freezing per stage that holds under any engine, batch-size-free loss weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperlora.train import engine
+from hyperlora.train.config import STAGE_PARTS
+from hyperlora.train.fit import Trainer, collate
+from hyperlora.train.hypernet import PARTS
+from hyperlora.train.toy.sdxl import tiny_unet
+
+from .test_fit import scheduler, toy_config
+from .test_hypernet import ToyDataset, tiny_generator
+
+
+@pytest.fixture(scope="module")
+def unet() -> torch.nn.Module:
+    return tiny_unet(seed=0).requires_grad_(False).eval()
+
+
+def _step(trainer: Trainer, stage: str, seed: int) -> None:
+    ds = ToyDataset(4, seed=seed)
+    batch = collate([ds[i] for i in range(2)], torch.device("cpu"))
+    trainer.loss(stage, batch, torch.Generator().manual_seed(seed), lambda loss: loss.backward())
+
+
+def _zero_fill(gen: torch.nn.Module) -> None:
+    """What DeepSpeed ZeRO does with a parameter that got no gradient: steps it with zeros."""
+    for p in gen.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def test_param_groups_cover_every_parameter_once(unet: torch.nn.Module) -> None:
+    gen = tiny_generator(unet, seed=1)
+    groups = engine.param_groups(gen, 1e-3, 0.01)
+    assert [g["part"] for g in groups] == [p for p in PARTS if any(True for _ in gen.part_parameters([p]))]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(gen.parameters()))
+    opt = torch.optim.AdamW(groups)
+    trainable = engine.enter_stage(gen, opt, STAGE_PARTS[2], 5e-4)
+    assert {gen.part_of(n) for n, p in gen.named_parameters() if p.requires_grad} == set(STAGE_PARTS[2])
+    assert {id(p) for p in trainable} == {id(p) for _, p in gen.part_parameters(STAGE_PARTS[2])}
+    assert {g["part"]: g["lr"] for g in opt.param_groups} == {g["part"]: (5e-4 if g["part"] in STAGE_PARTS[2] else 0.0)
+                                                                for g in groups}
+    with pytest.raises(RuntimeError, match="param_groups"):
+        engine.enter_stage(gen, torch.optim.AdamW(gen.parameters()), STAGE_PARTS[1], 1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["engine", "old"])
+def test_frozen_parts_stay_put_when_the_engine_steps_every_parameter(unet: torch.nn.Module, tmp_path: Path,
+                                                                     strategy: str) -> None:
+    """Stage 1 gives the Base parts AdamW momentum; in stage 2 an engine that steps every parameter it holds
+    (DeepSpeed: zero-filled gradients) must still leave them bit-identical.  The old freezing (one group,
+    gradients dropped after the engine had stepped) moves them: the control, which must fail."""
+    gen = tiny_generator(unet, seed=1)
+    trainer = Trainer(unet, gen, scheduler(), toy_config(tmp_path))
+    if strategy == "engine":
+        opt = torch.optim.AdamW(engine.param_groups(gen, 1e-2, 0.1))
+        engine.enter_stage(gen, opt, STAGE_PARTS[1], 1e-2)
+    else:
+        opt = torch.optim.AdamW(gen.parameters(), lr=1e-2, weight_decay=0.1)
+    _step(trainer, "1", 0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in gen.named_parameters()}
+    if strategy == "engine":
+        engine.enter_stage(gen, opt, STAGE_PARTS[2], 1e-2)
+    _step(trainer, "2", 1)
+    if strategy == "engine":            # frozen parts: no gradient computed at all
+        assert all(p.grad is None for n, p in gen.named_parameters() if gen.part_of(n) not in STAGE_PARTS[2])
+    _zero_fill(gen)
+    opt.step()
+    moved = {gen.part_of(n) for n, p in gen.named_parameters() if not torch.equal(p, before[n])}
+    if strategy == "engine":
+        assert moved == set(STAGE_PARTS[2])
+    else:
+        assert moved - set(STAGE_PARTS[2]), "the control should move a frozen part"
