@@ -25,8 +25,9 @@ moves them; one optimizer and one engine wrapper serve all stages.
    now trains (from its zero start); the CLIP branch (``proj_in_2``, ``attn3`` and their norms) is frozen.
    The Base-LoRA stays frozen in stages 2 and 3.
 
-**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities, each its own loss
-term ``weight_s x mean over its samples``):
+**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities; the batch loss is the
+mean over the batch of ``scenario_weights[s_i] x loss_i``, so a scenario weighs ``p_s x w_s`` whatever the
+batch size: :func:`hyperlora.train.engine.weighted_loss`):
 
 * ``recon``: caption *with* trigger words, Base + ID applied, target = the noise (SDXL epsilon loss).
 * ``id_only``: caption *without* trigger words, ID alone, target = the frozen UNet's prediction.
@@ -254,13 +255,9 @@ class Trainer:
         with applied(self.targets, terms):
             pred = self._unet(noisy, t, text, pooled, batch["time_ids"])
             per = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))  # [B]
-            total = pred.new_zeros(())
-            out: dict[str, tuple[float, int]] = {}
-            for s, m in mask.items():
-                n = int(m.sum())
-                ls = per[m].mean()
-                total = total + self.cfg.scenario_weights.get(s, 1.0) * ls
-                out[s] = (float(per[m].detach().sum()), n)
+            # mean over the batch of weight x per-sample loss: scenario weights independent of the batch size
+            total = engine.weighted_loss(per, scen, self.cfg.scenario_weights)
+            out = {s: (float(per[m].detach().sum()), int(m.sum())) for s, m in mask.items()}
             backward(total)                      # inside the context: checkpointed blocks re-run the hooks
         return out
 

@@ -80,3 +80,52 @@ def test_frozen_parts_stay_put_when_the_engine_steps_every_parameter(unet: torch
         assert moved == set(STAGE_PARTS[2])
     else:
         assert moved - set(STAGE_PARTS[2]), "the control should move a frozen part"
+
+
+def _scenario_weights(trainer: Trainer, batch: int, draws: int, weights: dict[str, float]) -> dict[str, float]:
+    """The average over ``draws`` scenario draws (fit's own sampler) of each scenario's weight in the batch
+    loss: d loss / d (its per-sample losses), summed over its samples, with every per-sample loss equal."""
+    g = torch.Generator().manual_seed(7)
+    acc: dict[str, float] = {}
+    for _ in range(draws):
+        scen = trainer.scenarios("2", batch, g)
+        per = torch.ones(batch, requires_grad=True)
+        engine.weighted_loss(per, scen, weights).backward()
+        for s, w in zip(scen, per.grad.tolist()):
+            acc[s] = acc.get(s, 0.0) + w / draws
+    return acc
+
+
+def test_scenario_weights_do_not_depend_on_the_batch_size(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """0.8 / 0.1 / 0.1 scenarios: each scenario weighs p_s x w_s at batch 8 and at batch 32 alike (a sum of
+    per-scenario means weighs a 10 % regulariser about 0.57 at batch 8 and about 0.97, as much as
+    reconstruction, at batch 32)."""
+    weights = {"recon": 1.0, "id_only": 0.5, "base_id": 2.0}
+    cfg = toy_config(tmp_path, scenarios={"recon": 0.8, "id_only": 0.1, "base_id": 0.1}, scenario_weights=weights)
+    trainer = Trainer(unet, tiny_generator(unet, seed=1), scheduler(), cfg)
+    w8 = _scenario_weights(trainer, 8, 800, weights)
+    w32 = _scenario_weights(trainer, 32, 200, weights)
+    for s, p in cfg.scenarios.items():
+        assert w8[s] == pytest.approx(p * weights[s], abs=0.02), (s, w8)
+        assert w32[s] == pytest.approx(p * weights[s], abs=0.02), (s, w32)
+    # identical per-sample losses: the batch of 32 is the batch of 8 four times -> the same loss
+    scen8 = ["recon"] * 6 + ["id_only", "base_id"]
+    per8 = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert float(engine.weighted_loss(per8.repeat(4), scen8 * 4, weights)) == pytest.approx(
+        float(engine.weighted_loss(per8, scen8, weights)), rel=1e-6)
+    with pytest.raises(ValueError, match="scenarios"):
+        engine.weighted_loss(per8, scen8[:3], weights)
+
+
+def test_trainer_loss_is_the_weighted_batch_mean(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """The loss fit back-propagates is sum_s w_s x (sum of s's per-sample losses) / B, not sum_s w_s x mean_s."""
+    weights = {"recon": 1.0, "id_only": 0.5, "base_id": 2.0}
+    cfg = toy_config(tmp_path, scenarios={"recon": 0.4, "id_only": 0.3, "base_id": 0.3}, scenario_weights=weights)
+    trainer = Trainer(unet, tiny_generator(unet, seed=1), scheduler(), cfg)
+    ds = ToyDataset(8, seed=2)
+    batch = collate([ds[i] for i in range(8)], torch.device("cpu"))
+    seen: list[float] = []
+    out = trainer.loss("3", batch, torch.Generator().manual_seed(3), lambda loss: seen.append(float(loss.detach())))
+    assert sum(n for _, n in out.values()) == 8 and len(out) >= 2          # a mixed batch
+    want = sum(weights[s] * v for s, (v, _) in out.items()) / 8
+    assert seen == [pytest.approx(want, rel=1e-5)]
