@@ -87,9 +87,24 @@ def _is_sharded(t: Tensor) -> bool:
     return hasattr(t, "full_tensor") and hasattr(t, "placements")      # a DTensor (FSDP2)
 
 
+def _fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                        # a torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """True when the model's parameters are DTensor shards (FSDP2)."""
-    return any(_is_sharded(p) for p in model.parameters())
+    """True for an FSDP2 module (or any model whose parameters are DTensor shards)."""
+    return _fsdp2(model) or any(_is_sharded(p) for p in model.parameters())
+
+
+def reshard(model: nn.Module) -> None:
+    """Put an FSDP2 module's parameters back into shards after a forward without backward (FSDP2 leaves
+    the root module's gathered parameters in place until its backward, which a sampling forward never runs)."""
+    if _fsdp2(model):
+        model.reshard()
 
 
 def full_state_dict(model: nn.Module, device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -99,6 +114,7 @@ def full_state_dict(model: nn.Module, device: torch.device | str | None = None) 
     as they are (DDP, DeepSpeed ZeRO-2 keep parameters whole).  ``device`` moves each tensor right after
     its gather (``"cpu"``: the accelerator holds one gathered tensor at a time, not the whole generator).
     """
+    reshard(model)
     out: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
         full = v.full_tensor() if _is_sharded(v) else v
@@ -159,4 +175,5 @@ def check_checkpointing_support() -> None:
 
 
 __all__ = ["DIFFUSERS_MIN", "check_checkpointing_support", "ddp_kwargs", "enter_stage", "fill_deepspeed_batch",
-           "full_state_dict", "is_sharded", "param_groups", "plain_copy", "weighted_loss"]
+           "full_state_dict", "is_sharded", "param_groups", "plain_copy", "reshard",
+           "weighted_loss"]

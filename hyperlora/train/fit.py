@@ -48,7 +48,6 @@ DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``exp
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -414,8 +413,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     if ckpt is not None and (ckpt / TEACHER_FILE).is_file():
         from safetensors.torch import load_file
 
-        trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False)
-        trainer.teacher.load_state_dict(load_file(str(ckpt / TEACHER_FILE)), strict=True)
+        trainer.teacher = engine.plain_copy(gen_model, load_file(str(ckpt / TEACHER_FILE)), device=device)
 
     plan = BatchPlan(len(dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
                      world=accel.num_processes)
@@ -468,7 +466,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         while step < total:
             stage, parts = cfg.stage_at(step)
             if stage == "distill" and trainer.teacher is None:
-                trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False).eval()
+                trainer.teacher = engine.plain_copy(gen_model)   # gathered on every process (FSDP2), no deepcopy
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
             trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
             sums: dict[str, list[float]] = {}
@@ -531,13 +529,23 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     export = None
     if not interrupted:
         save(step, stage)
-        if accel.is_main_process:
-            export = export_folder(gen_model, run / "export" / cfg.name,
-                                   distill_base=gen_model.distilled_base)
+        export = export_run(gen_model, run / "export" / cfg.name, is_main=accel.is_main_process)
     accel.wait_for_everyone()
     accel.end_training()
     return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last,
                      main_process=bool(accel.is_main_process))
+
+
+def export_run(model: TrainableHyperLoRA, folder: Path, *, is_main: bool) -> Path | None:
+    """Export the (unwrapped) generator from the main process; every process must call it.
+
+    Under FSDP2 the parameters are shards: they are gathered first, tensor by tensor onto the CPU, by all
+    processes together; the main process exports a plain copy.  Returns the folder on the main process.
+    """
+    if engine.is_sharded(model):
+        plain = engine.plain_copy(model, engine.full_state_dict(model, device="cpu"))
+        return export_folder(plain, folder, distill_base=plain.distilled_base) if is_main else None
+    return export_folder(model, folder, distill_base=model.distilled_base) if is_main else None
 
 
 def _release_accelerator(accel: Any) -> None:
@@ -560,18 +568,21 @@ def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, no
     Base), its caption with trigger words, 20 DDIM steps (eta 0) from seeded noise, decoded by the VAE.
 
     Called every ``sample_every`` steps when CUDA is present (slow on a CPU, but it runs there too).
+    Every process must call it: the generator runs on all of them (under FSDP2 its forward gathers the
+    shards, a collective), then the main process alone runs the frozen UNet and the VAE.
     """
-    if not is_main:
-        return None
     from PIL import Image
 
     from .frozen import load_vae
 
-    vae = load_vae(Path(cfg.base_model), device=device)
     batch = collate([dataset[i] for i in range(min(count, len(dataset)))], device)
     b = batch["latents"].shape[0]
     idf, basef = model(batch["arcface"], batch["clip_id"], batch["clip_base"] if model.has_base else None,
                        want_base=model.has_base)
+    engine.reshard(model)
+    if not is_main:
+        return None
+    vae = load_vae(Path(cfg.base_model), device=device)
     terms = [LoraTerm(idf, LORA_SCALE)] + ([LoraTerm(basef, LORA_SCALE)] if basef is not None else [])
     targets = diffusers_lora_targets(unet)
     ac = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -650,5 +661,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate", "fit",
-           "load_generator_from_checkpoint", "main", "sample_images"]
+__all__ = ["BatchPlan", "FitResult", "PlanSampler", "Trainer", "arch_from_json", "arch_to_json", "collate",
+           "export_run", "fit", "load_generator_from_checkpoint", "main", "sample_images"]

@@ -4,7 +4,8 @@ accelerate (1.16) does not offer FSDP on a CPU: ``Accelerator(cpu=True, fsdp_plu
 DDP (``MULTI_CPU``) and ``cpu=False`` without CUDA becomes a single process.  So this script shards the
 generator with torch's own ``fully_shard`` (what accelerate's FSDP2 path calls for a ``NO_WRAP`` model) and
 runs fit's own pieces on it: :class:`Trainer` (the loss), :mod:`hyperlora.train.engine` (the optimizer's
-part groups, ``enter_stage``, the gathered state), the stage schedule, a BatchPlan per process.
+part groups, ``enter_stage``, the gathered state), the stage schedule with the distil stage (its teacher a
+gathered plain copy), a BatchPlan per process, then fit's ``sample_images`` and ``export_run`` on every process.
 
 Every process writes ``OUT/rank<r>.json`` (hashes of the gathered state after each stage) and ``OUT/states.pt``
 is written by rank 0 (the gathered state before the run and after each stage).  Not a test module.
@@ -28,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from hyperlora.train import engine  # noqa: E402
 from hyperlora.train.config import FitConfig  # noqa: E402
-from hyperlora.train.fit import BatchPlan, Trainer, collate  # noqa: E402
-from hyperlora.train.toy.sdxl import tiny_unet  # noqa: E402
+from hyperlora.train.fit import BatchPlan, Trainer, collate, export_run, sample_images  # noqa: E402
+from hyperlora.train.toy.sdxl import tiny_sdxl_folder, tiny_unet  # noqa: E402
 from tests.train.test_hypernet import TINY, ToyDataset, tiny_generator  # noqa: E402
 
 
@@ -81,9 +82,19 @@ def main() -> None:
         if step + 1 == cfg.total_steps or cfg.stage_at(step + 1)[0] != stage:
             states[stage] = engine.full_state_dict(gen)
     teacher_ok = trainer.teacher is not None and not engine.is_sharded(trainer.teacher)
+    gen.distilled_base = cfg.distill_base                  # as fit does once the whole distil stage ran
+    # fit's sample step and export with the sharded generator: every process calls them (the old sampler
+    # returned at once on the other processes while the main one waited in the generator's all-gather)
+    if rank == 0:
+        cfg.base_model = str(tiny_sdxl_folder(out / "sdxl"))
+    dist.barrier()
+    png = sample_images(cfg, gen, unet, sched, dataset, out / "sample.png", device=torch.device("cpu"),
+                        is_main=rank == 0, count=2, steps=2)
+    export = export_run(gen, out / "export", is_main=rank == 0)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "world": world, "sharded": sharded, "teacher_plain": teacher_ok, "parts": stage_of,
-        "digests": {k: digest(v) for k, v in states.items()}}))
+        "digests": {k: digest(v) for k, v in states.items()},
+        "sample": None if png is None else str(png), "export": None if export is None else str(export)}))
     if rank == 0:
         torch.save(states, out / "states.pt")
     dist.barrier()

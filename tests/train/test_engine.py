@@ -129,3 +129,26 @@ def test_trainer_loss_is_the_weighted_batch_mean(unet: torch.nn.Module, tmp_path
     assert sum(n for _, n in out.values()) == 8 and len(out) >= 2          # a mixed batch
     want = sum(weights[s] * v for s, (v, _) in out.items()) / 8
     assert seen == [pytest.approx(want, rel=1e-5)]
+
+
+def test_distil_teacher_is_a_plain_copy_and_survives_resume(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """The distil teacher is built from the gathered state (no deepcopy of the engine's module) and, after
+    an interruption inside the distil stage, restored from its file: the same teacher to the last bit."""
+    from safetensors.torch import load_file
+
+    from hyperlora.train.fit import fit
+
+    cfg = toy_config(tmp_path / "run", stages=[{"stage": 1, "steps": 1}, {"stage": 2, "steps": 1}],
+                     distill_base=0.25, distill_steps=3, checkpoint_every=0)
+    cfg.max_steps = 3                                    # stop one step into the distil stage
+    first = fit(cfg, dataset=ToyDataset(4), unet=unet, noise_scheduler=scheduler())
+    assert first.steps == 3 and first.stage == "distill"
+    ck = tmp_path / "run" / "checkpoints" / "step-000003"
+    teacher = load_file(str(ck / "distill_teacher.safetensors"))
+    gen2 = load_file(str(tmp_path / "run" / "checkpoints" / "step-000003" / "generator.safetensors"))
+    assert any(not torch.equal(teacher[k], gen2[k]) for k in teacher)     # the student moved away from it
+    cfg.max_steps = None
+    done = fit(cfg, dataset=ToyDataset(4), unet=unet, noise_scheduler=scheduler())
+    assert done.steps == 5 and done.export is not None
+    again = load_file(str(tmp_path / "run" / "checkpoints" / "step-000005" / "distill_teacher.safetensors"))
+    assert set(again) == set(teacher) and all(torch.equal(again[k], teacher[k]) for k in teacher)

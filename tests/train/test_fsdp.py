@@ -43,6 +43,13 @@ def test_fsdp2_stages_leave_frozen_parts_bit_identical(tmp_path: Path) -> None:
     assert all(r["world"] == 2 and r["sharded"] for r in ranks)          # the parameters really were DTensors
     assert ranks[0]["digests"] == ranks[1]["digests"]                     # one model, not two
     assert all(r["teacher_plain"] for r in ranks)                         # distil teacher: a plain gathered copy
+    # sampling and export with the sharded generator: no deadlock, one picture and one export, from rank 0
+    assert ranks[1]["sample"] is None and ranks[1]["export"] is None
+    assert Path(ranks[0]["sample"]).is_file() and Path(ranks[0]["sample"]).read_bytes()[:4] == b"\x89PNG"
+    from hyperlora.checkpoint import load_hyper_lora
+
+    exported = load_hyper_lora(Path(ranks[0]["export"]))
+    assert exported.arch.base_rank is None                       # distilled: the export leaves the Base-LoRA out
     states = torch.load(tmp_path / "states.pt")
     from hyperlora.train.hypernet import TrainableHyperLoRA  # noqa: F401  (part names below)
     from tests.train.test_hypernet import tiny_generator
