@@ -396,6 +396,9 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     # one group per part: a stage freezes the others by requires_grad and lr 0 (engine.enter_stage)
     optimizer = torch.optim.AdamW(engine.param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
+    if accel.distributed_type == "DEEPSPEED":          # DistributedType is a str enum
+        # the shipped ZeRO-2 YAML leaves the micro-batch at "auto", which accelerate fills only from a DataLoader
+        engine.fill_deepspeed_batch(accel.state.deepspeed_plugin, cfg.batch_size, cfg.gradient_accumulation)
     model, optimizer = accel.prepare(model, optimizer)
     gen_model: TrainableHyperLoRA = accel.unwrap_model(model)
 
