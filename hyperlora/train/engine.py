@@ -13,14 +13,19 @@
   FSDP2 generator, gathered collectively (every process calls it), for the distil teacher and the export.
 * **DeepSpeed** (:func:`fill_deepspeed_batch`): the micro-batch size the shipped ZeRO-2 YAML leaves at
   ``"auto"`` (``fit`` hands accelerate no DataLoader to read it from).
-* **Memory** (:func:`ddp_kwargs`): DDP with ``gradient_as_bucket_view`` (the gradients live in the
-  reducer's buckets; without it the buckets are a second full-size copy of the gradients).
+* **Memory**: DDP with ``gradient_as_bucket_view`` (:func:`ddp_kwargs`: the gradients live in the
+  reducer's buckets; without it the buckets are a second full-size copy of the gradients); the generator's
+  forward outside bf16 autocast when its parameters are float32 (:func:`generator_precision`: no bf16
+  copy of the bases held for the backward); diffusers new enough to checkpoint a UNet in eval mode
+  (:func:`check_checkpointing_support`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -137,6 +142,23 @@ def plain_copy(model: TrainableHyperLoRA, state: dict[str, Tensor] | None = None
     return copy.to(target).requires_grad_(False).eval()
 
 
+def generator_precision(model: nn.Module) -> Callable[[], AbstractContextManager[Any]]:
+    """The context the generator's forward runs in: autocast off when its parameters are float32 and whole.
+
+    Under bf16 autocast, every matmul with a float32 basis makes a bf16 copy of it, and autograd keeps that
+    copy until the backward: a second copy of all bases (4.5 GB at the paper's size).  With autocast off
+    the float32 bases themselves are used and saved (the factors it returns are then cast, small, inside
+    the UNet's hooks).  Parameters already in bf16 (DeepSpeed's bf16 engine) or sharded (FSDP2 gathers them
+    in its own compute dtype) keep autocast: there is no second copy to avoid.
+    """
+    params = list(model.parameters())
+    whole_fp32 = bool(params) and not is_sharded(model) and all(p.dtype == torch.float32 for p in params)
+    if not whole_fp32:
+        return contextlib.nullcontext
+    device_type = params[0].device.type
+    return lambda: torch.autocast(device_type=device_type, enabled=False)
+
+
 def fill_deepspeed_batch(plugin: Any, batch_size: int, gradient_accumulation: int) -> None:
     """Give DeepSpeed the micro-batch size (the YAML may say ``"auto"``, which accelerate can only fill
     from a DataLoader it is handed; fit hands it none).  ``plugin`` is accelerate's ``DeepSpeedPlugin``."""
@@ -175,5 +197,5 @@ def check_checkpointing_support() -> None:
 
 
 __all__ = ["DIFFUSERS_MIN", "check_checkpointing_support", "ddp_kwargs", "enter_stage", "fill_deepspeed_batch",
-           "full_state_dict", "is_sharded", "param_groups", "plain_copy", "reshard",
+           "full_state_dict", "generator_precision", "is_sharded", "param_groups", "plain_copy", "reshard",
            "weighted_loss"]

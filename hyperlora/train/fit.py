@@ -180,6 +180,11 @@ class Trainer:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float32)
         self.num_timesteps = int(noise_scheduler.config.num_train_timesteps)
         self.teacher: TrainableHyperLoRA | None = None
+        self.generator_context = engine.generator_precision(gen)   # fp32 bases: autocast off (no bf16 copies)
+
+    def _generate(self, net: nn.Module, *args: Any, **kw: Any) -> tuple[Any, Any]:
+        with self.generator_context():
+            return net(*args, **kw)
 
     def _unet(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
         dtype = next(self.unet.parameters()).dtype
@@ -214,25 +219,26 @@ class Trainer:
         mask = {s: torch.tensor([x == s for x in scen], device=dev) for s in set(scen)}
         g = self.generator
         if stage == "1":
-            _, basef = self.model(None, None, batch["clip_base"], want_id=False, want_base=True)
+            _, basef = self._generate(self.model, None, None, batch["clip_base"], want_id=False, want_base=True)
             terms = [LoraTerm(basef, LORA_SCALE)]
             text, pooled, target = batch["text"], batch["pooled"], noise
         elif stage == "distill":
             if self.teacher is None:
                 raise RuntimeError("distil stage without a teacher")
             with torch.no_grad():
-                t_id, t_base = self.teacher(batch["arcface"], batch["clip_id"], batch["clip_base"])
+                t_id, t_base = self._generate(self.teacher, batch["arcface"], batch["clip_id"], batch["clip_base"])
                 with applied(self.targets, [LoraTerm(t_id, LORA_SCALE),
                                             LoraTerm(t_base, LORA_SCALE * self.cfg.distill_base)]):
                     target = self._unet(noisy, t, batch["text"], batch["pooled"], batch["time_ids"])
-            idf, _ = self.model(batch["arcface"], batch["clip_id"], None, want_id=True, want_base=False)
+            idf, _ = self._generate(self.model, batch["arcface"], batch["clip_id"], None, want_id=True,
+                                     want_base=False)
             terms = [LoraTerm(idf, LORA_SCALE)]
             text, pooled = batch["text"], batch["pooled"]
         else:
             arc = batch["arcface"] if stage == "3" else None
             has_base = g.has_base
-            idf, basef = self.model(arc, batch["clip_id"], batch["clip_base"] if has_base else None,
-                                    want_id=True, want_base=has_base, base_grad=False)
+            idf, basef = self._generate(self.model, arc, batch["clip_id"], batch["clip_base"] if has_base else None,
+                                         want_id=True, want_base=has_base, base_grad=False)
             recon = mask.get("recon", torch.zeros(b, dtype=torch.bool, device=dev))
             sel = recon.view(-1, 1, 1)
             text = torch.where(sel, batch["text"], batch["text_plain"])
@@ -335,14 +341,13 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     called after every optimizer step.  Returns a :class:`FitResult`; Ctrl-C stops after a checkpoint.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     # several processes (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo, not N
     # independent runs (Accelerate only picks the CPU process group when told the run is on the CPU)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accel = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                         gradient_accumulation_steps=cfg.gradient_accumulation,
-                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                        kwargs_handlers=[engine.ddp_kwargs()])   # unused parameters allowed, gradients as bucket views
     try:
         return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
                     on_step=on_step)
@@ -371,6 +376,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         unet = unet.to(device=device, dtype=weight_dtype)
     unet.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
+        engine.check_checkpointing_support()
         unet.enable_gradient_checkpointing()
     if noise_scheduler is None:
         from .frozen import load_noise_scheduler

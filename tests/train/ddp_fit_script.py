@@ -39,6 +39,12 @@ def main() -> None:
         captured.update(step=step, group=dist.is_available() and dist.is_initialized())
         if captured["group"]:
             captured.update(world=dist.get_world_size(), backend=str(dist.get_backend()))
+        if "bucket_view" not in captured:      # the DDP wrapper fit's accelerator made (its options)
+            import gc
+
+            ddp = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+            captured.update(ddp=len(ddp), bucket_view=bool(ddp) and all(d.gradient_as_bucket_view for d in ddp),
+                            unused=bool(ddp) and all(d.find_unused_parameters for d in ddp))
 
     res = fit(cfg, resume=False, dataset=ToyDataset(8), unet=tiny_unet(seed=0).requires_grad_(False).eval(),
               noise_scheduler=sched, on_step=grab)

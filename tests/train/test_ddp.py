@@ -41,6 +41,8 @@ def test_two_cpu_processes_train_one_generator(tmp_path: Path) -> None:
     for r in ranks:
         assert r["steps"] == 6 and r["step"] == 6
         assert r["group"] is True and r["world"] == 2 and r["backend"] == "gloo"
+        # one DDP wrapper, gradients as views into its buckets (no second full-size copy), unused parts allowed
+        assert r["ddp"] == 1 and r["bucket_view"] is True and r["unused"] is True
     assert ranks[0]["main"] is True and ranks[1]["main"] is False
     assert ranks[1]["export"] is None and ranks[0]["export"] is not None
     from hyperlora.checkpoint import load_hyper_lora

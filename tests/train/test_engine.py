@@ -152,3 +152,81 @@ def test_distil_teacher_is_a_plain_copy_and_survives_resume(unet: torch.nn.Modul
     assert done.steps == 5 and done.export is not None
     again = load_file(str(tmp_path / "run" / "checkpoints" / "step-000005" / "distill_teacher.safetensors"))
     assert set(again) == set(teacher) and all(torch.equal(again[k], teacher[k]) for k in teacher)
+
+
+def _saved_tensors(fn) -> list[torch.Tensor]:
+    """Every tensor autograd saves for the backward while ``fn()`` runs (what stays alive until then)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("stage", ["1", "3"])
+def test_bf16_autocast_keeps_no_second_copy_of_the_bases(unet: torch.nn.Module, tmp_path: Path, stage: str) -> None:
+    """Under bf16 autocast the float32 bases were cast to bf16 and the copies saved for the backward (a
+    second copy of all bases, 4.5 GB at the paper's size); the generator now runs with autocast off."""
+    gen = tiny_generator(unet, seed=1)
+    trainer = Trainer(unet, gen, scheduler(), toy_config(tmp_path))
+    bases = [p.detach().to(torch.bfloat16).flatten().sort().values for n, p in gen.named_parameters()
+             if gen.part_of(n) in ("id_basis", "base_basis")]
+    ds = ToyDataset(4, seed=2)
+    batch = collate([ds[i] for i in range(2)], torch.device("cpu"))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer.loss(stage, batch, torch.Generator().manual_seed(0), lambda loss: None)
+
+    saved = _saved_tensors(step)
+    assert any(t.dtype == torch.bfloat16 for t in saved)          # autocast was on for the UNet
+    copies = [t for t in saved if t.dtype == torch.bfloat16 and
+              any(t.numel() == b.numel() and torch.equal(t.flatten().sort().values, b) for b in bases)]
+    assert not copies, f"{len(copies)} bf16 copies of bases held for the backward"
+    assert any(t.dtype == torch.float32 and any(t is p for p in gen.parameters()) for t in saved)  # the bases themselves
+
+
+def test_gradient_checkpointing_drops_activation_memory(unet: torch.nn.Module) -> None:
+    """The frozen UNet stays in eval() (as fit keeps it); with checkpointing on, the tensors saved for the
+    backward (deduplicated by storage) shrink: diffusers >= 0.32 checkpoints in eval mode too."""
+    from hyperlora.train.toy.sdxl import tiny_unet as make
+
+    net = make(seed=0).requires_grad_(False).eval()
+    ds = ToyDataset(4, seed=2)
+    batch = collate([ds[i] for i in range(2)], torch.device("cpu"))
+    x = batch["latents"].clone().requires_grad_(True)           # the gradient path through the frozen UNet
+
+    def step() -> None:
+        out = net(x, torch.tensor([500, 500]), encoder_hidden_states=batch["text"],
+                  added_cond_kwargs={"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}).sample
+        out.square().mean().backward()
+
+    def saved_bytes() -> int:
+        seen: dict[int, int] = {}
+        for t in _saved_tensors(step):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
+    plain = saved_bytes()
+    net.enable_gradient_checkpointing()
+    assert not net.training
+    checkpointed = saved_bytes()
+    assert checkpointed < 0.5 * plain, (checkpointed, plain)
+    engine.check_checkpointing_support()                        # the installed diffusers is new enough
+
+
+def test_old_diffusers_is_refused_for_checkpointing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    from hyperlora.errors import SettingError
+
+    monkeypatch.setattr(diffusers, "__version__", "0.27.2")
+    with pytest.raises(SettingError, match=r"diffusers>=0\.32"):
+        engine.check_checkpointing_support()
+    monkeypatch.setattr(diffusers, "__version__", "0.32.0.dev0")
+    engine.check_checkpointing_support()
