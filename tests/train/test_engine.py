@@ -187,7 +187,8 @@ def test_bf16_autocast_keeps_no_second_copy_of_the_bases(unet: torch.nn.Module, 
     copies = [t for t in saved if t.dtype == torch.bfloat16 and
               any(t.numel() == b.numel() and torch.equal(t.flatten().sort().values, b) for b in bases)]
     assert not copies, f"{len(copies)} bf16 copies of bases held for the backward"
-    assert any(t.dtype == torch.float32 and any(t is p for p in gen.parameters()) for t in saved)  # the bases themselves
+    # the float32 bases themselves are what is saved
+    assert any(t.dtype == torch.float32 and any(t is p for p in gen.parameters()) for t in saved)
 
 
 def test_gradient_checkpointing_drops_activation_memory(unet: torch.nn.Module) -> None:

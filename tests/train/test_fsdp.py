@@ -51,9 +51,8 @@ def test_fsdp2_stages_leave_frozen_parts_bit_identical(tmp_path: Path) -> None:
     exported = load_hyper_lora(Path(ranks[0]["export"]))
     assert exported.arch.base_rank is None                       # distilled: the export leaves the Base-LoRA out
     states = torch.load(tmp_path / "states.pt")
-    from hyperlora.train.hypernet import TrainableHyperLoRA  # noqa: F401  (part names below)
-    from tests.train.test_hypernet import tiny_generator
     from hyperlora.train.toy.sdxl import tiny_unet
+    from tests.train.test_hypernet import tiny_generator
 
     gen = tiny_generator(tiny_unet(seed=0), seed=1)
     assert all(torch.equal(states["start"][k], v) for k, v in gen.state_dict().items())
