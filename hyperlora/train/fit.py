@@ -11,8 +11,9 @@ its own LoRA: per-sample factors from :meth:`TrainableHyperLoRA.forward`, applie
 never an ``[out, in]`` matrix per sample) at scale ``LORA_SCALE`` (strength 1, alpha = rank / 2).
 
 **Stages** (lengths in the config; the parts each trains: :data:`hyperlora.train.config.STAGE_PARTS`).
-Freezing is done by the optimizer: the parts outside the stage get no update (their gradients are
-dropped before every step), so one optimizer and one DDP wrapper serve all stages.
+Freezing (:func:`hyperlora.train.engine.enter_stage`): the parts outside the stage get ``requires_grad
+False`` and learning rate 0 in their own optimizer parameter group, so no engine (DDP, FSDP2, DeepSpeed)
+moves them; one optimizer and one engine wrapper serve all stages.
 
 1. *Base-LoRA only*: the Base resampler reads the CLIP features of the blurred-face crop; the face
    encoder (ID resampler, ArcFace) is bypassed, i.e. not run.  Loss: the UNet with the Base-LoRA,
@@ -24,8 +25,9 @@ dropped before every step), so one optimizer and one DDP wrapper serve all stage
    now trains (from its zero start); the CLIP branch (``proj_in_2``, ``attn3`` and their norms) is frozen.
    The Base-LoRA stays frozen in stages 2 and 3.
 
-**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities, each its own loss
-term ``weight_s x mean over its samples``):
+**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities; the batch loss is the
+mean over the batch of ``scenario_weights[s_i] x loss_i``, so a scenario weighs ``p_s x w_s`` whatever the
+batch size: :func:`hyperlora.train.engine.weighted_loss`):
 
 * ``recon``: caption *with* trigger words, Base + ID applied, target = the noise (SDXL epsilon loss).
 * ``id_only``: caption *without* trigger words, ID alone, target = the frozen UNet's prediction.
@@ -46,7 +48,6 @@ DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``exp
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
+from . import engine
 from .config import SCENARIOS, FitConfig
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
@@ -218,6 +220,11 @@ class Trainer:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float32)
         self.num_timesteps = int(noise_scheduler.config.num_train_timesteps)
         self.teacher: TrainableHyperLoRA | None = None
+        self.generator_context = engine.generator_precision(gen)   # fp32 bases: autocast off (no bf16 copies)
+
+    def _generate(self, net: nn.Module, *args: Any, **kw: Any) -> tuple[Any, Any]:
+        with self.generator_context():
+            return net(*args, **kw)
 
     def _unet(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
         dtype = next(self.unet.parameters()).dtype
@@ -252,25 +259,26 @@ class Trainer:
         mask = {s: torch.tensor([x == s for x in scen], device=dev) for s in set(scen)}
         g = self.generator
         if stage == "1":
-            _, basef = self.model(None, None, batch["clip_base"], want_id=False, want_base=True)
+            _, basef = self._generate(self.model, None, None, batch["clip_base"], want_id=False, want_base=True)
             terms = [LoraTerm(basef, LORA_SCALE)]
             text, pooled, target = batch["text"], batch["pooled"], noise
         elif stage == "distill":
             if self.teacher is None:
                 raise RuntimeError("distil stage without a teacher")
             with torch.no_grad():
-                t_id, t_base = self.teacher(batch["arcface"], batch["clip_id"], batch["clip_base"])
+                t_id, t_base = self._generate(self.teacher, batch["arcface"], batch["clip_id"], batch["clip_base"])
                 with applied(self.targets, [LoraTerm(t_id, LORA_SCALE),
                                             LoraTerm(t_base, LORA_SCALE * self.cfg.distill_base)]):
                     target = self._unet(noisy, t, batch["text"], batch["pooled"], batch["time_ids"])
-            idf, _ = self.model(batch["arcface"], batch["clip_id"], None, want_id=True, want_base=False)
+            idf, _ = self._generate(self.model, batch["arcface"], batch["clip_id"], None, want_id=True,
+                                     want_base=False)
             terms = [LoraTerm(idf, LORA_SCALE)]
             text, pooled = batch["text"], batch["pooled"]
         else:
             arc = batch["arcface"] if stage == "3" else None
             has_base = g.has_base
-            idf, basef = self.model(arc, batch["clip_id"], batch["clip_base"] if has_base else None,
-                                    want_id=True, want_base=has_base, base_grad=False)
+            idf, basef = self._generate(self.model, arc, batch["clip_id"], batch["clip_base"] if has_base else None,
+                                         want_id=True, want_base=has_base, base_grad=False)
             recon = mask.get("recon", torch.zeros(b, dtype=torch.bool, device=dev))
             sel = recon.view(-1, 1, 1)
             text = torch.where(sel, batch["text"], batch["text_plain"])
@@ -292,13 +300,9 @@ class Trainer:
         with applied(self.targets, terms):
             pred = self._unet(noisy, t, text, pooled, batch["time_ids"])
             per = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))  # [B]
-            total = pred.new_zeros(())
-            out: dict[str, tuple[float, int]] = {}
-            for s, m in mask.items():
-                n = int(m.sum())
-                ls = per[m].mean()
-                total = total + self.cfg.scenario_weights.get(s, 1.0) * ls
-                out[s] = (float(per[m].detach().sum()), n)
+            # mean over the batch of weight x per-sample loss: scenario weights independent of the batch size
+            total = engine.weighted_loss(per, scen, self.cfg.scenario_weights)
+            out = {s: (float(per[m].detach().sum()), int(m.sum())) for s, m in mask.items()}
             backward(total)                      # inside the context: checkpointed blocks re-run the hooks
         return out
 
@@ -377,14 +381,13 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     called after every optimizer step.  Returns a :class:`FitResult`; Ctrl-C stops after a checkpoint.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     # several processes (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo, not N
     # independent runs (Accelerate only picks the CPU process group when told the run is on the CPU)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accel = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                         gradient_accumulation_steps=cfg.gradient_accumulation,
-                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                        kwargs_handlers=[engine.ddp_kwargs()])   # unused parameters allowed, gradients as bucket views
     try:
         return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
                     on_step=on_step)
@@ -415,6 +418,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         unet = unet.to(device=device, dtype=weight_dtype)
     unet.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
+        engine.check_checkpointing_support()
         unet.enable_gradient_checkpointing()
     if noise_scheduler is None:
         from .frozen import load_noise_scheduler
@@ -437,7 +441,12 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         model = _build_model(cfg, modules, clip_dim)
         state = None
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # one group per part: a stage freezes the others by requires_grad and lr 0 (engine.enter_stage)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    if accel.distributed_type == "DEEPSPEED":          # DistributedType is a str enum
+        # the shipped ZeRO-2 YAML leaves the micro-batch at "auto", which accelerate fills only from a DataLoader
+        engine.fill_deepspeed_batch(accel.state.deepspeed_plugin, cfg.batch_size, cfg.gradient_accumulation)
     model, optimizer = accel.prepare(model, optimizer)
     gen_model: TrainableHyperLoRA = accel.unwrap_model(model)
 
@@ -455,14 +464,12 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     if ckpt is not None and (ckpt / TEACHER_FILE).is_file():
         from safetensors.torch import load_file
 
-        trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False)
-        trainer.teacher.load_state_dict(load_file(str(ckpt / TEACHER_FILE)), strict=True)
+        trainer.teacher = engine.plain_copy(gen_model, load_file(str(ckpt / TEACHER_FILE)), device=device)
 
     plan = BatchPlan(len(dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
                      world=accel.num_processes)
     total = cfg.total_steps
     full_length = sum(n for _, n, _ in cfg.schedule())
-    names = {n: p for n, p in gen_model.named_parameters()}
 
     def save(step_: int, stage_: str) -> Path:
         d = run / "checkpoints" / f"step-{step_:06d}"
@@ -510,11 +517,9 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         while step < total:
             stage, parts = cfg.stage_at(step)
             if stage == "distill" and trainer.teacher is None:
-                trainer.teacher = copy.deepcopy(gen_model).requires_grad_(False).eval()
-            trainable = {n for n, _ in gen_model.part_parameters(parts)}
+                trainer.teacher = engine.plain_copy(gen_model)   # gathered on every process (FSDP2), no deepcopy
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
             sums: dict[str, list[float]] = {}
             for _ in range(cfg.gradient_accumulation):
                 samples = next(batches)
@@ -526,13 +531,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 gen = torch.Generator().manual_seed(seed)
                 with accel.accumulate(model), accel.autocast():
                     res = trainer.loss(stage, batch, gen, accel.backward)
-                    if accel.sync_gradients:
-                        for n, p in names.items():
-                            if n not in trainable:
-                                p.grad = None
-                        if cfg.max_grad_norm > 0:
-                            accel.clip_grad_norm_([names[n] for n in trainable if names[n].grad is not None],
-                                                  cfg.max_grad_norm)
+                    if accel.sync_gradients and cfg.max_grad_norm > 0:
+                        accel.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1
@@ -580,13 +580,23 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     export = None
     if not interrupted:
         save(step, stage)
-        if accel.is_main_process:
-            export = export_folder(gen_model, run / "export" / cfg.name,
-                                   distill_base=gen_model.distilled_base)
+        export = export_run(gen_model, run / "export" / cfg.name, is_main=accel.is_main_process)
     accel.wait_for_everyone()
     accel.end_training()
     return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last,
                      main_process=bool(accel.is_main_process))
+
+
+def export_run(model: TrainableHyperLoRA, folder: Path, *, is_main: bool) -> Path | None:
+    """Export the (unwrapped) generator from the main process; every process must call it.
+
+    Under FSDP2 the parameters are shards: they are gathered first, tensor by tensor onto the CPU, by all
+    processes together; the main process exports a plain copy.  Returns the folder on the main process.
+    """
+    if engine.is_sharded(model):
+        plain = engine.plain_copy(model, engine.full_state_dict(model, device="cpu"))
+        return export_folder(plain, folder, distill_base=plain.distilled_base) if is_main else None
+    return export_folder(model, folder, distill_base=model.distilled_base) if is_main else None
 
 
 def _release_accelerator(accel: Any) -> None:
@@ -609,18 +619,21 @@ def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, no
     Base), its caption with trigger words, 20 DDIM steps (eta 0) from seeded noise, decoded by the VAE.
 
     Called every ``sample_every`` steps when CUDA is present (slow on a CPU, but it runs there too).
+    Every process must call it: the generator runs on all of them (under FSDP2 its forward gathers the
+    shards, a collective), then the main process alone runs the frozen UNet and the VAE.
     """
-    if not is_main:
-        return None
     from PIL import Image
 
     from .frozen import load_vae
 
-    vae = load_vae(Path(cfg.base_model), device=device)
     batch = collate([dataset[i] for i in range(min(count, len(dataset)))], device)
     b = batch["latents"].shape[0]
     idf, basef = model(batch["arcface"], batch["clip_id"], batch["clip_base"] if model.has_base else None,
                        want_base=model.has_base)
+    engine.reshard(model)
+    if not is_main:
+        return None
+    vae = load_vae(Path(cfg.base_model), device=device)
     terms = [LoraTerm(idf, LORA_SCALE)] + ([LoraTerm(basef, LORA_SCALE)] if basef is not None else [])
     targets = diffusers_lora_targets(unet)
     ac = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -704,5 +717,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["BatchPlan", "FitResult", "PlanSampler", "RESUME_FREE_KEYS", "Trainer", "arch_from_json", "arch_to_json",
-           "check_resume_config", "collate", "fit",
-           "load_generator_from_checkpoint", "main", "sample_images"]
+           "check_resume_config", "collate", "export_run", "fit", "load_generator_from_checkpoint", "main",
+           "sample_images"]

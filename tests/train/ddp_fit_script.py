@@ -29,7 +29,8 @@ def main() -> None:
     model = {k: v for k, v in TINY.items() if k != "clip_dim"}
     cfg = FitConfig.from_dict({"base_model": "unused", "shards": ["unused"], "out": str(out / "run"), "model": model,
                                "stages": [{"stage": 1, "steps": 2}, {"stage": 2, "steps": 2}, {"stage": 3, "steps": 2}],
-                               "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "seed": 0})
+                               "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "keep_checkpoints": 10,
+                               "seed": 0})
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     captured: dict = {}
 
@@ -38,6 +39,12 @@ def main() -> None:
         captured.update(step=step, group=dist.is_available() and dist.is_initialized())
         if captured["group"]:
             captured.update(world=dist.get_world_size(), backend=str(dist.get_backend()))
+        if "bucket_view" not in captured:      # the DDP wrapper fit's accelerator made (its options)
+            import gc
+
+            ddp = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+            captured.update(ddp=len(ddp), bucket_view=bool(ddp) and all(d.gradient_as_bucket_view for d in ddp),
+                            unused=bool(ddp) and all(d.find_unused_parameters for d in ddp))
 
     res = fit(cfg, resume=False, dataset=ToyDataset(8), unet=tiny_unet(seed=0).requires_grad_(False).eval(),
               noise_scheduler=sched, on_step=grab)

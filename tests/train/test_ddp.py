@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import skip_or_fail
 
@@ -40,6 +41,8 @@ def test_two_cpu_processes_train_one_generator(tmp_path: Path) -> None:
     for r in ranks:
         assert r["steps"] == 6 and r["step"] == 6
         assert r["group"] is True and r["world"] == 2 and r["backend"] == "gloo"
+        # one DDP wrapper, gradients as views into its buckets (no second full-size copy), unused parts allowed
+        assert r["ddp"] == 1 and r["bucket_view"] is True and r["unused"] is True
     assert ranks[0]["main"] is True and ranks[1]["main"] is False
     assert ranks[1]["export"] is None and ranks[0]["export"] is not None
     from hyperlora.checkpoint import load_hyper_lora
@@ -47,4 +50,21 @@ def test_two_cpu_processes_train_one_generator(tmp_path: Path) -> None:
     model = load_hyper_lora(Path(ranks[0]["export"]))         # one export, through the strict loader
     assert model.arch.base_rank is not None
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert checkpoints and all(p.startswith("step-") for p in checkpoints)
+    assert checkpoints == ["step-000002", "step-000004", "step-000006"]
+    # freezing per stage under DDP: after each stage (2 steps each) the parts outside it are bit-identical
+    # to the stage's start, and the stage's own parts moved
+    from safetensors.torch import load_file
+
+    from hyperlora.train.config import STAGE_PARTS
+    from hyperlora.train.hypernet import TrainableHyperLoRA, unet_modules
+    from hyperlora.train.toy.sdxl import tiny_unet
+    from tests.train.test_hypernet import TINY
+
+    start = TrainableHyperLoRA.new(unet_modules(tiny_unet(seed=0)), seed=0, **TINY)
+    prev = start.state_dict()
+    for stage, step in ((1, 2), (2, 4), (3, 6)):
+        now = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "generator.safetensors"))
+        assert set(now) == set(prev)
+        moved = {start.part_of(k) for k in now if not torch.equal(now[k], prev[k])}
+        assert moved == set(STAGE_PARTS[stage]), (stage, moved)
+        prev = now

@@ -105,3 +105,40 @@ def test_fit_toy_json_is_small_and_complete(tmp_path):
     copy.write_text((CONFIGS / "fit_toy.json").read_text(encoding="utf-8"), encoding="utf-8")
     moved = FitConfig.from_json(copy)
     assert Path(moved.base_model) == tmp_path / "toy" / "sdxl" and Path(moved.out) == tmp_path / "toy" / "run"
+
+
+def _deepspeed_plugin_as_launched(monkeypatch: pytest.MonkeyPatch, path: Path):
+    """accelerate's DeepSpeedPlugin built from the environment `accelerate launch --config_file path` sets."""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    parser, args = _launch_args("--config_file", str(path))
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)        # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    for k, v in env.items():
+        if k.startswith("ACCELERATE_"):
+            monkeypatch.setenv(k, v)
+    return DeepSpeedPlugin()
+
+
+def test_deepspeed_zero2_yaml_gets_a_micro_batch(monkeypatch: pytest.MonkeyPatch):
+    """The shipped ZeRO-2 YAML leaves train_micro_batch_size_per_gpu at "auto"; fit hands accelerate no
+    DataLoader, so accelerate.prepare would raise.  fit fills it from the fit config first (GPU-only engine:
+    the run itself is bench/engine_check.py's)."""
+    from hyperlora.errors import SettingError
+    from hyperlora.train import engine
+
+    plugin = _deepspeed_plugin_as_launched(monkeypatch, CONFIGS / "accelerate_deepspeed_zero2.yaml")
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")                # what made prepare raise
+    paper = FitConfig.from_json(CONFIGS / "fit_paper.json")
+    engine.fill_deepspeed_batch(plugin, paper.batch_size, paper.gradient_accumulation)
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.get_value("train_micro_batch_size_per_gpu") == paper.batch_size == 4
+    assert plugin.get_value("gradient_accumulation_steps") == paper.gradient_accumulation
+    with pytest.raises(SettingError, match="gradient_accumulation"):
+        engine.fill_deepspeed_batch(plugin, paper.batch_size, paper.gradient_accumulation + 1)
+    with pytest.raises(SettingError, match="batch_size"):
+        engine.fill_deepspeed_batch(plugin, paper.batch_size + 1, paper.gradient_accumulation)
