@@ -55,3 +55,11 @@ def integrity_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hyperlora_cache")
     os.environ["HYPERLORA_CACHE"] = str(folder)
     return folder
+
+
+@pytest.fixture()
+def a_file(tmp_path: Path) -> Path:
+    """A plain file, for the CLI tests that pass it where a folder goes."""
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    return path

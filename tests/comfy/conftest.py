@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.comfy.client import ComfyServer, free_port
+from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL
 from tests.conftest import ON_CI
 
 HERE = Path(__file__).resolve().parent
@@ -148,3 +149,11 @@ def pack(comfy: Any, comfy_root: Path, comfy_base: SimpleNamespace) -> SimpleNam
     ns = load_pack(comfy_root, comfy_base.base)
     ns.base = comfy_base
     return ns
+
+
+@pytest.fixture(scope="module")
+def small(pack) -> Any:
+    """The small HyperLoRA model, loaded by the Loader node in fp32 on the CPU (one per module)."""
+    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
+                                                               insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    return handle

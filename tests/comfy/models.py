@@ -81,3 +81,8 @@ def build_base(base: Path, *, cache_dir: Path, comfy: Any, repo: Path) -> Simple
     Image.fromarray(astronaut()).save(inp / "astronaut.png")
     Image.fromarray(faceless_photo()).save(inp / "noface.png")
     return SimpleNamespace(base=base, models=models, input=inp, output=base / "output")
+
+
+# The face settings the node tests pass (the nodes' defaults, spelled out)
+FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
+            det_size="640")

@@ -9,20 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL, astronaut
+from tests.comfy.models import FACE, astronaut
 
 pytestmark = pytest.mark.comfy
-
-FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
-            det_size="640")
-
-
-@pytest.fixture(scope="module")
-def small(pack) -> Any:
-    handle, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER,
-                                                               insightface=ANTELOPE, dtype="fp32", provider="CPU")
-    return handle
-
 
 @pytest.fixture(scope="module")
 def photos() -> list[torch.Tensor]:

@@ -14,13 +14,6 @@ from hyperlora.tools import download as dl
 from hyperlora.tools import refine as rf
 
 
-@pytest.fixture()
-def a_file(tmp_path: Path) -> Path:
-    path = tmp_path / "a_file"
-    path.write_text("x")
-    return path
-
-
 def test_download_models_dir_is_a_file(a_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert dl.main(["--models-dir", str(a_file), "--skip-clip", "--skip-antelopev2"]) == 1
     err = capsys.readouterr().err

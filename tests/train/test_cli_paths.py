@@ -19,13 +19,6 @@ def _one_line(err: str, prog: str) -> str:
     return lines[0]
 
 
-@pytest.fixture()
-def a_file(tmp_path: Path) -> Path:
-    path = tmp_path / "a_file"
-    path.write_text("x")
-    return path
-
-
 def test_prepare_out_is_a_file(tmp_path: Path, a_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
