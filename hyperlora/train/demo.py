@@ -5,7 +5,8 @@ Steps (each logged, long ones with a progress bar):
 1. **Models tree** in ``DIR`` (a ComfyUI ``models/`` folder): the stand-in AntelopeV2 pack in
    ``insightface/models/antelopev2/``, the tiny CLIP vision folder in ``hyper_lora/clip_vit/<name>/``
    (+ ``hyper_lora/clip_processor/<name>_processor/``), the tiny SDXL (diffusers layout) in
-   ``diffusers/hyper_lora_toy_sdxl/`` (:mod:`hyperlora.train.toy`).
+   ``diffusers/hyper_lora_toy_sdxl/`` (:mod:`hyperlora.train.toy`), its VAE with the trained decoder
+   (:mod:`hyperlora.train.toy.decoder`: trained once per machine, about 4.5 CPU-minutes, then cached).
 2. **Synthetic identities** (:mod:`hyperlora.train.toy.faces`) in ``<work>/data``: training identities with
    training photos; for every identity (training and unseen) held-out reference and evaluation photos.
 3. **prepare** (:func:`hyperlora.train.prepare.prepare`) of the training photos and of the evaluation photos
@@ -20,7 +21,9 @@ Steps (each logged, long ones with a progress bar):
 6. **Evaluation** (:mod:`hyperlora.train.evaluate`): the exported folder is loaded by the pack's loader,
    each identity's LoRA is made from its reference photos through the pack's face pipeline, and the mean
    denoising loss on the evaluation photos is printed for the unseen identities and, as the LAST line,
-   ``demo: loss own X, other Y, none Z`` for the training identities.
+   ``demo: loss own X, other Y, none Z`` for the training identities; then identity in generated pictures
+   (:mod:`hyperlora.train.idsim`, CPU DDIM samples scored by the pack's face pipeline): ``DIR/eval.png`` and
+   ``DIR/eval.json``, and the last line gains ``; id-sim own X, other Y, none Z``.
 
 ``--quick`` shrinks everything (identities, photos, steps) for tests; ``--steps`` sets the fit length.
 """

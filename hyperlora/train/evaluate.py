@@ -300,9 +300,10 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
             raise SettingError(f"--{key} is missing; give it, or --tree with a models/ folder the demo wrote.")
         if not Path(paths[key]).exists():
             raise SettingError(f"--{key} {paths[key]} does not exist; give the right path.")
-    for key, what in (("model", "--model"), ("references", "--references")):
+    for key, fix in (("model", "the trained model folder"),
+                     ("references", "the folder of reference photos (one sub-folder per identity)")):
         if not Path(getattr(args, key)).is_dir():
-            raise SettingError(f"{what} {getattr(args, key)} is not a folder; give the {'trained model folder' if key == 'model' else 'folder of reference photos (one sub-folder per identity)'}.")
+            raise SettingError(f"--{key} {getattr(args, key)} is not a folder; give {fix}.")
     return paths
 
 

@@ -154,3 +154,68 @@ def test_evaluate_cli_names_the_mistake_in_one_line(tmp_path, capsys, extra, mes
     err = capsys.readouterr().err
     assert err.startswith("evaluate: ") and err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------- the trained toy decoder
+
+RECON_MARGIN = 0.25
+"""Reconstructions must retrieve their identity 25 points above chance (the original photos: 0.67, chance 0.125)."""
+
+
+@pytest.fixture(scope="module")
+def reconstructions(tmp_path_factory):
+    """8 toy identities (2 reference + 3 held-out photos each): the held-out photos and their reconstructions
+    through the toy VAE with the trained decoder (cached; trained once per machine), scored by the pack's face
+    pipeline with the stand-in AntelopeV2 against each identity's reference embedding."""
+    from PIL import Image
+
+    from hyperlora.faces.analysis import FaceAnalyzer
+    from hyperlora.similarity import reference_from_photos
+    from hyperlora.train.idsim import image_embedding
+    from hyperlora.train.toy.decoder import cached_decoder
+    from hyperlora.train.toy.encoders import cached_antelopev2
+    from hyperlora.train.toy.faces import make_toy_dataset
+    from hyperlora.train.toy.sdxl import _calibrated_vae
+
+    root = tmp_path_factory.mktemp("recon")
+    vae = _calibrated_vae(0)
+    cached_decoder(vae, seed=0, progress=False)
+    ds = make_toy_dataset(root / "data", identities=8, unseen=0, train_per_identity=0, reference_per_identity=2,
+                          evaluate_per_identity=3, seed=5)
+    analyzer = FaceAnalyzer(cached_antelopev2(root / "antelope"))
+    refs = []
+    for n in ds.train_identities:
+        photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ds.reference / n).glob("*.png"))]
+        e = reference_from_photos(photos, analyzer=analyzer)[0].double().numpy()
+        refs.append(e / np.linalg.norm(e))
+    refs = np.stack(refs)
+    rows = {"photo": [], "recon": []}
+    for i, n in enumerate(ds.train_identities):
+        for p in sorted((ds.evaluate / n).glob("*.png")):
+            img = np.array(Image.open(p).convert("RGB"))
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+            with torch.no_grad():
+                y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            rec = ((y[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            for kind, im in (("photo", img), ("recon", rec)):
+                e = image_embedding(im, analyzer=analyzer)
+                rows[kind].append((i, None if e is None else refs @ e))
+    return rows
+
+
+def _retrieval(rows) -> float:
+    return float(np.mean([s is not None and int(np.argmax(s)) == i for i, s in rows]))
+
+
+def test_the_trained_toy_decoder_draws_faces_the_detector_finds(reconstructions):
+    assert all(s is not None for _, s in reconstructions["recon"])       # a random decoder's output: no face
+    assert _retrieval(reconstructions["photo"]) > 0.125 + RECON_MARGIN   # the scorer tells the photos apart
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured (docs/training.md, 'The toy VAE draws'): after 1,000 decoder steps the reconstructions show the "
+    "face's place, size and skin tone but not its eyes, paint or stripes; they retrieve their identity 4 of 24 "
+    "times (chance 3, the photos themselves 16) and own = other ID-sim (0.693). Until the decoder renders the "
+    "inside of the face, no generator can show identity in toy pictures."))
+def test_toy_reconstructions_keep_the_identity(reconstructions):
+    assert _retrieval(reconstructions["recon"]) > 0.125 + RECON_MARGIN

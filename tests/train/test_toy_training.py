@@ -120,6 +120,10 @@ def pictures(prepared, trained):
                                           features=features, seeds=PICTURE_SEEDS) for k in SEEDS}
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the toy decoder does not yet render what tells toy identities apart: even reconstructions of real toy photos "
+    "retrieve their identity at chance (tests/train/test_idsim.py::test_toy_reconstructions_keep_the_identity, "
+    "docs/training.md 'The toy VAE draws'), so generated pictures cannot; remove this mark when that test passes"))
 @pytest.mark.parametrize("group", ["training", "unseen"])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_identity_shows_in_generated_pictures(pictures, seed, group):
