@@ -207,7 +207,9 @@ def group_scores(sims: np.ndarray, identities: Sequence[str], group: Sequence[st
         other = np.where(counts > 0, np.nansum(others, axis=0) / np.maximum(counts, 1), np.nan)   # [S]
         ok_o = np.isfinite(own) & np.isfinite(other)
         ok_n = np.isfinite(own) & np.isfinite(none)
-        d_other.append(own[ok_o] - other[ok_o])
+        # own - other as the mean of the differences (exactly 0 when every picture is the same picture)
+        gaps = own[None] - others
+        d_other.append((np.nansum(gaps, axis=0) / np.maximum(np.isfinite(gaps).sum(axis=0), 1))[ok_o])
         d_none.append(own[ok_n] - none[ok_n])
 
         def mean(x: np.ndarray) -> float | None:

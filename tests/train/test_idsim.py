@@ -219,3 +219,44 @@ def test_the_trained_toy_decoder_draws_faces_the_detector_finds(reconstructions)
     "inside of the face, no generator can show identity in toy pictures."))
 def test_toy_reconstructions_keep_the_identity(reconstructions):
     assert _retrieval(reconstructions["recon"]) > 0.125 + RECON_MARGIN
+
+
+def test_evaluate_cli_writes_eval_json_and_png(tmp_path, capsys) -> None:
+    """End to end on the demo's tree layout (no training: a generator as fit builds it, zero up bases, so every
+    LoRA picture is the no-LoRA picture and own - other is exactly 0)."""
+    import json
+
+    from PIL import Image
+
+    from hyperlora.train import demo
+    from hyperlora.train.__main__ import main
+    from hyperlora.train.export import export_folder
+    from hyperlora.train.frozen import load_unet
+    from hyperlora.train.hypernet import TrainableHyperLoRA, unet_modules
+    from hyperlora.train.toy.faces import make_toy_dataset
+
+    tree = demo.build_tree(tmp_path / "models")
+    ds = make_toy_dataset(tmp_path / "data", identities=3, unseen=0, train_per_identity=0, reference_per_identity=1,
+                          evaluate_per_identity=0, seed=3)
+    m = demo.toy_fit_config(base_model=tree.sdxl, shards=tmp_path, out=tmp_path, name="x", stages=(1, 1, 1)).model
+    gen = TrainableHyperLoRA.new(unet_modules(load_unet(tree.sdxl)), rank=m.rank, base_rank=m.base_rank,
+                                 hyper_dim=m.hyper_dim, clip_dim=128, heads=m.heads, dim=m.dim, depth=m.depth,
+                                 dim_head=m.dim_head, ff_mult=m.ff_mult, num_id_tokens=m.num_id_tokens, seed=5)
+    model = export_folder(gen, tmp_path / "model")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(model), "--tree", str(tree.root), "--references", str(ds.reference),
+                 "--unseen", ds.train_identities[2], "--seeds", "4", "--prompt", "a portrait of a person",
+                 "--steps", "2", "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, lines
+    assert lines[0].startswith("evaluate (training, 2 identities): id-sim own ")
+    assert lines[1].startswith("evaluate (unseen, 1 identities): id-sim own ") and lines[-1].endswith("eval.png")
+    data = json.loads((out / "eval.json").read_text())
+    assert data["identities"] == ds.train_identities and data["seeds"] == [4] and data["steps"] == 2
+    assert set(data["groups"]) == {"training", "unseen"}
+    g = data["groups"]["training"]
+    assert set(g["per_identity"]) == set(ds.train_identities[:2]) and g["chance"] == pytest.approx(1 / 3)
+    if g["own"] is not None:            # a random decoder's picture may show no face at all: then no score
+        assert g["own"] == g["none"] and g["own_minus_other"] == 0.0
+    png = Image.open(out / "eval.png")
+    assert png.size[1] > 3 * 2 * 128 and png.size[0] > 4 * 2 * 128      # 3 rows, 4 columns of 256 px cells

@@ -147,4 +147,4 @@ def test_an_untrained_generator_fails_the_picture_check(prepared):
         for name, g in res.groups.items():
             assert not g.passes(retrieval_margin=RETRIEVAL_MARGIN), (random_up, name, g.line(), g.own_minus_other_ci)
             if not random_up:     # zero up bases: every LoRA picture is the no-LoRA picture
-                assert g.own == g.none and g.own_minus_other == pytest.approx(0.0, abs=1e-12)
+                assert g.own == g.none and g.own_minus_other == 0.0 and g.own_minus_other_ci == (0.0, 0.0)
