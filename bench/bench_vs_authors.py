@@ -135,7 +135,7 @@ def authors_base(base: Path, fx: Any) -> dict[str, str]:
     from transformers import CLIPVisionConfig
 
     from tests.fixtures.clip import VIT_L14
-    from hyperlora.train.toy.encoders import PROCESSOR_CONFIG
+    from hyperlora.standins import PROCESSOR_CONFIG
 
     models = base / "models"
     hl = models / "hyper_lora"

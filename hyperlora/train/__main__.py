@@ -1,7 +1,7 @@
-"""``python -m hyperlora.train {prepare,fit,export,demo} ...``: one entry point for the training tools.
+"""``python -m hyperlora.train {prepare,fit,export,evaluate,demo} ...``: one entry point for the training tools.
 
 Each subcommand's own ``--help`` lists its options; the work is done by ``prepare.main``, ``fit.main``,
-``export.main`` and ``demo.main`` (imported only when chosen, so ``--help`` is instant).
+``export.main``, ``evaluate.main`` and ``demo.main`` (imported only when chosen, so ``--help`` is instant).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ COMMANDS = {
     "prepare": ("prepare", "turn photo folders / webdataset shards into training shards"),
     "fit": ("fit", "train a generator from shards (three stages); resumes from its run folder"),
     "export": ("export", "write a run's generator as a released-layout HyperLoRA folder"),
+    "evaluate": ("evaluate", "identity in generated pictures: ID-sim and retrieval, own / other / no LoRA"),
     "demo": ("demo", "the whole pipeline at toy scale on this CPU"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m hyperlora.train {prepare,fit,export,demo} [options]", "", "commands:"]
+    lines = ["usage: python -m hyperlora.train {prepare,fit,export,evaluate,demo} [options]", "", "commands:"]
     lines += [f"  {name:8s} {what}" for name, (_, what) in COMMANDS.items()]
     lines += ["", "'python -m hyperlora.train COMMAND --help' lists a command's options."]
     return "\n".join(lines) + "\n"

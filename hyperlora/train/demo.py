@@ -5,7 +5,8 @@ Steps (each logged, long ones with a progress bar):
 1. **Models tree** in ``DIR`` (a ComfyUI ``models/`` folder): the stand-in AntelopeV2 pack in
    ``insightface/models/antelopev2/``, the tiny CLIP vision folder in ``hyper_lora/clip_vit/<name>/``
    (+ ``hyper_lora/clip_processor/<name>_processor/``), the tiny SDXL (diffusers layout) in
-   ``diffusers/hyper_lora_toy_sdxl/`` (:mod:`hyperlora.train.toy`).
+   ``diffusers/hyper_lora_toy_sdxl/`` (:mod:`hyperlora.train.toy`), its VAE with the trained decoder
+   (:mod:`hyperlora.train.toy.decoder`: trained once per machine, about 4.5 CPU-minutes, then cached).
 2. **Synthetic identities** (:mod:`hyperlora.train.toy.faces`) in ``<work>/data``: training identities with
    training photos; for every identity (training and unseen) held-out reference and evaluation photos.
 3. **prepare** (:func:`hyperlora.train.prepare.prepare`) of the training photos and of the evaluation photos
@@ -20,7 +21,9 @@ Steps (each logged, long ones with a progress bar):
 6. **Evaluation** (:mod:`hyperlora.train.evaluate`): the exported folder is loaded by the pack's loader,
    each identity's LoRA is made from its reference photos through the pack's face pipeline, and the mean
    denoising loss on the evaluation photos is printed for the unseen identities and, as the LAST line,
-   ``demo: loss own X, other Y, none Z`` for the training identities.
+   ``demo: loss own X, other Y, none Z`` for the training identities; then identity in generated pictures
+   (:mod:`hyperlora.train.idsim`, CPU DDIM samples scored by the pack's face pipeline): ``DIR/eval.png`` and
+   ``DIR/eval.json``, and the last line gains ``; id-sim own X, other Y, none Z``.
 
 ``--quick`` shrinks everything (identities, photos, steps) for tests; ``--steps`` sets the fit length.
 """
@@ -43,6 +46,7 @@ from torch import nn
 
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..spec import ANTELOPE_DIR, HYPER_LORA_DIR, clip_dir, clip_processor_dir, model_dir
+from .idsim import write_report
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +206,7 @@ class DemoResult:
     training: Any       # evaluate.GroupLoss
     unseen: Any         # evaluate.GroupLoss or None
     seconds: float
+    pictures: Any = None   # idsim.PictureEval (identity in generated pictures)
 
 
 def prepare_toy(out: Path, *, work: Path | None = None, size: DemoSize = FULL, seed: int = 0,
@@ -219,6 +224,10 @@ def prepare_toy(out: Path, *, work: Path | None = None, size: DemoSize = FULL, s
 
     log.info("demo 1/6: models tree in %s", out)
     tree = build_tree(out, seed=seed)
+    from .toy.decoder import install_decoder
+
+    cached = install_decoder(tree.sdxl, seed=seed, progress=progress)
+    log.info("toy VAE decoder trained to draw toy portraits (encoder unchanged): %s", cached)
 
     log.info("demo 2/6: synthetic identities in %s", work / "data")
     if (work / "data").exists():
@@ -355,9 +364,28 @@ def run_demo(out: Path, *, work: Path | None = None, size: DemoSize = FULL, stag
         shutil.rmtree(export)
     shutil.copytree(trained, export)
     log.info("exported %s", export)
-    res = evaluate_toy(prep, export, seed=seed)
+    features = reference_features(prep)
+    res = evaluate_toy(prep, export, features=features, seed=seed)
+    pictures = evaluate_pictures_toy(prep, export, features=features)
+    write_report(pictures, out)
     return DemoResult(tree=prep.tree, export=export, training=res["training"], unseen=res.get("unseen"),
-                      seconds=time.monotonic() - start)
+                      seconds=time.monotonic() - start, pictures=pictures)
+
+
+def evaluate_pictures_toy(prep: Prepared, export: Path, *, features: dict[str, Any] | None = None,
+                          seeds: tuple[int, ...] | None = None) -> Any:
+    """Identity in generated pictures (:func:`hyperlora.train.idsim.evaluate_pictures`) of the toy's training and
+    unseen identities, through the demo tree's models and the pre-trained base UNet; an ``idsim.PictureEval``."""
+    from .idsim import DEFAULT_SEEDS, evaluate_pictures
+
+    log.info("demo: identity in generated pictures (own LoRA / another identity's / none)")
+    groups = {"training": prep.data.train_identities}
+    if len(prep.data.unseen_identities) >= 1:
+        groups["unseen"] = prep.data.unseen_identities
+    return evaluate_pictures(export, base=prep.tree.sdxl, antelope=prep.tree.antelope, clip=prep.tree.clip,
+                             clip_processor=prep.tree.clip_processor, references=prep.data.reference, groups=groups,
+                             seeds=seeds or DEFAULT_SEEDS, unet=prep.unet,
+                             features=features if features is not None else reference_features(prep))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,13 +427,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("demo: interrupted\n")
         return 130
     sys.stdout.write(f"demo: models tree in {res.tree.root} (model {res.export.name}); {res.seconds:.0f} s\n")
+    if res.pictures is not None:
+        sys.stdout.write(f"demo: identity in pictures: eval.png and eval.json in {res.tree.root}\n")
     if res.unseen is not None:
-        sys.stdout.write(res.unseen.line("demo (unseen identities)") + "\n")
-    sys.stdout.write(res.training.line("demo") + "\n")
+        line = res.unseen.line("demo (unseen identities)")
+        if res.pictures is not None and "unseen" in res.pictures.groups:
+            line += "; " + res.pictures.groups["unseen"].line("id-sim")
+        sys.stdout.write(line + "\n")
+    last = res.training.line("demo")
+    if res.pictures is not None:
+        last += "; " + res.pictures.groups["training"].line("id-sim")
+    sys.stdout.write(last + "\n")
     sys.stdout.flush()
     return 0
 
 
 __all__ = ["CLIP_NAME", "DEMO_MIN_SIDE", "DemoResult", "DemoSize", "FIT_OVERRIDES", "FULL", "MODEL_NAME", "Prepared", "QUICK", "SDXL_NAME",
-           "Tree", "build_parser", "build_tree", "evaluate_toy", "main", "prepare_toy", "pretrain_unet",
+           "Tree", "build_parser", "build_tree", "evaluate_pictures_toy", "evaluate_toy", "main", "prepare_toy", "pretrain_unet",
            "reference_features", "run_demo", "toy_fit_config", "train_seeds", "train_toy"]

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.comfy
 
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="error",
             det_size="640")
-LAST_LINE = re.compile(r"^demo: loss own (\d+\.\d+), other (\d+\.\d+), none (\d+\.\d+)$")
+LAST_LINE = re.compile(r"^demo: loss own (\d+\.\d+), other (\d+\.\d+), none (\d+\.\d+); "
+                       r"id-sim own (-?\d+\.\d+|nan), other (-?\d+\.\d+|nan), none (-?\d+\.\d+|nan)$")
 
 
 def comfy_unet_config(diffusers_config: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +81,9 @@ def registered(pack, demo_tree) -> Any:
 def test_demo_prints_the_loss_lines_last(demo_tree):
     assert LAST_LINE.match(demo_tree.lines[-1]), demo_tree.lines[-3:]
     assert demo_tree.lines[-2].startswith("demo (unseen identities): loss own ")
-    own, other, none = (float(v) for v in LAST_LINE.match(demo_tree.lines[-1]).groups())
+    own, other, none = (float(v) for v in LAST_LINE.match(demo_tree.lines[-1]).groups()[:3])
     assert all(np.isfinite([own, other, none])) and min(own, other, none) > 0
+    assert (demo_tree.root / "eval.png").is_file() and (demo_tree.root / "eval.json").is_file()
 
 
 def test_tree_layout(demo_tree):

@@ -6,6 +6,12 @@ One toy set-up for the module: the demo's own (:data:`hyperlora.train.demo.FULL`
 stages, :data:`hyperlora.train.demo.FIT_OVERRIDES`) once per seed, two seeds at once in two processes;
 evaluation through the exported folder, the pack's loader and face pipeline (:mod:`hyperlora.train.evaluate`).
 About ten minutes of the suite on two cores.
+
+The same two trained generators are then judged as the paper judges them, by identity in generated pictures
+(:mod:`hyperlora.train.idsim`: samples with the own LoRA, the other identities' and none, the same noise,
+scored by the pack's face pipeline), over :data:`PICTURE_SEEDS` noise seeds x 3 prompts, on the training
+identities and the unseen ones; untrained generators must fail the same check.  No extra training: the
+pictures come from the exports the loss check already made.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ between conditions (same photos, noise and timesteps under every LoRA; an untrai
 equal losses), and the trained toy measures 0.15-0.26 % (docs/training.md, "The toy result")."""
 
 
+PICTURE_SEEDS = (0, 1, 2)
+"""Noise seeds of the picture check (each with the 3 default prompts: 9 pictures per identity and condition)."""
+RETRIEVAL_MARGIN = 0.1
+"""Own-LoRA pictures must retrieve their identity (top-1 among the 11) at least 10 points above chance (1/11)."""
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     if accelerate is None or diffusers is None:
@@ -45,7 +57,7 @@ def trained(prepared):
     return demo.train_seeds(prep, root / "runs", SEEDS, stages=size.stages, processes=len(SEEDS), features=features)
 
 
-def _untrained(prepared, *, random_up: bool):
+def _untrained_export(prepared, *, random_up: bool):
     """A generator as fit builds it (zero ``up`` bases), or with random ``up`` bases too: untrained either way."""
     from hyperlora.train.export import export_folder
     from hyperlora.train.hypernet import TrainableHyperLoRA, unet_modules
@@ -64,7 +76,12 @@ def _untrained(prepared, *, random_up: bool):
                 down = getattr(gen, group.down_buffer)
                 up.copy_(torch.randn(up.shape, generator=g) * float(down.std()))
     name = "untrained_random" if random_up else "untrained"
-    export = export_folder(gen, root / name)
+    return export_folder(gen, root / name)
+
+
+def _untrained(prepared, *, random_up: bool):
+    demo, prep, size, features, root = prepared
+    export = _untrained_export(prepared, random_up=random_up)
     return demo.evaluate_toy(prep, export, features=features, seed=0)["training"]
 
 
@@ -91,3 +108,43 @@ def test_an_untrained_generator_fails_the_same_check(prepared):
     rand = _untrained(prepared, random_up=True)
     assert rand.own != rand.none                             # it does change the UNet ...
     assert not margin_ok(rand, margin=MARGIN), rand.line("untrained")   # ... but not towards the identity
+
+
+# --------------------------------------------------------------------------------- identity in pictures
+
+
+@pytest.fixture(scope="module")
+def pictures(prepared, trained):
+    demo, prep, size, features, root = prepared
+    return {k: demo.evaluate_pictures_toy(prep, root / "runs" / f"seed{k}" / "export" / demo.MODEL_NAME,
+                                          features=features, seeds=PICTURE_SEEDS) for k in SEEDS}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the toy decoder does not yet render what tells toy identities apart: even reconstructions of real toy photos "
+    "retrieve their identity at chance (tests/train/test_idsim.py::test_toy_reconstructions_keep_the_identity, "
+    "docs/training.md 'The toy VAE draws'), so generated pictures cannot; remove this mark when that test passes"))
+@pytest.mark.parametrize("group", ["training", "unseen"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_identity_shows_in_generated_pictures(pictures, seed, group):
+    res = pictures[seed]
+    g = res.groups[group]
+    assert g.identities == (res.identities[:8] if group == "training" else res.identities[8:])
+    assert g.chance == pytest.approx(1 / 11) and g.faces > 0.8, g.faces      # the trained decoder draws faces
+    assert all(s.pairs == len(PICTURE_SEEDS) * 3 for s in g.per_identity.values())
+    summary = (f"seed {seed} {group}: {g.line()}; own-other {g.own_minus_other:+.4f} CI {g.own_minus_other_ci}; "
+               f"retrieval own {g.retrieval_own:.2f} other {g.retrieval_other:.2f} none {g.retrieval_none:.2f}")
+    assert g.own_minus_other_ci[0] > 0, summary
+    assert g.retrieval_own > g.chance + RETRIEVAL_MARGIN, summary
+    assert g.passes(retrieval_margin=RETRIEVAL_MARGIN)
+
+
+def test_an_untrained_generator_fails_the_picture_check(prepared):
+    demo, prep, size, features, root = prepared
+    for random_up in (False, True):
+        res = demo.evaluate_pictures_toy(prep, _untrained_export(prepared, random_up=random_up), features=features,
+                                         seeds=PICTURE_SEEDS)
+        for name, g in res.groups.items():
+            assert not g.passes(retrieval_margin=RETRIEVAL_MARGIN), (random_up, name, g.line(), g.own_minus_other_ci)
+            if not random_up:     # zero up bases: every LoRA picture is the no-LoRA picture
+                assert g.own == g.none and g.own_minus_other == 0.0 and g.own_minus_other_ci == (0.0, 0.0)
