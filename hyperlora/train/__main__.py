@@ -1,7 +1,7 @@
 """``python -m hyperlora.train {prepare,fit,export,evaluate,demo} ...``: one entry point for the training tools.
 
 Each subcommand's own ``--help`` lists its options; the work is done by ``prepare.main``, ``fit.main``,
-``export.main``, ``evaluate.main`` and ``demo.main`` (imported only when chosen, so ``--help`` is instant).
+``export.main``, ``evaluate_cli.main`` and ``demo.main`` (imported only when chosen, so ``--help`` is instant).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ COMMANDS = {
     "prepare": ("prepare", "turn photo folders / webdataset shards into training shards"),
     "fit": ("fit", "train a generator from shards (three stages); resumes from its run folder"),
     "export": ("export", "write a run's generator as a released-layout HyperLoRA folder"),
-    "evaluate": ("evaluate", "identity in generated pictures: ID-sim and retrieval, own / other / no LoRA"),
+    "evaluate": ("evaluate_cli", "identity in generated pictures: ID-sim and retrieval, own / other / no LoRA"),
     "demo": ("demo", "the whole pipeline at toy scale on this CPU"),
 }
 
