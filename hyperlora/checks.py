@@ -18,6 +18,8 @@ from typing import Any
 from .errors import SettingError
 
 MAX_STRENGTH = 4.0
+MAX_SLIDER_STRENGTH = 10.0
+"""The Concept Slider's bound: its LoRA is a difference of two identities' LoRAs, so it is used at larger strengths."""
 """Largest magnitude of every LoRA strength and block multiplier (Apply, Apply from Images, Identity on
 Prompt, Refine Identity, the block inputs): 4 x a released LoRA already changes weights far past anything
 useful; a number fed through a link (ComfyUI checks only typed-in values) is refused past it."""
@@ -98,15 +100,16 @@ def check_finite(value: Any, setting: str, *, where: str = "", low: float | None
         f"weight into NaN and the image comes out black).{link}")
 
 
-def check_strength(value: Any, setting: str = "strength", *, where: str = "") -> float:
+def check_strength(value: Any, setting: str = "strength", *, where: str = "", limit: float = MAX_STRENGTH) -> float:
     """``value`` as a float if it is a finite number from ``-MAX_STRENGTH`` to ``MAX_STRENGTH``, else
     :class:`SettingError` naming ``setting`` (and ``where``, a node's name).  The one rule for every strength
-    and block multiplier: a strength of 1e9 from a link would otherwise multiply each weight change by 1e9."""
-    number = check_finite(value, setting, where=where, low=-MAX_STRENGTH, high=MAX_STRENGTH)
-    if abs(number) > MAX_STRENGTH:
+    and block multiplier: a strength of 1e9 from a link would otherwise multiply each weight change by 1e9.
+    ``limit`` is :data:`MAX_STRENGTH` except for the Concept Slider (:data:`MAX_SLIDER_STRENGTH`)."""
+    number = check_finite(value, setting, where=where, low=-limit, high=limit)
+    if abs(number) > limit:
         prefix = f"{where}: " if where else ""
         link = f" If a link feeds {setting}, check the node it comes from." if where else ""
-        raise SettingError(f"{prefix}{setting} is {number:g}; use a number from {-MAX_STRENGTH:g} to {MAX_STRENGTH:g} "
+        raise SettingError(f"{prefix}{setting} is {number:g}; use a number from {-limit:g} to {limit:g} "
                            f"(1 = as released, 0 = off; 0.75-0.85 is typical for a strength).{link}")
     return number
 

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from ..hyperlora.bundle import concept_slider, mix_identities
+from ..hyperlora.checks import MAX_SLIDER_STRENGTH, check_strength
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt, expect_handle,
-                     expect_identity, mappings)
+                     display_name, expect_identity, mappings, node_id)
 
 MAX_IDENTITIES = 4
 WEIGHT_TOOLTIP = "Share of this identity. Weights need not sum to 1; negative values push away from it."
@@ -76,11 +77,13 @@ class HyperLoRAStudioConceptSlider:
             "hyper_lora": (STUDIO_MODEL, {"tooltip": "The model from HyperLoRA Studio Loader that made both identities."}),
             "edited": (STUDIO_IDENTITY, {"tooltip": "Identity of the edited photo (with the concept)."}),
             "original": (STUDIO_IDENTITY, {"tooltip": "Identity of the original photo (without it)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+            "strength": ("FLOAT", {"default": 1.0, "min": -MAX_SLIDER_STRENGTH, "max": MAX_SLIDER_STRENGTH, "step": 0.05,
                                    "tooltip": "Signed strength: positive adds the concept, negative removes it."}),
         }}
 
     def run(self, hyper_lora: HyperLoRAHandle, edited: Any, original: Any, strength: float) -> tuple[dict[str, torch.Tensor]]:
+        strength = check_strength(strength, where=f"{display_name('Concept Slider')} ({node_id('ConceptSlider')})",
+                                  limit=MAX_SLIDER_STRENGTH)
         hyper_lora = expect_handle(hyper_lora)
         edited, original = expect_identity(edited, "edited"), expect_identity(original, "original")
         check_interrupt()

@@ -210,3 +210,15 @@ def test_saved_files_get_the_mode_of_comfyuis_own_outputs(pack, unit_identity, l
         [entry] = run("inputs/mode")["ui"]["hyper_lora_files"]
         path = os.path.join(cls.output_folder(), "inputs", entry["filename"])
         assert os.stat(path).st_mode & 0o777 == expected, node_id
+
+
+def test_the_concept_sliders_strength_follows_the_same_rule_with_its_own_bound(pack, small, unit_identity):
+    """The slider's strength goes through checks.check_strength too, with its wider documented bound (10)."""
+    node = pack.nodes["HyperLoRAStudioConceptSlider"]()
+    with pytest.raises(pack.errors.SettingError, match=r"Concept Slider \(HyperLoRAStudioConceptSlider\): strength is "
+                                                       r"1e\+09; use a number from -10 to 10"):
+        node.run(small, unit_identity, unit_identity, 1e9)
+    (lora,) = node.run(small, unit_identity, unit_identity, -10.0)
+    assert lora and all(torch.isfinite(t).all() for t in lora.values())
+    spec = pack.nodes["HyperLoRAStudioConceptSlider"].INPUT_TYPES()["required"]["strength"][1]
+    assert (spec["min"], spec["max"]) == (-10.0, 10.0)
