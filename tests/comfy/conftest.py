@@ -119,6 +119,18 @@ def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The SDXL server serves this tier only: after the tier's last test it is stopped, so the core and training
+    tiers that follow get its memory (about 12 GB) and CPU back. Its fixture's own teardown stops it again (a no-op)."""
+    here = Path(__file__).resolve().parent
+    if nextitem is not None and Path(str(nextitem.path)).resolve().is_relative_to(here):
+        return
+    for server, sampler in _servers:
+        sampler.stop()
+        server.stop()
+
+
 def _over_limit() -> list[str]:
     from tests.comfy.memory import GB
 
