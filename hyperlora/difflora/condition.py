@@ -119,6 +119,20 @@ def _check_finite(t: Tensor, what: str, fix: str) -> None:
         raise ImageInputError(f"{what} contain NaN or infinite values; {fix}")
 
 
+def _mean_unit(e: Tensor, w: Tensor) -> Tensor:
+    """``e [N, A]``, ``w [N]`` -> the L2-normalised weighted mean of the L2-normalised rows ``[A]``: the maths
+    of :func:`hyperlora.identity.mean_face_embedding` (which it calls for A = 512), for any width A."""
+    if e.shape[1] == FACE_EMBEDDING_DIM:
+        return mean_face_embedding(e, w.tolist())
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    mean = (w[:, None] * e).sum(0)
+    norm = float(mean.norm())
+    if not norm > 1e-6:
+        raise ImageInputError("MIF: the weighted mean of the ArcFace embeddings is zero (opposite faces); "
+                              "give positive weights or other photos.")
+    return mean / norm
+
+
 def pool_clip_tokens(clip_features: Tensor, spec: MifSpec) -> Tensor:
     """CLIP hidden states ``[N, 1 + P*P, E]`` -> the kept tokens ``[N, clip_tokens, E]`` float32.
 
@@ -166,7 +180,7 @@ def mixed_image_features(id_embeds: Tensor, clip_features: Tensor | None, spec: 
     if not bool((e.norm(dim=1) > 0).all()):
         raise ImageInputError("MIF: an ArcFace embedding (id_embeds) is all zero; drop that photo or run the face "
                               "analysis again.")
-    face = mean_face_embedding(e, w.tolist())
+    face = _mean_unit(e, w)
     if spec.clip_tokens == 0:
         return RawMif(face=face, clip=None)
     e_dim = spec.clip_dim
