@@ -2,7 +2,7 @@
 
 The paper names the condition "mixed image features": face features and general image features of the
 reference photos, integrated.  It says nothing more; everything below is our choice (documented in
-``docs/difflora.md``).  The inputs are what the pack's face pipeline already makes
+``docs/difflora-dit.md``).  The inputs are what the pack's face pipeline already makes
 (:class:`hyperlora.pipeline.FaceConditions`), so no new encoder is loaded:
 
 * **ArcFace** ``id_embeds [N, 512]``: one L2-normalised AntelopeV2 embedding per photo.  Averaged as the pack

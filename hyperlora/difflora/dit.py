@@ -238,7 +238,8 @@ def flops_per_step(config: DitConfig, batch: int = 1, *, guided: bool = False) -
 
     Counted as ``torch.utils.flop_counter`` counts: 2 per multiply-add of every matrix product (linear layers,
     attention scores and the attention-weighted sum); elementwise work (norms, softmax, activations,
-    modulation, biases) is not counted (it is under 2 % at the default size).  The condition encoder runs once
+    modulation, biases) is not counted (a few operations per activation against about W per activation for the
+    matrix products, so a small fraction at any useful width).  The condition encoder runs once
     per sample, not per step, and is not included.  Per sample, with T tokens, C channels, W width, M and D
     the condition tokens and width, H the MLP width:
 

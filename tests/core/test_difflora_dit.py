@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hyperlora.difflora.condition import MifEncoder, MifSpec, RawMif, mixed_image_features, stack_mifs
+from hyperlora.difflora.condition import MifEncoder, MifSpec, mixed_image_features, stack_mifs
 from hyperlora.difflora.diffusion import sample, training_loss
 from hyperlora.difflora.dit import DitConfig, LatentDiT, flops_per_step, timestep_embedding
 from hyperlora.errors import ImageInputError, SettingError
@@ -87,6 +87,7 @@ def test_mif_encoder_shapes_null_and_spec_json():
     assert MifSpec.from_dict(json.loads(json.dumps(SPEC.to_dict()))) == SPEC
     assert DitConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
     assert SPEC.clip_grid == 2 and MifSpec().num_tokens == 9 and MifSpec().clip_dim == 1024
+    assert (DitConfig().cond_tokens, DitConfig().cond_dim) == (MifSpec().num_tokens, MifSpec().width)   # defaults fit
 
 
 def test_mif_errors_name_the_input_and_the_fix():
