@@ -253,7 +253,7 @@ class MifEncoder(nn.Module):
         if not isinstance(face, Tensor) or face.dim() != 2 or face.shape[1] != spec.arcface_dim or face.shape[0] == 0:
             raise ImageInputError(f"MIF encoder: the face input must be [B, {spec.arcface_dim}] (a batch of mean ArcFace "
                                   f"embeddings from mixed_image_features), got {_shape(face)}.")
-        _check_finite(face, "MIF encoder: the face input", "rebuild the MIF from the photos.")
+        _check_finite(face, "MIF encoder: the face input values", "rebuild the MIF from the photos.")
         b = face.shape[0]
         param = self.face_proj.weight
         face = face.to(device=param.device, dtype=param.dtype)
@@ -264,7 +264,7 @@ class MifEncoder(nn.Module):
                 raise ImageInputError(
                     f"MIF encoder: the CLIP input must be [{b}, {spec.clip_tokens}, {spec.clip_dim}] (pooled tokens from "
                     f"mixed_image_features with the same MifSpec), got {_shape(clip) if clip is not None else 'None'}.")
-            _check_finite(clip, "MIF encoder: the CLIP input", "rebuild the MIF from the photos.")
+            _check_finite(clip, "MIF encoder: the CLIP input values", "rebuild the MIF from the photos.")
             clip = clip.to(device=param.device, dtype=param.dtype)
             parts.append(self.clip_proj(self.clip_norm(clip)))
         elif clip is not None:

@@ -111,6 +111,13 @@ def test_mif_errors_name_the_input_and_the_fix():
         mixed_image_features(_unit(3, 8, 0), torch.randn(3, 17, 12), SPEC, weights=[1.0, 2.0])
     with pytest.raises(ImageInputError, match=r"CLIP input must be \[2, 5, 12\]"):
         MifEncoder(SPEC)(_unit(2, 8, 0), torch.randn(2, 4, 12))
+    nan_face = _unit(2, 8, 0)
+    nan_face[1, 3] = float("nan")
+    with pytest.raises(ImageInputError, match=r"face input values contain NaN.*rebuild the MIF"):
+        MifEncoder(SPEC)(nan_face, torch.randn(2, 5, 12))
+    with pytest.raises(ImageInputError, match=r"some identities have CLIP tokens and some do not"):
+        stack_mifs([mixed_image_features(_unit(1, 8, 0), torch.randn(1, 17, 12), SPEC),
+                    mixed_image_features(_unit(1, 8, 0), None, MifSpec(arcface_dim=8, clip_tokens=0))])
     with pytest.raises(SettingError, match=r"clip_tokens is 4; use 0 .* 1 \+ g\*g"):
         MifSpec(clip_tokens=4)
     with pytest.raises(SettingError, match=r"width 30 is not divisible by heads 4"):
@@ -139,6 +146,10 @@ def test_dit_shapes_and_zero_initialised_output():
         model(torch.randn(3, 5, 8), torch.rand(3), cond)
     with pytest.raises(SettingError, match=r"condition must be \[3, 7, 16\]"):
         model(x, torch.rand(3), cond[:, :6])
+    with pytest.raises(SettingError, match=r"time must be a float vector \[3\] in \[0, 1\]"):
+        model(x, torch.tensor([1, 2, 3]), cond)
+    with pytest.raises(SettingError, match=r"drop_mask must be a bool vector \[3\]"):
+        model(x, torch.rand(3), cond, torch.tensor([1, 0, 1]))
 
 
 def test_timestep_embedding_equals_a_slow_reference():
