@@ -21,7 +21,7 @@ reference photos, integrated.  It says nothing more; everything below is our cho
   Each kept token is averaged over the photos (optionally weighted), like the ArcFace embedding.
 
 :func:`mixed_image_features` turns one identity's pipeline outputs into a :class:`RawMif` (``face [A]``,
-``clip [Mc, E]``); :func:`stack_mifs` batches several; :class:`MifEncoder` (trained with the DiT) maps a
+``clip [Mc, E]``; :func:`mif_from_conditions` takes a ``FaceConditions`` whole); :func:`stack_mifs` batches several; :class:`MifEncoder` (trained with the DiT) maps a
 batch to condition tokens ``[B, M, D]`` and owns the learned **null condition** ``[M, D]`` used for condition
 dropout, classifier-free guidance and unconditional sampling ("a person who does not exist").
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from torch import Tensor, nn
 from ..errors import ImageInputError, SettingError
 from ..identity import mean_face_embedding
 from ..spec import FACE_EMBEDDING_DIM, VIT_L14_WIDTH
+
+if TYPE_CHECKING:                      # only for the annotation: the pipeline (face analysis) is not imported here
+    from ..pipeline import FaceConditions
 
 DEFAULT_CLIP_GRID = 2
 """Default g: the CLIP patch grid is average-pooled to g x g tokens (plus the class token)."""
@@ -205,6 +208,20 @@ def mixed_image_features(id_embeds: Tensor, clip_features: Tensor | None, spec: 
                   "encode the photos again (fp16 overflow: run the CLIP encoder in fp32 or bf16).")
     clip = (w[:, None, None] * tokens).sum(0) / w.sum()
     return RawMif(face=face, clip=clip)
+
+
+def mif_from_conditions(conditions: FaceConditions, spec: MifSpec, *,
+                        weights: Sequence[float] | None = None) -> RawMif:
+    """The MIF of one identity straight from :func:`hyperlora.pipeline.extract_conditions`' result
+    (``id_embeds [N, 512]``, ``clip_features [N, 257, E]``): :func:`mixed_image_features` of its fields."""
+    if conditions.id_embeds is None:
+        raise ImageInputError("MIF: these face conditions hold no ArcFace embeddings; extract them with "
+                              "need_id=True (DiffLoRA reads the face embedding of every photo).")
+    if spec.clip_tokens and conditions.clip_features is None:
+        raise ImageInputError("MIF: these face conditions hold no CLIP features; extract them with need_clip=True "
+                              "and a CLIP vision encoder (the MIF spec uses CLIP tokens).")
+    return mixed_image_features(conditions.id_embeds, conditions.clip_features if spec.clip_tokens else None,
+                                spec, weights=weights)
 
 
 def stack_mifs(mifs: Sequence[RawMif]) -> RawMif:

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hyperlora.difflora.condition import MifEncoder, MifSpec, mixed_image_features, stack_mifs
+from hyperlora.difflora.condition import (MifEncoder, MifSpec, mif_from_conditions, mixed_image_features,
+                                         stack_mifs)
 from hyperlora.difflora.diffusion import sample, training_loss
 from hyperlora.difflora.dit import DitConfig, LatentDiT, flops_per_step, timestep_embedding
 from hyperlora.errors import ImageInputError, SettingError
+from hyperlora.pipeline import FaceConditions
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -72,6 +74,16 @@ def test_mif_from_the_pack_clip_encoder_and_its_pooling(clip):
     ref = [feats[:, 0]] + [grid[:, 8 * r:8 * r + 8, 8 * c:8 * c + 8].mean(dim=(1, 2)) for r in range(2) for c in range(2)]
     ref = torch.stack(ref, dim=1)                                           # [3, 5, 128]
     torch.testing.assert_close(mif.clip, (w[:, None, None] * ref).sum(0) / w.sum(), rtol=1e-5, atol=1e-5)
+    cond = FaceConditions(id_embeds=embeds, clip_features=feats, base_clip_features=None, crops=[], used=[0, 1, 2],
+                          skipped=[])
+    from_cond = mif_from_conditions(cond, spec, weights=weights)
+    assert torch.equal(from_cond.face, mif.face) and torch.equal(from_cond.clip, mif.clip)
+    cond.clip_features = None
+    with pytest.raises(ImageInputError, match=r"no CLIP features; extract them with need_clip=True"):
+        mif_from_conditions(cond, spec)
+    cond.id_embeds = None
+    with pytest.raises(ImageInputError, match=r"no ArcFace embeddings; extract them with need_id=True"):
+        mif_from_conditions(cond, spec)
     only_cls = mixed_image_features(embeds, feats, MifSpec(clip_dim=128, clip_tokens=1))
     torch.testing.assert_close(only_cls.clip, feats[:, :1].mean(0))
     assert mixed_image_features(embeds, None, MifSpec(clip_tokens=0)).clip is None
