@@ -27,6 +27,15 @@ from hyperlora.lora import lora_delta
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is several times faster than two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_lora(layout: LoraLayout, gen: torch.Generator, *, alpha: float | None = None,
                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -200,3 +209,204 @@ def test_product_sq_error_gradient_matches_reference():
     ((ua @ da - ub @ db) ** 2).sum().backward()
     torch.testing.assert_close(g_fast[0], ub.grad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g_fast[1], db.grad, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- the LAE
+
+from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder  # noqa: E402
+from hyperlora.errors import SettingError  # noqa: E402
+
+SMALL = LaeConfig(latent_channels=8, width=32, depth=1, heads=4)
+
+
+def test_lae_config_json_round_trip_and_refusals():
+    cfg = LaeConfig(tokens_per_module=2, latent_channels=4, width=48, depth=3, heads=6, share_projections=True,
+                    regulariser="latent_norm", regulariser_weight=0.01)
+    assert LaeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert LaeConfig.from_dict({}) == LaeConfig()
+    with pytest.raises(SettingError, match=r"unknown field\(s\) \['latent_size'\]"):
+        LaeConfig.from_dict({"latent_size": 4})
+    with pytest.raises(SettingError, match="width \\(30\\) must be divisible by heads \\(4\\)"):
+        LaeConfig(width=30, heads=4)
+    with pytest.raises(SettingError, match="regulariser is 'l1'"):
+        LaeConfig(regulariser="l1")
+    with pytest.raises(SettingError, match="depth is 0"):
+        LaeConfig(depth=0)
+
+
+def test_lae_shapes_mixed_ranks_shared_projections_and_lora_output():
+    layout = LoraLayout((LoraModule("lora_a", 16, 24, 4), LoraModule("lora_b", 16, 24, 4),
+                         LoraModule("lora_c", 8, 12, 2)))
+    gen = torch.Generator().manual_seed(8)
+    loras = [_random_lora(layout, gen, alpha=1.0) for _ in range(3)]
+    torch.manual_seed(0)
+    own = LoraAutoencoder(LaeConfig(tokens_per_module=2, latent_channels=5, width=32, depth=1, heads=4), layout)
+    shared = LoraAutoencoder(LaeConfig(tokens_per_module=2, latent_channels=5, width=32, depth=1, heads=4,
+                                       share_projections=True), layout)
+    assert len(own.enc_in) == 3 and len(shared.enc_in) == 2  # lora_a and lora_b share one map
+    n_own = sum(p.numel() for p in own.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert n_own - n_shared == (40 * 32 + 32) + (32 * 40 + 40)  # one input map and one head fewer
+    for lae in (own, shared):
+        z = lae.encode(loras)
+        assert z.shape == (3, 6, 5) and lae.num_tokens == 6
+        fs = lae.decode(z)
+        assert [tuple(u.shape) for u, _ in fs] == [(3, 16, 4), (3, 16, 4), (3, 8, 2)]
+        assert [tuple(d.shape) for _, d in fs] == [(3, 4, 24), (3, 4, 24), (3, 2, 12)]
+        out = lae.decode_loras(z)
+        assert len(out) == 3
+        for lora in out:
+            layout.check(lora)
+        with pytest.raises(LoraError, match=r"decodes latents \[B, 6, 5\], got \[3, 3, 5\]"):
+            lae.decode(z[:, :3])
+    with pytest.raises(LoraError, match="no 'lora_c.lora_down.weight'"):
+        own.encode([{k: v for k, v in loras[0].items() if not k.startswith("lora_c")}])
+
+
+def test_lae_latent_is_invariant_to_refactorisation_and_alpha():
+    gen = torch.Generator().manual_seed(9)
+    lora = _random_lora(LAYOUT, gen, alpha=2.0, dtype=F64)
+    torch.manual_seed(1)
+    lae = LoraAutoencoder(SMALL, LAYOUT).double()
+    z = lae.encode([lora])
+    # the same dW with alpha = rank and a refactorised (up M, M^-1 down)
+    other: dict[str, torch.Tensor] = {}
+    for m in LAYOUT.modules:
+        up, down = factors(lora, LAYOUT)[LAYOUT.prefixes.index(m.prefix)]
+        up2, down2 = _refactor(up, down, gen)
+        other.update({m.prefix + ".lora_up.weight": up2, m.prefix + ".lora_down.weight": down2,
+                      m.prefix + ".alpha": torch.tensor(float(m.rank), dtype=F64)})
+    torch.testing.assert_close(lae.encode([other]), z, rtol=1e-8, atol=1e-8)
+    # a genuinely different LoRA does get another latent
+    assert float((lae.encode([_random_lora(LAYOUT, gen, dtype=F64)]) - z).detach().abs().max()) > 1e-3
+
+
+def test_lae_loss_matches_full_matrix_reference():
+    gen = torch.Generator().manual_seed(10)
+    loras = [_random_lora(LAYOUT, gen, alpha=8.0, dtype=F64) for _ in range(4)]
+    torch.manual_seed(2)
+    lae = LoraAutoencoder(LaeConfig(latent_channels=8, width=32, depth=1, heads=4, regulariser="none"),
+                          LAYOUT).double()
+    lae.calibrate(loras)
+    lae.eval()
+    got = lae.loss(loras)
+    rec = lae.decode(lae.encode(loras))
+    ref = []
+    for m, (u, d) in zip(LAYOUT.modules, rec):
+        for b, lora in enumerate(loras):
+            target = lora_delta(lora, m.prefix)
+            ref.append(((target - u[b] @ d[b]) ** 2).sum() / (target ** 2).sum())
+    torch.testing.assert_close(got.reconstruction, torch.stack(ref).mean(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.total, got.reconstruction)
+    assert float(got.regulariser) == 0.0
+    # the latent-norm regulariser is the weighted mean square of the latent
+    lae2 = LoraAutoencoder(LaeConfig(latent_channels=8, width=32, depth=1, heads=4, regulariser="latent_norm",
+                                     regulariser_weight=0.5), LAYOUT).double()
+    l2 = lae2.loss(loras)
+    torch.testing.assert_close(l2.regulariser, lae2.encode(loras).square().mean())
+    torch.testing.assert_close(l2.total, l2.reconstruction + 0.5 * l2.regulariser)
+    # the report is the relative Frobenius error of the weight deltas, per module
+    rep = lae.reconstruction_report(loras)
+    assert set(rep) == {"modules", "per_lora", "mean", "max"} and list(rep["modules"]) == list(LAYOUT.prefixes)
+    want = [float(torch.stack([(lora_delta(lo, m.prefix) - u[b] @ d[b]).norm() / lora_delta(lo, m.prefix).norm()
+                               for b, lo in enumerate(loras)]).mean()) for m, (u, d) in zip(LAYOUT.modules, rec)]
+    assert rep["modules"] == pytest.approx(dict(zip(LAYOUT.prefixes, want)), rel=1e-9)
+    assert rep["mean"] == pytest.approx(sum(want) / 3, rel=1e-9) and len(rep["per_lora"]) == 4
+
+
+# --------------------------------------------------------------------------- training on a synthetic family
+
+FAMILY_DIM = 3
+FAMILY_SPREAD = 0.3
+TRAINED_BOUND = 0.2
+"""Held-out mean relative Frobenius error the trained LAE must reach (measured about 0.13)."""
+
+
+def _family(n: int, gen: torch.Generator, base: list[tuple[torch.Tensor, torch.Tensor]]):
+    """``n`` members of a 3-parameter LoRA family (``dW`` quadratic in the parameters), each stored with a random
+    refactorisation ``(up M, M^-1 down)`` so only the product carries information."""
+    c = torch.cat([torch.ones(n, 1), FAMILY_SPREAD * torch.randn(n, FAMILY_DIM, generator=gen)], 1)
+    out = []
+    for u_basis, d_basis in base:
+        up = torch.einsum("nk,kor->nor", c, u_basis)
+        down = torch.einsum("nk,kri->nri", c, d_basis)
+        out.append(_refactor(up, down, gen))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family():
+    gen = torch.Generator().manual_seed(11)
+    base = []
+    for m in LAYOUT.modules:  # a centre with distinct singular values, plus 3 random directions
+        u_basis = torch.randn(FAMILY_DIM + 1, m.out_features, m.rank, generator=gen) * 0.02
+        d_basis = torch.randn(FAMILY_DIM + 1, m.rank, m.in_features, generator=gen) * 0.02
+        sv = torch.tensor([2.0, 1.6, 1.2, 0.8]) * 0.04
+        u_basis[0] = torch.linalg.qr(torch.randn(m.out_features, m.rank, generator=gen))[0] * sv
+        d_basis[0] = (torch.linalg.qr(torch.randn(m.in_features, m.rank, generator=gen))[0] * sv).T
+        base.append((u_basis, d_basis))
+    train = _family(2048, gen, base)
+    held_out = _family(64, torch.Generator().manual_seed(12), base)
+    centre = [(u[0].expand(64, -1, -1), d[0].expand(64, -1, -1)) for u, d in base]
+    return train, held_out, centre
+
+
+@pytest.fixture(scope="module")
+def trained(family):
+    train, held_out, _ = family
+    torch.manual_seed(3)
+    lae = LoraAutoencoder(LaeConfig(latent_channels=8, width=64, depth=1, heads=4), LAYOUT)
+    lae.calibrate([(u[:256], d[:256]) for u, d in train])
+    untrained = lae.reconstruction_report(held_out)
+    steps = 250
+    opt = torch.optim.AdamW(lae.parameters(), lr=5e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(13)
+    first = last = None
+    lae.train()
+    first, last = _train(lae, train, opt, sched, gen, steps)
+    lae.eval()
+    return lae, untrained, first, last
+
+
+def _train(lae, train, opt, sched, gen, steps):
+    first = last = None
+    for _ in range(steps):
+        idx = torch.randint(0, 2048, (32,), generator=gen)
+        loss = lae.loss([(u[idx], d[idx]) for u, d in train], generator=gen)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+        sched.step()
+        first = float(loss.reconstruction.detach()) if first is None else first
+        last = float(loss.reconstruction.detach())
+    return first, last
+
+
+def test_trained_lae_reconstructs_held_out_family_members(family, trained):
+    train, held_out, centre = family
+    lae, untrained, first, last = trained
+    report = lae.reconstruction_report(held_out)
+    # the untrained LAE gives nothing like the LoRA; the trained one reconstructs unseen members
+    assert untrained["mean"] > 0.9
+    assert report["mean"] < TRAINED_BOUND, report
+    assert max(report["modules"].values()) < 1.5 * TRAINED_BOUND
+    assert last < 0.25 * first
+    # and it encodes the individual, not just the family's centre (which is far off every member)
+    centre_err = float(torch.stack([relative_frobenius(u, d, cu, cd)
+                                    for (u, d), (cu, cd) in zip(held_out, centre)]).mean())
+    assert centre_err > 0.5 and report["mean"] < 0.4 * centre_err
+
+
+def test_latent_scale_normalises_latents(family, trained):
+    _, held_out, _ = family
+    lae, *_ = trained
+    scale = lae.latent_scale(held_out)
+    z = lae.encode(held_out)
+    assert math.isfinite(scale) and scale > 0
+    assert float((z / scale).std()) == pytest.approx(1.0, rel=1e-5)
+    # the DiT's round trip: z / scale -> (sampled) -> * scale decodes the same LoRA
+    rec = lae.decode((z / scale) * scale)
+    rel = torch.stack([relative_frobenius(u.double(), d.double(), u2.double(), d2.double())
+                       for (u, d), (u2, d2) in zip(held_out, rec)]).mean()
+    assert float(rel) == pytest.approx(lae.reconstruction_report(held_out)["mean"], rel=1e-4)
