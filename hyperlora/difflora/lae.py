@@ -43,7 +43,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +67,7 @@ REGULARISERS = ("kl", "latent_norm", "none")
 LOGVAR_RANGE = (-30.0, 20.0)
 """The KL posterior's log-variance is clamped to this range (exp stays finite)."""
 
-LoraBatch = Union[Sequence[Mapping[str, Tensor]], Sequence[Factors]]
+LoraBatch = Sequence[Mapping[str, Tensor]] | Sequence[Factors]
 """A batch of LoRAs: ``B`` kohya LoRA dicts, or per module ``(up [B, out, r], down [B, r, in])`` (layout order)."""
 
 
@@ -113,7 +113,7 @@ class LaeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, label: str = "The LAE config") -> "LaeConfig":
+    def from_dict(cls, data: Any, label: str = "The LAE config") -> LaeConfig:
         """Inverse of :meth:`to_dict`; unknown fields are refused by name (a missing one takes its default)."""
         if not isinstance(data, Mapping):
             raise SettingError(f"{label} must be a JSON object, got {type(data).__name__}.")
@@ -326,4 +326,4 @@ class LoraAutoencoder(nn.Module):
                 "max": float(rel.max())}
 
 
-__all__ = ["LOGVAR_RANGE", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch", "REGULARISERS"]
+__all__ = ["LOGVAR_RANGE", "REGULARISERS", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch"]

@@ -88,8 +88,8 @@ def _edit_json(folder, fn):
     (lambda b: b["lae"].update(depth_x=3), r"unknown field\(s\) \['depth_x'\].*difflora\.json is damaged"),
     (lambda b: b["lae"].update(depth=2), r"lae\.safetensors' lacks the tensor 'encoder\.layers\.1\."),
     (lambda b: b["layout"]["modules"][0].update(rank=3),
-     r"lae\.safetensors' has 'enc_rank_pos' of shape \[2, 16\], but the config and layout need \[3, 16\]; "
-     r"it does not match the LAE that difflora\.json describes; save the model again"),
+     (r"lae\.safetensors' has 'enc_rank_pos' of shape \[2, 16\], but the config and layout need \[3, 16\]; "
+      r"it does not match the LAE that difflora\.json describes; save the model again")),
 ])
 def test_json_refusals_name_the_file_and_the_fix(tmp_path, edit, pattern):
     folder = _save(tmp_path / "m")

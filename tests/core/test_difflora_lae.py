@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder
 from hyperlora.difflora.lora_space import (
     LoraLayout,
     LoraModule,
@@ -21,7 +22,7 @@ from hyperlora.difflora.lora_space import (
     stack_factors,
     to_lora,
 )
-from hyperlora.errors import LoraError
+from hyperlora.errors import LoraError, SettingError
 from hyperlora.lora import lora_delta
 
 F64 = torch.float64
@@ -159,6 +160,7 @@ def test_canonical_factors_product_and_invariance_batched():
     flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=F64))
     u3, d3 = canonical_factors(up @ flip, flip @ down)
     torch.testing.assert_close(u3, u1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(d3, d1, rtol=1e-10, atol=1e-10)
     # the form itself: orthogonal components, balanced norms, descending, largest up entry positive
     gram_u = u1.transpose(-1, -2) @ u1
     gram_d = d1 @ d1.transpose(-1, -2)
@@ -213,8 +215,6 @@ def test_product_sq_error_gradient_matches_reference():
 
 # --------------------------------------------------------------------------- the LAE
 
-from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder  # noqa: E402
-from hyperlora.errors import SettingError  # noqa: E402
 
 SMALL = LaeConfig(latent_channels=8, width=32, depth=1, heads=4)
 
@@ -385,7 +385,7 @@ def _train(lae, train, opt, sched, gen, steps):
 
 
 def test_trained_lae_reconstructs_held_out_family_members(family, trained):
-    train, held_out, centre = family
+    _, held_out, centre = family
     lae, untrained, first, last = trained
     report = lae.reconstruction_report(held_out)
     # the untrained LAE gives nothing like the LoRA; the trained one reconstructs unseen members
