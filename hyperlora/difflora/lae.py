@@ -26,6 +26,8 @@ embedding, GELU), and the module's own head maps each of the first ``r_m`` to ``
 squared Frobenius error of ``dW`` divided by the target's squared norm, ``||dW - dW'||^2 / ||dW||^2``
 (computed with ``r x r`` Gram matrices, :func:`~.lora_space.product_sq_error`), averaged over modules and
 LoRAs, so a small module weighs as much as a large one and a LoRA's overall strength does not matter.
+(The ratio has no meaning for a module whose target is all zero, e.g. a LoRA saved straight after a kohya
+zero-init: keep such LoRAs out of the training set.)
 The regulariser keeps the latent bounded for the diffusion model: ``"kl"`` makes the encoder a Gaussian
 posterior (mean and log-variance, sampled in training) with a weighted KL to ``N(0, I)`` averaged over latent
 entries, ``"latent_norm"`` adds the weighted mean square of the latent, ``"none"`` nothing.  Whatever the
