@@ -173,6 +173,11 @@ class LoraAutoencoder(nn.Module):
         self.from_latent = nn.Linear(c, w)
         self.register_buffer("module_scale", torch.ones(len(layout)))
 
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """``(T, C)``: the shape of one LoRA's latent (``T = modules * tokens_per_module``, ``C = latent_channels``)."""
+        return self.num_tokens, self.config.latent_channels
+
     @staticmethod
     def _transformer(config: LaeConfig) -> nn.TransformerEncoder:
         layer = nn.TransformerEncoderLayer(config.width, config.heads, 4 * config.width, dropout=0.0,
@@ -217,7 +222,10 @@ class LoraAutoencoder(nn.Module):
     # ------------------------------------------------------------------ encoder
 
     def encode_distribution(self, batch: LoraBatch) -> tuple[Tensor, Tensor | None]:
-        """``(mean [B, T, C], log-variance [B, T, C] or None)``; the log-variance exists with the KL regulariser."""
+        """``(mean [B, T, C], log-variance [B, T, C] or None)``; the log-variance exists with the KL regulariser.
+
+        The canonical form is computed without autograd: gradients reach the LAE's weights, not the input LoRAs.
+        """
         fs = self._factors(batch)
         w, t, r_max = self.config.width, self.config.tokens_per_module, self.layout.max_rank
         tokens = []

@@ -67,6 +67,8 @@ class LoraLayout:
     modules: tuple[LoraModule, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.modules, tuple):  # a list would make the frozen layout unhashable
+            object.__setattr__(self, "modules", tuple(self.modules))
         if not self.modules:
             raise LoraError("A LoRA layout needs at least one module.")
         seen: set[str] = set()

@@ -64,6 +64,7 @@ def test_layout_of_check_and_json_round_trip():
     assert layout.max_rank == 4 and layout.num_params == 4 * (40 + 48 + 56)
     back = LoraLayout.from_json(layout.to_json())
     assert back == layout and hash(back) == hash(layout)
+    assert LoraLayout(list(layout.modules)) == layout  # a list is stored as a tuple (hashable)
     layout.check(lora)  # fits: no error
 
 
@@ -249,7 +250,7 @@ def test_lae_shapes_mixed_ranks_shared_projections_and_lora_output():
     assert n_own - n_shared == (40 * 32 + 32) + (32 * 40 + 40)  # one input map and one head fewer
     for lae in (own, shared):
         z = lae.encode(loras)
-        assert z.shape == (3, 6, 5) and lae.num_tokens == 6
+        assert z.shape == (3, 6, 5) and lae.num_tokens == 6 and lae.latent_shape == (6, 5)
         fs = lae.decode(z)
         assert [tuple(u.shape) for u, _ in fs] == [(3, 16, 4), (3, 16, 4), (3, 8, 2)]
         assert [tuple(d.shape) for _, d in fs] == [(3, 4, 24), (3, 4, 24), (3, 2, 12)]
