@@ -26,6 +26,8 @@ embedding, GELU), and the module's own head maps each of the first ``r_m`` to ``
 squared Frobenius error of ``dW`` divided by the target's squared norm, ``||dW - dW'||^2 / ||dW||^2``
 (computed with ``r x r`` Gram matrices, :func:`~.lora_space.product_sq_error`), averaged over modules and
 LoRAs, so a small module weighs as much as a large one and a LoRA's overall strength does not matter.
+(The ratio has no meaning for a module whose target is all zero, e.g. a LoRA saved straight after a kohya
+zero-init: keep such LoRAs out of the training set.)
 The regulariser keeps the latent bounded for the diffusion model: ``"kl"`` makes the encoder a Gaussian
 posterior (mean and log-variance, sampled in training) with a weighted KL to ``N(0, I)`` averaged over latent
 entries, ``"latent_norm"`` adds the weighted mean square of the latent, ``"none"`` nothing.  Whatever the
@@ -43,7 +45,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +69,7 @@ REGULARISERS = ("kl", "latent_norm", "none")
 LOGVAR_RANGE = (-30.0, 20.0)
 """The KL posterior's log-variance is clamped to this range (exp stays finite)."""
 
-LoraBatch = Union[Sequence[Mapping[str, Tensor]], Sequence[Factors]]
+LoraBatch = Sequence[Mapping[str, Tensor]] | Sequence[Factors]
 """A batch of LoRAs: ``B`` kohya LoRA dicts, or per module ``(up [B, out, r], down [B, r, in])`` (layout order)."""
 
 
@@ -113,7 +115,7 @@ class LaeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, label: str = "The LAE config") -> "LaeConfig":
+    def from_dict(cls, data: Any, label: str = "The LAE config") -> LaeConfig:
         """Inverse of :meth:`to_dict`; unknown fields are refused by name (a missing one takes its default)."""
         if not isinstance(data, Mapping):
             raise SettingError(f"{label} must be a JSON object, got {type(data).__name__}.")
@@ -171,6 +173,11 @@ class LoraAutoencoder(nn.Module):
         self.from_latent = nn.Linear(c, w)
         self.register_buffer("module_scale", torch.ones(len(layout)))
 
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """``(T, C)``: the shape of one LoRA's latent (``T = modules * tokens_per_module``, ``C = latent_channels``)."""
+        return self.num_tokens, self.config.latent_channels
+
     @staticmethod
     def _transformer(config: LaeConfig) -> nn.TransformerEncoder:
         layer = nn.TransformerEncoderLayer(config.width, config.heads, 4 * config.width, dropout=0.0,
@@ -215,7 +222,10 @@ class LoraAutoencoder(nn.Module):
     # ------------------------------------------------------------------ encoder
 
     def encode_distribution(self, batch: LoraBatch) -> tuple[Tensor, Tensor | None]:
-        """``(mean [B, T, C], log-variance [B, T, C] or None)``; the log-variance exists with the KL regulariser."""
+        """``(mean [B, T, C], log-variance [B, T, C] or None)``; the log-variance exists with the KL regulariser.
+
+        The canonical form is computed without autograd: gradients reach the LAE's weights, not the input LoRAs.
+        """
         fs = self._factors(batch)
         w, t, r_max = self.config.width, self.config.tokens_per_module, self.layout.max_rank
         tokens = []
@@ -326,4 +336,4 @@ class LoraAutoencoder(nn.Module):
                 "max": float(rel.max())}
 
 
-__all__ = ["LOGVAR_RANGE", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch", "REGULARISERS"]
+__all__ = ["LOGVAR_RANGE", "REGULARISERS", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch"]

@@ -67,6 +67,8 @@ class LoraLayout:
     modules: tuple[LoraModule, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.modules, tuple):  # a list would make the frozen layout unhashable
+            object.__setattr__(self, "modules", tuple(self.modules))
         if not self.modules:
             raise LoraError("A LoRA layout needs at least one module.")
         seen: set[str] = set()
@@ -84,7 +86,7 @@ class LoraLayout:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def of(cls, lora: Mapping[str, Tensor], label: str = "The LoRA") -> "LoraLayout":
+    def of(cls, lora: Mapping[str, Tensor], label: str = "The LoRA") -> LoraLayout:
         """The layout of a kohya LoRA: its modules in key order, with their sizes and ranks."""
         return cls(tuple(LoraModule(prefix, int(up.shape[0]), int(down.shape[1]), int(down.shape[0]))
                          for prefix, (down, up, _) in split_lora(lora, label).items()))
@@ -148,7 +150,7 @@ class LoraLayout:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_dict(cls, data: Any, label: str = "The LoRA layout") -> "LoraLayout":
+    def from_dict(cls, data: Any, label: str = "The LoRA layout") -> LoraLayout:
         """Inverse of :meth:`to_dict`; :class:`LoraError` naming the field for anything else."""
         if not isinstance(data, Mapping):
             raise LoraError(f"{label} must be a JSON object, got {type(data).__name__}.")
@@ -172,7 +174,7 @@ class LoraLayout:
         return cls(tuple(out))
 
     @classmethod
-    def from_json(cls, text: str, label: str = "The LoRA layout") -> "LoraLayout":
+    def from_json(cls, text: str, label: str = "The LoRA layout") -> LoraLayout:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -321,12 +323,12 @@ def relative_frobenius(up_a: Tensor, down_a: Tensor, up_b: Tensor, down_b: Tenso
 
 
 __all__ = [
-    "Factors",
     "LAYOUT_FORMAT",
     "LAYOUT_VERSION",
+    "NORM_FLOOR",
+    "Factors",
     "LoraLayout",
     "LoraModule",
-    "NORM_FLOOR",
     "canonical_factors",
     "factors",
     "product_sq_error",

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder
 from hyperlora.difflora.lora_space import (
     LoraLayout,
     LoraModule,
@@ -21,7 +22,7 @@ from hyperlora.difflora.lora_space import (
     stack_factors,
     to_lora,
 )
-from hyperlora.errors import LoraError
+from hyperlora.errors import LoraError, SettingError
 from hyperlora.lora import lora_delta
 
 F64 = torch.float64
@@ -63,6 +64,7 @@ def test_layout_of_check_and_json_round_trip():
     assert layout.max_rank == 4 and layout.num_params == 4 * (40 + 48 + 56)
     back = LoraLayout.from_json(layout.to_json())
     assert back == layout and hash(back) == hash(layout)
+    assert LoraLayout(list(layout.modules)) == layout  # a list is stored as a tuple (hashable)
     layout.check(lora)  # fits: no error
 
 
@@ -159,6 +161,7 @@ def test_canonical_factors_product_and_invariance_batched():
     flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=F64))
     u3, d3 = canonical_factors(up @ flip, flip @ down)
     torch.testing.assert_close(u3, u1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(d3, d1, rtol=1e-10, atol=1e-10)
     # the form itself: orthogonal components, balanced norms, descending, largest up entry positive
     gram_u = u1.transpose(-1, -2) @ u1
     gram_d = d1 @ d1.transpose(-1, -2)
@@ -213,8 +216,6 @@ def test_product_sq_error_gradient_matches_reference():
 
 # --------------------------------------------------------------------------- the LAE
 
-from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder  # noqa: E402
-from hyperlora.errors import SettingError  # noqa: E402
 
 SMALL = LaeConfig(latent_channels=8, width=32, depth=1, heads=4)
 
@@ -249,7 +250,7 @@ def test_lae_shapes_mixed_ranks_shared_projections_and_lora_output():
     assert n_own - n_shared == (40 * 32 + 32) + (32 * 40 + 40)  # one input map and one head fewer
     for lae in (own, shared):
         z = lae.encode(loras)
-        assert z.shape == (3, 6, 5) and lae.num_tokens == 6
+        assert z.shape == (3, 6, 5) and lae.num_tokens == 6 and lae.latent_shape == (6, 5)
         fs = lae.decode(z)
         assert [tuple(u.shape) for u, _ in fs] == [(3, 16, 4), (3, 16, 4), (3, 8, 2)]
         assert [tuple(d.shape) for _, d in fs] == [(3, 4, 24), (3, 4, 24), (3, 2, 12)]
@@ -320,7 +321,7 @@ def test_lae_loss_matches_full_matrix_reference():
 FAMILY_DIM = 3
 FAMILY_SPREAD = 0.3
 TRAINED_BOUND = 0.2
-"""Held-out mean relative Frobenius error the trained LAE must reach (measured about 0.13)."""
+"""Held-out mean relative Frobenius error the trained LAE must reach (measured 0.10; untrained: 1.00)."""
 
 
 def _family(n: int, gen: torch.Generator, base: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -385,7 +386,7 @@ def _train(lae, train, opt, sched, gen, steps):
 
 
 def test_trained_lae_reconstructs_held_out_family_members(family, trained):
-    train, held_out, centre = family
+    _, held_out, centre = family
     lae, untrained, first, last = trained
     report = lae.reconstruction_report(held_out)
     # the untrained LAE gives nothing like the LoRA; the trained one reconstructs unseen members
@@ -403,11 +404,12 @@ def test_latent_scale_normalises_latents(family, trained):
     _, held_out, _ = family
     lae, *_ = trained
     scale = lae.latent_scale(held_out)
-    z = lae.encode(held_out)
+    z = lae.encode(held_out).detach()
     assert math.isfinite(scale) and scale > 0
     assert float((z / scale).std()) == pytest.approx(1.0, rel=1e-5)
     # the DiT's round trip: z / scale -> (sampled) -> * scale decodes the same LoRA
-    rec = lae.decode((z / scale) * scale)
+    with torch.no_grad():
+        rec = lae.decode((z / scale) * scale)
     rel = torch.stack([relative_frobenius(u.double(), d.double(), u2.double(), d2.double())
                        for (u, d), (u2, d2) in zip(held_out, rec)]).mean()
     assert float(rel) == pytest.approx(lae.reconstruction_report(held_out)["mean"], rel=1e-4)
