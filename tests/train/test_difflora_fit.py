@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperlora.errors import LoraError, SettingError
+from hyperlora.errors import LoraError, ModelFileError, SettingError
 from hyperlora.train import difflora_export, difflora_fit
 from hyperlora.train.difflora_fit import (
     DiffLoraFitConfig,
@@ -185,3 +185,20 @@ def test_fit_export_load_samples_held_out_people(tmp_path: Path) -> None:
     control = DiffLoraModel(model.lae, LatentDiT(model.dit.config, model.dit.mif_spec), model.latent_scale)
     c_hits, c_total, c_dists = held_out_retrieval(control, [0, 1])
     assert c_hits < c_total // 2, c_dists
+
+
+def test_damaged_checkpoint_is_refused_naming_it(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fit(_cfg(data, run, max_steps=5), data=load_dataset(data))
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "step-000005"
+    state = load_file(str(ckpt / "dit.safetensors"))
+    state.pop("x_out.bias")
+    save_file(state, str(ckpt / "dit.safetensors"))
+    with pytest.raises(ModelFileError, match=r"step-000005/dit\.safetensors' lacks 'x_out\.bias'.*state\.json.*"
+                                             r"delete its folder.*--no-resume"):
+        fit(_cfg(data, run), data=load_dataset(data))
+    # a checkpoint folder without state.json (a save that never finished) is not a checkpoint
+    (ckpt / "state.json").unlink()
+    assert latest_checkpoint(run) is None
+    assert fit(_cfg(data, run, max_steps=3), data=load_dataset(data)).steps == 3
