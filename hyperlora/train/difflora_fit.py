@@ -24,8 +24,9 @@ Every random draw of step ``k`` (batch indices, the KL sample, times, noise, dro
 generator seeded by ``(seed, k)``, so a run resumed from a checkpoint continues exactly as the uninterrupted
 run would have (same final weights, bit for bit on the same machine).
 
-**Run folder** ``out``: ``config.json``; ``loss.csv`` (``step, phase, loss, lr``; one row per step, rows after
-the checkpoint a run resumes from are dropped); ``checkpoints/step-XXXXXX/`` with ``lae.safetensors``,
+**Run folder** ``out``: ``config.json``; ``loss.csv`` (``fit``'s columns ``step, stage, scenario, loss, lr``, stage and
+scenario both the phase ``lae`` / ``dit``; one row per step, rows after the checkpoint a run resumes from are
+dropped) and ``loss.png`` (drawn at every checkpoint); ``checkpoints/step-XXXXXX/`` with ``lae.safetensors``,
 ``dit.safetensors``, ``optimizer.safetensors`` (both optimizers' state tensors) and ``state.json`` (step,
 optimizer scalars, latent scale; written last: a folder without it is ignored); every checkpoint folder is
 written under a temporary name and renamed.  ``difflora-export`` writes the model folder from the last one.
@@ -54,6 +55,7 @@ from ..difflora.dit import DitConfig, LatentDiT
 from ..difflora.lae import LaeConfig, LoraAutoencoder
 from ..difflora.lora_space import LoraLayout, stack_factors
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
+from . import plot
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ STATE_FILE = "state.json"
 LAE_FILE = "lae.safetensors"
 DIT_FILE = "dit.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
-CSV_HEADER = ("step", "phase", "loss", "lr")
+CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
+"""The columns of ``fit``'s loss.csv (:mod:`hyperlora.train.plot` draws both); stage and scenario are the phase."""
 STEP_SEED = 1_000_003
 """The generator of step k is seeded ``seed * STEP_SEED + k``."""
 RESUME_FREE_KEYS = frozenset({"out", "checkpoint_every", "keep_checkpoints", "max_steps"})
@@ -303,6 +306,7 @@ def _save_checkpoint(run: Path, step: int, lae: LoraAutoencoder, dit: LatentDiT,
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    plot.plot_losses(run / "loss.csv", run / "loss.png")
     old = sorted(p for p in (run / "checkpoints").glob("step-*") if p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -443,7 +447,7 @@ def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None
         if not math.isfinite(last):
             raise SettingError(f"difflora-fit: the {phase} loss became {last} at step {step}; lower "
                                f"'{phase}_lr' and resume from the last checkpoint.")
-        _rows(run / "loss.csv", [(step, phase, f"{last:.6g}", f"{lr:.6g}")])
+        _rows(run / "loss.csv", [(step, phase, phase, f"{last:.6g}", f"{lr:.6g}")])
         if step % 50 == 0 or step == stop_at:
             log.info("difflora-fit: step %d/%d %s loss %.5f", step, cfg.total_steps, phase, last)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:

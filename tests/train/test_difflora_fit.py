@@ -74,7 +74,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: 
     # something that is not the checkpoint's state happens in between: other global RNG draws, a stray csv row
     torch.manual_seed(999)
     with open(tmp_path / "part" / "loss.csv", "a") as f:
-        f.write(f"{stop + 1},lae,123,0.001\n")
+        f.write(f"{stop + 1},lae,lae,123,0.001\n")
     resumed = fit(_cfg(data, tmp_path / "part"), data=ds)
     assert resumed.finished and resumed.steps == 40
     assert resumed.latent_scale == whole.latent_scale
@@ -90,10 +90,11 @@ def test_run_folder_csv_checkpoints_and_export(data: Path, tmp_path: Path) -> No
     result = fit(_cfg(data, run, checkpoint_every=10, keep_checkpoints=2), data=load_dataset(data))
     assert result.finished
     rows = _csv(run)
-    assert rows[0] == ["step", "phase", "loss", "lr"]
+    assert rows[0] == ["step", "stage", "scenario", "loss", "lr"]        # fit's columns: plot draws both
     assert [int(r[0]) for r in rows[1:]] == list(range(1, 41))
-    assert {r[1] for r in rows[1:21]} == {"lae"} and {r[1] for r in rows[21:]} == {"dit"}
-    assert all(float(r[2]) >= 0 for r in rows[1:])
+    assert {(r[1], r[2]) for r in rows[1:21]} == {("lae", "lae")} and {r[1] for r in rows[21:]} == {"dit"}
+    assert all(float(r[3]) >= 0 for r in rows[1:]) and {r[4] for r in rows[21:]} == {"0.002"}
+    assert (run / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000030", "step-000040"]
     assert not list((run / "checkpoints").glob(".*"))          # no temporary folder left
     state = json.loads((run / "checkpoints" / "step-000040" / "state.json").read_text())
