@@ -11,7 +11,8 @@
   float32.  Every identity must have the same shapes.  ``RawMif`` of one identity saved as
   ``{"face": mif.face, "clip": mif.clip}`` is exactly this file.
 
-**Training** (one process, CPU or one GPU; plain PyTorch, AdamW):
+**Training** (one process on the CPU for now; plain PyTorch, AdamW; the generators are CPU generators, so a GPU
+version must draw on the CPU and move the draws, as :func:`~hyperlora.difflora.diffusion.training_loss` does):
 
 1. ``lae_steps`` steps of the LAE (:class:`~hyperlora.difflora.lae.LoraAutoencoder`, module scales calibrated
    on all LoRAs first) on random batches of LoRAs (:meth:`~hyperlora.difflora.lae.LoraAutoencoder.loss`);
