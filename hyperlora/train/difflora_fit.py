@@ -36,13 +36,17 @@ written under a temporary name and renamed.  ``difflora-export`` writes the mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,9 +380,38 @@ def _rows(path: Path, rows: list[tuple[Any, ...]], *, truncate_after: int | None
         w.writerows(rows)
 
 
-def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None = None) -> DiffLoraFitResult:
+class _CtrlC:
+    """The first Ctrl-C (SIGINT) sets ``stop``: the loop saves a checkpoint after the step it is in and returns; a
+    second one raises KeyboardInterrupt at once.  Installed by :func:`_ctrl_c` (main thread only)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort).")
+
+
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[_CtrlC]:
+    flag = _CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = signal.signal(signal.SIGINT, flag.handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None = None,
+        on_step: Callable[[int], None] | None = None) -> DiffLoraFitResult:
     """Train (or resume) the run of ``cfg`` (module docstring).  ``data``: an already loaded dataset (else
-    ``cfg.data`` is read).  Stops after ``cfg.max_steps`` steps in all when that is set, with a checkpoint."""
+    ``cfg.data`` is read).  Stops after ``cfg.max_steps`` steps in all when that is set, or after the step in
+    which Ctrl-C came, with a checkpoint (run again to resume).  ``on_step(step)`` after every step."""
     run = check_folder_option(cfg.out, "'out'")
     if data is None:
         data = load_dataset(cfg.data)
@@ -413,9 +446,21 @@ def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None
         _rows(run / "loss.csv", [], truncate_after=0)
         lae.calibrate(data.loras)
 
+    stop_at = cfg.total_steps if not cfg.max_steps else min(cfg.total_steps, cfg.max_steps)
+    with _ctrl_c() as ctrl_c:
+        step, latent_scale, last = _loop(cfg, run, data, lae, dit, opts, step, latent_scale, stop_at, ctrl_c, on_step)
+    if ckpt is None or step != int(ckpt.name.split("-")[1]):
+        _save_checkpoint(run, step, lae, dit, opts, latent_scale, cfg.keep_checkpoints)
+    return DiffLoraFitResult(run, step, step >= cfg.total_steps, latent_scale, last)
+
+
+def _loop(cfg: DiffLoraFitConfig, run: Path, data: LoraDataset, lae: LoraAutoencoder, dit: LatentDiT,
+          opts: tuple[Any, Any], step: int, latent_scale: float | None, stop_at: int, ctrl_c: _CtrlC,
+          on_step: Callable[[int], None] | None) -> tuple[int, float | None, float | None]:
+    """The training steps of :func:`fit` from ``step`` to ``stop_at`` (or Ctrl-C); returns ``(step, latent_scale,
+    last loss)``."""
     n = len(data.loras)
     factors = stack_factors(data.loras, data.layout)              # per module (up [N, out, r], down [N, r, in])
-    stop_at = cfg.total_steps if not cfg.max_steps else min(cfg.total_steps, cfg.max_steps)
     latents: Tensor | None = None
     last = None
     while step < stop_at:
@@ -451,11 +496,13 @@ def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None
         _rows(run / "loss.csv", [(step, phase, phase, f"{last:.6g}", f"{lr:.6g}")])
         if step % 50 == 0 or step == stop_at:
             log.info("difflora-fit: step %d/%d %s loss %.5f", step, cfg.total_steps, phase, last)
+        if on_step is not None:
+            on_step(step)
+        if ctrl_c.stop:
+            break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
             _save_checkpoint(run, step, lae, dit, opts, latent_scale, cfg.keep_checkpoints)
-    if ckpt is None or step != int(ckpt.name.split("-")[1]):
-        _save_checkpoint(run, step, lae, dit, opts, latent_scale, cfg.keep_checkpoints)
-    return DiffLoraFitResult(run, step, step >= cfg.total_steps, latent_scale, last)
+    return step, latent_scale, last
 
 
 # --------------------------------------------------------------------------------- export

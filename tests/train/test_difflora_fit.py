@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,20 @@ def _csv(run: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-@pytest.mark.parametrize("stop", [13, 31])                    # inside the LAE phase / inside the DiT phase
-def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path, stop: int) -> None:
+@pytest.mark.parametrize(("stop", "how"), [(13, "max_steps"), (31, "max_steps"), (17, "ctrl-c")])
+def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path, stop: int, how: str) -> None:
+    """Stopped inside the LAE phase / inside the DiT phase by --max-steps, or by Ctrl-C (a real SIGINT)."""
     ds = load_dataset(data)
     whole = fit(_cfg(data, tmp_path / "whole"), data=ds)
     assert whole.finished and whole.steps == 40
-    part = fit(_cfg(data, tmp_path / "part", max_steps=stop), data=ds)
+    if how == "ctrl-c":
+        def on_step(step: int) -> None:
+            if step == stop:
+                signal.raise_signal(signal.SIGINT)      # handled by fit: checkpoint after this step, then return
+        part = fit(_cfg(data, tmp_path / "part"), data=ds, on_step=on_step)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # fit put the handler back
+    else:
+        part = fit(_cfg(data, tmp_path / "part", max_steps=stop), data=ds)
     assert not part.finished and part.steps == stop
     assert latest_checkpoint(tmp_path / "part").name == f"step-{stop:06d}"
     # something that is not the checkpoint's state happens in between: other global RNG draws, a stray csv row
