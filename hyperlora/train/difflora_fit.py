@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..difflora.condition import MifSpec
+from ..difflora.condition import MifSpec, RawMif
 from ..difflora.diffusion import training_loss
 from ..difflora.dit import DitConfig, LatentDiT
 from ..difflora.lae import LaeConfig, LoraAutoencoder
@@ -171,6 +171,24 @@ class LoraDataset:
         clip_tokens, clip_dim = (0, 1) if self.clip is None else (int(self.clip.shape[1]), int(self.clip.shape[2]))
         return MifSpec(arcface_dim=int(self.face.shape[1]), clip_dim=clip_dim, clip_tokens=clip_tokens,
                        arcface_tokens=arcface_tokens, width=width)
+
+
+def save_mif_file(mif: RawMif, path: str | os.PathLike[str]) -> Path:
+    """Write one identity's :class:`~hyperlora.difflora.condition.RawMif` (``face [A]``, ``clip [Mc, E]`` or None)
+    as the ``<identity>.mif.safetensors`` file :func:`load_dataset` reads (float32, written atomically)."""
+    from ..safetensors_io import save_file_atomic
+
+    path = Path(path)
+    if not path.name.endswith(MIF_SUFFIX):
+        raise SettingError(f"a MIF file is named '<identity>{MIF_SUFFIX}' (beside '<identity>.safetensors'); "
+                           f"'{path.name}' is not.")
+    if mif.face.dim() != 1 or (mif.clip is not None and mif.clip.dim() != 2):
+        raise SettingError(f"save_mif_file takes one identity's MIF (face [A], clip [Mc, E]), got face "
+                           f"{list(mif.face.shape)}; save each identity on its own.")
+    tensors = {"face": mif.face.detach().float().cpu().contiguous()}
+    if mif.clip is not None:
+        tensors["clip"] = mif.clip.detach().float().cpu().contiguous()
+    return save_file_atomic(tensors, path)
 
 
 def _identity_files(folder: Path) -> list[tuple[str, Path]]:
@@ -581,4 +599,5 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "main",
+    "save_mif_file",
 ]

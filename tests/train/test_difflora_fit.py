@@ -21,11 +21,13 @@ from hyperlora.train.difflora_fit import (
     fit,
     latest_checkpoint,
     load_dataset,
+    save_mif_file,
 )
 from tests.fixtures.difflora_synth import (
     TRAIN_Z,
     held_out_retrieval,
     lora_of,
+    mif_of,
     tiny_config,
     write_dataset,
 )
@@ -147,6 +149,12 @@ def test_dataset_refusals_and_manifest(tmp_path: Path) -> None:
     ds = load_dataset(folder)
     assert ds.names == ["id000", "id001", "id002"] and tuple(ds.face.shape) == (3, 16)
     assert ds.clip is not None and tuple(ds.clip.shape) == (3, 1, 8)
+    assert torch.equal(ds.face[1], mif_of(TRAIN_Z[1]).face) and torch.equal(ds.clip[2], mif_of(TRAIN_Z[2]).clip)
+    # save_mif_file writes the same file (the dataset tool's way to add MIFs)
+    save_mif_file(mif_of(TRAIN_Z[1]), folder / "id001.mif.safetensors")
+    assert torch.equal(load_dataset(folder).clip, ds.clip)
+    with pytest.raises(SettingError, match="is not"):
+        save_mif_file(mif_of(TRAIN_Z[1]), folder / "id001.safetensors")
     # the manifest (difflora-dataset's) chooses the identities and their files
     (folder / "manifest.json").write_text(json.dumps({"format": "hyperlora.difflora.dataset", "complete": True,
                                                       "identities": {"id002": {"file": "id002.safetensors"},
