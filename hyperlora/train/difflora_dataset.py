@@ -17,7 +17,8 @@ Per identity (``docs/training.md``, section "DiffLoRA dataset", says why these d
   training photos' features (ArcFace + CLIP, mean tokens as the Identity node makes them), extra ranks
   beyond the model's padded with random ``down`` rows and zero ``up`` columns;
 * training: AdamW (no weight decay: the large weights are the identity), gradient norm clipped at 1,
-  ``steps`` steps of ``batch_size`` samples drawn epoch by epoch from a seeded permutation;
+  ``steps`` steps of ``batch_size`` samples drawn epoch by epoch from a seeded permutation; on the CPU
+  on one thread per process (:func:`one_thread`);
 * reported losses (fixed noise per (sample, timestep) at timesteps 200/400/600/800,
   :func:`hyperlora.train.evaluate.denoising_losses`, on the identity's training samples): ``loss`` after
   the fit, ``loss_start`` with the starting LoRA, ``loss_none`` without a LoRA.
@@ -433,8 +434,9 @@ def fit_identity(name: str, samples: Sequence[Mapping[str, Any]], unet: nn.Modul
                                            "time_ids": batch["time_ids"][sel].to(dtype)}).sample.float()
             loss = F.mse_loss(pred, noise)
             loss.backward()
-        if not math.isfinite(float(loss)):
-            raise SettingError(f"identity '{name}': the loss became {float(loss)}; lower --lr.")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise SettingError(f"identity '{name}': the loss became {value}; lower --lr.")
         torch.nn.utils.clip_grad_norm_(flat, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -446,6 +448,28 @@ def fit_identity(name: str, samples: Sequence[Mapping[str, Any]], unet: nn.Modul
         lora[p + UP_SUFFIX] = u.clone().contiguous()
         lora[p + ALPHA_SUFFIX] = torch.tensor(cfg.alpha, dtype=torch.float32)
     return IdentityResult(name, lora, loss, loss_start, loss_none, seed)
+
+
+def file_config(cfg: DatasetConfig) -> dict[str, Any]:
+    """The config as an identity's file records it: without :data:`RESUME_FREE_KEYS` (which identities a run
+    does must not change another identity's bytes)."""
+    return {k: v for k, v in cfg.to_json().items() if k not in RESUME_FREE_KEYS}
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch's intra-op threads set to 1 inside the block (restored after): float sums split
+    over another number of threads round differently, and a file must not depend on how many threads its
+    process had.  Parallelism on a CPU comes from processes (``torchrun --nproc_per_node CORES``)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def identity_file_bytes(res: IdentityResult, cfg: DatasetConfig) -> bytes:
@@ -461,7 +485,7 @@ def identity_file_bytes(res: IdentityResult, cfg: DatasetConfig) -> bytes:
                  "difflora_loss": repr(res.loss), "difflora_loss_start": repr(res.loss_start),
                  "difflora_loss_none": repr(res.loss_none), "difflora_rank": str(cfg.rank),
                  "difflora_seed": str(res.seed), "difflora_init": cfg.init_from or "random",
-                 "difflora_config": json.dumps(cfg.to_json(), sort_keys=True)})
+                 "difflora_config": json.dumps(file_config(cfg), sort_keys=True)})
     return safetensors_bytes(res.lora, meta)
 
 
@@ -550,7 +574,7 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.M
     fitted: list[str] = []
     skipped: list[str] = []
     interrupted = False
-    with _StopAfterIdentity() as flag:
+    with _StopAfterIdentity() as flag, one_thread(next(unet.parameters()).device):
         for k, name in enumerate(mine):
             if is_done(out, name, cfg, manifest):
                 skipped.append(name)
@@ -644,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"difflora-dataset: {os_error_line(exc)}\n")
         return 2
+    except KeyboardInterrupt:                 # a second Ctrl-C: the identity being fitted is dropped, no file half-written
+        sys.stdout.write("difflora-dataset: stopped; finished identities are kept, run the same command again to "
+                         "resume.\n")
+        return 130
     where = f" (process {result.rank + 1} of {result.world})" if result.world > 1 else ""
     if result.interrupted:
         sys.stdout.write(f"difflora-dataset: interrupted after {len(result.fitted)} identities{where}; run the same "
