@@ -164,6 +164,8 @@ def process_split() -> tuple[int, int]:
 
 
 def check_layers(layers: Sequence[str]) -> list[str]:
+    """``layers`` (names from :data:`LAYERS`) without repeats, in the given order; :class:`SettingError` naming
+    ``--layers`` for an unknown name or an empty list."""
     out = []
     for name in layers:
         if name not in LAYERS:
@@ -186,6 +188,7 @@ def lora_targets(unet: nn.Module, layers: Sequence[str]) -> dict[str, nn.Linear]
 
 
 def check_identity_name(name: str) -> str:
+    """``name`` when it can be a file name (``<name>.safetensors``); :class:`SettingError` otherwise."""
     if not name or name.startswith(".") or any(c in name for c in "/\\:\0"):
         raise SettingError(f"identity name {name!r} cannot be a file name; rename its photo folder and prepare again.")
     return name
@@ -228,6 +231,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of the file at ``path`` (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -257,6 +261,8 @@ def manifest_lock(out: Path) -> Iterator[None]:
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
+    """``out/manifest.json`` as a dict (None when there is none); :class:`SettingError` when it is damaged or
+    not a DiffLoRA dataset manifest."""
     path = out / MANIFEST
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -277,6 +283,7 @@ def _write_manifest(out: Path, data: dict[str, Any]) -> None:
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Sorted config keys whose values differ between ``old`` and ``new`` (:data:`RESUME_FREE_KEYS` left out)."""
     return sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
 
 
@@ -343,6 +350,8 @@ def is_done(out: Path, name: str, cfg: DatasetConfig, manifest: Mapping[str, Any
 
 
 def _collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    """Shard items -> float32 stacks: latents ``[N, 4, h, w]``, time_ids ``[N, 6]``, text ``[N, 77, C]``, pooled
+    ``[N, P]``, arcface ``[N, 512]``, clip_id ``[N, L, E]``."""
     keys = ("latents", "time_ids", "text", "pooled", "arcface", "clip_id")
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).float() for k in keys}
 
@@ -605,6 +614,7 @@ def _layers_arg(text: str) -> list[str]:
 
 
 def config_from_args(args: argparse.Namespace) -> DatasetConfig:
+    """The parsed options as a :class:`DatasetConfig` (absolute paths); :class:`SettingError` naming the option."""
     if args.rank < 1:
         raise SettingError(f"--rank is {args.rank}; give a positive rank (default {DEFAULT_RANK}).")
     if args.steps < 0:
