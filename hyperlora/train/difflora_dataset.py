@@ -483,8 +483,8 @@ def one_thread(device: torch.device) -> Iterator[None]:
 
 def identity_file_bytes(res: IdentityResult, cfg: DatasetConfig) -> bytes:
     """The identity's ``.safetensors`` bytes: kohya keys, float32, the pack's LoRA metadata plus ``difflora_*``."""
-    from ..lora_file import _standard_metadata, lora_metadata
     from ..lora import split_lora
+    from ..lora_file import _standard_metadata, lora_metadata
 
     meta = dict(_standard_metadata(split_lora(res.lora)))
     meta.update(lora_metadata(title=res.identity, description=(
@@ -692,6 +692,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DatasetConfig", "DatasetResult", "FORMAT", "IdentityResult", "LAYERS", "MANIFEST", "build_dataset",
-           "build_parser", "check_config", "fit_identity", "identity_seed", "main", "process_split", "read_manifest",
-           "safetensors_bytes"]
+__all__ = [
+    "FORMAT",
+    "LAYERS",
+    "MANIFEST",
+    "DatasetConfig",
+    "DatasetResult",
+    "IdentityResult",
+    "build_dataset",
+    "build_parser",
+    "check_config",
+    "fit_identity",
+    "identity_seed",
+    "main",
+    "process_split",
+    "read_manifest",
+    "safetensors_bytes",
+]
