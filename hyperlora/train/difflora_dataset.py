@@ -484,9 +484,9 @@ def one_thread(device: torch.device) -> Iterator[None]:
 def identity_file_bytes(res: IdentityResult, cfg: DatasetConfig) -> bytes:
     """The identity's ``.safetensors`` bytes: kohya keys, float32, the pack's LoRA metadata plus ``difflora_*``."""
     from ..lora import split_lora
-    from ..lora_file import _standard_metadata, lora_metadata
+    from ..lora_file import lora_metadata, standard_metadata
 
-    meta = dict(_standard_metadata(split_lora(res.lora)))
+    meta = dict(standard_metadata(split_lora(res.lora)))
     meta.update(lora_metadata(title=res.identity, description=(
         f"SDXL identity LoRA of '{res.identity}' fitted for the DiffLoRA dataset ({cfg.steps} steps, rank "
         f"{cfg.rank}, {'from ' + Path(cfg.init_from).name if cfg.init_from else 'random start'}).")))
