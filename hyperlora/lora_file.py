@@ -65,7 +65,7 @@ def _format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _standard_metadata(parts: dict[str, tuple[Tensor, Tensor, Tensor | None]]) -> dict[str, str]:
+def standard_metadata(parts: dict[str, tuple[Tensor, Tensor, Tensor | None]]) -> dict[str, str]:
     """The kohya / SAI fields that describe the network itself (rank, alpha, base model)."""
     ranks = {down.shape[0] for down, _, _ in parts.values()}
     alphas = {float(a.item()) if a is not None else float(d.shape[0]) for d, _, a in parts.values()}
@@ -121,7 +121,7 @@ def save_lora_file(
             tensors[key] = t.contiguous().clone()
         if alpha is not None:
             tensors[prefix + ALPHA_SUFFIX] = alpha.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
-    meta = _standard_metadata(parts)
+    meta = standard_metadata(parts)
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     save_file_atomic(tensors, path, metadata=meta)
@@ -182,4 +182,4 @@ def load_lora_file(path: str | os.PathLike[str], *, device: str | torch.device =
     return ordered
 
 
-__all__ = ["load_lora_file", "lora_metadata", "read_lora_metadata", "save_lora_file"]
+__all__ = ["load_lora_file", "lora_metadata", "read_lora_metadata", "save_lora_file", "standard_metadata"]

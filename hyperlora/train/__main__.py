@@ -1,7 +1,7 @@
-"""``python -m hyperlora.train {prepare,fit,export,evaluate,demo} ...``: one entry point for the training tools.
+"""``python -m hyperlora.train {prepare,fit,export,evaluate,demo,difflora-dataset} ...``: one entry point for the training tools.
 
 Each subcommand's own ``--help`` lists its options; the work is done by ``prepare.main``, ``fit.main``,
-``export.main``, ``evaluate_cli.main`` and ``demo.main`` (imported only when chosen, so ``--help`` is instant).
+``export.main``, ``evaluate_cli.main``, ``demo.main`` and ``difflora_dataset.main`` (imported only when chosen, so ``--help`` is instant).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ COMMANDS = {
     "export": ("export", "write a run's generator as a released-layout HyperLoRA folder"),
     "evaluate": ("evaluate_cli", "identity in generated pictures: ID-sim and retrieval, own / other / no LoRA"),
     "demo": ("demo", "the whole pipeline at toy scale on this CPU"),
+    "difflora-dataset": ("difflora_dataset", "fit one plain LoRA per identity of shards (DiffLoRA's training set)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m hyperlora.train {prepare,fit,export,evaluate,demo} [options]", "", "commands:"]
-    lines += [f"  {name:8s} {what}" for name, (_, what) in COMMANDS.items()]
+    lines = ["usage: python -m hyperlora.train {prepare,fit,export,evaluate,demo,difflora-dataset} [options]", "", "commands:"]
+    lines += [f"  {name:16s} {what}" for name, (_, what) in COMMANDS.items()]
     lines += ["", "'python -m hyperlora.train COMMAND --help' lists a command's options."]
     return "\n".join(lines) + "\n"
 
