@@ -142,6 +142,14 @@ def test_cli_fit_export_and_one_line_errors(data: Path, tmp_path: Path, capsys: 
     assert "unknown key(s) ['lae_stpes']" in capsys.readouterr().err
     assert difflora_export.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
+    # the common entry point knows both commands
+    from hyperlora.train.__main__ import COMMANDS
+    from hyperlora.train.__main__ import main as train_main
+
+    assert COMMANDS["difflora-fit"][0] == "difflora_fit" and COMMANDS["difflora-export"][0] == "difflora_export"
+    assert train_main(["difflora-export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
+    assert "difflora-export: the run folder" in capsys.readouterr().err
+    assert train_main([]) == 2 and "difflora-fit     train a DiffLoRA model" in capsys.readouterr().out
 
 
 def test_dataset_refusals_and_manifest(tmp_path: Path) -> None:
