@@ -1,7 +1,8 @@
-"""``python -m hyperlora.train {prepare,fit,export,evaluate,demo,difflora-dataset} ...``: one entry point for the training tools.
+"""``python -m hyperlora.train COMMAND ...``: one entry point for the training tools (:data:`COMMANDS`).
 
-Each subcommand's own ``--help`` lists its options; the work is done by ``prepare.main``, ``fit.main``,
-``export.main``, ``evaluate_cli.main``, ``demo.main`` and ``difflora_dataset.main`` (imported only when chosen, so ``--help`` is instant).
+Each subcommand's own ``--help`` lists its options; the work is done by the ``main`` of the module
+:data:`COMMANDS` names (``prepare.main``, ``fit.main``, ``difflora_fit.main``, ...), imported only when chosen,
+so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ COMMANDS = {
     "evaluate": ("evaluate_cli", "identity in generated pictures: ID-sim and retrieval, own / other / no LoRA"),
     "demo": ("demo", "the whole pipeline at toy scale on this CPU"),
     "difflora-dataset": ("difflora_dataset", "fit one plain LoRA per identity of shards (DiffLoRA's training set)"),
+    "difflora-fit": ("difflora_fit", "train a DiffLoRA model (LAE, then DiT) on a LoRA dataset; resumes"),
+    "difflora-export": ("difflora_export", "write a difflora-fit run as a DiffLoRA model folder"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m hyperlora.train {prepare,fit,export,evaluate,demo,difflora-dataset} [options]", "", "commands:"]
+    lines = [f"usage: python -m hyperlora.train {{{','.join(COMMANDS)}}} [options]", "", "commands:"]
     lines += [f"  {name:16s} {what}" for name, (_, what) in COMMANDS.items()]
     lines += ["", "'python -m hyperlora.train COMMAND --help' lists a command's options."]
     return "\n".join(lines) + "\n"
