@@ -1,0 +1,157 @@
+"""difflora-fit / difflora-export on the synthetic LoRA family (tests/fixtures/difflora_synth.py): exact resume,
+run folder contents, the CLI's one-line errors, dataset refusals.  The quality of a full fit is tested in
+tests/core/test_difflora_model.py; here the runs are 40 steps long."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperlora.errors import LoraError, SettingError
+from hyperlora.train import difflora_export, difflora_fit
+from hyperlora.train.difflora_fit import (DiffLoraFitConfig, export, fit, latest_checkpoint, load_dataset)
+from tests.fixtures.difflora_synth import TRAIN_Z, lora_of, tiny_config, write_dataset
+
+SHORT = {"lae_steps": 20, "dit_steps": 20, "batch_size": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():                                         # type: ignore[no-untyped-def]
+    """Tiny models: one intra-op thread is several times faster than two on a busy machine (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("dlfit") / "data", TRAIN_Z[:12])
+
+
+def _cfg(data: Path, out: Path, **over: object) -> DiffLoraFitConfig:
+    return DiffLoraFitConfig.from_dict(tiny_config(data, out, **{**SHORT, **over}))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    return {**{f"lae.{k}": v for k, v in load_file(str(ckpt / "lae.safetensors")).items()},
+            **{f"dit.{k}": v for k, v in load_file(str(ckpt / "dit.safetensors")).items()},
+            **{f"opt.{k}": v for k, v in load_file(str(ckpt / "optimizer.safetensors")).items()}}
+
+
+def _csv(run: Path) -> list[list[str]]:
+    with open(run / "loss.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize("stop", [13, 31])                    # inside the LAE phase / inside the DiT phase
+def test_interrupted_and_resumed_run_equals_uninterrupted(data: Path, tmp_path: Path, stop: int) -> None:
+    ds = load_dataset(data)
+    whole = fit(_cfg(data, tmp_path / "whole"), data=ds)
+    assert whole.finished and whole.steps == 40
+    part = fit(_cfg(data, tmp_path / "part", max_steps=stop), data=ds)
+    assert not part.finished and part.steps == stop
+    assert latest_checkpoint(tmp_path / "part").name == f"step-{stop:06d}"
+    # something that is not the checkpoint's state happens in between: other global RNG draws, a stray csv row
+    torch.manual_seed(999)
+    with open(tmp_path / "part" / "loss.csv", "a") as f:
+        f.write(f"{stop + 1},lae,123,0.001\n")
+    resumed = fit(_cfg(data, tmp_path / "part"), data=ds)
+    assert resumed.finished and resumed.steps == 40
+    assert resumed.latent_scale == whole.latent_scale
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "part")
+    assert a.keys() == b.keys() and len(a) > 20
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+    assert _csv(tmp_path / "whole") == _csv(tmp_path / "part")
+
+
+def test_run_folder_csv_checkpoints_and_export(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = fit(_cfg(data, run, checkpoint_every=10, keep_checkpoints=2), data=load_dataset(data))
+    assert result.finished
+    rows = _csv(run)
+    assert rows[0] == ["step", "phase", "loss", "lr"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 41))
+    assert {r[1] for r in rows[1:21]} == {"lae"} and {r[1] for r in rows[21:]} == {"dit"}
+    assert all(float(r[2]) >= 0 for r in rows[1:])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000030", "step-000040"]
+    assert not list((run / "checkpoints").glob(".*"))          # no temporary folder left
+    state = json.loads((run / "checkpoints" / "step-000040" / "state.json").read_text())
+    assert state["step"] == 40 and state["latent_scale"] > 0
+    folder = export(run, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["difflora.json", "dit.safetensors", "lae.safetensors"]
+    body = json.loads((folder / "difflora.json").read_text())
+    assert body["latent_scale"] == state["latent_scale"] and body["condition"]["arcface_dim"] == 16
+    assert body["dit"]["tokens"] == 3 and body["condition"]["clip_tokens"] == 1
+
+
+def test_cli_fit_export_and_one_line_errors(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_config(data, tmp_path / "unused", **SHORT)))
+    run = tmp_path / "run"
+    assert difflora_fit.main(["--config", str(cfg_path), "--out", str(run), "--max-steps", "10"]) == 0
+    assert "stopped at step 10" in capsys.readouterr().out
+    assert difflora_export.main(["--run", str(run), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "before its DiT was trained" in err
+    assert difflora_fit.main(["--config", str(cfg_path), "--out", str(run)]) == 0
+    assert "40 steps done" in capsys.readouterr().out
+    assert difflora_export.main(["--run", str(run), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "difflora.json").is_file()
+    # a changed learning setting on resume is refused, naming it
+    assert difflora_fit.main(["--config", str(cfg_path), "--out", str(run), "--data", str(data)]) == 0
+    raw = tiny_config(data, run, **{**SHORT, "dit_lr": 1.0})
+    cfg_path.write_text(json.dumps(raw))
+    assert difflora_fit.main(["--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dit_lr" in err and "--no-resume" in err
+    cfg_path.write_text(json.dumps({**raw, "lae_stpes": 3}))
+    assert difflora_fit.main(["--config", str(cfg_path)]) == 2
+    assert "unknown key(s) ['lae_stpes']" in capsys.readouterr().err
+    assert difflora_export.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+
+
+def test_dataset_refusals_and_manifest(tmp_path: Path) -> None:
+    folder = write_dataset(tmp_path / "d", TRAIN_Z[:3])
+    ds = load_dataset(folder)
+    assert ds.names == ["id000", "id001", "id002"] and tuple(ds.face.shape) == (3, 16)
+    assert ds.clip is not None and tuple(ds.clip.shape) == (3, 1, 8)
+    # the manifest (difflora-dataset's) chooses the identities and their files
+    (folder / "manifest.json").write_text(json.dumps({"format": "hyperlora.difflora.dataset", "complete": True,
+                                                      "identities": {"id002": {"file": "id002.safetensors"},
+                                                                     "id000": {"file": "id000.safetensors"}}}))
+    assert load_dataset(folder).names == ["id000", "id002"]
+    (folder / "manifest.json").unlink()
+    (folder / "id001.mif.safetensors").unlink()
+    with pytest.raises(SettingError, match=r"id001\.mif\.safetensors' is missing"):
+        load_dataset(folder)
+    save_file({"face": torch.zeros(3), "clip": torch.zeros(1, 8)}, str(folder / "id001.mif.safetensors"))
+    with pytest.raises(SettingError, match="other shapes"):
+        load_dataset(folder)
+    save_file({"face": torch.ones(16), "extra": torch.zeros(1)}, str(folder / "id001.mif.safetensors"))
+    with pytest.raises(SettingError, match="must hold 'face'"):
+        load_dataset(folder)
+    (folder / "id001.mif.safetensors").unlink()
+    from hyperlora.lora_file import save_lora_file
+
+    other = {k: (v[:2] if k.endswith("down.weight") and k.startswith("lora_unet_a") else v)
+             for k, v in lora_of(TRAIN_Z[0]).items()}
+    other["lora_unet_a.lora_up.weight"] = other["lora_unet_a.lora_up.weight"][:, :2]
+    save_lora_file(other, folder / "id001.safetensors", dtype=None)
+    with pytest.raises(LoraError, match=r"id001\.safetensors'.*lora_unet_a"):
+        load_dataset(folder)
+    with pytest.raises(SettingError, match="does not exist"):
+        load_dataset(tmp_path / "none")
+    with pytest.raises(SettingError, match="drop_prob"):
+        _cfg(folder, tmp_path / "o", drop_prob=2)
+    with pytest.raises(SettingError, match=r"'dit' has unknown field\(s\) \['tokens'\]"):
+        _cfg(folder, tmp_path / "o", dit={"tokens": 4})
