@@ -179,3 +179,15 @@ def test_wrong_inputs_give_clear_errors(pack, folders, difflora, small, photo):
     message = pack.module.NODE_CLASS_MAPPINGS[NEW_PERSON].VALIDATE_INPUTS({"difflora": "HYPERLORA_STUDIO_MODEL"})
     assert "DiffLoRA Loader" in message
     assert json.loads((folders["good"] / "difflora.json").read_text())["format"] == "hyperlora-difflora"
+
+
+def test_readme_documents_the_difflora_nodes_and_inputs(pack):
+    """What test_readme checks against the server's /object_info, for these nodes in process."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for node_id in (LOADER, FROM_IMAGES, NEW_PERSON):
+        head = f"### {pack.module.NODE_DISPLAY_NAME_MAPPINGS[node_id]} (`{node_id}`)"
+        assert head in text
+        section = text.split(head, 1)[1].split("\n### ", 1)[0]
+        spec = pack.nodes[node_id].INPUT_TYPES()
+        for name in [*spec["required"], *spec.get("optional", {})]:
+            assert f"| `{name}`" in section, (node_id, name)
