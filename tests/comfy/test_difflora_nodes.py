@@ -92,8 +92,9 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def from_images(pack, difflora, small, photo, seed: int, batch_count: int, **over: Any) -> tuple[list, Any, str]:
-    return pack.nodes[FROM_IMAGES]().run([difflora], [small], [photo], [seed], [batch_count], [SAMPLE["steps"]],
-                                         [SAMPLE["guidance"]], **{k: [v] for k, v in {**FACE, **over}.items()})
+    inputs = {**FACE, **SAMPLE, **over}
+    return pack.nodes[FROM_IMAGES]().run(difflora=[difflora], hyper_lora=[small], images=[photo], seed=[seed],
+                                         batch_count=[batch_count], **{k: [v] for k, v in inputs.items()})
 
 
 def test_loader_lists_and_loads_the_folder_and_refuses_a_missing_or_broken_one(pack, folders, difflora):
@@ -174,6 +175,8 @@ def test_wrong_inputs_give_clear_errors(pack, folders, difflora, small, photo):
         from_images(pack, other, small, photo, seed=0, batch_count=1)
     with pytest.raises(pack.errors.LoraError, match="Connect the 'HyperLoRA Studio DiffLoRA Loader'"):
         pack.nodes[NEW_PERSON]().run(small, 0, 1, 3)
+    with pytest.raises(pack.errors.SettingError, match=r"\(HyperLoRAStudioDiffLoRAFromImages\): guidance is nan"):
+        from_images(pack, difflora, small, photo, seed=0, batch_count=1, guidance=float("nan"))
     with pytest.raises(pack.errors.SettingError, match="'batch_count' is 0"):
         pack.nodes[NEW_PERSON]().run(difflora, 0, 0, 3)
     message = pack.module.NODE_CLASS_MAPPINGS[NEW_PERSON].VALIDATE_INPUTS({"difflora": "HYPERLORA_STUDIO_MODEL"})
