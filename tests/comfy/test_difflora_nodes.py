@@ -18,7 +18,7 @@ from hyperlora.difflora.format import save_difflora_folder
 from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder
 from hyperlora.difflora.lora_space import LoraLayout, LoraModule
 from tests.comfy.models import FACE, astronaut, faceless_photo
-from tests.comfy.test_inprocess import _patcher
+from tests.fixtures.sdxl import meta_model
 
 pytestmark = pytest.mark.comfy
 
@@ -32,7 +32,7 @@ RANK = 2
 NAME = "tiny_difflora"
 LOADER, FROM_IMAGES, NEW_PERSON = ("HyperLoRAStudioDiffLoRALoader", "HyperLoRAStudioDiffLoRAFromImages",
                                    "HyperLoRAStudioDiffLoRANewPerson")
-SAMPLE = dict(steps=3, guidance=2.0)
+SAMPLE = {"steps": 3, "guidance": 2.0}
 
 
 def write_tiny_difflora(folder: Path, clip_dim: int, seed: int = 0) -> Path:
@@ -51,6 +51,14 @@ def write_tiny_difflora(folder: Path, clip_dim: int, seed: int = 0) -> Path:
             torch.nn.init.normal_(p, std=0.02)
     return save_difflora_folder(folder, lae=lae, lae_config=lae_config, layout=layout, dit_state=dit.state_dict(),
                                 dit_config=dit_config.to_dict(), condition=spec.to_dict(), latent_scale=0.5)
+
+
+def sdxl_patcher(comfy: Any) -> Any:
+    """ComfyUI's SDXL model class, weights on the meta device, in a ModelPatcher (as test_inprocess uses)."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(meta_model(comfy, "SDXL"), load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +147,7 @@ def test_candidates_feed_apply_and_export(pack, comfy, difflora, small, photo, t
     # a list output meets a node without INPUT_IS_LIST: ComfyUI runs Apply once per LoRA (one model each)
     assert not getattr(pack.nodes["HyperLoRAStudioApply"], "INPUT_IS_LIST", False)
     assert pack.nodes["HyperLoRAStudioApply"].INPUT_TYPES()["required"]["lora"][0] == "LORA_MODEL"
-    base = _patcher(comfy, "SDXL")
+    base = sdxl_patcher(comfy)
     for lora in loras:
         (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(base, lora, 0.8)
         assert patched is not base and len(patched.patches) == len(MODULES)
