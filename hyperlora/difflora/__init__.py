@@ -7,7 +7,9 @@ leaves open):
   each LoRA module, with a factorisation-invariant reconstruction loss;
 * :mod:`.dit` and :mod:`.diffusion`: the diffusion transformer over LAE latents, conditioned on mixed
   image features (:mod:`.condition`: ArcFace embeddings plus CLIP image features), and its sampler;
-* :mod:`.format`: the model folder (``docs/difflora-format.md``), safetensors plus an architecture JSON.
+* :mod:`.format`: the model folder (``docs/difflora-format.md``), safetensors plus an architecture JSON;
+* :mod:`.model`: :class:`~.model.DiffLoraModel`, the inference facade (folder -> LoRAs per seed,
+  ``docs/difflora-training.md``).
 
 Plain PyTorch, like the rest of :mod:`hyperlora`; never imports ``comfy``.
 """

@@ -42,6 +42,7 @@ GENERATOR_NAME = "difflora"
 """The ``generator`` field of a DiffLoRA LoRA's provenance."""
 MAX_SEEDS = 64
 """Most LoRAs one call samples (each is a whole LoRA in memory)."""
+_EXPORT_AGAIN = "Export the model folder again from its training run (python -m hyperlora.train difflora-export)."
 
 
 def folder_fingerprint(folder: str | os.PathLike[str]) -> str:
@@ -99,7 +100,7 @@ class DiffLoraModel:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", name: str | None = None) -> "DiffLoraModel":
+                    device: str | torch.device = "cpu", name: str | None = None) -> DiffLoraModel:
         """Load a model folder written by :func:`.format.save_difflora_folder` (strict; see the module docstring).
 
         ``dtype``: the parts' floating-point type (float32 default; bfloat16/float16 halve the memory, sampling
@@ -120,10 +121,9 @@ class DiffLoraModel:
             lae = LoraAutoencoder(parts.lae_config, parts.layout)
             dit = LatentDiT(dit_config, mif_spec)
         except SettingError as exc:
-            raise ModelFileError(f"'{folder / 'difflora.json'}': {exc} Export the model folder again from its training "
-                                 "run (python -m hyperlora.train difflora-export).") from exc
-        _load_strict(lae, parts.lae_state, folder / LAE_FILE, "LAE")
-        _load_strict(dit, parts.dit_state, folder / DIT_FILE, "DiT")
+            raise ModelFileError(f"'{folder / 'difflora.json'}': {exc} {_EXPORT_AGAIN}") from exc
+        load_state_strict(lae, parts.lae_state, folder / LAE_FILE, "LAE")
+        load_state_strict(dit, parts.dit_state, folder / DIT_FILE, "DiT")
         lae.to(device=device, dtype=dtype)
         dit.to(device=device, dtype=dtype)
         try:
@@ -186,23 +186,23 @@ class DiffLoraModel:
                 for s, lora in zip(seeds, self._decode(x0))]
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, *,
+                      described_in: str = "difflora.json", fix: str = _EXPORT_AGAIN) -> None:
     """``module.load_state_dict(state, strict=True)`` with shape checks first; :class:`ModelFileError` naming
-    ``path``, the first missing / extra / wrongly shaped tensor and the fix."""
+    ``path``, the first missing / extra / wrongly shaped tensor, the file that describes the module
+    (``described_in``) and ``fix``."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     if missing or extra:
         first = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}', which the {what} does not know"
         raise ModelFileError(f"'{path}' {first} ({len(missing)} missing, {len(extra)} extra tensors): it does not "
-                             f"match the {what} described in difflora.json. Export the model folder again from its "
-                             "training run (python -m hyperlora.train difflora-export).")
+                             f"match the {what} described in {described_in}. {fix}")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ModelFileError(f"'{path}': tensor '{k}' is {list(state[k].shape)} but the {what} described in "
-                                 f"difflora.json needs {list(v.shape)}. Export the model folder again from its "
-                                 "training run (python -m hyperlora.train difflora-export).")
+                                 f"{described_in} needs {list(v.shape)}. {fix}")
     module.load_state_dict(state, strict=True)
 
 
-__all__ = ["DiffLoraModel", "GENERATOR_NAME", "MAX_SEEDS", "folder_fingerprint"]
+__all__ = ["GENERATOR_NAME", "MAX_SEEDS", "DiffLoraModel", "folder_fingerprint", "load_state_strict"]

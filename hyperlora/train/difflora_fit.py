@@ -132,7 +132,7 @@ class DiffLoraFitConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "the config") -> "DiffLoraFitConfig":
+    def from_dict(cls, data: Any, where: str = "the config") -> DiffLoraFitConfig:
         if not isinstance(data, dict):
             raise SettingError(f"{where} must be a JSON object, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -313,13 +313,15 @@ def load_checkpoint(ckpt: Path) -> tuple[LoraAutoencoder, LatentDiT, dict[str, A
     """The LAE, DiT (strictly loaded) and ``state.json`` of a checkpoint folder."""
     from safetensors.torch import load_file
 
-    from ..difflora.model import _load_strict
+    from ..difflora.model import load_state_strict
 
     state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     lae = LoraAutoencoder(LaeConfig.from_dict(state["lae_config"]), LoraLayout.from_dict(state["layout"]))
     dit = LatentDiT(DitConfig.from_dict(state["dit_config"]), MifSpec.from_dict(state["mif_spec"]))
-    _load_strict(lae, load_file(str(ckpt / LAE_FILE)), ckpt / LAE_FILE, "LAE")
-    _load_strict(dit, load_file(str(ckpt / DIT_FILE)), ckpt / DIT_FILE, "DiT")
+    fix = ("The checkpoint is damaged: delete its folder to resume from the one before, or start over with "
+           "--no-resume.")
+    for what, module, path in (("LAE", lae, ckpt / LAE_FILE), ("DiT", dit, ckpt / DIT_FILE)):
+        load_state_strict(module, load_file(str(path)), path, what, described_in=str(ckpt / STATE_FILE), fix=fix)
     return lae, dit, state
 
 
@@ -514,5 +516,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CSV_HEADER", "DiffLoraFitConfig", "DiffLoraFitResult", "LoraDataset", "MIF_SUFFIX", "build_models",
-           "export", "fit", "latest_checkpoint", "load_checkpoint", "load_dataset", "main"]
+__all__ = [
+    "CSV_HEADER",
+    "MIF_SUFFIX",
+    "DiffLoraFitConfig",
+    "DiffLoraFitResult",
+    "LoraDataset",
+    "build_models",
+    "export",
+    "fit",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_dataset",
+    "main",
+]

@@ -1,5 +1,6 @@
-"""DiffLoraModel: a tiny DiffLoRA trained on a synthetic LoRA family (tests/fixtures/difflora_synth.py), exported,
-loaded from its folder and sampled.  One fit (~10 s on one busy core) serves the whole module."""
+"""DiffLoraModel: a tiny DiffLoRA trained on a synthetic LoRA family (tests/fixtures/difflora_synth.py), saved as a
+model folder, loaded from it and sampled.  One training (~10 s on one busy core) serves the whole module; the same
+pipeline through ``difflora-fit`` / ``difflora-export`` is tested in tests/train/test_difflora_fit.py."""
 
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from hyperlora.difflora.dit import LatentDiT
 from hyperlora.difflora.model import GENERATOR_NAME, DiffLoraModel, folder_fingerprint
 from hyperlora.errors import ImageInputError, ModelFileError, SettingError
 from hyperlora.lora import GeneratedLora
-from hyperlora.train.difflora_fit import DiffLoraFitConfig, export, fit
-from tests.fixtures.difflora_synth import HELD_OUT_Z, TRAIN_Z, lora_of, mif_of, rel, tiny_config, write_dataset
+from tests.fixtures.difflora_synth import (
+    HELD_OUT_Z,
+    TRAIN_Z,
+    held_out_retrieval,
+    lora_of,
+    mif_of,
+    rel,
+    train_tiny,
+)
 
-OWN_MAX = 0.45
-"""A conditional sample's largest relative Frobenius distance to its own identity's LoRA (measured: <= 0.35;
-the LAE alone reconstructs held-out members to ~0.2)."""
 NEW_PERSON_MIN = 0.2
 """An unconditional sample's smallest distance to any training LoRA (measured: >= 0.34; a copy of a training
 LoRA through the LAE would be ~0.1 away)."""
@@ -37,31 +42,12 @@ def one_thread():                                         # type: ignore[no-unty
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("difflora")
-    data = write_dataset(root / "data")
-    cfg = DiffLoraFitConfig.from_dict(tiny_config(data, root / "run"))
-    result = fit(cfg)
-    assert result.finished and result.steps == cfg.total_steps
-    return export(root / "run", root / "model")
+    return train_tiny(tmp_path_factory.mktemp("difflora") / "model")
 
 
 @pytest.fixture(scope="module")
 def model(trained: Path) -> DiffLoraModel:
     return DiffLoraModel.from_folder(trained)
-
-
-def _retrieval(m: DiffLoraModel, seeds: list[int]) -> tuple[int, int, list[tuple[float, float]]]:
-    """For each held-out identity and seed: is the sample closest to its own LoRA among the held-out ones?"""
-    truth = [lora_of(z) for z in HELD_OUT_Z]
-    hits, total, dists = 0, 0, []
-    for i, z in enumerate(HELD_OUT_Z):
-        for lora in m.loras_from_mif(mif_of(z), seeds=seeds, steps=STEPS, guidance=1.0):
-            d = [rel(lora, t) for t in truth]
-            other = min(d[:i] + d[i + 1:])
-            hits += int(d[i] < other and d[i] < OWN_MAX)
-            total += 1
-            dists.append((d[i], other))
-    return hits, total, dists
 
 
 def test_loaded_model_is_eval_with_folder_provenance(model: DiffLoraModel, trained: Path) -> None:
@@ -80,12 +66,12 @@ def test_loaded_model_is_eval_with_folder_provenance(model: DiffLoraModel, train
 
 
 def test_samples_for_held_out_people_are_their_own_lora_and_untrained_dit_is_not(model: DiffLoraModel) -> None:
-    hits, total, dists = _retrieval(model, [0, 1])
+    hits, total, dists = held_out_retrieval(model, [0, 1], STEPS)
     assert hits == total == 12, dists
     # control: the same LAE with an untrained DiT (same config) must fail the same assertion
     fresh = LatentDiT(model.dit.config, model.dit.mif_spec)
     control = DiffLoraModel(model.lae, fresh, model.latent_scale, name="untrained")
-    c_hits, c_total, c_dists = _retrieval(control, [0, 1])
+    c_hits, c_total, c_dists = held_out_retrieval(control, [0, 1], STEPS)
     assert c_hits < c_total // 2, c_dists
 
 

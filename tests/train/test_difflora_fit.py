@@ -14,8 +14,20 @@ from safetensors.torch import load_file, save_file
 
 from hyperlora.errors import LoraError, SettingError
 from hyperlora.train import difflora_export, difflora_fit
-from hyperlora.train.difflora_fit import (DiffLoraFitConfig, export, fit, latest_checkpoint, load_dataset)
-from tests.fixtures.difflora_synth import TRAIN_Z, lora_of, tiny_config, write_dataset
+from hyperlora.train.difflora_fit import (
+    DiffLoraFitConfig,
+    export,
+    fit,
+    latest_checkpoint,
+    load_dataset,
+)
+from tests.fixtures.difflora_synth import (
+    TRAIN_Z,
+    held_out_retrieval,
+    lora_of,
+    tiny_config,
+    write_dataset,
+)
 
 SHORT = {"lae_steps": 20, "dit_steps": 20, "batch_size": 8}
 
@@ -155,3 +167,21 @@ def test_dataset_refusals_and_manifest(tmp_path: Path) -> None:
         _cfg(folder, tmp_path / "o", drop_prob=2)
     with pytest.raises(SettingError, match=r"'dit' has unknown field\(s\) \['tokens'\]"):
         _cfg(folder, tmp_path / "o", dit={"tokens": 4})
+
+
+def test_fit_export_load_samples_held_out_people(tmp_path: Path) -> None:
+    """The whole pipeline: difflora-fit (150 LAE + 250 DiT steps on 32 LoRAs), difflora-export, DiffLoraModel:
+    samples for held-out MIFs are their own identity's LoRA; the folder's untrained-DiT control fails."""
+    from hyperlora.difflora.dit import LatentDiT
+    from hyperlora.difflora.model import DiffLoraModel
+
+    data = write_dataset(tmp_path / "data")
+    result = fit(DiffLoraFitConfig.from_dict(tiny_config(data, tmp_path / "run")))
+    assert result.finished and result.steps == 400
+    model = DiffLoraModel.from_folder(export(tmp_path / "run", tmp_path / "model"))
+    assert model.latent_scale == result.latent_scale
+    hits, total, dists = held_out_retrieval(model, [0, 1])
+    assert hits == total == 12, dists
+    control = DiffLoraModel(model.lae, LatentDiT(model.dit.config, model.dit.mif_spec), model.latent_scale)
+    c_hits, c_total, c_dists = held_out_retrieval(control, [0, 1])
+    assert c_hits < c_total // 2, c_dists
