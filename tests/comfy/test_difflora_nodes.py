@@ -121,6 +121,21 @@ def test_loader_lists_and_loads_the_folder_and_refuses_a_missing_or_broken_one(p
     assert loader.IS_CHANGED(model=NAME) != loader.IS_CHANGED(model="other_clip")
 
 
+def test_a_difflora_folder_of_extra_model_paths_is_listed_and_loaded(pack, small, tmp_path):
+    """An extra_model_paths.yaml 'difflora' entry (added to folder_paths as ComfyUI adds it) is searched too."""
+    import folder_paths
+
+    extra = write_tiny_difflora(tmp_path / "elsewhere" / "extra_model", small.clip.shape.hidden_size, seed=2)
+    folder_paths.add_model_folder_path("difflora", str(extra.parent))
+    try:
+        assert "extra_model" in pack.nodes[LOADER].INPUT_TYPES()["required"]["model"][0]
+        handle, _ = pack.nodes[LOADER]().load(model="extra_model", dtype="fp32")
+        assert handle.folder == extra
+    finally:
+        folder_paths.folder_names_and_paths["difflora"][0].remove(str(extra.parent))
+    assert "extra_model" not in pack.nodes[LOADER].INPUT_TYPES()["required"]["model"][0]
+
+
 def test_lora_from_images_one_lora_per_seed_reproducible(pack, difflora, small, photo):
     node = pack.nodes[FROM_IMAGES]
     assert node.INPUT_IS_LIST and node.OUTPUT_IS_LIST == (True, False, False)
