@@ -144,6 +144,10 @@ IDENTITY_TYPE = "HYPERLORA_STUDIO_IDENTITY"
 """ComfyUI socket type of an identity."""
 CROP_TYPE = "HYPERLORA_STUDIO_CROP"
 """ComfyUI socket type of a mask crop (Crop by Mask -> Paste by Mask)."""
+DIFFLORA_TYPE = "HYPERLORA_STUDIO_DIFFLORA"
+"""ComfyUI socket type of a loaded DiffLoRA model (DiffLoRA Loader -> LoRA from Images / New Person)."""
+DIFFLORA_DIR = "difflora"
+"""``models/difflora``: DiffLoRA model folders (each holding ``difflora.json``), one per dropdown entry."""
 
 
 # ---------------------------------------------------------------------------- architecture
@@ -215,7 +219,7 @@ __all__ = [
     "RELEASED_CLIP_NAME", "clip_dir", "clip_processor_dir", "clip_processor_name", "model_dir", "ANTELOPE_FILES", "ANTELOPE_LANDMARK_FILE", "ANTELOPE_RECOGNITION_FILE",
     "ANTELOPE_REQUIRED_FILES", "BASE_RESAMPLER_FILE", "BASIS_FILE", "CHECKSUM_FILE", "DEFAULT_HEADS", "FACE_EMBEDDING_DIM", "FACE_MODELS_META",
     "HyperLoRAArchitecture", "ID_PROJECTOR_FILE", "IDENTITY_FORMAT", "IDENTITY_FORMAT_VERSION", "KOHYA_LAYER", "LN_EPS", "LORA_LAYERS", "LoraModuleSpec",
-    "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
+    "MARKER_FILE", "MODEL_FILES", "MODEL_TYPE", "IDENTITY_TYPE", "DIFFLORA_DIR", "DIFFLORA_TYPE", "NODE_PREFIX", "PACK_FOLDER", "PACK_NAME", "NORM_EPS", "PICKLE_SUFFIXES", "RESAMPLER_FILE", "RESAMPLER_HEADS_META",
     "RELEASED_BASE_RANK", "RELEASED_DIM_HEAD", "RELEASED_FF_MULT", "RELEASED_HYPER_DIM", "RELEASED_ID_TOKENS",
     "RELEASED_RANK", "RELEASED_RESAMPLER_DEPTH", "RELEASED_RESAMPLER_DIM", "ResamplerConfig", "TOKENS_PER_MODULE", "TRIGGER_PREFIX", "TRIGGER_WORDS", "VIT_L14_WIDTH", "kohya_prefix",
     "token_index",

@@ -11,13 +11,13 @@ from .common import guard_sockets
 
 paths.register_folders()
 
-from . import faces, hooks, identity, io, loader, lora, masks, mix, quality, regions  # noqa: E402  (folders first)
+from . import difflora, faces, hooks, identity, io, loader, lora, masks, mix, quality, regions  # noqa: E402  (folders first)
 from .guard import guard_nodes  # noqa: E402
 from .templates import register_template_order  # noqa: E402
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-for _family in (loader, identity, masks, faces, regions, lora, hooks, mix, io, quality):
+for _family in (loader, identity, masks, faces, regions, lora, hooks, mix, io, quality, difflora):
     NODE_CLASS_MAPPINGS.update({k: guard_sockets(v) for k, v in _family.NODE_CLASS_MAPPINGS.items()})
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
 # every node, also one added later: finite FLOAT inputs and safe filename prefixes, checked before it runs

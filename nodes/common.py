@@ -23,13 +23,14 @@ from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity, check_photo_count
 from ..hyperlora.faces.options import DEFAULTS, NO_FACE_POLICIES, FaceOptions, OptionSpec, option_specs
 from ..hyperlora.pipeline import images_from_comfy
-from ..hyperlora.spec import CROP_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
+from ..hyperlora.spec import CROP_TYPE, DIFFLORA_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
 
 log = logging.getLogger(__name__)
 
 CATEGORY = PACK_NAME
 STUDIO_MODEL = MODEL_TYPE          # the loaded generator (HyperLoRAHandle)
 STUDIO_IDENTITY = IDENTITY_TYPE    # an identity (hyperlora.identity.Identity)
+STUDIO_DIFFLORA = DIFFLORA_TYPE    # a loaded DiffLoRA model (nodes.difflora.DiffLoraHandle)
 LORA_MODEL = "LORA_MODEL"          # core type (comfy_extras/nodes_train.py): dict of kohya-keyed tensors
 
 
@@ -143,6 +144,7 @@ WHAT_TO_CONNECT = {
     IDENTITY_TYPE: f"'{PACK_NAME} Identity from Images' or '{PACK_NAME} Load Identity'",
     LORA_MODEL: f"'{PACK_NAME} Build LoRA' (or Mix Identities / Concept Slider)",
     CROP_TYPE: f"the crop output of '{PACK_NAME} Crop by Mask'",
+    DIFFLORA_TYPE: f"the '{PACK_NAME} DiffLoRA Loader' node ({NODE_PREFIX}DiffLoRALoader)",
 }
 
 

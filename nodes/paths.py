@@ -7,11 +7,14 @@ and listed first):
   ``hyper_lora/<model>/`` (marker ``hyper_lora_modules.json``), ``clip_vit/<name>/``
   (Hugging Face CLIP vision folder) and ``clip_processor/<name>/``.
 * ``insightface``           ``models/insightface`` - ``models/antelopev2/*.onnx`` below it.
+* ``difflora``              ``models/difflora`` - DiffLoRA model folders ``<name>/`` (marker ``difflora.json``,
+  hyperlora/difflora/format.py).
 * ``hyper_lora_identities`` identity files: ``models/hyper_lora/identities`` and
   ``output/hyper_lora_identities`` (where the Save node writes).
 
 CLIP vision files of ComfyUI's own ``models/clip_vision`` are listed too, as
-``clip_vision/<file>``.  Nothing here imports torch.
+``clip_vision/<file>``.  Nothing here imports torch when imported (the DiffLoRA marker's module is imported
+when a list is asked for).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import folder_paths
 from ..hyperlora.errors import ModelFileError
 from ..hyperlora.faces.setup import is_antelopev2_entry
 from ..hyperlora.spec import (ANTELOPE_DIR, ANTELOPE_FILES, ANTELOPE_SUBDIR, CLIP_PROCESSOR_SUBDIR, CLIP_VIT_SUBDIR,
-                              HYPER_LORA_DIR, IDENTITIES_SUBDIR, INSIGHTFACE_DIR, MARKER_FILE, MODELS_SUBDIR,
+                              DIFFLORA_DIR, HYPER_LORA_DIR, IDENTITIES_SUBDIR, INSIGHTFACE_DIR, MARKER_FILE, MODELS_SUBDIR,
                               RELEASED_CLIP_NAME, clip_processor_name)
 
 log = logging.getLogger(__name__)
 
 HYPER_LORA_KEY = HYPER_LORA_DIR
 INSIGHTFACE_KEY = INSIGHTFACE_DIR
+DIFFLORA_KEY = DIFFLORA_DIR
 IDENTITY_KEY = "hyper_lora_identities"
 IDENTITY_SUBFOLDER = "hyper_lora_identities"
 CLIP_VISION_PREFIX = "clip_vision/"
@@ -42,6 +46,7 @@ def register_folders() -> None:
     models_dir = folder_paths.models_dir
     folder_paths.add_model_folder_path(HYPER_LORA_KEY, os.path.join(models_dir, HYPER_LORA_DIR))
     folder_paths.add_model_folder_path(INSIGHTFACE_KEY, os.path.join(models_dir, INSIGHTFACE_DIR))
+    folder_paths.add_model_folder_path(DIFFLORA_KEY, os.path.join(models_dir, DIFFLORA_DIR))
     folder_paths.add_model_folder_path(IDENTITY_KEY, os.path.join(models_dir, HYPER_LORA_DIR, IDENTITIES_SUBDIR))
     folder_paths.add_model_folder_path(IDENTITY_KEY, identity_output_dir())
     folder_paths.folder_names_and_paths[IDENTITY_KEY][1].add(".safetensors")
@@ -99,6 +104,49 @@ def resolve_model(name: str) -> Path:
     if not found:
         raise ModelFileError(f"No HyperLoRA model folder was found. {model_help()}")
     raise ModelFileError(f"HyperLoRA model folder '{name}' was not found (found: {', '.join(found)}). {model_help()}")
+
+
+# --------------------------------------------------------------------------- DiffLoRA models
+
+
+def _difflora_marker() -> str:
+    """``difflora.json``, the file that makes a folder a DiffLoRA model (imported when asked: it needs torch)."""
+    from ..hyperlora.difflora.format import CONFIG_FILE
+
+    return CONFIG_FILE
+
+
+def _difflora_dirs() -> dict[str, Path]:
+    """DiffLoRA model folders (holding ``difflora.json``) by their dropdown name; the first root wins a clash."""
+    found: dict[str, Path] = {}
+    marker = _difflora_marker()
+    for root in _roots(DIFFLORA_KEY):
+        for d in _subdirs(root):
+            if (d / marker).is_file() and d.name not in found:
+                found[d.name] = d
+    return found
+
+
+def list_difflora() -> list[str]:
+    """Names of the DiffLoRA model folders."""
+    return list(_difflora_dirs())
+
+
+def difflora_help() -> str:
+    where = " or ".join(str(r) for r in _roots(DIFFLORA_KEY)) or f"models/{DIFFLORA_DIR}"
+    return (f"Put a DiffLoRA model folder (holding {_difflora_marker()}, lae.safetensors and dit.safetensors, as "
+            f"python -m hyperlora.train difflora-export writes it) into {where}, or add a '{DIFFLORA_KEY}' entry to "
+            "extra_model_paths.yaml, then press R in ComfyUI to refresh.")
+
+
+def resolve_difflora(name: str) -> Path:
+    """Folder of DiffLoRA model ``name``; :class:`ModelFileError` with where to put it when absent."""
+    found = _difflora_dirs()
+    if name in found:
+        return found[name]
+    if not found:
+        raise ModelFileError(f"No DiffLoRA model folder was found. {difflora_help()}")
+    raise ModelFileError(f"DiffLoRA model folder '{name}' was not found (found: {', '.join(found)}). {difflora_help()}")
 
 
 # --------------------------------------------------------------------------- CLIP vision

@@ -222,10 +222,14 @@ def _read_tensors(path: Path, part: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise ModelFileError(f"The DiffLoRA folder '{path.parent}' has no {path.name}; copy the whole folder, or "
                              f"{_RESAVE}.")
-    if looks_pickled(path):
-        raise ModelFileError(f"'{path}' is a pickled PyTorch file, not safetensors; this pack never unpickles files "
-                             f"(they can run code). {_RESAVE[0].upper() + _RESAVE[1:]}.")
-    header = read_header(path)
+    try:
+        header = read_header(path)
+    except ModelFileError as exc:
+        # asked only after the header failed: a safetensors header length such as 0x1280 also starts with 0x80
+        if looks_pickled(path):
+            raise ModelFileError(f"'{path}' is a pickled PyTorch file, not safetensors; this pack never unpickles "
+                                 f"files (they can run code). {_RESAVE[0].upper() + _RESAVE[1:]}.") from exc
+        raise
     got_part = header.metadata.get(PART_META)
     if header.metadata.get("format") != FORMAT_NAME or got_part != part:
         raise ModelFileError(f"'{path}' is not the DiffLoRA {part} file (its metadata says format "

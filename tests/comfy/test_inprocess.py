@@ -23,6 +23,7 @@ NODE_IDS = {
     "HyperLoRAStudioFaceKeypoints", "HyperLoRAStudioFaceAnalysis", "HyperLoRAStudioFaceMasks", "HyperLoRAStudioCropByMask",
     "HyperLoRAStudioPasteByMask",
     "HyperLoRAStudioFaceSimilarity", "HyperLoRAStudioBestOfN", "HyperLoRAStudioRefineIdentity",
+    "HyperLoRAStudioDiffLoRALoader", "HyperLoRAStudioDiffLoRAFromImages", "HyperLoRAStudioDiffLoRANewPerson",
 }
 FACE = dict(face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
             det_size="640")

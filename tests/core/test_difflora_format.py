@@ -202,3 +202,20 @@ def test_interrupted_overwrite_leaves_no_half_model(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "save_file_atomic", real)
     _save(folder, latent_scale=3.0)  # saving again repairs it
     assert read_difflora_folder(folder).latent_scale == 3.0
+
+
+def test_a_part_whose_header_length_starts_with_byte_0x80_is_read(tmp_path):
+    """A safetensors file starts with its header length (8 bytes, little endian): 0x..80 begins with the byte a
+    pickle begins with, and such a file is still read (the pickle check comes only after a failed header)."""
+    folder = _save(tmp_path / "model")
+    tensors = load_file(str(folder / LAE_FILE))
+    with open(folder / LAE_FILE, "rb") as fh:
+        meta = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))["__metadata__"]
+    for pad in range(256):                       # a padding metadata entry that makes the length 0x..80
+        save_file(tensors, str(folder / LAE_FILE), metadata={**meta, "padding": "x" * pad})
+        if (folder / LAE_FILE).read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    files = read_difflora_folder(folder)
+    assert all(torch.equal(files.lae_state[k], v) for k, v in tensors.items())
