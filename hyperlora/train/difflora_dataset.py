@@ -74,6 +74,7 @@ from ..checks import atomic_temp_name
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, LoraDict
 from ..lora_functional import LoraTerm, applied, diffusers_lora_targets
+from .difflora_fit import MIF_SUFFIX, save_mif_file
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +535,18 @@ def _group_by_identity(datasets: Sequence[Any]) -> dict[str, list[tuple[int, int
     return dict(sorted(groups.items()))
 
 
+def write_identity_mif(out: Path, name: str, samples: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``<name>.mif.safetensors`` beside the identity's LoRA: its DiffLoRA condition (MIF), made from the
+    ArcFace embeddings ``[N, 512]`` and CLIP hidden states ``[N, L, E]`` of its N training samples as
+    :func:`hyperlora.difflora.condition.mixed_image_features` makes it from photos (default grid, this CLIP's
+    width), so ``difflora-fit`` trains on this folder as it is.  Deterministic: every process writes the same bytes."""
+    from ..difflora.condition import MifSpec, mixed_image_features
+
+    batch = _collate(samples)
+    spec = MifSpec(arcface_dim=int(batch["arcface"].shape[-1]), clip_dim=int(batch["clip_id"].shape[-1]))
+    return save_mif_file(mixed_image_features(batch["arcface"], batch["clip_id"], spec), out / f"{name}{MIF_SUFFIX}")
+
+
 def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.Module | None = None,
                   noise_scheduler: Any = None, split: tuple[int, int] | None = None,
                   stop: Callable[[], bool] | None = None) -> DatasetResult:
@@ -586,6 +599,8 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.M
     with _StopAfterIdentity() as flag, one_thread(next(unet.parameters()).device):
         for k, name in enumerate(mine):
             if is_done(out, name, cfg, manifest):
+                if not (out / f"{name}{MIF_SUFFIX}").is_file():     # a folder written before MIF files existed
+                    write_identity_mif(out, name, [datasets[d][i] for d, i in groups[name]])
                 skipped.append(name)
                 log.info("identity %d/%d '%s': done before, skipped", k + 1, len(mine), name)
                 continue
@@ -593,6 +608,7 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.M
             res = fit_identity(name, samples, unet, targets, noise_scheduler.alphas_cumprod, cfg,
                                generator_model=generator_model)
             path = out / f"{name}.safetensors"
+            write_identity_mif(out, name, samples)
             write_atomic(path, identity_file_bytes(res, cfg))
             record_identity(out, name, {"file": path.name, "sha256": sha256_file(path), "loss": res.loss,
                                         "loss_start": res.loss_start, "loss_none": res.loss_none, "seed": res.seed,

@@ -115,6 +115,28 @@ def test_one_lora_per_identity_lowers_its_loss(built):
         assert entry["loss_start"] == entry["loss_none"] and entry["loss"] < entry["loss_start"]
 
 
+def test_the_folder_is_difflora_fits_dataset_with_each_identitys_mif(built):
+    """difflora-dataset writes <identity>.mif.safetensors beside each LoRA, so difflora-fit reads the folder as it is;
+    each MIF is the identity's samples' mean (unit) ArcFace embedding and its pooled CLIP tokens."""
+    import torch.nn.functional as F
+
+    from hyperlora.train.difflora_fit import MIF_SUFFIX, load_dataset
+    from safetensors.torch import load_file
+
+    prep, _, out, _res = built
+    names = prep.train_set.identities
+    data = load_dataset(out)
+    assert sorted(data.names) == names
+    for name in names:
+        mif = load_file(str(out / f"{name}{MIF_SUFFIX}"))
+        samples = _samples(prep, name)
+        arc = torch.stack([torch.as_tensor(s["arcface"]).float() for s in samples])
+        clip = torch.stack([torch.as_tensor(s["clip_id"]).float() for s in samples])
+        want = F.normalize(F.normalize(arc, dim=-1).mean(0), dim=0)
+        assert torch.allclose(mif["face"], want, atol=1e-5), name
+        assert mif["clip"].shape[-1] == clip.shape[-1] and torch.allclose(mif["clip"][0], clip[:, 0].mean(0), atol=1e-5)
+
+
 def test_stop_rerun_and_a_changed_config(built, tmp_path, capsys):
     from hyperlora.errors import SettingError
     from hyperlora.train import difflora_dataset as dd
@@ -169,7 +191,7 @@ def test_two_processes_give_the_same_files_as_one(built, tmp_path):
     assert "process 1 of 2" in proc.stdout and "process 2 of 2" in proc.stdout
     assert proc.stdout.count("1 fitted, 0 already done") == 2
     theirs = _bytes(work)
-    assert sorted(theirs) == [f"{n}.safetensors" for n in names]
+    assert sorted(theirs) == sorted(f"{n}{ext}" for n in names for ext in (".safetensors", ".mif.safetensors"))
     assert theirs == {k: v for k, v in _bytes(out).items() if k in theirs}
     one = json.loads((out / "manifest.json").read_text())
     two = json.loads((work / "manifest.json").read_text())            # both processes' entries, none lost
