@@ -54,6 +54,10 @@ def integrity_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     temporary folder, never in the user's ``~/.cache/hyperlora``."""
     folder = tmp_path_factory.mktemp("hyperlora_cache")
     os.environ["HYPERLORA_CACHE"] = str(folder)
+    # the trained toy VAE decoder (minutes of training, keyed by a hash of its code, config and settings) is kept
+    # across sessions in the test cache; hyperlora.train.toy.decoder.TOY_CACHE_ENV (named here: tests/core never
+    # imports hyperlora.train)
+    os.environ.setdefault("HYPERLORA_TOY_CACHE", str(test_cache_root()))
     return folder
 
 

@@ -108,9 +108,15 @@ def train_decoder(vae: Any, settings: DecoderTraining = DecoderTraining(), *, pr
     return losses
 
 
+TOY_CACHE_ENV = "HYPERLORA_TOY_CACHE"
+"""Moves the root of the trained toy decoders alone (the test suite keeps them across runs, keyed by hash, while
+it gives the integrity cache of ``$HYPERLORA_CACHE`` a fresh temporary folder per session)."""
+
+
 def cache_root() -> Path:
-    """``$HYPERLORA_CACHE`` or ``~/.cache/hyperlora``."""
-    return Path(os.environ.get("HYPERLORA_CACHE") or Path.home() / ".cache" / "hyperlora")
+    """``$HYPERLORA_TOY_CACHE``, else ``$HYPERLORA_CACHE``, else ``~/.cache/hyperlora``."""
+    return Path(os.environ.get(TOY_CACHE_ENV) or os.environ.get("HYPERLORA_CACHE")
+                or Path.home() / ".cache" / "hyperlora")
 
 
 def cache_key(vae_config: dict[str, Any], settings: DecoderTraining, *, seed: int) -> str:
@@ -165,5 +171,5 @@ def install_decoder(sdxl_folder: Path, *, seed: int, progress: bool = True) -> P
     return path
 
 
-__all__ = ["CACHE_NAME", "DecoderTraining", "STEPS", "cache_key", "cache_root", "cached_decoder", "draw_photos",
+__all__ = ["CACHE_NAME", "DecoderTraining", "STEPS", "TOY_CACHE_ENV", "cache_key", "cache_root", "cached_decoder", "draw_photos",
            "install_decoder", "train_decoder"]
