@@ -140,6 +140,13 @@ def _shape_key(out_features: int, in_features: int, rank: int) -> str:
     return f"o{out_features}_i{in_features}_r{rank}"
 
 
+def _randn_like(t: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like ``t``, drawn on ``generator``'s device (a CPU generator for reproducible
+    runs on any device) and moved to ``t``'s device and dtype."""
+    device = generator.device if generator is not None else t.device
+    return torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype).to(t.device)
+
+
 class LoraAutoencoder(nn.Module):
     """The LAE of one layout: ``B`` LoRAs <-> latent ``[B, T, C]`` (``T = len(layout) * tokens_per_module``,
     ``C = latent_channels``).  See the module docstring for the architecture, loss and scales."""
@@ -249,7 +256,7 @@ class LoraAutoencoder(nn.Module):
         """Latent ``[B, T, C]`` of a batch: the posterior mean, or a draw from it with ``sample`` (KL only)."""
         mean, logvar = self.encode_distribution(batch)
         if sample and logvar is not None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = _randn_like(mean, generator)
             return mean + (0.5 * logvar).exp() * noise
         return mean
 
@@ -290,7 +297,7 @@ class LoraAutoencoder(nn.Module):
         fs = self._factors(batch)
         mean, logvar = self.encode_distribution(fs)
         if logvar is not None and self.training:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = _randn_like(mean, generator)
             z = mean + (0.5 * logvar).exp() * noise
         else:
             z = mean
