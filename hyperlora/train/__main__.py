@@ -20,6 +20,7 @@ COMMANDS = {
     "difflora-dataset": ("difflora_dataset", "fit one plain LoRA per identity of shards (DiffLoRA's training set)"),
     "difflora-fit": ("difflora_fit", "train a DiffLoRA model (LAE, then DiT) on a LoRA dataset; resumes"),
     "difflora-export": ("difflora_export", "write a difflora-fit run as a DiffLoRA model folder"),
+    "difflora-demo": ("difflora_demo", "the whole DiffLoRA chain at toy scale on this CPU"),
 }
 
 

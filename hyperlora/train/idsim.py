@@ -278,21 +278,46 @@ def evaluate_pictures(model: Path, *, base: Path, antelope: Path, clip: Path, cl
     a ``references/<name>/`` folder of photos.  ``unet``: an already loaded base UNet (else loaded from ``base``);
     ``features``: :func:`reference_features_from_photos` results when already computed."""
     from ..checkpoint import load_hyper_lora
-    from ..faces.analysis import FaceAnalyzer
-    from ..similarity import reference_from_photos
     from .evaluate import identity_loras, reference_features_from_photos
-    from .frozen import load_noise_scheduler, load_text_encoders, load_unet, load_vae
 
+    names = _check_groups(groups, references, seeds, prompts)
+    feats = dict(features) if features is not None else reference_features_from_photos(
+        references, names, antelope=antelope, clip_folder=clip, clip_processor=clip_processor)
+    gen = load_hyper_lora(Path(model), dtype=torch.float32)
+    loras = identity_loras(gen, {n: feats[n] for n in names})
+    return evaluate_lora_pictures(loras, base=base, antelope=antelope, references=references, groups=groups,
+                                  seeds=seeds, prompts=prompts, steps=steps, tokenizer=tokenizer, unet=unet, size=size)
+
+
+def _check_groups(groups: Mapping[str, Sequence[str]], references: Path, seeds: Sequence[int],
+                  prompts: Sequence[str]) -> list[str]:
+    """Every identity of ``groups`` once, in order; refuses fewer than two, no seed or no prompt."""
     names = list(dict.fromkeys(n for g in groups.values() for n in g))
     if len(names) < 2:
         raise SettingError(f"evaluate needs reference photos of at least two identities, got {names}; add folders "
                            f"'{references}/<identity>/' with photos.")
     if not seeds or not prompts:
         raise SettingError("evaluate needs at least one seed and one prompt.")
-    feats = dict(features) if features is not None else reference_features_from_photos(
-        references, names, antelope=antelope, clip_folder=clip, clip_processor=clip_processor)
-    gen = load_hyper_lora(Path(model), dtype=torch.float32)
-    loras = identity_loras(gen, {n: feats[n] for n in names})
+    return names
+
+
+def evaluate_lora_pictures(loras: Mapping[str, Any], *, base: Path, antelope: Path, references: Path,
+                           groups: Mapping[str, Sequence[str]], seeds: Sequence[int] = DEFAULT_SEEDS,
+                           prompts: Sequence[str] = DEFAULT_PROMPTS, steps: int = DEFAULT_STEPS,
+                           tokenizer: Path | None = None, unet: nn.Module | None = None,
+                           size: int | None = None) -> PictureEval:
+    """:func:`evaluate_pictures` for LoRAs made by any generator: ``loras`` ``{identity: factors}``
+    (:func:`hyperlora.lora_functional.factors_from_lora` of each identity's LoRA, e.g. a DiffLoRA sample), one
+    per identity of ``groups``; the rest as :func:`evaluate_pictures`."""
+    from ..faces.analysis import FaceAnalyzer
+    from ..similarity import reference_from_photos
+    from .frozen import load_noise_scheduler, load_text_encoders, load_unet, load_vae
+
+    names = _check_groups(groups, references, seeds, prompts)
+    missing = [n for n in names if n not in loras]
+    if missing:
+        raise SettingError(f"evaluate: no LoRA for identities {missing}; make one per identity of the groups.")
+    loras = {n: loras[n] for n in names}
     unet = unet if unet is not None else load_unet(base)
     unet.eval()
     vae = load_vae(base)
@@ -374,6 +399,24 @@ def write_report(result: PictureEval, out: Path) -> tuple[Path, Path]:
     return js, png
 
 
-__all__ = ["BOOTSTRAP", "DEFAULT_PROMPTS", "DEFAULT_SEEDS", "EVAL_JSON", "EVAL_PNG", "GroupScores", "IdentityScores",
-           "PictureEval", "eval_picture", "evaluate_pictures", "group_scores", "image_embedding", "paired_bootstrap",
-           "pair_noise", "prompt_conditioning", "sample_conditions", "similarity_table", "write_report"]
+__all__ = [
+    "BOOTSTRAP",
+    "DEFAULT_PROMPTS",
+    "DEFAULT_SEEDS",
+    "EVAL_JSON",
+    "EVAL_PNG",
+    "GroupScores",
+    "IdentityScores",
+    "PictureEval",
+    "eval_picture",
+    "evaluate_lora_pictures",
+    "evaluate_pictures",
+    "group_scores",
+    "image_embedding",
+    "pair_noise",
+    "paired_bootstrap",
+    "prompt_conditioning",
+    "sample_conditions",
+    "similarity_table",
+    "write_report",
+]
