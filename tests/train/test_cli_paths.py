@@ -45,3 +45,15 @@ def test_fit_export_demo_out_is_a_file(tmp_path: Path, a_file: Path, capsys: pyt
     assert cli(["demo", "--quick", "--out", str(tmp_path / "tree"), "--work", str(a_file)]) == 2
     assert f"demo: --work '{a_file}' is a file" in _one_line(capsys.readouterr().err, "demo")
     assert not (tmp_path / "tree").exists()
+
+
+def test_difflora_demo_wrong_paths_and_name(tmp_path: Path, a_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["difflora-demo", "--quick", "--out", str(a_file)]) == 2
+    assert _one_line(capsys.readouterr().err, "difflora-demo") == (
+        f"difflora-demo: --out '{a_file}' is a file; give a folder path (it is created when missing).")
+    assert cli(["difflora-demo", "--quick", "--out", str(tmp_path / "tree"), "--work", str(a_file)]) == 2
+    assert f"difflora-demo: --work '{a_file}' is a file" in _one_line(capsys.readouterr().err, "difflora-demo")
+    assert cli(["difflora-demo", "--quick", "--out", str(tmp_path / "tree"), "--name", "a/b"]) == 2
+    assert _one_line(capsys.readouterr().err, "difflora-demo") == (
+        "difflora-demo: --name 'a/b' must be a plain folder name (no slashes).")
+    assert not (tmp_path / "tree").exists()                         # refused before anything was written
