@@ -44,6 +44,9 @@ INSIGHTFACE = "antelopev2"
 CONTROLNET = "OpenPoseXL2.safetensors"
 INSTANTID_CONTROLNET = "instantid/diffusion_pytorch_model.safetensors"
 FACE_PROMPT = TRIGGER + "close-up photo of a face, detailed skin, natural light"
+DIFFLORA_MODEL = "my_difflora"
+"""The DiffLoRA workflows' model folder (``models/difflora/my_difflora``): none is released; train one with
+``python -m hyperlora.train difflora-fit`` / ``difflora-export``, or the toy one with ``difflora-demo``."""
 SEED = 42
 
 RELEASE_NOTE = (
@@ -624,10 +627,79 @@ def refine_identity() -> Workflow:
     return wf
 
 
+def difflora_loader(wf: Workflow, *, x: float = 0, y: float = 300) -> Node:
+    return wf.add("HyperLoRAStudioDiffLoRALoader", "Load DiffLoRA", (x, y), model=DIFFLORA_MODEL, dtype="auto")
+
+
+def difflora_best_of_n() -> Workflow:
+    wf = Workflow("difflora_best_of_n", "DiffLoRA: 4 candidate LoRAs from a photo, keep the most alike",
+                  "one face photo -> DiffLoRA samples 4 LoRAs (seeds 0-3) -> one image each -> Best of N keeps the "
+                  "image whose face is most like the photo (ArcFace similarity)",
+                  "DiffLoRA samples a LoRA for the person in 'Face photo'; each seed gives another candidate. Put a "
+                  "DiffLoRA model folder in models/difflora (none is released: train one with python -m "
+                  "hyperlora.train difflora-fit, or a toy one with difflora-demo) and choose it in 'Load DiffLoRA'. "
+                  "'Load HyperLoRA' gives the face analysis and CLIP that read the photo (its HyperLoRA model is not "
+                  "used). The 4 LoRAs come out as a list: Apply and the sampler run once per LoRA, and Best of N "
+                  "ranks the 4 images against the photo and keeps the best. 'Ranking' shows every score.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    hl = hyper_loader(wf)
+    dl = difflora_loader(wf, y=510)
+    photo = face_photo(wf, "Face photo", (0, 680), "face.png")
+    loras = wf.add("HyperLoRAStudioDiffLoRAFromImages", "LoRA from Images (DiffLoRA), 4 candidates", (380, 300),
+                   difflora=dl, hyper_lora=hl, images=photo, seed=0, batch_count=4, steps=30, guidance=1.0,
+                   face_choice="largest", face_index=0, remove_background=True, grayscale=False, no_face="skip",
+                   det_size="640")
+    apply = wf.add("HyperLoRAStudioApply", "Apply each candidate LoRA", (380, 700), model=ckpt[0], lora=loras,
+                   strength=0.85)
+    crops = wf.add("PreviewImage", "Face crops DiffLoRA read", (380, 1000), images=loras[1])
+    wf.group("DiffLoRA candidates", [hl, dl, photo, loras, apply, crops], "#8A8")
+    holder: dict[str, Node] = {}
+
+    def keep_best(decode: Node) -> Out:
+        best = wf.add("HyperLoRAStudioBestOfN", "Keep the most alike", (1200, 760), hyper_lora=hl, images=decode,
+                      keep=1, face_choice="largest", face_index=0, det_size="640", reference_images=photo)
+        holder["best"] = best
+        return best[0]
+
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="DiffLoRA/best_of_n", pick=keep_best)
+    best = holder["best"]
+    ranking = wf.add("PreviewAny", "Ranking (every candidate's score)", (1560, 760), node_width=420, source=best[2])
+    seeds = wf.add("PreviewAny", "Which seed each candidate has", (1560, 1010), node_width=420, source=loras[2])
+    wf.group("Best of N", [best, ranking, seeds], "#a1309b")
+    return wf
+
+
+def difflora_new_person() -> Workflow:
+    wf = Workflow("difflora_new_person", "DiffLoRA: a person who does not exist, kept for later",
+                  "a seed -> DiffLoRA samples the LoRA of a new person (no photo) -> text to image; the LoRA is "
+                  "saved, so the same character comes back in every picture",
+                  "DiffLoRA's unconditional sample: the seed picks a person who does not exist. Put a DiffLoRA "
+                  "model folder in models/difflora (none is released: train one with python -m hyperlora.train "
+                  "difflora-fit, or a toy one with difflora-demo) and choose it in 'Load DiffLoRA'. The LoRA is "
+                  "saved to models/loras/difflora/new_person_00001_.safetensors: load it with the core Load LoRA "
+                  "node (or keep the seed) to put the same character in other pictures. Change the seed for "
+                  "another person.")
+    note(wf)
+    ckpt, skip = base_model(wf)
+    dl = difflora_loader(wf)
+    person = wf.add("HyperLoRAStudioDiffLoRANewPerson", "New Person (DiffLoRA)", (380, 300), difflora=dl, seed=7,
+                    batch_count=1, steps=30)
+    apply = wf.add("HyperLoRAStudioApply", "Apply the new person's LoRA", (380, 560), model=ckpt[0], lora=person,
+                   strength=0.85)
+    export = wf.add("HyperLoRAStudioExportLoRA", "Save the person's LoRA", (380, 850), lora=person,
+                    filename_prefix="difflora/new_person", dtype="fp16")
+    info = wf.add("PreviewAny", "Seed and model", (0, 510), source=person[1])
+    wf.group("New person", [dl, person, apply, export, info], "#8A8")
+    sampling(wf, apply, skip, ckpt[2], x=760, prefix="DiffLoRA/new_person")
+    return wf
+
+
 ALL: tuple[Callable[[], Workflow], ...] = (t2i_one_photo, t2i_several_photos, interpolate_two_people, concept_slider,
                                           controlnet_pose, export_lora, reuse_exported_lora, identity_save,
                                           identity_load, two_people, face_inpaint, instantid_controlnet,
-                                          face_detailer, group_photo, best_of_n, refine_identity)
+                                          face_detailer, group_photo, best_of_n, refine_identity,
+                                          difflora_best_of_n, difflora_new_person)
 
 
 def readme(workflows: list[Workflow]) -> str:

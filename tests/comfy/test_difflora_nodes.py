@@ -12,45 +12,17 @@ from typing import Any
 import pytest
 import torch
 
-from hyperlora.difflora.condition import MifSpec
-from hyperlora.difflora.dit import DitConfig, LatentDiT
-from hyperlora.difflora.format import save_difflora_folder
-from hyperlora.difflora.lae import LaeConfig, LoraAutoencoder
-from hyperlora.difflora.lora_space import LoraLayout, LoraModule
-from tests.comfy.models import FACE, astronaut, faceless_photo
+from tests.comfy.models import DIFFLORA_MODEL as NAME
+from tests.comfy.models import DIFFLORA_MODULES as MODULES
+from tests.comfy.models import DIFFLORA_RANK as RANK
+from tests.comfy.models import FACE, astronaut, faceless_photo, write_tiny_difflora
 from tests.fixtures.sdxl import meta_model
 
 pytestmark = pytest.mark.comfy
 
-# kohya prefix -> (out, in) of three SDXL UNet layers (see test_inprocess.KNOWN_TARGETS)
-MODULES = {
-    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (640, 640),
-    "lora_unet_down_blocks_2_attentions_1_transformer_blocks_5_attn2_to_v": (1280, 2048),
-    "lora_unet_up_blocks_1_attentions_1_transformer_blocks_1_attn1_to_v": (640, 640),
-}
-RANK = 2
-NAME = "tiny_difflora"
 LOADER, FROM_IMAGES, NEW_PERSON = ("HyperLoRAStudioDiffLoRALoader", "HyperLoRAStudioDiffLoRAFromImages",
                                    "HyperLoRAStudioDiffLoRANewPerson")
 SAMPLE = {"steps": 3, "guidance": 2.0}
-
-
-def write_tiny_difflora(folder: Path, clip_dim: int, seed: int = 0) -> Path:
-    """A random DiffLoRA model folder: LAE (4 latent channels) + DiT (width 32) over :data:`MODULES` at rank 2."""
-    torch.manual_seed(seed)
-    layout = LoraLayout(tuple(LoraModule(p, o, i, RANK) for p, (o, i) in MODULES.items()))
-    lae_config = LaeConfig(latent_channels=4, width=32, depth=1, heads=2)
-    lae = LoraAutoencoder(lae_config, layout)
-    spec = MifSpec(clip_dim=clip_dim, clip_tokens=5, arcface_tokens=2, width=32)
-    tokens, channels = lae.latent_shape
-    dit_config = DitConfig(tokens=tokens, channels=channels, width=32, depth=1, heads=2, mlp_ratio=2.0,
-                           cond_dim=spec.width, cond_tokens=spec.num_tokens)
-    dit = LatentDiT(dit_config, spec)
-    for p in dit.parameters():          # the DiT's zero-initialised output layers would make its velocity zero
-        if p.dim() > 1 and not bool(p.any()):
-            torch.nn.init.normal_(p, std=0.02)
-    return save_difflora_folder(folder, lae=lae, lae_config=lae_config, layout=layout, dit_state=dit.state_dict(),
-                                dit_config=dit_config.to_dict(), condition=spec.to_dict(), latent_scale=0.5)
 
 
 def sdxl_patcher(comfy: Any) -> Any:

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from hyperlora.tools import queue as q
 from tests.comfy.client import PromptError
-from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, PACK_DIR_NAME, SMALL_MODEL
+from tests.comfy.models import ANTELOPE, CHECKPOINT, CLIP_FOLDER, DIFFLORA_MODEL, PACK_DIR_NAME, SMALL_MODEL
 from tests.fixtures.controlnet import sdxl_controlnet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +112,9 @@ def for_fixtures(graph: dict[str, Any], files: dict[str, str]) -> dict[str, Any]
     n_photos = len(q.photo_slots(graph))
     overrides = [f"{nid}.clip_vision={CLIP_FOLDER}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
     overrides += [f"{nid}.insightface={ANTELOPE}" for nid in q.find_nodes(graph, "HyperLoRAStudioLoader")]
+    overrides += [f"{nid}.model={DIFFLORA_MODEL}" for nid in q.find_nodes(graph, "HyperLoRAStudioDiffLoRALoader")]
+    overrides += [f"{nid}.steps=3" for t in ("HyperLoRAStudioDiffLoRAFromImages", "HyperLoRAStudioDiffLoRANewPerson")
+                  for nid in q.find_nodes(graph, t)]
     overrides += [f"{nid}.control_net_name={files['controlnet']}" for nid in q.find_nodes(graph, "ControlNetLoader")
                   if graph[nid]["inputs"]["control_net_name"] != bw.INSTANTID_CONTROLNET]
     overrides += [f"{nid}.megapixels=0.04" for nid in q.find_nodes(graph, "ImageScaleToTotalPixels")]   # 200x200
@@ -151,7 +154,7 @@ def run_graph(comfy_server, graph: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_workflow_exists_in_both_formats():
     assert UI_NAMES == API_NAMES
-    assert len(UI_NAMES) == 16
+    assert len(UI_NAMES) == 18
 
 
 @pytest.mark.parametrize("name", UI_NAMES)
@@ -343,7 +346,7 @@ COMPARED_WITH_PLAIN = ("concept_slider", "controlnet_pose", "two_people", "face_
 """Runs that are repeated without the identity nodes and at strength 0 (see test_api_workflow_runs)."""
 
 RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", "instantid_controlnet",
-             "face_detailer", "group_photo", "best_of_n")
+             "face_detailer", "group_photo", "best_of_n", "difflora_best_of_n", "difflora_new_person")
 
 
 @pytest.mark.slow
@@ -352,7 +355,7 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
     graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
     entry = run_graph(comfy_server, graph)
     images = _saved_images(comfy_server, entry, graph)
-    if name == "best_of_n":             # one SaveImage node, a batch of the kept pictures
+    if name in ("best_of_n", "difflora_best_of_n"):     # one SaveImage node, a batch of the kept pictures
         assert len(node_ids(graph, "SaveImage")) == 1
     else:
         assert len(images) == len(node_ids(graph, "SaveImage"))
@@ -361,6 +364,19 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
         assert w == h and 180 <= w <= 230
     elif name == "best_of_n":           # 8 generated, the 2 kept
         assert [im.size for im in images] == [(64, 64)] * 2
+    elif name == "difflora_best_of_n":  # 4 candidate LoRAs, one image each, the best kept
+        assert [im.size for im in images] == [(64, 64)]
+        shown = _previews(entry, graph)
+        (ranking,) = shown["Ranking (every candidate's score)"]
+        assert ranking.splitlines()[0].endswith("kept 1 of 4") and len(ranking.splitlines()) == 5, ranking
+        (seeds,) = shown["Which seed each candidate has"]
+        assert f"DiffLoRA '{DIFFLORA_MODEL}': 4 LoRA(s) from 1 photo(s)" in seeds and "#4: seed 3" in seeds, seeds
+    elif name == "difflora_new_person":  # one new person, its picture and its saved LoRA
+        assert [im.size for im in images] == [(64, 64)]
+        (export,) = node_ids(graph, "HyperLoRAStudioExportLoRA")
+        (saved,) = entry["outputs"][export]["hyper_lora_files"]
+        assert saved["filename"].startswith("new_person_") and saved["subfolder"] == "difflora", saved
+        assert "seed 7" in _previews(entry, graph)["Seed and model"][0]
     else:
         assert {im.size for im in images} == {(64, 64)}
     if name in ("face_detailer", "group_photo"):

@@ -331,7 +331,7 @@ def test_shipped_order_is_the_readmes_and_orders_a_templates_listing():
 
     order = q.shipped_order()
     assert order[0] == "t2i_one_photo"
-    assert sorted(order) == sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json")) and len(order) == 16
+    assert sorted(order) == sorted(p.stem for p in q.WORKFLOW_DIR.glob("*.json")) and len(order) == 18
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("\n## Workflows\n", 1)[1].split("\n## ", 1)[0]
     assert [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")] == order
