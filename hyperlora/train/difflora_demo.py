@@ -82,17 +82,19 @@ class DiffDemoSize:
     mif: Mapping[str, Any] = field(default_factory=dict)
     sample_steps: int = 20             # DiT sampling steps per LoRA
     picture_seeds: tuple[int, ...] = (0,)
+    picture_prompts: int = 3           # how many of idsim's default prompts the picture check uses
     hyperlora_stages: tuple[int, int, int] = (1, 1, 1)   # the HyperLoRA generator trained beside it (fit stages)
+    dataset_processes: int = 1         # processes that split the identities' LoRA fits (each fit is one thread)
 
 
 FULL = DiffDemoSize(
     toy=DemoSize(identities=24, unseen=4, train_per_identity=16, reference_per_identity=2, evaluate_per_identity=4,
-                 pretrain_steps=1000, stages=(1, 1, 1)),
-    lora_rank=4, lora_layers=("attn2.to_k", "attn2.to_v", "attn1.to_out_0", "attn2.to_out_0"), lora_steps=60,
-    lora_lr=3e-3, lora_batch=8, lae_steps=1500, dit_steps=3000, batch_size=24,
+                 pretrain_steps=800, stages=(1, 1, 1)),
+    lora_rank=4, lora_layers=("attn2.to_k", "attn2.to_v", "attn2.to_out_0"), lora_steps=60,
+    lora_lr=3e-3, lora_batch=8, lae_steps=800, dit_steps=1500, batch_size=24,
     lae={"latent_channels": 8, "width": 64, "depth": 2, "heads": 4},
     dit={"width": 128, "depth": 4, "heads": 4}, mif={"arcface_tokens": 2, "width": 128},
-    sample_steps=20, picture_seeds=(0,), hyperlora_stages=(30, 200, 300))
+    sample_steps=20, picture_seeds=(0,), picture_prompts=1, hyperlora_stages=(20, 100, 180), dataset_processes=2)
 QUICK = DiffDemoSize(
     toy=DemoSize(identities=4, unseen=2, train_per_identity=4, reference_per_identity=1, evaluate_per_identity=2,
                  pretrain_steps=10, stages=(1, 1, 1)),
@@ -100,7 +102,7 @@ QUICK = DiffDemoSize(
     lae_steps=4, dit_steps=4, batch_size=4,
     lae={"latent_channels": 4, "width": 16, "depth": 1, "heads": 2},
     dit={"width": 16, "depth": 1, "heads": 2}, mif={"arcface_tokens": 1, "width": 16},
-    sample_steps=2, picture_seeds=(0,), hyperlora_stages=(2, 2, 2))
+    sample_steps=2, picture_seeds=(0,), picture_prompts=1, hyperlora_stages=(2, 2, 2), dataset_processes=2)
 
 
 @dataclass
@@ -144,6 +146,14 @@ def difflora_loras(model: Any, features: Mapping[str, Any], names: Sequence[str]
     return out, (time.perf_counter() - start) / max(1, len(names))
 
 
+def _dataset_job(job: tuple[dict[str, Any], str, int, int]) -> Any:
+    """One process's share of the identities (``build_dataset`` with ``split = (rank, world)``)."""
+    from .difflora_dataset import DatasetConfig, build_dataset
+
+    cfg, out, rank, world = job
+    return build_dataset(DatasetConfig(**cfg), Path(out), split=(rank, world))
+
+
 def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize = FULL, seed: int = 0,
                       name: str = MODEL_NAME, progress: bool = True) -> DiffDemoResult:
     """The demo (module docstring)."""
@@ -154,7 +164,7 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
     from .difflora_dataset import DatasetConfig, build_dataset
     from .difflora_fit import export, fit, load_dataset
     from .evaluate import group_loss, identity_loras
-    from .idsim import evaluate_lora_pictures, write_report
+    from .idsim import DEFAULT_PROMPTS, evaluate_lora_pictures, write_report
 
     start = time.monotonic()
     out = Path(out)
@@ -177,8 +187,18 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
     dcfg = DatasetConfig(base_model=str(prep.tree.sdxl), shards=[str(prep.train_set.folder)], rank=size.lora_rank,
                          layers=list(size.lora_layers), steps=size.lora_steps, lr=size.lora_lr,
                          batch_size=size.lora_batch, seed=seed)
-    built = build_dataset(dcfg, loras_dir, unet=prep.unet, noise_scheduler=prep.scheduler, split=(0, 1))
-    if built.interrupted:
+    if size.dataset_processes <= 1:
+        built = [build_dataset(dcfg, loras_dir, unet=prep.unet, noise_scheduler=prep.scheduler, split=(0, 1))]
+    else:      # each process reloads the base UNet the toy set-up saved; the files are the same as one process's
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = [(dcfg.to_json(), str(loras_dir), rank, size.dataset_processes)
+                for rank in range(size.dataset_processes)]
+        with ProcessPoolExecutor(max_workers=size.dataset_processes,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            built = list(pool.map(_dataset_job, jobs))
+    if any(b.interrupted for b in built):
         raise KeyboardInterrupt
 
     log.info("difflora-demo: DiffLoRA fit (LAE %d steps, then DiT %d steps)", size.lae_steps, size.dit_steps)
@@ -220,7 +240,8 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
                 losses[f"{gen} {group}"] = group_loss(prep.unet, ac, samples, factors[gen], names, seed=seed)
     pictures = {gen: evaluate_lora_pictures(factors[gen], base=prep.tree.sdxl, antelope=prep.tree.antelope,
                                             references=prep.data.reference, groups=groups, seeds=size.picture_seeds,
-                                            unet=prep.unet) for gen in ("difflora", "hyperlora")}
+                                            prompts=DEFAULT_PROMPTS[:size.picture_prompts], unet=prep.unet)
+                for gen in ("difflora", "hyperlora")}
     write_report(pictures["difflora"], out)
     res = DiffDemoResult(tree=out, export=target, identities=len(training), lae_error=lae_error, losses=losses,
                          pictures=pictures, seconds_per_lora=per_lora, seconds=time.monotonic() - start,
