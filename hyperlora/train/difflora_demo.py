@@ -25,10 +25,9 @@ Steps (each logged; the long ones show progress and stop on Ctrl-C):
 How many identities, and why (:data:`FULL`): DiffLoRA learns a *distribution* of LoRAs, so it needs many
 more identities than the HyperLoRA demo's 8 (that one learns a map from one person's photos to a LoRA and
 has 100 photos per person to learn it).  24 training identities with 16 photos each is what fits the 15-minute
-budget on two cores: each dataset LoRA costs about 5 s, the DiT sees 24 points of a space spanned by the toy
-generator's few identity parameters (face shape, skin, hair, eyes, markings), and 4 unseen identities test
-whether it learned the map from MIF to LoRA rather than 24 memorised answers.  The toy's limits are in
-``docs/difflora.md`` ("The toy demo").
+budget on two cores: each dataset LoRA costs about 10 s of one core (two processes split them), and 4 unseen
+identities test whether the DiT learned the map from MIF to LoRA rather than 24 memorised answers.  Measured
+results and the toy's limits: ``docs/difflora.md`` ("The toy demo").
 
 ``--quick`` shrinks everything for tests (seconds).
 """
