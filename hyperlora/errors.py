@@ -8,9 +8,14 @@ setting at fault and says what to do.  ComfyUI shows the message as is.
 from __future__ import annotations
 
 import errno
+import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 class HyperLoRAError(Exception):
@@ -85,6 +90,26 @@ def os_error_line(exc: OSError) -> str:
     reason = exc.strerror or str(exc)
     fix = _OS_FIXES.get(exc.errno or 0, "check the path and its permissions")
     return f"cannot use {where} ({reason}): {fix}."
+
+
+def run_command(prog: str, body: Callable[[], _T], *, interrupted: str | None = None) -> tuple[int, _T | None]:
+    """Run a command line tool's ``body`` (INFO logging set up unless the caller already did): ``(0, result)``;
+    a :class:`HyperLoRAError` or an :class:`OSError` becomes one line ``prog: ...`` on stderr and ``(2, None)``;
+    with ``interrupted``, Ctrl-C becomes the line ``prog: <interrupted>`` and ``(130, None)`` (else it propagates)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return 0, body()
+    except HyperLoRAError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: {os_error_line(exc)}\n")
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        sys.stderr.write(f"{prog}: {interrupted}\n")
+        return 130, None
+    return 2, None
 
 
 def check_folder_option(path: str | os.PathLike[str], option: str) -> Path:

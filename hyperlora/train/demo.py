@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
+from ..errors import SettingError, check_folder_option, run_command
 from ..spec import ANTELOPE_DIR, HYPER_LORA_DIR, clip_dir, clip_processor_dir, model_dir
 from .idsim import write_report
 
@@ -403,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     size = QUICK if args.quick else FULL
     stages = None
     if args.steps is not None:
@@ -412,20 +410,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("demo: --steps must be at least 3 (one per stage)")
         total = sum(size.stages)
         stages = tuple(max(1, round(args.steps * s / total)) for s in size.stages)
-    try:
+
+    def body() -> DemoResult:
         check_folder_option(args.out, "--out")
         if args.work is not None:
             check_folder_option(args.work, "--work")
-        res = run_demo(args.out, work=args.work, size=size, stages=stages, seed=args.seed, name=args.name)  # type: ignore[arg-type]
-    except HyperLoRAError as exc:
-        sys.stderr.write(f"demo: {exc}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"demo: {os_error_line(exc)}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("demo: interrupted\n")
-        return 130
+        return run_demo(args.out, work=args.work, size=size, stages=stages, seed=args.seed, name=args.name)  # type: ignore[arg-type]
+
+    code, res = run_command("demo", body, interrupted="interrupted")
+    if res is None:
+        return code
     sys.stdout.write(f"demo: models tree in {res.tree.root} (model {res.export.name}); {res.seconds:.0f} s\n")
     if res.pictures is not None:
         sys.stdout.write(f"demo: identity in pictures: eval.png and eval.json in {res.tree.root}\n")

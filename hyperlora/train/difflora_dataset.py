@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import atomic_temp_name
-from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
+from ..errors import HyperLoRAError, SettingError, check_folder_option, run_command
 from ..lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, LoraDict
 from ..lora_functional import LoraTerm, applied, diffusers_lora_targets
 from .difflora_fit import MIF_SUFFIX, save_mif_file
@@ -682,22 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> DatasetResult:
         check_folder_option(args.out, "--out")
-        cfg = config_from_args(args)
-        result = build_dataset(cfg, args.out)
-    except HyperLoRAError as exc:
-        sys.stderr.write(f"difflora-dataset: {exc}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"difflora-dataset: {os_error_line(exc)}\n")
-        return 2
-    except KeyboardInterrupt:                 # a second Ctrl-C: the identity being fitted is dropped, no file half-written
-        sys.stdout.write("difflora-dataset: stopped; finished identities are kept, run the same command again to "
-                         "resume.\n")
-        return 130
+        return build_dataset(config_from_args(args), args.out)
+
+    # a second Ctrl-C: the identity being fitted is dropped, no file half-written
+    code, result = run_command("difflora-dataset", body, interrupted="stopped; finished identities are kept, run "
+                                                                    "the same command again to resume.")
+    if result is None:
+        return code
     where = f" (process {result.rank + 1} of {result.world})" if result.world > 1 else ""
     if result.interrupted:
         sys.stdout.write(f"difflora-dataset: interrupted after {len(result.fitted)} identities{where}; run the same "

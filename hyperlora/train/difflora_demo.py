@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
+from ..errors import SettingError, check_folder_option, run_command
 from ..spec import DIFFLORA_DIR
 from .demo import DemoSize
 
@@ -299,25 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> DiffDemoResult:
         check_folder_option(args.out, "--out")
         if args.work is not None:
             check_folder_option(args.work, "--work")
         if not args.name or "/" in args.name or "\\" in args.name or args.name in (".", ".."):
             raise SettingError(f"--name {args.name!r} must be a plain folder name (no slashes).")
-        res = run_difflora_demo(args.out, work=args.work, size=QUICK if args.quick else FULL, seed=args.seed,
-                                name=args.name)
-    except HyperLoRAError as exc:
-        sys.stderr.write(f"difflora-demo: {exc}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"difflora-demo: {os_error_line(exc)}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("difflora-demo: interrupted (run it again to start over)\n")
-        return 130
+        return run_difflora_demo(args.out, work=args.work, size=QUICK if args.quick else FULL, seed=args.seed,
+                                 name=args.name)
+
+    code, res = run_command("difflora-demo", body, interrupted="interrupted (run it again to start over)")
+    if res is None:
+        return code
     sys.stdout.write("\n".join(report_lines(res)) + "\n")
     sys.stdout.flush()
     return 0

@@ -8,11 +8,10 @@ from the run's last checkpoint by :func:`hyperlora.train.difflora_fit.export`; l
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from ..errors import HyperLoRAError, check_folder_option, os_error_line
+from ..errors import check_folder_option, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,19 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="the difflora-fit run folder ('out' of its config)")
     parser.add_argument("--out", type=Path, required=True, help="the model folder to write (new or a DiffLoRA folder)")
     args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .difflora_fit import export
 
-    try:
+    def body() -> Path:
         check_folder_option(args.out, "--out")
-        folder = export(args.run, args.out)
-    except HyperLoRAError as exc:
-        sys.stderr.write(f"difflora-export: {exc}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"difflora-export: {os_error_line(exc)}\n")
-        return 2
+        return export(args.run, args.out)
+
+    code, folder = run_command("difflora-export", body)
+    if folder is None:
+        return code
     sys.stdout.write(f"difflora-export: wrote '{folder}'\n")
     return 0
 
