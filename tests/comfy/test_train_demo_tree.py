@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.comfy.toy_sdxl import assert_apply_matches_the_trainer
+from tests.comfy.toy_sdxl import assert_apply_matches_the_trainer, tree_folders_registered
 
 pytestmark = pytest.mark.comfy
 
@@ -51,16 +51,8 @@ def demo_tree(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def registered(pack, demo_tree) -> Any:
     """The demo tree's folders in front of the test base's (as extra_model_paths.yaml entries would be)."""
-    import folder_paths
-
-    added = [("hyper_lora", str(demo_tree.root / "hyper_lora")), ("insightface", str(demo_tree.root / "insightface"))]
-    for key, path in added:
-        folder_paths.add_model_folder_path(key, path, is_default=True)
-    yield demo_tree
-    for key, path in added:
-        paths = folder_paths.folder_names_and_paths[key][0]
-        if path in paths:
-            paths.remove(path)
+    with tree_folders_registered(demo_tree.root, ("hyper_lora", "insightface")):
+        yield demo_tree
 
 
 def test_demo_prints_the_loss_lines_last(demo_tree):

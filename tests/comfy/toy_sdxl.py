@@ -4,6 +4,8 @@ functional LoRA changes the diffusers UNet.  Used by the two demo-tree tests (Hy
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,21 @@ def assert_apply_matches_the_trainer(pack: Any, sdxl: Path, lora: dict[str, torc
             ref = unet(x, t, ctx, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
     assert float((ref - ref_plain).abs().max()) > min_change     # the LoRA changes the UNet's output
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), float((got - ref).abs().max())
+
+
+@contextlib.contextmanager
+def tree_folders_registered(root: Path, keys: Sequence[str]) -> Iterator[None]:
+    """A demo tree's ``root/<key>`` folders in front of the test base's, as ``extra_model_paths.yaml`` entries
+    would be, taken out again afterwards."""
+    import folder_paths
+
+    added = [(key, str(root / key)) for key in keys]
+    for key, path in added:
+        folder_paths.add_model_folder_path(key, path, is_default=True)
+    try:
+        yield
+    finally:
+        for key, path in added:
+            paths = folder_paths.folder_names_and_paths[key][0]
+            if path in paths:
+                paths.remove(path)
