@@ -343,4 +343,33 @@ class LoraAutoencoder(nn.Module):
                 "max": float(rel.max())}
 
 
-__all__ = ["LOGVAR_RANGE", "REGULARISERS", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch"]
+def decoder_flops(config: LaeConfig, layout: LoraLayout, batch: int = 1) -> int:
+    """Floating-point operations of :meth:`LoraAutoencoder.decode` for ``batch`` latents (one LoRA each).
+
+    Counted as :func:`hyperlora.difflora.dit.flops_per_step` counts: 2 per multiply-add of every matrix
+    product (linear layers, attention scores and the attention-weighted sum); elementwise work (norms,
+    softmax, GELU, embeddings, biases, the module scales) is not counted.  With ``T = modules *
+    tokens_per_module`` tokens, ``C`` latent channels, width ``W``, ``t`` tokens per module and ``R`` the
+    layout's largest rank, per LoRA:
+
+    * ``from_latent``: ``2*T*C*W``;
+    * per transformer layer (feed-forward width ``4W``): ``2*T*W*3W`` (q, k, v) ``+ 2*2*T*T*W`` (scores and
+      sum) ``+ 2*T*W*W`` (out) ``+ 2*2*T*W*4W`` (feed-forward);
+    * per module: ``2*(t*W)*(R*W)`` (``dec_mix``) ``+ 2*r*W*(out + in)`` (its head, on its ``r`` components).
+
+    The same with or without ``share_projections`` (shared heads are the same matrix products).  PyTorch's
+    fused inference path of the transformer layers (eval mode without gradients, what sampling runs) does the
+    same products, but ``torch.utils.flop_counter`` only sees them outside that path (train mode; dropout is
+    0) and with the math attention kernel.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise SettingError(f"decoder_flops: batch is {batch!r}; it must be a whole number >= 0.")
+    t, c, w, r_max = config.tokens_per_module, config.latent_channels, config.width, layout.max_rank
+    tokens = len(layout) * t
+    layer = 2 * tokens * w * 3 * w + 2 * 2 * tokens * tokens * w + 2 * tokens * w * w + 2 * 2 * tokens * w * 4 * w
+    modules = sum(2 * (t * w) * (r_max * w) + 2 * m.rank * w * (m.out_features + m.in_features)
+                  for m in layout.modules)
+    return batch * (2 * tokens * c * w + config.depth * layer + modules)
+
+
+__all__ = ["LOGVAR_RANGE", "REGULARISERS", "LaeConfig", "LaeLoss", "LoraAutoencoder", "LoraBatch", "decoder_flops"]

@@ -264,6 +264,40 @@ def test_lae_shapes_mixed_ranks_shared_projections_and_lora_output():
         own.encode([{k: v for k, v in loras[0].items() if not k.startswith("lora_c")}])
 
 
+def test_decoder_flops_by_hand_and_against_torch_flop_counter():
+    """``decoder_flops``: a count by hand for a layout small enough, then torch's FLOP counter on the decoder
+    (train mode, math attention: the fused inference path hides its products from the counter) for mixed ranks,
+    with and without shared heads, batch 1 and 3.  Stated tolerance: exact (the count follows the counter's rules)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hyperlora.difflora.lae import decoder_flops
+
+    layout = LoraLayout((LoraModule("a", 16, 24, 4), LoraModule("b", 32, 16, 2)))
+    cfg = LaeConfig(tokens_per_module=2, latent_channels=4, width=32, depth=1, heads=2)
+    # T = 4 tokens: from_latent 2*4*4*32 = 1024; layer: qkv 2*4*32*96 = 24576, scores + sum 2*(2*4*4*32) = 2048,
+    # out 2*4*32*32 = 8192, feed-forward 2*(2*4*32*128) = 65536; dec_mix 2 modules x 2*64*128 = 32768;
+    # heads: a 2*4*32*40 = 10240, b 2*2*32*48 = 6144
+    by_hand = 1024 + 24576 + 2048 + 8192 + 65536 + 32768 + 10240 + 6144
+    assert decoder_flops(cfg, layout) == by_hand == 150528
+    assert decoder_flops(cfg, layout, 3) == 3 * by_hand and decoder_flops(cfg, layout, 0) == 0
+    with pytest.raises(SettingError, match="batch is -1"):
+        decoder_flops(cfg, layout, -1)
+
+    mixed = LoraLayout((LoraModule("lora_a", 16, 24, 4), LoraModule("lora_b", 16, 24, 4),
+                        LoraModule("lora_c", 8, 12, 2)))
+    for config in (LaeConfig(tokens_per_module=2, latent_channels=5, width=32, depth=2, heads=4),
+                   LaeConfig(tokens_per_module=1, latent_channels=3, width=16, depth=1, heads=2,
+                             share_projections=True)):
+        torch.manual_seed(0)
+        lae = LoraAutoencoder(config, mixed).train()
+        for batch in (1, 3):
+            z = torch.randn(batch, *lae.latent_shape)
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                lae.decode_loras(z)
+            assert decoder_flops(config, mixed, batch) == counter.get_total_flops()
+
+
 def test_lae_latent_is_invariant_to_refactorisation_and_alpha():
     gen = torch.Generator().manual_seed(9)
     lora = _random_lora(LAYOUT, gen, alpha=2.0, dtype=F64)
