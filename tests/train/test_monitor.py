@@ -1,0 +1,211 @@
+"""fit's monitoring (issue 19): accelerate's trackers (TensorBoard) log the numbers of loss.csv, the gradient
+norm and the learning rate; a held-out validation loss goes to validation.csv; both survive a resume and
+change nothing the run learns; a missing tracker package stops fit at once with one line."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperlora.errors import DependencyError, SettingError
+from hyperlora.train import fit as fit_module
+from hyperlora.train import monitor
+from hyperlora.train.config import FitConfig
+from hyperlora.train.fit import check_resume_config, fit, main
+from hyperlora.train.toy.sdxl import tiny_unet
+from tests.conftest import skip_or_fail
+
+from .test_fit import scheduler, toy_config
+from .test_hypernet import ToyDataset
+
+STAGES = [{"stage": 1, "steps": 1}, {"stage": 2, "steps": 2}, {"stage": 3, "steps": 1}]
+MONITOR = {"trackers": ["tensorboard"], "validation_shards": ["held-out"], "validation_every": 2,
+           "validation_samples": 3}
+NAME = "hyper_lora_trained"                                   # FitConfig's default name: the TensorBoard sub-folder
+
+
+def _event_accumulator():  # noqa: ANN202 - tensorboard's class
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        skip_or_fail("tensorboard is not installed (pip install -e \".[train]\" installs it)")
+    return EventAccumulator
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run: tag -> [(step, value)], as TensorBoard reads the event files
+    (orphaned events of an earlier process dropped)."""
+    folder = run / monitor.TENSORBOARD_DIR / NAME
+    assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
+    acc = _event_accumulator()(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "generator.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def unet() -> torch.nn.Module:
+    return tiny_unet(seed=0).requires_grad_(False).eval()
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_tensorboard_logs_the_loss_csv_numbers_and_monitoring_changes_nothing_learnt(
+        unet: torch.nn.Module, tmp_path: Path, max_grad_norm: float) -> None:
+    """The event file holds loss/<scenario> and lr at every step with loss.csv's values and a finite gradient
+    norm; validation.csv has rows at steps 2 and 4; the generator and loss.csv equal a run without monitoring
+    (with max_grad_norm 0 the norm is measured by a clip at infinity: the gradients must stay bit-identical)."""
+    _event_accumulator()
+    kw = dict(stages=STAGES, gradient_accumulation=2, warmup_steps=2, checkpoint_every=0, max_grad_norm=max_grad_norm)
+    plain = tmp_path / "plain"
+    fit(toy_config(plain, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    run = tmp_path / "monitored"
+    fit(toy_config(run, **kw, **MONITOR), dataset=ToyDataset(6), unet=copy.deepcopy(unet),
+        noise_scheduler=scheduler(), validation_dataset=ToyDataset(5, seed=9))
+
+    assert _rows(run / "loss.csv") == _rows(plain / "loss.csv")
+    a, b = _final(plain), _final(run)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not (plain / monitor.VALIDATION_CSV).exists() and not (plain / monitor.TENSORBOARD_DIR).exists()
+
+    scalars = _scalars(run)
+    rows = _rows(run / "loss.csv")
+    for r in rows:
+        got = dict(scalars[f"loss/{r['scenario']}"])
+        assert got[int(r["step"])] == pytest.approx(float(r["loss"]), rel=1e-5), r
+        assert dict(scalars["lr"])[int(r["step"])] == pytest.approx(float(r["lr"]), rel=1e-5), r
+    # one loss/<scenario> point per loss.csv row, nothing else
+    assert sum(len(v) for k, v in scalars.items() if k.startswith("loss/")) == len(rows)
+    assert [s for s, _ in scalars["lr"]] == [1, 2, 3, 4]
+    norms = scalars["grad_norm"]
+    assert [s for s, _ in norms] == [1, 2, 3, 4]
+    assert all(math.isfinite(v) and v > 0 for _, v in norms)
+
+    val = _rows(run / monitor.VALIDATION_CSV)
+    assert [(int(r["step"]), r["stage"]) for r in val] == [(2, "2")] * 3 + [(4, "3")] * 3
+    assert {r["scenario"] for r in val} == {"recon", "id_only", "base_id"}
+    assert all(math.isfinite(float(r["loss"])) for r in val)
+    for r in val:
+        assert dict(scalars[f"validation/{r['scenario']}"])[int(r["step"])] == pytest.approx(float(r["loss"]), rel=1e-5)
+
+
+def test_validation_and_trackers_after_a_crash_and_resume_equal_an_uninterrupted_run(
+        unet: torch.nn.Module, tmp_path: Path) -> None:
+    """A run that dies after step 3 (rows and TensorBoard points of step 3 already written, checkpoint at 2)
+    and is resumed ends with the uninterrupted run's validation.csv, loss.csv and TensorBoard scalars."""
+    _event_accumulator()
+    kw = dict(stages=STAGES, checkpoint_every=2, **{**MONITOR, "validation_every": 1})
+    straight = tmp_path / "straight"
+    fit(toy_config(straight, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
+        validation_dataset=ToyDataset(5, seed=9))
+
+    run = tmp_path / "resumed"
+
+    def crash(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("simulated crash after step 3")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
+            validation_dataset=ToyDataset(5, seed=9), on_step=crash)
+    assert {int(r["step"]) for r in _rows(run / monitor.VALIDATION_CSV)} == {1, 2, 3}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
+        validation_dataset=ToyDataset(5, seed=9))
+
+    val = _rows(run / monitor.VALIDATION_CSV)
+    assert val == _rows(straight / monitor.VALIDATION_CSV)
+    assert [int(r["step"]) for r in val] == [1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert _rows(run / "loss.csv") == _rows(straight / "loss.csv")
+    assert _scalars(run) == _scalars(straight)
+
+
+def test_a_missing_tracker_package_stops_fit_at_once_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(monitor, "tracker_available", lambda name: False)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"base_model": "sdxl", "shards": "shards", "out": "run", "trackers": ["tensorboard"]}),
+                    encoding="utf-8")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fit: ")
+    assert "'tensorboard'" in err and "pip install tensorboard" in err
+    assert not (tmp_path / "run").exists()                   # stopped before anything was loaded or written
+    assert main(["--config", str(path), "--trackers", "wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install wandb" in err and "'wandb'" in err
+    with pytest.raises(DependencyError, match="pip install tensorboard"):
+        fit(FitConfig.from_json(path))
+
+
+def test_trackers_flag_and_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[FitConfig] = []
+
+    def fake_fit(cfg: FitConfig, **kw: object) -> fit_module.FitResult:
+        seen.append(cfg)
+        return fit_module.FitResult(run=Path(cfg.out), steps=0, stage="1", interrupted=False, export=None,
+                                    last_losses={})
+
+    monkeypatch.setattr(fit_module, "fit", fake_fit)
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"base_model": "sdxl", "shards": "shards", "out": "run", "trackers": "tensorboard"}),
+                    encoding="utf-8")
+    assert main(["--config", str(path)]) == 0
+    assert main(["--config", str(path), "--trackers", "none"]) == 0
+    assert main(["--config", str(path), "--trackers", "tensorboard,wandb,tensorboard"]) == 0
+    assert [c.trackers for c in seen] == [["tensorboard"], [], ["tensorboard", "wandb"]]
+    assert main(["--config", str(path), "--trackers", "tensorbord"]) == 2
+    assert "unknown tracker 'tensorbord'; did you mean \"tensorboard\"?" in capsys.readouterr().err
+
+    base = {"base_model": "b", "shards": ["s"], "out": "o"}
+    assert FitConfig.from_dict(base).trackers == [] and FitConfig.from_dict(base).validation_every == 0
+    with pytest.raises(SettingError, match="unknown tracker 'mlflow'"):
+        FitConfig.from_dict({**base, "trackers": ["mlflow"]})
+    with pytest.raises(SettingError, match="'validation_every' is 5 but 'validation_shards' is not set"):
+        FitConfig.from_dict({**base, "validation_every": 5})
+    with pytest.raises(SettingError, match="'validation_samples' must be a whole number >= 1"):
+        FitConfig.from_dict({**base, "validation_shards": "v", "validation_every": 5, "validation_samples": 0})
+    cfg = FitConfig.from_dict({**base, "validation_shards": "v", "validation_every": 5}, root=tmp_path)
+    assert cfg.validation_shards == [str(tmp_path / "v")]
+
+
+def test_monitoring_keys_may_change_on_resume(tmp_path: Path) -> None:
+    """A run started before these keys existed (its config.json lacks them) or without monitoring resumes with it."""
+    base = {"base_model": "b", "shards": ["s"], "out": str(tmp_path)}
+    old = FitConfig.from_dict(base).to_json()
+    for key in ("trackers", "validation_shards", "validation_every", "validation_samples"):
+        del old[key]
+    (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    check_resume_config(tmp_path, FitConfig.from_dict({**base, **MONITOR}))
+    check_resume_config(tmp_path, FitConfig.from_dict(base))
+
+
+def test_validation_samples_and_tracker_init(tmp_path: Path) -> None:
+    assert monitor.spread_indices(10, 3) == [0, 4, 9]
+    assert monitor.spread_indices(10, 1) == [0]
+    assert monitor.spread_indices(4, 32) == [0, 1, 2, 3]
+    assert len(set(monitor.spread_indices(1000, 999))) == 999
+    assert monitor.tracker_init_kwargs(["tensorboard"], tmp_path, 0) == {}
+    assert monitor.tracker_init_kwargs(["tensorboard"], tmp_path, 7) == {"tensorboard": {"purge_step": 8}}
+    first = monitor.tracker_init_kwargs(["wandb"], tmp_path, 0)["wandb"]
+    again = monitor.tracker_init_kwargs(["wandb"], tmp_path, 5)["wandb"]
+    assert first["id"] == again["id"] and again["resume"] == "allow"          # one W&B run per run folder
+    assert (tmp_path / monitor.WANDB_ID_FILE).read_text().strip() == first["id"]
+    flat = monitor.tracker_config(toy_config(tmp_path, **MONITOR))
+    assert flat["model.rank"] > 0 and flat["trackers"] == '["tensorboard"]' and flat["max_steps"] == "null"
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
