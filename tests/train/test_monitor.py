@@ -209,3 +209,15 @@ def test_validation_samples_and_tracker_init(tmp_path: Path) -> None:
     flat = monitor.tracker_config(toy_config(tmp_path, **MONITOR))
     assert flat["model.rank"] > 0 and flat["trackers"] == '["tensorboard"]' and flat["max_steps"] == "null"
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+
+
+def test_shipped_configs() -> None:
+    """fit_paper.json logs to TensorBoard and validates on held-out shards (path expanded); fit_toy.json (the
+    demo's) keeps monitoring off."""
+    configs = Path(fit_module.__file__).parent / "configs"
+    paper = FitConfig.from_json(configs / "fit_paper.json")
+    assert paper.trackers == ["tensorboard"] and paper.validation_every > 0 and paper.validation_samples >= 1
+    assert all(Path(v).is_absolute() and "~" not in v for v in paper.validation_shards)
+    assert not set(paper.validation_shards) & set(paper.shards)
+    toy = FitConfig.from_json(configs / "fit_toy.json")
+    assert toy.trackers == [] and toy.validation_every == 0
