@@ -4,10 +4,16 @@ change nothing the run learns; a missing tracker package stops fit at once with 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,3 +227,46 @@ def test_shipped_configs() -> None:
     assert not set(paper.validation_shards) & set(paper.shards)
     toy = FitConfig.from_json(configs / "fit_toy.json")
     assert toy.trackers == [] and toy.validation_every == 0
+
+
+def test_two_processes_validate_and_log_once(tmp_path: Path) -> None:
+    """Under torchrun (2 CPU processes, DDP over gloo): no deadlock, one set of validation.csv rows and one event
+    file (the main process's), and the validation row of the last step is what one process computes from the
+    generator the run saved at that step."""
+    _event_accumulator()
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        skip_or_fail("torchrun (comes with torch) is not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ACCELERATE_USE_CPU", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).with_name("ddp_fit_script.py")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(script), str(tmp_path), "monitor"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    val = _rows(run / monitor.VALIDATION_CSV)
+    assert [(int(r["step"]), r["stage"], r["scenario"]) for r in val] == [
+        (2, "1", "base"), (4, "2", "base_id"), (4, "2", "id_only"), (4, "2", "recon"),
+        (6, "3", "base_id"), (6, "3", "id_only"), (6, "3", "recon")]
+    assert len(list((run / monitor.TENSORBOARD_DIR / NAME).glob("events.out.tfevents.*"))) == 1
+    scalars = _scalars(run)
+    for r in _rows(run / "loss.csv"):
+        assert dict(scalars[f"loss/{r['scenario']}"])[int(r["step"])] == pytest.approx(float(r["loss"]), rel=1e-5)
+    assert [s for s, _ in scalars["grad_norm"]] == [1, 2, 3, 4, 5, 6]
+
+    from hyperlora.train.fit import Trainer, load_generator_from_checkpoint
+    from tests.train.test_hypernet import TINY
+
+    model = {k: v for k, v in TINY.items() if k != "clip_dim"}
+    cfg = FitConfig.from_dict({"base_model": "unused", "shards": ["unused"], "out": str(run), "model": model,
+                               "stages": [{"stage": 1, "steps": 2}, {"stage": 2, "steps": 2}, {"stage": 3, "steps": 2}],
+                               "batch_size": 2, "lr": 1e-3, "seed": 0, **MONITOR})
+    gen = load_generator_from_checkpoint(run / "checkpoints" / "step-000006")
+    unet = tiny_unet(seed=0).requires_grad_(False).eval()
+    held_out = monitor.Validation(ToyDataset(5, seed=9), cfg, clip_dim=TINY["clip_dim"]).run(
+        Trainer(unet, gen, scheduler(), cfg), "3", gen, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    for r in val[-3:]:
+        assert float(r["loss"]) == pytest.approx(held_out[r["scenario"]], rel=1e-5), r
