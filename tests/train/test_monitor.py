@@ -270,3 +270,31 @@ def test_two_processes_validate_and_log_once(tmp_path: Path) -> None:
         Trainer(unet, gen, scheduler(), cfg), "3", gen, device=torch.device("cpu"), autocast=contextlib.nullcontext)
     for r in val[-3:]:
         assert float(r["loss"]) == pytest.approx(held_out[r["scenario"]], rel=1e-5), r
+
+
+def test_validation_and_grad_norm_with_an_fsdp2_sharded_generator(tmp_path: Path) -> None:
+    """Two processes shard the generator with FSDP2: every process runs the validation (the forward's all-gathers
+    need them all; no deadlock) and reads the DTensor gradient norm; both get what one process gets unsharded."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        skip_or_fail("torchrun (comes with torch) is not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).with_name("fsdp_validation_script.py")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["dtensor"]
+    assert set(ranks[0]["validation"]) == {"1", "2", "3"}
+
+    from tests.train.fsdp_validation_script import measure
+    from tests.train.test_hypernet import tiny_generator
+
+    unet = tiny_unet(seed=0).requires_grad_(False).eval()
+    plain = measure(tiny_generator(unet, seed=1), unet)
+    for stage, losses in plain["validation"].items():
+        assert ranks[0]["validation"][stage] == pytest.approx(losses, rel=1e-5), stage
+    assert ranks[0]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
