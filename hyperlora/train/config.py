@@ -271,7 +271,8 @@ class FitConfig:
                 vs = [vs]
             if not isinstance(vs, list) or not all(isinstance(v, str) for v in vs):
                 raise SettingError(f"{where}: 'validation_shards' must be a folder path or a list of folder paths "
-                                   f"(prepared from held-out photos by 'python -m hyperlora.train prepare'), got {vs!r}.")
+                                   f"(prepared from held-out photos by 'python -m hyperlora.train prepare'), got "
+                                   f"{vs!r}.")
             kw["validation_shards"] = [p(v) for v in vs]
         cfg = cls(**kw)
         if cfg.validation_every > 0 and not cfg.validation_shards:

@@ -174,12 +174,12 @@ class Validation:
     def __init__(self, dataset: torch.utils.data.Dataset, cfg: FitConfig, *, clip_dim: int) -> None:
         n = len(dataset)
         if n == 0:
-            raise SettingError(f"the validation shards {cfg.validation_shards} hold no samples; prepare held-out photos "
-                               f"into them, or set 'validation_every' to 0.")
+            raise SettingError(f"the validation shards {cfg.validation_shards} hold no samples; prepare held-out "
+                               f"photos into them, or set 'validation_every' to 0.")
         theirs = int(torch.as_tensor(dataset[0]["clip_id"]).shape[-1])
         if theirs != clip_dim:
-            raise SettingError(f"the validation shards {cfg.validation_shards} hold CLIP features of width {theirs}, the "
-                               f"training shards of width {clip_dim}; prepare both with the same encoders.")
+            raise SettingError(f"the validation shards {cfg.validation_shards} hold CLIP features of width {theirs}, "
+                               f"the training shards of width {clip_dim}; prepare both with the same encoders.")
         if set(cfg.validation_shards) & set(cfg.shards):
             log.warning("'validation_shards' names training shards (%s): the validation loss is then not held out",
                         sorted(set(cfg.validation_shards) & set(cfg.shards)))

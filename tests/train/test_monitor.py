@@ -298,3 +298,19 @@ def test_validation_and_grad_norm_with_an_fsdp2_sharded_generator(tmp_path: Path
     for stage, losses in plain["validation"].items():
         assert ranks[0]["validation"][stage] == pytest.approx(losses, rel=1e-5), stage
     assert ranks[0]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+
+
+def test_validation_set_errors_name_the_fix(tmp_path: Path) -> None:
+    cfg = toy_config(tmp_path / "run", **{**MONITOR, "validation_shards": [str(tmp_path / "missing")]})
+    with pytest.raises(SettingError, match="'validation_shards' folder .*missing' does not exist; prepare held-out"):
+        monitor.open_validation_dataset(cfg)
+    with pytest.raises(SettingError, match="CLIP features of width .* prepare both with the same encoders"):
+        monitor.Validation(ToyDataset(2), cfg, clip_dim=7)
+    with pytest.raises(SettingError, match="hold no samples"):
+        monitor.Validation(ToyDataset(0), cfg, clip_dim=7)
+    width = int(ToyDataset(1)[0]["clip_id"].shape[-1])
+    v = monitor.Validation(ToyDataset(9), cfg, clip_dim=width)
+    assert v.indices == [0, 4, 8] and v.scenarios("1") == ["base"] and v.scenarios("distill") == ["distill"]
+    assert v.scenarios("2") == ["recon", "id_only", "base_id"]
+    only = monitor.Validation(ToyDataset(9), toy_config(tmp_path, **MONITOR, scenarios={"recon": 1.0}), clip_dim=width)
+    assert only.scenarios("3") == ["recon"]          # a scenario never drawn is not validated either
