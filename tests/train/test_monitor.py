@@ -314,3 +314,28 @@ def test_validation_set_errors_name_the_fix(tmp_path: Path) -> None:
     assert v.scenarios("2") == ["recon", "id_only", "base_id"]
     only = monitor.Validation(ToyDataset(9), toy_config(tmp_path, **MONITOR, scenarios={"recon": 1.0}), clip_dim=width)
     assert only.scenarios("3") == ["recon"]          # a scenario never drawn is not validated either
+
+
+def test_fit_command_with_tensorboard_and_held_out_shards_on_disk(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m hyperlora.train fit --trackers tensorboard`` on a diffusers SDXL folder, training shards and a
+    held-out shard folder: validation.csv from the shards on disk, the event file beside it."""
+    _event_accumulator()
+    from hyperlora.train.__main__ import main as cli
+    from hyperlora.train.toy.sdxl import tiny_sdxl_folder
+
+    from .test_cli import MODEL, _config, _shards
+
+    tiny_sdxl_folder(tmp_path / "sdxl")
+    _shards(tmp_path / "shards")
+    _shards(tmp_path / "held-out", n=3)
+    path = _config(tmp_path, model=MODEL, stages=[{"stage": 1, "steps": 1}, {"stage": 2, "steps": 1}],
+                   batch_size=2, checkpoint_every=0, name=NAME, validation_shards="held-out", validation_every=1)
+    assert cli(["fit", "--config", str(path), "--trackers", "tensorboard"]) == 0
+    assert "fit: 2 steps done; exported" in capsys.readouterr().out
+    run = tmp_path / "run"
+    val = _rows(run / monitor.VALIDATION_CSV)
+    assert [(r["step"], r["stage"]) for r in val] == [("1", "1")] + [("2", "2")] * 3
+    scalars = _scalars(run)
+    assert {"loss/base", "lr", "grad_norm", "validation/base", "validation/recon"} <= set(scalars)
+    assert json.loads((run / "config.json").read_text())["trackers"] == ["tensorboard"]
