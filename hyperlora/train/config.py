@@ -26,6 +26,12 @@ alone matches the frozen UNet), ``base_id`` (no trigger words, Base + ID match t
 ArcFace and CLIP features of *another* photo of the same identity (drawn per sample, deterministically),
 so the ID-LoRA can only carry what the photos of a person share; the Base branch keeps the photo's own
 blurred-face features.  Samples whose identity has one photo keep their own.
+
+Monitoring (none by default; see docs/training.md, "Monitoring"): ``"trackers": ["tensorboard"]`` (and/or
+``"wandb"``) logs every step's loss per scenario, gradient norm and learning rate through accelerate's
+trackers; ``"validation_shards"`` (folders prepared from held-out photos) with ``"validation_every": N``
+writes a validation loss every N steps to ``validation.csv`` (and the trackers), on at most
+``"validation_samples"`` samples with fixed noise and timesteps.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ PAPER_STAGES = ((1, 20000), (2, 15000), (3, 55000))
 MIXED_PRECISION = ("no", "bf16")
 ID_PHOTO = ("same", "other")
 """Where the ID branch's features come from: the training photo itself (paper) or another photo of its identity."""
+TRACKERS = ("tensorboard", "wandb")
+"""Experiment trackers ``fit`` can log to (accelerate's names)."""
+DEFAULT_VALIDATION_SAMPLES = 32
 
 
 @dataclass
@@ -116,6 +125,10 @@ class FitConfig:
     num_workers: int = 0
     identities: list[str] | None = None
     id_photo: str = "same"
+    trackers: list[str] = field(default_factory=list)
+    validation_shards: list[str] = field(default_factory=list)
+    validation_every: int = 0
+    validation_samples: int = DEFAULT_VALIDATION_SAMPLES
 
     # ------------------------------------------------------------------------- derived
 
@@ -224,7 +237,8 @@ class FitConfig:
                 kw[key] = _float(raw, key, where, lo=lo, strict=key == "lr")
         for key, lo in (("warmup_steps", 0), ("batch_size", 1), ("gradient_accumulation", 1),
                         ("checkpoint_every", 0), ("sample_every", 0), ("seed", 0), ("distill_steps", 0),
-                        ("num_workers", 0), ("keep_checkpoints", 1)):
+                        ("num_workers", 0), ("keep_checkpoints", 1), ("validation_every", 0),
+                        ("validation_samples", 1)):
             if key in raw:
                 kw[key] = _int(raw, key, where, lo=lo)
         if raw.get("max_steps") is not None:
@@ -249,7 +263,22 @@ class FitConfig:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise SettingError(f"{where}: 'identities' must be a list of identity names to train on (or null).")
             kw["identities"] = ids
+        if raw.get("trackers") is not None:
+            kw["trackers"] = tracker_list(raw["trackers"], f"{where}: 'trackers'")
+        if raw.get("validation_shards") is not None:
+            vs = raw["validation_shards"]
+            if isinstance(vs, str):
+                vs = [vs]
+            if not isinstance(vs, list) or not all(isinstance(v, str) for v in vs):
+                raise SettingError(f"{where}: 'validation_shards' must be a folder path or a list of folder paths "
+                                   f"(prepared from held-out photos by 'python -m hyperlora.train prepare'), got "
+                                   f"{vs!r}.")
+            kw["validation_shards"] = [p(v) for v in vs]
         cfg = cls(**kw)
+        if cfg.validation_every > 0 and not cfg.validation_shards:
+            raise SettingError(f"{where}: 'validation_every' is {cfg.validation_every} but 'validation_shards' is not "
+                               f"set; add 'validation_shards' (a folder prepared from held-out photos by 'python -m "
+                               f"hyperlora.train prepare') or set 'validation_every' to 0.")
         if cfg.distill_base > 0 and cfg.distill_steps == 0:
             raise SettingError(f"{where}: 'distill_base' is {cfg.distill_base} but 'distill_steps' is 0; set "
                                f"'distill_steps' (e.g. 2000) so the distil stage can fold the Base-LoRA in.")
@@ -262,6 +291,28 @@ class FitConfig:
         if not cfg.schedule():
             raise SettingError(f"{where}: every stage has 0 steps; give at least one stage some steps.")
         return cfg
+
+
+def tracker_list(value: Any, where: str) -> list[str]:
+    """``value`` (a tracker name or a list of them, from :data:`TRACKERS`; ``"none"`` or ``[]`` for none) as a list
+    without repeats, in the order given; :class:`SettingError` naming ``where`` and the choices otherwise."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SettingError(f"{where} must be a list of tracker names from {', '.join(map(json.dumps, TRACKERS))} "
+                           f"(e.g. [\"tensorboard\"]), got {value!r}.")
+    out: list[str] = []
+    for name in names:
+        name = name.strip().lower()
+        if name in ("", "none"):
+            continue
+        if name not in TRACKERS:
+            near = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f"did you mean {json.dumps(near[0])}? " if near else ""
+            raise SettingError(f"{where}: unknown tracker {name!r}; {hint}use {' or '.join(map(json.dumps, TRACKERS))} "
+                               f"(or none).")
+        if name not in out:
+            out.append(name)
+    return out
 
 
 _HELP = {
@@ -340,5 +391,5 @@ def _scenarios(raw: Any, key: str, where: str, *, probabilities: bool) -> dict[s
     return out
 
 
-__all__ = ["DISTILL_PARTS", "FitConfig", "ID_PHOTO", "MIXED_PRECISION", "ModelConfig", "PAPER_STAGES", "SCENARIOS",
-           "STAGE_PARTS", "StageConfig"]
+__all__ = ["DEFAULT_VALIDATION_SAMPLES", "DISTILL_PARTS", "FitConfig", "ID_PHOTO", "MIXED_PRECISION", "ModelConfig",
+           "PAPER_STAGES", "SCENARIOS", "STAGE_PARTS", "StageConfig", "TRACKERS", "tracker_list"]

@@ -42,7 +42,8 @@ uninterrupted run would have drawn.
 
 Run folder: ``checkpoints/step-XXXXXX/`` (``accelerator.save_state`` + ``generator.safetensors`` +
 ``trainer_state.json``, written last), ``loss.csv``, ``loss.png``, ``samples/`` (CUDA only: sampling 20
-DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``export/<name>/``.
+DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``export/<name>/``; with
+monitoring (:mod:`hyperlora.train.monitor`) also ``validation.csv`` and ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ from torch import Tensor, nn
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
-from . import engine
-from .config import SCENARIOS, FitConfig
+from . import engine, monitor
+from .config import SCENARIOS, FitConfig, tracker_list
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
@@ -83,8 +84,9 @@ CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
 OTHER_PHOTO_SEED = 500_009
 """Offset of the generator that picks the other photos (``id_photo`` "other"), apart from the noise's."""
 RESUME_FREE_KEYS = frozenset({"out", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-                              "num_workers"})
-"""Config keys a resumed run may change: where and how long it runs, how often it saves; nothing it learns."""
+                              "num_workers", "trackers", "validation_shards", "validation_every", "validation_samples"})
+"""Config keys a resumed run may change: where and how long it runs, how often it saves, what it reports;
+nothing it learns."""
 SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
                "pooled_plain")
 
@@ -250,16 +252,22 @@ class Trainer:
         return [SCENARIOS[i] for i in idx.tolist()]
 
     def loss(self, stage: str, batch: dict[str, Tensor], gen: torch.Generator,
-             backward: Callable[[Tensor], None]) -> dict[str, tuple[float, int]]:
-        """One micro-batch: forward, ``backward(loss)`` inside the LoRA context; returns per-scenario (sum, n)."""
+             backward: Callable[[Tensor], None], *, scenario: str | None = None,
+             net: nn.Module | None = None) -> dict[str, tuple[float, int]]:
+        """One micro-batch: forward, ``backward(loss)`` inside the LoRA context; returns per-scenario (sum, n).
+
+        ``scenario`` (stages 2 and 3) gives every sample that scenario instead of drawing them; ``net`` makes the
+        LoRAs instead of the (possibly wrapped) training model: the validation passes both
+        (:class:`hyperlora.train.monitor.Validation`)."""
         noisy, noise, t = self.noise(batch, gen)
         b = noisy.shape[0]
-        scen = self.scenarios(stage, b, gen)
+        scen = self.scenarios(stage, b, gen) if scenario is None or stage in ("1", "distill") else [scenario] * b
         dev = noisy.device
         mask = {s: torch.tensor([x == s for x in scen], device=dev) for s in set(scen)}
         g = self.generator
+        model = self.model if net is None else net
         if stage == "1":
-            _, basef = self._generate(self.model, None, None, batch["clip_base"], want_id=False, want_base=True)
+            _, basef = self._generate(model, None, None, batch["clip_base"], want_id=False, want_base=True)
             terms = [LoraTerm(basef, LORA_SCALE)]
             text, pooled, target = batch["text"], batch["pooled"], noise
         elif stage == "distill":
@@ -270,14 +278,14 @@ class Trainer:
                 with applied(self.targets, [LoraTerm(t_id, LORA_SCALE),
                                             LoraTerm(t_base, LORA_SCALE * self.cfg.distill_base)]):
                     target = self._unet(noisy, t, batch["text"], batch["pooled"], batch["time_ids"])
-            idf, _ = self._generate(self.model, batch["arcface"], batch["clip_id"], None, want_id=True,
+            idf, _ = self._generate(model, batch["arcface"], batch["clip_id"], None, want_id=True,
                                      want_base=False)
             terms = [LoraTerm(idf, LORA_SCALE)]
             text, pooled = batch["text"], batch["pooled"]
         else:
             arc = batch["arcface"] if stage == "3" else None
             has_base = g.has_base
-            idf, basef = self._generate(self.model, arc, batch["clip_id"], batch["clip_base"] if has_base else None,
+            idf, basef = self._generate(model, arc, batch["clip_id"], batch["clip_base"] if has_base else None,
                                          want_id=True, want_base=has_base, base_grad=False)
             recon = mask.get("recon", torch.zeros(b, dtype=torch.bool, device=dev))
             sel = recon.view(-1, 1, 1)
@@ -374,29 +382,42 @@ def _build_model(cfg: FitConfig, modules: tuple[LoraModuleSpec, ...], clip_dim: 
 
 def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Dataset | None = None,
         unet: nn.Module | None = None, noise_scheduler: Any = None,
-        on_step: Callable[[int], None] | None = None) -> FitResult:
+        on_step: Callable[[int], None] | None = None,
+        validation_dataset: torch.utils.data.Dataset | None = None) -> FitResult:
     """Train (or resume) the run of ``cfg``; see the module docstring.
 
-    ``dataset`` / ``unet`` / ``noise_scheduler`` override what ``cfg`` names (tests); ``on_step(step)`` is
-    called after every optimizer step.  Returns a :class:`FitResult`; Ctrl-C stops after a checkpoint.
+    ``dataset`` / ``unet`` / ``noise_scheduler`` / ``validation_dataset`` override what ``cfg`` names (tests);
+    ``on_step(step)`` is called after every optimizer step.  Returns a :class:`FitResult`; Ctrl-C stops after a
+    checkpoint.  A tracker of ``cfg.trackers`` whose package is missing stops it at once
+    (:class:`~hyperlora.errors.DependencyError`).
     """
     from accelerate import Accelerator
 
+    monitor.check_trackers(cfg.trackers)
+    tracking: dict[str, Any] = {}
+    if cfg.trackers:
+        from accelerate.utils import ProjectConfiguration
+
+        tracking = {"log_with": list(cfg.trackers),
+                    "project_config": ProjectConfiguration(project_dir=cfg.out,
+                                                           logging_dir=str(Path(cfg.out) / monitor.TENSORBOARD_DIR))}
     # several processes (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo, not N
     # independent runs (Accelerate only picks the CPU process group when told the run is on the CPU)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accel = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                         gradient_accumulation_steps=cfg.gradient_accumulation,
-                        kwargs_handlers=[engine.ddp_kwargs()])   # unused parameters allowed, gradients as bucket views
+                        kwargs_handlers=[engine.ddp_kwargs()],   # unused parameters allowed, gradients as bucket views
+                        **tracking)
     try:
         return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
-                    on_step=on_step)
+                    on_step=on_step, validation_dataset=validation_dataset)
     finally:
         _release_accelerator(accel)
 
 
 def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
-         unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None) -> FitResult:
+         unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None,
+         validation_dataset: torch.utils.data.Dataset | None = None) -> FitResult:
     from tqdm.auto import tqdm
 
     from . import plot
@@ -429,6 +450,10 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     if len(dataset) == 0:
         raise SettingError(f"the shards {cfg.shards} hold no samples; run prepare (or check 'identities').")
     clip_dim = int(torch.as_tensor(dataset[0]["clip_id"]).shape[-1])
+    validation = None
+    if cfg.validation_every > 0:
+        validation = monitor.Validation(validation_dataset if validation_dataset is not None
+                                        else monitor.open_validation_dataset(cfg), cfg, clip_dim=clip_dim)
 
     modules = unet_modules(unet)
     ckpt = latest_checkpoint(run) if resume else None
@@ -459,6 +484,10 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         log.info("resumed from '%s' at step %d (stage %s)", ckpt, step, state["stage"])
         if accel.is_main_process:
             _truncate_csv(run / "loss.csv", step)
+            _truncate_csv(run / monitor.VALIDATION_CSV, step)
+    if cfg.trackers and accel.is_main_process:
+        accel.init_trackers(cfg.name, config=monitor.tracker_config(cfg),
+                            init_kwargs=monitor.tracker_init_kwargs(cfg.trackers, run, step))
 
     trainer = Trainer(unet, model, noise_scheduler, cfg)
     if ckpt is not None and (ckpt / TEACHER_FILE).is_file():
@@ -521,6 +550,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
             trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
             sums: dict[str, list[float]] = {}
+            grad_norm: Any = None
             for _ in range(cfg.gradient_accumulation):
                 samples = next(batches)
                 seed = cfg.seed * 1_000_003 + accel.process_index * 7919 + micro
@@ -532,7 +562,10 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 with accel.accumulate(model), accel.autocast():
                     res = trainer.loss(stage, batch, gen, accel.backward)
                     if accel.sync_gradients and cfg.max_grad_norm > 0:
-                        accel.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
+                        grad_norm = accel.clip_grad_norm_([p for p in trainable if p.grad is not None],
+                                                          cfg.max_grad_norm)
+                    elif accel.sync_gradients and cfg.trackers:      # measured only: the gradients are scaled by 1
+                        grad_norm = accel.clip_grad_norm_([p for p in trainable if p.grad is not None], math.inf)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1
@@ -555,11 +588,20 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             last = {s: v / max(n, 1) for s, (v, n) in sums.items()}
             if accel.is_main_process:
                 _write_csv_rows(run / "loss.csv", [(step, stage, s, f"{last[s]:.6g}", f"{lr:.6g}") for s in sorted(last)])
+            if cfg.trackers:
+                norm = monitor.scalar(grad_norm)                 # every process (a DTensor under FSDP2)
+                accel.log(monitor.step_scalars(last, lr, norm), step=step)     # main process only
             bar.update(1)
             bar.set_postfix(stage=stage, **{s: f"{v:.4f}" for s, v in last.items()})
             if not all(math.isfinite(v) for v in last.values()):
                 raise SettingError(f"the loss became {last} at step {step}; lower 'lr' or use mixed_precision \"no\", "
                                    f"and resume from the last checkpoint.")
+            if validation is not None and step % cfg.validation_every == 0:
+                held_out = validation.run(trainer, stage, gen_model, device=device, autocast=accel.autocast)
+                if accel.is_main_process:
+                    monitor.write_validation_rows(run / monitor.VALIDATION_CSV, step, stage, held_out)
+                if cfg.trackers:
+                    accel.log({f"validation/{s}": v for s, v in sorted(held_out.items())}, step=step)
             if on_step is not None:
                 on_step(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and torch.cuda.is_available():
@@ -665,7 +707,7 @@ def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, no
 
 def main(argv: list[str] | None = None) -> int:
     """``fit --config FILE [--init-from DIR] [--out DIR] [--max-steps N] [--no-resume] [--distill-base F
-    --distill-steps N]``."""
+    --distill-steps N] [--trackers NAMES]``."""
     parser = argparse.ArgumentParser(prog="python -m hyperlora.train fit",
                                      description="Train a HyperLoRA generator (three stages) from prepared shards.")
     parser.add_argument("--config", type=Path, required=True, help="fit JSON (see hyperlora/train/configs/)")
@@ -676,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-base", type=float, help="after stage 3, fold this fraction of the Base-LoRA into "
                         "the ID-LoRA (the release used 0.25); the export then has no Base-LoRA")
     parser.add_argument("--distill-steps", type=int, help="optimizer steps of the distil stage (with --distill-base)")
+    parser.add_argument("--trackers", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard, wandb, "
+                        "or none (overrides the config's 'trackers'; docs/training.md, Monitoring)")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -688,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.init_from = str(args.init_from)
         if args.out is not None:
             cfg.out = str(args.out)
+        if args.trackers is not None:
+            cfg.trackers = tracker_list(args.trackers.split(","), "--trackers")
         if args.max_steps is not None:
             if args.max_steps < 1:
                 raise SettingError(f"--max-steps is {args.max_steps}; give a positive number of steps.")
