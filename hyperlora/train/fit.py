@@ -71,7 +71,7 @@ from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
 from . import engine
-from .config import SCENARIOS, FitConfig
+from .config import SCENARIOS, FitConfig, check_init_from
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
@@ -382,6 +382,7 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     """
     from accelerate import Accelerator
 
+    check_init_from(cfg)          # a released folder (no Base-LoRA) with stage 1: one line, before any loading
     # several processes (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo, not N
     # independent runs (Accelerate only picks the CPU process group when told the run is on the CPU)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
