@@ -16,6 +16,11 @@ text_plain      [N, 77, C] f16      the same for the caption without the trigger
 pooled_plain    [N, P] f16
 ==============  ==================  =====================================================================
 
+These are the dtypes of the default feature set (``prepare --feature-dtype mixed``); with ``--feature-dtype
+float16`` every tensor but ``time_ids`` is float16 (:func:`stored_dtypes`).  Readers cast to their compute
+dtype (``fit`` stacks a batch as float32), so both read alike.  :func:`folder_size` measures a folder's bytes
+per sample (``prepare`` prints it on its last line).
+
 Metadata: ``format``, ``version``, ``samples`` (JSON list of ``{"key", "identity", "caption"}`` in row
 order), ``report`` (JSON :class:`~hyperlora.train.filters.FilterReport` of the shard's input slice),
 ``settings`` (JSON of what made it).  A shard whose slice kept nothing holds no tensors (N = 0).
