@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from ..errors import SettingError
 from ..spec import (DEFAULT_HEADS, RELEASED_BASE_RANK, RELEASED_DIM_HEAD, RELEASED_FF_MULT, RELEASED_HYPER_DIM,
                     RELEASED_ID_TOKENS, RELEASED_RANK, RELEASED_RESAMPLER_DEPTH, RELEASED_RESAMPLER_DIM)
 from .hypernet import PARTS
+
+log = logging.getLogger(__name__)
 
 STAGE_PARTS: dict[int, tuple[str, ...]] = {
     1: ("base_resampler", "base_basis"),
@@ -391,5 +394,43 @@ def _scenarios(raw: Any, key: str, where: str, *, probabilities: bool) -> dict[s
     return out
 
 
+def check_init_from(cfg: FitConfig) -> None:
+    """Check ``cfg.init_from`` against the schedule before any heavy work (reads the folder's headers only).
+
+    A released HyperLoRA folder has no Base-LoRA (the authors folded it into the ID-LoRA: no
+    ``base_resampler.safetensors``, no base basis), so a schedule with stage 1 (which trains the Base-LoRA)
+    or a distil stage (which folds it in) cannot run from it.  Raises :class:`SettingError` in one line
+    naming the folder, the setting and the change that works (stage 3 alone); a damaged folder raises
+    :class:`~hyperlora.errors.ModelFileError` naming the file.  Stage 2 with a trained ArcFace branch only
+    logs a warning (it runs, but feeds that branch zeros: see
+    :meth:`hyperlora.train.hypernet.TrainableHyperLoRA.id_tokens`).
+    """
+    if not cfg.init_from:
+        return
+    from ..checkpoint import read_architecture
+    from ..spec import BASE_RESAMPLER_FILE
+
+    arch = read_architecture(cfg.init_from)
+    stage_steps = {s.stage: s.steps for s in cfg.stages}
+    if arch.base_rank is None:
+        problems = []
+        if stage_steps.get(1, 0) > 0:
+            problems.append("'stages' has stage 1, which trains the Base-LoRA")
+        if cfg.distill_base > 0:
+            problems.append(f"'distill_base' is {cfg.distill_base}, which folds a Base-LoRA into the ID-LoRA")
+        if problems:
+            steps = stage_steps.get(3) or dict(PAPER_STAGES)[3]
+            fix = f'set "stages": [{{"stage": 3, "steps": {steps}}}]'
+            if cfg.distill_base > 0:
+                fix += ' and remove "distill_base"'
+            raise SettingError(
+                f"init_from '{cfg.init_from}' is a released HyperLoRA folder without a Base-LoRA (no "
+                f"{BASE_RESAMPLER_FILE}: the release folded it into the ID-LoRA), but {' and '.join(problems)}; "
+                f"to fine-tune it, {fix} in the fit JSON (stage 3 alone trains the ID-LoRA from CLIP + ArcFace).")
+    if stage_steps.get(2, 0) > 0 and arch.id_embed_dim is not None:
+        log.warning("init_from '%s': stage 2 feeds zeros to the trained ArcFace branch of these weights (a constant "
+                    "offset while the rest moves); fine-tuning usually runs stage 3 alone.", cfg.init_from)
+
+
 __all__ = ["DEFAULT_VALIDATION_SAMPLES", "DISTILL_PARTS", "FitConfig", "ID_PHOTO", "MIXED_PRECISION", "ModelConfig",
-           "PAPER_STAGES", "SCENARIOS", "STAGE_PARTS", "StageConfig", "TRACKERS", "tracker_list"]
+           "PAPER_STAGES", "SCENARIOS", "STAGE_PARTS", "StageConfig", "TRACKERS", "check_init_from", "tracker_list"]

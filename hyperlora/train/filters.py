@@ -2,7 +2,9 @@
 
 Order in :func:`hyperlora.train.prepare.prepare` (cheap first; each sample is counted once, under the first
 filter that drops it): unreadable file -> no caption -> shorter side -> plural pronoun in the caption ->
-face count / face size -> aesthetic score -> face lost in the ArcFace crop.
+face count / face size -> face larger than the training crop -> aesthetic score -> face lost in the ArcFace
+crop.  (The training crop is moved to keep the face box whenever the face fits in it; see
+:func:`hyperlora.train.prepare.crop_plan`.  Kept samples whose crop was moved are counted too.)
 
 * shorter side >= ``min_side`` (paper: 768);
 * exactly one face (AntelopeV2 detection of this pack, with its retry sizes and padding), and its box area
@@ -31,7 +33,12 @@ REASONS: tuple[str, ...] = (
     "corrupt", "no_caption", "small", "plural_caption", "no_face", "many_faces", "small_face", "aesthetic",
     "arcface",
 )
-"""Why a sample was dropped, in filter order (the keys of :attr:`FilterReport.dropped`)."""
+"""Why a sample was dropped, in filter order: the keys :attr:`FilterReport.dropped` always holds."""
+LATER_REASONS: tuple[str, ...] = ("face_cut",)
+"""Reasons added after the first shard format: a report holds them only once they dropped a sample, so the
+reports (and shards) of data that never meets them are unchanged."""
+ORDER: tuple[str, ...] = REASONS[:7] + LATER_REASONS + REASONS[7:]
+"""Every reason in filter order (for :meth:`FilterReport.lines`)."""
 REASON_TEXT: dict[str, str] = {
     "corrupt": "unreadable or corrupt image",
     "no_caption": "no caption (.txt / txt / json caption)",
@@ -40,6 +47,7 @@ REASON_TEXT: dict[str, str] = {
     "no_face": "no face found",
     "many_faces": "more than one face",
     "small_face": "face box area / image area not above min_face_area",
+    "face_cut": "face box longer than the square training crop (the crop would cut the face)",
     "aesthetic": "aesthetic score not above min_aesthetic",
     "arcface": "face unusable by the released preprocessing (not found again in its ArcFace crop, or a crop failed)",
 }
@@ -88,33 +96,47 @@ class FilterReport:
     seen: int = 0
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REASONS})
+    crop_moved: int = 0
+    """Kept samples whose training crop was moved off the centre to keep the face box in it."""
 
     def drop(self, reason: str) -> None:
-        if reason not in self.dropped:
+        """Count one sample dropped for ``reason`` (:data:`ORDER`)."""
+        if reason not in ORDER and reason not in self.dropped:
             raise ValueError(f"unknown filter reason {reason!r}")
-        self.dropped[reason] += 1
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def add(self, other: FilterReport) -> None:
+        """Add ``other``'s counts to these."""
         self.seen += other.seen
         self.kept += other.kept
+        self.crop_moved += other.crop_moved
         for k, v in other.dropped.items():
             self.dropped[k] = self.dropped.get(k, 0) + v
 
     def as_dict(self) -> dict[str, object]:
-        return {"seen": self.seen, "kept": self.kept, "dropped": dict(self.dropped)}
+        """JSON-ready counts; ``crop_moved`` only when non-zero (reports without it are unchanged)."""
+        out: dict[str, object] = {"seen": self.seen, "kept": self.kept, "dropped": dict(self.dropped)}
+        if self.crop_moved:
+            out["crop_moved"] = self.crop_moved
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> FilterReport:
+        """The report :meth:`as_dict` wrote (missing counts are 0)."""
         dropped = {r: 0 for r in REASONS}
         dropped.update({str(k): int(v) for k, v in dict(data.get("dropped", {})).items()})  # type: ignore[arg-type]
-        return cls(seen=int(data.get("seen", 0)), kept=int(data.get("kept", 0)), dropped=dropped)  # type: ignore[arg-type]
+        return cls(seen=int(data.get("seen", 0)), kept=int(data.get("kept", 0)), dropped=dropped,  # type: ignore[arg-type]
+                   crop_moved=int(data.get("crop_moved", 0)))  # type: ignore[arg-type]
 
     def lines(self) -> list[str]:
-        """Human-readable report: one line per filter."""
+        """Human-readable report: one line per filter (in filter order), then the moved crops when there are."""
         out = [f"seen {self.seen}, kept {self.kept}"]
-        out += [f"  dropped {self.dropped[r]:>6}: {REASON_TEXT.get(r, r)}" for r in self.dropped]
+        keys = [r for r in ORDER if r in self.dropped] + [r for r in self.dropped if r not in ORDER]
+        out += [f"  dropped {self.dropped[r]:>6}: {REASON_TEXT.get(r, r)}" for r in keys]
+        if self.crop_moved:
+            out.append(f"  kept {self.crop_moved:>9} with the training crop moved off the centre to keep the face")
         return out
 
 
-__all__ = ["FilterReport", "PLURAL_PRONOUNS", "REASONS", "REASON_TEXT", "big_enough", "face_area_ratio",
-           "face_reason", "has_plural_pronoun", "plural_pronouns"]
+__all__ = ["FilterReport", "LATER_REASONS", "ORDER", "PLURAL_PRONOUNS", "REASONS", "REASON_TEXT", "big_enough",
+           "face_area_ratio", "face_reason", "has_plural_pronoun", "plural_pronouns"]

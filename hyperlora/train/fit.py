@@ -72,7 +72,7 @@ from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
 from . import engine, monitor
-from .config import SCENARIOS, FitConfig, tracker_list
+from .config import SCENARIOS, FitConfig, check_init_from, tracker_list
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
@@ -393,6 +393,7 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     """
     from accelerate import Accelerator
 
+    check_init_from(cfg)          # a released folder (no Base-LoRA) with stage 1: one line, before any loading
     monitor.check_trackers(cfg.trackers)
     tracking: dict[str, Any] = {}
     if cfg.trackers:

@@ -11,10 +11,12 @@ Inputs (``--input``, repeatable, in the order given):
 
 Each sample goes through the A.5 filters (:mod:`hyperlora.train.filters`, counted per reason), then every
 frozen encoder runs once: ArcFace + CLIP ID + CLIP Base through the pack's released preprocessing
-(:func:`hyperlora.pipeline.extract_conditions`), the SDXL VAE on the training crop (shorter side resized to
-``--size`` with PIL bicubic, centre crop; latent mean * scaling_factor; SDXL time ids
-``(orig h, orig w, crop top, crop left, size, size)``) and both text encoders with and without
-``hyperlora.spec.TRIGGER_PREFIX``.
+(:func:`hyperlora.pipeline.extract_conditions`; the Base crop with ``--base-scales``, format §6), the SDXL VAE
+on the training crop (shorter side resized to ``--size`` with PIL bicubic, centre crop, moved along the long
+side only as far as needed to keep the detected face box in it, :func:`crop_plan`; latent mean *
+scaling_factor; SDXL time ids ``(orig h, orig w, crop top, crop left, size, size)``) and both text encoders
+with and without ``hyperlora.spec.TRIGGER_PREFIX``.  Tensors are stored in the dtypes of
+``--feature-dtype`` (:func:`hyperlora.train.shards.stored_dtypes`).
 
 Work is cut into shards of ``--shard-size`` *input* samples (before filtering), numbered in input order, so
 every process computes the same plan; process ``k`` of ``n`` does the shards ``i % n == k``
@@ -52,8 +54,8 @@ from ..image_files import read_image
 from ..spec import TRIGGER_PREFIX
 from . import filters as flt
 from .filters import FilterReport
-from .shards import DTYPES as SHARD_DTYPES
-from .shards import (finished_shards, read_manifest, read_shard_info, rebuild_manifest, shard_name, write_shard)
+from .shards import (FEATURE_DTYPES, finished_shards, folder_size, human_bytes, read_manifest, read_shard_info,
+                     rebuild_manifest, shard_name, stored_dtypes, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 zlib_error = zlib.error
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_BASE_SCALES = (1.0, 1.0, 1.0, 1.0)
+"""The Base crop's per-side scales (left, right, top, bottom) of the released preprocessing (format §6)."""
+PAPER_SAMPLES = 4_400_000
+"""The paper's training set size (images), the default of ``--project-to``."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -87,6 +93,8 @@ class PrepareConfig:
     device: str = "cpu"
     dtype: str = "float32"              # encoders' dtype (the VAE always runs in float32)
     require_vit_l14: bool = True        # False only for the toy's tiny CLIP
+    feature_dtype: str = "mixed"        # stored dtypes (hyperlora.train.shards.FEATURE_DTYPES)
+    base_scales: tuple[float, float, float, float] = DEFAULT_BASE_SCALES   # Base crop (left, right, top, bottom)
 
     def check(self) -> None:
         if not (isinstance(self.min_side, int) and self.min_side >= 1):
@@ -101,11 +109,35 @@ class PrepareConfig:
             raise SettingError(f"dtype is {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
         if int(self.batch_size) < 1:
             raise SettingError(f"batch_size is {self.batch_size!r}; use a whole number >= 1.")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise SettingError(f"feature_dtype (--feature-dtype) is {self.feature_dtype!r}; choose one of "
+                               f"{', '.join(FEATURE_DTYPES)}.")
+        self.base_scales = parse_base_scales(self.base_scales)
 
     def settings(self) -> dict[str, Any]:
-        """What decides the shards' content (a resumed run must use the same)."""
+        """What decides the shards' content (a resumed run must use the same).  ``feature_dtype`` and
+        ``base_scales`` appear only when not the default, so default shards keep exactly the settings they had."""
         keys = ("aesthetic", "min_side", "min_aesthetic", "min_face_area", "size", "shard_size", "det_size")
-        return {k: getattr(self, k) for k in keys}
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        if self.feature_dtype != "mixed":
+            out["feature_dtype"] = self.feature_dtype
+        if tuple(self.base_scales) != DEFAULT_BASE_SCALES:
+            out["base_scales"] = [float(v) for v in self.base_scales]
+        return out
+
+
+def parse_base_scales(value: str | Sequence[float]) -> tuple[float, float, float, float]:
+    """``"L,R,T,B"`` or four numbers -> the Base crop's per-side scales; :class:`SettingError` naming
+    ``--base-scales`` otherwise."""
+    from ..faces.preprocess import check_base_scales
+
+    try:
+        parts = [float(v) for v in value.split(",")] if isinstance(value, str) else list(value)
+        return check_base_scales(parts)
+    except (ImageInputError, ValueError, TypeError):
+        raise SettingError(f"--base-scales (base_scales) is {value!r}; give four non-negative numbers "
+                           f"left,right,top,bottom in face half-sizes, e.g. 1,1,1,1 (the release's) or 2,2,1,3 "
+                           f"(more of the hair, shoulders and background).") from None
 
 
 @dataclass
@@ -301,19 +333,71 @@ def decode_image(data: bytes | None) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- encoding
 
 
-def training_crop(image: np.ndarray, size: int) -> tuple[np.ndarray, list[float]]:
-    """Resize the shorter side to ``size`` (PIL bicubic), centre crop ``size`` x ``size``.
+@dataclass(frozen=True)
+class CropPlan:
+    """Where the training crop lies: the resized image's size and the crop's corner (resized pixels)."""
+
+    height: int      # resized height
+    width: int       # resized width
+    top: int
+    left: int
+    moved: bool      # True when the corner is not the centre crop's (moved to keep the face box)
+
+
+def _axis_offset(n: int, orig: int, size: int, lo_px: float, hi_px: float) -> tuple[int, bool] | None:
+    """Crop start along one axis of resized length ``n``: the centre, moved as little as needed so that the face
+    span ``[lo_px, hi_px]`` (original pixels) lies inside; None when the span is longer than ``size``."""
+    centre = (n - size) // 2
+    a = max(0.0, lo_px) * n / orig
+    b = min(float(orig), hi_px) * n / orig
+    first, last = math.ceil(b - 1e-6) - size, math.floor(a + 1e-6)   # allowed starts: [first, last]
+    if first > last:
+        return None
+    start = min(max(centre, first), last)
+    start = min(max(start, 0), n - size)
+    return start, start != centre
+
+
+def crop_plan(height: int, width: int, size: int, face_box: Sequence[float] | np.ndarray | None = None
+              ) -> CropPlan | None:
+    """The training crop of a ``height`` x ``width`` photo: shorter side resized to ``size``, the centre
+    ``size`` x ``size`` square, except that with ``face_box`` (``[x1, y1, x2, y2]``, original pixels, the face
+    the filter accepted) the square is moved along the long side just far enough to hold the whole box (clipped
+    to the photo).  None when the box is longer than the square along the long side: no square crop keeps it.
+    """
+    scale = size / min(height, width)
+    nh, nw = max(size, round(height * scale)), max(size, round(width * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    moved = False
+    if face_box is not None:
+        x1, y1, x2, y2 = (float(v) for v in np.asarray(face_box, dtype=np.float64).reshape(4))
+        rows = _axis_offset(nh, height, size, y1, y2)
+        cols = _axis_offset(nw, width, size, x1, x2)
+        if rows is None or cols is None:
+            return None
+        (top, moved_r), (left, moved_c) = rows, cols
+        moved = moved_r or moved_c
+    return CropPlan(nh, nw, top, left, moved)
+
+
+def training_crop(image: np.ndarray, size: int, face_box: Sequence[float] | np.ndarray | None = None
+                  ) -> tuple[np.ndarray, list[float]]:
+    """Resize the shorter side to ``size`` (PIL bicubic), crop ``size`` x ``size``: the centre, or with
+    ``face_box`` the square of :func:`crop_plan` that holds the face box.
 
     Returns the crop ``[size, size, 3]`` uint8 and SDXL's time ids ``[orig h, orig w, crop top, crop left,
-    size, size]`` (crop corner in resized pixels, as SDXL's training did).
+    size, size]`` (crop corner in resized pixels, as SDXL's training did).  A face box no square crop holds is
+    :class:`ImageInputError` (prepare drops such photos before, counted as ``face_cut``).
     """
     from PIL import Image
 
     h, w = image.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    plan = crop_plan(h, w, size, face_box)
+    if plan is None:
+        raise ImageInputError(f"the face box {list(np.asarray(face_box).reshape(4))} of a {w}x{h} photo is longer "
+                              f"than a {size} px square crop of it; use a photo where the face is smaller.")
+    resized = Image.fromarray(image).resize((plan.width, plan.height), Image.Resampling.BICUBIC)
+    top, left = plan.top, plan.left
     crop = np.asarray(resized.crop((left, top, left + size, top + size)))
     return crop, [float(h), float(w), float(top), float(left), float(size), float(size)]
 
@@ -338,6 +422,7 @@ class _Candidate:
     image: np.ndarray
     caption: str
     identity: str
+    face_box: np.ndarray | None = None     # the detected face the filter accepted, [x1, y1, x2, y2]
 
 
 def _filter(item: Item, raw: Raw, cfg: PrepareConfig, enc: Encoders, report: FilterReport) -> _Candidate | None:
@@ -368,7 +453,11 @@ def _filter(item: Item, raw: Raw, cfg: PrepareConfig, enc: Encoders, report: Fil
     if reason is not None:
         report.drop(reason)
         return None
-    return _Candidate(item, image, raw.caption, raw.identity)
+    box = np.asarray(faces[0].bbox, dtype=np.float64).reshape(4)
+    if crop_plan(h, w, cfg.size, box) is None:
+        report.drop("face_cut")
+        return None
+    return _Candidate(item, image, raw.caption, raw.identity, box)
 
 
 def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
@@ -389,7 +478,7 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
     def run(images: list[np.ndarray]) -> Any:
         return extract_conditions(images, analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
                                   need_base=True, options=FaceOptions(no_face="skip", det_size=cfg.det_size),
-                                  use_cache=False)
+                                  base_scales=cfg.base_scales, use_cache=False)
 
     try:
         conds = run([c.image for c in kept])
@@ -421,14 +510,17 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
     kept = [kept[i] for i in used]
     assert conds is not None and conds.id_embeds is not None and conds.clip_features is not None \
         and conds.base_clip_features is not None
-    crops, time_ids = zip(*(training_crop(c.image, cfg.size) for c in kept))
+    crops, time_ids = zip(*(training_crop(c.image, cfg.size, c.face_box) for c in kept))
+    plans = [crop_plan(*c.image.shape[:2], cfg.size, c.face_box) for c in kept]
+    report.crop_moved += sum(1 for p in plans if p is not None and p.moved)
     latents = encode_latents(enc.vae, crops)
     captions = [c.caption for c in kept]
     text, pooled = enc.text.encode([TRIGGER_PREFIX + c for c in captions])
     text_plain, pooled_plain = enc.text.encode(captions)
     samples, meta = [], []
+    dtypes = stored_dtypes(cfg.feature_dtype)
     for k, c in enumerate(kept):
-        samples.append(_stored({
+        samples.append(_stored(dtypes, {
             "arcface": conds.id_embeds[k], "clip_id": conds.clip_features[k].cpu(),
             "clip_base": conds.base_clip_features[k].cpu(), "latents": latents[k],
             "time_ids": torch.tensor(time_ids[k]), "text": text[k].cpu(), "pooled": pooled[k].cpu(),
@@ -438,9 +530,9 @@ def _encode(cands: list[_Candidate], cfg: PrepareConfig, enc: Encoders,
     return samples, meta
 
 
-def _stored(sample: dict[str, Tensor]) -> dict[str, Tensor]:
+def _stored(dtypes: dict[str, torch.dtype], sample: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each tensor in its stored dtype at once (own storage): a shard's samples wait in memory at half size."""
-    return {k: v.detach().to("cpu", SHARD_DTYPES[k]).clone() for k, v in sample.items()}
+    return {k: v.detach().to("cpu", dtypes[k]).clone() for k, v in sample.items()}
 
 
 def process_shard(items: Sequence[Item], path: Path, cfg: PrepareConfig, enc: Encoders,
@@ -480,7 +572,8 @@ def process_shard(items: Sequence[Item], path: Path, cfg: PrepareConfig, enc: En
     finally:
         for tar in tars.values():
             tar.close()
-    write_shard(path, samples, meta, report=report, settings=settings if settings is not None else cfg.settings())
+    write_shard(path, samples, meta, report=report, settings=settings if settings is not None else cfg.settings(),
+                dtypes=stored_dtypes(cfg.feature_dtype))
     return report
 
 
@@ -601,15 +694,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-processor", type=Path, default=None, help="folder with preprocessor_config.json")
     p.add_argument("--antelope", required=True, type=Path, help="insightface antelopev2 folder")
     p.add_argument("--aesthetic", default="none",
-                   help="'none' (keep everything) or a LAION aesthetic head .safetensors (linear 768->1 or MLP)")
+                   help="the aesthetic filter: 'none' (the default: the filter is OFF and every score passes) or a "
+                        "LAION aesthetic head .safetensors (linear 768->1 or MLP), which keeps photos scoring above "
+                        "--min-aesthetic (the paper filtered its data this way at 5.5)")
     p.add_argument("--aesthetic-clip", type=Path, default=None,
                    help="CLIP ViT-L/14 with its image projection for the aesthetic scorer: HF folder or ComfyUI "
                         "clip_vision file (default: --clip)")
     p.add_argument("--tokenizer", type=Path, default=None, help="CLIP tokenizer folder (single-file SDXL only)")
-    p.add_argument("--min-side", type=int, default=768)
-    p.add_argument("--min-aesthetic", type=float, default=5.5)
-    p.add_argument("--min-face-area", type=float, default=0.03)
-    p.add_argument("--size", type=int, default=1024, help="training crop side (px)")
+    p.add_argument("--min-side", type=int, default=768, help="drop photos whose shorter side is below this (px)")
+    p.add_argument("--min-aesthetic", type=float, default=5.5,
+                   help="keep photos scoring above this; used only with an --aesthetic head (off with 'none')")
+    p.add_argument("--min-face-area", type=float, default=0.03,
+                   help="drop photos whose face box covers no more than this fraction of the image")
+    p.add_argument("--size", type=int, default=1024,
+                   help="training crop side (px): shorter side resized to it, the square moved off the centre "
+                        "only to keep the face box (photos whose face box is longer than it are dropped)")
+    p.add_argument("--feature-dtype", default="mixed", choices=list(FEATURE_DTYPES),
+                   help="stored dtypes: 'mixed' (ArcFace, latents and time ids float32, CLIP and text features "
+                        "float16) or 'float16' (everything but the time ids float16: smaller shards; fit reads "
+                        "both)")
+    p.add_argument("--base-scales", default="1,1,1,1",
+                   help="the Base-LoRA branch's crop around the face box: left,right,top,bottom in face "
+                        "half-sizes, clipped to the photo (1,1,1,1 = the released preprocessing, format §6)")
+    p.add_argument("--project-to", type=int, default=PAPER_SAMPLES,
+                   help="the final line projects the shards' size per sample to this many samples (the "
+                        "paper's 4.4 M images)")
     p.add_argument("--shard-size", type=int, default=256, help="input samples per shard (before filtering)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--det-size", type=int, default=640)
@@ -633,11 +742,15 @@ def main(argv: list[str] | None = None) -> int:
         aesthetic=args.aesthetic, aesthetic_clip=args.aesthetic_clip, tokenizer=args.tokenizer,
         min_side=args.min_side, min_aesthetic=args.min_aesthetic, min_face_area=args.min_face_area, size=args.size,
         shard_size=args.shard_size, det_size=args.det_size, batch_size=args.batch_size, device=device,
-        dtype=args.dtype, require_vit_l14=not args.no_vit_l14_check)
+        dtype=args.dtype, require_vit_l14=not args.no_vit_l14_check, feature_dtype=args.feature_dtype,
+        base_scales=args.base_scales)
     if args.shard_index is not None or args.num_shards is not None:
         index = args.shard_index if args.shard_index is not None else 0
         count = args.num_shards if args.num_shards is not None else 1
     try:
+        if args.project_to < 1:
+            raise SettingError(f"--project-to is {args.project_to}; give a positive number of samples (e.g. 4400000).")
+        cfg.base_scales = parse_base_scales(args.base_scales)
         check_folder_option(args.out, "--out")
         result = prepare(list(args.input), args.out, cfg, shard_index=index, num_shards=count)
     except KeyboardInterrupt:
@@ -655,9 +768,23 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s", line)
     sys.stdout.write(f"prepare: {result.manifest.count} samples in {len(result.manifest.shards)} of "
                      f"{result.manifest.planned} shards{'' if result.manifest.complete else ' (incomplete)'} -> "
-                     f"{args.out}\n")
+                     f"{args.out}{size_note(args.out, args.project_to)}\n")
     return 0
 
 
-__all__ = ["Encoders", "Item", "PrepareConfig", "PrepareReport", "list_items", "main", "prepare", "process_shard",
-           "read_item", "training_crop"]
+def size_note(folder: Path, project_to: int) -> str:
+    """``"; 1952996 bytes per sample, 8.59 TB for 4,400,000 samples"`` for the finished shards of ``folder`` (the
+    per-key breakdown is logged), or ``""`` when they hold no sample."""
+    size = folder_size(folder)
+    if not size.samples:
+        return ""
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(size.tensor_bytes.items(), key=lambda kv: -kv[1]))
+    logger.info("shards: %d bytes on disk for %d samples; tensor bytes per sample: %s (%d in all; the rest is the "
+                "shards' headers)", size.file_bytes, size.samples, parts, sum(size.tensor_bytes.values()))
+    return (f"; {size.per_sample:.0f} bytes per sample, {human_bytes(size.projected(project_to))} for "
+            f"{project_to:,} samples")
+
+
+__all__ = ["CropPlan", "DEFAULT_BASE_SCALES", "Encoders", "Item", "PAPER_SAMPLES", "PrepareConfig", "PrepareReport",
+           "crop_plan", "list_items", "main", "parse_base_scales", "prepare", "process_shard", "read_item",
+           "size_note", "training_crop"]

@@ -16,6 +16,11 @@ text_plain      [N, 77, C] f16      the same for the caption without the trigger
 pooled_plain    [N, P] f16
 ==============  ==================  =====================================================================
 
+These are the dtypes of the default feature set (``prepare --feature-dtype mixed``); with ``--feature-dtype
+float16`` every tensor but ``time_ids`` is float16 (:func:`stored_dtypes`).  Readers cast to their compute
+dtype (``fit`` stacks a batch as float32), so both read alike.  :func:`folder_size` measures a folder's bytes
+per sample (``prepare`` prints it on its last line).
+
 Metadata: ``format``, ``version``, ``samples`` (JSON list of ``{"key", "identity", "caption"}`` in row
 order), ``report`` (JSON :class:`~hyperlora.train.filters.FilterReport` of the shard's input slice),
 ``settings`` (JSON of what made it).  A shard whose slice kept nothing holds no tensors (N = 0).
@@ -57,8 +62,22 @@ DTYPES: dict[str, torch.dtype] = {
     "time_ids": torch.float32, "text": torch.float16, "pooled": torch.float16, "text_plain": torch.float16,
     "pooled_plain": torch.float16,
 }
-"""Every tensor of a sample and its stored dtype."""
+"""Every tensor of a sample and its stored dtype (the default feature set, ``feature_dtype`` "mixed")."""
 TENSOR_KEYS: tuple[str, ...] = tuple(DTYPES)
+FEATURE_DTYPES: tuple[str, ...] = ("mixed", "float16")
+"""Stored-dtype sets of ``prepare --feature-dtype``: "mixed" = :data:`DTYPES` (the default); "float16" = every
+tensor float16 but ``time_ids`` (pixel sizes and crop corners, kept float32 so sizes above 2048 stay exact)."""
+
+
+def stored_dtypes(feature_dtype: str = "mixed") -> dict[str, torch.dtype]:
+    """The stored dtype of every sample tensor for a :data:`FEATURE_DTYPES` name; :class:`SettingError` naming
+    the choices for another name."""
+    if feature_dtype == "mixed":
+        return dict(DTYPES)
+    if feature_dtype == "float16":
+        return {k: (torch.float32 if k == "time_ids" else torch.float16) for k in DTYPES}
+    raise SettingError(f"feature_dtype is {feature_dtype!r}; choose one of {', '.join(FEATURE_DTYPES)} "
+                       f"(--feature-dtype of prepare).")
 
 
 def shard_name(index: int) -> str:
@@ -87,9 +106,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_shard(path: str | os.PathLike[str], samples: list[dict[str, Tensor]], meta: list[dict],
-                *, report: FilterReport | None = None, settings: Mapping[str, Any] | None = None) -> None:
+                *, report: FilterReport | None = None, settings: Mapping[str, Any] | None = None,
+                dtypes: Mapping[str, torch.dtype] | None = None) -> None:
     """Stack ``samples`` (each a dict of :data:`TENSOR_KEYS` -> per-sample tensor) into one shard at ``path``,
-    atomically (temporary name, then rename).  ``meta[i]`` = ``{"key", "identity", "caption"}`` of sample i."""
+    atomically (temporary name, then rename).  ``meta[i]`` = ``{"key", "identity", "caption"}`` of sample i.
+    ``dtypes``: the stored dtype per key (:func:`stored_dtypes`; default :data:`DTYPES`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -97,7 +118,7 @@ def write_shard(path: str | os.PathLike[str], samples: list[dict[str, Tensor]], 
         raise ValueError(f"write_shard: {len(samples)} samples but {len(meta)} metadata entries")
     tensors: dict[str, Tensor] = {}
     if samples:
-        for key, dtype in DTYPES.items():
+        for key, dtype in (dtypes or DTYPES).items():
             missing = [i for i, s in enumerate(samples) if key not in s]
             if missing:
                 raise ValueError(f"write_shard: sample {missing[0]} has no {key!r} tensor")
@@ -230,6 +251,62 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
                     dict(data.get("settings", {})))
 
 
+@dataclass
+class FolderSize:
+    """What a shard folder's finished shards take on disk (headers included), and per sample."""
+
+    samples: int
+    file_bytes: int
+    shards: int
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes per sample of each tensor key (from the headers: shape and dtype), for the breakdown."""
+
+    @property
+    def per_sample(self) -> float:
+        """Bytes on disk per sample (0 when there is no sample)."""
+        return self.file_bytes / self.samples if self.samples else 0.0
+
+    def projected(self, samples: int) -> float:
+        """Bytes that ``samples`` samples would take at this folder's size per sample."""
+        return self.per_sample * samples
+
+
+_HEADER_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                       "BOOL": 1}
+
+
+def folder_size(folder: str | os.PathLike[str]) -> FolderSize:
+    """The size of the finished shards of ``folder`` (file sizes, and per-key tensor bytes from the headers)."""
+    from safetensors import safe_open
+
+    total = count = 0
+    per_key: dict[str, int] = {}
+    shards = finished_shards(folder)
+    for path in shards.values():
+        total += path.stat().st_size
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = sl.get_shape()
+                if not shape or shape[0] == 0:
+                    continue
+                if key not in per_key:
+                    row = 1
+                    for d in shape[1:]:
+                        row *= int(d)
+                    per_key[key] = row * _HEADER_DTYPE_BYTES.get(sl.get_dtype(), 4)
+        count += read_shard_info(path).count
+    return FolderSize(samples=count, file_bytes=total, shards=len(shards), tensor_bytes=per_key)
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units with three significant digits (``1.95 MB``, ``8.59 TB``)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def stack_check(samples: Sequence[dict[str, Tensor]]) -> None:
     """Raise ValueError when the samples' tensors cannot be stacked (differing shapes)."""
     for key in TENSOR_KEYS:
@@ -238,5 +315,6 @@ def stack_check(samples: Sequence[dict[str, Tensor]]) -> None:
             raise ValueError(f"samples have different {key} shapes {sorted(shapes)}")
 
 
-__all__ = ["DTYPES", "FORMAT", "MANIFEST", "Manifest", "ShardInfo", "TENSOR_KEYS", "VERSION", "finished_shards",
-           "read_manifest", "read_shard_info", "rebuild_manifest", "shard_index", "shard_name", "write_shard"]
+__all__ = ["DTYPES", "FEATURE_DTYPES", "FORMAT", "FolderSize", "MANIFEST", "Manifest", "ShardInfo", "TENSOR_KEYS",
+           "VERSION", "finished_shards", "folder_size", "human_bytes", "read_manifest", "read_shard_info",
+           "rebuild_manifest", "shard_index", "shard_name", "stored_dtypes", "write_shard"]

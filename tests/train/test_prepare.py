@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperlora.errors import ImageInputError
 from hyperlora.spec import TRIGGER_PREFIX
 from hyperlora.train import prepare as prep
 from hyperlora.train.data import ShardDataset
-from hyperlora.train.shards import read_manifest, shard_name
+from hyperlora.train.filters import FilterReport
+from hyperlora.train.shards import folder_size, human_bytes, read_manifest, shard_name
 from hyperlora.train.toy.sdxl import tiny_sdxl_folder
 from tests.fixtures.antelope import cached_antelopev2, face_image
 from tests.fixtures.clip import make_clip_folder
@@ -269,12 +271,26 @@ def test_cli_main_loads_the_encoders_and_reports(models, data, tmp_path, capsys)
             "--size", "64", "--shard-size", "2", "--no-vit-l14-check"]
     assert prep.main(argv) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line == f"prepare: 2 samples in 2 of 2 shards -> {out}"
+    on_disk = sum(p.stat().st_size for p in out.glob("shard-*.safetensors"))
+    per = on_disk / 2
+    assert line == (f"prepare: 2 samples in 2 of 2 shards -> {out}; {per:.0f} bytes per sample, "
+                    f"{human_bytes(per * 4_400_000)} for 4,400,000 samples")
+    size = folder_size(out)
+    assert size.samples == 2 and size.shards == 2 and size.file_bytes == on_disk
+    # the default feature set at the toy sizes (CLIP width 128, text 64, pooled 32, latents 4 x 8 x 8)
+    assert size.tensor_bytes == {"arcface": 512 * 4, "clip_id": 257 * 128 * 2, "clip_base": 257 * 128 * 2,
+                                 "latents": 4 * 8 * 8 * 4, "time_ids": 6 * 4, "text": 77 * 64 * 2, "pooled": 32 * 2,
+                                 "text_plain": 77 * 64 * 2, "pooled_plain": 32 * 2}
+    assert sum(size.tensor_bytes.values()) == 154_520 < per      # the rest: the shards' JSON headers
     m = read_manifest(out)
     assert m.encoders["aesthetic"] == "none" and m.report["dropped"]["corrupt"] == 1
     assert m.report["dropped"]["plural_caption"] == 1
-    assert prep.main(argv) == 0                    # resumed: nothing to do, same manifest
+    assert prep.main(argv + ["--project-to", "1000"]) == 0       # resumed: nothing to do, same manifest
     assert read_manifest(out).count == 2
+    assert capsys.readouterr().out.strip().endswith(f"; {per:.0f} bytes per sample, {human_bytes(per * 1000)} for "
+                                                    f"1,000 samples")
+    assert prep.main(argv + ["--project-to", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "prepare: --project-to is 0; give a positive number of samples (e.g. 4400000)."
 
 
 def test_default_split_follows_accelerate(monkeypatch):
@@ -375,3 +391,155 @@ def test_two_processes_at_once_union_equals_one_run(models, data, tmp_path):
         for k, v in a.items():
             if isinstance(v, torch.Tensor):
                 assert torch.allclose(v.float(), b[k].float(), atol=1e-3), (a["key"], k)
+
+
+# ----------------------------------------------------------------------------- issue 19: data items
+
+
+def test_crop_plan_moves_the_square_only_as_far_as_the_face_box_needs():
+    # 320 x 128 (h x w) -> resized 160 x 64; the centre square starts at row 48 (rows 96..224 of the photo)
+    assert prep.crop_plan(320, 128, 64) == prep.CropPlan(160, 64, 48, 0, False)
+    assert prep.crop_plan(320, 128, 64, [20, 100, 100, 200]) == prep.CropPlan(160, 64, 48, 0, False)  # inside
+    assert prep.crop_plan(320, 128, 64, [20, 18, 100, 102]) == prep.CropPlan(160, 64, 9, 0, True)     # 9 <= 18/2
+    assert prep.crop_plan(320, 128, 64, [20, 250, 100, 318]) == prep.CropPlan(160, 64, 95, 0, True)   # ends at 159
+    assert prep.crop_plan(320, 128, 64, [20, -30, 100, 60]) == prep.CropPlan(160, 64, 0, 0, True)     # clipped box
+    assert prep.crop_plan(320, 128, 64, [0, 40, 128, 170]) is None          # 130 px > the 128 px the square shows
+    assert prep.crop_plan(128, 320, 64, [250, 20, 318, 100]) == prep.CropPlan(64, 160, 0, 95, True)   # landscape
+    with pytest.raises(ImageInputError, match="longer than a 64 px square crop"):
+        prep.training_crop(np.zeros((320, 128, 3), np.uint8), 64, [0, 40, 128, 170])
+
+
+def test_the_training_crop_keeps_a_face_near_the_edge(models, tmp_path):
+    """A tall photo whose face is near the top: the centre crop would cut it (rows 96..224 of 320, face 18..102);
+    prepare moves the square up to keep the detected face box, records the corner in the time ids and counts it;
+    a face longer than the square is dropped and counted as face_cut; a centred face keeps the centre crop."""
+    from hyperlora.pipeline import find_faces_scaled
+
+    cfg, enc = models
+    root = tmp_path / "people"
+    near_top = face_image((320, 128), [(64, 60, 84)], seeds=[21])
+    centred = face_image((320, 128), [(64, 160, 84)], seeds=[22])
+    too_long = face_image((400, 140), [(70, 200, 150)], seeds=[23])
+    _put(root / "p", "near_top", near_top, "a photo of a person")
+    _put(root / "p", "centred", centred, "a photo of a person")
+    _put(root / "p", "too_long", too_long, "a photo of a person")
+    out = tmp_path / "s"
+    prep.prepare([root], out, cfg, encoders=enc, show_progress=False)
+    m = read_manifest(out)
+    assert m.report["kept"] == 2 and m.report["dropped"]["face_cut"] == 1 and m.report["crop_moved"] == 1
+    ds = ShardDataset(out)
+    item = {ds.meta(i)["key"]: ds[i] for i in range(len(ds))}
+    [face] = find_faces_scaled(enc.analyzer, near_top, det_size=cfg.det_size)
+    x1, y1, x2, y2 = face.bbox
+    assert y1 < 96 and 0 < y1 < y2 < 128                   # the centre crop would cut it; the moved one holds it
+    top = item["people/p/near_top"]["time_ids"].tolist()[2]
+    assert top == np.floor(y1 / 2) and top < 48              # moved up just enough (resized pixels: half)
+    crop, tids = prep.training_crop(near_top, SIZE, face.bbox)
+    assert tids == [320.0, 128.0, top, 0.0, 64.0, 64.0]
+    assert torch.allclose(item["people/p/near_top"]["latents"], prep.encode_latents(enc.vae, [crop])[0], atol=1e-3)
+    assert item["people/p/centred"]["time_ids"].tolist() == [320.0, 128.0, 48.0, 0.0, 64.0, 64.0]   # the centre
+    [big] = find_faces_scaled(enc.analyzer, too_long, det_size=cfg.det_size)
+    assert (big.bbox[3] - big.bbox[1]) > 140                # longer than the photo's width: no square holds it
+    lines = FilterReport.from_dict(m.report).lines()
+    assert "  dropped      1: face box longer than the square training crop (the crop would cut the face)" in lines
+    assert lines[-1] == "  kept         1 with the training crop moved off the centre to keep the face"
+
+
+def test_float16_features_are_smaller_and_fit_reads_them(models, data, one_run, tmp_path):
+    """--feature-dtype float16: every tensor but the time ids stored float16 (the same values as the default
+    shards, rounded), 1,536 bytes less per sample at the toy sizes; recorded in the settings (a resume with
+    the other set is refused); fit reads both (float32 batches) and trains alike."""
+    import copy
+    import dataclasses
+
+    from hyperlora.errors import SettingError
+    from hyperlora.train.fit import collate, fit
+    from hyperlora.train.toy.sdxl import tiny_unet
+
+    from .test_fit import scheduler, toy_config
+
+    cfg, enc = models
+    root, tar_path = data
+    mixed_out = one_run[0]
+    out = tmp_path / "f16"
+    prep.prepare([root, tar_path], out, dataclasses.replace(cfg, feature_dtype="float16"), encoders=enc,
+                 show_progress=False)
+    assert read_manifest(out).settings["feature_dtype"] == "float16"
+    assert "feature_dtype" not in read_manifest(mixed_out).settings            # the default: as before
+    a, b = ShardDataset(mixed_out), ShardDataset(out)
+    assert len(a) == len(b) == 6
+    for i in range(len(a)):
+        for k, v in a[i].items():
+            if isinstance(v, torch.Tensor):
+                want = torch.float32 if k == "time_ids" else torch.float16
+                assert b[i][k].dtype == want and torch.equal(b[i][k], v.to(want)), k
+    small, big = folder_size(out), folder_size(mixed_out)
+    assert sum(big.tensor_bytes.values()) - sum(small.tensor_bytes.values()) == 512 * 2 + 4 * 8 * 8 * 2
+    assert small.tensor_bytes["arcface"] == 1024 and small.tensor_bytes["latents"] == 512
+
+    batch = collate([b[0], a[1]], torch.device("cpu"))                      # the two sets mix too
+    assert all(t.dtype == torch.float32 for t in batch.values())
+    assert torch.equal(batch["latents"][0], a[0]["latents"].half().float())
+    unet = tiny_unet(seed=0).requires_grad_(False).eval()
+    trained = {}
+    for name, folder in (("mixed", mixed_out), ("f16", out)):
+        run_cfg = toy_config(tmp_path / name, stages=[{"stage": 2, "steps": 1}], checkpoint_every=0)
+        run_cfg.shards = [str(folder)]
+        res = fit(run_cfg, unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+        assert res.steps == 1 and all(0 < v < 1e3 for v in res.last_losses.values())
+        trained[name] = res.last_losses
+    assert trained["f16"].keys() == trained["mixed"].keys()
+    for s, v in trained["mixed"].items():
+        assert trained["f16"][s] == pytest.approx(v, rel=1e-2)
+    with pytest.raises(SettingError, match="feature_dtype"):
+        prep.prepare([root, tar_path], mixed_out, dataclasses.replace(cfg, feature_dtype="float16"), encoders=enc,
+                     show_progress=False)
+    with pytest.raises(SettingError, match="feature_dtype"):
+        prep.prepare([root], tmp_path / "x", dataclasses.replace(cfg, feature_dtype="int8"), encoders=enc)
+
+
+def test_base_crop_follows_the_spec_and_is_configurable(models, tmp_path, capsys):
+    """The Base branch's CLIP features are those of format §6's Base crop: the blurred face cut around the face
+    box with per-side scales (1,1,1,1 by default, as released); --base-scales changes that crop only."""
+    import dataclasses
+
+    from hyperlora.errors import SettingError
+    from hyperlora.faces import preprocess as pp
+    from hyperlora.pipeline import extract_conditions, find_faces_scaled
+
+    cfg, enc = models
+    root = tmp_path / "people"
+    image = face_image((SIDE, 260), [(110, 84, 70)], seeds=[31])
+    _put(root / "p", "one", image, "a photo of a person")
+    items = {}
+    for name, scales in (("default", prep.DEFAULT_BASE_SCALES), ("wide", (2.0, 2.5, 1.0, 3.0))):
+        prep.prepare([root], tmp_path / name, dataclasses.replace(cfg, base_scales=scales), encoders=enc,
+                     show_progress=False)
+        items[name] = ShardDataset(tmp_path / name)[0]
+    assert "base_scales" not in read_manifest(tmp_path / "default").settings
+    assert read_manifest(tmp_path / "wide").settings["base_scales"] == [2.0, 2.5, 1.0, 3.0]
+    [face] = find_faces_scaled(enc.analyzer, image, det_size=cfg.det_size)
+    for name, scales in (("default", (1.0, 1.0, 1.0, 1.0)), ("wide", (2.0, 2.5, 1.0, 3.0))):
+        crop = pp.base_crop(image, face.landmarks_106, scales)
+        ref = extract_conditions([image], analyzer=enc.analyzer, clip=enc.clip, need_id=True, need_clip=True,
+                                 need_base=True, base_scales=scales, use_cache=False)
+        assert np.array_equal(ref.base_crops[0], crop)                    # the spec's crop is what CLIP saw
+        assert torch.equal(items[name]["clip_base"], ref.base_clip_features[0].half()), name
+    wide_crop = pp.base_crop(image, face.landmarks_106, (2.0, 2.5, 1.0, 3.0))
+    assert wide_crop.shape[0] > pp.base_crop(image, face.landmarks_106).shape[0]
+    assert not torch.equal(items["default"]["clip_base"], items["wide"]["clip_base"])
+    for k in ("arcface", "clip_id", "latents", "text"):                   # nothing else changes
+        assert torch.equal(items["default"][k], items["wide"][k]), k
+    with pytest.raises(SettingError, match="--base-scales"):
+        prep.prepare([root], tmp_path / "bad", dataclasses.replace(cfg, base_scales=(1.0, -1.0, 1.0, 1.0)),
+                     encoders=enc)
+    assert prep.main(["--input", str(root), "--out", str(tmp_path / "o"), "--sdxl", str(cfg.sdxl), "--clip",
+                      str(cfg.clip), "--antelope", str(cfg.antelope), "--base-scales", "1,2"]) == 2
+    assert capsys.readouterr().err.startswith("prepare: --base-scales (base_scales) is '1,2'; give four ")
+
+
+def test_help_states_the_aesthetic_default():
+    text = " ".join(prep.build_parser().format_help().split())
+    assert "'none' (the default: the filter is OFF and every score passes)" in text
+    assert "(default: none)" in text and "(default: 5.5)" in text and "(default: mixed)" in text
+    assert "(default: 1,1,1,1)" in text and "(default: 4400000)" in text

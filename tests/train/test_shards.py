@@ -161,3 +161,29 @@ def test_sample_identities_and_other_photos(folder):
     g = torch.Generator().manual_seed(1)
     drawn = [many.pick(3, g) for _ in range(400)]
     assert set(drawn) == {0, 1, 2, 4} and min(drawn.count(k) for k in (0, 1, 2, 4)) > 60
+
+
+@pytest.mark.parametrize("feature_dtype, tensor_bytes", [("mixed", 1_952_792), ("float16", 1_820_696)])
+def test_bytes_per_sample_at_sdxl_sizes(tmp_path, feature_dtype: str, tensor_bytes: int) -> None:
+    """The figure docs/training.md states: one sample at SDXL's sizes (1024 px latents 4 x 128 x 128, CLIP
+    ViT-L/14 257 x 1024, text 77 x 2048, pooled 1280), measured on a written shard."""
+    sample = {"arcface": torch.zeros(512), "clip_id": torch.zeros(257, 1024), "clip_base": torch.zeros(257, 1024),
+              "latents": torch.zeros(4, 128, 128), "time_ids": torch.zeros(6), "text": torch.zeros(77, 2048),
+              "pooled": torch.zeros(1280), "text_plain": torch.zeros(77, 2048), "pooled_plain": torch.zeros(1280)}
+    shards.write_shard(tmp_path / shards.shard_name(0), [sample, sample], [_meta(0, "a"), _meta(1, "a")],
+                       settings={"size": 1024}, dtypes=shards.stored_dtypes(feature_dtype))
+    size = shards.folder_size(tmp_path)
+    assert size.samples == 2 and size.shards == 1
+    assert sum(size.tensor_bytes.values()) == tensor_bytes
+    assert size.tensor_bytes["text"] + size.tensor_bytes["text_plain"] + 2 * size.tensor_bytes["pooled"] == 635_904
+    assert tensor_bytes < size.per_sample < tensor_bytes + 1000           # plus its share of the JSON header
+    assert shards.human_bytes(size.projected(4_400_000)) == ("8.59 TB" if feature_dtype == "mixed" else "8.01 TB")
+
+
+def test_stored_dtypes_and_human_bytes() -> None:
+    assert shards.stored_dtypes() == shards.DTYPES
+    f16 = shards.stored_dtypes("float16")
+    assert f16["time_ids"] == torch.float32 and {v for k, v in f16.items() if k != "time_ids"} == {torch.float16}
+    with pytest.raises(SettingError, match="choose one of mixed, float16"):
+        shards.stored_dtypes("float32")
+    assert [shards.human_bytes(n) for n in (999, 1_000, 1_952_978, 8.593e12)] == ["999 B", "1 kB", "1.95 MB", "8.59 TB"]
