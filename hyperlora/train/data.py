@@ -10,7 +10,7 @@ reopen them).
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,4 +146,21 @@ class OtherPhotos:
         return out
 
 
-__all__ = ["OtherPhotos", "ShardDataset", "sample_identities"]
+SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
+               "pooled_plain")
+"""The per-sample tensors fit reads from a shard (:data:`hyperlora.train.shards.TENSOR_KEYS` lists what is stored)."""
+
+
+def collate(samples: Sequence[Mapping[str, Any]], device: torch.device,
+            keys: Sequence[str] = SAMPLE_KEYS) -> dict[str, Tensor]:
+    """Stack the per-sample tensors ``keys`` (float32, on ``device``): ``{key: [N, ...]}``; strings are dropped."""
+    out: dict[str, Tensor] = {}
+    for key in keys:
+        if key not in samples[0]:
+            raise SettingError(f"training samples lack '{key}'; the shards were not written by "
+                               f"'python -m hyperlora.train prepare' (format in docs/training.md).")
+        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device=device, dtype=torch.float32)
+    return out
+
+
+__all__ = ["OtherPhotos", "SAMPLE_KEYS", "ShardDataset", "collate", "sample_identities"]

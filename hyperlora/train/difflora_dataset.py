@@ -75,6 +75,7 @@ from ..errors import HyperLoRAError, SettingError, check_folder_option, run_comm
 from ..lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, LoraDict
 from ..lora_functional import LoraTerm, applied, diffusers_lora_targets
 from .difflora_fit import MIF_SUFFIX, save_mif_file
+from .data import collate
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +354,7 @@ def is_done(out: Path, name: str, cfg: DatasetConfig, manifest: Mapping[str, Any
 def _collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
     """Shard items -> float32 stacks: latents ``[N, 4, h, w]``, time_ids ``[N, 6]``, text ``[N, 77, C]``, pooled
     ``[N, P]``, arcface ``[N, 512]``, clip_id ``[N, L, E]``."""
-    keys = ("latents", "time_ids", "text", "pooled", "arcface", "clip_id")
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).float() for k in keys}
+    return collate(samples, torch.device("cpu"), keys=("latents", "time_ids", "text", "pooled", "arcface", "clip_id"))
 
 
 def random_start(targets: Mapping[str, nn.Linear], rank: int, seed: int) -> dict[str, tuple[Tensor, Tensor]]:

@@ -73,6 +73,7 @@ from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targ
 from ..spec import LoraModuleSpec
 from . import engine, monitor
 from .config import SCENARIOS, FitConfig, check_init_from, tracker_list
+from .data import SAMPLE_KEYS, collate
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
@@ -87,8 +88,6 @@ RESUME_FREE_KEYS = frozenset({"out", "max_steps", "checkpoint_every", "keep_chec
                               "num_workers", "trackers", "validation_shards", "validation_every", "validation_samples"})
 """Config keys a resumed run may change: where and how long it runs, how often it saves, what it reports;
 nothing it learns."""
-SAMPLE_KEYS = ("arcface", "clip_id", "clip_base", "latents", "time_ids", "text", "pooled", "text_plain",
-               "pooled_plain")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -185,17 +184,6 @@ class PlanSampler:
 
 def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(items)
-
-
-def collate(samples: Sequence[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
-    """Stack the per-sample tensors (float32, on ``device``); ``identity`` strings are dropped."""
-    out: dict[str, Tensor] = {}
-    for key in SAMPLE_KEYS:
-        if key not in samples[0]:
-            raise SettingError(f"training samples lack '{key}'; the shards were not written by "
-                               f"'python -m hyperlora.train prepare' (format in docs/training.md).")
-        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device=device, dtype=torch.float32)
-    return out
 
 
 def open_dataset(cfg: FitConfig) -> torch.utils.data.Dataset:

@@ -201,7 +201,7 @@ class Validation:
         """Mean loss per scenario of ``stage`` over the validation samples, the generator ``net`` (unwrapped)
         making the LoRAs; ``trainer`` is fit's :class:`~hyperlora.train.fit.Trainer`.  Every process calls it."""
         from . import engine
-        from .fit import collate
+        from .data import collate
 
         bs = self.cfg.batch_size
         sums: dict[str, list[float]] = {}
