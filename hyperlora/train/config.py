@@ -15,7 +15,7 @@ Example (the paper's schedule; every key but ``base_model``, ``shards`` and ``ou
       "gradient_checkpointing": true, "checkpoint_every": 1000, "sample_every": 0, "seed": 0
     }
 
-Stages (see :mod:`hyperlora.train.fit`): ``1`` Base-LoRA only, ``2`` ID-LoRA from CLIP features,
+Stages (see :mod:`hyperlora.train.stages`): ``1`` Base-LoRA only, ``2`` ID-LoRA from CLIP features,
 ``3`` ArcFace tokens added.  A stage may name the parts it trains (``"train": [...]``, names from
 :data:`hyperlora.train.hypernet.PARTS`); the defaults are :data:`STAGE_PARTS`.
 Scenarios (each its own loss term, drawn per sample with these probabilities in stages 2 and 3):
@@ -50,17 +50,14 @@ from ..errors import SettingError
 from ..spec import (DEFAULT_HEADS, RELEASED_BASE_RANK, RELEASED_DIM_HEAD, RELEASED_FF_MULT, RELEASED_HYPER_DIM,
                     RELEASED_ID_TOKENS, RELEASED_RANK, RELEASED_RESAMPLER_DEPTH, RELEASED_RESAMPLER_DIM)
 from .hypernet import PARTS
+from .stages import DISTILL, NUMBERED, SCENARIOS
 
 log = logging.getLogger(__name__)
 
-STAGE_PARTS: dict[int, tuple[str, ...]] = {
-    1: ("base_resampler", "base_basis"),
-    2: ("clip_branch", "resampler_core", "id_basis"),
-    3: ("id_projector", "arcface_branch", "resampler_core", "id_basis"),
-}
-"""What each paper stage trains by default (everything else, the UNet included, is frozen)."""
-DISTILL_PARTS = ("id_projector", "arcface_branch", "clip_branch", "resampler_core", "id_basis")
-SCENARIOS = ("recon", "id_only", "base_id")
+STAGE_PARTS: dict[int, tuple[str, ...]] = {n: s.parts for n, s in NUMBERED.items()}
+"""What each paper stage trains by default (everything else, the UNet included, is frozen); read from the stage
+objects of :mod:`hyperlora.train.stages`."""
+DISTILL_PARTS = DISTILL.parts
 PAPER_STAGES = ((1, 20000), (2, 15000), (3, 55000))
 MIXED_PRECISION = ("no", "bf16")
 ID_PHOTO = ("same", "other")
@@ -142,9 +139,9 @@ class FitConfig:
 
     def schedule(self) -> list[tuple[str, int, tuple[str, ...]]]:
         """``[(stage name, steps, parts), ...]`` in order; the distil stage is named ``"distill"``."""
-        out = [(str(s.stage), s.steps, s.parts) for s in self.stages if s.steps > 0]
+        out = [(NUMBERED[s.stage].name, s.steps, s.parts) for s in self.stages if s.steps > 0]
         if self.distill_base > 0 and self.distill_steps > 0:
-            out.append(("distill", self.distill_steps, DISTILL_PARTS))
+            out.append((DISTILL.name, self.distill_steps, DISTILL.parts))
         return out
 
     def stage_at(self, step: int) -> tuple[str, tuple[str, ...]]:
@@ -365,8 +362,9 @@ def _stages(raw: Any, where: str) -> list[StageConfig]:
             raise SettingError(f"{w} must be an object like {{\"stage\": 2, \"steps\": 15000}}.")
         _unknown(s, ["stage", "steps", "train"], w)
         if s.get("stage") not in STAGE_PARTS:
-            raise SettingError(f"{w}: 'stage' is {s.get('stage')!r}; use 1 (Base-LoRA), 2 (ID from CLIP) or "
-                               f"3 (ArcFace added).")
+            choices = [f"{n} ({st.title})" for n, st in NUMBERED.items()]
+            raise SettingError(f"{w}: 'stage' is {s.get('stage')!r}; use {', '.join(choices[:-1])} or "
+                               f"{choices[-1]}.")
         if "steps" not in s:
             raise SettingError(f"{w}: 'steps' is missing; give the number of optimizer steps of this stage.")
         steps = _int(s, "steps", w, lo=0)

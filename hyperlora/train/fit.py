@@ -72,11 +72,12 @@ from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error
 from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
 from ..spec import LoraModuleSpec
 from . import engine, monitor
-from .config import SCENARIOS, FitConfig, check_init_from, tracker_list
+from .config import FitConfig, check_init_from, tracker_list
 from .data import SAMPLE_KEYS, collate
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
+from .stages import LOSS_NAMES, stage_named
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,18 @@ class Trainer:
         self.teacher: TrainableHyperLoRA | None = None
         self.generator_context = engine.generator_precision(gen)   # fp32 bases: autocast off (no bf16 copies)
 
-    def _generate(self, net: nn.Module, *args: Any, **kw: Any) -> tuple[Any, Any]:
+    @property
+    def distill_base(self) -> float:
+        """The fraction of the teacher's Base-LoRA the distil stage's target adds (``cfg.distill_base``)."""
+        return self.cfg.distill_base
+
+    def generate(self, net: nn.Module, *args: Any, **kw: Any) -> tuple[Any, Any]:
+        """``net(*args, **kw)``: the (ID, Base) factors, with autocast off for fp32 bases."""
         with self.generator_context():
             return net(*args, **kw)
 
-    def _unet(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
+        """The frozen UNet's noise prediction ``[B, 4, h, w]`` in float32 (inputs cast to its dtype)."""
         dtype = next(self.unet.parameters()).dtype
         out = self.unet(x.to(dtype), t, encoder_hidden_states=text.to(dtype),
                         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
@@ -231,71 +239,30 @@ class Trainer:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, t.to(x0.device)
 
     def scenarios(self, stage: str, b: int, gen: torch.Generator) -> list[str]:
-        if stage == "1":
-            return ["base"] * b
-        if stage == "distill":
-            return ["distill"] * b
-        probs = torch.tensor([self.cfg.scenarios[s] for s in SCENARIOS], dtype=torch.float64)
-        idx = torch.multinomial(probs, b, replacement=True, generator=gen)
-        return [SCENARIOS[i] for i in idx.tolist()]
+        """The scenarios of ``b`` samples in ``stage``, drawn from ``gen`` (:meth:`Stage.draw`)."""
+        return stage_named(stage).draw(b, self.cfg.scenarios, gen)
 
     def loss(self, stage: str, batch: dict[str, Tensor], gen: torch.Generator,
              backward: Callable[[Tensor], None], *, scenario: str | None = None,
              net: nn.Module | None = None) -> dict[str, tuple[float, int]]:
         """One micro-batch: forward, ``backward(loss)`` inside the LoRA context; returns per-scenario (sum, n).
 
+        What the pass compares is the stage's (:meth:`hyperlora.train.stages.Stage.inputs`); the loss is the
+        mean over the batch of ``scenario_weights[s_i] x`` the per-sample MSE (:func:`engine.weighted_loss`).
         ``scenario`` (stages 2 and 3) gives every sample that scenario instead of drawing them; ``net`` makes the
         LoRAs instead of the (possibly wrapped) training model: the validation passes both
         (:class:`hyperlora.train.monitor.Validation`)."""
+        st = stage_named(stage)
         noisy, noise, t = self.noise(batch, gen)
         b = noisy.shape[0]
-        scen = self.scenarios(stage, b, gen) if scenario is None or stage in ("1", "distill") else [scenario] * b
+        scen = st.draw(b, self.cfg.scenarios, gen, given=scenario)
         dev = noisy.device
         mask = {s: torch.tensor([x == s for x in scen], device=dev) for s in set(scen)}
-        g = self.generator
         model = self.model if net is None else net
-        if stage == "1":
-            _, basef = self._generate(model, None, None, batch["clip_base"], want_id=False, want_base=True)
-            terms = [LoraTerm(basef, LORA_SCALE)]
-            text, pooled, target = batch["text"], batch["pooled"], noise
-        elif stage == "distill":
-            if self.teacher is None:
-                raise RuntimeError("distil stage without a teacher")
-            with torch.no_grad():
-                t_id, t_base = self._generate(self.teacher, batch["arcface"], batch["clip_id"], batch["clip_base"])
-                with applied(self.targets, [LoraTerm(t_id, LORA_SCALE),
-                                            LoraTerm(t_base, LORA_SCALE * self.cfg.distill_base)]):
-                    target = self._unet(noisy, t, batch["text"], batch["pooled"], batch["time_ids"])
-            idf, _ = self._generate(model, batch["arcface"], batch["clip_id"], None, want_id=True,
-                                     want_base=False)
-            terms = [LoraTerm(idf, LORA_SCALE)]
-            text, pooled = batch["text"], batch["pooled"]
-        else:
-            arc = batch["arcface"] if stage == "3" else None
-            has_base = g.has_base
-            idf, basef = self._generate(model, arc, batch["clip_id"], batch["clip_base"] if has_base else None,
-                                         want_id=True, want_base=has_base, base_grad=False)
-            recon = mask.get("recon", torch.zeros(b, dtype=torch.bool, device=dev))
-            sel = recon.view(-1, 1, 1)
-            text = torch.where(sel, batch["text"], batch["text_plain"])
-            pooled = torch.where(recon.view(-1, 1), batch["pooled"], batch["pooled_plain"])
-            target = noise
-            if not bool(recon.all()):
-                with torch.no_grad():
-                    if basef is not None:
-                        bscale = LORA_SCALE * mask.get("base_id", torch.zeros(b, dtype=torch.bool, device=dev)).float()
-                        with applied(self.targets, [LoraTerm(basef, bscale)]):
-                            teacher = self._unet(noisy, t, text, pooled, batch["time_ids"])
-                    else:
-                        teacher = self._unet(noisy, t, text, pooled, batch["time_ids"])
-                target = torch.where(recon.view(-1, 1, 1, 1), noise, teacher)
-            terms = [LoraTerm(idf, LORA_SCALE)]
-            if basef is not None:
-                terms.append(LoraTerm(basef, LORA_SCALE * (~mask.get("id_only", torch.zeros(b, dtype=torch.bool,
-                                                                                            device=dev))).float()))
-        with applied(self.targets, terms):
-            pred = self._unet(noisy, t, text, pooled, batch["time_ids"])
-            per = F.mse_loss(pred, target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))  # [B]
+        inp = st.inputs(self, model, batch, noisy, noise, t, mask)
+        with applied(self.targets, inp.terms):
+            pred = self.predict(noisy, t, inp.text, inp.pooled, batch["time_ids"])
+            per = F.mse_loss(pred, inp.target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))  # [B]
             # mean over the batch of weight x per-sample loss: scenario weights independent of the batch size
             total = engine.weighted_loss(per, scen, self.cfg.scenario_weights)
             out = {s: (float(per[m].detach().sum()), int(m.sum())) for s, m in mask.items()}
@@ -534,7 +501,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     with _StopFlag() as stop:
         while step < total:
             stage, parts = cfg.stage_at(step)
-            if stage == "distill" and trainer.teacher is None:
+            if stage_named(stage).uses_teacher and trainer.teacher is None:
                 trainer.teacher = engine.plain_copy(gen_model)   # gathered on every process (FSDP2), no deepcopy
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
             trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
@@ -563,12 +530,12 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                     acc[0] += v
                     acc[1] += n
             step += 1
-            if stage == "distill" and step >= full_length:
+            if stage_named(stage).uses_teacher and step >= full_length:
                 gen_model.distilled_base = cfg.distill_base      # the whole distil stage ran
             if accel.num_processes > 1:
                 # scenario sets differ between processes: reduce a fixed layout
-                full = torch.zeros(2 * (len(SCENARIOS) + 2), dtype=torch.float64, device=device)
-                keys = list(SCENARIOS) + ["base", "distill"]
+                full = torch.zeros(2 * len(LOSS_NAMES), dtype=torch.float64, device=device)
+                keys = list(LOSS_NAMES)
                 for s, (v, n) in sums.items():
                     full[2 * keys.index(s)] = v
                     full[2 * keys.index(s) + 1] = n

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DependencyError, SettingError
-from .config import SCENARIOS, FitConfig
+from .config import FitConfig
+from .stages import stage_named
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,7 @@ class Validation:
 
     def scenarios(self, stage: str) -> list[str]:
         """The scenarios whose loss a validation in ``stage`` reports."""
-        if stage == "1":
-            return ["base"]
-        if stage == "distill":
-            return ["distill"]
-        return [s for s in SCENARIOS if self.cfg.scenarios.get(s, 0.0) > 0]
+        return stage_named(stage).validation_scenarios(self.cfg.scenarios)
 
     @torch.no_grad()
     def run(self, trainer: Any, stage: str, net: nn.Module, *, device: torch.device,
