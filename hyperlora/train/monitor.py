@@ -196,7 +196,7 @@ class Validation:
     def run(self, trainer: Any, stage: str, net: nn.Module, *, device: torch.device,
             autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, float]:
         """Mean loss per scenario of ``stage`` over the validation samples, the generator ``net`` (unwrapped)
-        making the LoRAs; ``trainer`` is fit's :class:`~hyperlora.train.fit.Trainer`.  Every process calls it."""
+        making the LoRAs; ``trainer`` is fit's :class:`~hyperlora.train.trainer.Trainer`.  Every process calls it."""
         from . import engine
         from .data import collate
 
