@@ -5,12 +5,16 @@ dtypes) plus ``"identity"``, ``"key"`` and ``"caption"`` strings; ``torch.utils.
 batches them.  Tensors are read row by row through ``safetensors.safe_open`` (memory-mapped), so a
 dataset of any size costs only its index in memory; open files are per process (DataLoader workers
 reopen them).
+
+``fit``'s batches: :class:`BatchPlan` maps micro-batch ``m`` of a process to dataset indices (a permutation
+per epoch seeded by ``(seed, epoch)``), :class:`PlanSampler` feeds that plan to a ``DataLoader`` from any
+micro-batch (resume), and :func:`collate` stacks a batch's tensors: ``{key: [B, ...]}`` float32.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,4 +167,55 @@ def collate(samples: Sequence[Mapping[str, Any]], device: torch.device,
     return out
 
 
-__all__ = ["OtherPhotos", "SAMPLE_KEYS", "ShardDataset", "collate", "sample_identities"]
+class BatchPlan:
+    """Deterministic batches: micro-batch ``m`` of process ``rank`` -> dataset indices.
+
+    Each epoch is a permutation seeded by ``(seed, epoch)``; the global batch of ``batch x world``
+    indices is cut into one slice per process; incomplete global batches at the end of an epoch are
+    dropped.  A function of ``m`` alone, so resuming needs nothing but the micro-batch counter.
+    """
+
+    def __init__(self, n: int, batch: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch < 1:
+            raise SettingError(f"the shards hold {n} samples, fewer than one global batch ({batch} x {world} "
+                               f"processes); lower 'batch_size' or prepare more data.")
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self._cache: tuple[int, list[int]] | None = None
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
+        start = (j * self.world + self.rank) * self.batch
+        return self._cache[1][start:start + self.batch]
+
+
+class PlanSampler:
+    """An endless batch sampler over :class:`BatchPlan` from micro-batch ``start`` (for ``DataLoader``)."""
+
+    def __init__(self, plan: BatchPlan, start: int) -> None:
+        self.plan, self.start = plan, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        m = self.start
+        while True:
+            yield self.plan.indices(m)
+            m += 1
+
+
+def sample_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The DataLoader's ``collate_fn`` of ``fit``: the samples as they are (a list; :func:`collate` stacks them
+    later, after ``id_photo`` "other" has swapped features)."""
+    return list(items)
+
+
+def open_dataset(shards: Sequence[str], identities: Collection[str] | None = None) -> torch.utils.data.Dataset:
+    """The samples of the shard folders ``shards`` (of ``identities`` only, when given), one dataset over all."""
+    parts = [ShardDataset(Path(s), identities=identities) for s in shards]
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+__all__ = ["BatchPlan", "OtherPhotos", "PlanSampler", "SAMPLE_KEYS", "ShardDataset", "collate", "open_dataset",
+           "sample_identities", "sample_list"]

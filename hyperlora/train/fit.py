@@ -72,7 +72,7 @@ from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targ
 from ..spec import LoraModuleSpec
 from . import engine, monitor
 from .config import FitConfig, check_init_from, tracker_list
-from .data import SAMPLE_KEYS, collate
+from .data import BatchPlan, PlanSampler, collate, open_dataset, sample_list
 from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
@@ -140,58 +140,6 @@ class FitResult:
     last_losses: dict[str, float]
     main_process: bool = True
     """False in the other processes of a multi-process run (only the main one reports)."""
-
-
-# --------------------------------------------------------------------------------- data
-
-
-class BatchPlan:
-    """Deterministic batches: micro-batch ``m`` of process ``rank`` -> dataset indices.
-
-    Each epoch is a permutation seeded by ``(seed, epoch)``; the global batch of ``batch x world``
-    indices is cut into one slice per process; incomplete global batches at the end of an epoch are
-    dropped.  A function of ``m`` alone, so resuming needs nothing but the micro-batch counter.
-    """
-
-    def __init__(self, n: int, batch: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.per_epoch = n // (batch * world)
-        if self.per_epoch < 1:
-            raise SettingError(f"the shards hold {n} samples, fewer than one global batch ({batch} x {world} "
-                               f"processes); lower 'batch_size' or prepare more data.")
-        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
-        self._cache: tuple[int, list[int]] | None = None
-
-    def indices(self, m: int) -> list[int]:
-        epoch, j = divmod(m, self.per_epoch)
-        if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cache = (epoch, torch.randperm(self.n, generator=g).tolist())
-        start = (j * self.world + self.rank) * self.batch
-        return self._cache[1][start:start + self.batch]
-
-
-class PlanSampler:
-    """An endless batch sampler over :class:`BatchPlan` from micro-batch ``start`` (for ``DataLoader``)."""
-
-    def __init__(self, plan: BatchPlan, start: int) -> None:
-        self.plan, self.start = plan, start
-
-    def __iter__(self):  # noqa: ANN204 - an iterator of index lists
-        m = self.start
-        while True:
-            yield self.plan.indices(m)
-            m += 1
-
-
-def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return list(items)
-
-
-def open_dataset(cfg: FitConfig) -> torch.utils.data.Dataset:
-    from .data import ShardDataset
-
-    parts = [ShardDataset(Path(s), identities=cfg.identities) for s in cfg.shards]
-    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
 # --------------------------------------------------------------------------------- run folder
@@ -326,7 +274,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
 
         noise_scheduler = load_noise_scheduler(Path(cfg.base_model))
     if dataset is None:
-        dataset = open_dataset(cfg)
+        dataset = open_dataset(cfg.shards, cfg.identities)
     if len(dataset) == 0:
         raise SettingError(f"the shards {cfg.shards} hold no samples; run prepare (or check 'identities').")
     clip_dim = int(torch.as_tensor(dataset[0]["clip_id"]).shape[-1])
@@ -416,7 +364,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                         "ID features", other_photos.singletons, len(dataset))
     # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=PlanSampler(plan, micro), num_workers=cfg.num_workers,
-                                         collate_fn=_as_list)
+                                         collate_fn=sample_list)
     batches = iter(loader)
     stage, parts = cfg.stage_at(step)
     last: dict[str, float] = {}
