@@ -49,18 +49,12 @@ monitoring (:mod:`hyperlora.train.monitor`) also ``validation.csv`` and ``tensor
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
 import os
-import shutil
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,119 +67,18 @@ from ..spec import LoraModuleSpec
 from . import engine, monitor
 from .config import FitConfig, check_init_from, tracker_list
 from .data import BatchPlan, PlanSampler, collate, open_dataset, sample_list
-from .export import (GENERATOR_FILE, STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
+from .export import (STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
 from .hypernet import TrainableHyperLoRA, unet_modules
+from .run_folder import (LOSS_CSV, RESUME_FREE_KEYS, FitResult, StopFlag, check_resume_config, load_teacher,
+                         save_checkpoint, truncate_csv, write_loss_rows)
 from .stages import LOSS_NAMES, stage_named
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-TEACHER_FILE = "distill_teacher.safetensors"
-CSV_HEADER = ("step", "stage", "scenario", "loss", "lr")
 OTHER_PHOTO_SEED = 500_009
 """Offset of the generator that picks the other photos (``id_photo`` "other"), apart from the noise's."""
-RESUME_FREE_KEYS = frozenset({"out", "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every",
-                              "num_workers", "trackers", "validation_shards", "validation_every", "validation_samples"})
-"""Config keys a resumed run may change: where and how long it runs, how often it saves, what it reports;
-nothing it learns."""
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"rank": 8}}`` -> ``{"model.rank": 8}`` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "scenarios" and k != "scenario_weights":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_config(run: Path, cfg: FitConfig) -> None:
-    """Refuse to resume the run in ``run`` with a config that differs from the one it was started with
-    (``run/config.json``) in a key outside :data:`RESUME_FREE_KEYS`: the checkpoint holds a generator built and
-    trained with the old values, and continuing would export it under the new ones.  Raises
-    :class:`SettingError` naming each key with both values, and the fixes."""
-    path = run / "config.json"
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SettingError(f"'{path}' (the config the run was started with) is unreadable ({exc}), so resuming its "
-                           f"checkpoint cannot be checked; give a new --out, or --no-resume to start over in "
-                           f"'{run}'.") from exc
-    before, now = _flat(old), _flat(cfg.to_json())
-    changed = sorted(k for k in before.keys() | now.keys()
-                     if k.split(".")[0] not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
-    if changed:
-        what = "; ".join(f"{k}: {json.dumps(before.get(k))} in the run, {json.dumps(now.get(k))} now" for k in changed)
-        raise SettingError(
-            f"the run folder '{run}' holds a checkpoint trained with another config ({what}). Resuming would "
-            f"continue the old generator and export it as the new config. Give a new --out (or 'out') to start a "
-            f"run with the new values, put the old values back to resume, or pass --no-resume to start over in "
-            f"'{run}' (its checkpoints are then replaced).")
-
-
-@dataclass
-class FitResult:
-    """What a run did: optimizer steps reached, the stage then, the export folder (None if interrupted)."""
-
-    run: Path
-    steps: int
-    stage: str
-    interrupted: bool
-    export: Path | None
-    last_losses: dict[str, float]
-    main_process: bool = True
-    """False in the other processes of a multi-process run (only the main one reports)."""
-
-
-# --------------------------------------------------------------------------------- run folder
-
-
-def _write_csv_rows(path: Path, rows: list[tuple[Any, ...]]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(CSV_HEADER)
-        w.writerows(rows)
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop the rows after ``step`` (written after the checkpoint a resumed run starts from)."""
-    if not path.exists():
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(keep)
-
-
-class _StopFlag:
-    """Ctrl-C (SIGINT) sets the flag; the loop saves a checkpoint at the next step and returns."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.set:                                  # second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.set = True
-        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort).")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 # --------------------------------------------------------------------------------- fit
@@ -248,8 +141,6 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
          validation_dataset: torch.utils.data.Dataset | None = None) -> FitResult:
     from tqdm.auto import tqdm
 
-    from . import plot
-
     run = Path(cfg.out)
     device = accel.device
     if resume and latest_checkpoint(run) is not None:
@@ -311,17 +202,15 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
         gen_model.distilled_base = float(state.get("distilled_base", 0.0))
         log.info("resumed from '%s' at step %d (stage %s)", ckpt, step, state["stage"])
         if accel.is_main_process:
-            _truncate_csv(run / "loss.csv", step)
-            _truncate_csv(run / monitor.VALIDATION_CSV, step)
+            truncate_csv(run / LOSS_CSV, step)
+            truncate_csv(run / monitor.VALIDATION_CSV, step)
     if cfg.trackers and accel.is_main_process:
         accel.init_trackers(cfg.name, config=monitor.tracker_config(cfg),
                             init_kwargs=monitor.tracker_init_kwargs(cfg.trackers, run, step))
 
     trainer = Trainer(unet, model, noise_scheduler, cfg)
-    if ckpt is not None and (ckpt / TEACHER_FILE).is_file():
-        from safetensors.torch import load_file
-
-        trainer.teacher = engine.plain_copy(gen_model, load_file(str(ckpt / TEACHER_FILE)), device=device)
+    if ckpt is not None:
+        trainer.teacher = load_teacher(ckpt, gen_model, device=device)
 
     plan = BatchPlan(len(dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
                      world=accel.num_processes)
@@ -329,30 +218,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     full_length = sum(n for _, n, _ in cfg.schedule())
 
     def save(step_: int, stage_: str) -> Path:
-        d = run / "checkpoints" / f"step-{step_:06d}"
-        accel.wait_for_everyone()
-        accel.save_state(str(d))
-        sd = accel.get_state_dict(model)
-        if accel.is_main_process:
-            from ..safetensors_io import save_file_atomic
-
-            save_file_atomic({k: v.detach().cpu().contiguous() for k, v in sd.items()}, d / GENERATOR_FILE)
-            if trainer.teacher is not None:
-                save_file_atomic({k: v.detach().cpu().contiguous() for k, v in trainer.teacher.state_dict().items()},
-                                 d / TEACHER_FILE)
-            st = {"step": step_, "micro": micro, "stage": stage_, "seed": cfg.seed,
-                  "rng": "noise/timesteps/scenarios: torch.Generator seeded by (seed, process, micro-batch index); "
-                         "batches: permutation seeded by (seed, epoch)",
-                  "torch_rng_state": torch.get_rng_state().tolist()[:16],
-                  "distilled_base": gen_model.distilled_base, "arch": arch_to_json(gen_model.arch),
-                  "time": time.time()}
-            (d / STATE_FILE).write_text(json.dumps(st, indent=1), encoding="utf-8")
-            old = sorted(p for p in (run / "checkpoints").glob("step-*") if p != d)
-            for p in old[:max(0, len(old) - (cfg.keep_checkpoints - 1))]:
-                shutil.rmtree(p, ignore_errors=True)
-            plot.plot_losses(run / "loss.csv", run / "loss.png")
-        accel.wait_for_everyone()
-        return d
+        return save_checkpoint(accel, model, gen_model, trainer.teacher, run, cfg, step=step_, micro=micro,
+                               stage=stage_)
 
     other_photos = None
     if cfg.id_photo == "other":
@@ -370,7 +237,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     last: dict[str, float] = {}
     interrupted = False
     bar = tqdm(total=total, initial=step, disable=not accel.is_local_main_process, desc="fit", unit="step")
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while step < total:
             stage, parts = cfg.stage_at(step)
             if stage_named(stage).uses_teacher and trainer.teacher is None:
@@ -415,7 +282,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                 sums = {k: [float(full[2 * i]), int(full[2 * i + 1])] for i, k in enumerate(keys) if full[2 * i + 1] > 0}
             last = {s: v / max(n, 1) for s, (v, n) in sums.items()}
             if accel.is_main_process:
-                _write_csv_rows(run / "loss.csv", [(step, stage, s, f"{last[s]:.6g}", f"{lr:.6g}") for s in sorted(last)])
+                write_loss_rows(run / LOSS_CSV, step, stage, last, lr)
             if cfg.trackers:
                 norm = monitor.scalar(grad_norm)                 # every process (a DTensor under FSDP2)
                 accel.log(monitor.step_scalars(last, lr, norm), step=step)     # main process only
