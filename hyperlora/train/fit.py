@@ -48,12 +48,10 @@ monitoring (:mod:`hyperlora.train.monitor`) also ``validation.csv`` and ``tensor
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,14 +59,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
-from ..lora_functional import LORA_SCALE, LoraTerm, applied, diffusers_lora_targets
+from ..errors import SettingError
 from ..spec import LoraModuleSpec
-from . import engine, monitor
-from .config import FitConfig, check_init_from, tracker_list
+from . import engine, fit_cli, monitor
+from .config import FitConfig, check_init_from
 from .data import BatchPlan, PlanSampler, collate, open_dataset, sample_list
 from .export import (STATE_FILE, arch_from_json, arch_to_json, export_folder, latest_checkpoint,
                      load_generator_from_checkpoint)
+from .fit_samples import sample_images
 from .hypernet import TrainableHyperLoRA, unet_modules
 from .run_folder import (LOSS_CSV, RESUME_FREE_KEYS, FitResult, StopFlag, check_resume_config, load_teacher,
                          save_checkpoint, truncate_csv, write_loss_rows)
@@ -345,116 +343,13 @@ def _release_accelerator(accel: Any) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-# --------------------------------------------------------------------------------- samples (CUDA)
-
-
-@torch.no_grad()
-def sample_images(cfg: FitConfig, model: TrainableHyperLoRA, unet: nn.Module, noise_scheduler: Any,
-                  dataset: torch.utils.data.Dataset, path: Path, *, device: torch.device, is_main: bool = True,
-                  count: int = 4, steps: int = 20) -> Path | None:
-    """A row of ``count`` images: each of the first ``count`` samples with its own generated LoRA (ID +
-    Base), its caption with trigger words, 20 DDIM steps (eta 0) from seeded noise, decoded by the VAE.
-
-    Called every ``sample_every`` steps when CUDA is present (slow on a CPU, but it runs there too).
-    Every process must call it: the generator runs on all of them (under FSDP2 its forward gathers the
-    shards, a collective), then the main process alone runs the frozen UNet and the VAE.
-    """
-    from PIL import Image
-
-    from .frozen import load_vae
-
-    batch = collate([dataset[i] for i in range(min(count, len(dataset)))], device)
-    b = batch["latents"].shape[0]
-    idf, basef = model(batch["arcface"], batch["clip_id"], batch["clip_base"] if model.has_base else None,
-                       want_base=model.has_base)
-    engine.reshard(model)
-    if not is_main:
-        return None
-    vae = load_vae(Path(cfg.base_model), device=device)
-    terms = [LoraTerm(idf, LORA_SCALE)] + ([LoraTerm(basef, LORA_SCALE)] if basef is not None else [])
-    targets = diffusers_lora_targets(unet)
-    ac = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    T = ac.shape[0]
-    ts = list(range(T - 1, -1, -T // steps))
-    x = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    dtype = next(unet.parameters()).dtype
-    with applied(targets, terms, strict=False):
-        for j, t in enumerate(ts):
-            a = ac[t]
-            a_prev = ac[ts[j + 1]] if j + 1 < len(ts) else torch.tensor(1.0, device=device)
-            eps = unet(x.to(dtype), torch.full((b,), t, device=device), encoder_hidden_states=batch["text"].to(dtype),
-                       added_cond_kwargs={"text_embeds": batch["pooled"].to(dtype),
-                                          "time_ids": batch["time_ids"].to(dtype)}).sample.float()
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    img = vae.decode(x / vae.config.scaling_factor).sample.float().clamp(-1, 1)
-    img = ((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    row = Image.new("RGB", (img.shape[2] * b, img.shape[1]))
-    for i in range(b):
-        row.paste(Image.fromarray(img[i]), (i * img.shape[2], 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    row.save(path)
-    return path
-
-
 # --------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fit --config FILE [--init-from DIR] [--out DIR] [--max-steps N] [--no-resume] [--distill-base F
-    --distill-steps N] [--trackers NAMES]``."""
-    parser = argparse.ArgumentParser(prog="python -m hyperlora.train fit",
-                                     description="Train a HyperLoRA generator (three stages) from prepared shards.")
-    parser.add_argument("--config", type=Path, required=True, help="fit JSON (see hyperlora/train/configs/)")
-    parser.add_argument("--init-from", type=Path, help="start from a released-layout HyperLoRA folder")
-    parser.add_argument("--out", type=Path, help="run folder (overrides the config's 'out')")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
-    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
-    parser.add_argument("--distill-base", type=float, help="after stage 3, fold this fraction of the Base-LoRA into "
-                        "the ID-LoRA (the release used 0.25); the export then has no Base-LoRA")
-    parser.add_argument("--distill-steps", type=int, help="optimizer steps of the distil stage (with --distill-base)")
-    parser.add_argument("--trackers", metavar="NAMES", help="experiment trackers, comma-separated: tensorboard, wandb, "
-                        "or none (overrides the config's 'trackers'; docs/training.md, Monitoring)")
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = FitConfig.from_json(args.config)
-        if args.init_from is not None:
-            if not args.init_from.is_dir():
-                raise SettingError(f"--init-from '{args.init_from}' is not a folder; give a released-layout "
-                                   f"HyperLoRA folder (the one holding hyper_lora_modules.json).")
-            cfg.init_from = str(args.init_from)
-        if args.out is not None:
-            cfg.out = str(args.out)
-        if args.trackers is not None:
-            cfg.trackers = tracker_list(args.trackers.split(","), "--trackers")
-        if args.max_steps is not None:
-            if args.max_steps < 1:
-                raise SettingError(f"--max-steps is {args.max_steps}; give a positive number of steps.")
-            cfg.max_steps = args.max_steps
-        if args.distill_base is not None or args.distill_steps is not None:
-            raw = cfg.to_json()
-            if args.distill_base is not None:
-                raw["distill_base"] = args.distill_base
-            if args.distill_steps is not None:
-                raw["distill_steps"] = args.distill_steps
-            cfg = FitConfig.from_dict(raw, where=f"{args.config} with --distill-base/--distill-steps")
-        check_folder_option(cfg.out, "--out" if args.out is not None else f"'out' of {args.config}")
-        result = fit(cfg, resume=not args.no_resume)
-    except HyperLoRAError as exc:
-        sys.stderr.write(f"fit: {exc}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"fit: {os_error_line(exc)}\n")
-        return 2
-    if result.interrupted:
-        if result.main_process:
-            sys.stdout.write(f"fit: interrupted at step {result.steps}; run the same command again to resume.\n")
-        return 130
-    if result.main_process:
-        sys.stdout.write(f"fit: {result.steps} steps done; exported {result.export}\n")
-    return 0
+    """``python -m hyperlora.train fit --config FILE ...`` (options: :func:`hyperlora.train.fit_cli.build_parser`):
+    the exit code of :func:`hyperlora.train.fit_cli.run` training with :func:`fit`."""
+    return fit_cli.run(argv, lambda cfg, resume: fit(cfg, resume=resume))    # fit looked up now (tests replace it)
 
 
 __all__ = ["BatchPlan", "FitResult", "PlanSampler", "RESUME_FREE_KEYS", "Trainer", "arch_from_json", "arch_to_json",
