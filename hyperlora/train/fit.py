@@ -1,49 +1,26 @@
-"""Train a HyperLoRA generator: the paper's three stages on precomputed shards, with accelerate.
+"""Train a HyperLoRA generator: the paper's three stages (and the optional distil stage) on prepared shards.
 
 ``python -m hyperlora.train fit --config FILE`` on a CPU, ``accelerate launch -m hyperlora.train fit
 --config FILE`` on GPUs (DDP by default; FSDP / DeepSpeed through an accelerate config file: nothing here
-launches processes).
+launches processes).  :func:`fit` sets up the run and runs the loop over optimizer steps; the pieces live in:
+
+* :mod:`hyperlora.train.stages`: the stages, one object each (name, trainable parts, scenarios, what the loss
+  compares); :mod:`hyperlora.train.config` reads the schedule and each stage's parts from the fit JSON;
+* :mod:`hyperlora.train.trainer`: one micro-batch (noise, the scenarios drawn, the loss, the backward);
+* :mod:`hyperlora.train.engine`: freezing per stage, the loss weighting, what DDP / FSDP2 / DeepSpeed need;
+* :mod:`hyperlora.train.data`: the samples, the deterministic batch plan, collate;
+* :mod:`hyperlora.train.run_folder`: ``config.json`` checked on resume, ``loss.csv``, checkpoints, Ctrl-C;
+* :mod:`hyperlora.train.monitor`: trackers and the held-out validation loss;
+* :mod:`hyperlora.train.fit_samples`: the sample pictures (CUDA); :mod:`hyperlora.train.fit_cli`: the options;
+* :mod:`hyperlora.train.export`: the released layout written at the end.
 
 **What trains.** Only :class:`~hyperlora.train.hypernet.TrainableHyperLoRA` (resamplers, ID projector, ID
-and Base bases).  The SDXL UNet is frozen (``requires_grad False``, eval).  Every sample of a batch gets
-its own LoRA: per-sample factors from :meth:`TrainableHyperLoRA.forward`, applied inside ``to_q``,
-``to_k``, ``to_v``, ``to_out.0`` of every module by :func:`hyperlora.lora_functional.applied` (low-rank,
-never an ``[out, in]`` matrix per sample) at scale ``LORA_SCALE`` (strength 1, alpha = rank / 2).
+and Base bases), the parts of the current stage; the SDXL UNet is frozen (``requires_grad False``, eval).
+One optimizer (a parameter group per part) and one engine wrapper serve all stages.
 
-**Stages** (lengths in the config; the parts each trains: :data:`hyperlora.train.config.STAGE_PARTS`).
-Freezing (:func:`hyperlora.train.engine.enter_stage`): the parts outside the stage get ``requires_grad
-False`` and learning rate 0 in their own optimizer parameter group, so no engine (DDP, FSDP2, DeepSpeed)
-moves them; one optimizer and one engine wrapper serve all stages.
-
-1. *Base-LoRA only*: the Base resampler reads the CLIP features of the blurred-face crop; the face
-   encoder (ID resampler, ArcFace) is bypassed, i.e. not run.  Loss: the UNet with the Base-LoRA,
-   caption with trigger words, predicts the noise of the training image.
-2. *ID-LoRA from CLIP*: the ID resampler reads the gray-background face crop's CLIP features; the
-   ArcFace branch is bypassed (zeros into its condition, its attention output projection is zero and
-   frozen, so it adds exactly nothing: see :meth:`TrainableHyperLoRA.id_tokens`).
-3. *ArcFace added*: the ArcFace embedding goes through the ID projector into the ArcFace branch, which
-   now trains (from its zero start); the CLIP branch (``proj_in_2``, ``attn3`` and their norms) is frozen.
-   The Base-LoRA stays frozen in stages 2 and 3.
-
-**Scenarios** (stages 2 and 3; drawn per sample with the config's probabilities; the batch loss is the
-mean over the batch of ``scenario_weights[s_i] x loss_i``, so a scenario weighs ``p_s x w_s`` whatever the
-batch size: :func:`hyperlora.train.engine.weighted_loss`):
-
-* ``recon``: caption *with* trigger words, Base + ID applied, target = the noise (SDXL epsilon loss).
-* ``id_only``: caption *without* trigger words, ID alone, target = the frozen UNet's prediction.
-* ``base_id``: caption without trigger words, Base + ID, target = the Base-only prediction.
-
-Targets are computed under ``no_grad`` in one extra UNet pass (per-sample Base scale 0 or 1).
-Noise, timesteps (uniform over the 1000 DDPM steps, SDXL's scaled-linear schedule) and scenarios come
-from a generator seeded by (seed, process, micro-batch index): a resumed run draws exactly what the
+**Determinism.** Noise, timesteps and scenarios come from a generator seeded by (seed, process, micro-batch
+index), the batches from a permutation seeded by (seed, epoch): a resumed run draws exactly what the
 uninterrupted run would have drawn.
-
-**Optional distil stage** (``distill_base`` > 0, ``distill_steps``): see :mod:`hyperlora.train.export`.
-
-Run folder: ``checkpoints/step-XXXXXX/`` (``accelerator.save_state`` + ``generator.safetensors`` +
-``trainer_state.json``, written last), ``loss.csv``, ``loss.png``, ``samples/`` (CUDA only: sampling 20
-DDIM steps and decoding with the VAE is too slow to be worth it on a CPU), ``export/<name>/``; with
-monitoring (:mod:`hyperlora.train.monitor`) also ``validation.csv`` and ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -53,6 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +112,38 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
         _release_accelerator(accel)
 
 
+@dataclass
+class _Session:
+    """A run set up for its loop (:func:`_set_up`): the frozen parts, the data, the engine-wrapped generator and
+    its optimizer, and the counters a checkpoint resumes (optimizer ``step``, ``micro``-batch index)."""
+
+    run: Path
+    device: torch.device
+    unet: nn.Module
+    noise_scheduler: Any
+    dataset: torch.utils.data.Dataset
+    validation: monitor.Validation | None
+    model: nn.Module                     # as the engine wrapped it: call it, never its methods
+    optimizer: Any
+    gen_model: TrainableHyperLoRA        # the same generator unwrapped
+    trainer: Trainer
+    step: int
+    micro: int
+
+
 def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
          unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None,
          validation_dataset: torch.utils.data.Dataset | None = None) -> FitResult:
-    from tqdm.auto import tqdm
+    ses = _set_up(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
+                  validation_dataset=validation_dataset)
+    return _train(cfg, accel, ses, on_step)
 
+
+def _set_up(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
+            unet: nn.Module | None, noise_scheduler: Any,
+            validation_dataset: torch.utils.data.Dataset | None) -> _Session:
+    """Load (or take) the frozen UNet, the noise schedule and the data; build or resume the generator; wrap it
+    and its optimizer with ``accel``; on resume, load the checkpoint and cut the CSVs back to it."""
     run = Path(cfg.out)
     device = accel.device
     if resume and latest_checkpoint(run) is not None:
@@ -209,8 +214,19 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     trainer = Trainer(unet, model, noise_scheduler, cfg)
     if ckpt is not None:
         trainer.teacher = load_teacher(ckpt, gen_model, device=device)
+    return _Session(run=run, device=device, unet=unet, noise_scheduler=noise_scheduler, dataset=dataset,
+                    validation=validation, model=model, optimizer=optimizer, gen_model=gen_model, trainer=trainer,
+                    step=step, micro=micro)
 
-    plan = BatchPlan(len(dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
+
+def _train(cfg: FitConfig, accel: Any, ses: _Session, on_step: Callable[[int], None] | None) -> FitResult:
+    """The loop over optimizer steps from ``ses.step`` to ``cfg.total_steps``: each stage's parts, the micro-batches
+    of one step, the loss rows and monitoring, checkpoints, Ctrl-C; the export at the end."""
+    from tqdm.auto import tqdm
+
+    run, device, trainer, gen_model, model = ses.run, ses.device, ses.trainer, ses.gen_model, ses.model
+    step, micro = ses.step, ses.micro
+    plan = BatchPlan(len(ses.dataset), cfg.batch_size, seed=cfg.seed, rank=accel.process_index,
                      world=accel.num_processes)
     total = cfg.total_steps
     full_length = sum(n for _, n, _ in cfg.schedule())
@@ -223,13 +239,13 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     if cfg.id_photo == "other":
         from .data import OtherPhotos
 
-        other_photos = OtherPhotos(dataset)
+        other_photos = OtherPhotos(ses.dataset)
         if other_photos.singletons:
             log.warning("id_photo 'other': %d of %d samples are their identity's only photo and keep their own "
-                        "ID features", other_photos.singletons, len(dataset))
+                        "ID features", other_photos.singletons, len(ses.dataset))
     # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=PlanSampler(plan, micro), num_workers=cfg.num_workers,
-                                         collate_fn=sample_list)
+    loader = torch.utils.data.DataLoader(ses.dataset, batch_sampler=PlanSampler(plan, micro),
+                                         num_workers=cfg.num_workers, collate_fn=sample_list)
     batches = iter(loader)
     stage, parts = cfg.stage_at(step)
     last: dict[str, float] = {}
@@ -241,7 +257,7 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             if stage_named(stage).uses_teacher and trainer.teacher is None:
                 trainer.teacher = engine.plain_copy(gen_model)   # gathered on every process (FSDP2), no deepcopy
             lr = cfg.lr * (min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-            trainable = engine.enter_stage(gen_model, optimizer, parts, lr)
+            trainable = engine.enter_stage(gen_model, ses.optimizer, parts, lr)
             sums: dict[str, list[float]] = {}
             grad_norm: Any = None
             for _ in range(cfg.gradient_accumulation):
@@ -259,8 +275,8 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
                                                           cfg.max_grad_norm)
                     elif accel.sync_gradients and cfg.trackers:      # measured only: the gradients are scaled by 1
                         grad_norm = accel.clip_grad_norm_([p for p in trainable if p.grad is not None], math.inf)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    ses.optimizer.step()
+                    ses.optimizer.zero_grad(set_to_none=True)
                 micro += 1
                 for s, (v, n) in res.items():
                     acc = sums.setdefault(s, [0.0, 0])
@@ -269,37 +285,20 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
             step += 1
             if stage_named(stage).uses_teacher and step >= full_length:
                 gen_model.distilled_base = cfg.distill_base      # the whole distil stage ran
-            if accel.num_processes > 1:
-                # scenario sets differ between processes: reduce a fixed layout
-                full = torch.zeros(2 * len(LOSS_NAMES), dtype=torch.float64, device=device)
-                keys = list(LOSS_NAMES)
-                for s, (v, n) in sums.items():
-                    full[2 * keys.index(s)] = v
-                    full[2 * keys.index(s) + 1] = n
-                full = accel.reduce(full, "sum")
-                sums = {k: [float(full[2 * i]), int(full[2 * i + 1])] for i, k in enumerate(keys) if full[2 * i + 1] > 0}
-            last = {s: v / max(n, 1) for s, (v, n) in sums.items()}
-            if accel.is_main_process:
-                write_loss_rows(run / LOSS_CSV, step, stage, last, lr)
-            if cfg.trackers:
-                norm = monitor.scalar(grad_norm)                 # every process (a DTensor under FSDP2)
-                accel.log(monitor.step_scalars(last, lr, norm), step=step)     # main process only
+            last = _mean_losses(accel, sums, device)
+            _report(cfg, accel, run, step, stage, last, lr, grad_norm)
             bar.update(1)
             bar.set_postfix(stage=stage, **{s: f"{v:.4f}" for s, v in last.items()})
             if not all(math.isfinite(v) for v in last.values()):
                 raise SettingError(f"the loss became {last} at step {step}; lower 'lr' or use mixed_precision \"no\", "
                                    f"and resume from the last checkpoint.")
-            if validation is not None and step % cfg.validation_every == 0:
-                held_out = validation.run(trainer, stage, gen_model, device=device, autocast=accel.autocast)
-                if accel.is_main_process:
-                    monitor.write_validation_rows(run / monitor.VALIDATION_CSV, step, stage, held_out)
-                if cfg.trackers:
-                    accel.log({f"validation/{s}": v for s, v in sorted(held_out.items())}, step=step)
+            if ses.validation is not None and step % cfg.validation_every == 0:
+                _validate(cfg, accel, ses.validation, trainer, gen_model, run, step, stage)
             if on_step is not None:
                 on_step(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and torch.cuda.is_available():
-                sample_images(cfg, gen_model, unet, noise_scheduler, dataset, run / "samples" / f"step-{step:06d}.png",
-                              device=device, is_main=accel.is_main_process)
+                sample_images(cfg, gen_model, ses.unet, ses.noise_scheduler, ses.dataset,
+                              run / "samples" / f"step-{step:06d}.png", device=device, is_main=accel.is_main_process)
             stop_now = stop.set
             if accel.num_processes > 1:
                 flag = accel.reduce(torch.tensor([1.0 if stop.set else 0.0], device=device), "sum")
@@ -320,6 +319,42 @@ def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.
     accel.end_training()
     return FitResult(run=run, steps=step, stage=stage, interrupted=interrupted, export=export, last_losses=last,
                      main_process=bool(accel.is_main_process))
+
+
+def _mean_losses(accel: Any, sums: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """``{loss name: mean}`` of one optimizer step from this process's ``{name: [sum, count]}``; with several
+    processes, summed over all of them first (every process calls it: a collective)."""
+    if accel.num_processes > 1:
+        # scenario sets differ between processes: reduce a fixed layout
+        full = torch.zeros(2 * len(LOSS_NAMES), dtype=torch.float64, device=device)
+        keys = list(LOSS_NAMES)
+        for s, (v, n) in sums.items():
+            full[2 * keys.index(s)] = v
+            full[2 * keys.index(s) + 1] = n
+        full = accel.reduce(full, "sum")
+        sums = {k: [float(full[2 * i]), int(full[2 * i + 1])] for i, k in enumerate(keys) if full[2 * i + 1] > 0}
+    return {s: v / max(n, 1) for s, (v, n) in sums.items()}
+
+
+def _report(cfg: FitConfig, accel: Any, run: Path, step: int, stage: str, last: dict[str, float], lr: float,
+            grad_norm: Any) -> None:
+    """A step's losses into ``loss.csv`` (main process) and, with trackers, its scalars (every process calls it:
+    the gradient norm may be a DTensor to gather)."""
+    if accel.is_main_process:
+        write_loss_rows(run / LOSS_CSV, step, stage, last, lr)
+    if cfg.trackers:
+        norm = monitor.scalar(grad_norm)                 # every process (a DTensor under FSDP2)
+        accel.log(monitor.step_scalars(last, lr, norm), step=step)     # main process only
+
+
+def _validate(cfg: FitConfig, accel: Any, validation: monitor.Validation, trainer: Trainer,
+              gen_model: TrainableHyperLoRA, run: Path, step: int, stage: str) -> None:
+    """The held-out loss after ``step``: ``validation.csv`` (main process) and the trackers; every process calls it."""
+    held_out = validation.run(trainer, stage, gen_model, device=accel.device, autocast=accel.autocast)
+    if accel.is_main_process:
+        monitor.write_validation_rows(run / monitor.VALIDATION_CSV, step, stage, held_out)
+    if cfg.trackers:
+        accel.log({f"validation/{s}": v for s, v in sorted(held_out.items())}, step=step)
 
 
 def export_run(model: TrainableHyperLoRA, folder: Path, *, is_main: bool) -> Path | None:
