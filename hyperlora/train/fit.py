@@ -46,8 +46,8 @@ from .export import (STATE_FILE, arch_from_json, arch_to_json, export_folder, la
                      load_generator_from_checkpoint)
 from .fit_samples import sample_images
 from .hypernet import TrainableHyperLoRA, unet_modules
-from .run_folder import (LOSS_CSV, RESUME_FREE_KEYS, FitResult, StopFlag, check_resume_config, load_teacher,
-                         save_checkpoint, truncate_csv, write_loss_rows)
+from .run_folder import (CSV_HEADER, LOSS_CSV, RESUME_FREE_KEYS, TEACHER_FILE, FitResult, StopFlag,
+                         check_resume_config, load_teacher, save_checkpoint, truncate_csv, write_loss_rows)
 from .stages import LOSS_NAMES, stage_named
 from .trainer import Trainer
 
@@ -61,6 +61,8 @@ OTHER_PHOTO_SEED = 500_009
 
 
 def _build_model(cfg: FitConfig, modules: tuple[LoraModuleSpec, ...], clip_dim: int) -> TrainableHyperLoRA:
+    """A new generator for the UNet's attention ``modules`` (CLIP features of width ``clip_dim``) with the config's
+    sizes and seed, or the released folder ``cfg.init_from`` (checked to be made for the same modules)."""
     if cfg.init_from:
         model = TrainableHyperLoRA.from_released(cfg.init_from)
         theirs = [(m.name, m.hidden_size, m.cross_attention_dim) for m in model.arch.modules]
@@ -134,6 +136,7 @@ class _Session:
 def _fit(cfg: FitConfig, accel: Any, *, resume: bool, dataset: torch.utils.data.Dataset | None,
          unet: nn.Module | None, noise_scheduler: Any, on_step: Callable[[int], None] | None,
          validation_dataset: torch.utils.data.Dataset | None = None) -> FitResult:
+    """:func:`fit` once its ``Accelerator`` exists: set the run up, then train."""
     ses = _set_up(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
                   validation_dataset=validation_dataset)
     return _train(cfg, accel, ses, on_step)
@@ -387,6 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     return fit_cli.run(argv, lambda cfg, resume: fit(cfg, resume=resume))    # fit looked up now (tests replace it)
 
 
-__all__ = ["BatchPlan", "FitResult", "PlanSampler", "RESUME_FREE_KEYS", "Trainer", "arch_from_json", "arch_to_json",
-           "check_resume_config", "collate", "export_run", "fit", "load_generator_from_checkpoint", "main",
-           "sample_images"]
+__all__ = ["BatchPlan", "CSV_HEADER", "FitResult", "OTHER_PHOTO_SEED", "PlanSampler", "RESUME_FREE_KEYS", "TEACHER_FILE",
+           "Trainer", "arch_from_json", "arch_to_json", "check_resume_config", "collate", "export_run", "fit",
+           "load_generator_from_checkpoint", "main", "sample_images"]
