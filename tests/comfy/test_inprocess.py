@@ -335,14 +335,17 @@ def test_base_lora_of_a_model_without_one_says_so(pack):
     assert "has no Base-LoRA" in str(info.value) and "'id'" in str(info.value)
 
 
-def test_auto_dtype_keeps_the_fp16_basis_and_computes_in_fp32_on_the_cpu(pack):
-    """'auto' on the CPU: the fp16 basis is not doubled to fp32 (3 GB -> 6 GB for the release);
-    the resampler and CLIP compute in fp32.  'fp32' forces fp32 everywhere."""
+def test_auto_dtype_keeps_the_fp16_basis_and_computes_in_the_cpus_precision(pack):
+    """'auto' on the CPU: the fp16 basis is not doubled to fp32 (3 GB -> 6 GB for the release); the resampler
+    and CLIP compute in this CPU's precision (hyperlora.precision: bf16 with bf16 matrix hardware, fp32 on an
+    AVX2 CPU).  'fp32' forces fp32 everywhere."""
+    precision = pack.core("precision")
+    expected = precision.cpu_precision(precision.read_cpu_features()).dtype
     loader = pack.nodes["HyperLoRAStudioLoader"]()
     auto, _ = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="auto", provider="CPU")
     assert auto.model.basis_dtype == torch.float16          # the fixture files are fp16, as released
-    assert auto.model.module_dtype == torch.float32
-    assert next(auto.clip.parameters()).dtype == torch.float32
+    assert auto.model.module_dtype == expected
+    assert next(auto.clip.parameters()).dtype == expected
     fp32, _ = loader.load(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
     assert fp32.model.basis_dtype == torch.float32
 

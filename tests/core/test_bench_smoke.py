@@ -89,7 +89,10 @@ def test_bench_vs_authors_smoke_prints_the_table(capsys) -> None:
     assert main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^CPU: .+ threads", out, re.M) and re.search(r"^flags: ", out, re.M)
-    assert "ours 'auto' on this CPU: fp" in out
+    from hyperlora.precision import cpu_precision, read_cpu_features
+
+    # the decision of this CPU (fp32 on AVX2, bf16 with bf16 matrix hardware), with its reason
+    assert f"ours 'auto' on this CPU: {cpu_precision(read_cpu_features()).reason}" in out
     for row in ("**identity + LoRA from one photo**", "- face analysis", "- CLIP", "- resampler", "- build",
                 "load model + CLIP + faces"):
         assert re.search(rf"^\| {re.escape(row)} \| \**\d+\.\d\d s", out, re.M), row

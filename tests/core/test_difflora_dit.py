@@ -230,7 +230,8 @@ def test_seed_determinism_and_batch_equals_single():
     assert torch.equal(a, sample(model, cond, steps=5, guidance=2.0, seed=7))           # int seed: 7, 8, 9
     for i, s in enumerate((7, 8, 9)):
         single = sample(model, cond[i:i + 1], steps=5, guidance=2.0, seed=s)
-        torch.testing.assert_close(single[0], a[i], rtol=1e-5, atol=1e-6)
+        # batch 3 and batch 1 take different matmul kernels (AVX-512 blocks differently: 4e-6 measured)
+        torch.testing.assert_close(single[0], a[i], rtol=1e-4, atol=1e-5)
     assert (a[0] - sample(model, cond[:1], steps=5, guidance=2.0, seed=70)[0]).abs().max() > 1e-2
     gen = sample(model, cond, steps=3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(gen, sample(model, cond, steps=3, generator=torch.Generator().manual_seed(1)))
