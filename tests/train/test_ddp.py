@@ -8,34 +8,20 @@ would run two independent trainings), the steps run inside it, only the main pro
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import skip_or_fail
+from tests.train.torchrun import run_two
 
 SCRIPT = Path(__file__).with_name("ddp_fit_script.py")
 
 
 def test_two_cpu_processes_train_one_generator(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        skip_or_fail("torchrun (comes with torch) is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("ACCELERATE_USE_CPU", None)                      # fit must choose the CPU group by itself
-    with socket.socket() as sock:                            # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(SCRIPT), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    # fit must choose the CPU group by itself: no ACCELERATE_USE_CPU
+    proc = run_two([str(SCRIPT), str(tmp_path)], drop_env=["ACCELERATE_USE_CPU"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:

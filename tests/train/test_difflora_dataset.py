@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import skip_or_fail
+from tests.train.torchrun import run_two
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, LR, RANK, BATCH = 6, 1e-2, 4, 8
@@ -172,21 +169,11 @@ def test_stop_rerun_and_a_changed_config(built, tmp_path, capsys):
 def test_two_processes_give_the_same_files_as_one(built, tmp_path):
     prep, _, out, _ = built
     names = prep.train_set.identities[:2]                   # one identity per process keeps the test short
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        skip_or_fail("torchrun (comes with torch) is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     work = tmp_path / "ds"
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           "-m", "hyperlora.train", "difflora-dataset", "--base-model", str(prep.tree.sdxl),
-                           "--shards", str(prep.train_set.folder), "--out", str(work), "--rank", str(RANK),
-                           "--steps", str(STEPS), "--lr", str(LR), "--batch-size", str(BATCH),
-                           "--identities", ",".join(names)],
-                          check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_two(["-m", "hyperlora.train", "difflora-dataset", "--base-model", str(prep.tree.sdxl),
+                    "--shards", str(prep.train_set.folder), "--out", str(work), "--rank", str(RANK),
+                    "--steps", str(STEPS), "--lr", str(LR), "--batch-size", str(BATCH), "--identities", ",".join(names)],
+                   env={"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "process 1 of 2" in proc.stdout and "process 2 of 2" in proc.stdout
     assert proc.stdout.count("1 fitted, 0 already done") == 2

@@ -8,31 +8,19 @@ accelerate path itself is covered on a GPU by ``bench/engine_check.py``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import skip_or_fail
+from tests.train.torchrun import run_two
 
 SCRIPT = Path(__file__).with_name("fsdp_stage_script.py")
 
 
 def _torchrun(script: Path, out: Path) -> subprocess.CompletedProcess:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        skip_or_fail("torchrun (comes with torch) is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    return run_two([str(script), str(out)])
 
 
 def test_fsdp2_stages_leave_frozen_parts_bit_identical(tmp_path: Path) -> None:

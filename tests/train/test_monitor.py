@@ -9,11 +9,6 @@ import copy
 import csv
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +22,7 @@ from hyperlora.train.config import FitConfig
 from hyperlora.train.fit import check_resume_config, fit, main
 from hyperlora.train.toy.sdxl import tiny_unet
 from tests.conftest import skip_or_fail
+from tests.train.torchrun import run_two
 
 from .test_fit import scheduler, toy_config
 from .test_hypernet import ToyDataset
@@ -234,17 +230,8 @@ def test_two_processes_validate_and_log_once(tmp_path: Path) -> None:
     file (the main process's), and the validation row of the last step is what one process computes from the
     generator the run saved at that step."""
     _event_accumulator()
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        skip_or_fail("torchrun (comes with torch) is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("ACCELERATE_USE_CPU", None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     script = Path(__file__).with_name("ddp_fit_script.py")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(script), str(tmp_path), "monitor"], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_two([str(script), str(tmp_path), "monitor"], drop_env=["ACCELERATE_USE_CPU"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     val = _rows(run / monitor.VALIDATION_CSV)
@@ -275,16 +262,8 @@ def test_two_processes_validate_and_log_once(tmp_path: Path) -> None:
 def test_validation_and_grad_norm_with_an_fsdp2_sharded_generator(tmp_path: Path) -> None:
     """Two processes shard the generator with FSDP2: every process runs the validation (the forward's all-gathers
     need them all; no deadlock) and reads the DTensor gradient norm; both get what one process gets unsharded."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        skip_or_fail("torchrun (comes with torch) is not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     script = Path(__file__).with_name("fsdp_validation_script.py")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_two([str(script), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["dtensor"]
