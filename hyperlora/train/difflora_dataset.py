@@ -57,10 +57,8 @@ import json
 import logging
 import math
 import os
-import signal
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +73,7 @@ from ..errors import HyperLoRAError, SettingError, check_folder_option, run_comm
 from ..lora import ALPHA_SUFFIX, DOWN_SUFFIX, UP_SUFFIX, LoraDict
 from ..lora_functional import LoraTerm, applied, diffusers_lora_targets
 from .difflora_fit import MIF_SUFFIX, save_mif_file
+from .ctrl_c import StopFlag
 from .data import collate
 
 log = logging.getLogger(__name__)
@@ -502,29 +501,6 @@ def identity_file_bytes(res: IdentityResult, cfg: DatasetConfig) -> bytes:
 # --------------------------------------------------------------------------------- the whole dataset
 
 
-class _StopAfterIdentity:
-    """Ctrl-C sets the flag (stop after the identity being fitted); a second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: Any = None
-
-    def __enter__(self) -> _StopAfterIdentity:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        log.warning("Ctrl-C: stopping after this identity (Ctrl-C again to stop at once); a rerun resumes.")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def _group_by_identity(datasets: Sequence[Any]) -> dict[str, list[tuple[int, int]]]:
     from .data import sample_identities
 
@@ -596,7 +572,7 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.M
     fitted: list[str] = []
     skipped: list[str] = []
     interrupted = False
-    with _StopAfterIdentity() as flag, one_thread(next(unet.parameters()).device):
+    with StopFlag("stopping after this identity (Ctrl-C again to stop at once); a rerun resumes.") as flag, one_thread(next(unet.parameters()).device):
         for k, name in enumerate(mine):
             if is_done(out, name, cfg, manifest):
                 if not (out / f"{name}{MIF_SUFFIX}").is_file():     # a folder written before MIF files existed

@@ -36,17 +36,14 @@ written under a temporary name and renamed.  ``difflora-export`` writes the mode
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +58,7 @@ from ..difflora.lae import LaeConfig, LoraAutoencoder
 from ..difflora.lora_space import LoraLayout, stack_factors
 from ..errors import HyperLoRAError, SettingError, check_folder_option, os_error_line
 from . import plot
+from .ctrl_c import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -398,33 +396,6 @@ def _rows(path: Path, rows: list[tuple[Any, ...]], *, truncate_after: int | None
         w.writerows(rows)
 
 
-class _CtrlC:
-    """The first Ctrl-C (SIGINT) sets ``stop``: the loop saves a checkpoint after the step it is in and returns; a
-    second one raises KeyboardInterrupt at once.  Installed by :func:`_ctrl_c` (main thread only)."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    def handle(self, signum: int, frame: object) -> None:
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort).")
-
-
-@contextlib.contextmanager
-def _ctrl_c() -> Iterator[_CtrlC]:
-    flag = _CtrlC()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = signal.signal(signal.SIGINT, flag.handle)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None = None,
         on_step: Callable[[int], None] | None = None) -> DiffLoraFitResult:
     """Train (or resume) the run of ``cfg`` (module docstring).  ``data``: an already loaded dataset (else
@@ -465,7 +436,7 @@ def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None
         lae.calibrate(data.loras)
 
     stop_at = cfg.total_steps if not cfg.max_steps else min(cfg.total_steps, cfg.max_steps)
-    with _ctrl_c() as ctrl_c:
+    with StopFlag() as ctrl_c:
         step, latent_scale, last = _loop(cfg, run, data, lae, dit, opts, step, latent_scale, stop_at, ctrl_c, on_step)
     if ckpt is None or step != int(ckpt.name.split("-")[1]):
         _save_checkpoint(run, step, lae, dit, opts, latent_scale, cfg.keep_checkpoints)
@@ -473,7 +444,7 @@ def fit(cfg: DiffLoraFitConfig, *, resume: bool = True, data: LoraDataset | None
 
 
 def _loop(cfg: DiffLoraFitConfig, run: Path, data: LoraDataset, lae: LoraAutoencoder, dit: LatentDiT,
-          opts: tuple[Any, Any], step: int, latent_scale: float | None, stop_at: int, ctrl_c: _CtrlC,
+          opts: tuple[Any, Any], step: int, latent_scale: float | None, stop_at: int, ctrl_c: StopFlag,
           on_step: Callable[[int], None] | None) -> tuple[int, float | None, float | None]:
     """The training steps of :func:`fit` from ``step`` to ``stop_at`` (or Ctrl-C); returns ``(step, latent_scale,
     last loss)``."""
@@ -516,7 +487,7 @@ def _loop(cfg: DiffLoraFitConfig, run: Path, data: LoraDataset, lae: LoraAutoenc
             log.info("difflora-fit: step %d/%d %s loss %.5f", step, cfg.total_steps, phase, last)
         if on_step is not None:
             on_step(step)
-        if ctrl_c.stop:
+        if ctrl_c.set:
             break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
             _save_checkpoint(run, step, lae, dit, opts, latent_scale, cfg.keep_checkpoints)

@@ -13,8 +13,6 @@ import csv
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 
 from ..errors import SettingError
 from . import engine
+from .ctrl_c import StopFlag
 from .config import FitConfig
 from .export import GENERATOR_FILE, STATE_FILE, arch_to_json
 from .hypernet import TrainableHyperLoRA
@@ -170,30 +169,6 @@ def load_teacher(ckpt: Path, gen_model: TrainableHyperLoRA, *, device: torch.dev
 
 
 # --------------------------------------------------------------------------------- Ctrl-C
-
-
-class StopFlag:
-    """Ctrl-C (SIGINT) sets :attr:`set`; the loop saves a checkpoint after the step and returns.  A context
-    manager: the handler is installed (main thread only) on entry and the previous one restored on exit."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: Any = None
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.set:                                  # second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.set = True
-        log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort).")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 __all__ = ["CSV_HEADER", "FitResult", "LOSS_CSV", "RESUME_FREE_KEYS", "StopFlag", "TEACHER_FILE",
