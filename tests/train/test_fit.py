@@ -232,5 +232,22 @@ def test_id_photo_other_feeds_the_id_branch_another_photo(unet: torch.nn.Module,
         runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-000004" / "generator.safetensors"))
     assert all(torch.equal(runs["other"][k], runs["by_hand"][k]) for k in runs["other"])
     assert any(not torch.equal(runs["other"][k], runs["same"][k]) for k in runs["other"])
-    with pytest.raises(SettingError, match="id_photo"):
+    with pytest.raises(SettingError, match="id_photo.*shuffled"):
         toy_config(tmp_path / "bad", id_photo="another")
+
+
+def test_id_photo_shuffled_feeds_the_id_branch_another_identitys_photo(unet: torch.nn.Module, tmp_path: Path) -> None:
+    """The control: with one photo per identity and two identities, "shuffled" must read the other identity's
+    photo every time, so it trains exactly like "same" on data whose ID features were swapped across them."""
+    data = ToyDataset(2, ids=2)                          # id0: 0   id1: 1
+    swapped = ToyDataset(2, ids=2)
+    for i, j in ((0, 1), (1, 0)):
+        swapped.items[i] = {**data.items[i], "arcface": data.items[j]["arcface"], "clip_id": data.items[j]["clip_id"]}
+    stages = [{"stage": 2, "steps": 2}]
+    runs = {}
+    for name, ds, mode in (("shuffled", data, "shuffled"), ("by_hand", swapped, "same"), ("same", data, "same")):
+        cfg = toy_config(tmp_path / name, stages=stages, checkpoint_every=0, id_photo=mode)
+        fit(cfg, dataset=ds, unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+        runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-000002" / "generator.safetensors"))
+    assert all(torch.equal(runs["shuffled"][k], runs["by_hand"][k]) for k in runs["shuffled"])
+    assert any(not torch.equal(runs["shuffled"][k], runs["same"][k]) for k in runs["shuffled"])
