@@ -18,7 +18,8 @@ Steps (each logged; the long ones show progress and stop on Ctrl-C):
    * the denoising loss on the held-out evaluation photos with the identity's own DiffLoRA LoRA, another
      identity's and none (:func:`hyperlora.train.evaluate.group_loss`), for the training identities (their
      dataset LoRAs too, the target DiffLoRA learns) and the unseen ones;
-   * identity in generated pictures (:func:`hyperlora.train.idsim.evaluate_lora_pictures`), written as
+   * identity in generated pictures (:func:`hyperlora.train.idsim.evaluate_lora_pictures`) for DiffLoRA, the
+     HyperLoRA generator and the dataset's plain LoRAs (the ceiling; training identities), DiffLoRA's written as
      ``DIR/eval.png`` and ``DIR/eval.json``; the LAST line is ``difflora: id-sim own X, other Y`` (training
      identities).
 
@@ -114,7 +115,7 @@ class DiffDemoResult:
     lae_error: float                   # mean relative Frobenius error of the LAE's reconstructions
     losses: dict[str, Any]             # "<generator> <group>" -> evaluate.GroupLoss (generator: difflora,
                                        # hyperlora, dataset; group: training, unseen)
-    pictures: dict[str, Any]           # "difflora" / "hyperlora" -> idsim.PictureEval
+    pictures: dict[str, Any]           # "difflora" / "hyperlora" / "dataset" -> idsim.PictureEval
     seconds_per_lora: dict[str, float]  # generator -> reference features -> one LoRA, mean seconds
     seconds: float
     hyperlora: Path | None = None      # DIR/hyper_lora/hyper_lora/<demo.MODEL_NAME>
@@ -237,10 +238,13 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
         for group, names in groups.items():
             if len(names) >= 2 and all(n in factors[gen] for n in names):
                 losses[f"{gen} {group}"] = group_loss(prep.unet, ac, samples, factors[gen], names, seed=seed)
+    # the dataset's plain LoRAs (training identities only) are the ceiling: the best a generated LoRA can do
     pictures = {gen: evaluate_lora_pictures(factors[gen], base=prep.tree.sdxl, antelope=prep.tree.antelope,
-                                            references=prep.data.reference, groups=groups, seeds=size.picture_seeds,
-                                            prompts=DEFAULT_PROMPTS[:size.picture_prompts], unet=prep.unet)
-                for gen in ("difflora", "hyperlora")}
+                                            references=prep.data.reference,
+                                            groups=groups if gen != "dataset" else {"training": training},
+                                            seeds=size.picture_seeds, prompts=DEFAULT_PROMPTS[:size.picture_prompts],
+                                            unet=prep.unet)
+                for gen in ("difflora", "hyperlora", "dataset")}
     write_report(pictures["difflora"], out)
     res = DiffDemoResult(tree=out, export=target, identities=len(training), lae_error=lae_error, losses=losses,
                          pictures=pictures, seconds_per_lora=per_lora, seconds=time.monotonic() - start,
