@@ -11,6 +11,7 @@
 # Exit status: pytest's (non-zero on any failure; "no tests collected" is a failure too);
 # 3 when the environment could not be set up (no compiler, a registry not answering).
 # Reinstalls only when the package list below changes (stamp file in the venv).
+# HYPERLORA_IF073_SETUP_ONLY=1: set the environment up and stop (CI does it while the main tests run).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -65,6 +66,10 @@ if insightface.__version__ != "0.7.3":
     sys.exit(f"[if073] expected insightface 0.7.3, got {insightface.__version__} from {insightface.__file__}")
 print(f"[if073] insightface {insightface.__version__} from {insightface.__file__}")
 EOF
+if [ "${HYPERLORA_IF073_SETUP_ONLY:-0}" = "1" ]; then
+  log "environment ready in $((SECONDS - t_start)) s (setup only)"
+  exit 0
+fi
 
 cd "$repo"
 t=$SECONDS
