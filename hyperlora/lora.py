@@ -394,6 +394,9 @@ __all__ = [
     "scale_lora",
     "weighted_sum",
     "step_window",
+    "HOOK_CACHE_MARGIN",
+    "hook_cache_bytes",
+    "hook_cache_fits",
 ]
 
 
@@ -418,3 +421,23 @@ def step_window(start_percent: float, end_percent: float) -> list[tuple[float, f
     if end_percent < 1:
         keys.append((0.0, float(end_percent)))
     return keys
+
+
+HOOK_CACHE_MARGIN = 2 << 30
+"""Bytes of RAM kept free beyond the hook cache for sampling itself (activations, the decoded image)."""
+
+
+def hook_cache_bytes(hooked_numel: int, weight_itemsize: int, groups: int) -> int:
+    """Bytes a sampler keeps beside the model when it caches weight hooks (ComfyUI's "max speed" hook mode):
+    one patched fp32 copy of every hooked weight per hook group (``groups``, e.g. one per identity on a
+    prompt), plus one backup of each hooked weight in the model's dtype (``weight_itemsize`` bytes per number).
+    ``hooked_numel``: the numbers in the hooked weights (the 560 attention projections of SDXL: 0.95 billion,
+    so 3.8 GB per group)."""
+    return groups * hooked_numel * 4 + hooked_numel * weight_itemsize
+
+
+def hook_cache_fits(hooked_numel: int, weight_itemsize: int, groups: int, free_bytes: int,
+                    margin: int = HOOK_CACHE_MARGIN) -> tuple[bool, int]:
+    """``(fits, bytes needed)``: whether :func:`hook_cache_bytes` plus ``margin`` fits in ``free_bytes``."""
+    need = hook_cache_bytes(hooked_numel, weight_itemsize, groups)
+    return need + margin <= free_bytes, need

@@ -3,6 +3,7 @@ an optional mask, so two identities on two masked prompts put two people into on
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,22 +11,61 @@ import torch
 import comfy.hooks
 
 from ..hyperlora.blocks import apply_block_strengths
-from ..hyperlora.lora import step_window
+from ..hyperlora.lora import hook_cache_fits, step_window
 from .common import CATEGORY, LORA_MODEL, mappings
 from ..hyperlora.checks import check_strength
 from .lora import BLOCK_INPUTS, STRENGTH, block_strengths, check_lora_lands, node_label
 
 
+log = logging.getLogger(__name__)
+
 TITLE = "Identity on Prompt (regions, steps)"
+
+
+HOOK_STATE = "hyperlora_studio_hook_cache"
+"""Key of this sampling's hook-cache count in ComfyUI's ``model_options`` (a fresh clone per sampling)."""
+
+
+def keep_hook_cache_in_ram(model: Any, model_options: dict, landed: dict[str, str]) -> None:
+    """Switch this sampling to ComfyUI's "min vram" hook mode when its "max speed" cache would not fit in RAM.
+
+    With two identities or more on prompts, ComfyUI (hook mode "max speed", its default) keeps a patched fp32
+    copy of every hooked weight per identity, plus a backup: on a CPU with ComfyUI's default fp32 SDXL that is
+    11 GB for two identities, beside the 13 GB model, and the process was killed on a 24 GB machine.  Called
+    for each identity hook as ComfyUI registers it; when the cache of the identities so far does not fit in the
+    free RAM (less a margin), the patched weights are recomputed at each switch instead (slower steps, no extra
+    memory).  Only when the model runs on the CPU (on a GPU, ComfyUI's own counter places the cache in VRAM).
+    ComfyUI restores the hook mode after the sampling."""
+    import comfy.model_management as mm
+
+    if model.hook_mode != comfy.hooks.EnumHookMode.MaxSpeed or torch.device(model.load_device).type != "cpu":
+        return
+    state = model_options.setdefault(HOOK_STATE, {"keys": set(), "groups": 0})
+    state["groups"] += 1
+    state["keys"].update(landed.values())
+    sd = model.model.state_dict()
+    weights = [sd[k] for k in state["keys"] if k in sd]
+    if not weights:
+        return
+    numel = sum(w.numel() for w in weights)
+    free = int(mm.get_free_memory(torch.device("cpu")))
+    fits, need = hook_cache_fits(numel, max(w.element_size() for w in weights), state["groups"], free)
+    if not fits:
+        model.hook_mode = comfy.hooks.EnumHookMode.MinVram
+        log.warning("HyperLoRA Studio: %d identities on prompts would make ComfyUI keep %.1f GB of patched weight "
+                    "copies, with %.1f GB of RAM free; it recomputes them at each switch instead (slower steps, no "
+                    "extra memory).", state["groups"], need / 2**30, free / 2**30)
 
 
 class CheckedLoraHook(comfy.hooks.WeightHook):
     """ComfyUI's LoRA weight hook, plus our landing check on the model it is registered on (an SD1.5
-    or Flux model gets the same clear error as HyperLoRA Studio Apply, instead of a silent no-op)."""
+    or Flux model gets the same clear error as HyperLoRA Studio Apply, instead of a silent no-op), and the
+    RAM check of :func:`keep_hook_cache_in_ram`."""
 
     def add_hook_patches(self, model: Any, model_options: dict, target_dict: dict, registered: Any) -> bool:
         if target_dict.get("target") != comfy.hooks.EnumWeightTarget.Clip and self.need_weight_init:
-            check_lora_lands(model, self.weights)
+            landed = check_lora_lands(model, self.weights)
+            keep_hook_cache_in_ram(model, model_options, landed)
         return super().add_hook_patches(model, model_options, target_dict, registered)
 
 

@@ -25,7 +25,9 @@ alone matches the frozen UNet), ``base_id`` (no trigger words, Base + ID match t
 ``id_photo`` (not in the paper, default ``"same"`` = the paper): ``"other"`` feeds the ID branch the
 ArcFace and CLIP features of *another* photo of the same identity (drawn per sample, deterministically),
 so the ID-LoRA can only carry what the photos of a person share; the Base branch keeps the photo's own
-blurred-face features.  Samples whose identity has one photo keep their own.
+blurred-face features.  Samples whose identity has one photo keep their own.  ``"shuffled"`` is a control
+(it must fail the identity tests): the ID branch reads the features of a photo of *another* identity, drawn
+per sample, so nothing in them tells who is in the picture.
 
 Monitoring (none by default; see docs/training.md, "Monitoring"): ``"trackers": ["tensorboard"]`` (and/or
 ``"wandb"``) logs every step's loss per scenario, gradient norm and learning rate through accelerate's
@@ -60,7 +62,7 @@ objects of :mod:`hyperlora.train.stages`."""
 DISTILL_PARTS = DISTILL.parts
 PAPER_STAGES = ((1, 20000), (2, 15000), (3, 55000))
 MIXED_PRECISION = ("no", "bf16")
-ID_PHOTO = ("same", "other")
+ID_PHOTO = ("same", "other", "shuffled")
 """Where the ID branch's features come from: the training photo itself (paper) or another photo of its identity."""
 TRACKERS = ("tensorboard", "wandb")
 """Experiment trackers ``fit`` can log to (accelerate's names)."""
@@ -251,8 +253,8 @@ class FitConfig:
         if "id_photo" in raw:
             if raw["id_photo"] not in ID_PHOTO:
                 raise SettingError(f"{where}: 'id_photo' is {raw['id_photo']!r}; use \"same\" (the ID features of the "
-                                   f"training photo itself, as in the paper) or \"other\" (of another photo of the same "
-                                   f"identity).")
+                                   f"training photo itself, as in the paper), \"other\" (of another photo of the same "
+                                   f"identity) or \"shuffled\" (of a photo of another identity: a control).")
             kw["id_photo"] = raw["id_photo"]
         if "gradient_checkpointing" in raw:
             kw["gradient_checkpointing"] = _typed(raw, "gradient_checkpointing", bool, where)

@@ -106,20 +106,26 @@ def sample_identities(dataset: torch.utils.data.Dataset) -> list[str]:
 
 class OtherPhotos:
     """For ``"id_photo": "other"``: each sample's ID features (:data:`ID_KEYS`) replaced by those of another
-    photo of the same identity.
+    photo of the same identity.  With ``across=True`` (``"id_photo": "shuffled"``, a control that must fail):
+    by those of a photo of *another* identity, so the ID features say nothing of who is in the picture.
 
     ``pick`` draws, for sample index ``i``, a different index of the same identity with ``gen`` (uniform
-    over the others); an identity with a single photo keeps its own.  Deterministic in ``gen``.
+    over the others); an identity with a single photo keeps its own.  ``across``: an index of another
+    identity, uniform over all of their photos.  Deterministic in ``gen``.
     """
 
     ID_KEYS = ("arcface", "clip_id")
 
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, *, across: bool = False) -> None:
         self.dataset = dataset
+        self.across = across
         self.identity = sample_identities(dataset)
         self.groups: dict[str, list[int]] = {}
         for i, name in enumerate(self.identity):
             self.groups.setdefault(name, []).append(i)
+        if across and len(self.groups) < 2:
+            raise SettingError(f"'id_photo': \"shuffled\" needs photos of two identities or more; the training set "
+                               f"holds {len(self.groups)}.")
 
     @property
     def singletons(self) -> int:
@@ -127,6 +133,16 @@ class OtherPhotos:
         return sum(len(g) for g in self.groups.values() if len(g) == 1)
 
     def pick(self, i: int, gen: torch.Generator) -> int:
+        if self.across:         # uniform over the photos of the other identities
+            group = self.groups[self.identity[i]]
+            k = int(torch.randint(0, len(self.identity) - len(group), (1,), generator=gen))
+            for name, members in self.groups.items():
+                if name == self.identity[i]:
+                    continue
+                if k < len(members):
+                    return members[k]
+                k -= len(members)
+            raise RuntimeError(f"no photo of another identity for sample {i}")   # k < their photos: not reached
         group = self.groups[self.identity[i]]
         if len(group) == 1:
             return i

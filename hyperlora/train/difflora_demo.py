@@ -18,7 +18,9 @@ Steps (each logged; the long ones show progress and stop on Ctrl-C):
    * the denoising loss on the held-out evaluation photos with the identity's own DiffLoRA LoRA, another
      identity's and none (:func:`hyperlora.train.evaluate.group_loss`), for the training identities (their
      dataset LoRAs too, the target DiffLoRA learns) and the unseen ones;
-   * identity in generated pictures (:func:`hyperlora.train.idsim.evaluate_lora_pictures`), written as
+   * identity in generated pictures (:func:`hyperlora.train.idsim.evaluate_lora_pictures`) for DiffLoRA, the
+     HyperLoRA generator, the dataset's plain LoRAs (the ceiling; training identities) and those LoRAs
+     reconstructed by the LAE (what the LAE keeps of identity), DiffLoRA's written as
      ``DIR/eval.png`` and ``DIR/eval.json``; the LAST line is ``difflora: id-sim own X, other Y`` (training
      identities).
 
@@ -113,8 +115,8 @@ class DiffDemoResult:
     identities: int                    # training identities (one dataset LoRA each)
     lae_error: float                   # mean relative Frobenius error of the LAE's reconstructions
     losses: dict[str, Any]             # "<generator> <group>" -> evaluate.GroupLoss (generator: difflora,
-                                       # hyperlora, dataset; group: training, unseen)
-    pictures: dict[str, Any]           # "difflora" / "hyperlora" -> idsim.PictureEval
+                                       # hyperlora, dataset, reconstructed; group: training, unseen)
+    pictures: dict[str, Any]           # "difflora" / "hyperlora" / "dataset" / "reconstructed" -> idsim.PictureEval
     seconds_per_lora: dict[str, float]  # generator -> reference features -> one LoRA, mean seconds
     seconds: float
     hyperlora: Path | None = None      # DIR/hyper_lora/hyper_lora/<demo.MODEL_NAME>
@@ -226,6 +228,9 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
     factors["hyperlora"] = identity_loras(hyper_model, {n: features[n] for n in everyone})
     per_lora["hyperlora"] = (time.perf_counter() - clock) / len(everyone)
     factors["dataset"] = {n: factors_from_lora(lora) for n, lora in zip(data.names, data.loras)}
+    with torch.no_grad():      # the dataset's LoRAs through the LAE (encode, decode): what it keeps of identity
+        rebuilt = model.lae.decode_loras(model.lae.encode(data.loras), dtype=torch.float32)
+    factors["reconstructed"] = {n: factors_from_lora(lora) for n, lora in zip(data.names, rebuilt)}
     samples = [prep.eval_set[i] for i in range(len(prep.eval_set))]
     ac = prep.scheduler.alphas_cumprod
     prep.unet.eval()
@@ -233,14 +238,18 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
     if unseen:
         groups["unseen"] = unseen
     losses: dict[str, Any] = {}
-    for gen in ("difflora", "hyperlora", "dataset"):
+    for gen in ("difflora", "hyperlora", "dataset", "reconstructed"):
         for group, names in groups.items():
             if len(names) >= 2 and all(n in factors[gen] for n in names):
                 losses[f"{gen} {group}"] = group_loss(prep.unet, ac, samples, factors[gen], names, seed=seed)
+    # the dataset's plain LoRAs (training identities only) are the ceiling, the best a generated LoRA can do;
+    # "reconstructed" are the same LoRAs through the LAE
     pictures = {gen: evaluate_lora_pictures(factors[gen], base=prep.tree.sdxl, antelope=prep.tree.antelope,
-                                            references=prep.data.reference, groups=groups, seeds=size.picture_seeds,
-                                            prompts=DEFAULT_PROMPTS[:size.picture_prompts], unet=prep.unet)
-                for gen in ("difflora", "hyperlora")}
+                                            references=prep.data.reference,
+                                            groups=groups if gen in ("difflora", "hyperlora") else {"training": training},
+                                            seeds=size.picture_seeds, prompts=DEFAULT_PROMPTS[:size.picture_prompts],
+                                            unet=prep.unet)
+                for gen in ("difflora", "hyperlora", "dataset", "reconstructed")}
     write_report(pictures["difflora"], out)
     res = DiffDemoResult(tree=out, export=target, identities=len(training), lae_error=lae_error, losses=losses,
                          pictures=pictures, seconds_per_lora=per_lora, seconds=time.monotonic() - start,

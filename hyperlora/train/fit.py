@@ -239,11 +239,13 @@ def _train(cfg: FitConfig, accel: Any, ses: _Session, on_step: Callable[[int], N
                                stage=stage_)
 
     other_photos = None
-    if cfg.id_photo == "other":
+    if cfg.id_photo in ("other", "shuffled"):
         from .data import OtherPhotos
 
-        other_photos = OtherPhotos(ses.dataset)
-        if other_photos.singletons:
+        other_photos = OtherPhotos(ses.dataset, across=cfg.id_photo == "shuffled")
+        if cfg.id_photo == "shuffled":
+            log.warning("id_photo 'shuffled': a control run, the ID branch reads another identity's photo")
+        elif other_photos.singletons:
             log.warning("id_photo 'other': %d of %d samples are their identity's only photo and keep their own "
                         "ID features", other_photos.singletons, len(ses.dataset))
     # workers read ahead in the plan's order; a resumed run starts the sampler at its micro-batch counter

@@ -108,6 +108,15 @@ class ComfyServer:
             body = json.loads(e.read().decode("utf-8") or "{}")
             raise PromptError(f"prompt refused ({e.code}): {json.dumps(body)[:2000]}", body) from e
 
+    def free(self, *, settle: float = 3.0) -> None:
+        """POST /free: unload every model and clear the node cache (the worker acts on it within a second when
+        idle; ``settle`` seconds are waited for that), so the next prompt starts from an empty server."""
+        data = json.dumps({"unload_models": True, "free_memory": True}).encode("utf-8")
+        req = urllib.request.Request(self.url + "/free", data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+        time.sleep(settle)
+
     def wait(self, prompt_id: str, *, timeout: float = 600.0) -> dict[str, Any]:
         """Poll /history until the prompt finished; returns its history entry (success or error)."""
         deadline = time.monotonic() + timeout

@@ -71,8 +71,10 @@ def test_last_line_and_the_summary_agree(demo_tree):
     assert s["identities"] == quick.toy.identities
     # both generators, both groups, and the dataset LoRAs DiffLoRA learns from (training identities only)
     assert set(s["denoising_loss"]) == {"difflora training", "difflora unseen", "hyperlora training",
-                                        "hyperlora unseen", "dataset training"}
-    assert set(pics) == {"difflora training", "difflora unseen", "hyperlora training", "hyperlora unseen"}
+                                        "hyperlora unseen", "dataset training", "reconstructed training"}
+    # the plain LoRAs (the ceiling) and the same through the LAE, in pictures too
+    assert set(pics) == {"difflora training", "difflora unseen", "hyperlora training", "hyperlora unseen",
+                         "dataset training", "reconstructed training"}
     for key, loss in s["denoising_loss"].items():
         group = quick.toy.identities if key.endswith("training") else quick.toy.unseen
         assert loss["identities"] == group and loss["photos"] == group * quick.toy.evaluate_per_identity, key

@@ -271,6 +271,48 @@ def test_identity_hook_lands_on_sdxl_and_refuses_sd15(pack, comfy, identity_and_
     assert not sd15.hook_patches
 
 
+def test_identity_hooks_stop_caching_weights_when_the_cache_would_not_fit_in_ram(pack, comfy, identity_and_lora,
+                                                                                monkeypatch, caplog):
+    """Two identities on prompts made ComfyUI ("max speed" hook mode) keep a patched fp32 copy of the 560 SDXL
+    projections per identity, 3.8 GB each, beside a backup: with the default fp32 SDXL on a CPU the server was
+    killed on a 24 GB machine (test_default_precision.py, two_people).  When the copies of the identities
+    registered so far do not fit in the free RAM, the sampling switches to "min vram" (recomputed, not cached)."""
+    import comfy.hooks
+    import comfy.model_management as mm
+
+    hooks_module = sys.modules[f"{pack.module.__name__}.nodes.hooks"]
+    core = pack.core("lora")
+    _identity, lora, _ = identity_and_lora
+    hooks = [pack.nodes["HyperLoRAStudioConditioning"]().run([], [], lora, 0.85, 0.0, 1.0)[2].hooks[0]
+             for _ in range(2)]
+    sd = _patcher(comfy, "SDXL").model.state_dict()
+    lora_nodes = sys.modules[f"{pack.module.__name__}.nodes.lora"]
+    landed = set(lora_nodes.check_lora_lands(_patcher(comfy, "SDXL"), lora).values())
+    numel = sum(sd[k].numel() for k in landed)
+    assert len(landed) == 560 and 0.9e9 < numel < 1.0e9               # SDXL's attention projections
+    per_group = core.hook_cache_bytes(numel, 4, 1) - core.hook_cache_bytes(numel, 4, 0)
+    assert per_group == 4 * numel and core.hook_cache_bytes(numel, 4, 2) == 12 * numel   # 11.4 GB for an fp32 SDXL
+
+    def register(free: int) -> tuple[Any, dict]:
+        monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: free)
+        model, options = _patcher(comfy, "SDXL"), {}
+        modes = []
+        for hook in hooks:
+            assert hook.add_hook_patches(model, options, {}, comfy.hooks.HookGroup()) is True
+            modes.append(model.hook_mode)
+        return modes, options
+
+    itemsize = sd[next(iter(landed))].element_size()
+    with caplog.at_level("WARNING"):
+        modes, options = register(10 ** 13)                              # plenty: ComfyUI's default stays
+        assert modes == [comfy.hooks.EnumHookMode.MaxSpeed] * 2 and options[hooks_module.HOOK_STATE]["groups"] == 2
+        assert "recomputes them" not in caplog.text
+        one = core.hook_cache_bytes(numel, itemsize, 1) + core.HOOK_CACHE_MARGIN   # room for one identity's copy
+        modes, _ = register(one)
+        assert modes == [comfy.hooks.EnumHookMode.MaxSpeed, comfy.hooks.EnumHookMode.MinVram]
+    assert "2 identities on prompts would make ComfyUI keep" in caplog.text and "recomputes them" in caplog.text
+
+
 def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
     tiny, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")

@@ -1,11 +1,6 @@
-"""Refine Identity at ComfyUI's default precision in a real server, and at every diffusion-model precision
-ComfyUI 0.3.64 offers (``--*-unet``) in this process.
-
-The server: ComfyUI started with its defaults (no precision flag: on the CPU an fp32 UNet without manual
-cast, the setup that failed with "Inference tensors cannot be saved for backward" in LayerNorm) runs the
-shipped refine_identity workflow on the random SDXL checkpoint through ``CheckpointLoaderSimple``.  So that
-two SDXL servers never hold their models at once, the session's (fp16) server first drops its models and
-caches (``POST /free``); it loads them again when a later test needs them.
+"""Refine Identity at every diffusion-model precision ComfyUI 0.3.64 offers (``--*-unet``), in this process.
+(The real server started with ComfyUI's defaults, where it once crashed with "Inference tensors cannot be
+saved for backward", runs it and every other node in ``test_default_precision.py``.)
 
 The UNet is ComfyUI's own SDXL class at 32 channels instead of 320 (every module of SDXL, with its
 name, so the LoRA key map and the checkpointed blocks are the real ones; 1/100 of the weights), made
@@ -29,7 +24,6 @@ that path (``model_management.supports_fp8_compute`` is False), so it is not cov
 from __future__ import annotations
 
 import math
-import re
 import sys
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -37,10 +31,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from hyperlora.tools import queue as q
-from tests.comfy.client import ComfyServer, free_port
 from tests.comfy.models import ANTELOPE, CLIP_FOLDER
-from tests.comfy.test_workflows import REFINE_STEPS, for_fixtures, node_ids, run_graph
 from tests.fixtures.hyperlora_models import Preset, write_hyperlora_folder
 from tests.fixtures.sdxl import model_config
 
@@ -231,45 +222,6 @@ def test_other_inference_tensors_are_copied_only_while_refining(pack, comfy, han
     assert copied < 1 << 20 and plain.weight.is_inference()
     out = refine_in_inference_mode(pack, patcher, handle)
     assert f"{STEPS} steps" in out["result"][2]
-
-
-# --------------------------------------------------------------------------- a real server with the defaults
-
-
-@pytest.fixture(scope="module")
-def default_server(comfy_root, comfy_base, comfy_server, tmp_path_factory) -> Iterator[ComfyServer]:
-    """ComfyUI with its default precision (only ``--cpu`` and the quiet flags every test server has).
-
-    Its fp32 SDXL takes about 13 GB: the session's server (about 8 GB even after ``POST /free``) is stopped
-    meanwhile, so the run stays under 20 GB, and started again afterwards for the tests that follow."""
-    comfy_server.stop()
-    server = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(),
-                         log_path=tmp_path_factory.mktemp("default_server") / "server.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        comfy_server.start()
-
-
-@pytest.mark.slow
-def test_refine_identity_workflow_in_comfyui_started_with_its_defaults(default_server):
-    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("refine_identity")), {})
-    (ckpt,) = node_ids(graph, "CheckpointLoaderSimple")
-    (refine_node,) = node_ids(graph, "HyperLoRAStudioRefineIdentity")
-    entry = run_graph(default_server, graph)
-    log = default_server.log_text()
-    assert "model weight dtype torch.float32, manual cast: None" in log, log[-3000:]   # the failing setup
-    assert graph[ckpt]["class_type"] == "CheckpointLoaderSimple"
-    (report,) = entry["outputs"][refine_node]["text"]
-    m = re.search(r"before ([0-9.]+), after ([0-9.]+)", report)
-    assert m and f"{REFINE_STEPS} steps" in report, report
-    assert math.isfinite(float(m.group(1))) and float(m.group(2)) < float(m.group(1)), report
-    (preview,) = [entry["outputs"][n]["text"] for n in node_ids(graph, "PreviewAny")
-                  if graph[n]["_meta"]["title"].startswith("Refine report")]
-    assert preview == [report]
-    assert "Inference tensors" not in log
 
 
 def test_refine_refuses_a_nan_latent_and_a_16_channel_latent_with_the_fix(pack, comfy, handle, unet_sd, monkeypatch):

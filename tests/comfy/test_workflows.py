@@ -349,12 +349,10 @@ RUN_ALONE = ("concept_slider", "controlnet_pose", "two_people", "face_inpaint", 
              "face_detailer", "group_photo", "best_of_n", "difflora_best_of_n", "difflora_new_person")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", RUN_ALONE)
-def test_api_workflow_runs(name, comfy_server, fixture_files):
-    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
-    entry = run_graph(comfy_server, graph)
-    images = _saved_images(comfy_server, entry, graph)
+def check_run(server, name: str, graph: dict[str, Any], entry: dict[str, Any]) -> list[Image.Image]:
+    """What every run of the shipped workflow ``name`` must give (any server, any precision): its saved
+    pictures (sizes and counts), its previews, its saved files; returns the saved pictures."""
+    images = _saved_images(server, entry, graph)
     if name in ("best_of_n", "difflora_best_of_n"):     # one SaveImage node, a batch of the kept pictures
         assert len(node_ids(graph, "SaveImage")) == 1
     else:
@@ -384,10 +382,22 @@ def test_api_workflow_runs(name, comfy_server, fixture_files):
         before, after = (np.asarray(im.convert("RGB")) for im in images)
         assert np.array_equal(before, after)
     if name == "instantid_controlnet":
-        log = comfy_server.log_text()
+        log = server.log_text()
         assert "missing controlnet keys" not in log and "leftover keys" not in log
     crops = [o for nid, o in entry["outputs"].items() if graph[nid]["class_type"] == "PreviewImage"]
     assert len(crops) == len(node_ids(graph, "PreviewImage")) and all(len(o["images"]) >= 1 for o in crops)
+    texts = [entry["outputs"].get(nid, {}).get("text") for nid in node_ids(graph, "PreviewAny")]
+    assert all(t and all(isinstance(x, str) and x for x in t) for t in texts), texts
+    assert "lora key not loaded" not in server.log_text()
+    return images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUN_ALONE)
+def test_api_workflow_runs(name, comfy_server, fixture_files):
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow(name)), fixture_files)
+    entry = run_graph(comfy_server, graph)
+    images = check_run(comfy_server, name, graph, entry)
     if name not in COMPARED_WITH_PLAIN:
         return
     # the identity changes the picture; at strength 0 it is the plain model's picture, bit for bit

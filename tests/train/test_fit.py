@@ -216,21 +216,26 @@ def test_loader_workers_change_nothing(unet: torch.nn.Module, tmp_path: Path) ->
     assert all(torch.equal(res[0][k], res[1][k]) for k in res[0])
 
 
-def test_id_photo_other_feeds_the_id_branch_another_photo(unet: torch.nn.Module, tmp_path: Path) -> None:
-    """With two photos per identity, "id_photo": "other" trains exactly like "same" on a dataset whose ArcFace
-    and CLIP-ID features were swapped within each identity by hand (stages 2 and 3 read both); it differs from
-    "same" on the unswapped data."""
-    data = ToyDataset(4, ids=2)                          # id0: 0, 2   id1: 1, 3
-    swapped = ToyDataset(4, ids=2)
-    for i, j in ((0, 2), (2, 0), (1, 3), (3, 1)):
+@pytest.mark.parametrize("mode, photos, swaps", [
+    ("other", 4, ((0, 2), (2, 0), (1, 3), (3, 1))),      # id0: 0, 2   id1: 1, 3: another photo of the same person
+    ("shuffled", 2, ((0, 1), (1, 0))),                   # id0: 0      id1: 1: the control, the other person's photo
+])
+def test_id_photo_feeds_the_id_branch_the_chosen_photo(unet: torch.nn.Module, tmp_path: Path, mode: str, photos: int,
+                                                       swaps: tuple) -> None:
+    """"id_photo": "other" (two photos per identity) and the "shuffled" control (one photo per identity, two
+    identities: always the other identity's) train exactly like "same" on a dataset whose ArcFace and CLIP-ID
+    features were swapped by hand (stages 2 and 3 read both); they differ from "same" on the unswapped data."""
+    data = ToyDataset(photos, ids=2)
+    swapped = ToyDataset(photos, ids=2)
+    for i, j in swaps:
         swapped.items[i] = {**data.items[i], "arcface": data.items[j]["arcface"], "clip_id": data.items[j]["clip_id"]}
     stages = [{"stage": 2, "steps": 2}, {"stage": 3, "steps": 2}]
     runs = {}
-    for name, ds, mode in (("other", data, "other"), ("by_hand", swapped, "same"), ("same", data, "same")):
-        cfg = toy_config(tmp_path / name, stages=stages, checkpoint_every=0, id_photo=mode)
+    for name, ds, id_photo in ((mode, data, mode), ("by_hand", swapped, "same"), ("same", data, "same")):
+        cfg = toy_config(tmp_path / name, stages=stages, checkpoint_every=0, id_photo=id_photo)
         fit(cfg, dataset=ds, unet=copy.deepcopy(unet), noise_scheduler=scheduler())
         runs[name] = load_file(str(tmp_path / name / "checkpoints" / "step-000004" / "generator.safetensors"))
-    assert all(torch.equal(runs["other"][k], runs["by_hand"][k]) for k in runs["other"])
-    assert any(not torch.equal(runs["other"][k], runs["same"][k]) for k in runs["other"])
-    with pytest.raises(SettingError, match="id_photo"):
+    assert all(torch.equal(runs[mode][k], runs["by_hand"][k]) for k in runs[mode])
+    assert any(not torch.equal(runs[mode][k], runs["same"][k]) for k in runs[mode])
+    with pytest.raises(SettingError, match="id_photo.*shuffled"):
         toy_config(tmp_path / "bad", id_photo="another")

@@ -163,6 +163,29 @@ def test_sample_identities_and_other_photos(folder):
     assert set(drawn) == {0, 1, 2, 4} and min(drawn.count(k) for k in (0, 1, 2, 4)) > 60
 
 
+def test_shuffled_photos_are_always_of_another_identity() -> None:
+    """``across`` (the "shuffled" control): the ID features come from a photo of another identity, uniform over
+    all their photos (never one of the sample's own identity, every other photo drawn); one identity is refused."""
+    from hyperlora.errors import SettingError
+    from hyperlora.train.data import OtherPhotos
+
+    names = ["a", "b", "a", "c", "c", "c"]
+    items = [{"identity": n, "arcface": torch.full((2,), float(i)), "clip_id": torch.full((1,), float(i))}
+             for i, n in enumerate(names)]
+    photos = OtherPhotos(items, across=True)
+    g = torch.Generator().manual_seed(2)
+    for i, own in enumerate(names):
+        drawn = [photos.pick(i, g) for _ in range(300)]
+        others = {j for j, n in enumerate(names) if n != own}
+        assert set(drawn) == others, (i, set(drawn))
+        assert min(drawn.count(j) for j in others) > 300 / len(others) / 2      # about uniform
+    out = photos.apply(items[:2], [0, 1], torch.Generator().manual_seed(0))
+    assert all(names[int(o["arcface"][0])] != names[k] for k, o in enumerate(out))
+    assert all(o["arcface"][0] == o["clip_id"][0] == o["id_source"] for o in out)
+    with pytest.raises(SettingError, match="shuffled.*two identities"):
+        OtherPhotos([{"identity": "a"}] * 3, across=True)
+
+
 @pytest.mark.parametrize("feature_dtype, tensor_bytes", [("mixed", 1_952_792), ("float16", 1_820_696)])
 def test_bytes_per_sample_at_sdxl_sizes(tmp_path, feature_dtype: str, tensor_bytes: int) -> None:
     """The figure docs/training.md states: one sample at SDXL's sizes (1024 px latents 4 x 128 x 128, CLIP
