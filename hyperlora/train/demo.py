@@ -25,7 +25,9 @@ Steps (each logged, long ones with a progress bar):
    (:mod:`hyperlora.train.idsim`, CPU DDIM samples scored by the pack's face pipeline): ``DIR/eval.png`` and
    ``DIR/eval.json``, and the last line gains ``; id-sim own X, other Y, none Z``.
 
-``--quick`` shrinks everything (identities, photos, steps) for tests; ``--steps`` sets the fit length.
+``--quick`` shrinks everything (identities, photos, steps) for tests; ``--steps`` sets the fit length;
+``--identities``, ``--pretrain-steps`` and ``--vae whole`` (the whole toy VAE trained, not only its decoder)
+reproduce the larger set-up measured in docs/training.md ("All three together").
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,7 @@ class DemoSize:
     evaluate_per_identity: int
     pretrain_steps: int
     stages: tuple[int, int, int]
+    whole_vae: bool = False      # train the toy VAE's encoder too (toy.decoder.WHOLE): see docs/training.md
 
 
 FULL = DemoSize(identities=8, unseen=3, train_per_identity=100, reference_per_identity=2, evaluate_per_identity=6,
@@ -224,10 +227,12 @@ def prepare_toy(out: Path, *, work: Path | None = None, size: DemoSize = FULL, s
 
     log.info("demo 1/6: models tree in %s", out)
     tree = build_tree(out, seed=seed)
-    from .toy.decoder import install_decoder
+    from .toy.decoder import WHOLE, DecoderTraining, install_decoder
 
-    cached = install_decoder(tree.sdxl, seed=seed, progress=progress)
-    log.info("toy VAE decoder trained to draw toy portraits (encoder unchanged): %s", cached)
+    vae_settings = WHOLE if size.whole_vae else DecoderTraining()
+    cached = install_decoder(tree.sdxl, seed=seed, settings=vae_settings, progress=progress)
+    log.info("toy VAE %s trained to draw toy portraits: %s",
+             "(encoder and decoder)" if size.whole_vae else "decoder (encoder unchanged)", cached)
 
     log.info("demo 2/6: synthetic identities in %s", work / "data")
     if (work / "data").exists():
@@ -396,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, help=f"folder for photos, shards and the run (default: OUT/{WORK_NAME})")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds): fewer identities, photos and steps")
     p.add_argument("--steps", type=int, help="total fit steps, split over the three stages like the default")
+    p.add_argument("--identities", type=int, help=f"training identities (default {FULL.identities})")
+    p.add_argument("--pretrain-steps", type=int, help=f"base UNet pre-training steps (default {FULL.pretrain_steps})")
+    p.add_argument("--vae", choices=("decoder", "whole"), default="decoder",
+                   help="train the toy VAE's decoder only (default: existing latents stay valid) or the whole VAE "
+                        "(its reconstructions keep the identity; docs/training.md, 'Tried since: the whole VAE')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=MODEL_NAME, help="folder name of the trained model in the tree")
     return p
@@ -404,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     size = QUICK if args.quick else FULL
+    for value, flag, least in ((args.identities, "--identities", 2), (args.pretrain_steps, "--pretrain-steps", 0)):
+        if value is not None and value < least:
+            raise SystemExit(f"demo: {flag} must be at least {least}")
+    size = replace(size, identities=args.identities if args.identities is not None else size.identities,
+                   pretrain_steps=args.pretrain_steps if args.pretrain_steps is not None else size.pretrain_steps,
+                   whole_vae=args.vae == "whole")
     stages = None
     if args.steps is not None:
         if args.steps < 3:

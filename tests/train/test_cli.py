@@ -140,3 +140,39 @@ def test_fit_and_export_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFi
     loaded = load_hyper_lora(out)
     assert loaded.basis_dtype == torch.float32
     assert loaded.arch == load_hyper_lora(export).arch
+
+
+def test_demo_size_options_reach_the_run_and_the_vae_choice_reaches_prepare(monkeypatch, tmp_path: Path) -> None:
+    """``demo --identities --pretrain-steps --vae whole`` (the measured whole-VAE set-up of docs/training.md):
+    the run gets the default size with those three changed, and the toy set-up trains the whole VAE."""
+    from dataclasses import replace
+
+    from hyperlora.train import demo
+    from hyperlora.train.toy import decoder
+
+    seen: dict = {}
+
+    def fake_run(out, *, work, size, stages, seed, name):
+        seen["size"] = size
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    demo.main(["--out", str(tmp_path / "t"), "--identities", "16", "--pretrain-steps", "6000", "--vae", "whole"])
+    assert seen["size"] == replace(demo.FULL, identities=16, pretrain_steps=6000, whole_vae=True)
+    demo.main(["--out", str(tmp_path / "t"), "--quick"])
+    assert seen["size"] == demo.QUICK and not demo.QUICK.whole_vae
+    with pytest.raises(SystemExit, match="--identities must be at least 2"):
+        demo.main(["--out", str(tmp_path / "t"), "--identities", "1"])
+
+    class Stop(Exception):
+        pass
+
+    def fake_install(folder, *, seed, settings, progress):
+        seen["vae"] = settings
+        raise Stop
+
+    monkeypatch.setattr(decoder, "install_decoder", fake_install)
+    for whole, want in ((True, decoder.WHOLE), (False, decoder.DecoderTraining())):
+        with pytest.raises(Stop):
+            demo.prepare_toy(tmp_path / f"m{whole}", size=replace(demo.QUICK, whole_vae=whole), progress=False)
+        assert seen["vae"] == want

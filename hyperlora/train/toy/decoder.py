@@ -49,13 +49,30 @@ class DecoderTraining:
     photos: int = 384           # toy photos drawn once (latents encoded once), sampled with replacement
     identities: int = 48        # identities those photos show (none of them the demo's: other seed)
     seed: int = 7
+    whole: bool = False         # train the encoder too (changes every latent: shards must be prepared again)
+    latent_l2: float = 0.0      # weight of mean(z^2) on the encoder's latent mean (``whole`` only: keeps it bounded)
 
 
 STEPS = DecoderTraining().steps
+WHOLE = DecoderTraining(steps=2400, whole=True, latent_l2=1e-4)
+"""The whole toy VAE trained (encoder too): its reconstructions keep what tells toy identities apart
+(docs/training.md, "Tried since: the whole VAE trained")."""
+SCALING_KEY = "scaling_factor"
+"""Metadata key of a whole-VAE cache file: the recalibrated ``scaling_factor`` (1 / std of the latent means)."""
 
 
-def _trainable(vae: Any) -> list[torch.nn.Parameter]:
+def _trainable(vae: Any, whole: bool = False) -> list[torch.nn.Parameter]:
+    if whole:
+        return list(vae.parameters())
     return list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+
+
+def latent_scale(vae: Any, images: torch.Tensor) -> float:
+    """``1 / std`` of ``vae``'s latent means of ``images`` ``[N, 3, H, W]``: the ``scaling_factor`` that gives the
+    diffusion model unit-variance latents (SDXL's 0.13025 was found the same way for its VAE)."""
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    return float(1.0 / z.float().std())
 
 
 def draw_photos(settings: DecoderTraining, *, size: int) -> torch.Tensor:
@@ -69,21 +86,27 @@ def draw_photos(settings: DecoderTraining, *, size: int) -> torch.Tensor:
 
 
 def train_decoder(vae: Any, settings: DecoderTraining = DecoderTraining(), *, progress: bool = True) -> list[float]:
-    """Train ``vae``'s decoder (and ``post_quant_conv``) in place; the encoder is frozen.  Returns the loss per step.
+    """Train ``vae``'s decoder (and ``post_quant_conv``) in place; the encoder is frozen unless ``settings.whole``.
+    Returns the loss per step.
 
     Input of the decoder: the encoder's latent MEAN (what ``prepare`` stores, divided back by the scaling factor).
+    With ``settings.whole`` the encoder is trained too, on the same crops (encode -> mean -> decode), with
+    ``settings.latent_l2 * mean(z^2)`` added so the latents stay bounded.
     """
     from tqdm.auto import tqdm
 
     size = int(vae.config.sample_size)
     images = draw_photos(settings, size=size)
     vae.requires_grad_(False).eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
-    params = _trainable(vae)
+    latents = None
+    if not settings.whole:
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    f = 2 ** (len(vae.config.block_out_channels) - 1)          # image pixels per latent pixel
+    params = _trainable(vae, settings.whole)
     for p in params:
         p.requires_grad_(True)
-    vae.decoder.train()
+    (vae if settings.whole else vae.decoder).train()
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(settings.seed)
     losses: list[float] = []
@@ -91,14 +114,22 @@ def train_decoder(vae: Any, settings: DecoderTraining = DecoderTraining(), *, pr
         idx = torch.randint(0, len(images), (settings.batch_size,), generator=gen)
         for g in opt.param_groups:      # cosine decay to 5 %
             g["lr"] = settings.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / max(1, settings.steps))))
-        z, target = latents[idx], images[idx]
-        if 0 < settings.crop < z.shape[-1]:     # one random crop per step (the decoder is convolutional)
-            top, left = (int(v) for v in torch.randint(0, z.shape[-1] - settings.crop + 1, (2,), generator=gen))
-            f = target.shape[-1] // z.shape[-1]
-            z = z[..., top:top + settings.crop, left:left + settings.crop]
-            target = target[..., top * f:(top + settings.crop) * f, left * f:(left + settings.crop) * f]
+        target = images[idx]
+        side = target.shape[-1] // f
+        top = left = 0
+        crop = side
+        if 0 < settings.crop < side:     # one random crop per step (the VAE is convolutional)
+            top, left = (int(v) for v in torch.randint(0, side - settings.crop + 1, (2,), generator=gen))
+            crop = settings.crop
+        target = target[..., top * f:(top + crop) * f, left * f:(left + crop) * f]
+        if latents is None:
+            z = vae.encode(target).latent_dist.mean
+        else:
+            z = latents[idx][..., top:top + crop, left:left + crop]
         out = vae.decode(z).sample
         loss = (out - target).abs().mean() + (out - target).pow(2).mean()
+        if settings.whole and settings.latent_l2 > 0:
+            loss = loss + settings.latent_l2 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -148,28 +179,38 @@ def cached_decoder(vae: Any, *, seed: int, settings: DecoderTraining = DecoderTr
             losses = train_decoder(vae, settings, progress=progress)
             k = max(1, len(losses) // 10)
             state = {n: p.detach().clone().contiguous() for n, p in vae.state_dict().items()
-                     if n.startswith((DECODER_PREFIX, "post_quant_conv."))}
+                     if settings.whole or n.startswith((DECODER_PREFIX, "post_quant_conv."))}
+            meta = {"first_loss": f"{sum(losses[:k]) / k:.5f}", "last_loss": f"{sum(losses[-k:]) / k:.5f}"}
+            if settings.whole:
+                meta[SCALING_KEY] = repr(latent_scale(vae, draw_photos(settings, size=int(vae.config.sample_size))))
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(state, str(tmp), metadata={"first_loss": f"{sum(losses[:k]) / k:.5f}",
-                                                 "last_loss": f"{sum(losses[-k:]) / k:.5f}"})
+            save_file(state, str(tmp), metadata=meta)
             tmp.replace(path)
+    from safetensors import safe_open
+
     state = load_file(str(path))
     missing = [n for n in state if n not in vae.state_dict()]
     if missing:
         raise RuntimeError(f"cached toy decoder {path} does not fit this VAE ({missing[:3]}); delete the file.")
     vae.load_state_dict(state, strict=False)
+    with safe_open(str(path), framework="pt") as fh:
+        scale = (fh.metadata() or {}).get(SCALING_KEY)
+    if scale is not None:
+        vae.register_to_config(scaling_factor=float(scale))
     return path
 
 
-def install_decoder(sdxl_folder: Path, *, seed: int, progress: bool = True) -> Path:
-    """Put the trained decoder into the tiny SDXL folder ``sdxl_folder/vae`` (its encoder unchanged)."""
+def install_decoder(sdxl_folder: Path, *, seed: int, settings: DecoderTraining = DecoderTraining(),
+                    progress: bool = True) -> Path:
+    """Put the trained decoder into the tiny SDXL folder ``sdxl_folder/vae`` (its encoder unchanged), or with
+    ``settings.whole`` the whole trained VAE and its recalibrated ``scaling_factor``."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(str(sdxl_folder), subfolder="vae", local_files_only=True)
-    path = cached_decoder(vae, seed=seed, progress=progress)
+    path = cached_decoder(vae, seed=seed, settings=settings, progress=progress)
     vae.save_pretrained(Path(sdxl_folder) / "vae")
     return path
 
 
-__all__ = ["CACHE_NAME", "DecoderTraining", "STEPS", "TOY_CACHE_ENV", "cache_key", "cache_root", "cached_decoder", "draw_photos",
+__all__ = ["CACHE_NAME", "DecoderTraining", "SCALING_KEY", "STEPS", "WHOLE", "latent_scale", "TOY_CACHE_ENV", "cache_key", "cache_root", "cached_decoder", "draw_photos",
            "install_decoder", "train_decoder"]
