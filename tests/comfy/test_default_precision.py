@@ -26,7 +26,7 @@ import pytest
 from hyperlora.tools import queue as q
 from tests.comfy.client import ComfyServer, free_port
 from tests.comfy.graphs import FACE, loader
-from tests.comfy.test_workflows import (FACE as FACE_FILE, REFINE_STEPS, WORKFLOWS, _previews, check_run,  # noqa: F401
+from tests.comfy.test_workflows import (FACE as FACE_FILE, REFINE_STEPS, WORKFLOWS, previews, check_run,  # noqa: F401
                                         fixture_files, for_fixtures, node_ids, run_graph)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -80,7 +80,7 @@ def saved_identity(default_server, fixture_files) -> dict[str, Any]:  # noqa: F8
     m = re.search(r"before ([0-9.]+), after ([0-9.]+)", report)
     assert m and f"{REFINE_STEPS} steps" in report, report
     assert math.isfinite(float(m.group(1))) and float(m.group(2)) < float(m.group(1)), report
-    assert _previews(entry, graph)["Refine report (loss before and after)"] == [report]
+    assert previews(entry, graph)["Refine report (loss before and after)"] == [report]
     (save_node,) = node_ids(graph, "HyperLoRAStudioSaveIdentity")
     (written,) = entry["outputs"][save_node]["hyper_lora_files"]
     return written

@@ -364,7 +364,7 @@ def check_run(server, name: str, graph: dict[str, Any], entry: dict[str, Any]) -
         assert [im.size for im in images] == [(64, 64)] * 2
     elif name == "difflora_best_of_n":  # 4 candidate LoRAs, one image each, the best kept
         assert [im.size for im in images] == [(64, 64)]
-        shown = _previews(entry, graph)
+        shown = previews(entry, graph)
         (ranking,) = shown["Ranking (every candidate's score)"]
         assert ranking.splitlines()[0].endswith("kept 1 of 4") and len(ranking.splitlines()) == 5, ranking
         (seeds,) = shown["Which seed each candidate has"]
@@ -374,7 +374,7 @@ def check_run(server, name: str, graph: dict[str, Any], entry: dict[str, Any]) -
         (export,) = node_ids(graph, "HyperLoRAStudioExportLoRA")
         (saved,) = entry["outputs"][export]["hyper_lora_files"]
         assert saved["filename"].startswith("new_person_") and saved["subfolder"] == "difflora", saved
-        assert "seed 7" in _previews(entry, graph)["Seed and model"][0]
+        assert "seed 7" in previews(entry, graph)["Seed and model"][0]
     else:
         assert {im.size for im in images} == {(64, 64)}
     if name in ("face_detailer", "group_photo"):
@@ -474,12 +474,12 @@ def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_s
     assert refined.settings["refined"].startswith(f"coefficients, {REFINE_STEPS} steps")
     assert refined.face_embedding is not None and refined.tokens.shape == (8 * 140, 4)
     assert "lora key not loaded" not in comfy_server.log_text()
-    shown = _previews(entry, graph)                    # what the front end shows in the Preview Any nodes
+    shown = previews(entry, graph)                    # what the front end shows in the Preview Any nodes
     assert shown["Refine report (loss before and after)"] == [report]
     assert shown["HyperLoRA model info"][0].startswith(f"HyperLoRA model '{SMALL_MODEL}': "), shown
 
 
-def _previews(entry: dict[str, Any], graph: dict[str, Any]) -> dict[str, list[str]]:
+def previews(entry: dict[str, Any], graph: dict[str, Any]) -> dict[str, list[str]]:
     """``{title: text list}`` of the core Preview Any nodes after a run (the front end shows the first text)."""
     return {graph[nid]["_meta"]["title"]: entry["outputs"][nid]["text"] for nid in node_ids(graph, "PreviewAny")}
 
@@ -494,7 +494,7 @@ def test_best_of_n_shows_the_ranking_the_best_score_and_the_loader_info(comfy_se
         "Ranking (every image's score)", "Best score (first of the kept scores)", "HyperLoRA model info"}
     entry = run_graph(comfy_server, graph)
     assert len(_saved_images(comfy_server, entry, graph)) == graph[best]["inputs"]["keep"]
-    shown = _previews(entry, graph)
+    shown = previews(entry, graph)
     (ranking,) = shown["Ranking (every image's score)"]
     lines = ranking.splitlines()
     assert lines[0].endswith(f"kept {graph[best]['inputs']['keep']} of 8") and len(lines) == 9, ranking
