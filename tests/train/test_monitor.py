@@ -255,8 +255,8 @@ def test_two_processes_validate_and_log_once(tmp_path: Path) -> None:
     unet = tiny_unet(seed=0).requires_grad_(False).eval()
     held_out = monitor.Validation(ToyDataset(5, seed=9), cfg, clip_dim=TINY["clip_dim"]).run(
         Trainer(unet, gen, scheduler(), cfg), "3", gen, device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    for r in val[-3:]:
-        assert float(r["loss"]) == pytest.approx(held_out[r["scenario"]], rel=1e-5), r
+    for r in val[-3:]:   # base_id is a near-zero MSE (1.9e-6): float32 rounding across processes shows in rel terms
+        assert float(r["loss"]) == pytest.approx(held_out[r["scenario"]], rel=1e-5, abs=1e-9), r
 
 
 def test_validation_and_grad_norm_with_an_fsdp2_sharded_generator(tmp_path: Path) -> None:
