@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import comfy.hooks
+import comfy.utils
 
 from ..hyperlora.blocks import apply_block_strengths
 from ..hyperlora.lora import hook_cache_fits, step_window
@@ -43,10 +44,7 @@ def keep_hook_cache_in_ram(model: Any, model_options: dict, landed: dict[str, st
     state = model_options.setdefault(HOOK_STATE, {"keys": set(), "groups": 0})
     state["groups"] += 1
     state["keys"].update(landed.values())
-    sd = model.model.state_dict()
-    weights = [sd[k] for k in state["keys"] if k in sd]
-    if not weights:
-        return
+    weights = [comfy.utils.get_attr(model.model, k) for k in state["keys"]]     # check_lora_lands found each one
     numel = sum(w.numel() for w in weights)
     free = int(mm.get_free_memory(torch.device("cpu")))
     fits, need = hook_cache_fits(numel, max(w.element_size() for w in weights), state["groups"], free)

@@ -572,7 +572,8 @@ def build_dataset(cfg: DatasetConfig, out: str | os.PathLike[str], *, unet: nn.M
     fitted: list[str] = []
     skipped: list[str] = []
     interrupted = False
-    with StopFlag("stopping after this identity (Ctrl-C again to stop at once); a rerun resumes.") as flag, one_thread(next(unet.parameters()).device):
+    ctrl_c = StopFlag("stopping after this identity (Ctrl-C again to stop at once); a rerun resumes.")
+    with ctrl_c as flag, one_thread(next(unet.parameters()).device):
         for k, name in enumerate(mine):
             if is_done(out, name, cfg, manifest):
                 if not (out / f"{name}{MIF_SUFFIX}").is_file():     # a folder written before MIF files existed

@@ -237,19 +237,16 @@ def run_difflora_demo(out: Path, *, work: Path | None = None, size: DiffDemoSize
     groups = {"training": training}
     if unseen:
         groups["unseen"] = unseen
-    losses: dict[str, Any] = {}
-    for gen in ("difflora", "hyperlora", "dataset", "reconstructed"):
-        for group, names in groups.items():
-            if len(names) >= 2 and all(n in factors[gen] for n in names):
-                losses[f"{gen} {group}"] = group_loss(prep.unet, ac, samples, factors[gen], names, seed=seed)
-    # the dataset's plain LoRAs (training identities only) are the ceiling, the best a generated LoRA can do;
-    # "reconstructed" are the same LoRAs through the LAE
+    # every generator on the groups it has a LoRA for: the dataset's plain LoRAs (the ceiling, the best a generated
+    # LoRA can do) and their LAE reconstructions exist for the training identities only
+    covered = {gen: {g: names for g, names in groups.items() if len(names) >= 2 and all(n in f for n in names)}
+               for gen, f in factors.items()}
+    losses = {f"{gen} {g}": group_loss(prep.unet, ac, samples, factors[gen], names, seed=seed)
+              for gen, gs in covered.items() for g, names in gs.items()}
     pictures = {gen: evaluate_lora_pictures(factors[gen], base=prep.tree.sdxl, antelope=prep.tree.antelope,
-                                            references=prep.data.reference,
-                                            groups=groups if gen in ("difflora", "hyperlora") else {"training": training},
-                                            seeds=size.picture_seeds, prompts=DEFAULT_PROMPTS[:size.picture_prompts],
-                                            unet=prep.unet)
-                for gen in ("difflora", "hyperlora", "dataset", "reconstructed")}
+                                            references=prep.data.reference, groups=gs, seeds=size.picture_seeds,
+                                            prompts=DEFAULT_PROMPTS[:size.picture_prompts], unet=prep.unet)
+                for gen, gs in covered.items()}
     write_report(pictures["difflora"], out)
     res = DiffDemoResult(tree=out, export=target, identities=len(training), lae_error=lae_error, losses=losses,
                          pictures=pictures, seconds_per_lora=per_lora, seconds=time.monotonic() - start,

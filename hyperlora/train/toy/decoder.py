@@ -67,12 +67,16 @@ def _trainable(vae: Any, whole: bool = False) -> list[torch.nn.Parameter]:
     return list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
 
 
+def latent_means(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """``vae``'s latent means ``[N, 4, H/8, W/8]`` of ``images`` ``[N, 3, H, W]`` (in chunks of 64, no gradient)."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+
+
 def latent_scale(vae: Any, images: torch.Tensor) -> float:
     """``1 / std`` of ``vae``'s latent means of ``images`` ``[N, 3, H, W]``: the ``scaling_factor`` that gives the
     diffusion model unit-variance latents (SDXL's 0.13025 was found the same way for its VAE)."""
-    with torch.no_grad():
-        z = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
-    return float(1.0 / z.float().std())
+    return float(1.0 / latent_means(vae, images).float().std())
 
 
 def draw_photos(settings: DecoderTraining, *, size: int) -> torch.Tensor:
@@ -98,10 +102,7 @@ def train_decoder(vae: Any, settings: DecoderTraining = DecoderTraining(), *, pr
     size = int(vae.config.sample_size)
     images = draw_photos(settings, size=size)
     vae.requires_grad_(False).eval()
-    latents = None
-    if not settings.whole:
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    latents = None if settings.whole else latent_means(vae, images)
     f = 2 ** (len(vae.config.block_out_channels) - 1)          # image pixels per latent pixel
     params = _trainable(vae, settings.whole)
     for p in params:
@@ -212,5 +213,5 @@ def install_decoder(sdxl_folder: Path, *, seed: int, settings: DecoderTraining =
     return path
 
 
-__all__ = ["CACHE_NAME", "DecoderTraining", "SCALING_KEY", "STEPS", "WHOLE", "latent_scale", "TOY_CACHE_ENV", "cache_key", "cache_root", "cached_decoder", "draw_photos",
+__all__ = ["CACHE_NAME", "DecoderTraining", "SCALING_KEY", "STEPS", "WHOLE", "latent_means", "latent_scale", "TOY_CACHE_ENV", "cache_key", "cache_root", "cached_decoder", "draw_photos",
            "install_decoder", "train_decoder"]
