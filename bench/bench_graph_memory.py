@@ -1,7 +1,7 @@
 """Peak memory of a whole ComfyUI graph with HyperLoRA against the same graph without it (real server).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_graph_memory.py [--model sdxl_small|sdxl_random_full]
-        [--dtype auto] [--size 64] [--server-args "..."] [--checkpoint FILE] [--only plain|hyperlora] [--smoke]
+        [--dtype auto] [--size 64] [--server-args "..."] [--checkpoint FILE] [--graphs plain,keep,release] [--smoke]
 
 Each graph runs in a fresh ComfyUI server (so its peak is its own), started as the tests start theirs
 (tests/comfy/conftest.py, unless ``--server-args``): the random SDXL checkpoint of the tests, text encoding, an empty latent, KSampler (1 step), VAE decode, SaveImage; "with HyperLoRA" adds
@@ -26,6 +26,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,15 @@ if str(REPO) not in sys.path:
 GB = 1e9
 
 
-def graph(with_hyperlora: bool, model: str, dtype: str, size: int) -> dict[str, Any]:
-    """The API prompt: plain SDXL text-to-image, or the same through HyperLoRA from one photo."""
+SAMPLING_MARKER = "Requested to load SDXL"
+"""What ComfyUI logs as a KSampler loads the SDXL UNet: the LoRA is built by then ("once the LoRA is built")."""
+GRAPHS = {"plain": None, "keep": "keep", "release": "release while sampling", "auto": "auto"}
+"""The graphs a run can measure: the plain one, and t2i_one_photo with each setting of the Loader's memory."""
+
+
+def graph(with_hyperlora: bool, model: str, dtype: str, size: int, memory: str = "auto") -> dict[str, Any]:
+    """The API prompt: plain SDXL text-to-image, or the same through HyperLoRA from one photo (the Loader's
+    ``memory`` setting as given)."""
     from tests.comfy import graphs as g
     from tests.comfy.models import CLIP_FILE, CLIP_FOLDER, FULL_MODEL
 
@@ -52,6 +60,7 @@ def graph(with_hyperlora: bool, model: str, dtype: str, size: int) -> dict[str, 
             "apply": {"class_type": "HyperLoRAStudioApplyFromImages", "inputs": {
                 "model": ["ckpt", 0], "hyper_lora": ["hl", 0], "images": ["img", 0], "strength": 0.85, **g.FACE}},
         })
+        p["hl"]["inputs"]["memory"] = memory
         model_out = ["apply", 0]
     return g.sampling(p, model=model_out, ckpt="ckpt", prefix="memory", size=size)
 
@@ -67,16 +76,32 @@ def run_one(root: Path, base: Path, prompt: dict[str, Any], server_args: list[st
     try:
         idle = read_status(server.proc.pid)["VmRSS"]
         sampler = RssSampler(server.proc.pid).start()
+        marker: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:      # when the KSampler starts loading SDXL (the LoRA is built by then)
+            while not done.wait(0.1):
+                if SAMPLING_MARKER in server.log_text():
+                    marker.append(time.monotonic())
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         t0 = time.perf_counter()
         server.run(prompt, timeout=1800)
         seconds = time.perf_counter() - t0
         time.sleep(1.0)
+        done.set()
+        watcher.join(timeout=5)
         peak = sampler.stop()
         after = read_status(server.proc.pid)
+        log = server.log_text()
     finally:
         server.stop()
     return {"idle": idle, "peak_rss": max(peak["VmRSS"], peak["VmHWM"]), "peak_anon": peak["RssAnon"],
-            "peak_file": peak["RssFile"], "after": after["VmRSS"], "seconds": seconds}
+            "peak_file": peak["RssFile"], "after": after["VmRSS"], "seconds": seconds,
+            "sampling_anon": sampler.peak_since(marker[0]) if marker else 0,
+            "released": "of HyperLoRA weights while SDXL samples" in log}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap.add_argument("--server-args", default=" ".join(SERVER_ARGS),
                     help="extra ComfyUI arguments (one string; default: the tests' server's)")
-    ap.add_argument("--only", choices=("plain", "hyperlora"), default=None, help="run one of the two graphs")
+    ap.add_argument("--graphs", default="plain,keep,release",
+                    help=f"comma-separated graphs to run, of {', '.join(GRAPHS)} (the last three: t2i_one_photo with "
+                         "the Loader's memory keep / release while sampling / auto)")
     ap.add_argument("--checkpoint", default="", help="an SDXL .safetensors instead of the tests' random one")
     ap.add_argument("--smoke", action="store_true",
                     help="the graph with HyperLoRA only, small HyperLoRA model, 64 px (CI; loads the SDXL)")
@@ -101,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("This bench reads /proc (Linux only).\n")
         return 2
     if args.smoke:
-        args.model, args.size, args.only = "sdxl_small", 64, "hyperlora"
+        args.model, args.size, args.graphs = "sdxl_small", 64, "release"
     from tests.comfy.models import CHECKPOINT, build_base
     from tests.conftest import test_cache_root
     from tests.fixtures.sdxl import import_comfy
@@ -118,28 +145,40 @@ def main(argv: list[str] | None = None) -> int:
             link.symlink_to(Path(args.checkpoint).resolve())
         ckpt = (tmp / "base" / "models" / "checkpoints" / CHECKPOINT).resolve()
         server_args = shlex.split(args.server_args)
-        names = [n for n in ("plain", "hyperlora") if args.only in (None, n)]
+        names = [n.strip() for n in args.graphs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in GRAPHS]
+        if unknown:
+            sys.stdout.write(f"--graphs: unknown {unknown}; choose from {', '.join(GRAPHS)}\n")
+            return 2
         results = {}
         for name in names:
             sys.stdout.write(f"running the {name} graph in a fresh server ...\n")
             sys.stdout.flush()
-            results[name] = run_one(root, tmp / "base", graph(name == "hyperlora", args.model, args.dtype, args.size),
-                                    server_args)
+            prompt = graph(GRAPHS[name] is not None, args.model, args.dtype, args.size, GRAPHS[name] or "auto")
+            results[name] = run_one(root, tmp / "base", prompt, server_args)
+        from hyperlora.precision import read_cpu_features
+
         sys.stdout.write(f"\nComfyUI {root.name} with {args.server_args or 'no extra arguments'}; SDXL {ckpt.name} "
                          f"({ckpt.stat().st_size / GB:.2f} GB), "
-                         f"{args.size} px, 1 step; HyperLoRA model {args.model}, dtype {args.dtype}\n\n"
-                         "| graph | peak RSS | peak anonymous | peak file-backed | RSS after | idle server | time |\n"
-                         "|---|---|---|---|---|---|---|\n")
+                         f"{args.size} px, 1 step; HyperLoRA model {args.model}, dtype {args.dtype}; CPU "
+                         f"{read_cpu_features().model or 'unknown'}, {os.cpu_count()} logical CPUs\n\n"
+                         "| graph | peak RSS | peak anonymous | peak anonymous while sampling | peak file-backed "
+                         "| RSS after | idle server | time |\n|---|---|---|---|---|---|---|---|\n")
         for name, r in results.items():
-            sys.stdout.write(f"| {'t2i_one_photo (with HyperLoRA)' if name == 'hyperlora' else 'same graph without HyperLoRA'}"
-                             f" | {r['peak_rss'] / GB:.2f} GB | {r['peak_anon'] / GB:.2f} GB | {r['peak_file'] / GB:.2f} GB"
+            label = ("same graph without HyperLoRA" if GRAPHS[name] is None else
+                     f"t2i_one_photo, memory '{GRAPHS[name]}'" + (" (released)" if r["released"] else ""))
+            sys.stdout.write(f"| {label} | {r['peak_rss'] / GB:.2f} GB | {r['peak_anon'] / GB:.2f} GB | "
+                             f"{r['sampling_anon'] / GB:.2f} GB | {r['peak_file'] / GB:.2f} GB"
                              f" | {r['after'] / GB:.2f} GB | {r['idle'] / GB:.2f} GB | {r['seconds']:.0f} s |\n")
-        if len(results) == 2:
-            d_rss = results["hyperlora"]["peak_rss"] - results["plain"]["peak_rss"]
-            d_anon = results["hyperlora"]["peak_anon"] - results["plain"]["peak_anon"]
-            d_after = results["hyperlora"]["after"] - results["plain"]["after"]
-            sys.stdout.write(f"| HyperLoRA adds | {d_rss / GB:+.2f} GB | {d_anon / GB:+.2f} GB | | "
-                             f"{d_after / GB:+.2f} GB | | |\n")
+        if "plain" in results:
+            base = results["plain"]
+            for name, r in results.items():
+                if name == "plain":
+                    continue
+                sys.stdout.write(f"| HyperLoRA ({name}) adds | {(r['peak_rss'] - base['peak_rss']) / GB:+.2f} GB | "
+                                 f"{(r['peak_anon'] - base['peak_anon']) / GB:+.2f} GB | "
+                                 f"**{(r['sampling_anon'] - base['sampling_anon']) / GB:+.2f} GB** | | "
+                                 f"{(r['after'] - base['after']) / GB:+.2f} GB | | |\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ import folder_paths
 from comfy_execution.validation import validate_node_input
 
 from ..hyperlora.bundle import identity_from_images
-from ..hyperlora.errors import LoraError, SettingError
+from ..hyperlora.errors import LoraError, SettingError, check_choice
 from ..hyperlora.faces.analysis import FaceAnalyzer
 from ..hyperlora.identity import Identity, check_photo_count
+from ..hyperlora.memory import MEMORY_CHOICES, human_bytes, should_release, trim_freed_memory
 from ..hyperlora.faces.options import DEFAULTS, NO_FACE_POLICIES, FaceOptions, OptionSpec, option_specs
 from ..hyperlora.pipeline import images_from_comfy
 from ..hyperlora.spec import CROP_TYPE, DIFFLORA_TYPE, IDENTITY_TYPE, MODEL_TYPE, NODE_PREFIX, PACK_NAME
@@ -80,18 +83,50 @@ class HyperLoRAHandle:
     The torch parts are wrapped in ``ModelPatcher`` objects so ComfyUI moves them to the GPU
     for use (:meth:`load`) and can offload them when the diffusion model needs the memory.
     The insightface analyser is created on first use, so loading never needs insightface.
+
+    ``memory`` (the Loader's setting, :data:`hyperlora.memory.MEMORY_CHOICES`): as SDXL sampling starts
+    (:func:`release_for_sampling`), the weights are dropped when the setting asks for it, and ``reload``
+    (``() -> (model, clip)``, the Loader's own load without the integrity check) brings them back on the next
+    use, so the nodes never see the difference.
     """
 
     def __init__(self, *, model: torch.nn.Module, clip: torch.nn.Module, antelope_dir: Path, provider: str,
-                 names: dict[str, str]) -> None:
-        load_device = mm.get_torch_device()
-        offload_device = mm.unet_offload_device()
-        self.model_patcher = managed(model, load_device, offload_device)
-        self.clip_patcher = managed(clip, load_device, offload_device)
+                 names: dict[str, str], memory: str = "auto",
+                 reload: Callable[[], tuple[torch.nn.Module, torch.nn.Module]] | None = None) -> None:
         self.antelope_dir = antelope_dir
         self.provider = provider
         self.names = dict(names)
+        self.memory = check_choice(memory, MEMORY_CHOICES, "The Loader's memory setting")
+        self._reload = reload
         self._analyzer: Any = None
+        self._patchers: tuple[Any, Any] | None = None
+        self._held = 0
+        self._set(model, clip)
+        LIVE_HANDLES.add(self)
+
+    def _set(self, model: torch.nn.Module, clip: torch.nn.Module) -> None:
+        load_device = mm.get_torch_device()
+        offload_device = mm.unet_offload_device()
+        self._patchers = (managed(model, load_device, offload_device), managed(clip, load_device, offload_device))
+        self._held = sum(p.size for p in self._patchers)
+
+    def _loaded(self) -> tuple[Any, Any]:
+        if self._patchers is None:
+            if self._reload is None:
+                raise RuntimeError("this HyperLoRA model was released and cannot be read back; run its Loader again")
+            log.info("HyperLoRA Studio: reading %s back from disk (released while the last image sampled)",
+                     self.names.get("model", "the model"))
+            self._set(*self._reload())
+        assert self._patchers is not None
+        return self._patchers
+
+    @property
+    def model_patcher(self) -> Any:
+        return self._loaded()[0]
+
+    @property
+    def clip_patcher(self) -> Any:
+        return self._loaded()[1]
 
     @property
     def model(self) -> Any:
@@ -103,10 +138,29 @@ class HyperLoRAHandle:
         """The core ``ClipVisionEncoder``."""
         return self.clip_patcher.model.inner
 
+    @property
+    def released(self) -> bool:
+        """True while the weights are dropped (they come back on the next use)."""
+        return self._patchers is None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the loaded weights (HyperLoRA model and CLIP; 0 while released)."""
+        return 0 if self._patchers is None else self._held
+
     def load(self, *, clip: bool = False) -> None:
         """Let ComfyUI put the model (and CLIP) on its compute device, offloading others if needed."""
         patchers = [self.model_patcher] + ([self.clip_patcher] if clip else [])
         mm.load_models_gpu(patchers, force_full_load=True)
+
+    def release(self) -> int:
+        """Drop the weights and the face analyser (read back on the next use); returns the bytes dropped."""
+        if self._patchers is None or self._reload is None:
+            return 0
+        held = self._held
+        self._patchers = None      # ComfyUI's list of loaded models holds them only weakly
+        self._analyzer = None
+        return held
 
     def analyzer(self) -> FaceAnalyzer:
         """The insightface AntelopeV2 analyser, made on first use.  A missing or broken insightface /
@@ -117,6 +171,38 @@ class HyperLoRAHandle:
 
     def __repr__(self) -> str:
         return f"HyperLoRAHandle({self.names})"
+
+
+LIVE_HANDLES: weakref.WeakSet[HyperLoRAHandle] = weakref.WeakSet()
+"""Every HyperLoRA model the Loader made that is still referenced (ComfyUI's node cache holds them)."""
+
+
+def release_for_sampling() -> int:
+    """Called as an SDXL sampling starts (HyperLoRA Studio Apply's wrapper, Identity on Prompt's hook): every
+    loaded HyperLoRA model whose ``memory`` setting asks for it is dropped (:func:`hyperlora.memory.should_release`
+    with ComfyUI's measure of free RAM), and the freed memory handed back to the system.  Returns the bytes
+    dropped; logs one line when it drops any."""
+    handles = [h for h in list(LIVE_HANDLES) if h.held_bytes]
+    if not handles:
+        return 0
+    free = mm.get_free_memory(torch.device("cpu"))
+    dropped = sum(h.release() for h in handles
+                  if should_release(h.memory, held_bytes=h.held_bytes, free_bytes=free))
+    if dropped:
+        gc.collect()
+        mm.cleanup_models()
+        trim_freed_memory()
+        log.info("HyperLoRA Studio: released %s of HyperLoRA weights while SDXL samples (%s of RAM was free; the "
+                 "Loader's memory setting); the next change of a photo or setting reads them again.",
+                 human_bytes(dropped), human_bytes(free))
+    return dropped
+
+
+def release_before_sampling(executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """ComfyUI OUTER_SAMPLE wrapper (on the models HyperLoRA Studio Apply returns): :func:`release_for_sampling`
+    before the sampler loads SDXL and merges the LoRA, then the sampling itself."""
+    release_for_sampling()
+    return executor(*args, **kwargs)
 
 
 def _what_is(value: Any) -> str:

@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..hyperlora.blocks import apply_block_strengths
 from ..hyperlora.lora import hook_cache_fits, step_window
-from .common import CATEGORY, LORA_MODEL, mappings
+from .common import CATEGORY, LORA_MODEL, mappings, release_for_sampling
 from ..hyperlora.checks import check_strength
 from .lora import BLOCK_INPUTS, STRENGTH, block_strengths, check_lora_lands, node_label
 
@@ -63,6 +63,7 @@ class CheckedLoraHook(comfy.hooks.WeightHook):
     def add_hook_patches(self, model: Any, model_options: dict, target_dict: dict, registered: Any) -> bool:
         if target_dict.get("target") != comfy.hooks.EnumWeightTarget.Clip and self.need_weight_init:
             landed = check_lora_lands(model, self.weights)
+            release_for_sampling()          # the LoRAs are built: the Loader's memory setting decides
             keep_hook_cache_in_ram(model, model_options, landed)
         return super().add_hook_patches(model, model_options, target_dict, registered)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -13,9 +14,10 @@ from pathlib import Path
 from ..hyperlora.bundle import clip_width_needed
 from ..hyperlora.checkpoint import load_hyper_lora
 from ..hyperlora.encoders import ClipVisionEncoder
-from ..hyperlora.errors import ModelFileError
+from ..hyperlora.errors import ModelFileError, check_choice
 from ..hyperlora.faces.setup import PROVIDERS, find_antelopev2
 from ..hyperlora.generate import HyperLoRAModel
+from ..hyperlora.memory import MEMORY_CHOICES, SAMPLING_HEADROOM
 from ..hyperlora.integrity import IntegrityReport, redownload_hint, verify_folder
 from ..hyperlora.precision import PRECISIONS, TOLERANCE, auto_precision
 from ..hyperlora.spec import ANTELOPE_REQUIRED_FILES, MODEL_FILES, VIT_L14_WIDTH
@@ -76,6 +78,15 @@ class HyperLoRAStudioLoader:
                 "default": "auto",
                 "tooltip": "Where face analysis (onnxruntime) runs: auto picks CUDA, ROCm or CoreML when "
                            "available, else the CPU."}),
+        }, "optional": {
+            "memory": (list(MEMORY_CHOICES), {
+                "default": "auto",
+                "tooltip": "Whether the HyperLoRA weights (about 5 GB for the release) stay in RAM while SDXL samples. "
+                           "'release while sampling' drops them once the LoRA is built and reads them back from disk "
+                           "(a few seconds) when a photo or setting changes; 'keep' holds them for the fastest "
+                           "changes; 'auto' releases only when the free RAM as sampling starts is less than their "
+                           f"size plus {SAMPLING_HEADROOM // 2**30} GB. Applies to images sampled through Apply, "
+                           "Apply from Images and Identity on Prompt."}),
         }}
 
     # ComfyUI attaches a VALIDATE_INPUTS message to every input the function takes, so only 'model' is
@@ -97,12 +108,11 @@ class HyperLoRAStudioLoader:
             return ""     # the load itself reports what is missing
 
     def load(self, model: str, clip_vision: str, insightface: str, dtype: str,
-             provider: str) -> tuple[HyperLoRAHandle, str]:
+             provider: str, memory: str = "auto") -> tuple[HyperLoRAHandle, str]:
         folder = paths.resolve_model(model)
         clip_kind, clip_path, processor = paths.resolve_clip(clip_vision)
         antelope = find_antelopev2(paths.resolve_insightface(insightface))   # all files there? (no insightface import)
-        torch_dtype = pick_dtype(dtype)
-        offload = mm.unet_offload_device()
+        check_choice(memory, MEMORY_CHOICES, "The Loader's memory setting")
         bar = progress(3)
         checks = {
             "model": verify_folder(folder, uses=MODEL_FILES, fix=redownload_hint(folder),
@@ -114,34 +124,50 @@ class HyperLoRAStudioLoader:
         }
         bar.update(1)
         check_interrupt()
-        # The 3 GB basis is only summed (memory-bound): with 'auto' it keeps the file's precision
-        # (fp16 for the release) instead of doubling to fp32 on the CPU; the resampler and CLIP
-        # run in the chosen compute precision.
-        basis_dtype = None if dtype == "auto" else torch_dtype
-        hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload,
-                                   check_interrupt=check_interrupt)
-        bar.update(1)
-        check_interrupt()
-        width = clip_width_needed(hl_model)
-        strict = width in (None, VIT_L14_WIDTH)   # released models: the encoder must be ViT-L/14 itself
-        if clip_kind == "file":
-            clip = ClipVisionEncoder.from_single_file(clip_path, dtype=torch_dtype, require_vit_l14=strict,
-                                                      processor_folder=paths.default_processor_dir())
-        else:
-            clip = ClipVisionEncoder.from_pretrained(clip_path, processor, dtype=torch_dtype, require_vit_l14=strict)
-        if width is not None and clip.shape.hidden_size != width:
-            raise ModelFileError(
-                f"The CLIP vision model '{clip_vision}' gives features {clip.shape.hidden_size} wide, but the HyperLoRA "
-                f"model '{model}' reads {width}-wide CLIP features; pick the CLIP model it was trained with "
-                f"(OpenAI CLIP ViT-L/14 for the released models).")
-        clip = clip.to(offload)
-        bar.update(1)
+        hl_model, clip = load_weights(folder, clip_kind, clip_path, processor, dtype=dtype, model=model,
+                                      clip_vision=clip_vision, bar=bar)
         info = describe_load(hl_model, clip, model=model, clip_vision=clip_vision, insightface=insightface,
                              provider=provider, checks=checks)
-        log.info("HyperLoRA: loaded %s (%s) with CLIP %s\n%s", model, torch_dtype, clip_vision, info)
-        handle = HyperLoRAHandle(model=hl_model, clip=clip, antelope_dir=antelope, provider=provider,
-                                 names={"model": model, "clip_vision": clip_vision, "insightface": insightface})
+        log.info("HyperLoRA: loaded %s (%s) with CLIP %s\n%s", model, hl_model.module_dtype, clip_vision, info)
+        handle = HyperLoRAHandle(
+            model=hl_model, clip=clip, antelope_dir=antelope, provider=provider, memory=memory,
+            names={"model": model, "clip_vision": clip_vision, "insightface": insightface},
+            reload=lambda: load_weights(folder, clip_kind, clip_path, processor, dtype=dtype, model=model,
+                                        clip_vision=clip_vision))
         return (handle, info)
+
+
+def load_weights(folder: Path, clip_kind: str, clip_path: Path, processor: Path | None, *, dtype: str, model: str,
+                 clip_vision: str, bar: Any = None) -> tuple[HyperLoRAModel, ClipVisionEncoder]:
+    """The HyperLoRA model and the CLIP encoder in the Loader's ``dtype`` on ComfyUI's offload device (the load
+    itself; the Loader checks the files first, and a released handle reads them back through this)."""
+    torch_dtype = pick_dtype(dtype)
+    offload = mm.unet_offload_device()
+    # The 3 GB basis is only summed (memory-bound): with 'auto' it keeps the file's precision
+    # (fp16 for the release) instead of doubling to fp32 on the CPU; the resampler and CLIP
+    # run in the chosen compute precision.
+    basis_dtype = None if dtype == "auto" else torch_dtype
+    hl_model = load_hyper_lora(folder, dtype=basis_dtype, resampler_dtype=torch_dtype, device=offload,
+                               check_interrupt=check_interrupt)
+    if bar is not None:
+        bar.update(1)
+    check_interrupt()
+    width = clip_width_needed(hl_model)
+    strict = width in (None, VIT_L14_WIDTH)   # released models: the encoder must be ViT-L/14 itself
+    if clip_kind == "file":
+        clip = ClipVisionEncoder.from_single_file(clip_path, dtype=torch_dtype, require_vit_l14=strict,
+                                                  processor_folder=paths.default_processor_dir())
+    else:
+        clip = ClipVisionEncoder.from_pretrained(clip_path, processor, dtype=torch_dtype, require_vit_l14=strict)
+    if width is not None and clip.shape.hidden_size != width:
+        raise ModelFileError(
+            f"The CLIP vision model '{clip_vision}' gives features {clip.shape.hidden_size} wide, but the HyperLoRA "
+            f"model '{model}' reads {width}-wide CLIP features; pick the CLIP model it was trained with "
+            f"(OpenAI CLIP ViT-L/14 for the released models).")
+    clip = clip.to(offload)
+    if bar is not None:
+        bar.update(1)
+    return hl_model, clip
 
 
 def files_state(paths_: list[Path]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 import comfy.lora
+import comfy.patcher_extension
 
 from ..hyperlora.blocks import DEFAULT_STRENGTHS, BlockStrengths, apply_block_strengths
 from ..hyperlora.checks import MAX_STRENGTH, check_strength
@@ -17,9 +18,12 @@ from ..hyperlora.lora import DOWN_SUFFIX
 from ..hyperlora.spec import TRIGGER_PREFIX
 from .common import (CATEGORY, STUDIO_MODEL, STUDIO_IDENTITY, LORA_MODEL, HyperLoRAHandle, check_interrupt,
                      display_name, expect_handle, expect_identity, face_inputs, label_image, make_identity, mappings,
-                     node_id, photos, preview_ui, single)
+                     node_id, photos, preview_ui, release_before_sampling, single)
 
 log = logging.getLogger(__name__)
+
+RELEASE_WRAPPER = "hyperlora_studio_release"
+"""Key of the OUTER_SAMPLE wrapper on the models Apply returns (nodes.common.release_before_sampling)."""
 
 STRENGTH = ("FLOAT", {
     "default": 0.85, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
@@ -132,6 +136,8 @@ def apply_lora(model: Any, lora: dict[str, torch.Tensor], strength: float,
     added = patched.add_patches(patches, strength)
     if len(added) != len(patches):
         raise LoraError(f"Only {len(added)} of {len(patches)} LoRA modules were applied to {model_kind(model)}.")
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RELEASE_WRAPPER,
+                                 release_before_sampling)
     return patched
 
 

@@ -113,6 +113,21 @@ def expected_widget_count(info: dict[str, Any]) -> int:
     return sum(1 + len(widget_extras(n, o)) for n, t, o, _ in input_specs(info) if is_widget(t, o))
 
 
+def trailing_optional_defaults(info: dict[str, Any], saved: int) -> list[Any]:
+    """The values a UI workflow saved with ``saved`` widget values lacks when the node has since gained optional
+    widgets at the end (as the front end fills them on load: their defaults); [] when that does not explain it."""
+    widgets = [(n, t, o, optional) for n, t, o, optional in input_specs(info) if is_widget(t, o)]
+    count, fill = 0, []
+    for name, type_, opts, optional in widgets:
+        width = 1 + len(widget_extras(name, opts))
+        if count >= saved:
+            if not optional or width != 1:
+                return []
+            fill.append(_default(type_, opts))
+        count += width
+    return fill if count - len(fill) == saved else []
+
+
 def _default(type_: Any, opts: dict[str, Any]) -> Any:
     if "default" in opts:
         return opts["default"]
@@ -397,6 +412,7 @@ def api_from_ui(ui: dict[str, Any], object_info: dict[str, Any]) -> dict[str, An
         else:
             values = list(saved or [])
             expected = expected_widget_count(info)
+            values += trailing_optional_defaults(info, len(values))
             if len(values) != expected:
                 raise ValueError(f"{label(node)} has {len(values)} widget values but the server's {node['type']} "
                                  f"takes {expected}: the workflow was saved with another version of that node; open "

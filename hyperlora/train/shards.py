@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ModelFileError, SettingError
+from ..memory import human_bytes
 from .filters import FilterReport
 
 logger = logging.getLogger(__name__)
@@ -297,14 +298,6 @@ def folder_size(folder: str | os.PathLike[str]) -> FolderSize:
                     per_key[key] = row * _HEADER_DTYPE_BYTES.get(sl.get_dtype(), 4)
         count += read_shard_info(path).count
     return FolderSize(samples=count, file_bytes=total, shards=len(shards), tensor_bytes=per_key)
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes in decimal units with three significant digits (``1.95 MB``, ``8.59 TB``)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def stack_check(samples: Sequence[dict[str, Tensor]]) -> None:

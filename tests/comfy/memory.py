@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 GB = 1e9
@@ -37,14 +38,21 @@ class RssSampler:
         self.pid = pid
         self.interval = interval
         self.peak = dict.fromkeys(FIELDS, 0)
+        self.history: list[tuple[float, dict[str, int]]] = []
+        """``(time.monotonic(), status)`` of every sample, for peaks over a part of the run (:meth:`peak_since`)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sample(self) -> dict[str, int]:
         now = read_status(self.pid)
+        self.history.append((time.monotonic(), now))
         for key, value in now.items():
             self.peak[key] = max(self.peak[key], value)
         return now
+
+    def peak_since(self, start: float, key: str = "RssAnon") -> int:
+        """Peak of ``key`` over the samples taken at or after ``start`` (a ``time.monotonic()``); 0 if none."""
+        return max((s[key] for t, s in self.history if t >= start), default=0)
 
     def reset(self) -> None:
         """Forget the peaks so far (``VmHWM`` is the kernel's and cannot be reset from outside)."""

@@ -313,6 +313,80 @@ def test_identity_hooks_stop_caching_weights_when_the_cache_would_not_fit_in_ram
     assert "2 identities on prompts would make ComfyUI keep" in caplog.text and "recomputes them" in caplog.text
 
 
+def _sample_through_wrappers(comfy: Any, patched: Any) -> str:
+    """What a KSampler (CFGGuider.sample) does with the model Apply returned, up to the point where it loads SDXL:
+    ComfyUI merges the model's wrappers into a copy of its options, then runs the OUTER_SAMPLE wrappers around
+    the sampling (here a stand-in that returns a word)."""
+    import comfy.model_patcher
+    import comfy.patcher_extension as pe
+    import comfy.sampler_helpers
+
+    options = comfy.model_patcher.create_model_options_clone(patched.model_options)
+    options.setdefault("transformer_options", {})
+    comfy.sampler_helpers.prepare_model_patcher(patched, {}, options)
+    wrappers = pe.get_all_wrappers(pe.WrappersMP.OUTER_SAMPLE, options, is_model_options=True)
+    return pe.WrapperExecutor.new_executor(lambda *a, **k: "sampled", wrappers).execute()
+
+
+def test_memory_setting_releases_the_weights_as_sampling_starts_and_reads_them_back(pack, comfy, photo, caplog,
+                                                                                     monkeypatch):
+    """issue 21 (the whole graph in memory): with 'release while sampling' the HyperLoRA weights are freed before
+    SDXL samples (the model objects are gone, not only unreferenced by the node), the next use reads them back,
+    and the identity and LoRA made after that equal those made before; 'keep' keeps, 'auto' decides by free RAM."""
+    import gc
+    import weakref
+
+    import comfy.model_management as mm
+
+    common = sys.modules[f"{pack.module.__name__}.nodes.common"]
+    memory = pack.core("memory")
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 10 ** 13)      # plenty: only the settings decide
+    loader = pack.nodes["HyperLoRAStudioLoader"]()
+    args = dict(model=SMALL_MODEL, clip_vision=CLIP_FOLDER, insightface=ANTELOPE, dtype="fp32", provider="CPU")
+    kept, _ = loader.load(**args, memory="keep")
+    handle, _ = loader.load(**args, memory="release while sampling")
+    auto, _ = loader.load(**args)
+    assert auto.memory == "auto" and handle in common.LIVE_HANDLES
+    identity, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **FACE)
+    (lora,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, identity, "id")
+    analyzer_made = handle.analyzer()
+    held = handle.held_bytes
+    assert held == common.module_bytes(handle.model_patcher.model) + common.module_bytes(handle.clip_patcher.model)
+    gone = [weakref.ref(handle.model), weakref.ref(handle.clip)]
+    (patched,) = pack.nodes["HyperLoRAStudioApply"]().run(_patcher(comfy, "SDXL"), lora, 0.85)
+    with caplog.at_level("INFO"):
+        assert _sample_through_wrappers(comfy, patched) == "sampled"
+    gc.collect()
+    assert handle.released and handle.held_bytes == 0 and [r() for r in gone] == [None, None]
+    assert not kept.released and not auto.released and kept.held_bytes == held
+    assert f"released {memory.human_bytes(held)} of HyperLoRA weights while SDXL samples" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again, _ = pack.nodes["HyperLoRAStudioIdentityFromImages"]().run(handle, photo, **FACE)
+    assert f"reading {SMALL_MODEL} back from disk" in caplog.text
+    assert not handle.released and handle.held_bytes == held and handle.analyzer() is not analyzer_made
+    assert torch.equal(again.tokens, identity.tokens)
+    (lora_again,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(handle, again, "id")
+    (lora_kept,) = pack.nodes["HyperLoRAStudioBuildLoRA"]().run(kept, identity, "id")
+    assert lora_again.keys() == lora.keys() and all(torch.equal(lora_again[k], lora[k]) for k in lora)
+    assert all(torch.equal(lora_kept[k], lora[k]) for k in lora)
+
+    # 'auto': kept while the free RAM holds the weights plus the headroom, released one byte short of that;
+    # Identity on Prompt's hook (the other way into sampling) releases too
+    import comfy.hooks
+
+    hook = pack.nodes["HyperLoRAStudioConditioning"]().run([], [], lora, 0.85, 0.0, 1.0)[2].hooks[0]
+    handle.model  # noqa: B018 (read back: held again)
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: auto.held_bytes + memory.SAMPLING_HEADROOM)
+    assert common.release_for_sampling() >= held          # 'release while sampling' at least
+    assert handle.released and not auto.released and not kept.released
+    handle.model  # noqa: B018
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: auto.held_bytes + memory.SAMPLING_HEADROOM - 1)
+    assert hook.add_hook_patches(_patcher(comfy, "SDXL"), {}, {}, comfy.hooks.HookGroup()) is True
+    assert handle.released and auto.released and not kept.released
+
+
 def test_lora_of_another_unet_size_is_refused_on_sdxl(pack, comfy):
     tiny, _info = pack.nodes["HyperLoRAStudioLoader"]().load(model=TINY_MODEL, clip_vision="clip_vision/vit_l14_random.safetensors",
                                                    insightface=ANTELOPE, dtype="fp32", provider="CPU")

@@ -452,6 +452,35 @@ def test_identity_save_then_load(comfy_server, fixture_files):
     assert np.array_equal(np.asarray(loaded[0]), np.asarray(saved[0]))
 
 
+def test_loader_memory_release_frees_the_weights_while_sampling_and_reads_them_back(comfy_server, fixture_files):
+    """t2i_one_photo with the Loader's memory 'release while sampling': the server logs the release as the
+    KSampler starts; a new seed samples again without reading anything back; a changed identity input reads
+    the weights back from disk and gives the very same image as the first run (the same LoRA)."""
+    graph = for_fixtures(q.load_api_workflow(q.resolve_workflow("t2i_one_photo")), fixture_files)
+    (loader,) = node_ids(graph, "HyperLoRAStudioLoader")
+    (apply_node,) = node_ids(graph, "HyperLoRAStudioApplyFromImages")
+    (sampler,) = node_ids(graph, "KSampler")
+    graph[loader]["inputs"]["memory"] = "release while sampling"
+    graph[sampler]["inputs"]["seed"] = 1234            # not an output any other test has cached
+    start = len(comfy_server.log_text())
+    first = _saved_images(comfy_server, run_graph(comfy_server, graph), graph)
+    log = comfy_server.log_text()[start:]
+    assert "of HyperLoRA weights while SDXL samples" in log and f"reading {SMALL_MODEL} back from disk" not in log, log[-3000:]
+
+    graph[sampler]["inputs"]["seed"] = 1235            # only the sampler runs again: nothing to read back
+    start = len(comfy_server.log_text())
+    run_graph(comfy_server, graph)
+    assert f"reading {SMALL_MODEL} back from disk" not in comfy_server.log_text()[start:]
+
+    graph[sampler]["inputs"]["seed"] = 1234
+    graph[apply_node]["inputs"]["no_face"] = "error"   # the node runs again; with a face found, same result
+    start = len(comfy_server.log_text())
+    again = _saved_images(comfy_server, run_graph(comfy_server, graph), graph)
+    log = comfy_server.log_text()[start:]
+    assert f"reading {SMALL_MODEL} back from disk" in log and "of HyperLoRA weights while SDXL samples" in log, log[-3000:]
+    assert np.array_equal(np.asarray(again[0]), np.asarray(first[0]))
+
+
 @pytest.mark.slow
 def test_refine_identity_lowers_the_loss_saves_an_identity_and_generates(comfy_server, comfy_base, fixture_files):
     """photos -> identity -> Refine Identity (random SDXL, 64 px, a few steps) -> saved identity -> image."""

@@ -155,7 +155,7 @@ def test_t2i_carries_settings_and_places():
         assert node["pos"] == old[node["id"]]["pos"]
     assert 2 not in nodes and 4 not in nodes                     # Config and Face Attr are folded in
     assert widgets(loader) == {"model": "sdxl_hyper_id_lora_v1_fidelity", "clip_vision": "clip_vit_large_14",
-                               "insightface": "antelopev2", "dtype": "auto", "provider": "auto"}
+                               "insightface": "antelopev2", "dtype": "auto", "provider": "auto", "memory": "auto"}
     face = widgets(ident)
     assert (face["grayscale"], face["remove_background"]) == tuple(old[7]["widgets_values"]) == (False, True)
     assert face["face_choice"] == "highest_score"
@@ -383,7 +383,7 @@ def test_api_workflow_converts():
         if node["class_type"] in OURS:
             assert list(node["inputs"]) == [n for n, *_ in input_specs(SPECS[node["class_type"]])]
     assert api["3"]["inputs"] == {"model": "my_model", "clip_vision": "clip_vit_large_14", "insightface": "antelopev2",
-                                  "dtype": "bf16", "provider": "auto"}
+                                  "dtype": "bf16", "provider": "auto", "memory": "auto"}
     assert api["6"]["inputs"] == {"hyper_lora": ["3", 0], "images": ["4", 0], "face_choice": "highest_score",
                                   "face_index": 0, "remove_background": False, "grayscale": True, "no_face": "skip",
                                   "det_size": "640"}
