@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -38,10 +39,34 @@ if str(REPO) not in sys.path:
 GB = 1e9
 
 
-SAMPLING_MARKER = "Requested to load SDXL"
-"""What ComfyUI logs as a KSampler loads the SDXL UNet: the LoRA is built by then ("once the LoRA is built")."""
-GRAPHS = {"plain": None, "keep": "keep", "release": "release while sampling", "auto": "auto"}
-"""The graphs a run can measure: the plain one, and t2i_one_photo with each setting of the Loader's memory."""
+SAMPLING_MARKER = re.compile(r"^Requested to load SDXL\s*$", re.M)
+"""The line ComfyUI logs as a KSampler loads the SDXL UNet (not ``SDXLClipModel``, the text encoder): the LoRA is
+built by then ("once the LoRA is built")."""
+GRAPHS = {"plain": None, "lorafile": None, "keep": "keep", "release": "release while sampling", "auto": "auto"}
+"""The graphs a run can measure: the plain one; the plain one with a LoRA file of the same layout through ComfyUI's
+own LoraLoaderModelOnly (what merging any LoRA costs); t2i_one_photo with each setting of the Loader's memory."""
+LORA_FILE = "bench_same_layout_lora.safetensors"
+
+
+def write_same_layout_lora(model_folder: Path, out: Path) -> Path:
+    """A kohya LoRA file with the modules, shapes and rank of the LoRAs ``model_folder`` makes (random values)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hyperlora.bundle import architecture_target_shapes
+    from hyperlora.checkpoint import read_architecture
+    from hyperlora.lora import DOWN_SUFFIX, UP_SUFFIX
+
+    arch = read_architecture(model_folder)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for prefix, (n_out, n_in) in architecture_target_shapes(arch).items():
+        tensors[prefix + DOWN_SUFFIX] = (torch.randn(arch.rank, n_in, generator=g) * 0.01).half()
+        tensors[prefix + UP_SUFFIX] = (torch.randn(n_out, arch.rank, generator=g) * 0.01).half()
+        tensors[prefix + ".alpha"] = torch.tensor(float(arch.rank))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out
 
 
 def graph(with_hyperlora: bool, model: str, dtype: str, size: int, memory: str = "auto") -> dict[str, Any]:
@@ -52,7 +77,11 @@ def graph(with_hyperlora: bool, model: str, dtype: str, size: int, memory: str =
 
     p: dict[str, Any] = {"ckpt": g.checkpoint()}
     model_out: list = ["ckpt", 0]
-    if with_hyperlora:
+    if memory == "lorafile":
+        p["lora"] = {"class_type": "LoraLoaderModelOnly",
+                     "inputs": {"model": ["ckpt", 0], "lora_name": LORA_FILE, "strength_model": 0.85}}
+        model_out = ["lora", 0]
+    elif with_hyperlora:
         clip = CLIP_FILE if model == FULL_MODEL else CLIP_FOLDER
         p.update({
             "hl": g.loader(model=model, clip_vision=clip, dtype=dtype),
@@ -81,7 +110,7 @@ def run_one(root: Path, base: Path, prompt: dict[str, Any], server_args: list[st
 
         def watch() -> None:      # when the KSampler starts loading SDXL (the LoRA is built by then)
             while not done.wait(0.1):
-                if SAMPLING_MARKER in server.log_text():
+                if SAMPLING_MARKER.search(server.log_text()):
                     marker.append(time.monotonic())
                     return
 
@@ -101,7 +130,8 @@ def run_one(root: Path, base: Path, prompt: dict[str, Any], server_args: list[st
     return {"idle": idle, "peak_rss": max(peak["VmRSS"], peak["VmHWM"]), "peak_anon": peak["RssAnon"],
             "peak_file": peak["RssFile"], "after": after["VmRSS"], "seconds": seconds,
             "sampling_anon": sampler.peak_since(marker[0]) if marker else 0,
-            "released": "of HyperLoRA weights while SDXL samples" in log}
+            "released": next((line.split("HyperLoRA Studio: ", 1)[-1] for line in log.splitlines()
+                              if "of HyperLoRA weights while SDXL samples" in line), "")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             sys.stdout.write(f"running the {name} graph in a fresh server ...\n")
             sys.stdout.flush()
-            prompt = graph(GRAPHS[name] is not None, args.model, args.dtype, args.size, GRAPHS[name] or "auto")
+            if name == "lorafile":
+                write_same_layout_lora(tmp / "base" / "models" / "hyper_lora" / "hyper_lora" / args.model,
+                                       tmp / "base" / "models" / "loras" / LORA_FILE)
+            prompt = graph(GRAPHS[name] is not None, args.model, args.dtype, args.size,
+                           GRAPHS[name] or ("lorafile" if name == "lorafile" else "auto"))
             results[name] = run_one(root, tmp / "base", prompt, server_args)
         from hyperlora.precision import read_cpu_features
 
@@ -165,17 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                          "| graph | peak RSS | peak anonymous | peak anonymous while sampling | peak file-backed "
                          "| RSS after | idle server | time |\n|---|---|---|---|---|---|---|---|\n")
         for name, r in results.items():
-            label = ("same graph without HyperLoRA" if GRAPHS[name] is None else
-                     f"t2i_one_photo, memory '{GRAPHS[name]}'" + (" (released)" if r["released"] else ""))
+            label = ("same graph without HyperLoRA" if name == "plain" else
+                     "same graph with a LoRA file of the same layout (core LoraLoaderModelOnly)" if name == "lorafile" else
+                     f"t2i_one_photo, memory '{GRAPHS[name]}'" + (" (released)" if r["released"] else " (kept)"))
             sys.stdout.write(f"| {label} | {r['peak_rss'] / GB:.2f} GB | {r['peak_anon'] / GB:.2f} GB | "
                              f"{r['sampling_anon'] / GB:.2f} GB | {r['peak_file'] / GB:.2f} GB"
                              f" | {r['after'] / GB:.2f} GB | {r['idle'] / GB:.2f} GB | {r['seconds']:.0f} s |\n")
+        for name, r in results.items():
+            if r["released"]:
+                sys.stdout.write(f"\n{name}: {r['released']}\n")
         if "plain" in results:
             base = results["plain"]
             for name, r in results.items():
                 if name == "plain":
                     continue
-                sys.stdout.write(f"| HyperLoRA ({name}) adds | {(r['peak_rss'] - base['peak_rss']) / GB:+.2f} GB | "
+                sys.stdout.write(f"| {'the LoRA file' if name == 'lorafile' else f'HyperLoRA ({name})'} adds | {(r['peak_rss'] - base['peak_rss']) / GB:+.2f} GB | "
                                  f"{(r['peak_anon'] - base['peak_anon']) / GB:+.2f} GB | "
                                  f"**{(r['sampling_anon'] - base['sampling_anon']) / GB:+.2f} GB** | | "
                                  f"{(r['after'] - base['after']) / GB:+.2f} GB | | |\n")
