@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.comfy.client import ComfyServer, free_port
+from tests.comfy.memory import SERVERS as _servers, watch_memory   # (server, sampler) of this session
 from tests.comfy.models import ANTELOPE, CLIP_FOLDER, SMALL_MODEL
 from tests.conftest import ON_CI
 
@@ -33,7 +34,6 @@ REPO_ROOT = HERE.parents[1]
 # fp16 weights halve the RAM of the random SDXL checkpoint on the CPU (about 5 GB instead of 10 GB)
 SERVER_ARGS = ("--fp16-unet", "--fp16-text-enc")
 RSS_LIMIT_ENV = "HYPERLORA_SERVER_RSS_LIMIT_GB"
-_servers: list[Any] = []          # (server, sampler) of this session, for the summary
 
 
 COMFY_FILES = ("main.py", "nodes.py", "folder_paths.py", "comfy/model_patcher.py")
@@ -96,7 +96,6 @@ def comfy_base(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, comfy:
 def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path) -> Iterator[ComfyServer]:
     """The SDXL-capable server.  A lock file in the test cache makes concurrent test sessions
     on one machine take turns (two SDXL servers need about 2 x 10 GB of RAM)."""
-    from tests.comfy.memory import RssSampler
 
     server = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(),
                          log_path=comfy_base.base / "server.log", extra_args=SERVER_ARGS)
@@ -109,12 +108,12 @@ def comfy_server(comfy_root: Path, comfy_base: SimpleNamespace, cache_dir: Path)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             server.start()
-            sampler = RssSampler(server.proc.pid).start()
-            _servers.append((server, sampler))
+            watch_memory(server, "fp16")
             yield server
         finally:
-            if _servers and _servers[-1][0] is server:
-                _servers[-1][1].stop()
+            for srv, sampler in _servers:
+                if srv is server:
+                    sampler.stop()
             server.stop()
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -148,7 +147,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for _server, sampler in _servers:
-        terminalreporter.write_line(f"[tests/comfy] ComfyUI server memory: {sampler.describe()}")
+        terminalreporter.write_line(f"[tests/comfy] ComfyUI server memory ({sampler.label}): {sampler.describe()}")
     for line in _over_limit():
         terminalreporter.write_line(f"[tests/comfy] FAILED: {line}", red=True)
 

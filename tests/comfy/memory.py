@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 GB = 1e9
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
@@ -38,6 +39,8 @@ class RssSampler:
         self.pid = pid
         self.interval = interval
         self.peak = dict.fromkeys(FIELDS, 0)
+        self.label = ""
+        """What the process is (the tier's summary names each server's peaks with it)."""
         self.history: list[tuple[float, dict[str, int]]] = []
         """``(time.monotonic(), status)`` of every sample, for peaks over a part of the run (:meth:`peak_since`)."""
         self._stop = threading.Event()
@@ -79,3 +82,16 @@ class RssSampler:
         p = self.peak
         return (f"peak RSS {p['VmRSS'] / GB:.2f} GB (kernel high-water mark {p['VmHWM'] / GB:.2f} GB), "
                 f"peak anonymous {p['RssAnon'] / GB:.2f} GB, peak file-backed {p['RssFile'] / GB:.2f} GB")
+
+
+SERVERS: list[tuple[Any, RssSampler]] = []
+"""``(server, sampler)`` of every ComfyUI server process of this test session, for the tier's memory summary."""
+
+
+def watch_memory(server: Any, label: str) -> RssSampler:
+    """Sample the memory of ``server``'s current process (a tests.comfy.client.ComfyServer) until the tier ends;
+    the summary prints its peaks under ``label``."""
+    sampler = RssSampler(server.proc.pid).start()
+    sampler.label = label
+    SERVERS.append((server, sampler))
+    return sampler

@@ -44,15 +44,19 @@ SIMILARITY = "HyperLoRAStudioFaceSimilarity"
 @pytest.fixture(scope="module")
 def default_server(comfy_root, comfy_base, comfy_server, tmp_path_factory) -> Iterator[ComfyServer]:
     """ComfyUI with its default precision (only ``--cpu`` and the quiet flags every test server has)."""
+    from tests.comfy.memory import watch_memory
+
     comfy_server.stop()
     server = ComfyServer(root=comfy_root, base=comfy_base.base, port=free_port(),
                          log_path=tmp_path_factory.mktemp("default_server") / "server.log")
     try:
         server.start()
+        watch_memory(server, "default precision")
         yield server
     finally:
         server.stop()
         comfy_server.start()
+        watch_memory(comfy_server, "fp16, restarted")
 
 
 def _node_types(name: str) -> set[str]:
