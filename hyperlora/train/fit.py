@@ -110,6 +110,9 @@ def fit(cfg: FitConfig, *, resume: bool = True, dataset: torch.utils.data.Datase
     try:
         return _fit(cfg, accel, resume=resume, dataset=dataset, unet=unet, noise_scheduler=noise_scheduler,
                     on_step=on_step, validation_dataset=validation_dataset)
+    except BaseException:
+        end_trackers_after_error(accel)
+        raise
     finally:
         _release_accelerator(accel)
 
@@ -374,6 +377,22 @@ def export_run(model: TrainableHyperLoRA, folder: Path, *, is_main: bool) -> Pat
     return export_folder(model, folder, distill_base=model.distilled_base) if is_main else None
 
 
+def end_trackers_after_error(accel: Any) -> None:
+    """Close the experiment trackers of a fit that raised (no collective: the other processes may be gone): a W&B
+    run is marked failed (exit code 1), TensorBoard's writer flushed.  Without this the W&B run stays open in this
+    Python, and a later fit in it (the resume in a notebook or a test) logs into the dead run."""
+    for tracker in list(getattr(accel, "trackers", None) or []):
+        run = getattr(tracker, "run", None)
+        try:
+            if getattr(tracker, "name", "") == "wandb" and run is not None:
+                run.finish(exit_code=1)
+            else:
+                tracker.finish()
+        except Exception as e:           # noqa: BLE001 - closing a tracker must not hide the error that ended fit
+            log.warning("could not close the tracker %s after the error: %s", getattr(tracker, "name", tracker), e)
+    accel.trackers = []
+
+
 def _release_accelerator(accel: Any) -> None:
     """In a single process, forget accelerate's process-wide state so a later ``fit`` in the same Python
     (the demo, tests, a notebook) may choose another mixed precision.  Launched runs end with the process."""
@@ -393,5 +412,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["BatchPlan", "CSV_HEADER", "FitResult", "OTHER_PHOTO_SEED", "PlanSampler", "RESUME_FREE_KEYS", "TEACHER_FILE",
-           "Trainer", "arch_from_json", "arch_to_json", "check_resume_config", "collate", "export_run", "fit",
+           "Trainer", "arch_from_json", "arch_to_json", "check_resume_config", "collate", "end_trackers_after_error",
+           "export_run", "fit",
            "load_generator_from_checkpoint", "main", "sample_images"]

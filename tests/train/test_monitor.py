@@ -318,3 +318,58 @@ def test_fit_command_with_tensorboard_and_held_out_shards_on_disk(tmp_path: Path
     scalars = _scalars(run)
     assert {"loss/base", "lr", "grad_norm", "validation/base", "validation/recon"} <= set(scalars)
     assert json.loads((run / "config.json").read_text())["trackers"] == ["tensorboard"]
+
+
+def test_wandb_offline_logs_the_loss_csv_numbers_and_a_resumed_run_keeps_its_run(
+        unet: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B through accelerate, offline (no account, no network): what fit logs to the W&B run (recorded on the way
+    into wandb's own ``Run.log``) is loss.csv's loss of every row's scenario and learning rate at its step; a run
+    that dies after step 3 marks its W&B part failed, and the resumed run logs into the same W&B run (the id kept
+    in wandb_run_id.txt), from step 3 on, each part written by wandb into the run folder."""
+    try:
+        import wandb
+    except ImportError:
+        skip_or_fail("wandb is not installed (pip install -e \".[test]\" installs it)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[str, int, dict[str, float]]] = []
+    finished: list[tuple[str, int]] = []
+    real_log, real_finish = wandb.sdk.wandb_run.Run.log, wandb.sdk.wandb_run.Run.finish
+
+    def log(self, data, step=None, **kw):  # noqa: ANN001, ANN202 - wandb's signature
+        logged.append((self.id, step, dict(data)))
+        return real_log(self, data, step=step, **kw)
+
+    def finish(self, exit_code=None, **kw):  # noqa: ANN001, ANN202
+        finished.append((self.id, exit_code))
+        return real_finish(self, exit_code=exit_code, **kw)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", finish)
+    kw = dict(stages=STAGES, checkpoint_every=2, trackers=["wandb"])
+    run = tmp_path / "run"
+
+    def crash(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("simulated crash after step 3")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
+            on_step=crash)
+    run_id = (run / monitor.WANDB_ID_FILE).read_text(encoding="utf-8").strip()
+    assert len(run_id) == 16 and finished == [(run_id, 1)]            # the dead part is closed, as failed
+    first = len(logged)
+    fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler())
+    assert (run / monitor.WANDB_ID_FILE).read_text(encoding="utf-8").strip() == run_id
+    assert finished[1:] == [(run_id, None)] and {i for i, _, _ in logged} == {run_id}
+
+    losses = {(s, k): v for _, s, d in logged[first:] for k, v in d.items()}
+    assert min(s for _, s, _ in logged[first:]) == 3 and max(s for _, s, _ in logged) == 4
+    rows = _rows(run / "loss.csv")
+    for r in rows:
+        if int(r["step"]) >= 3:                                        # the resumed part
+            assert losses[(int(r["step"]), f"loss/{r['scenario']}")] == pytest.approx(float(r["loss"]), rel=1e-5)
+            assert losses[(int(r["step"]), "lr")] == pytest.approx(float(r["lr"]), rel=1e-5)
+    assert all(math.isfinite(losses[(s, "grad_norm")]) for s in (3, 4))
+    parts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all((p / f"run-{run_id}.wandb").is_file() for p in parts), parts
