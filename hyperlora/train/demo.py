@@ -315,18 +315,24 @@ def evaluate_toy(prep: Prepared, export: Path, *, features: dict[str, Any] | Non
     return evaluate_export(export, prep.unet, prep.scheduler.alphas_cumprod, samples, features, groups, seed=seed)
 
 
-def _seed_job(job: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """One seed of :func:`train_seeds` in a worker process: everything is reloaded from disk."""
+def load_prepared(out: Path, work: Path) -> Prepared:
+    """What :func:`prepare_toy` returned, read back from its models tree ``out`` and ``work`` folder (the
+    pre-trained base UNet frozen, in eval mode)."""
     from .data import ShardDataset
     from .frozen import load_noise_scheduler, load_unet
     from .toy.faces import ToyDataset
 
-    torch.set_num_threads(int(job["threads"]))
-    tree = Tree(Path(job["tree"]))
-    work = Path(job["work"])
-    prep = Prepared(tree=tree, data=ToyDataset.load(work / "data"), train_set=ShardDataset(work / "shards" / "train"),
+    tree = Tree(Path(out))
+    work = Path(work)
+    return Prepared(tree=tree, data=ToyDataset.load(work / "data"), train_set=ShardDataset(work / "shards" / "train"),
                     eval_set=ShardDataset(work / "shards" / "evaluate"),
                     unet=load_unet(tree.sdxl).requires_grad_(False).eval(), scheduler=load_noise_scheduler(tree.sdxl))
+
+
+def _seed_job(job: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One seed of :func:`train_seeds` in a worker process: everything is reloaded from disk."""
+    torch.set_num_threads(int(job["threads"]))
+    prep = load_prepared(Path(job["tree"]), Path(job["work"]))
     seed = int(job["seed"])
     export = train_toy(prep, Path(job["run"]), stages=tuple(job["stages"]), seed=seed,  # type: ignore[arg-type]
                        name=str(job["name"]), overrides=job["overrides"])
@@ -453,5 +459,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["CLIP_NAME", "DEMO_MIN_SIDE", "DemoResult", "DemoSize", "FIT_OVERRIDES", "FULL", "MODEL_NAME", "Prepared", "QUICK", "SDXL_NAME",
-           "Tree", "build_parser", "build_tree", "evaluate_pictures_toy", "evaluate_toy", "main", "prepare_toy", "pretrain_unet",
+           "Tree", "build_parser", "build_tree", "evaluate_pictures_toy", "evaluate_toy", "load_prepared", "main", "prepare_toy", "pretrain_unet",
            "reference_features", "run_demo", "toy_fit_config", "train_seeds", "train_toy"]

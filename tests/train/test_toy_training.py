@@ -5,7 +5,8 @@ One toy set-up for the module: the demo's own (:data:`hyperlora.train.demo.FULL`
 100 photos, 3 unseen identities, the base UNet pre-trained 2,000 steps), then the demo's fit (all three
 stages, :data:`hyperlora.train.demo.FIT_OVERRIDES`) once per seed, two seeds at once in two processes;
 evaluation through the exported folder, the pack's loader and face pipeline (:mod:`hyperlora.train.evaluate`).
-About ten minutes of the suite on two cores.
+About twenty minutes on two cores, once per machine and version of the code: the set-up, the exports and
+their losses are kept in the test cache under a hash of every input, code included (:func:`toy_key`).
 
 The same two trained generators are then judged as the paper judges them, by identity in generated pictures
 (:mod:`hyperlora.train.idsim`: samples with the own LoRA, the other identities' and none, the same noise,
@@ -16,10 +17,18 @@ pictures come from the exports the loss check already made.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.conftest import skip_or_fail
+from tests.conftest import REPO_ROOT, skip_or_fail, test_cache_root
+from tests.fixtures.hyperlora_models import cached_folder
 
 try:
     import accelerate  # noqa: F401
@@ -40,21 +49,84 @@ RETRIEVAL_MARGIN = 0.1
 """Own-LoRA pictures must retrieve their identity (top-1 among the 11) at least 10 points above chance (1/11)."""
 
 
+def toy_key() -> str:
+    """SHA-256 (16 hex digits) of every input of this module's toy set-up and trainings: the source of the whole
+    ``hyperlora`` package but its command-line tools (``hyperlora.tools``: queue, download, workflow conversion,
+    which training never imports), the C kernel, the JSON configs, this file, the library versions and the CPU.
+    A change to the nodes, the tools, the docs or another test does not train the toy again."""
+    import hashlib
+    import importlib
+    import importlib.metadata
+    import pkgutil
+    import sys
+
+    import hyperlora
+    from hyperlora.precision import read_cpu_features
+
+    for info in pkgutil.walk_packages(hyperlora.__path__, "hyperlora."):
+        if not info.name.startswith("hyperlora.tools") and not info.name.endswith(".__main__"):
+            importlib.import_module(info.name)
+    files = {Path(m.__file__) for name, m in list(sys.modules.items())
+             if name.split(".")[0] == "hyperlora" and not name.startswith("hyperlora.tools")
+             and getattr(m, "__file__", None)}
+    if any(f.name == "cpu_kernel.py" for f in files):
+        files.add(REPO_ROOT / "hyperlora" / "cpu_kernel.c")
+    files |= {f for f in (REPO_ROOT / "hyperlora").rglob("*.json") if "tools" not in f.parts}
+    h = hashlib.sha256()
+    for path in sorted(files | {Path(__file__)}):
+        h.update(str(path.resolve().relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    for dist in ("torch", "diffusers", "transformers", "accelerate", "onnxruntime", "numpy", "safetensors"):
+        try:
+            h.update(f"{dist}={importlib.metadata.version(dist)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(f"{dist}=none;".encode())
+    cpu = read_cpu_features()
+    h.update(f"{cpu.model};{cpu.capability};{os.cpu_count()}".encode())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def toy() -> Path:
+    """The module's toy set-up and its two trained seeds: built once per machine and code version (about 20 minutes
+    on two cores) in the test cache, ``toy-training/<toy_key()>``: ``models/`` (the tree), ``work/`` (data and
+    shards), ``exports/seed<k>/`` and ``losses.json``; every later session reads it back."""
     if accelerate is None or diffusers is None:
         skip_or_fail("pip install -e .[train] (diffusers, accelerate)")
     from hyperlora.train import demo
 
-    root = tmp_path_factory.mktemp("toy_training")
-    prep = demo.prepare_toy(root / "models", work=root / "work", size=demo.FULL, progress=False)
-    return demo, prep, demo.FULL, demo.reference_features(prep), root
+    def build(folder: Path) -> None:
+        prep = demo.prepare_toy(folder / "models", work=folder / "work", size=demo.FULL, progress=False)
+        features = demo.reference_features(prep)
+        results = demo.train_seeds(prep, folder / "runs", SEEDS, stages=demo.FULL.stages, processes=len(SEEDS),
+                                   features=features)
+        for k in SEEDS:      # the exports only (the runs' checkpoints are not needed again)
+            shutil.copytree(folder / "runs" / f"seed{k}" / "export", folder / "exports" / f"seed{k}")
+        shutil.rmtree(folder / "runs")
+        (folder / "losses.json").write_text(json.dumps(
+            {str(k): {group: asdict(loss) for group, loss in r.items()} for k, r in results.items()}, indent=1))
+
+    root = test_cache_root() / "toy-training"
+    folder = cached_folder(root, toy_key(), build)
+    for old in root.glob("*/.complete"):      # earlier versions of the code, untouched for three days
+        if old.parent != folder and time.time() - old.stat().st_mtime > 3 * 86400:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def trained(prepared):
-    demo, prep, size, features, root = prepared
-    return demo.train_seeds(prep, root / "runs", SEEDS, stages=size.stages, processes=len(SEEDS), features=features)
+def prepared(toy, tmp_path_factory):
+    from hyperlora.train import demo
+
+    prep = demo.load_prepared(toy / "models", toy / "work")
+    return demo, prep, demo.FULL, demo.reference_features(prep), tmp_path_factory.mktemp("toy_training")
+
+
+@pytest.fixture(scope="module")
+def trained(toy, prepared):
+    from hyperlora.train.evaluate import GroupLoss
+
+    losses = json.loads((toy / "losses.json").read_text())
+    return {int(k): {group: GroupLoss(**loss) for group, loss in r.items()} for k, r in losses.items()}
 
 
 def _untrained_export(prepared, *, random_up: bool):
@@ -114,9 +186,9 @@ def test_an_untrained_generator_fails_the_same_check(prepared):
 
 
 @pytest.fixture(scope="module")
-def pictures(prepared, trained):
+def pictures(toy, prepared, trained):
     demo, prep, size, features, root = prepared
-    return {k: demo.evaluate_pictures_toy(prep, root / "runs" / f"seed{k}" / "export" / demo.MODEL_NAME,
+    return {k: demo.evaluate_pictures_toy(prep, toy / "exports" / f"seed{k}" / demo.MODEL_NAME,
                                           features=features, seeds=PICTURE_SEEDS) for k in SEEDS}
 
 
