@@ -56,6 +56,12 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _crash_after_step_3(step: int) -> None:
+    """fit's ``on_step``: the run dies after step 3 (its rows and tracker points of step 3 already written)."""
+    if step == 3:
+        raise RuntimeError("simulated crash after step 3")
+
+
 def _final(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "generator.safetensors"))
 
@@ -117,13 +123,9 @@ def test_validation_and_trackers_after_a_crash_and_resume_equal_an_uninterrupted
 
     run = tmp_path / "resumed"
 
-    def crash(step: int) -> None:
-        if step == 3:
-            raise RuntimeError("simulated crash after step 3")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
-            validation_dataset=ToyDataset(5, seed=9), on_step=crash)
+            validation_dataset=ToyDataset(5, seed=9), on_step=_crash_after_step_3)
     assert {int(r["step"]) for r in _rows(run / monitor.VALIDATION_CSV)} == {1, 2, 3}
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
     fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
@@ -349,13 +351,9 @@ def test_wandb_offline_logs_the_loss_csv_numbers_and_a_resumed_run_keeps_its_run
     kw = dict(stages=STAGES, checkpoint_every=2, trackers=["wandb"])
     run = tmp_path / "run"
 
-    def crash(step: int) -> None:
-        if step == 3:
-            raise RuntimeError("simulated crash after step 3")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(toy_config(run, **kw), dataset=ToyDataset(6), unet=copy.deepcopy(unet), noise_scheduler=scheduler(),
-            on_step=crash)
+            on_step=_crash_after_step_3)
     run_id = (run / monitor.WANDB_ID_FILE).read_text(encoding="utf-8").strip()
     assert len(run_id) == 16 and finished == [(run_id, 1)]            # the dead part is closed, as failed
     first = len(logged)
