@@ -50,30 +50,21 @@ RETRIEVAL_MARGIN = 0.1
 
 
 def toy_key() -> str:
-    """SHA-256 (16 hex digits) of every input of this module's toy set-up and trainings: the source of the whole
-    ``hyperlora`` package but its command-line tools (``hyperlora.tools``: queue, download, workflow conversion,
-    which training never imports), the C kernel, the JSON configs, this file, the library versions and the CPU.
-    A change to the nodes, the tools, the docs or another test does not train the toy again."""
+    """SHA-256 (16 hex digits) of every input of this module's toy set-up and trainings: every source file of the
+    ``hyperlora`` package (``.py``, the C kernel, the JSON configs) but its command-line tools (``hyperlora/tools``:
+    queue, download, workflow conversion, which training never imports), this file, the library versions and the
+    CPU.  A change to the nodes, the tools, the docs or another test does not train the toy again.  Files, not
+    imported modules: the key must not depend on what other tests of the session imported."""
     import hashlib
-    import importlib
     import importlib.metadata
-    import pkgutil
-    import sys
 
-    import hyperlora
     from hyperlora.precision import read_cpu_features
 
-    for info in pkgutil.walk_packages(hyperlora.__path__, "hyperlora."):
-        if not info.name.startswith("hyperlora.tools") and not info.name.endswith(".__main__"):
-            importlib.import_module(info.name)
-    files = {Path(m.__file__) for name, m in list(sys.modules.items())
-             if name.split(".")[0] == "hyperlora" and not name.startswith("hyperlora.tools")
-             and getattr(m, "__file__", None)}
-    if any(f.name == "cpu_kernel.py" for f in files):
-        files.add(REPO_ROOT / "hyperlora" / "cpu_kernel.c")
-    files |= {f for f in (REPO_ROOT / "hyperlora").rglob("*.json") if "tools" not in f.parts}
+    package = REPO_ROOT / "hyperlora"
+    files = [f for f in package.rglob("*") if f.suffix in (".py", ".c", ".json") and f.is_file()
+             and not {"tools", "__pycache__"} & set(f.relative_to(package).parts)]
     h = hashlib.sha256()
-    for path in sorted(files | {Path(__file__)}):
+    for path in sorted(files) + [Path(__file__)]:
         h.update(str(path.resolve().relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
     for dist in ("torch", "diffusers", "transformers", "accelerate", "onnxruntime", "numpy", "safetensors"):
         try:
@@ -83,6 +74,31 @@ def toy_key() -> str:
     cpu = read_cpu_features()
     h.update(f"{cpu.model};{cpu.capability};{os.cpu_count()}".encode())
     return h.hexdigest()[:16]
+
+
+def test_the_cache_key_depends_on_files_not_on_what_the_session_imported(tmp_path, monkeypatch):
+    """The key of the cached toy is the same whatever other tests imported (a test importing the CLI module
+    once gave the CI run another key than a fresh process, and a needless 20-minute rebuild), and it changes
+    when a source file of the package changes."""
+    import importlib
+    import sys
+
+    before = toy_key()
+    importlib.import_module("hyperlora.train.__main__")
+    importlib.import_module("hyperlora.tools.queue")
+    assert toy_key() == before and len(before) == 16 and int(before, 16) >= 0
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "hyperlora", copy / "hyperlora", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "REPO_ROOT", copy)
+    monkeypatch.setattr(module, "__file__", str(copy / "tests" / "train" / "test_toy_training.py"))
+    assert toy_key() == before                                        # the same files elsewhere: the same key
+    (copy / "hyperlora" / "tools" / "queue.py").write_text("# changed\n")
+    assert toy_key() == before                                        # the CLI tools are not an input
+    with open(copy / "hyperlora" / "train" / "fit.py", "a") as f:
+        f.write("# changed\n")
+    assert toy_key() != before
 
 
 @pytest.fixture(scope="module")
