@@ -69,19 +69,19 @@ def write_same_layout_lora(model_folder: Path, out: Path) -> Path:
     return out
 
 
-def graph(with_hyperlora: bool, model: str, dtype: str, size: int, memory: str = "auto") -> dict[str, Any]:
-    """The API prompt: plain SDXL text-to-image, or the same through HyperLoRA from one photo (the Loader's
-    ``memory`` setting as given)."""
+def graph(name: str, model: str, dtype: str, size: int) -> dict[str, Any]:
+    """The API prompt of graph ``name`` (a key of :data:`GRAPHS`): plain SDXL text-to-image, the same with the
+    LoRA file, or the same through HyperLoRA from one photo with the Loader's ``memory`` setting of that name."""
     from tests.comfy import graphs as g
     from tests.comfy.models import CLIP_FILE, CLIP_FOLDER, FULL_MODEL
 
     p: dict[str, Any] = {"ckpt": g.checkpoint()}
     model_out: list = ["ckpt", 0]
-    if memory == "lorafile":
+    if name == "lorafile":
         p["lora"] = {"class_type": "LoraLoaderModelOnly",
                      "inputs": {"model": ["ckpt", 0], "lora_name": LORA_FILE, "strength_model": 0.85}}
         model_out = ["lora", 0]
-    elif with_hyperlora:
+    elif GRAPHS[name] is not None:
         clip = CLIP_FILE if model == FULL_MODEL else CLIP_FOLDER
         p.update({
             "hl": g.loader(model=model, clip_vision=clip, dtype=dtype),
@@ -89,7 +89,7 @@ def graph(with_hyperlora: bool, model: str, dtype: str, size: int, memory: str =
             "apply": {"class_type": "HyperLoRAStudioApplyFromImages", "inputs": {
                 "model": ["ckpt", 0], "hyper_lora": ["hl", 0], "images": ["img", 0], "strength": 0.85, **g.FACE}},
         })
-        p["hl"]["inputs"]["memory"] = memory
+        p["hl"]["inputs"]["memory"] = GRAPHS[name]
         model_out = ["apply", 0]
     return g.sampling(p, model=model_out, ckpt="ckpt", prefix="memory", size=size)
 
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "lorafile":
                 write_same_layout_lora(tmp / "base" / "models" / "hyper_lora" / "hyper_lora" / args.model,
                                        tmp / "base" / "models" / "loras" / LORA_FILE)
-            prompt = graph(GRAPHS[name] is not None, args.model, args.dtype, args.size,
-                           GRAPHS[name] or ("lorafile" if name == "lorafile" else "auto"))
+            prompt = graph(name, args.model, args.dtype, args.size)
             results[name] = run_one(root, tmp / "base", prompt, server_args)
         from hyperlora.precision import read_cpu_features
 
